@@ -1,0 +1,85 @@
+"""The dense reference: trained (or taken as given) once, cached by task-config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Bump when the baseline recipe changes, so stale caches are not reused.
+RECIPE_VERSION = 1
+
+
+@dataclass
+class Baseline:
+    """The dense model's weights, its deployable artifact and its measurements."""
+
+    state: bytes  # torch.save of the state_dict
+    artifact: bytes  # the dense fp32 artifact (same format and runtime as every candidate)
+    metrics: dict[str, float] = field(default_factory=dict)
+    key: str = ""
+    cached: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return len(self.artifact)
+
+
+def baseline_key(task_name: str, task_params: dict[str, Any]) -> str:
+    payload = json.dumps(
+        {"name": task_name, "params": task_params, "recipe": RECIPE_VERSION},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def prepare_baseline(
+    task: Any, *, task_name: str, task_params: dict[str, Any], cache_dir: str | Path,
+    seed: int = 0, threads: int = 1,
+) -> Baseline:
+    """Train the task's model (or take it as trained), export it, and measure it.
+
+    The trained weights and the artifact are cached under ``cache_dir`` by a hash of the task
+    config; a cached baseline is loaded instead of retrained. ``task.model`` holds the baseline
+    weights afterwards.
+    """
+    import torch
+
+    from petra import artifact
+    from petra.measure import macs_and_params, median_latency_ms, session_accuracy
+    from petra.train import train
+
+    key = baseline_key(task_name, task_params)
+    path = Path(cache_dir) / f"baseline-{key}.pt"
+    cached = False
+    if not task.trained and path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        task.model.load_state_dict(blob)
+        cached = True
+    elif not task.trained:
+        torch.set_num_threads(threads)
+        train(task.model, task.train, epochs=task.train_epochs, lr=task.train_lr,
+              loss_fn=task.loss, seed=seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(task.model.state_dict(), tmp)
+        tmp.replace(path)
+    task.model.eval()
+    buffer = io.BytesIO()
+    torch.save(task.model.state_dict(), buffer)
+    data = artifact.pack(artifact.export_onnx(task.model, task.example_input))
+    session = artifact.load(data, threads=threads)
+    metrics = {
+        "val_accuracy": session_accuracy(session, task.val, task.metric),
+        "test_accuracy": session_accuracy(session, task.test, task.metric),
+        "artifact_bytes": float(len(data)),
+        "size_ratio": 1.0,
+        "latency_ratio": 1.0,
+        "latency_ms": median_latency_ms(session, task.example_input.numpy()),
+    }
+    macs, params, _ = macs_and_params(task.model, task.example_input)
+    metrics.update(macs=float(macs), params=float(params))
+    return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached)

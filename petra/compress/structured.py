@@ -1,0 +1,94 @@
+"""Physical removal of channels and neurons, with dependency handling (torch-pruning DepGraph).
+
+Coupled layers (for example the last conv of a residual block and its shortcut) share one channel
+set, a dependency *group*. Each group is pruned once:
+
+- its members are the layers whose output channels it prunes; those with a structured method in
+  the genome vote;
+- the group's sparsity is the mean of the voters' sparsities, and its criterion is that of the
+  first voter in execution order;
+- the kept count ``n - round(sparsity * n)`` is rounded to the nearest multiple of ``round_to``
+  (at least one multiple, never above ``n``), because odd channel counts run nearly as slowly as
+  dense ones on ONNX Runtime (see STACK.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from petra.registry import PRUNING
+
+
+def kept_channels(n: int, sparsity: float, round_to: int) -> int:
+    """How many of ``n`` channels survive ``sparsity``, rounded to a multiple of ``round_to``."""
+    keep = max(1, n - int(round(sparsity * n)))
+    if round_to > 1 and n > round_to:
+        keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return min(keep, n)
+
+
+def prune_channels(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    plan: Mapping[str, tuple[str, float]],
+    *,
+    round_to: int = 1,
+    protected: Sequence[str] = (),
+    ctx: Any = None,
+) -> dict[str, tuple[int, int]]:
+    """Remove output channels in place, following ``plan``.
+
+    Args:
+        model: the model, pruned in place.
+        example_input: an input batch, for tracing the dependency graph.
+        plan: layer name → (structured method, sparsity). Layers not in it are not voters.
+        round_to: kept channel counts are rounded to this multiple.
+        protected: layers whose output channels must stay (the classifier).
+        ctx: a :class:`petra.compress.prune.PruneContext` passed to the criteria.
+
+    Returns:
+        group root name → (channels before, channels after), for every pruned group.
+    """
+    import torch_pruning as tp
+
+    if not plan:
+        return {}
+    names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    order = list(plan)
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    ignored = [modules[n] for n in protected if n in modules]
+    todo = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)):
+        members = [
+            names.get(dep.target.module)
+            for dep, _ in group
+            if graph.is_out_channel_pruning_fn(dep.handler)
+        ]
+        voters = sorted((n for n in members if n in plan), key=order.index)
+        if not voters:
+            continue
+        sparsity = sum(plan[n][1] for n in voters) / len(voters)
+        root = group[0].dep.target.module
+        n = graph.get_out_channels(root)
+        keep = kept_channels(n, sparsity, round_to)
+        if keep >= n:
+            continue
+        # Score every group on the unpruned model, as MetaPruner does, then prune.
+        method = plan[voters[0]][0]
+        scores = PRUNING.get(method).fn(group, ctx).detach().flatten()
+        if scores.numel() != n:
+            raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
+        todo.append((root, n, keep, scores))
+    changes: dict[str, tuple[int, int]] = {}
+    for root, n, keep, scores in todo:
+        idxs = torch.argsort(scores, stable=True)[: n - keep].tolist()
+        pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
+        graph.get_pruning_group(root, pruning_fn, idxs).prune()
+        changes[names[root]] = (n, keep)
+    return changes

@@ -1,0 +1,482 @@
+"""The config schema: pydantic models, YAML loading, ``--set`` overrides and one-line errors.
+
+A config is a YAML mapping of sections. Every key has a default, so ``{}`` is a valid config::
+
+    name: quickstart
+    space: {pruning: [none, magnitude], sparsity: [0.0, 0.9]}
+    search: {population: 16, generations: 6}
+
+Every mistake raises :class:`ConfigError`, whose message is one line naming the field, what is
+allowed and the value received::
+
+    search.population: must be an integer >= 2; got -3
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS, Registry
+
+STRATEGIES: tuple[str, ...] = ("nsga2", "random")
+METRICS: tuple[str, ...] = (
+    "val_accuracy",
+    "artifact_bytes",
+    "size_ratio",
+    "latency_ratio",
+    "latency_ms",
+    "params",
+    "macs",
+)
+DIRECTIONS: tuple[str, ...] = ("max", "min")
+
+
+class ConfigError(ValueError):
+    """A config mistake, told in one line: ``<field>: <what is allowed>; got <value>``.
+
+    Attributes:
+        field: the dotted path of the field, with list indices as ``[i]``.
+        value: the value received.
+        allowed: what the field accepts, e.g. ``"must be an integer >= 2"``.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str, detail: str | None = None) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}: {detail or f'{allowed}; got {_show(value)}'}")
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Validators
+
+
+def _reject(allowed: str, detail: str = "") -> PydanticCustomError:
+    """An error that says ``allowed`` (or the whole ``detail``) whatever the field's description."""
+    return PydanticCustomError("petra", "{allowed}", {"allowed": allowed, "detail": detail})
+
+
+def _registry(kind: str) -> Registry:
+    with suppress(ImportError):
+        import petra.compress  # noqa: F401  (registers the built-in methods)
+    return {"pruning": PRUNING, "quantization": QUANTIZATION, "regularizer": REGULARIZERS}[kind]
+
+
+def _registry_names(kind: str) -> list[str]:
+    """The names registered for ``kind`` (``pruning``, ``quantization`` or ``regularizer``)."""
+    return _registry(kind).names()
+
+
+def _registered(kind: str) -> AfterValidator:
+    def check(name: str) -> str:
+        registry = _registry(kind)
+        if name not in registry:
+            choices = ", ".join(registry.names()) or "(nothing registered)"
+            raise _reject(
+                f"must be one of {choices}",
+                f"unknown {registry.kind} {name!r}; choose from {choices}",
+            )
+        return name
+
+    return AfterValidator(check)
+
+
+def _objective(value: str) -> str:
+    metric, sep, direction = (part.strip() for part in value.partition(":"))
+    if not sep:
+        raise _reject('must be "metric:direction", e.g. "val_accuracy:max"')
+    if metric not in METRICS:
+        choices = ", ".join(METRICS)
+        raise _reject(
+            f"must be one of {choices}", f"unknown metric {metric!r}; choose from {choices}"
+        )
+    if direction not in DIRECTIONS:
+        choices = ", ".join(DIRECTIONS)
+        raise _reject(
+            f"must be one of {choices}", f"unknown direction {direction!r}; choose from {choices}"
+        )
+    return f"{metric}:{direction}"
+
+
+def _one_of(choices: Sequence[str]) -> AfterValidator:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError("not a choice")
+        return value
+
+    return AfterValidator(check)
+
+
+def _pair(
+    *, low: float, high: float | None = None, open_low: bool = False, integer: bool = False
+) -> BeforeValidator:
+    """Checks a ``[lo, hi]`` pair: ``low <= lo <= hi <= high`` (``low < lo`` if ``open_low``)."""
+
+    def number(value: Any) -> float | int:
+        if isinstance(value, bool) or (integer and not isinstance(value, int)):
+            raise ValueError("wrong type")
+        try:
+            number = value if integer else float(value)  # "1e-3" too: YAML reads it as a str
+        except TypeError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(number):
+            raise ValueError("not finite")
+        return number
+
+    def check(value: Any) -> tuple[Any, Any]:
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError("not a pair")
+        lo, hi = number(value[0]), number(value[1])
+        if not (
+            (lo > low if open_low else lo >= low) and lo <= hi and (high is None or hi <= high)
+        ):
+            raise ValueError("out of range")
+        return lo, hi
+
+    return BeforeValidator(check)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class TaskConfig(_Model):
+    """The task: a built-in name or ``"package.module:function"``, called with ``params``."""
+
+    name: str = Field(
+        "digits_cnn",
+        pattern=r"^[^:\s]+(:[^:\s]+)?$",
+        description='a built-in task name or "package.module:function"',
+    )
+    params: dict[str, Any] = Field({}, description="a mapping of keyword arguments for the task")
+
+
+class LayersConfig(_Model):
+    """Globs over module names: a layer is searched if it matches ``include`` and not ``exclude``."""
+
+    include: list[str] = Field(["*"], min_length=1, description="a non-empty list of glob strings")
+    exclude: list[str] = Field([], description="a list of glob strings")
+
+
+class FinetuneConfig(_Model):
+    """Ranges of the fine-tuning genes."""
+
+    epochs: Annotated[tuple[int, int], _pair(low=0, high=1000, integer=True)] = Field(
+        (0, 4), description="[lo, hi] of integers with 0 <= lo <= hi <= 1000"
+    )
+    lr: Annotated[tuple[float, float], _pair(low=0.0, high=10.0, open_low=True)] = Field(
+        (1e-4, 1e-2), description="[lo, hi] with 0 < lo <= hi <= 10"
+    )
+
+
+class SpaceConfig(_Model):
+    """What may be searched; each list narrows the genes of :func:`petra.space.build_space`."""
+
+    pruning: list[Annotated[str, _registered("pruning")]] = Field(
+        ["none", "magnitude", "l2_channel"],
+        min_length=1,
+        description="a non-empty list of registered pruning method names",
+    )
+    sparsity: Annotated[tuple[float, float], _pair(low=0.0, high=0.99)] = Field(
+        (0.0, 0.9), description="[lo, hi] with 0 <= lo <= hi <= 0.99"
+    )
+    layers: LayersConfig = LayersConfig()
+    round_to: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 8, 16], min_length=1, description="a non-empty list of integers >= 1"
+    )
+    quantization: list[Annotated[str, _registered("quantization")]] = Field(
+        ["none", "int8_static"],
+        min_length=1,
+        description="a non-empty list of registered quantization scheme names",
+    )
+    regularizer: list[Annotated[str, _registered("regularizer")]] = Field(
+        ["none", "l1"], min_length=1, description="a non-empty list of registered regularizer names"
+    )
+    reg_strength: Annotated[tuple[float, float], _pair(low=0.0, open_low=True)] = Field(
+        (1e-6, 1e-3), description="[lo, hi] with 0 < lo <= hi"
+    )
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+class ConstraintsConfig(_Model):
+    """Optional limits; a candidate that breaks one is not on the feasible front."""
+
+    max_accuracy_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="null or a number in [0, 1]"
+    )
+    max_bytes: float | None = Field(None, gt=0.0, description="null or a number > 0")
+    max_latency_ratio: float | None = Field(None, gt=0.0, description="null or a number > 0")
+
+
+class SearchSettings(_Model):
+    """The search strategy and its budget."""
+
+    strategy: Annotated[str, _one_of(STRATEGIES)] = Field(
+        "nsga2", description=f"one of {', '.join(STRATEGIES)}"
+    )
+    population: int = Field(16, ge=2, description="an integer >= 2")
+    generations: int = Field(6, ge=1, description="an integer >= 1")
+    time_budget_s: float | None = Field(None, gt=0.0, description="null or a number of seconds > 0")
+
+
+class ExecutionConfig(_Model):
+    """Where candidates run: a Ray cluster (local when ``address`` is null) or in-process."""
+
+    address: str | None = Field(
+        None,
+        pattern=r"^(ray://)?[\w.-]+:\d{1,5}$",
+        description='null (a local cluster) or "host:port" of a Ray cluster',
+    )
+    workers: int = Field(2, ge=1, description="an integer >= 1")
+    cpus_per_candidate: int = Field(1, ge=1, description="an integer >= 1")
+    executor: Literal["ray", "local"] = Field("ray", description="one of ray, local")
+
+
+class TrackingConfig(_Model):
+    """The MLflow store and experiment."""
+
+    uri: str = Field("sqlite:///runs/mlflow.db", min_length=1, description="a non-empty string")
+    experiment: str = Field("petra", min_length=1, description="a non-empty string")
+
+
+class SearchConfig(_Model):
+    """A whole search: the task, the space, the objectives and how to run and track it."""
+
+    name: str = Field("petra", min_length=1, description="a non-empty string")
+    seed: int = Field(0, ge=0, description="an integer >= 0")
+    task: TaskConfig = TaskConfig()
+    space: SpaceConfig = SpaceConfig()
+    objectives: list[Annotated[str, AfterValidator(_objective)]] = Field(
+        ["val_accuracy:max", "artifact_bytes:min", "latency_ratio:min"],
+        min_length=2,
+        max_length=4,
+        description='a list of 2 to 4 "metric:direction" strings, no metric twice, '
+        'e.g. "val_accuracy:max"',
+    )
+    constraints: ConstraintsConfig = ConstraintsConfig()
+    search: SearchSettings = SearchSettings()
+    execution: ExecutionConfig = ExecutionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # A YAML section whose keys are all commented out reads as null: take the defaults.
+        if not isinstance(data, dict):
+            return data
+        sections = {k for k, f in cls.model_fields.items() if _is_model(f.annotation)}
+        return {k: {} if v is None and k in sections else v for k, v in data.items()}
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct_metrics(cls, objectives: list[str]) -> list[str]:
+        metrics = [o.partition(":")[0] for o in objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError("a metric twice")
+        return objectives
+
+    @property
+    def objective_list(self) -> list[tuple[str, str]]:
+        """The objectives as ``(metric, direction)`` pairs, e.g. ``("val_accuracy", "max")``."""
+        return [tuple(o.split(":")) for o in self.objectives]  # type: ignore[misc]
+
+    def flat(self) -> dict[str, str]:
+        """The config as dotted keys and string values, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        """The config as YAML text that :func:`load_config` reads back to an equal config."""
+        return yaml.safe_dump(
+            self.model_dump(mode="json"), sort_keys=False, default_flow_style=None
+        )
+
+
+def parse_objectives(cfg: SearchConfig) -> list[tuple[str, str]]:
+    """The objectives of ``cfg`` as ``(metric, direction)`` pairs."""
+    return cfg.objective_list
+
+
+def task_hash(task: TaskConfig) -> str:
+    """The first 16 hex digits of the sha256 of the task's canonical JSON (name and params)."""
+    payload = json.dumps(
+        {"name": task.name, "params": task.params},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value if isinstance(value, str) else json.dumps(value, sort_keys=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> SearchConfig:
+    """Read, override and validate a config.
+
+    Args:
+        source: a path to a YAML file, or a mapping (not changed).
+        overrides: ``"dotted.key=value"`` strings applied before validation; the value is read as
+            YAML, so ``4`` is an int, ``null`` is None and ``[a, b]`` is a list.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, an override is malformed, or a value is not
+            allowed. The message is one line naming the field and the value.
+    """
+    data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else _read(source)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            "config", data, f"must be a mapping with keys {', '.join(SearchConfig.model_fields)}"
+        )
+    for override in overrides:
+        _apply(data, override)
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc.errors()[0]) from None
+
+
+def _read(path: str | os.PathLike[str]) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config", str(path), "file not found") from None
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"file cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            "config", str(path), f"must be valid YAML ({_yaml_problem(exc)})"
+        ) from None
+    return {} if data is None else data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = " ".join(str(getattr(exc, "problem", None) or "syntax error").split())
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _apply(data: dict[str, Any], override: str) -> None:
+    """Set ``data[a][b] = value`` for ``"a.b=value"``, creating mappings on the way."""
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(
+            "--set", override, 'must be "dotted.key=value", e.g. "search.population=4"'
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            key.strip(), raw, f"--set value must be YAML ({_yaml_problem(exc)})"
+        ) from None
+    node = data
+    for depth, part in enumerate(parts[:-1], start=1):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(
+                key.strip(),
+                node[part],
+                f"--set cannot go inside {'.'.join(parts[:depth])!r}, which is not a mapping",
+            )
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _config_error(error: ErrorDetails) -> ConfigError:
+    """Rewrite pydantic's first error as a one-line :class:`ConfigError`."""
+    loc, value, ctx = error["loc"], error.get("input"), error.get("ctx") or {}
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    field = field or "config"
+    if error["type"] == "petra":
+        return ConfigError(field, value, ctx["allowed"], ctx["detail"] or None)
+    owner, info = _lookup(loc)
+    if error["type"] == "extra_forbidden" and owner is not None:
+        keys = ", ".join(owner.model_fields)
+        return ConfigError(
+            field, value, f"must be one of {keys}", f"unknown key; allowed keys are {keys}"
+        )
+    if info is not None and _is_model(info.annotation):
+        allowed = f"must be a mapping with keys {', '.join(info.annotation.model_fields)}"
+    elif info is not None and info.description:
+        allowed = f"must be {info.description}"
+    else:
+        allowed = error["msg"]
+    return ConfigError(field, value, allowed)
+
+
+def _lookup(loc: tuple[int | str, ...]) -> tuple[type[BaseModel] | None, FieldInfo | None]:
+    """The model reached along ``loc`` and the last field on the way."""
+    model: type[BaseModel] | None = SearchConfig
+    info: FieldInfo | None = None
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            break
+        info = model.model_fields[part]
+        model = info.annotation if _is_model(info.annotation) else None
+    return model, info
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+__all__ = [
+    "DIRECTIONS",
+    "METRICS",
+    "STRATEGIES",
+    "ConfigError",
+    "ConstraintsConfig",
+    "ExecutionConfig",
+    "FinetuneConfig",
+    "LayersConfig",
+    "SearchConfig",
+    "SearchSettings",
+    "SpaceConfig",
+    "TaskConfig",
+    "TrackingConfig",
+    "load_config",
+    "parse_objectives",
+    "task_hash",
+]

@@ -1,0 +1,220 @@
+"""One candidate: genome → compressed deployable artifact → measured :class:`Result`.
+
+    baseline weights → structured pruning (channels removed) → unstructured masks
+    → fine-tune (+ regularizer, masks held) → ONNX → quantization scheme → artifact bytes
+    → measured on the artifact: val accuracy, bytes, latency vs. the dense baseline (interleaved)
+
+An :class:`Evaluator` is built once per worker and reused for every candidate: the task, the
+baseline weights and the baseline's ONNX Runtime session stay warm.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+COMPLETE, FAILED, PRUNED = "complete", "failed", "pruned"
+
+# A compression is "effective" on bytes or latency only when it beats the baseline by more than
+# this margin (and, for latency, by more than the measured spread of the ratio).
+BYTES_MARGIN = 0.02
+LATENCY_MARGIN = 0.03
+
+
+@dataclass
+class Recipe:
+    """A genome decoded into compression steps (gene names are documented in petra.space)."""
+
+    layers: dict[str, tuple[str, float]] = field(default_factory=dict)
+    round_to: int = 1
+    quant: str = "none"
+    reg: str = "none"
+    reg_strength: float = 0.0
+    epochs: int = 0
+    lr: float = 1e-3
+
+    @classmethod
+    def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
+        recipe = cls(
+            round_to=int(genome.get("prune.round_to", 1)),
+            quant=str(genome.get("quant.scheme", "none")),
+            reg=str(genome.get("reg.kind", "none")),
+            reg_strength=float(genome.get("reg.strength", 0.0)),
+            epochs=int(genome.get("finetune.epochs", 0)),
+            lr=float(genome.get("finetune.lr", 1e-3)),
+        )
+        for key, method in genome.items():
+            if key.startswith("layers.") and key.endswith(".method"):
+                name = key[len("layers."):-len(".method")]
+                sparsity = float(genome.get(f"layers.{name}.sparsity", 0.0))
+                if method != "none" and sparsity > 0:
+                    recipe.layers[name] = (str(method), sparsity)
+        return recipe
+
+
+@dataclass
+class Result:
+    """What a worker returns: plain data only (no torch objects), so any executor can carry it."""
+
+    genome: dict[str, Any]
+    genome_hash: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    artifact: bytes | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def objective_values(self, objectives: list[tuple[str, str]]) -> tuple[float, ...] | None:
+        if self.status == FAILED:
+            return None
+        values = tuple(float(self.metrics.get(m, math.nan)) for m, _ in objectives)
+        return None if any(math.isnan(v) for v in values) else values
+
+
+class Evaluator:
+    """Evaluates genomes against one task and its baseline, inside one process.
+
+    Args:
+        task_name, task_params: the config's task, rebuilt here (workers receive names).
+        baseline_state: ``torch.save`` bytes of the baseline state_dict.
+        baseline_artifact: the dense baseline's artifact bytes.
+        threads: torch and ONNX Runtime threads for this worker.
+        calibration_batches: training batches used to calibrate static quantization.
+    """
+
+    def __init__(
+        self, *, task_name: str, task_params: Mapping[str, Any], baseline_state: bytes,
+        baseline_artifact: bytes, threads: int = 1, calibration_batches: int = 4,
+    ) -> None:
+        import torch
+
+        import petra.compress  # noqa: F401  (fills the registries)
+        from petra import artifact
+        from petra.space import prunable_layers
+        from petra.tasks import load_task
+
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.task = load_task(task_name, task_params)
+        self.task.model.load_state_dict(torch.load(io.BytesIO(baseline_state), weights_only=True))
+        self.task.model.eval()
+        self.example = self.task.example_input
+        self.baseline_bytes = len(baseline_artifact)
+        self.baseline_session = artifact.load(baseline_artifact, threads=threads)
+        self.protected = [
+            layer.name for layer in prunable_layers(self.task.model, self.example)
+            if not layer.structured
+        ]
+        self.calibration = [
+            x.numpy() for x, _ in _take(self.task.train, calibration_batches)
+        ]
+
+    def evaluate(self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0) -> Result:
+        """Compress, fine-tune, export and measure one genome; never raises."""
+        start = time.perf_counter()
+        try:
+            result = self._evaluate(dict(genome), genome_hash, seed)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
+            result = Result(
+                genome=dict(genome), genome_hash=genome_hash, status=FAILED,
+                error=f"{type(exc).__name__}: {exc}",
+                info={"traceback": traceback.format_exc(limit=8)},
+            )
+        result.metrics["eval_time_s"] = time.perf_counter() - start
+        result.info["worker_pid"] = os.getpid()
+        return result
+
+    def _evaluate(self, genome: dict[str, Any], genome_hash: str, seed: int) -> Result:
+        import torch
+
+        from petra import artifact
+        from petra.compress.prune import PruneContext
+        from petra.compress.quantize import QuantContext
+        from petra.compress.structured import prune_channels
+        from petra.measure import interleaved_latency, macs_and_params, session_accuracy
+        from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+        from petra.train import train
+
+        recipe = Recipe.from_genome(genome)
+        model = copy.deepcopy(self.task.model)
+        modules = dict(model.named_modules())
+        ctx = PruneContext(
+            model=model, batches=_take(self.task.train, 2), loss=self.task.loss,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        structured = {n: v for n, v in recipe.layers.items()
+                      if PRUNING.get(v[0]).meta.get("structured")}
+        channels = prune_channels(
+            model, self.example, structured, round_to=recipe.round_to,
+            protected=self.protected, ctx=ctx,
+        )
+        masks: dict[str, torch.Tensor] = {}
+        for name, (method, sparsity) in recipe.layers.items():
+            if name in structured:
+                continue
+            weight = modules[name].weight
+            mask = PRUNING.get(method).fn(weight, sparsity, ctx)
+            if mask is not None:
+                with torch.no_grad():
+                    weight.mul_(mask)
+                masks[f"{name}.weight"] = mask
+        penalty = REGULARIZERS.get(recipe.reg).fn(recipe.reg_strength)
+        train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
+              loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise FloatingPointError("fine-tuning produced non-finite weights")
+
+        proto = artifact.export_onnx(model, self.example)
+        proto = QUANTIZATION.get(recipe.quant).fn(
+            proto, QuantContext(calibration=self.calibration, input_name="input")
+        )
+        data = artifact.pack(proto)
+        session = artifact.load(data, threads=self.threads)
+        val = session_accuracy(session, self.task.val, self.task.metric)
+        latency = interleaved_latency(session, self.baseline_session, self.example.numpy())
+        macs, params_dense, params = macs_and_params(model, self.example)
+        size_ratio = len(data) / self.baseline_bytes
+        metrics = {
+            "val_accuracy": val,
+            "artifact_bytes": float(len(data)),
+            "size_ratio": size_ratio,
+            "latency_ms": latency.candidate_ms,
+            "latency_ratio": latency.ratio,
+            "latency_ratio_iqr": latency.ratio_iqr,
+            "baseline_latency_ms": latency.baseline_ms,
+            "params": float(params),
+            "params_dense": float(params_dense),
+            "macs": float(macs),
+        }
+        effective = {
+            "bytes": size_ratio < 1 - BYTES_MARGIN,
+            "latency": latency.ratio < 1 - max(LATENCY_MARGIN, latency.ratio_iqr),
+        }
+        return Result(
+            genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
+            artifact=data, info={"channels": channels, "effective": effective},
+        )
+
+    def test_accuracy(self, artifact_bytes: bytes) -> float:
+        """The task metric of an artifact on the held-out test split."""
+        from petra import artifact
+        from petra.measure import session_accuracy
+
+        session = artifact.load(artifact_bytes, threads=self.threads)
+        return session_accuracy(session, self.task.test, self.task.metric)
+
+
+def _take(batches: Any, n: int) -> list[Any]:
+    out = []
+    for batch in batches:
+        out.append(batch)
+        if len(out) >= n:
+            break
+    return out

@@ -1,0 +1,348 @@
+"""Gene types, and the search space decoded against a model's own prunable layers.
+
+A genome is a plain ``dict`` from stable dotted gene names to values:
+
+    layers.<module>.method    categorical, the pruning criterion of that layer
+    layers.<module>.sparsity  float, the fraction of weights (or output channels) removed
+    prune.round_to            categorical, kept channel counts are rounded to this multiple
+    quant.scheme              categorical
+    reg.kind, reg.strength    categorical, float (log scale)
+    finetune.epochs           int
+    finetune.lr               float (log scale)
+
+Workers receive these dicts, never strategy objects. The defaults of every gene mean
+"no compression", so a partial genome is completed with :meth:`SearchSpace.complete`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Genome = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """A gene that takes one of ``choices``. Mutates by reset, crosses uniformly."""
+
+    name: str
+    choices: tuple[Any, ...]
+    default: Any
+
+    kind = "categorical"
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.choices[int(rng.integers(len(self.choices)))]
+
+    def clip(self, value: Any) -> Any:
+        if value not in self.choices:
+            raise ValueError(
+                f"gene {self.name} must be one of {list(self.choices)}; got {value!r}"
+            )
+        return value
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "choices": list(self.choices),
+                "default": self.default}
+
+
+@dataclass(frozen=True)
+class Float:
+    """A real gene in ``[low, high]``; SBX crossover and polynomial mutation within bounds.
+
+    ``log`` genes are sampled log-uniformly. Values are rounded to ``step`` (linear genes) or
+    to ``digits`` significant digits (log genes) so that equal recipes hash equally.
+    """
+
+    name: str
+    low: float
+    high: float
+    default: float
+    log: bool = False
+    step: float | None = None
+    digits: int = 3
+
+    kind = "float"
+
+    def sample(self, rng: np.random.Generator) -> float:
+        if self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = float(rng.uniform(self.low, self.high))
+        return self.clip(value)
+
+    def clip(self, value: Any) -> float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"gene {self.name} must be a number; got {value!r}") from None
+        if math.isnan(value):
+            raise ValueError(f"gene {self.name} must be a number; got nan")
+        value = min(max(value, self.low), self.high)
+        if self.log:
+            if value > 0:
+                value = float(f"{value:.{self.digits}g}")
+        elif self.step:
+            value = round(round(value / self.step) * self.step, 10)
+        return min(max(value, self.low), self.high)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high,
+                "default": self.default, "log": self.log}
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer gene in ``[low, high]``, varied like a real gene and rounded."""
+
+    name: str
+    low: int
+    high: int
+    default: int
+
+    kind = "int"
+
+    def sample(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.low, self.high + 1))
+
+    def clip(self, value: Any) -> int:
+        try:
+            value = int(round(float(value)))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"gene {self.name} must be an integer; got {value!r}") from None
+        return min(max(value, self.low), self.high)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high,
+                "default": self.default}
+
+
+Gene = Categorical | Float | Int
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A prunable layer of the model, as found by :func:`prunable_layers`."""
+
+    name: str
+    type: str
+    out_channels: int
+    params: int
+    structured: bool  # False for layers whose outputs are the model's outputs
+
+
+PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
+
+
+def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
+    """The model's prunable layers in execution order.
+
+    A layer whose output is the model's output (the classifier) keeps its output channels, so
+    structured criteria are not offered for it.
+    """
+    import torch
+    from torch import nn
+
+    types = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    order: list[str] = []
+    outputs: dict[str, Any] = {}
+    names = {m: n for n, m in model.named_modules()}
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, types):
+
+            def hook(mod: Any, _inp: Any, out: Any) -> None:
+                order.append(names[mod])
+                outputs[names[mod]] = out
+
+            hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    seen: list[str] = []
+    for name in order:
+        if name not in seen:
+            seen.append(name)
+    infos = []
+    for name in seen:
+        module = modules[name]
+        out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        is_output = outputs[name] is result or (
+            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
+            and name == seen[-1]
+        )
+        grouped = getattr(module, "groups", 1) != 1
+        infos.append(
+            LayerInfo(
+                name=name,
+                type=type(module).__name__,
+                out_channels=int(out_channels),
+                params=sum(p.numel() for p in module.parameters()),
+                structured=not is_output and not grouped,
+            )
+        )
+    return infos
+
+
+def select_layers(
+    layers: Sequence[LayerInfo], include: Sequence[str], exclude: Sequence[str]
+) -> list[LayerInfo]:
+    """The layers whose names match an ``include`` glob and no ``exclude`` glob."""
+    return [
+        layer
+        for layer in layers
+        if any(fnmatch.fnmatchcase(layer.name, p) for p in include)
+        and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)
+    ]
+
+
+class SearchSpace:
+    """An ordered set of genes, with the layers they were decoded from."""
+
+    def __init__(self, genes: Sequence[Gene], *, layers: Sequence[LayerInfo] = ()) -> None:
+        names = [g.name for g in genes]
+        if len(set(names)) != len(names):
+            raise ValueError("gene names must be unique")
+        self.genes: tuple[Gene, ...] = tuple(genes)
+        self.layers: tuple[LayerInfo, ...] = tuple(layers)
+        self._by_name = {g.name: g for g in self.genes}
+
+    def __iter__(self) -> Iterator[Gene]:
+        return iter(self.genes)
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def gene(self, name: str) -> Gene:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown gene {name!r}; the space has {', '.join(self._by_name)}"
+            ) from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def default(self) -> Genome:
+        return {g.name: g.default for g in self.genes}
+
+    def sample(self, rng: np.random.Generator) -> Genome:
+        return {g.name: g.sample(rng) for g in self.genes}
+
+    def complete(self, partial: Mapping[str, Any]) -> Genome:
+        """Validate ``partial`` and fill the genes it leaves out with their defaults."""
+        unknown = [k for k in partial if k not in self._by_name]
+        if unknown:
+            raise ValueError(
+                f"unknown gene {unknown[0]!r}; the space has {', '.join(self._by_name)}"
+            )
+        return {g.name: g.clip(partial.get(g.name, g.default)) for g in self.genes}
+
+    def effective(self, genome: Mapping[str, Any]) -> Genome:
+        """The genome with genes that have no effect reset to their defaults.
+
+        Two genomes with the same effective form build the same model, so they share a hash.
+        """
+        out = self.complete(genome)
+        for layer in self.layers:
+            method, sparsity = f"layers.{layer.name}.method", f"layers.{layer.name}.sparsity"
+            if method in out and (out[method] == "none" or out.get(sparsity, 0.0) == 0.0):
+                out[method] = "none"
+                if sparsity in out:
+                    out[sparsity] = self._by_name[sparsity].default
+        if "prune.round_to" in out and not any(
+            out.get(f"layers.{layer.name}.method") in _structured_methods()
+            for layer in self.layers
+        ):
+            out["prune.round_to"] = self._by_name["prune.round_to"].default
+        if out.get("finetune.epochs", 0) == 0:
+            for name in ("finetune.lr", "reg.kind", "reg.strength"):
+                if name in out:
+                    out[name] = self._by_name[name].default
+        if out.get("reg.kind", "none") == "none" and "reg.strength" in out:
+            out["reg.strength"] = self._by_name["reg.strength"].default
+        return out
+
+    def genome_hash(self, genome: Mapping[str, Any]) -> str:
+        """A short stable hash of the effective genome."""
+        payload = json.dumps(self.effective(genome), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [g.describe() for g in self.genes]
+
+
+def _structured_methods() -> set[str]:
+    from petra.registry import PRUNING
+
+    return {e.name for e in PRUNING if e.meta.get("structured")}
+
+
+def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
+    """Decode the config's ``space`` section against the model's prunable layers.
+
+    Args:
+        space_cfg: the validated ``space`` section of the config (``petra.config.SpaceConfig``).
+        layers: the model's prunable layers, from :func:`prunable_layers`.
+    """
+    import petra.compress  # noqa: F401  (fills the registries)
+    from petra.registry import PRUNING
+
+    selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
+    lo, hi = space_cfg.sparsity
+    genes: list[Gene] = []
+    any_structured = False
+    for layer in selected:
+        methods = [
+            m for m in space_cfg.pruning
+            if layer.structured or not PRUNING.get(m).meta.get("structured")
+        ]
+        if "none" not in methods:
+            methods = ["none", *methods]
+        if len(methods) == 1:
+            continue
+        any_structured |= any(PRUNING.get(m).meta.get("structured") for m in methods)
+        genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
+        genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
+    if any_structured and len(space_cfg.round_to) > 1:
+        genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
+    if len(space_cfg.quantization) > 1 or space_cfg.quantization[0] != "none":
+        genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))
+    e_lo, e_hi = space_cfg.finetune.epochs
+    if e_hi > 0:
+        genes.append(Int("finetune.epochs", e_lo, e_hi, e_lo))
+        lr_lo, lr_hi = space_cfg.finetune.lr
+        genes.append(Float("finetune.lr", lr_lo, lr_hi, _geomean(lr_lo, lr_hi), log=True))
+        if len(space_cfg.regularizer) > 1 or space_cfg.regularizer[0] != "none":
+            genes.append(Categorical("reg.kind", _with_none(space_cfg.regularizer), "none"))
+            s_lo, s_hi = space_cfg.reg_strength
+            genes.append(Float("reg.strength", s_lo, s_hi, _geomean(s_lo, s_hi), log=True))
+    return SearchSpace(genes, layers=selected)
+
+
+def _with_none(choices: Sequence[str]) -> tuple[str, ...]:
+    return tuple(choices) if "none" in choices else ("none", *choices)
+
+
+def _geomean(lo: float, hi: float) -> float:
+    return float(f"{math.sqrt(lo * hi):.3g}")

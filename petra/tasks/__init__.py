@@ -1,0 +1,78 @@
+"""Tasks: a model with its data and metric, built-in or loaded from ``"package.module:function"``.
+
+A user's task is written against the same contract as the built-in ones (see :class:`Task`).
+Loading a task from an import string runs code the user chose to run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from petra.registry import Registry
+
+TASKS = Registry("task")
+
+
+def accuracy(outputs: Any, targets: Any) -> float:
+    """Top-1 accuracy of logits ``outputs`` (torch or numpy) against integer ``targets``."""
+    import numpy as np
+
+    out = np.asarray(outputs.detach().cpu() if hasattr(outputs, "detach") else outputs)
+    tgt = np.asarray(targets.detach().cpu() if hasattr(targets, "detach") else targets)
+    return float((out.argmax(axis=-1) == tgt).mean()) if len(tgt) else 0.0
+
+
+def cross_entropy(outputs: Any, targets: Any) -> Any:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(outputs, targets)
+
+
+@dataclass
+class Task:
+    """What petra needs to compress a model.
+
+    Attributes:
+        model: the ``nn.Module`` to compress.
+        train, val, test: re-iterable collections of ``(inputs, targets)`` batches.
+        example_input: one batch of inputs, used for tracing, export and latency.
+        metric: ``(outputs, targets) -> float``, higher is better; summed over batches weighted
+            by batch size.
+        loss: the training loss, cross-entropy by default.
+        trained: when False, petra trains the baseline itself and caches it.
+        train_epochs, train_lr: the baseline's training recipe when ``trained`` is False.
+    """
+
+    model: Any
+    train: Iterable[Any]
+    val: Iterable[Any]
+    test: Iterable[Any]
+    example_input: Any
+    metric: Callable[[Any, Any], float] = accuracy
+    loss: Callable[[Any, Any], Any] = cross_entropy
+    trained: bool = False
+    train_epochs: int = 20
+    train_lr: float = 3e-3
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
+    """Build a task from a built-in name or a ``"package.module:function"`` import string."""
+    import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
+
+    params = dict(params or {})
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import task {name!r}: {exc}") from exc
+    else:
+        fn = TASKS.get(name).fn
+    task = fn(**params)
+    if not isinstance(task, Task):
+        raise ValueError(f"task {name!r} must return a petra.Task; got {type(task).__name__}")
+    return task
