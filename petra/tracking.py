@@ -1,0 +1,169 @@
+"""MLflow tracking: the search run, its candidate child runs, and per-generation fronts.
+
+Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md):
+
+- search run: params = the config flattened; metrics by step = generation: ``hypervolume``,
+  ``front_size``, ``evaluated``, ``failed``; baseline metrics; artifacts ``config.yaml``,
+  ``front.json``, ``front.csv``, ``front.html``, ``front.png`` and ``fronts/gen_NNN/``.
+- candidate run: a child tagged ``mlflow.parentRunId``; params = genes; metrics from the
+  Result; tags ``petra.status``, ``petra.generation``, ``petra.on_front``,
+  ``petra.genome_hash``, ``petra.executor``, ``petra.worker_pid``, ``petra.error``; the artifact
+  ``model.petra``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# MLflow 3 sends usage telemetry unless told not to; petra sends nothing anywhere.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a sqlite store, else the server's default."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.resolve().parent / "artifacts").as_uri()
+    return None
+
+
+class Tracker:
+    """Logs one search into an MLflow store through ``MlflowClient``."""
+
+    def __init__(self, *, uri: str, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_root(uri)
+            )
+        else:
+            self.experiment_id = found.experiment_id
+        self.run_id: str | None = None
+
+    # -- the search run -------------------------------------------------------------------
+    def start_search(
+        self, *, name: str, params: Mapping[str, str], config_yaml: str,
+        baseline: Mapping[str, float], tags: Mapping[str, str] = {},
+    ) -> str:
+        from mlflow.entities import Param, RunTag
+
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"petra.kind": "search", **tags},
+        )
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        self.client.log_text(self.run_id, config_yaml, "config.yaml")
+        self.log_metrics(self.run_id, {f"baseline_{k}": v for k, v in baseline.items()})
+        self.client.log_batch(self.run_id, tags=[RunTag("petra.status", "running")])
+        return self.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step) for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    # -- candidates -----------------------------------------------------------------------
+    def log_candidate(
+        self, result: Any, *, generation: int, index: int, executor: str
+    ) -> str:
+        """One child run for one evaluated candidate; returns its run id."""
+        from mlflow.entities import Param, RunTag
+
+        tags = {
+            "mlflow.parentRunId": self.run_id,
+            "petra.kind": "candidate",
+            "petra.status": result.status,
+            "petra.generation": str(generation),
+            "petra.genome_hash": result.genome_hash,
+            "petra.on_front": "false",
+            "petra.executor": executor,
+            "petra.worker_pid": str(result.info.get("worker_pid", "")),
+        }
+        if result.error:
+            tags["petra.error"] = result.error[:5000]
+        for key, value in result.info.get("effective", {}).items():
+            tags[f"petra.effective_{key}"] = str(bool(value)).lower()
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"g{generation:02d}-c{index:02d}", tags=tags
+        )
+        run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in result.genome.items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[start:start + 100])
+        self.log_metrics(run_id, result.metrics)
+        if result.artifact:
+            with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
+                path = Path(tmp) / "model.petra"
+                path.write_bytes(result.artifact)
+                self.client.log_artifact(run_id, str(path))
+        if "traceback" in result.info:
+            self.client.log_text(run_id, result.info["traceback"], "error.txt")
+        self.client.log_batch(run_id, tags=[RunTag("petra.candidate_index", str(index))])
+        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED")
+        return run_id
+
+    # -- fronts ---------------------------------------------------------------------------
+    def log_generation(self, snap: Any) -> None:
+        """Generation metrics (step = generation) and that generation's front."""
+        self.log_metrics(self.run_id, {
+            "hypervolume": snap.hypervolume,
+            "front_size": len(snap.members),
+            "evaluated": snap.evaluated,
+            "failed": snap.failed,
+        }, step=snap.generation)
+        folder = f"fronts/gen_{snap.generation:03d}"
+        self.client.log_text(self.run_id, snap.to_json(), f"{folder}/front.json")
+        self.client.log_text(self.run_id, snap.to_csv(), f"{folder}/front.csv")
+
+    def finish(
+        self, snap: Any, *, test_accuracy: Mapping[str, float], knee: str | None,
+        records: list[Mapping[str, Any]], baseline: Mapping[str, float], status: str = "FINISHED",
+    ) -> None:
+        """Mark the final front on its candidate runs and log the front artifacts."""
+        from mlflow.entities import RunTag
+
+        from petra import plots
+
+        for run_id, acc in test_accuracy.items():
+            self.log_metrics(run_id, {"test_accuracy": acc})
+        for run_id in snap.ids:
+            tags = [RunTag("petra.on_front", "true")]
+            if run_id == knee:
+                tags.append(RunTag("petra.knee", "true"))
+            self.client.log_batch(run_id, tags=tags)
+        self.client.log_text(self.run_id, snap.to_json(), "front.json")
+        self.client.log_text(self.run_id, snap.to_csv(), "front.csv")
+        self.client.log_text(
+            self.run_id, plots.front_html(snap, records, baseline), "front.html"
+        )
+        with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
+            png = Path(tmp) / "front.png"
+            plots.front_png(snap, records, baseline, png)
+            self.client.log_artifact(self.run_id, str(png))
+        self.client.log_batch(self.run_id, tags=[
+            RunTag("petra.status", status.lower()),
+            RunTag("petra.front_size", str(len(snap.members))),
+        ])
+        self.client.set_terminated(self.run_id, status)
