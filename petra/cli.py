@@ -85,7 +85,7 @@ def _space(cfg: object, as_json: bool) -> int:
 
 
 def _search(cfg: object) -> int:
-    from petra.search import search
+    from petra.loop import search
 
     def say(message: str) -> None:
         print(message, flush=True)

@@ -111,7 +111,8 @@ def search(cfg: Any, *, progress: Progress | None = None) -> SearchResult:
             "bytes": b["artifact_bytes"], "latency_ms": b["latency_ms"],
             "params": b["params"], "macs": b["macs"],
         },
-        tags={"petra.task": cfg.task.name, "petra.strategy": cfg.search.strategy},
+        tags={"petra.task": cfg.task.name, "petra.strategy": cfg.search.strategy,
+              "petra.driver_pid": str(os.getpid())},
     )
     say(f"search run {run_id} in {cfg.tracking.uri} (experiment {cfg.tracking.experiment!r})")
     executor = make_executor(

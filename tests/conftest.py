@@ -1,0 +1,44 @@
+"""Shared fixtures: a small, fast digits task and an isolated baseline cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# A digits_cnn small enough to train in a few seconds on one thread.
+TINY_TASK = {"name": "digits_cnn", "params": {"width": 8, "epochs": 6, "lr": 5e-3}}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Baselines of the test session are cached in a temporary folder, not in runs/."""
+    os.environ["PETRA_CACHE"] = str(tmp_path_factory.mktemp("petra-cache"))
+    for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                       "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+        os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    """The tiny task, with its trained baseline (cached for the session)."""
+    import torch
+
+    from petra.baseline import prepare_baseline
+    from petra.loop import cache_dir
+    from petra.tasks import load_task
+
+    torch.set_num_threads(1)
+    task = load_task(TINY_TASK["name"], TINY_TASK["params"])
+    baseline = prepare_baseline(task, task_name=TINY_TASK["name"],
+                                task_params=TINY_TASK["params"], cache_dir=cache_dir())
+    return task, baseline
+
+
+@pytest.fixture(scope="session")
+def evaluator(tiny_task):
+    from petra.evaluate import Evaluator
+
+    _task, baseline = tiny_task
+    return Evaluator(task_name=TINY_TASK["name"], task_params=TINY_TASK["params"],
+                     baseline_state=baseline.state, baseline_artifact=baseline.artifact)

@@ -1,0 +1,124 @@
+"""End to end: `petra search` on a real local Ray cluster into a temporary sqlite MLflow store.
+
+Nothing is mocked: the CLI runs in a subprocess, starts Ray on 127.0.0.1, evaluates real
+candidates, and the test reads the run tree back through MlflowClient.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_TASK
+
+pytestmark = pytest.mark.integration
+
+CANDIDATE_METRICS = {"val_accuracy", "artifact_bytes", "size_ratio", "latency_ms",
+                     "latency_ratio", "params", "macs"}
+CANDIDATE_TAGS = {"petra.status", "petra.generation", "petra.on_front", "petra.genome_hash",
+                  "petra.executor", "petra.worker_pid"}
+SEARCH_METRICS = {"hypervolume", "front_size", "evaluated", "failed", "baseline_val_accuracy",
+                  "baseline_test_accuracy", "baseline_bytes", "baseline_latency_ms"}
+
+
+def tiny_config(tmp_path: Path, *, executor: str, name: str) -> Path:
+    config = {
+        "name": name,
+        "seed": 3,
+        "task": TINY_TASK,
+        "space": {"pruning": ["none", "magnitude", "l2_channel"], "sparsity": [0.0, 0.8],
+                  "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
+                  "regularizer": ["none", "l1"], "finetune": {"epochs": [0, 1]}},
+        "search": {"strategy": "nsga2", "population": 4, "generations": 2},
+        "execution": {"executor": executor, "workers": 2, "cpus_per_candidate": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": name},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "petra.cli", *args], cwd=cwd, env=dict(os.environ),
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def read_runs(tmp_path: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, executor="ray", name="it-ray")
+    proc = run_cli("search", str(config), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Pareto front" in proc.stdout and "search run:" in proc.stdout
+
+    client, parents, children = read_runs(tmp_path, "it-ray")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_id in proc.stdout
+    assert SEARCH_METRICS <= set(parent.data.metrics)
+    assert parent.data.params["search.population"] == "4"
+
+    # every evaluated candidate is a child run of this search (duplicates are evaluated once)
+    hashes = [c.data.tags["petra.genome_hash"] for c in children]
+    assert 4 <= len(children) <= 8 and len(set(hashes)) == len(hashes)
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    evaluated = client.get_metric_history(parent.info.run_id, "evaluated")
+    assert evaluated[-1].value == len(children)
+
+    # hypervolume: one step per generation, never decreasing
+    history = sorted(client.get_metric_history(parent.info.run_id, "hypervolume"),
+                     key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 1]
+    assert history[1].value >= history[0].value
+
+    for child in children:
+        assert CANDIDATE_TAGS <= set(child.data.tags)
+        assert child.data.tags["petra.executor"] == "ray"
+        if child.data.tags["petra.status"] == "complete":
+            assert CANDIDATE_METRICS <= set(child.data.metrics)
+            assert any(p.startswith("layers.") for p in child.data.params)
+    # candidates ran in Ray worker processes, not in the driver
+    pids = {c.data.tags["petra.worker_pid"] for c in children}
+    assert pids and str(os.getpid()) not in pids
+    driver_pid = parent.data.tags.get("petra.driver_pid")
+    assert driver_pid and driver_pid not in pids
+
+    front = [c for c in children if c.data.tags["petra.on_front"] == "true"]
+    assert front and all("test_accuracy" in c.data.metrics for c in front)
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"front.json", "front.csv", "front.html", "front.png", "config.yaml"} <= names
+    front_json = client.download_artifacts(parent.info.run_id, "front.json", str(tmp_path))
+    assert {c.info.run_id for c in front} == {
+        m["id"] for m in yaml.safe_load(Path(front_json).read_text())["members"]
+    }
+
+
+def test_search_in_process_executor(tmp_path: Path) -> None:
+    from petra.config import load_config
+    from petra.loop import search
+
+    cfg = load_config(tiny_config(tmp_path, executor="local", name="it-local"),
+                      ["search.generations=1"])
+    result = search(cfg)
+    _client, parents, children = read_runs(tmp_path, "it-local")
+    assert [p.info.run_id for p in parents] == [result.run_id]
+    assert {c.data.tags["petra.executor"] for c in children} == {"local"}
+    assert {c.data.tags["petra.worker_pid"] for c in children} == {str(os.getpid())}
+    assert len(result.front.members) >= 1
+    assert set(result.test_accuracy) == set(result.front.ids)
