@@ -108,14 +108,19 @@ def pack(proto: Any) -> bytes:
         "outputs": [o.name for o in graph.output],
         "sparse": entries,
     }
+    members = {"manifest.json": json.dumps(manifest, sort_keys=True).encode(),
+               "model.onnx": proto.SerializeToString()}
+    if sparse_arrays:
+        arrays = io.BytesIO()
+        np.savez(arrays, **sparse_arrays)
+        members["sparse.npz"] = arrays.getvalue()
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        zf.writestr("manifest.json", json.dumps(manifest, sort_keys=True))
-        zf.writestr("model.onnx", proto.SerializeToString())
-        if sparse_arrays:
-            arrays = io.BytesIO()
-            np.savez(arrays, **sparse_arrays)
-            zf.writestr("sparse.npz", arrays.getvalue())
+        for name, payload in members.items():
+            # A fixed timestamp: the same model always packs to the same bytes.
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, payload, compresslevel=9)
     return out.getvalue()
 
 
@@ -138,8 +143,12 @@ def unpack(data: bytes) -> Any:
     import onnx
     from onnx import numpy_helper
 
-    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
         manifest = json.loads(zf.read("manifest.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise ValueError(f"not a {FORMAT} file ({exc})") from None
+    with zf:
         if manifest.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file; got format {manifest.get('format')!r}")
         proto = onnx.ModelProto.FromString(zf.read("model.onnx"))
@@ -184,7 +193,8 @@ def loader_source() -> str:
 
     header = (
         '"""Load a petra artifact with numpy, onnx and onnxruntime only."""\n'
-        "import io\nimport json\nimport zipfile\nfrom pathlib import Path\n\nimport numpy as np\n\n"
+        "import io\nimport json\nimport zipfile\nfrom pathlib import Path\nfrom typing import Any\n\n"
+        "import numpy as np\n\n"
         f"FORMAT = {FORMAT!r}\n\n\n"
     )
     return header + inspect.getsource(unpack) + "\n\n" + inspect.getsource(load)

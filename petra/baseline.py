@@ -28,9 +28,9 @@ class Baseline:
         return len(self.artifact)
 
 
-def baseline_key(task_name: str, task_params: dict[str, Any]) -> str:
+def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0) -> str:
     payload = json.dumps(
-        {"name": task_name, "params": task_params, "recipe": RECIPE_VERSION},
+        {"name": task_name, "params": task_params, "seed": seed, "recipe": RECIPE_VERSION},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -52,7 +52,7 @@ def prepare_baseline(
     from petra.measure import macs_and_params, median_latency_ms, session_accuracy
     from petra.train import train
 
-    key = baseline_key(task_name, task_params)
+    key = baseline_key(task_name, task_params, seed)
     path = Path(cache_dir) / f"baseline-{key}.pt"
     cached = False
     if not task.trained and path.exists():

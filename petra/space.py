@@ -324,7 +324,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
         any_structured |= any(PRUNING.get(m).meta.get("structured") for m in methods)
         genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
-    if any_structured and len(space_cfg.round_to) > 1:
+    if any_structured:  # a single choice still travels in the genome, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
     if len(space_cfg.quantization) > 1 or space_cfg.quantization[0] != "none":
         genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))

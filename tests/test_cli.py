@@ -25,6 +25,9 @@ def petra(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         ("space: {sparsity: [0.0, 1.5]}\n", [], "space.sparsity", "1.5"),
         ("{}\n", ["execution.workers=0"], "execution.workers", "0"),
         ("name: [unclosed\n", [], "config", "line"),
+        ("task: {name: no_such_task}\n", [], "task.name", "no_such_task"),
+        ("task: {name: 'nowhere.mod:fn'}\n", [], "task.name", "nowhere.mod:fn"),
+        ("task: {name: digits_cnn, params: {depth: 3}}\n", [], "task.params", "depth"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(

@@ -62,6 +62,7 @@ class Task:
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     """Build a task from a built-in name or a ``"package.module:function"`` import string."""
     import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
+    from petra.config import ConfigError
 
     params = dict(params or {})
     if ":" in name:
@@ -69,10 +70,19 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import task {name!r}: {exc}") from exc
-    else:
+            raise ConfigError(
+                "task.name", name, "", f"cannot import {name!r} ({type(exc).__name__}: {exc})"
+            ) from exc
+    elif name in TASKS:
         fn = TASKS.get(name).fn
-    task = fn(**params)
+    else:
+        raise ConfigError("task.name", name, "", f"unknown task {name!r}; choose from "
+                          f"{', '.join(TASKS.names())}, or give 'package.module:function'")
+    try:
+        task = fn(**params)
+    except TypeError as exc:
+        raise ConfigError("task.params", params, "", f"{name} rejected its params ({exc})") from exc
     if not isinstance(task, Task):
-        raise ValueError(f"task {name!r} must return a petra.Task; got {type(task).__name__}")
+        raise ConfigError("task.name", name, "",
+                          f"{name!r} must return a petra.Task; got {type(task).__name__}")
     return task

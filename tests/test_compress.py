@@ -1,0 +1,236 @@
+"""Contract tests run over every registered compression method (timm style).
+
+A new pruning criterion, quantization scheme or regularizer registered under ``petra.compress``
+is tested here with no test edits: every unstructured criterion reaches its sparsity, every
+structured one removes channels and leaves a runnable, exportable model, every quantizer shrinks
+the artifact and keeps the logits close, every regularizer gives a finite penalty with a gradient.
+"""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import petra.compress  # noqa: F401  (fills the registries before collection)
+from petra import artifact
+from petra.compress.prune import PruneContext
+from petra.compress.quantize import QuantContext
+from petra.compress.structured import kept_channels, prune_channels
+from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+
+UNSTRUCTURED = [e.name for e in PRUNING if not e.meta.get("structured") and e.name != "none"]
+STRUCTURED = [e.name for e in PRUNING if e.meta.get("structured")]
+QUANTIZERS = [name for name in QUANTIZATION.names() if name != "none"]
+
+
+def take(batches, n):
+    out = []
+    for batch in batches:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def conv_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def model_copy(tiny_task):
+    task, _ = tiny_task
+    return copy.deepcopy(task.model).eval()
+
+
+@pytest.fixture
+def ctx(tiny_task, model_copy):
+    task, _ = tiny_task
+    return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
+
+
+# --- unstructured pruning --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+@pytest.mark.parametrize("name", UNSTRUCTURED)
+def test_unstructured_mask_reaches_its_sparsity(name, sparsity, model_copy, ctx):
+    weight = model_copy.layer2.conv2.weight
+    before = weight.detach().clone()
+    mask = PRUNING.get(name)(weight, sparsity, ctx)
+    assert mask.shape == weight.shape
+    values = torch.unique(mask.to(torch.float32))
+    assert set(values.tolist()) <= {0.0, 1.0}
+    n = weight.numel()
+    assert int((mask == 0).sum()) == round(sparsity * n)
+    assert torch.equal(weight.detach(), before)  # a criterion returns a mask, it does not prune
+
+
+def test_magnitude_drops_the_smallest_weights(model_copy, ctx):
+    weight = model_copy.layer2.conv2.weight.detach()
+    mask = PRUNING.get("magnitude")(weight, 0.5, ctx).bool()
+    assert weight[~mask].abs().max() <= weight[mask].abs().min()
+
+
+def test_none_criterion_gives_no_mask(model_copy, ctx):
+    assert PRUNING.get("none")(model_copy.stem.weight, 0.5, ctx) is None
+
+
+# --- structured pruning ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_structured_removes_channels_and_exports(name, tiny_task, model_copy):
+    task, _ = tiny_task
+    x = task.example_input
+    before = n_params(model_copy)
+    plan = {layer: (name, 0.5) for layer in conv_names(model_copy)}
+    ctx = PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
+    changes = prune_channels(model_copy, x, plan, round_to=1, protected=["fc"], ctx=ctx)
+
+    assert changes and all(after < n for n, after in changes.values())
+    assert all(after == kept_channels(n, 0.5, 1) for n, after in changes.values())
+    assert n_params(model_copy) < 0.5 * before  # width halves: weights drop about 4x
+    assert model_copy.fc.out_features == 10
+    # residual coupling: the block's last conv and its shortcut keep the same channels
+    assert model_copy.layer1.conv2.out_channels == model_copy.layer1.downsample[0].out_channels
+    assert model_copy.layer2.conv2.out_channels == model_copy.layer2.downsample[0].out_channels
+    assert model_copy.layer1.conv2.out_channels < 8
+
+    with torch.no_grad():
+        expected = model_copy.eval()(x)
+    assert expected.shape == (x.shape[0], 10)
+    assert torch.isfinite(expected).all()
+    session = artifact.load(artifact.pack(artifact.export_onnx(model_copy, x)))
+    got = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", STRUCTURED)
+def test_structured_respects_round_to(name, tiny_task, model_copy):
+    task, _ = tiny_task
+    plan = {"layer2.conv1": (name, 0.3), "layer3.conv1": (name, 0.3)}
+    changes = prune_channels(model_copy, task.example_input, plan, round_to=8,
+                             protected=["fc"], ctx=PruneContext())
+    # 16 channels, 30% removed -> 11 kept -> the nearest multiple of 8
+    assert changes == {"layer2.conv1": (16, 8), "layer3.conv1": (16, 8)}
+    assert model_copy.layer2.conv1.out_channels == 8
+    assert model_copy.layer2.conv2.in_channels == 8
+    assert model_copy.layer2.conv2.out_channels == 16  # not a voter: left alone
+
+
+def test_prune_channels_with_an_empty_plan_changes_nothing(tiny_task, model_copy):
+    task, _ = tiny_task
+    before = {k: v.clone() for k, v in model_copy.state_dict().items()}
+    assert prune_channels(model_copy, task.example_input, {}, protected=["fc"]) == {}
+    after = model_copy.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("n", "sparsity", "round_to", "expected"),
+    [
+        (32, 0.5, 8, 16),
+        (32, 0.9, 16, 16),  # 3 kept -> at least one multiple
+        (32, 0.0, 8, 32),
+        (32, 0.5, 1, 16),
+        (32, 0.3, 8, 24),  # 10 removed -> 22 kept -> nearest multiple 24
+        (10, 0.99, 1, 1),  # never 0
+        (8, 0.5, 16, 4),  # fewer channels than the multiple: not rounded
+        (48, 0.2, 16, 32),  # 38 kept -> 2.375 multiples -> 32
+    ],
+)
+def test_kept_channels_rounding(n, sparsity, round_to, expected):
+    assert kept_channels(n, sparsity, round_to) == expected
+
+
+@pytest.mark.parametrize("round_to", [1, 4, 8, 16])
+def test_kept_channels_is_bounded_monotone_and_on_the_grid(round_to):
+    for n in range(1, 70):
+        kept = [kept_channels(n, s / 100, round_to) for s in range(0, 100)]
+        assert all(1 <= k <= n for k in kept)
+        assert all(a >= b for a, b in zip(kept, kept[1:], strict=False))
+        if round_to > 1 and n > round_to:
+            assert all(k % round_to == 0 or k == n for k in kept)
+
+
+# --- quantization ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_task):
+    task, _ = tiny_task
+    proto = artifact.export_onnx(copy.deepcopy(task.model), task.example_input)
+    x = np.concatenate([inputs.numpy() for inputs, _ in task.val])
+    logits = artifact.load(artifact.pack(proto)).run(None, {"input": x})[0]
+    return proto, len(artifact.pack(proto)), x, logits
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_quantizer_shrinks_the_artifact_and_keeps_logits_close(name, tiny_task, fp32):
+    task, _ = tiny_task
+    proto, fp32_bytes, x, reference = fp32
+    calibration = [inputs.numpy() for inputs, _ in take(task.train, 4)]
+    entry = QUANTIZATION.get(name)
+    quantized = entry(proto, QuantContext(calibration=calibration))
+    data = artifact.pack(quantized)
+    limit = 0.4 if entry.meta.get("int8") else 0.95
+    assert len(data) <= limit * fp32_bytes
+
+    logits = artifact.load(data).run(None, {"input": x})[0]
+    assert logits.shape == reference.shape
+    assert np.isfinite(logits).all()
+    assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.95
+    assert np.abs(logits - reference).mean() < 0.1 * reference.std()
+
+
+def test_none_quantizer_returns_the_graph_unchanged(fp32):
+    proto = fp32[0]
+    out = QUANTIZATION.get("none")(proto, QuantContext())
+    assert out.SerializeToString() == proto.SerializeToString()
+
+
+def test_int8_static_needs_calibration(fp32):
+    with pytest.raises(ValueError, match="calibration"):
+        QUANTIZATION.get("int8_static")(fp32[0], QuantContext())
+
+
+# --- regularizers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", REGULARIZERS.names())
+def test_regularizer_gives_a_finite_penalty_with_a_gradient(name, tiny_task, model_copy):
+    task, _ = tiny_task
+    penalty = REGULARIZERS.get(name)(1e-3)
+    if name == "none":
+        assert penalty is None
+        return
+    assert callable(penalty)
+    inputs, targets = next(iter(task.train))
+    model_copy.train()
+    outputs = model_copy(inputs)
+    value = penalty(model_copy, inputs, outputs, targets)
+    assert isinstance(value, torch.Tensor) and value.numel() == 1
+    scalar = value.detach().item()
+    assert math.isfinite(scalar) and scalar >= 0
+    value.backward()
+    grads = [p.grad for p in model_copy.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+    stronger = REGULARIZERS.get(name)(1e-2)(model_copy, inputs, model_copy(inputs), targets)
+    assert stronger.detach().item() >= scalar  # strength never weakens the penalty
+
+
+def test_l1_penalty_is_strength_times_the_weight_norm(model_copy):
+    value = REGULARIZERS.get("l1")(0.5)(model_copy, None, None, None)
+    expected = 0.5 * sum(
+        m.weight.abs().sum() for m in model_copy.modules()
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    )
+    assert torch.isclose(value, expected)

@@ -1,0 +1,155 @@
+"""Tests for petra.evaluate: genome → Recipe, and one candidate evaluated end to end."""
+
+import math
+
+import pytest
+
+from petra.evaluate import COMPLETE, FAILED, Recipe, Result
+
+CONVS = [
+    "stem",
+    "layer1.conv1",
+    "layer1.conv2",
+    "layer1.downsample.0",
+    "layer2.conv1",
+    "layer2.conv2",
+    "layer2.downsample.0",
+    "layer3.conv1",
+    "layer3.conv2",
+]
+METRICS = {"val_accuracy", "artifact_bytes", "size_ratio", "latency_ms", "latency_ratio",
+           "latency_ratio_iqr", "baseline_latency_ms", "params", "params_dense", "macs",
+           "eval_time_s"}
+
+
+def every_conv(method, sparsity):
+    genome = {}
+    for name in CONVS:
+        genome[f"layers.{name}.method"] = method
+        genome[f"layers.{name}.sparsity"] = sparsity
+    return genome
+
+
+# --- Recipe ----------------------------------------------------------------------------------
+
+
+def test_recipe_from_genome_parses_every_gene():
+    recipe = Recipe.from_genome({
+        "layers.stem.method": "l2_channel", "layers.stem.sparsity": 0.5,
+        "layers.layer1.conv1.method": "magnitude", "layers.layer1.conv1.sparsity": "0.25",
+        "layers.layer2.conv1.method": "none", "layers.layer2.conv1.sparsity": 0.7,
+        "layers.layer3.conv1.method": "magnitude", "layers.layer3.conv1.sparsity": 0.0,
+        "layers.fc.method": "magnitude",  # no sparsity gene: zero, so no pruning
+        "prune.round_to": "8", "quant.scheme": "int8_static", "reg.kind": "l1",
+        "reg.strength": 1e-4, "finetune.epochs": 2.0, "finetune.lr": "0.005",
+    })
+    assert recipe.layers == {"stem": ("l2_channel", 0.5), "layer1.conv1": ("magnitude", 0.25)}
+    assert recipe.round_to == 8 and isinstance(recipe.round_to, int)
+    assert recipe.quant == "int8_static"
+    assert (recipe.reg, recipe.reg_strength) == ("l1", 1e-4)
+    assert recipe.epochs == 2 and isinstance(recipe.epochs, int)
+    assert recipe.lr == 0.005
+
+
+def test_empty_genome_is_the_identity_recipe():
+    assert Recipe.from_genome({}) == Recipe()
+    assert Recipe().layers == {} and Recipe().quant == "none" and Recipe().epochs == 0
+
+
+def test_a_single_configured_round_to_reaches_the_recipe(tiny_task):
+    from petra.config import load_config
+    from petra.space import build_space, prunable_layers
+
+    task, _ = tiny_task
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "round_to": [8]}})
+    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
+    genome = space.complete(every_conv("l2_channel", 0.5))
+    assert Recipe.from_genome(genome).round_to == 8
+
+
+def test_result_objective_values():
+    result = Result(genome={}, genome_hash="h", status=COMPLETE,
+                    metrics={"val_accuracy": 0.9, "artifact_bytes": 100.0})
+    assert result.objective_values([("val_accuracy", "max"), ("artifact_bytes", "min")]) == (
+        0.9, 100.0)
+    assert result.objective_values([("val_accuracy", "max"), ("macs", "min")]) is None
+    failed = Result(genome={}, genome_hash="h", status=FAILED, metrics={"val_accuracy": 0.9})
+    assert failed.objective_values([("val_accuracy", "max")]) is None
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense_result(evaluator):
+    return evaluator.evaluate({}, genome_hash="dense")
+
+
+def test_empty_genome_reproduces_the_baseline(dense_result, tiny_task):
+    _, baseline = tiny_task
+    result = dense_result
+    assert result.status == COMPLETE, result.error
+    assert result.error is None and result.genome_hash == "dense"
+    assert METRICS <= result.metrics.keys()
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    assert 0.9 <= result.metrics["size_ratio"] <= 1.1
+    assert result.metrics["artifact_bytes"] == len(result.artifact)
+    assert result.info["effective"]["bytes"] is False
+    assert result.info["channels"] == {}
+    assert result.metrics["val_accuracy"] == pytest.approx(baseline.metrics["val_accuracy"])
+    assert result.metrics["params"] == result.metrics["params_dense"] == baseline.metrics["params"]
+    assert result.metrics["macs"] == baseline.metrics["macs"]
+    assert result.metrics["latency_ratio"] > 0
+
+
+def test_test_accuracy_of_an_artifact(evaluator, dense_result, tiny_task):
+    _, baseline = tiny_task
+    accuracy = evaluator.test_accuracy(dense_result.artifact)
+    assert 0.0 <= accuracy <= 1.0
+    assert accuracy == pytest.approx(baseline.metrics["test_accuracy"])
+
+
+def test_channel_pruning_every_conv_shrinks_the_artifact(evaluator, tiny_task):
+    _, baseline = tiny_task
+    genome = {**every_conv("l2_channel", 0.5), "prune.round_to": 1}
+    result = evaluator.evaluate(genome)
+    assert result.status == COMPLETE, result.error
+    assert result.metrics["size_ratio"] < 0.6
+    assert result.metrics["params_dense"] < baseline.metrics["params"]
+    assert result.metrics["macs"] < baseline.metrics["macs"]
+    assert result.info["effective"]["bytes"] is True
+    assert result.info["channels"] and all(
+        after < before for before, after in result.info["channels"].values())
+    assert 0.0 <= result.metrics["val_accuracy"] <= 1.0
+
+
+def test_magnitude_pruning_survives_fine_tuning(evaluator, tiny_task):
+    _, baseline = tiny_task
+    genome = {**every_conv("magnitude", 0.9), "finetune.epochs": 1, "finetune.lr": 1e-3,
+              "reg.kind": "l1", "reg.strength": 1e-5}
+    result = evaluator.evaluate(genome)
+    assert result.status == COMPLETE, result.error
+    assert result.metrics["size_ratio"] < 0.6
+    assert result.metrics["params_dense"] == baseline.metrics["params"]  # shapes unchanged
+    assert result.metrics["params"] < 0.3 * result.metrics["params_dense"]
+    assert result.info["effective"]["bytes"] is True
+
+
+def test_int8_static_shrinks_and_keeps_accuracy(evaluator, tiny_task):
+    _, baseline = tiny_task
+    result = evaluator.evaluate({"quant.scheme": "int8_static"})
+    assert result.status == COMPLETE, result.error
+    assert result.metrics["size_ratio"] < 0.45
+    assert abs(result.metrics["val_accuracy"] - baseline.metrics["val_accuracy"]) <= 0.05
+    assert 0.0 <= evaluator.test_accuracy(result.artifact) <= 1.0
+
+
+def test_unknown_method_gives_a_failed_result_without_raising(evaluator):
+    genome = {"layers.stem.method": "random_pruning", "layers.stem.sparsity": 0.5}
+    result = evaluator.evaluate(genome, genome_hash="abc")
+    assert result.status == FAILED
+    assert "random_pruning" in result.error and result.error.startswith("ValueError")
+    assert result.genome == genome and result.genome_hash == "abc"
+    assert result.artifact is None
+    assert "traceback" in result.info
+    assert result.objective_values([("val_accuracy", "max")]) is None

@@ -1,0 +1,340 @@
+"""Tests for petra.space: gene types, prunable layers, the space built from a config, hashing."""
+
+import math
+
+import numpy as np
+import pytest
+
+from petra.config import load_config
+from petra.space import (
+    Categorical,
+    Float,
+    Int,
+    LayerInfo,
+    SearchSpace,
+    build_space,
+    prunable_layers,
+    select_layers,
+)
+
+CONVS = [
+    "stem",
+    "layer1.conv1",
+    "layer1.conv2",
+    "layer1.downsample.0",
+    "layer2.conv1",
+    "layer2.conv2",
+    "layer2.downsample.0",
+    "layer3.conv1",
+    "layer3.conv2",
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_input():
+    """An untrained digits_cnn (the space depends on the architecture only)."""
+    from petra.tasks import load_task
+
+    task = load_task("digits_cnn", {"width": 8})
+    return task.model, task.example_input
+
+
+@pytest.fixture(scope="module")
+def layers(model_and_input):
+    return prunable_layers(*model_and_input)
+
+
+def space_of(found, **space):
+    return build_space(load_config({"space": space}).space, found)
+
+
+# --- genes -----------------------------------------------------------------------------------
+
+
+def test_float_clips_to_bounds_and_rounds_to_step():
+    gene = Float("s", 0.0, 0.9, 0.0, step=0.01)
+    assert gene.clip(0.123456) == 0.12
+    assert gene.clip(0.127) == 0.13
+    assert gene.clip(1.5) == 0.9
+    assert gene.clip(-0.2) == 0.0
+    assert gene.clip("0.5") == 0.5
+    assert gene.clip(math.inf) == 0.9
+
+
+@pytest.mark.parametrize("bad", ["abc", None, math.nan])
+def test_float_rejects_non_numbers_naming_the_gene(bad):
+    with pytest.raises(ValueError, match="gene s must be a number"):
+        Float("s", 0.0, 0.9, 0.0).clip(bad)
+
+
+def test_float_log_keeps_significant_digits_within_bounds():
+    gene = Float("lr", 1e-4, 1e-2, 1e-3, log=True)
+    assert gene.clip(0.00123456) == 0.00123
+    assert gene.clip(1.0) == 1e-2
+    assert gene.clip(1e-9) == 1e-4
+
+
+def test_float_samples_stay_in_bounds_on_the_step_grid():
+    gene = Float("s", 0.1, 0.8, 0.1, step=0.05)
+    rng = np.random.default_rng(0)
+    values = [gene.sample(rng) for _ in range(300)]
+    assert all(0.1 <= v <= 0.8 for v in values)
+    assert all(abs(v / 0.05 - round(v / 0.05)) < 1e-9 for v in values)
+    assert min(values) < 0.2 and max(values) > 0.7
+
+
+def test_float_log_samples_are_log_uniform():
+    gene = Float("lr", 1e-4, 1e-2, 1e-3, log=True)
+    rng = np.random.default_rng(0)
+    values = np.array([gene.sample(rng) for _ in range(500)])
+    assert values.min() >= 1e-4 and values.max() <= 1e-2
+    # log-uniform: the median is near the geometric mean 1e-3 (uniform would give ~5e-3)
+    assert 5e-4 < np.median(values) < 2e-3
+
+
+def test_int_rounds_clips_and_samples_every_value():
+    gene = Int("e", 0, 4, 0)
+    assert gene.clip(2.6) == 3 and isinstance(gene.clip(2.6), int)
+    assert gene.clip("1") == 1
+    assert gene.clip(-5) == 0 and gene.clip(99) == 4
+    rng = np.random.default_rng(0)
+    assert {gene.sample(rng) for _ in range(200)} == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("bad", ["x", None, math.nan, math.inf])
+def test_int_rejects_non_numbers_naming_the_gene(bad):
+    with pytest.raises(ValueError, match="gene e must be an integer"):
+        Int("e", 0, 4, 0).clip(bad)
+
+
+def test_categorical_rejects_unknown_values_and_samples_its_choices():
+    gene = Categorical("q", ("none", "int8_static"), "none")
+    assert gene.clip("int8_static") == "int8_static"
+    with pytest.raises(ValueError, match=r"gene q must be one of \['none', 'int8_static'\]"):
+        gene.clip("int4")
+    rng = np.random.default_rng(0)
+    assert {gene.sample(rng) for _ in range(50)} == {"none", "int8_static"}
+
+
+def test_space_rejects_duplicate_gene_names():
+    with pytest.raises(ValueError, match="unique"):
+        SearchSpace([Int("e", 0, 1, 0), Int("e", 0, 2, 0)])
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+
+def test_prunable_layers_in_execution_order_with_the_classifier_not_structured(
+    model_and_input, layers
+):
+    model, _ = model_and_input
+    assert [layer.name for layer in layers] == [*CONVS, "fc"]
+    modules = dict(model.named_modules())
+    for layer in layers:
+        module = modules[layer.name]
+        assert layer.params == sum(p.numel() for p in module.parameters())
+        assert layer.type == type(module).__name__
+    by_name = {layer.name: layer for layer in layers}
+    assert by_name["fc"].type == "Linear" and by_name["fc"].out_channels == 10
+    assert not by_name["fc"].structured
+    assert all(by_name[name].structured for name in CONVS)
+    assert by_name["layer2.conv1"].out_channels == 16
+
+
+def test_prunable_layers_restores_training_mode(model_and_input):
+    model, example = model_and_input
+    model.train()
+    try:
+        prunable_layers(model, example)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_grouped_convs_are_not_structured():
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(64, 3)
+    )
+    layers = prunable_layers(model, torch.zeros(2, 1, 8, 8))
+    found = {layer.name: layer.structured for layer in layers}
+    assert found == {"0": True, "1": False, "3": False}
+
+
+def test_select_layers_applies_include_then_exclude_globs(layers):
+    def names(include, exclude):
+        return [layer.name for layer in select_layers(layers, include, exclude)]
+
+    assert names(["*"], []) == [*CONVS, "fc"]
+    assert names(["*"], ["fc"]) == CONVS
+    assert names(["layer1.*"], []) == [
+        "layer1.conv1", "layer1.conv2", "layer1.downsample.0"
+    ]
+    assert names(["layer*"], ["*.downsample.*", "layer3.*"]) == [
+        "layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2"
+    ]
+    assert names(["nothing*"], []) == []
+
+
+# --- build_space -----------------------------------------------------------------------------
+
+
+def test_build_space_from_config_has_the_documented_genes(layers):
+    space = space_of(
+        layers,
+        pruning=["none", "magnitude", "l2_channel"],
+        sparsity=[0.1, 0.8],
+        round_to=[1, 8],
+        quantization=["none", "int8_static"],
+        regularizer=["none", "l1"],
+        reg_strength=[1e-5, 1e-3],
+        finetune={"epochs": [0, 3], "lr": [1e-4, 1e-2]},
+    )
+    expected_layer_genes = [
+        f"layers.{name}.{part}" for name in [*CONVS, "fc"] for part in ("method", "sparsity")
+    ]
+    assert space.names == [
+        *expected_layer_genes,
+        "prune.round_to", "quant.scheme", "finetune.epochs", "finetune.lr",
+        "reg.kind", "reg.strength",
+    ]
+    assert space.gene("layers.stem.method").choices == ("none", "magnitude", "l2_channel")
+    sparsity = space.gene("layers.stem.sparsity")
+    assert (sparsity.low, sparsity.high, sparsity.default) == (0.1, 0.8, 0.1)
+    assert space.gene("prune.round_to").choices == (1, 8)
+    assert space.gene("quant.scheme").choices == ("none", "int8_static")
+    epochs = space.gene("finetune.epochs")
+    assert (epochs.low, epochs.high, epochs.default) == (0, 3, 0)
+    lr = space.gene("finetune.lr")
+    assert lr.log and (lr.low, lr.high) == (1e-4, 1e-2)
+    assert space.gene("reg.kind").choices == ("none", "l1")
+    assert space.gene("reg.strength").log
+    assert [layer.name for layer in space.layers] == [*CONVS, "fc"]
+
+
+def test_classifier_gets_no_structured_choice(layers):
+    space = space_of(layers, pruning=["none", "magnitude", "l2_channel"])
+    assert space.gene("layers.fc.method").choices == ("none", "magnitude")
+    assert "l2_channel" in space.gene("layers.layer3.conv2.method").choices
+
+
+def test_a_layer_with_only_structured_choices_left_gets_no_genes(layers):
+    space = space_of(layers, pruning=["l2_channel"])
+    assert "layers.fc.method" not in space and "layers.fc.sparsity" not in space
+    assert space.gene("layers.stem.method").choices == ("none", "l2_channel")
+
+
+def test_excluded_layers_get_no_genes(layers):
+    space = space_of(layers, layers={"exclude": ["fc"]})
+    assert not any(name.startswith("layers.fc.") for name in space.names)
+    assert [layer.name for layer in space.layers] == CONVS
+    assert "layers.layer3.conv2.method" in space
+
+
+def test_single_choices_and_zero_epochs_drop_their_genes(layers):
+    space = space_of(
+        layers, pruning=["none", "magnitude"], round_to=[1, 8], quantization=["none"],
+        finetune={"epochs": [0, 0]},
+    )
+    # no structured method: round_to is meaningless; no quantization; no fine-tuning genes
+    assert not any(name.split(".")[0] in ("prune", "quant", "finetune", "reg")
+                   for name in space.names)
+
+
+def test_quantization_and_regularizer_genes_always_offer_none(layers):
+    space = space_of(layers, quantization=["int8_static"], regularizer=["l1"])
+    assert space.gene("quant.scheme").choices == ("none", "int8_static")
+    assert space.gene("reg.kind").choices == ("none", "l1")
+
+
+# --- complete / effective / hash -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def space(layers):
+    return build_space(load_config({}).space, layers)
+
+
+def test_complete_fills_defaults_and_clips(space):
+    genome = space.complete({"layers.stem.method": "l2_channel", "layers.stem.sparsity": 1.7})
+    assert list(genome) == space.names
+    assert genome["layers.stem.method"] == "l2_channel"
+    assert genome["layers.stem.sparsity"] == 0.9
+    assert genome["quant.scheme"] == "none" and genome["finetune.epochs"] == 0
+    assert {k: v for k, v in genome.items() if not k.startswith("layers.stem.")} == {
+        k: v for k, v in space.default().items() if not k.startswith("layers.stem.")
+    }
+
+
+def test_complete_rejects_unknown_genes_and_values(space):
+    with pytest.raises(ValueError, match="unknown gene 'layers.nope.method'"):
+        space.complete({"layers.nope.method": "magnitude"})
+    with pytest.raises(ValueError, match="gene quant.scheme must be one of"):
+        space.complete({"quant.scheme": "int3"})
+
+
+def test_complete_of_a_sample_is_the_sample(space):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        genome = space.sample(rng)
+        assert space.complete(genome) == genome
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # sparsity of a layer that is not pruned
+        ({"layers.stem.sparsity": 0.5}, {}),
+        # a method with zero sparsity is no pruning
+        ({"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.0}, {}),
+        # learning rate and regularizer without fine-tuning
+        ({"finetune.epochs": 0, "finetune.lr": 0.005, "reg.kind": "l1", "reg.strength": 1e-4},
+         {"finetune.epochs": 0}),
+        # regularizer strength without a regularizer
+        ({"finetune.epochs": 2, "reg.kind": "none", "reg.strength": 1e-4},
+         {"finetune.epochs": 2, "reg.kind": "none", "reg.strength": 1e-5}),
+        # channel rounding without any structured method
+        ({"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.5, "prune.round_to": 8},
+         {"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.5, "prune.round_to": 16}),
+    ],
+    ids=["sparsity-of-none", "zero-sparsity", "no-finetune", "no-regularizer", "no-structured"],
+)
+def test_genes_without_effect_do_not_change_the_hash(space, a, b):
+    assert space.effective(a) == space.effective(b)
+    assert space.genome_hash(a) == space.genome_hash(b)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.5},
+         {"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.6}),
+        ({"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.5},
+         {"layers.stem.method": "l2_channel", "layers.stem.sparsity": 0.5}),
+        ({"finetune.epochs": 1, "finetune.lr": 0.005},
+         {"finetune.epochs": 1, "finetune.lr": 0.001}),
+        ({"finetune.epochs": 1, "reg.kind": "l1", "reg.strength": 1e-4},
+         {"finetune.epochs": 1, "reg.kind": "l1", "reg.strength": 1e-5}),
+        ({"layers.stem.method": "l2_channel", "layers.stem.sparsity": 0.5, "prune.round_to": 1},
+         {"layers.stem.method": "l2_channel", "layers.stem.sparsity": 0.5, "prune.round_to": 8}),
+        ({}, {"quant.scheme": "int8_static"}),
+    ],
+    ids=["sparsity", "method", "lr", "strength", "round_to", "quant"],
+)
+def test_genes_with_effect_change_the_hash(space, a, b):
+    assert space.effective(a) != space.effective(b)
+    assert space.genome_hash(a) != space.genome_hash(b)
+
+
+def test_hash_is_stable_and_short(space):
+    genome = {"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.5}
+    assert space.genome_hash(genome) == space.genome_hash(dict(reversed(list(genome.items()))))
+    assert len(space.genome_hash(genome)) == 16
+
+
+def test_layer_info_is_plain_data():
+    info = LayerInfo(name="a", type="Linear", out_channels=3, params=12, structured=True)
+    with pytest.raises(AttributeError):
+        info.name = "b"  # frozen: safe to send to workers and to hash

@@ -1,0 +1,202 @@
+"""Tests for petra.train, petra.tasks (built-in and user tasks) and the cached baseline."""
+
+import copy
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from petra.baseline import prepare_baseline
+from petra.tasks import Task, load_task
+from petra.train import evaluate_metric, train
+from tests.conftest import TINY_TASK
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def synthetic(n=256, seed=0):
+    """A linearly separable 3-class problem in 8 dimensions, in batches of 32."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, :3].argmax(1)).long()
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
+
+
+def small_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def ce(outputs, targets):
+    return nn.functional.cross_entropy(outputs, targets)
+
+
+def members(data):
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def test_masked_weights_stay_exactly_zero(tiny_task):
+    task, _ = tiny_task
+    model = copy.deepcopy(task.model)
+    weight = model.layer2.conv2.weight
+    mask = (torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    before = weight.detach().clone()
+    train(model, task.train, epochs=1, lr=1e-3, loss_fn=task.loss,
+          masks={"layer2.conv2.weight": mask})
+    after = model.layer2.conv2.weight.detach()
+    assert torch.all(after[mask == 0] == 0)
+    assert not torch.equal(after[mask == 1], before[mask == 1])  # the rest did train
+    assert not model.training  # returned in eval mode
+
+
+def test_zero_epochs_leave_the_model_unchanged(tiny_task):
+    task, _ = tiny_task
+    model = copy.deepcopy(task.model)
+    before = snapshot(model)
+    assert train(model, task.train, epochs=0, lr=1.0, loss_fn=task.loss) is model
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loss_decreases_on_the_tiny_task():
+    task = load_task(TINY_TASK["name"], TINY_TASK["params"])  # untrained
+    losses = []
+    train(task.model, task.train, epochs=3, lr=5e-3, loss_fn=task.loss,
+          report=lambda epoch, loss: losses.append((epoch, loss)))
+    assert [epoch for epoch, _ in losses] == [0, 1, 2]
+    assert losses[-1][1] < 0.7 * losses[0][1]
+    assert evaluate_metric(task.model, task.val, task.metric) > 0.5
+
+
+def test_same_seed_trains_the_same_weights():
+    a, b = small_mlp(), small_mlp()
+    train(a, synthetic(), epochs=2, lr=1e-2, loss_fn=ce, seed=3)
+    train(b, synthetic(), epochs=2, lr=1e-2, loss_fn=ce, seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_penalty_is_added_to_the_loss():
+    def weight_norm(model):
+        with torch.no_grad():
+            return float(sum(p.abs().sum() for n, p in model.named_parameters() if "weight" in n))
+
+    plain, penalized = small_mlp(), small_mlp()
+    train(plain, synthetic(), epochs=3, lr=1e-2, loss_fn=ce)
+    train(penalized, synthetic(), epochs=3, lr=1e-2, loss_fn=ce,
+          penalty=lambda m, x, out, y: 1e-2 * sum(p.abs().sum() for p in m.parameters()))
+    assert weight_norm(penalized) < 0.8 * weight_norm(plain)
+
+
+# --- built-in tasks --------------------------------------------------------------------------
+
+
+def test_digits_splits_are_disjoint_and_cover_the_dataset():
+    task = load_task("digits_cnn", {"width": 8})
+    sizes = task.info["splits"]
+    assert sizes == {"train": 1078, "val": 359, "test": 360}
+    assert sum(sizes.values()) == 1797
+    rows = {}
+    for split in ("train", "val", "test"):
+        batches = list(getattr(task, split))
+        assert sum(len(y) for _, y in batches) == sizes[split]
+        assert all(x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 for x, _ in batches)
+        rows[split] = {bytes(x.numpy()) for xb, _ in batches for x in xb}
+    assert not rows["train"] & rows["val"]
+    assert not rows["train"] & rows["test"]
+    assert not rows["val"] & rows["test"]
+    assert task.example_input.shape == (16, 1, 8, 8)
+    with torch.no_grad():
+        assert task.model(task.example_input).shape == (16, 10)
+
+
+def test_train_batches_reshuffle_each_pass_but_val_does_not():
+    task = load_task("digits_cnn", {"width": 8})
+    first, second = (next(iter(task.train))[1] for _ in range(2))
+    assert not torch.equal(first, second)
+    assert torch.equal(next(iter(task.val))[1], next(iter(task.val))[1])
+
+
+def test_unknown_built_in_task_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown task 'digits_xl'.*digits_cnn"):
+        load_task("digits_xl")
+
+
+# --- user tasks ------------------------------------------------------------------------------
+
+
+def test_user_task_from_an_import_string(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    task = load_task("tests.user_task:iris_mlp", {"hidden": 5})
+    assert isinstance(task, Task)
+    assert task.model[0].out_features == 5  # params reach the function as keyword arguments
+    assert task.example_input.shape == (8, 4)
+    assert sum(len(y) for _, y in task.train) == 90
+    assert task.model(task.example_input).shape == (8, 3)
+    assert (task.train_epochs, task.train_lr) == (30, 1e-2)
+
+
+def test_user_task_goes_through_the_baseline_like_a_built_in(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO))
+    task = load_task("tests.user_task:iris_mlp")
+    baseline = prepare_baseline(task, task_name="tests.user_task:iris_mlp", task_params={},
+                                cache_dir=tmp_path)
+    assert not baseline.cached
+    assert baseline.metrics["val_accuracy"] > 0.8
+    assert baseline.metrics["params"] == 4 * 8 + 8 + 8 * 3 + 3
+
+
+@pytest.mark.parametrize("name", ["tests.no_such_module_xyz:build", "tests.user_task:missing"])
+def test_bad_import_string_raises_value_error_naming_it(monkeypatch, name):
+    monkeypatch.syspath_prepend(str(REPO))
+    with pytest.raises(ValueError, match="cannot import") as info:
+        load_task(name)
+    assert repr(name) in str(info.value)
+
+
+def test_a_function_that_returns_no_task_is_rejected(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    with pytest.raises(ValueError, match=r"must return a petra.Task; got dict"):
+        load_task("tests.user_task:not_a_task")
+
+
+# --- the cached baseline ---------------------------------------------------------------------
+
+
+def test_prepare_baseline_trains_once_then_loads_from_the_cache(tmp_path):
+    def prepare():
+        task = load_task(TINY_TASK["name"], TINY_TASK["params"])
+        return task, prepare_baseline(task, task_name=TINY_TASK["name"],
+                                      task_params=TINY_TASK["params"], cache_dir=tmp_path)
+
+    _, first = prepare()
+    assert not first.cached
+    assert [p.name for p in tmp_path.iterdir()] == [f"baseline-{first.key}.pt"]
+    task, second = prepare()
+    assert second.cached
+    assert second.key == first.key
+    # the archive's members, not its raw bytes: zip headers carry the packing time (see
+    # test_artifact.py::test_pack_is_deterministic)
+    assert members(second.artifact) == members(first.artifact)
+    assert second.state == first.state
+    assert second.metrics["val_accuracy"] == first.metrics["val_accuracy"]
+    assert first.metrics["val_accuracy"] > 0.8
+    assert first.bytes == len(first.artifact)
+    # task.model holds the baseline weights afterwards
+    with torch.no_grad():
+        logits = task.model(task.example_input).numpy()
+    assert np.isfinite(logits).all()
+    assert evaluate_metric(task.model, task.val, task.metric) == pytest.approx(
+        first.metrics["val_accuracy"], abs=0.01)

@@ -1,0 +1,31 @@
+"""A user's task, loaded by import string in test_train_tasks.py: a tiny MLP on sklearn's iris."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def iris_mlp(*, hidden: int = 8, seed: int = 0) -> Any:
+    """Iris (150 samples, 4 features, 3 classes) split 90/30/30, with a one-hidden-layer MLP."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_iris
+    from torch import nn
+
+    from petra.tasks import Task
+
+    x, y = load_iris(return_X_y=True)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x = torch.from_numpy(((x - x.mean(0)) / x.std(0)).astype(np.float32)[order])
+    y = torch.from_numpy(y.astype(np.int64)[order])
+    train = [(x[i : i + 30], y[i : i + 30]) for i in range(0, 90, 30)]
+    val, test = [(x[90:120], y[90:120])], [(x[120:], y[120:])]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+    return Task(model=model, train=train, val=val, test=test, example_input=x[:8],
+                train_epochs=30, train_lr=1e-2)
+
+
+def not_a_task() -> dict:
+    """Returns something that is not a petra Task."""
+    return {"model": None}
