@@ -1,7 +1,8 @@
 """One candidate: genome → compressed deployable artifact → measured :class:`Result`.
 
-    baseline weights → structured pruning (channels removed) → unstructured masks
-    → fine-tune (+ regularizer, masks held) → ONNX → quantization scheme → artifact bytes
+    baseline weights → structured pruning (channels removed) → low-rank factorization
+    → unstructured masks (per layer, or global) → [QAT prepare] → fine-tune (+ regularizer,
+    masks held) → [QAT finalize] → ONNX → quantization scheme → artifact bytes
     → measured on the artifact: val accuracy, bytes, latency vs. the dense baseline (interleaved)
 
 An :class:`Evaluator` is built once per worker and reused for every candidate: the task, the
@@ -34,19 +35,26 @@ class Recipe:
 
     layers: dict[str, tuple[str, float]] = field(default_factory=dict)
     round_to: int = 1
+    energy: float = 0.99
     quant: str = "none"
     reg: str = "none"
     reg_strength: float = 0.0
+    reg_params: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
     lr: float = 1e-3
 
     @classmethod
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
+        from petra.registry import PRUNING
+
         recipe = cls(
             round_to=int(genome.get("prune.round_to", 1)),
+            energy=float(genome.get("lowrank.energy", 0.99)),
             quant=str(genome.get("quant.scheme", "none")),
             reg=str(genome.get("reg.kind", "none")),
             reg_strength=float(genome.get("reg.strength", 0.0)),
+            reg_params={k[len("reg."):]: float(v) for k, v in genome.items()
+                        if k.startswith("reg.") and k not in ("reg.kind", "reg.strength")},
             epochs=int(genome.get("finetune.epochs", 0)),
             lr=float(genome.get("finetune.lr", 1e-3)),
         )
@@ -54,9 +62,18 @@ class Recipe:
             if key.startswith("layers.") and key.endswith(".method"):
                 name = key[len("layers."):-len(".method")]
                 sparsity = float(genome.get(f"layers.{name}.sparsity", 0.0))
-                if method != "none" and sparsity > 0:
+                uses_sparsity = method in PRUNING and PRUNING.get(method).meta.get(
+                    "uses_sparsity", True)
+                if method != "none" and (sparsity > 0 or not uses_sparsity):
                     recipe.layers[name] = (str(method), sparsity)
         return recipe
+
+    def of_kind(self, kind: str) -> dict[str, tuple[str, float]]:
+        """The layers whose method is of registry ``kind`` (structured, lowrank, unstructured)."""
+        from petra.registry import PRUNING
+
+        return {n: v for n, v in self.layers.items()
+                if PRUNING.get(v[0]).meta.get("kind", "unstructured") == kind}
 
 
 @dataclass
@@ -135,39 +152,38 @@ class Evaluator:
         import torch
 
         from petra import artifact
-        from petra.compress.prune import PruneContext
+        from petra.compress.lowrank import factorize
+        from petra.compress.prune import PruneContext, unstructured_masks
         from petra.compress.quantize import QuantContext
+        from petra.compress.regularize import RegContext
         from petra.compress.structured import prune_channels
         from petra.measure import interleaved_latency, macs_and_params, session_accuracy
-        from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+        from petra.registry import QUANTIZATION, REGULARIZERS
         from petra.train import train
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
-        modules = dict(model.named_modules())
         ctx = PruneContext(
             model=model, batches=_take(self.task.train, 2), loss=self.task.loss,
             generator=torch.Generator().manual_seed(seed),
         )
-        structured = {n: v for n, v in recipe.layers.items()
-                      if PRUNING.get(v[0]).meta.get("structured")}
         channels = prune_channels(
-            model, self.example, structured, round_to=recipe.round_to,
+            model, self.example, recipe.of_kind("structured"), round_to=recipe.round_to,
             protected=self.protected, ctx=ctx,
         )
-        masks: dict[str, torch.Tensor] = {}
-        for name, (method, sparsity) in recipe.layers.items():
-            if name in structured:
-                continue
-            weight = modules[name].weight
-            mask = PRUNING.get(method).fn(weight, sparsity, ctx)
-            if mask is not None:
-                with torch.no_grad():
-                    weight.mul_(mask)
-                masks[f"{name}.weight"] = mask
-        penalty = REGULARIZERS.get(recipe.reg).fn(recipe.reg_strength)
+        ranks = factorize(model, {n: m for n, (m, _) in recipe.of_kind("lowrank").items()},
+                          energy=recipe.energy, ctx=ctx)
+        masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx)
+        penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
+            strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
+            params=recipe.reg_params,
+        ))
+        prepare = QUANTIZATION.get(recipe.quant).meta.get("prepare")
+        finalize = prepare(model) if prepare is not None and recipe.epochs > 0 else None
         train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
               loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed)
+        if finalize is not None:
+            finalize()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError("fine-tuning produced non-finite weights")
 
@@ -199,7 +215,8 @@ class Evaluator:
         }
         return Result(
             genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
-            artifact=data, info={"channels": channels, "effective": effective},
+            artifact=data,
+            info={"channels": channels, "ranks": ranks, "effective": effective},
         )
 
     def test_accuracy(self, artifact_bytes: bytes) -> float:

@@ -17,11 +17,22 @@ import petra.compress  # noqa: F401  (fills the registries before collection)
 from petra import artifact
 from petra.compress.prune import PruneContext
 from petra.compress.quantize import QuantContext
+from petra.compress.regularize import RegContext
 from petra.compress.structured import kept_channels, prune_channels
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
 
-UNSTRUCTURED = [e.name for e in PRUNING if not e.meta.get("structured") and e.name != "none"]
-STRUCTURED = [e.name for e in PRUNING if e.meta.get("structured")]
+
+def _kind(entry):
+    return entry.meta.get("kind", "unstructured")
+
+
+UNSTRUCTURED = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.name != "none"
+                and e.meta.get("scope") != "global" and e.meta.get("uses_sparsity", True)]
+FIXED_PATTERN = [e.name for e in PRUNING if _kind(e) == "unstructured"
+                 and not e.meta.get("uses_sparsity", True)]
+GLOBAL = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.meta.get("scope") == "global"]
+STRUCTURED = [e.name for e in PRUNING if _kind(e) == "structured"]
+LOWRANK = [e.name for e in PRUNING if _kind(e) == "lowrank"]
 QUANTIZERS = [name for name in QUANTIZATION.names() if name != "none"]
 
 
@@ -69,6 +80,49 @@ def test_unstructured_mask_reaches_its_sparsity(name, sparsity, model_copy, ctx)
     n = weight.numel()
     assert int((mask == 0).sum()) == round(sparsity * n)
     assert torch.equal(weight.detach(), before)  # a criterion returns a mask, it does not prune
+
+
+@pytest.mark.parametrize("name", FIXED_PATTERN)
+def test_fixed_pattern_mask_is_binary_and_reaches_its_pattern(name, model_copy, ctx):
+    weight = model_copy.layer2.conv2.weight
+    mask = PRUNING.get(name)(weight, 0.0, ctx)
+    assert mask.shape == weight.shape
+    assert set(torch.unique(mask.to(torch.float32)).tolist()) <= {0.0, 1.0}
+    expected = PRUNING.get(name).meta["fixed_sparsity"]
+    assert float((mask == 0).float().mean()) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.9])
+@pytest.mark.parametrize("name", GLOBAL)
+def test_global_masks_reach_the_overall_sparsity(name, sparsity, model_copy, ctx):
+    weights = {n: model_copy.get_submodule(n).weight for n in conv_names(model_copy)}
+    masks = PRUNING.get(name)(weights, sparsity, ctx)
+    assert set(masks) == set(weights)
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((masks[n] == 0).sum()) for n in weights)
+    assert abs(zeros - round(sparsity * total)) <= len(weights)
+    assert all(masks[n].shape == weights[n].shape for n in weights)
+    assert all(int(masks[n].sum()) >= 1 for n in weights)  # no layer is emptied
+
+
+# --- low-rank ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LOWRANK)
+def test_lowrank_replacement_is_smaller_and_close(name, ctx):
+    torch.manual_seed(0)
+    low = torch.randn(64, 4) @ torch.randn(4, 48)  # rank 4 plus a little noise
+    layer = torch.nn.Linear(48, 64)
+    with torch.no_grad():
+        layer.weight.copy_(low + 1e-3 * torch.randn(64, 48))
+    replacement = PRUNING.get(name)(layer, 0.999, ctx)
+    assert replacement is not None
+    assert n_params(replacement) < n_params(layer)
+    x = torch.randn(8, 48)
+    with torch.no_grad():
+        assert torch.allclose(replacement(x), layer(x), atol=0.05)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)  # full rank and tiny: factorizing cannot pay
+    assert PRUNING.get(name)(conv, 0.999, ctx) is None
 
 
 def test_magnitude_drops_the_smallest_weights(model_copy, ctx):
@@ -206,8 +260,14 @@ def test_int8_static_needs_calibration(fp32):
 
 @pytest.mark.parametrize("name", REGULARIZERS.names())
 def test_regularizer_gives_a_finite_penalty_with_a_gradient(name, tiny_task, model_copy):
-    task, _ = tiny_task
-    penalty = REGULARIZERS.get(name)(1e-3)
+    task, baseline = tiny_task
+    teacher = task.model
+
+    def make(strength):
+        return REGULARIZERS.get(name)(
+            RegContext(strength=strength, teacher=teacher, loss=task.loss))
+
+    penalty = make(1e-3)
     if name == "none":
         assert penalty is None
         return
@@ -223,12 +283,12 @@ def test_regularizer_gives_a_finite_penalty_with_a_gradient(name, tiny_task, mod
     grads = [p.grad for p in model_copy.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
-    stronger = REGULARIZERS.get(name)(1e-2)(model_copy, inputs, model_copy(inputs), targets)
+    stronger = make(1e-2)(model_copy, inputs, model_copy(inputs), targets)
     assert stronger.detach().item() >= scalar  # strength never weakens the penalty
 
 
 def test_l1_penalty_is_strength_times_the_weight_norm(model_copy):
-    value = REGULARIZERS.get("l1")(0.5)(model_copy, None, None, None)
+    value = REGULARIZERS.get("l1")(RegContext(strength=0.5))(model_copy, None, None, None)
     expected = 0.5 * sum(
         m.weight.abs().sum() for m in model_copy.modules()
         if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)

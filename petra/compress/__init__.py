@@ -1,3 +1,9 @@
-"""Compression methods. Importing this package fills the registries in :mod:`petra.registry`."""
+"""Compression methods. Importing this package fills the registries in :mod:`petra.registry`.
 
-from petra.compress import prune, quantize, regularize, structured  # noqa: F401
+Registration order is listing order: ``none`` and the per-layer criteria come first.
+"""
+
+from petra.compress import prune, structured  # noqa: F401
+
+# isort: split
+from petra.compress import lowrank, quantize, regularize  # noqa: F401

@@ -1,7 +1,9 @@
 """Quantization schemes, one registered function each.
 
 A scheme maps the fp32 ONNX graph of a (pruned, fine-tuned) model to its deployable graph:
-``fn(proto, ctx) -> proto``. ``int8_static`` emits QDQ int8 with per-channel weights, which
+``fn(proto, ctx) -> proto``. A scheme that must act during the fine-tune (QAT) also registers
+``prepare=fn(model) -> finalize``: the evaluator calls it before fine-tuning and calls
+``finalize()`` after, before export. ``int8_static`` emits QDQ int8 with per-channel weights, which
 ONNX Runtime runs with int8 kernels (QLinearConv / QGemm after its QDQ fusions).
 """
 
