@@ -3,6 +3,8 @@
     petra search CONFIG [--set key=value ...]    run a search; prints progress, the front, the run id
     petra space CONFIG [--set ...] [--json]      print the genes decoded from the model's layers
     petra methods [--json]                       list the registered methods
+    petra evaluate CONFIG --genome FILE|- [--json] [--export DIR]
+                                                 evaluate one recipe (a hand-written genome)
 
 A bad config exits with code 2 and one line naming the field, the value and what is allowed.
 """
@@ -30,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--json", action="store_true")
+    e = sub.add_parser("evaluate", help="evaluate one genome (JSON or YAML; omitted genes = no "
+                                        "compression)")
+    e.add_argument("config")
+    e.add_argument("--genome", required=True, help="a JSON/YAML file of gene: value, or - for stdin")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--json", action="store_true", help="print the Result as JSON")
+    e.add_argument("--export", metavar="DIR", help="write the artifact, a loader and a README here")
     return parser
 
 
@@ -43,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.command == "space":
             return _space(cfg, args.json)
+        if args.command == "evaluate":
+            return _evaluate(cfg, args.genome, as_json=args.json, export=args.export)
         return _search(cfg)
     except ConfigError as exc:
         print(f"petra: config error: {exc}", file=sys.stderr)
@@ -82,6 +93,85 @@ def _space(cfg: object, as_json: bool) -> int:
             span = gene.get("choices") or f"[{gene['low']}, {gene['high']}]"
             print(f"{gene['name']:<40} {gene['kind']:<12} {span}  (default {gene['default']})")
     return 0
+
+
+def _read_genome(source: str) -> dict:
+    import yaml
+
+    from petra.config import ConfigError
+
+    try:
+        text = sys.stdin.read() if source == "-" else open(source).read()
+    except OSError as exc:
+        raise ConfigError("genome", source, "", f"cannot read {source!r} ({exc.strerror})") from None
+    try:
+        genome = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("genome", source, "", f"must be JSON or YAML ({exc})") from None
+    if not isinstance(genome, dict):
+        raise ConfigError("genome", genome, "must be a mapping of gene name to value")
+    return genome
+
+
+def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) -> int:
+    import torch
+
+    from petra.baseline import prepare_baseline
+    from petra.config import ConfigError
+    from petra.evaluate import Evaluator
+    from petra.loop import cache_dir
+    from petra.space import build_space, prunable_layers
+    from petra.tasks import load_task
+
+    genome = _read_genome(source)
+    task = load_task(cfg.task.name, cfg.task.params)
+    threads = cfg.execution.cpus_per_candidate
+    baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
+                                cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
+    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
+    try:
+        genome = space.complete(genome)
+    except ValueError as exc:
+        raise ConfigError("genome", source, "", str(exc)) from None
+    evaluator = Evaluator(task_name=cfg.task.name, task_params=cfg.task.params,
+                          baseline_state=baseline.state, baseline_artifact=baseline.artifact,
+                          threads=threads, core=0)
+    torch.set_num_threads(threads)
+    result = evaluator.evaluate(genome, genome_hash=space.genome_hash(genome), seed=cfg.seed)
+    if result.artifact:
+        result.metrics["test_accuracy"] = evaluator.test_accuracy(result.artifact)
+    payload = {
+        "status": result.status,
+        "error": result.error,
+        "objectives": {m: result.metrics.get(m) for m, _ in cfg.objective_list},
+        "metrics": result.metrics,
+        "effective": result.info.get("effective", {}),
+        "channels": result.info.get("channels", {}),
+        "ranks": result.info.get("ranks", {}),
+        "genome": result.genome,
+        "genome_hash": result.genome_hash,
+        "baseline": baseline.metrics,
+    }
+    if export and result.artifact:
+        from petra.export import write_bundle
+
+        write_bundle(export, artifact_bytes=result.artifact, genome=result.genome,
+                     metrics=result.metrics, baseline=baseline.metrics,
+                     input_shape=list(task.example_input.shape), name=cfg.name)
+        payload["export"] = str(export)
+    if as_json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        m = result.metrics
+        print(f"status: {result.status}" + (f" ({result.error})" if result.error else ""))
+        for key in ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio",
+                    "latency_ms", "latency_ratio", "latency_ratio_iqr", "params", "macs"):
+            if key in m:
+                print(f"  {key:<18} {m[key]:.6g}   (baseline {baseline.metrics.get(key, '-')})")
+        print(f"  effective          {payload['effective']}")
+        if export:
+            print(f"exported to {export}")
+    return 0 if result.status == "complete" else 1
 
 
 def _search(cfg: object) -> int:

@@ -104,11 +104,14 @@ class Evaluator:
         baseline_artifact: the dense baseline's artifact bytes.
         threads: torch and ONNX Runtime threads for this worker.
         calibration_batches: training batches used to calibrate static quantization.
+        core: pin this process to the ``core``-th CPU it may use (modulo their count), so
+            candidate and baseline are timed on the same core; None leaves affinity alone.
     """
 
     def __init__(
         self, *, task_name: str, task_params: Mapping[str, Any], baseline_state: bytes,
         baseline_artifact: bytes, threads: int = 1, calibration_batches: int = 4,
+        core: int | None = None,
     ) -> None:
         import torch
 
@@ -117,6 +120,7 @@ class Evaluator:
         from petra.space import prunable_layers
         from petra.tasks import load_task
 
+        self.core = pin_to_core(core) if core is not None and threads == 1 else None
         torch.set_num_threads(threads)
         self.threads = threads
         self.task = load_task(task_name, task_params)
@@ -226,6 +230,19 @@ class Evaluator:
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)
+
+
+def pin_to_core(index: int) -> int | None:
+    """Pin this process to one of the CPUs it may use; returns that CPU (None if unsupported).
+
+    Called before torch and ONNX Runtime create thread pools, so their threads inherit it.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    return cpu
 
 
 def _take(batches: Any, n: int) -> list[Any]:

@@ -111,10 +111,16 @@ class RayExecutor:
             for k, v in kwargs.items()
         }
         self._actor_cls = ray.remote(num_cpus=cpus_per_candidate)(_Worker)
-        self._actors = [self._new_actor() for _ in range(workers)]
+        # On a local cluster each single-threaded actor gets a core of its own, so that its
+        # interleaved latency measurements do not share a core with another actor's.
+        self._pin = self._owns_cluster and cpus_per_candidate == 1
+        self._cores: dict[Any, int | None] = {}
+        self._actors = [self._new_actor(i) for i in range(workers)]
 
-    def _new_actor(self) -> Any:
-        return self._actor_cls.remote(**self._kwargs)
+    def _new_actor(self, core: int) -> Any:
+        actor = self._actor_cls.remote(**self._kwargs, core=core if self._pin else None)
+        self._cores[actor] = core
+        return actor
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Result]]:
         """Yield ``(job, result)`` as results complete. A dead worker fails its job, and is
@@ -136,7 +142,7 @@ class RayExecutor:
                 except ray.exceptions.RayActorError as exc:
                     result = _failed(job, f"worker died: {exc}")
                     self._actors.remove(actor)
-                    actor = self._new_actor()
+                    actor = self._new_actor(self._cores.pop(actor))
                     self._actors.append(actor)
                 except ray.exceptions.RayError as exc:
                     result = _failed(job, f"{type(exc).__name__}: {exc}")

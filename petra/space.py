@@ -140,6 +140,8 @@ class LayerInfo:
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
+# PETRA's low-rank energy thresholds (METHODS.md).
+LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
 
 
 def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
@@ -263,24 +265,35 @@ class SearchSpace:
 
         Two genomes with the same effective form build the same model, so they share a hash.
         """
+        from petra.registry import PRUNING
+
         out = self.complete(genome)
+        kinds = set()
         for layer in self.layers:
             method, sparsity = f"layers.{layer.name}.method", f"layers.{layer.name}.sparsity"
-            if method in out and (out[method] == "none" or out.get(sparsity, 0.0) == 0.0):
+            if method not in out:
+                continue
+            meta = PRUNING.get(out[method]).meta if out[method] in PRUNING else {}
+            uses_sparsity = meta.get("uses_sparsity", True)
+            if out[method] == "none" or (uses_sparsity and out.get(sparsity, 0.0) == 0.0):
                 out[method] = "none"
-                if sparsity in out:
-                    out[sparsity] = self._by_name[sparsity].default
-        if "prune.round_to" in out and not any(
-            out.get(f"layers.{layer.name}.method") in _structured_methods()
-            for layer in self.layers
-        ):
-            out["prune.round_to"] = self._by_name["prune.round_to"].default
+            else:
+                kinds.add(meta.get("kind", "unstructured"))
+            if out[method] == "none" or not uses_sparsity:
+                out[sparsity] = self._by_name[sparsity].default
+        for gene, kind in (("prune.round_to", "structured"), ("lowrank.energy", "lowrank")):
+            if gene in out and kind not in kinds:
+                out[gene] = self._by_name[gene].default
         if out.get("finetune.epochs", 0) == 0:
-            for name in ("finetune.lr", "reg.kind", "reg.strength"):
-                if name in out:
+            for name in out:
+                if name == "finetune.lr" or name.startswith("reg."):
                     out[name] = self._by_name[name].default
         if out.get("reg.kind", "none") == "none" and "reg.strength" in out:
             out["reg.strength"] = self._by_name["reg.strength"].default
+        if out.get("reg.kind") != "kd":
+            for name in out:
+                if name.startswith("reg.kd_"):
+                    out[name] = self._by_name[name].default
         return out
 
     def genome_hash(self, genome: Mapping[str, Any]) -> str:
@@ -290,12 +303,6 @@ class SearchSpace:
 
     def describe(self) -> list[dict[str, Any]]:
         return [g.describe() for g in self.genes]
-
-
-def _structured_methods() -> set[str]:
-    from petra.registry import PRUNING
-
-    return {e.name for e in PRUNING if e.meta.get("structured")}
 
 
 def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
@@ -311,7 +318,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     lo, hi = space_cfg.sparsity
     genes: list[Gene] = []
-    any_structured = False
+    kinds: set[str] = set()
     for layer in selected:
         methods = [
             m for m in space_cfg.pruning
@@ -321,11 +328,13 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
             methods = ["none", *methods]
         if len(methods) == 1:
             continue
-        any_structured |= any(PRUNING.get(m).meta.get("structured") for m in methods)
+        kinds |= {PRUNING.get(m).meta.get("kind", "unstructured") for m in methods}
         genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
-    if any_structured:  # a single choice still travels in the genome, to the workers
+    if "structured" in kinds:  # a single choice still travels in the genome, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
+    if "lowrank" in kinds:
+        genes.append(Categorical("lowrank.energy", LOWRANK_ENERGIES, 0.99))
     if len(space_cfg.quantization) > 1 or space_cfg.quantization[0] != "none":
         genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))
     e_lo, e_hi = space_cfg.finetune.epochs
@@ -337,6 +346,9 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
             genes.append(Categorical("reg.kind", _with_none(space_cfg.regularizer), "none"))
             s_lo, s_hi = space_cfg.reg_strength
             genes.append(Float("reg.strength", s_lo, s_hi, _geomean(s_lo, s_hi), log=True))
+            if "kd" in space_cfg.regularizer:
+                genes.append(Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05))
+                genes.append(Categorical("reg.kd_temperature", (1.0, 2.0, 4.0, 8.0), 4.0))
     return SearchSpace(genes, layers=selected)
 
 

@@ -47,3 +47,62 @@ def l1(ctx: RegContext) -> Any:
         return strength * sum(m.weight.abs().sum() for m in weighted_modules(model))
 
     return penalty
+
+
+@REGULARIZERS.register(
+    "group_lasso",
+    description="strength * sum over output channels of ||w_c||_2 (drives whole channels to zero)",
+)
+def group_lasso(ctx: RegContext) -> Any:
+    strength = ctx.strength
+
+    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
+        return strength * sum(
+            m.weight.flatten(1).norm(dim=1).sum() for m in weighted_modules(model)
+        )
+
+    return penalty
+
+
+@REGULARIZERS.register(
+    "hoyer",
+    description="strength * sum over layers of ||w||_1 / ||w||_2 (scale-invariant sparsity)",
+)
+def hoyer(ctx: RegContext) -> Any:
+    strength = ctx.strength
+
+    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
+        return strength * sum(
+            m.weight.abs().sum() / m.weight.norm().clamp_min(1e-12)
+            for m in weighted_modules(model)
+        )
+
+    return penalty
+
+
+@REGULARIZERS.register(
+    "kd",
+    description="distillation from the dense baseline: kd_alpha * T^2 * KL(teacher_T || student_T)",
+)
+def kd(ctx: RegContext) -> Any:
+    """Knowledge distillation (Hinton et al.) added to the task loss.
+
+    The total is ``CE + alpha * T² * KL(softmax(t/T) || softmax(s/T))``: the task loss keeps its
+    weight, so the penalty is non-negative, and the teacher is the dense baseline in eval mode.
+    """
+    import torch.nn.functional as F
+
+    if ctx.teacher is None:
+        raise ValueError("kd needs the dense teacher in its context")
+    teacher = ctx.teacher.eval()
+    alpha = float(ctx.params.get("kd_alpha", 0.5))
+    temperature = float(ctx.params.get("kd_temperature", 4.0))
+
+    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
+        with torch.no_grad():
+            soft_teacher = F.softmax(teacher(inputs) / temperature, dim=-1)
+        log_student = F.log_softmax(outputs / temperature, dim=-1)
+        kl = F.kl_div(log_student, soft_teacher, reduction="batchmean")
+        return alpha * temperature**2 * kl
+
+    return penalty

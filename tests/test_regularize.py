@@ -1,0 +1,56 @@
+"""Regularizers: exact values, and the properties each one is chosen for."""
+
+import copy
+
+import pytest
+import torch
+
+import petra.compress  # noqa: F401
+from petra.compress.regularize import RegContext
+from petra.registry import REGULARIZERS
+
+
+@pytest.fixture
+def model(tiny_task):
+    return copy.deepcopy(tiny_task[0].model)
+
+
+def weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+
+
+def test_group_lasso_is_the_sum_of_channel_norms(model):
+    value = REGULARIZERS.get("group_lasso")(RegContext(strength=0.1))(model, None, None, None)
+    expected = 0.1 * sum(w.flatten(1).norm(dim=1).sum() for w in weights(model))
+    assert torch.isclose(value, expected)
+
+
+def test_hoyer_is_scale_invariant_and_lower_for_sparser_weights(model):
+    hoyer = REGULARIZERS.get("hoyer")(RegContext(strength=1.0))
+    before = hoyer(model, None, None, None)
+    with torch.no_grad():
+        for w in weights(model):
+            w.mul_(3.0)
+    assert torch.isclose(hoyer(model, None, None, None), before, rtol=1e-5)
+    with torch.no_grad():
+        for w in weights(model):
+            w[w.abs() < w.abs().median()] = 0.0
+    assert hoyer(model, None, None, None) < before
+
+
+def test_kd_is_zero_at_the_teacher_and_positive_elsewhere(tiny_task, model):
+    task, _ = tiny_task
+    inputs, targets = next(iter(task.val))
+    kd = REGULARIZERS.get("kd")(RegContext(teacher=task.model, loss=task.loss,
+                                           params={"kd_alpha": 0.5, "kd_temperature": 4.0}))
+    student = copy.deepcopy(task.model).eval()
+    with torch.no_grad():
+        at_teacher = kd(student, inputs, student(inputs), targets)
+        assert float(at_teacher) == pytest.approx(0.0, abs=1e-6)
+        noisy = student(inputs) + torch.randn(len(inputs), 10)
+        assert float(kd(student, inputs, noisy, targets)) > 0.0
+
+
+def test_kd_needs_a_teacher():
+    with pytest.raises(ValueError, match="teacher"):
+        REGULARIZERS.get("kd")(RegContext())
