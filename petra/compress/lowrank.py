@@ -18,8 +18,6 @@ from torch import nn
 
 from petra.registry import PRUNING
 
-ENERGIES = (0.9, 0.95, 0.99, 0.999)
-
 
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """The smallest rank whose singular values keep ``energy`` of the total squared energy."""
