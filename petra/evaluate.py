@@ -150,6 +150,7 @@ class Evaluator:
             )
         result.metrics["eval_time_s"] = time.perf_counter() - start
         result.info["worker_pid"] = os.getpid()
+        result.info["core"] = self.core
         return result
 
     def _evaluate(self, genome: dict[str, Any], genome_hash: str, seed: int) -> Result:

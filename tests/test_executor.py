@@ -50,6 +50,10 @@ def test_ray_executor_runs_jobs_on_warm_loopback_workers(tiny_task) -> None:
         assert all(r.status == "complete" for _, r in results), [r.error for _, r in results]
         pids = {r.info["worker_pid"] for _, r in results}
         assert os.getpid() not in pids and 1 <= len(pids) <= 2  # two warm actors, reused
+        if len(os.sched_getaffinity(0)) >= 2 and len(pids) == 2:
+            # each single-threaded worker measures on a core of its own
+            cores = {r.info["worker_pid"]: r.info["core"] for _, r in results}
+            assert None not in cores.values() and len(set(cores.values())) == 2
         int8 = [r for job, r in results if job.genome["quant.scheme"] == "int8_static"]
         assert all(r.metrics["size_ratio"] < 0.45 for r in int8)
         if shutil.which("ss"):
