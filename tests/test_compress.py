@@ -166,11 +166,11 @@ def test_structured_removes_channels_and_exports(name, tiny_task, model_copy):
 
 
 @pytest.mark.parametrize("name", STRUCTURED)
-def test_structured_respects_round_to(name, tiny_task, model_copy):
+def test_structured_respects_round_to(name, tiny_task, model_copy, ctx):
     task, _ = tiny_task
     plan = {"layer2.conv1": (name, 0.3), "layer3.conv1": (name, 0.3)}
     changes = prune_channels(model_copy, task.example_input, plan, round_to=8,
-                             protected=["fc"], ctx=PruneContext())
+                             protected=["fc"], ctx=ctx)
     # 16 channels, 30% removed -> 11 kept -> the nearest multiple of 8
     assert changes == {"layer2.conv1": (16, 8), "layer3.conv1": (16, 8)}
     assert model_copy.layer2.conv1.out_channels == 8
@@ -226,6 +226,12 @@ def fp32(tiny_task):
     return proto, len(artifact.pack(proto)), x, logits
 
 
+def applicable_share(model, type_names):
+    """The fraction of ``model``'s parameters held by modules whose class is in ``type_names``."""
+    held = sum(n_params(m) for m in model.modules() if type(m).__name__ in type_names)
+    return held / n_params(model)
+
+
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_quantizer_shrinks_the_artifact_and_keeps_logits_close(name, tiny_task, fp32):
     task, _ = tiny_task
@@ -235,6 +241,11 @@ def test_quantizer_shrinks_the_artifact_and_keeps_logits_close(name, tiny_task, 
     quantized = entry(proto, QuantContext(calibration=calibration))
     data = artifact.pack(quantized)
     limit = 0.4 if entry.meta.get("int8") else 0.95
+    applies_to = entry.meta.get("applies_to")
+    if applies_to is not None and applicable_share(task.model, applies_to) < 0.5:
+        # A scheme that acts on a few layer types only (int8_dynamic: Linear and recurrent
+        # layers) cannot shrink a model whose weights are mostly elsewhere; it must not grow it.
+        limit = 1.02
     assert len(data) <= limit * fp32_bytes
 
     logits = artifact.load(data).run(None, {"input": x})[0]

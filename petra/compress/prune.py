@@ -14,7 +14,9 @@ Entries of :data:`petra.registry.PRUNING` carry metadata that says how the evalu
 
 ``structured`` (bool) mirrors ``kind == "structured"``. ``uses_sparsity=False`` marks methods
 whose amount is not the sparsity gene (N:M patterns, low-rank); their sparsity gene has no
-effect. ``none`` leaves a layer alone.
+effect, and ``fixed_sparsity`` says what fraction such a pattern zeroes. ``none`` leaves a layer
+alone. Data-aware criteria (``taylor``, ``activation_aware``) take what they need from the
+:class:`PruneContext` and raise ``ValueError`` when it lacks it.
 """
 
 from __future__ import annotations
@@ -139,6 +141,214 @@ def l2_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
     import torch_pruning as tp
 
     return tp.importance.GroupMagnitudeImportance(p=2)(group)
+
+
+@PRUNING.register(
+    "global_magnitude",
+    description="unstructured: one |w| threshold across every layer that chose it (global scope)",
+    kind="unstructured",
+    structured=False,
+    scope="global",
+)
+def global_magnitude(
+    weights: dict[str, torch.Tensor], sparsity: float, ctx: PruneContext
+) -> dict[str, torch.Tensor]:
+    """Zero the ``round(sparsity * total)`` smallest |w| pooled over all ``weights``.
+
+    Layers of small weights thus lose more than the mean sparsity, layers of large ones less.
+    Each layer's largest weight is exempt, so no layer is ever emptied.
+    """
+    names = list(weights)
+    scores = [weights[n].detach().abs().flatten().float() for n in names]
+    for s in scores:
+        s[torch.argmax(s)] = torch.inf  # the exempt survivor of each layer
+    flat = torch.cat(scores)
+    total = flat.numel()
+    n_prune = min(int(round(sparsity * total)), total - len(names))
+    keep = torch.ones(total, dtype=torch.bool)
+    if n_prune > 0:
+        keep[torch.argsort(flat, stable=True)[:n_prune]] = False
+    masks, start = {}, 0
+    for name in names:
+        size = weights[name].numel()
+        masks[name] = keep[start : start + size].view_as(weights[name])
+        start += size
+    return masks
+
+
+@PRUNING.register(
+    "random",
+    description="unstructured: zero a uniformly random subset of weights (sanity baseline)",
+    kind="unstructured",
+    structured=False,
+)
+def random_mask(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
+    """Exactly ``round(sparsity * n)`` zeros at positions drawn from ``ctx.generator``."""
+    order = torch.randperm(weight.numel(), generator=ctx.generator)
+    return keep_top(order.float().view_as(weight), sparsity)
+
+
+@PRUNING.register(
+    "activation_aware",
+    description="unstructured: Wanda, zero the smallest |w|*||x|| within each output row",
+    kind="unstructured",
+    structured=False,
+)
+def activation_aware(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
+    """Wanda (Sun et al., 2023): score ``|W_ij| * ||X_j||``, compared within each output row.
+
+    ``||X_j||`` is the L2 norm of input feature (Linear) or input channel (Conv, broadcast over
+    kernel positions) ``j`` over the context's batches, so a small weight on a loud input
+    survives. The layer is found in ``ctx.model`` by the identity of its weight. Every row drops
+    ``floor(k / rows)`` scores, where ``k = round(sparsity * n)``; the ``k mod rows`` remaining
+    ones go to the rows whose next-lowest score is smallest, so the total is exactly ``k``.
+
+    Raises:
+        ValueError: the context has no model holding ``weight``, or no batches.
+    """
+    if ctx is None or ctx.model is None:
+        raise ValueError("activation_aware needs the model and batches in its context")
+    found = [(n, m) for n, m in ctx.model.named_modules() if getattr(m, "weight", None) is weight]
+    if not found:
+        raise ValueError("activation_aware: the weight does not belong to a module of ctx.model")
+    name, module = found[0]
+    norms = ctx.input_norms(name).to(weight.device, torch.float32)
+    w = weight.detach().abs().float()
+    out = w.shape[0]
+    groups = getattr(module, "groups", 1)
+    if norms.numel() != w.shape[1] * groups:
+        raise ValueError(
+            f"activation_aware: layer {name!r} has {w.shape[1] * groups} inputs but "
+            f"{norms.numel()} recorded input norms (were they recorded before pruning?)"
+        )
+    per_row = norms.view(groups, -1)[torch.arange(out) // (out // groups)]  # (out, in/groups)
+    scores = (w * per_row.view(*per_row.shape, *([1] * (w.dim() - 2)))).flatten(1)
+
+    row_size = scores.shape[1]
+    k = min(int(round(sparsity * weight.numel())), weight.numel() - 1)
+    base, extra = divmod(k, out)
+    counts = torch.full((out,), base, dtype=torch.long)
+    order = torch.argsort(scores, dim=1, stable=True)
+    if extra:
+        next_lowest = scores.gather(1, order[:, base : base + 1]).squeeze(1)
+        counts[torch.argsort(next_lowest, stable=True)[:extra]] += 1
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(row_size).expand(out, row_size).contiguous())
+    return (ranks >= counts.unsqueeze(1)).view_as(weight)
+
+
+@PRUNING.register(
+    "nm_2_4",
+    description="unstructured 2:4: keep the 2 largest |w| of every 4 inputs; GPU-only speed-up",
+    kind="unstructured",
+    structured=False,
+    uses_sparsity=False,
+    fixed_sparsity=0.5,
+)
+def nm_2_4(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
+    """2:4 semi-structured sparsity: of every 4 consecutive weights along the input dimension,
+    keep the 2 of largest magnitude; the sparsity gene is ignored (the pattern fixes 50%).
+
+    Groups run along input features (Linear) or input channels at a fixed kernel position
+    (Conv, NVIDIA ASP's layout). When the input count is not a multiple of 4, the last group of
+    each row keeps ``ceil(size / 2)``, so such layers end slightly under 50%; a 1-channel conv
+    keeps every weight.
+
+    The mask is stored compactly through the artifact's values + bitmask encoding, so it cuts
+    bytes; on CPU / ONNX Runtime latency does not drop: 2:4 kernels need GPUs (sparse tensor
+    cores), and even there they often give no speed-up at small sizes (see STACK.md).
+    """
+    w = weight.detach().abs().float().movedim(1, -1)  # (out, *kernel, in)
+    moved_shape = w.shape
+    rows = w.reshape(-1, moved_shape[-1])
+    size = rows.shape[1]
+    pad = -size % 4
+    scores = torch.nn.functional.pad(rows, (0, pad), value=-torch.inf).view(rows.shape[0], -1, 4)
+    keep_n = torch.full((scores.shape[1],), 2, dtype=torch.long)
+    if pad:
+        keep_n[-1] = -(-(4 - pad) // 2)  # ceil(tail / 2)
+    order = torch.argsort(scores, dim=2, descending=True, stable=True)
+    ranks = torch.argsort(order, dim=2)
+    mask = (ranks < keep_n.view(1, -1, 1)).view(rows.shape[0], -1)[:, :size]
+    return mask.reshape(moved_shape).movedim(-1, 1).contiguous()
+
+
+def _tp_scores(importance: Any, group: Any) -> torch.Tensor:
+    scores = importance(group)
+    if scores is None:
+        raise ValueError("the dependency group has no layer this criterion can score")
+    return scores
+
+
+@PRUNING.register(
+    "l1_channel",
+    description="structured: remove output channels with the smallest group L1 norm (DepGraph)",
+    kind="structured",
+    structured=True,
+)
+def l1_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
+    """Sum of |w| of each channel over every coupled layer of the group (torch-pruning, p=1)."""
+    import torch_pruning as tp
+
+    return _tp_scores(tp.importance.GroupMagnitudeImportance(p=1, normalizer=None), group)
+
+
+@PRUNING.register(
+    "fpgm",
+    description="structured: remove the channels nearest the geometric median of their group",
+    kind="structured",
+    structured=True,
+)
+def fpgm(group: Any, ctx: PruneContext) -> torch.Tensor:
+    """Filter pruning via geometric median (He et al., 2019), torch-pruning's FPGMImportance.
+
+    A channel's score is its summed distance to the other channels' filters, accumulated over
+    the coupled layers of the group: the most replaceable (central) channels go first.
+    """
+    import torch_pruning as tp
+
+    return _tp_scores(tp.importance.FPGMImportance(p=2, normalizer=None), group)
+
+
+@PRUNING.register(
+    "taylor",
+    description="structured: remove channels of smallest first-order Taylor score sum |w*grad|",
+    kind="structured",
+    structured=True,
+)
+def taylor(group: Any, ctx: PruneContext) -> torch.Tensor:
+    """First-order Taylor importance (Molchanov et al., 2019), torch-pruning's
+    GroupTaylorImportance on the gradients that ``ctx.ensure_gradients()`` accumulates over the
+    context's training batches (once, on the unpruned model).
+
+    Raises:
+        ValueError: the context lacks the model, batches or loss.
+    """
+    import torch_pruning as tp
+
+    if ctx is None:
+        raise ValueError("taylor needs a PruneContext with model, batches and loss")
+    ctx.ensure_gradients()
+    return _tp_scores(tp.importance.GroupTaylorImportance(normalizer=None), group)
+
+
+@PRUNING.register(
+    "bn_scale",
+    description="structured: network slimming, remove channels with the smallest BN |gamma|",
+    kind="structured",
+    structured=True,
+)
+def bn_scale(group: Any, ctx: PruneContext) -> torch.Tensor:
+    """Network slimming (Liu et al., 2017): the mean |gamma| of the group's BatchNorms.
+
+    A group with no affine BatchNorm falls back to the group L1 norm (as ``l1_channel``).
+    """
+    import torch_pruning as tp
+
+    scores = tp.importance.BNScaleImportance(normalizer=None)(group)
+    if scores is None:
+        return l1_channel(group, ctx)
+    return scores
 
 
 def unstructured_masks(
