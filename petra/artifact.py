@@ -2,14 +2,25 @@
 
 Layout of a ``.petra`` file (a zip archive, deflated):
 
-    manifest.json   format version, input/output names, the sparse tensors it holds
-    model.onnx      the graph; dense initializers inline, sparse ones removed
+    manifest.json   format version, input/output names, the sparse and int4 tensors it holds
+    model.onnx      the graph; dense initializers inline, sparse and int4 ones removed
     sparse.npz      for each sparse initializer: ``<key>.mask`` (np.packbits of value != 0)
                     and ``<key>.values`` (the non-zero values, in the tensor's own dtype)
+    int4.npz        for each int4 initializer: ``<key>.q4`` (4-bit codes ``q + 8``, two per
+                    byte, low nibble first), ``<key>.scale`` (float32, one per channel along the
+                    entry's ``axis``) and, when its zeros pay for it, ``<key>.mask`` (then only
+                    the non-zero codes are in ``q4``)
 
 An initializer is stored sparse only when its bitmask plus values are smaller than its dense
 bytes, so unstructured sparsity counts toward the size exactly where the encoding pays, and int8
 sparse weights are encoded the same way as fp32 ones.
+
+An fp32 initializer is stored as int4 when the graph's metadata lists it under :data:`INT4_KEY`
+(the ``int4_weight`` quantization scheme does this) and its values are exactly
+``q * scale`` for integers ``q`` in [-7, 7]. :func:`unpack` rebuilds those same fp32 values, so the
+runtime graph is the fp32 one. A graph without int4 tensors packs to the same bytes as before
+int4 existed; a loader older than int4 fails on an int4 file (its graph lacks those weights)
+rather than running it wrongly.
 
 :func:`load` needs only numpy, onnx and onnxruntime: it never imports torch or petra's search
 code, and its source can be copied next to an exported model (:func:`loader_source`).
@@ -27,6 +38,9 @@ import numpy as np
 
 FORMAT = "petra-artifact/1"
 _MIN_SPARSE_SIZE = 64
+# Model metadata key: JSON {initializer name: {"axis": int, "scale": [float32 values]}}.
+INT4_KEY = "petra.int4"
+_INT4_QMAX = 7
 
 
 def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
@@ -85,12 +99,21 @@ def pack(proto: Any) -> bytes:
 
     proto = onnx.ModelProto.FromString(proto.SerializeToString())  # leave the caller's alone
     graph = proto.graph
+    int4_marked = _pop_int4_marker(proto)
     sparse_arrays: dict[str, np.ndarray] = {}
+    int4_arrays: dict[str, np.ndarray] = {}
     entries = []
+    int4_entries = []
     keep = []
     for init in graph.initializer:
         array = numpy_helper.to_array(init)
-        if _sparse_pays(array):
+        if init.name in int4_marked:
+            key = f"q{len(int4_entries)}"
+            spec = int4_marked[init.name]
+            int4_arrays.update(_encode_int4(array, spec["axis"], spec["scale"], key, init.name))
+            int4_entries.append({"key": key, "name": init.name, "shape": list(array.shape),
+                                 "axis": spec["axis"], "sparse": f"{key}.mask" in int4_arrays})
+        elif _sparse_pays(array):
             key = f"t{len(entries)}"
             flat = array.reshape(-1)
             nonzero = flat != 0
@@ -108,12 +131,15 @@ def pack(proto: Any) -> bytes:
         "outputs": [o.name for o in graph.output],
         "sparse": entries,
     }
+    if int4_entries:
+        manifest["int4"] = int4_entries
     members = {"manifest.json": json.dumps(manifest, sort_keys=True).encode(),
                "model.onnx": proto.SerializeToString()}
-    if sparse_arrays:
-        arrays = io.BytesIO()
-        np.savez(arrays, **sparse_arrays)
-        members["sparse.npz"] = arrays.getvalue()
+    for member, member_arrays in (("sparse.npz", sparse_arrays), ("int4.npz", int4_arrays)):
+        if member_arrays:
+            arrays = io.BytesIO()
+            np.savez(arrays, **member_arrays)
+            members[member] = arrays.getvalue()
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for name, payload in members.items():
@@ -131,6 +157,43 @@ def _sparse_pays(array: np.ndarray) -> bool:
     return (array.size + 7) // 8 + nnz * array.itemsize < array.nbytes
 
 
+def _pop_int4_marker(proto: Any) -> dict[str, dict[str, Any]]:
+    """Remove the :data:`INT4_KEY` metadata from ``proto``; return what it listed."""
+    marked: dict[str, dict[str, Any]] = {}
+    for prop in list(proto.metadata_props):
+        if prop.key == INT4_KEY:
+            marked.update(json.loads(prop.value))
+            proto.metadata_props.remove(prop)
+    return marked
+
+
+def _encode_int4(
+    array: np.ndarray, axis: int, scale: list[float], key: str, name: str
+) -> dict[str, np.ndarray]:
+    """The ``int4.npz`` members of one initializer; it must lie exactly on its int4 grid."""
+    problem = f"initializer {name!r} is marked int4 in {INT4_KEY!r} but"
+    if array.dtype != np.float32:
+        raise ValueError(f"{problem} it is {array.dtype}, not float32")
+    scales = np.asarray(scale, dtype=np.float32)
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    broadcast = scales.reshape(shape)
+    ratio = np.divide(array, broadcast, out=np.zeros_like(array), where=broadcast > 0)
+    q = np.clip(np.rint(ratio), -_INT4_QMAX, _INT4_QMAX).astype(np.int8)
+    if not np.array_equal(q.astype(np.float32) * broadcast, array):
+        raise ValueError(f"{problem} its values are not q * scale with integer q in [-7, 7]")
+    codes = q.reshape(-1)
+    members = {f"{key}.scale": scales}
+    if (codes.size + 7) // 8 + (np.count_nonzero(codes) + 1) // 2 < (codes.size + 1) // 2:
+        members[f"{key}.mask"] = np.packbits(codes != 0)
+        codes = codes[codes != 0]
+    nibbles = (codes + 8).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    members[f"{key}.q4"] = nibbles[0::2] | (nibbles[1::2] << 4)
+    return members
+
+
 def save(proto: Any, path: str | Path) -> int:
     """Write the artifact for ``proto`` to ``path``; returns its size in bytes."""
     data = pack(proto)
@@ -139,7 +202,7 @@ def save(proto: Any, path: str | Path) -> int:
 
 
 def unpack(data: bytes) -> Any:
-    """The full ``onnx.ModelProto`` of an artifact, dense initializers restored."""
+    """The full ``onnx.ModelProto`` of an artifact, dense (and int4-rebuilt) initializers restored."""
     import onnx
     from onnx import numpy_helper
 
@@ -163,7 +226,31 @@ def unpack(data: bytes) -> Any:
                 proto.graph.initializer.append(
                     numpy_helper.from_array(dense.reshape(shape), entry["name"])
                 )
+        if manifest.get("int4"):
+            arrays = np.load(io.BytesIO(zf.read("int4.npz")))
+            for entry in manifest["int4"]:
+                proto.graph.initializer.append(
+                    numpy_helper.from_array(_decode_int4(arrays, entry), entry["name"])
+                )
     return proto
+
+
+def _decode_int4(arrays: Any, entry: dict[str, Any]) -> np.ndarray:
+    """The fp32 tensor of one ``int4`` manifest entry: ``q * scale`` along its axis."""
+    shape, key = tuple(entry["shape"]), entry["key"]
+    size = int(np.prod(shape, dtype=np.int64))
+    packed = arrays[key + ".q4"]
+    nibbles = np.empty(2 * packed.size, dtype=np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed & 15, packed >> 4
+    if entry["sparse"]:
+        nonzero = np.unpackbits(arrays[key + ".mask"], count=size).astype(bool)
+        q = np.zeros(size, dtype=np.int8)
+        q[nonzero] = nibbles[: int(nonzero.sum())].astype(np.int8) - 8
+    else:
+        q = nibbles[:size].astype(np.int8) - 8
+    scale_shape = [1] * len(shape)
+    scale_shape[entry["axis"]] = -1
+    return q.reshape(shape).astype(np.float32) * arrays[key + ".scale"].reshape(scale_shape)
 
 
 def load(source: str | Path | bytes, *, threads: int = 1) -> Any:
@@ -197,4 +284,5 @@ def loader_source() -> str:
         "import numpy as np\n\n"
         f"FORMAT = {FORMAT!r}\n\n\n"
     )
-    return header + inspect.getsource(unpack) + "\n\n" + inspect.getsource(load)
+    functions = (unpack, _decode_int4, load)
+    return header + "\n\n".join(inspect.getsource(fn) for fn in functions)

@@ -1,0 +1,337 @@
+"""Tests for the quantization schemes beyond the shared contract: fp16, int8_dynamic, qat, int4."""
+
+import copy
+import io
+import json
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import petra.compress  # noqa: F401  (fills the registries)
+from petra import artifact
+from petra.compress.quantize import (
+    INT4_QMAX,
+    INT8_REDUCED_QMAX,
+    QuantContext,
+    fake_quantize,
+    qat_prepare,
+)
+from petra.evaluate import COMPLETE
+from petra.registry import QUANTIZATION
+from tests.test_artifact import run_standalone
+
+
+def quantize(name, proto, calibration=()):
+    return QUANTIZATION.get(name)(proto, QuantContext(calibration=list(calibration)))
+
+
+def initializers(proto):
+    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+
+
+def op_types(proto):
+    return {node.op_type for node in proto.graph.node}
+
+
+def close(out, reference):
+    """The contract's closeness: argmax agreement and mean error relative to the logits' spread."""
+    agreement = float((out.argmax(1) == reference.argmax(1)).mean())
+    return agreement, float(np.abs(out - reference).mean() / reference.std())
+
+
+@pytest.fixture(scope="module")
+def cnn(tiny_task):
+    """The tiny digits CNN: fp32 graph, its artifact size, validation inputs and logits."""
+    task, _ = tiny_task
+    proto = artifact.export_onnx(copy.deepcopy(task.model), task.example_input)
+    x = np.concatenate([inputs.numpy() for inputs, _ in task.val])
+    data = artifact.pack(proto)
+    calibration = [batch.numpy() for _, (batch, _) in zip(range(4), task.train, strict=False)]
+    return proto, len(data), x, artifact.load(data).run(None, {"input": x})[0], calibration
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A Linear-heavy model (64-256-256-10) trained on digits pixels, its fp32 graph, the
+    validation inputs and its logits on them."""
+    from petra.tasks.digits import Batches, digits_splits
+    from petra.train import train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    splits = digits_splits(0)
+    train(model, Batches(*splits["train"], batch_size=64, shuffle=True), epochs=5, lr=3e-3,
+          loss_fn=nn.functional.cross_entropy)
+    x = splits["val"][0]
+    proto = artifact.export_onnx(model, torch.from_numpy(x[:16]))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    return model, proto, x, reference
+
+
+# --- fp16 -------------------------------------------------------------------------------------
+
+
+def test_fp16_halves_the_artifact_and_keeps_logits(cnn):
+    proto, fp32_bytes, x, reference, _ = cnn
+    out_proto = quantize("fp16", proto)
+    data = artifact.pack(out_proto)
+    assert 0.45 * fp32_bytes <= len(data) <= 0.6 * fp32_bytes
+
+    halves = [a for a in initializers(out_proto).values() if a.dtype == np.float16]
+    assert halves and all(a.ndim >= 1 for a in halves)
+    assert "Cast" in op_types(out_proto)
+    logits = artifact.load(data).run(None, {"input": x})[0]
+    assert logits.dtype == np.float32  # compute and outputs stay fp32
+    np.testing.assert_allclose(logits, reference, atol=1e-2)
+
+
+def test_fp16_leaves_small_and_out_of_range_tensors_fp32(mlp):
+    _, proto, x, _ = mlp
+    big = onnx.ModelProto.FromString(proto.SerializeToString())
+    weight = next(i for i in big.graph.initializer if numpy_helper.to_array(i).ndim == 2)
+    array = numpy_helper.to_array(weight).copy()
+    array[0, 0] = 1e5  # beyond float16's range: this tensor must stay fp32
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    out = initializers(quantize("fp16", big))
+    assert out[weight.name].dtype == np.float32
+    assert out["4.bias"].dtype == np.float32  # 10 elements: below the size threshold
+
+
+# --- int8_dynamic -----------------------------------------------------------------------------
+
+
+def test_int8_dynamic_shrinks_a_linear_model_and_runs(mlp):
+    _, proto, x, reference = mlp
+    out_proto = quantize("int8_dynamic", proto)
+    assert "MatMulInteger" in op_types(out_proto)
+    data = artifact.pack(out_proto)
+    assert len(data) <= 0.4 * len(artifact.pack(proto))
+    agreement, error = close(artifact.load(data).run(None, {"input": x})[0], reference)
+    assert agreement >= 0.95 and error < 0.05
+
+
+def test_int8_dynamic_leaves_convolutions_fp32(cnn):
+    out_proto = quantize("int8_dynamic", cnn[0])
+    assert "Conv" in op_types(out_proto)
+    assert not op_types(out_proto) & {"ConvInteger", "QLinearConv"}
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(32, 128, batch_first=True)
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def test_int8_dynamic_quantizes_lstm_but_not_gru():
+    # ORT 1.32 has a dynamic int8 LSTM and no GRU, which is why applies_to names LSTM only.
+    x = torch.randn(4, 20, 32, generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for cell in (nn.LSTM, nn.GRU):
+        torch.manual_seed(0)
+        model = Recurrent(cell).eval()
+        proto = artifact.export_onnx(model, x)
+        out_proto = quantize("int8_dynamic", proto)
+        data = artifact.pack(out_proto)
+        ratios[cell.__name__] = len(data) / len(artifact.pack(proto))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(artifact.load(data).run(None, {"input": x.numpy()})[0],
+                                   expected, atol=0.02)
+    assert ratios["LSTM"] <= 0.4 and 0.9 <= ratios["GRU"] <= 1.02
+    assert "GRU" not in QUANTIZATION.get("int8_dynamic").meta["applies_to"]
+
+
+# --- qat --------------------------------------------------------------------------------------
+
+
+def on_int8_grid(weight):
+    """Whether every output channel of ``weight`` is ``q * max|w| / 64`` for integers |q| <= 64."""
+    scale = weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / INT8_REDUCED_QMAX
+    q = weight / torch.where(scale > 0, scale, torch.ones_like(scale))
+    return bool((q - q.round()).abs().max() < 1e-3 and q.abs().max() <= INT8_REDUCED_QMAX + 1e-3)
+
+
+def test_qat_prepare_and_finalize_leave_plain_layers_on_the_int8_grid(tiny_task):
+    task, _ = tiny_task
+    model = copy.deepcopy(task.model).train()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    names = [n for n, _ in model.named_parameters()]
+    finalize = qat_prepare(model)
+    assert [n for n, _ in model.named_parameters()] == names  # masks keyed by name still apply
+
+    inputs, targets = next(iter(task.train))
+    loss = task.loss(model(inputs), targets)
+    loss.backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+               for m in convs.values())  # the straight-through estimator passes gradients
+    with torch.no_grad():
+        expected = copy.deepcopy(model)
+        for m in expected.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                del m.forward
+                m.weight.copy_(fake_quantize(m.weight))
+        torch.testing.assert_close(model.eval()(inputs), expected.eval()(inputs))
+
+    finalize()
+    for name, conv in convs.items():
+        assert type(conv) is nn.Conv2d and "forward" not in vars(conv), name
+        assert not torch.nn.utils.parametrize.is_parametrized(conv), name
+        assert on_int8_grid(conv.weight.detach()), name
+    assert on_int8_grid(model.fc.weight.detach())
+
+
+def test_qat_weights_survive_the_int8_conversion_exactly(tiny_task, cnn):
+    # The QAT grid is ORT's reduce_range grid, so after BatchNorm folding the int8 conversion
+    # re-finds the fine-tuned weights instead of rounding them a second time.
+    task, _ = tiny_task
+    model = copy.deepcopy(task.model)
+    qat_prepare(model)()
+    fp32 = artifact.export_onnx(model, task.example_input)
+    int8 = initializers(quantize("qat", fp32, cnn[4]))
+    weights = {n: a for n, a in initializers(fp32).items() if a.ndim >= 2}
+    assert len(weights) == 10  # nine convs (BatchNorm folded in) and the classifier
+    for name, weight in weights.items():
+        q, scale = int8[f"{name}_quantized"], int8[f"{name}_scale"]
+        assert q.dtype == np.int8 and np.abs(q).max() <= INT8_REDUCED_QMAX
+        dequantized = q.astype(np.float32) * scale.reshape([-1] + [1] * (q.ndim - 1))
+        np.testing.assert_allclose(dequantized, weight, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_qat_fine_tune_gives_a_small_accurate_artifact(evaluator, tiny_task):
+    _, baseline = tiny_task
+    result = evaluator.evaluate(
+        {"quant.scheme": "qat", "finetune.epochs": 1, "finetune.lr": 1e-3})
+    assert result.status == COMPLETE, result.error
+    assert result.metrics["size_ratio"] < 0.45
+    assert abs(result.metrics["val_accuracy"] - baseline.metrics["val_accuracy"]) <= 0.05
+
+
+def test_qat_fine_tune_keeps_pruning_masks(evaluator):
+    result = evaluator.evaluate({
+        "layers.layer2.conv2.method": "magnitude", "layers.layer2.conv2.sparsity": 0.5,
+        "quant.scheme": "qat", "finetune.epochs": 1, "finetune.lr": 1e-3,
+    })
+    assert result.status == COMPLETE, result.error
+    weights = [a for a in initializers(artifact.unpack(result.artifact)).values()
+               if a.dtype == np.int8 and a.ndim == 4]
+    assert max(float(np.mean(w == 0)) for w in weights) >= 0.5
+
+
+# --- int4_weight ------------------------------------------------------------------------------
+
+
+def int4_marker(proto):
+    return json.loads(next(p.value for p in proto.metadata_props if p.key == artifact.INT4_KEY))
+
+
+def manifest_of(data):
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return json.loads(zf.read("manifest.json"))
+
+
+def test_int4_packs_a_linear_model_small_and_round_trips_exactly(mlp):
+    _, proto, x, reference = mlp
+    calibration = [x[:64], x[64:128]]
+    out_proto = quantize("int4_weight", proto, calibration)
+    data = artifact.pack(out_proto)
+    assert len(data) <= 0.2 * len(artifact.pack(proto))
+
+    marked = int4_marker(out_proto)
+    assert {e["name"] for e in manifest_of(data)["int4"]} == set(marked) == {
+        "0.weight", "2.weight", "4.weight"}
+    restored = artifact.unpack(data)
+    assert not restored.metadata_props  # the marker is consumed by pack()
+    expected, got = initializers(out_proto), initializers(restored)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert expected[name].dtype == got[name].dtype, name
+        assert expected[name].tobytes() == got[name].tobytes(), name  # bitwise
+
+    # Tolerance: 4-bit weights move the logits by under 5% of their spread on this model.
+    agreement, error = close(artifact.load(data).run(None, {"input": x})[0], reference)
+    assert agreement >= 0.9 and error < 0.05
+
+
+def test_int4_weights_lie_on_their_per_channel_grid(mlp):
+    _, proto, _, _ = mlp
+    out_proto = quantize("int4_weight", proto)
+    values = initializers(out_proto)
+    for name, spec in int4_marker(out_proto).items():
+        scale = np.asarray(spec["scale"], dtype=np.float32)
+        weight = values[name]
+        assert spec["axis"] == 0 and scale.shape == (weight.shape[0],)
+        q = weight / scale[:, None]
+        np.testing.assert_allclose(q, np.rint(q), atol=1e-4)
+        # scale = max|w| / 7: every channel reaches +-7
+        np.testing.assert_allclose(np.abs(q).max(axis=1), INT4_QMAX, rtol=1e-6)
+
+
+def test_int4_bias_correction_brings_the_cnn_closer(cnn):
+    proto, fp32_bytes, x, reference, calibration = cnn
+    plain = artifact.pack(quantize("int4_weight", proto))
+    corrected = artifact.pack(quantize("int4_weight", proto, calibration))
+    assert len(corrected) <= 0.3 * fp32_bytes
+    _, plain_error = close(artifact.load(plain).run(None, {"input": x})[0], reference)
+    agreement, error = close(artifact.load(corrected).run(None, {"input": x})[0], reference)
+    assert error < plain_error and agreement >= 0.95
+
+
+def test_int4_sparse_weights_round_trip_and_pack_smaller(mlp):
+    model, _, x, _ = mlp
+    sparse = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in (sparse[0], sparse[2]):
+            keep = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(2))
+            layer.weight.mul_((keep < 0.1).float())
+    proto = quantize("int4_weight", artifact.export_onnx(sparse, torch.from_numpy(x[:16])))
+    data = artifact.pack(proto)
+    entries = {e["name"]: e for e in manifest_of(data)["int4"]}
+    assert entries["0.weight"]["sparse"] and entries["2.weight"]["sparse"]
+    assert not entries["4.weight"]["sparse"]
+    expected, got = initializers(proto), initializers(artifact.unpack(data))
+    assert all(expected[n].tobytes() == got[n].tobytes() for n in expected)
+    dense = artifact.export_onnx(model, torch.from_numpy(x[:16]))
+    dense_int4 = artifact.pack(quantize("int4_weight", dense))
+    assert len(data) < 0.5 * len(dense_int4)
+
+
+def test_int4_marker_on_values_off_the_grid_is_rejected(mlp):
+    _, proto, _, _ = mlp
+    out_proto = quantize("int4_weight", proto)
+    weight = next(i for i in out_proto.graph.initializer if i.name == "2.weight")
+    array = numpy_helper.to_array(weight).copy()
+    array[0, 0] += 1e-3
+    weight.CopyFrom(numpy_helper.from_array(array, "2.weight"))
+    with pytest.raises(ValueError, match="'2.weight' is marked int4"):
+        artifact.pack(out_proto)
+
+
+def test_int4_artifact_loads_with_the_standalone_loader(mlp, tmp_path):
+    _, proto, _, _ = mlp
+    data = artifact.pack(quantize("int4_weight", proto))
+    x, out = run_standalone(artifact.loader_source(), data, tmp_path)
+    np.testing.assert_array_equal(out, artifact.load(data).run(None, {"input": x})[0])
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_schemes_are_registered_with_honest_metadata():
+    int8 = {e.name for e in QUANTIZATION if e.meta.get("int8")}
+    assert int8 == {"int8_static", "qat"}
+    assert {"fp16", "int8_dynamic", "qat", "int4_weight"} <= set(QUANTIZATION.names())
+    assert callable(QUANTIZATION.get("qat").meta["prepare"])
+    assert QUANTIZATION.get("int8_dynamic").meta["applies_to"] == ("Linear", "LSTM")
+    assert "latency as dense" in QUANTIZATION.get("fp16").description
+    assert "latency as dense" in QUANTIZATION.get("int4_weight").description
