@@ -113,14 +113,17 @@ def pack(proto: Any) -> bytes:
             int4_arrays.update(_encode_int4(array, spec["axis"], spec["scale"], key, init.name))
             int4_entries.append({"key": key, "name": init.name, "shape": list(array.shape),
                                  "axis": spec["axis"], "sparse": f"{key}.mask" in int4_arrays})
-        elif _sparse_pays(array):
+        elif (encoding := sparse_encoding(array)) is not None:
             key = f"t{len(entries)}"
             flat = array.reshape(-1)
             nonzero = flat != 0
-            sparse_arrays[f"{key}.mask"] = np.packbits(nonzero)
+            if encoding == "mask":
+                sparse_arrays[f"{key}.mask"] = np.packbits(nonzero)
+            else:
+                sparse_arrays[f"{key}.index"] = np.flatnonzero(nonzero).astype(_index_dtype(flat.size))
             sparse_arrays[f"{key}.values"] = flat[nonzero]
             entries.append({"key": key, "name": init.name, "shape": list(array.shape),
-                            "dtype": array.dtype.str})
+                            "dtype": array.dtype.str, "encoding": encoding})
         else:
             keep.append(init)
     del graph.initializer[:]
@@ -150,11 +153,22 @@ def pack(proto: Any) -> bytes:
     return out.getvalue()
 
 
-def _sparse_pays(array: np.ndarray) -> bool:
+def _index_dtype(size: int) -> type:
+    return np.uint16 if size <= 1 << 16 else np.uint32
+
+
+def sparse_encoding(array: np.ndarray) -> str | None:
+    """The smallest way to store ``array``: ``"mask"`` (bitmask + non-zero values), ``"index"``
+    (positions + values; wins above ~97% sparsity), or None (dense is smallest)."""
     if array.size < _MIN_SPARSE_SIZE or array.dtype.kind not in "fiu":
-        return False
+        return None
     nnz = int(np.count_nonzero(array))
-    return (array.size + 7) // 8 + nnz * array.itemsize < array.nbytes
+    sizes = {
+        None: array.nbytes,
+        "mask": (array.size + 7) // 8 + nnz * array.itemsize,
+        "index": nnz * (np.dtype(_index_dtype(array.size)).itemsize + array.itemsize),
+    }
+    return min(sizes, key=lambda k: (sizes[k], k is not None))
 
 
 def _pop_int4_marker(proto: Any) -> dict[str, dict[str, Any]]:
@@ -220,9 +234,12 @@ def unpack(data: bytes) -> Any:
             for entry in manifest["sparse"]:
                 shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
                 size = int(np.prod(shape, dtype=np.int64))
-                nonzero = np.unpackbits(arrays[entry["key"] + ".mask"], count=size).astype(bool)
                 dense = np.zeros(size, dtype=dtype)
-                dense[nonzero] = arrays[entry["key"] + ".values"]
+                if entry.get("encoding", "mask") == "index":
+                    where = arrays[entry["key"] + ".index"].astype(np.int64)
+                else:
+                    where = np.unpackbits(arrays[entry["key"] + ".mask"], count=size).astype(bool)
+                dense[where] = arrays[entry["key"] + ".values"]
                 proto.graph.initializer.append(
                     numpy_helper.from_array(dense.reshape(shape), entry["name"])
                 )

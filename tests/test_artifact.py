@@ -257,3 +257,29 @@ def test_loader_logic_runs_without_petra_or_torch(one_sparse_layer, tmp_path):
     data = pack(one_sparse_layer)
     x, out = run_standalone("from typing import Any\n" + loader_source(), data, tmp_path)
     np.testing.assert_array_equal(out, run(load(data), x))
+
+
+@pytest.mark.parametrize(("sparsity", "encoding"), [(0.0, None), (0.6, "mask"), (0.9, "mask"),
+                                                    (0.995, "index")])
+def test_the_smallest_sparse_encoding_is_chosen_and_round_trips(sparsity, encoding):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from petra.artifact import sparse_encoding, unpack
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    weight[rng.random(weight.shape) < sparsity] = 0.0
+    assert sparse_encoding(weight) == encoding
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["output"])], "g",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [None, 256])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = pack(proto)
+    restored = {i.name: numpy_helper.to_array(i) for i in unpack(data).graph.initializer}
+    assert np.array_equal(restored["w"], weight)
+    if encoding is not None:
+        assert len(data) < weight.nbytes * (1 - sparsity) * 1.5 + 2048
