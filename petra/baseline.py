@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the baseline recipe changes, so stale caches are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass

@@ -62,11 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _methods(as_json: bool) -> int:
     import petra.compress  # noqa: F401
-    import petra.tasks.digits  # noqa: F401
     from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
     from petra.strategies import STRATEGIES
-    from petra.tasks import TASKS, load_task  # noqa: F401
+    from petra.tasks import TASKS, register_builtin
 
+    register_builtin()
     registries = {"pruning": PRUNING, "quantization": QUANTIZATION,
                   "regularizer": REGULARIZERS, "strategy": STRATEGIES, "task": TASKS}
     table = {kind: reg.describe() for kind, reg in registries.items()}

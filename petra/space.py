@@ -147,8 +147,9 @@ LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
 def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
     """The model's prunable layers in execution order.
 
-    A layer whose output is the model's output (the classifier) keeps its output channels, so
-    structured criteria are not offered for it.
+    A layer whose output is the model's output (the classifier) keeps its output channels, and
+    so does a layer whose channels torch-pruning cannot follow (e.g. into an ``nn.GRU``):
+    structured criteria are not offered for them.
     """
     import torch
     from torch import nn
@@ -175,6 +176,9 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    from petra.compress.structured import structured_layers
+
+    capable = structured_layers(model, example_input)
     modules = dict(model.named_modules())
     seen: list[str] = []
     for name in order:
@@ -195,7 +199,7 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
                 type=type(module).__name__,
                 out_channels=int(out_channels),
                 params=sum(p.numel() for p in module.parameters()),
-                structured=not is_output and not grouped,
+                structured=not is_output and not grouped and name in capable,
             )
         )
     return infos

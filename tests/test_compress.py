@@ -252,7 +252,8 @@ def test_quantizer_shrinks_the_artifact_and_keeps_logits_close(name, tiny_task, 
     assert logits.shape == reference.shape
     assert np.isfinite(logits).all()
     assert (logits.argmax(1) == reference.argmax(1)).mean() >= 0.95
-    assert np.abs(logits - reference).mean() < 0.1 * reference.std()
+    tolerance = entry.meta.get("tolerance", 0.1)
+    assert np.abs(logits - reference).mean() < tolerance * reference.std()
 
 
 def test_none_quantizer_returns_the_graph_unchanged(fp32):

@@ -153,3 +153,13 @@ def test_unknown_method_gives_a_failed_result_without_raising(evaluator):
     assert result.artifact is None
     assert "traceback" in result.info
     assert result.objective_values([("val_accuracy", "max")]) is None
+
+
+def test_same_genome_and_seed_give_the_same_candidate_whatever_ran_before(evaluator):
+    genome = {"finetune.epochs": 1, "finetune.lr": 1e-3, "quant.scheme": "int8_static"}
+    first = evaluator.evaluate(genome, seed=5)
+    evaluator.evaluate({"finetune.epochs": 2, "finetune.lr": 3e-3}, seed=9)  # advances RNGs
+    again = evaluator.evaluate(genome, seed=5)
+    assert first.status == again.status == "complete"
+    assert again.metrics["val_accuracy"] == first.metrics["val_accuracy"]
+    assert again.artifact == first.artifact

@@ -31,6 +31,58 @@ def kept_channels(n: int, sparsity: float, round_to: int) -> int:
     return min(keep, n)
 
 
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
+    """The dependency groups of a torch-pruning graph, rooted at Conv/Linear output channels.
+
+    Like ``DependencyGraph.get_all_groups``, but a group that torch-pruning cannot build (a
+    channel dimension shared with a layer it does not support, such as ``nn.GRU``) is skipped
+    instead of failing the whole model, and its layers stay unpruned.
+    """
+    ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
+    visited: set[nn.Module] = set()
+    for module in list(graph.module2node):
+        if module in ignored or module in visited or not isinstance(module, ROOT_TYPES):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            group = graph.get_pruning_group(
+                module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+            )
+        except (IndexError, KeyError, RuntimeError, TypeError):
+            continue
+        members = [dep.target.module for dep, _ in group
+                   if graph.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(members)
+        if not any(m in ignored for m in members):
+            yield group
+
+
+def structured_layers(model: nn.Module, example_input: Any) -> set[str]:
+    """Names of the layers whose output channels torch-pruning can remove with their group."""
+    import torch_pruning as tp
+
+    names = {m: n for n, m in model.named_modules()}
+    was_training = model.training
+    model.eval()
+    try:
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_input, verbose=False)
+    except Exception:  # noqa: BLE001 - a model DepGraph cannot trace gets no structured genes
+        return set()
+    finally:
+        model.train(was_training)
+    found = set()
+    for group in channel_groups(graph):
+        found.update(names[dep.target.module] for dep, _ in group
+                     if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names)
+    return found
+
+
 def prune_channels(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -61,10 +113,10 @@ def prune_channels(
     modules = dict(model.named_modules())
     order = list(plan)
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     ignored = [modules[n] for n in protected if n in modules]
     todo = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear)):
+    for group in channel_groups(graph, ignored):
         members = [
             names.get(dep.target.module)
             for dep, _ in group

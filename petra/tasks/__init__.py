@@ -59,9 +59,18 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def register_builtin() -> None:
+    """Import the modules of the built-in tasks, which registers them in :data:`TASKS`."""
+    import petra.tasks.digits  # noqa: F401
+    import petra.tasks.events  # noqa: F401
+    import petra.tasks.mnist1d  # noqa: F401
+
+
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     """Build a task from a built-in name or a ``"package.module:function"`` import string."""
     import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
+    import petra.tasks.events  # noqa: F401
+    import petra.tasks.mnist1d  # noqa: F401
     from petra.config import ConfigError
 
     params = dict(params or {})

@@ -29,13 +29,14 @@ def digits_splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 class Batches:
     """A re-iterable sequence of ``(inputs, targets)`` tensor batches.
 
-    With ``shuffle``, each pass draws a new order from its own seeded generator, so training is
-    reproducible without touching global RNG state.
+    With ``shuffle``, each pass draws its order from torch's global generator, as a DataLoader
+    does. :func:`petra.train.train` seeds that generator per run, so a candidate's fine-tune
+    sees the same batch order whatever the worker evaluated before it.
     """
 
     def __init__(
         self, x: np.ndarray, y: np.ndarray, *, batch_size: int, shuffle: bool = False,
-        seed: int = 0, shape: tuple[int, ...] = (),
+        shape: tuple[int, ...] = (),
     ) -> None:
         import torch
 
@@ -43,7 +44,6 @@ class Batches:
         self.y = torch.from_numpy(y)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self._rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return -(-len(self.x) // self.batch_size)
@@ -52,9 +52,9 @@ class Batches:
         import torch
 
         n = len(self.x)
-        order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
-            idx = torch.from_numpy(order[start : start + self.batch_size])
+            idx = order[start : start + self.batch_size]
             yield self.x[idx], self.y[idx]
 
 
@@ -116,12 +116,41 @@ def digits_cnn(
 
     splits = digits_splits(seed)
     shape = (1, 8, 8)
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True, seed=seed, shape=shape)
+    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True, shape=shape)
     val = Batches(*splits["val"], batch_size=256, shape=shape)
     test = Batches(*splits["test"], batch_size=256, shape=shape)
     torch.manual_seed(seed)
     model = _resnet_digits(width=width)
     example = torch.from_numpy(splits["val"][0][:latency_batch].reshape(-1, *shape))
+    return Task(
+        model=model, train=train, val=val, test=test, example_input=example,
+        train_epochs=epochs, train_lr=lr,
+        info={"dataset": "sklearn digits", "splits": {k: len(v[1]) for k, v in splits.items()}},
+    )
+
+
+@TASKS.register("digits_mlp", description="MLP 64-256-256-10 with ReLU on sklearn digits (8x8 pixels)")
+def digits_mlp(
+    *, seed: int = 0, hidden: int = 256, batch_size: int = 64, latency_batch: int = 16,
+    epochs: int = 20, lr: float = 3e-3,
+) -> Task:
+    """sklearn digits as flat 64-pixel vectors, a two-hidden-layer MLP, 60/20/20 splits."""
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    splits = digits_splits(seed)
+    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True)
+    val = Batches(*splits["val"], batch_size=256)
+    test = Batches(*splits["test"], batch_size=256)
+    torch.manual_seed(seed)
+    model = nn.Sequential(OrderedDict(
+        fc1=nn.Linear(64, hidden), relu1=nn.ReLU(),
+        fc2=nn.Linear(hidden, hidden), relu2=nn.ReLU(),
+        fc=nn.Linear(hidden, 10),
+    ))
+    example = torch.from_numpy(splits["val"][0][:latency_batch])
     return Task(
         model=model, train=train, val=val, test=test, example_input=example,
         train_epochs=epochs, train_lr=lr,
