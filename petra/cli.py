@@ -73,10 +73,11 @@ def _methods(as_json: bool) -> int:
     if as_json:
         print(json.dumps(table, indent=2))
     else:
+        width = max(len(name) for entries in table.values() for name in entries) + 2
         for kind, entries in table.items():
             print(f"{kind}:")
             for name, text in entries.items():
-                print(f"  {name:<14} {text}")
+                print(f"  {name:<{width}}{text}")
     return 0
 
 
