@@ -219,7 +219,10 @@ def _summary(genome: dict) -> str:
         parts.append(genome["quant.scheme"])
     if genome.get("finetune.epochs", 0):
         parts.append(f"ft{genome['finetune.epochs']}@{genome.get('finetune.lr', 0):.1e}")
-        if genome.get("reg.kind", "none") != "none":
+        if genome.get("reg.kind") == "kd":
+            parts.append(f"kd(alpha={genome.get('reg.kd_alpha', 0.5):g},"
+                         f"T={genome.get('reg.kd_temperature', 4.0):g})")
+        elif genome.get("reg.kind", "none") != "none":
             parts.append(f"{genome['reg.kind']}={genome.get('reg.strength', 0):.0e}")
     return " ".join(parts) or "dense"
 
