@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+# The prunable convolutions of digits_cnn, in execution order.
+DIGITS_CNN_CONVS = [
+    "stem", "layer1.conv1", "layer1.conv2", "layer1.downsample.0", "layer2.conv1",
+    "layer2.conv2", "layer2.downsample.0", "layer3.conv1", "layer3.conv2",
+]
+
 # A digits_cnn small enough to train in a few seconds on one thread.
 TINY_TASK = {"name": "digits_cnn", "params": {"width": 8, "epochs": 6, "lr": 5e-3}}
 
@@ -42,3 +48,31 @@ def evaluator(tiny_task):
     _task, baseline = tiny_task
     return Evaluator(task_name=TINY_TASK["name"], task_params=TINY_TASK["params"],
                      baseline_state=baseline.state, baseline_artifact=baseline.artifact)
+
+
+def take(batches, n: int) -> list:
+    """The first ``n`` batches of a re-iterable."""
+    out = []
+    for batch in batches:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture
+def model_copy(tiny_task):
+    """A fresh copy of the tiny task's trained model, in eval mode."""
+    import copy
+
+    task, _ = tiny_task
+    return copy.deepcopy(task.model).eval()
+
+
+@pytest.fixture
+def ctx(tiny_task, model_copy):
+    """A pruning context over ``model_copy`` with two training batches and the task loss."""
+    from petra.compress.prune import PruneContext
+
+    task, _ = tiny_task
+    return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)

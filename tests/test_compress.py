@@ -20,6 +20,7 @@ from petra.compress.quantize import QuantContext
 from petra.compress.regularize import RegContext
 from petra.compress.structured import kept_channels, prune_channels
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+from tests.conftest import take
 
 
 def _kind(entry):
@@ -36,13 +37,6 @@ LOWRANK = [e.name for e in PRUNING if _kind(e) == "lowrank"]
 QUANTIZERS = [name for name in QUANTIZATION.names() if name != "none"]
 
 
-def take(batches, n):
-    out = []
-    for batch in batches:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 def conv_names(model):
@@ -53,16 +47,8 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture
-def model_copy(tiny_task):
-    task, _ = tiny_task
-    return copy.deepcopy(task.model).eval()
 
 
-@pytest.fixture
-def ctx(tiny_task, model_copy):
-    task, _ = tiny_task
-    return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
 
 
 # --- unstructured pruning --------------------------------------------------------------------

@@ -15,24 +15,14 @@ from petra.registry import PRUNING
 STRUCTURED_NEW = ["l1_channel", "fpgm", "taylor", "bn_scale"]
 
 
-def take(batches, n):
-    return [batch for _, batch in zip(range(n), batches, strict=False)]
 
 
 def conv_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-@pytest.fixture
-def model_copy(tiny_task):
-    task, _ = tiny_task
-    return copy.deepcopy(task.model).eval()
 
 
-@pytest.fixture
-def ctx(tiny_task, model_copy):
-    task, _ = tiny_task
-    return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
 
 
 # --- unstructured ----------------------------------------------------------------------------

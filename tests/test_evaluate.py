@@ -5,18 +5,9 @@ import math
 import pytest
 
 from petra.evaluate import COMPLETE, FAILED, Recipe, Result
+from tests.conftest import DIGITS_CNN_CONVS
 
-CONVS = [
-    "stem",
-    "layer1.conv1",
-    "layer1.conv2",
-    "layer1.downsample.0",
-    "layer2.conv1",
-    "layer2.conv2",
-    "layer2.downsample.0",
-    "layer3.conv1",
-    "layer3.conv2",
-]
+CONVS = DIGITS_CNN_CONVS
 METRICS = {"val_accuracy", "artifact_bytes", "size_ratio", "latency_ms", "latency_ratio",
            "latency_ratio_iqr", "baseline_latency_ms", "params", "params_dense", "macs",
            "eval_time_s"}

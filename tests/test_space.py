@@ -16,18 +16,9 @@ from petra.space import (
     prunable_layers,
     select_layers,
 )
+from tests.conftest import DIGITS_CNN_CONVS
 
-CONVS = [
-    "stem",
-    "layer1.conv1",
-    "layer1.conv2",
-    "layer1.downsample.0",
-    "layer2.conv1",
-    "layer2.conv2",
-    "layer2.downsample.0",
-    "layer3.conv1",
-    "layer3.conv2",
-]
+CONVS = DIGITS_CNN_CONVS
 
 
 @pytest.fixture(scope="module")

@@ -110,9 +110,23 @@ def _quiet_ort_quantization() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
+def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
+    """Run one of ORT's file-based quantizers on ``proto``: pre-process (shape inference and
+    graph optimizations), then ``quantize(pre_path, out_path)``; returns the quantized graph."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _quiet_ort_quantization()
+    with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp:
+        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(proto, src)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize(str(pre), str(dst))
+        return onnx.load(dst)
+
+
 def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str) -> Any:
     """ORT static QDQ int8: per-channel 7-bit weights, uint8 activations, min-max calibrated."""
-    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -120,7 +134,6 @@ def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str) -> Any:
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not ctx.calibration:
         raise ValueError(f"{scheme} needs calibration batches")
@@ -133,20 +146,14 @@ def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str) -> Any:
             batch = next(self._batches, None)
             return None if batch is None else {ctx.input_name: batch}
 
-    _quiet_ort_quantization()
-    with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp:
-        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(proto, src)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre), str(dst), Reader(),
-            # reduce_range: 7-bit weights. Without it, the u8s8 kernels of CPUs without VNNI
-            # saturate (VPMADDUBSW) and a digits CNN lost 2.8 points; with it, none.
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-        return onnx.load(dst)
+    return _through_ort(proto, lambda pre, dst: quantize_static(
+        pre, dst, Reader(),
+        # reduce_range: 7-bit weights. Without it, the u8s8 kernels of CPUs without VNNI
+        # saturate (VPMADDUBSW) and a digits CNN lost 2.8 points; with it, none.
+        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    ))
 
 
 @QUANTIZATION.register(
@@ -173,22 +180,14 @@ DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "LSTM", "Attention")
 def int8_dynamic(proto: Any, ctx: QuantContext) -> Any:
     # Convs are left out on purpose: ORT runs dynamically quantized convs as ConvInteger, which
     # is slower than fp32 Conv on CPU; Linear and recurrent layers get faster (STACK.md).
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    _quiet_ort_quantization()
-    with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp:
-        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save(proto, src)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_dynamic(
-            str(pre), str(dst), op_types_to_quantize=list(DYNAMIC_OP_TYPES),
-            # reduce_range for the same reason as int8_static: u8 activations times s8 weights
-            # saturate on CPUs without VNNI.
-            per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-        )
-        return onnx.load(dst)
+    return _through_ort(proto, lambda pre, dst: quantize_dynamic(
+        pre, dst, op_types_to_quantize=list(DYNAMIC_OP_TYPES),
+        # reduce_range for the same reason as int8_static: u8 activations times s8 weights
+        # saturate on CPUs without VNNI.
+        per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+    ))
 
 
 # --- QAT --------------------------------------------------------------------------------------
