@@ -38,7 +38,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS, Registry
 
-STRATEGIES: tuple[str, ...] = ("nsga2", "random")
+STRATEGIES: tuple[str, ...] = ("nsga2", "random", "nsga3", "optuna_nsga2", "optuna_tpe")
 METRICS: tuple[str, ...] = (
     "val_accuracy",
     "artifact_bytes",

@@ -97,7 +97,8 @@ def search(cfg: Any, *, progress: Progress | None = None) -> SearchResult:
         f"{' (cached)' if baseline.cached else ''}")
     space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
     say(f"space: {len(space)} genes over {len(space.layers)} layers")
-    initial = seed_recipes(space) if cfg.search.strategy == "nsga2" else []
+    # Every strategy but random search starts from a few hand-style recipes.
+    initial = seed_recipes(space) if cfg.search.strategy != "random" else []
     strategy = make_strategy(
         cfg.search.strategy, space=space, objectives=objectives,
         population=cfg.search.population, generations=cfg.search.generations,

@@ -15,7 +15,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from petra.space import SearchSpace
-from petra.strategies import nsga2, random_search  # noqa: F401  (fill the registry)
+from petra.strategies import (  # noqa: F401  (fill the registry)
+    nsga2,
+    nsga3,
+    optuna_search,
+    random_search,
+)
 from petra.strategies.base import STRATEGIES, Strategy, Told, candidate_seed
 
 

@@ -176,7 +176,7 @@ class NSGA2:
             genome = self.space.complete(r.genome)
             self._seen.add(self.space.genome_hash(genome))
             told.append(self._individual(genome, self._fitness_values(r)))
-        self._population = deap_tools.selNSGA2(self._population + told, self.population)
+        self._population = self._select(self._population + told, self.population)
         self._assign_ranks()
         self._pending = None
         self._generation += 1
@@ -228,6 +228,10 @@ class NSGA2:
         if not all(math.isfinite(v) for v in values):
             return self._worst
         return values
+
+    def _select(self, individuals: list[_Individual], k: int) -> list[_Individual]:
+        """Environmental selection: the ``k`` survivors of parents and offspring."""
+        return deap_tools.selNSGA2(individuals, k)
 
     def _assign_ranks(self) -> None:
         """Rank and crowding distance of every member, for the tournament."""
