@@ -40,7 +40,7 @@ CROSSOVER_PROB = 0.9
 #: Per-gene probability that a categorical gene is swapped during crossover.
 SWAP_PROB = 0.5
 #: Distribution indices of SBX and polynomial mutation.
-ETA_CROSSOVER = 15.0
+ETA_CROSSOVER = 20.0
 ETA_MUTATION = 20.0
 #: A failed (or non-finite) result scores this badly in every objective: finite, so that
 #: crowding distances stay finite, and far beyond any real metric.
