@@ -3,6 +3,7 @@
     petra search CONFIG [--set key=value ...]    run a search; prints progress, the front, the run id
     petra space CONFIG [--set ...] [--json]      print the genes decoded from the model's layers
     petra methods [--json]                       list the registered methods
+    petra resume RUN_ID [--set key=value ...]    continue an interrupted search from its checkpoint
     petra evaluate CONFIG --genome FILE|- [--json] [--export DIR]
                                                  evaluate one recipe (a hand-written genome)
 
@@ -26,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", help="path to a YAML config (see search_spaces/)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set search.population=4 (repeatable)")
+    r = sub.add_parser("resume", help="continue an interrupted search from its checkpoint")
+    r.add_argument("run_id", help="the search run's MLflow run id")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="tracking.uri=URI picks the store (default sqlite:///runs/mlflow.db); "
+                        "other keys override the run's config")
     sp = sub.add_parser("space", help="print the genes decoded against the model")
     sp.add_argument("config")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -49,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "methods":
             return _methods(args.json)
+        if args.command == "resume":
+            return _resume(args.run_id, args.overrides)
         cfg = load_config(args.config, args.overrides)
         if args.command == "space":
             return _space(cfg, args.json)
@@ -175,20 +183,40 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     return 0 if result.status == "complete" else 1
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _resume(run_id: str, overrides: list[str]) -> int:
+    from petra.loop import resume
+
+    uri = "sqlite:///runs/mlflow.db"
+    rest = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "tracking.uri":
+            uri = value.strip()
+        else:
+            rest.append(item)
+    result = resume(run_id, uri=uri, overrides=tuple(rest), progress=_say)
+    return _report(result, uri)
+
+
 def _search(cfg: object) -> int:
     from petra.loop import search
 
-    def say(message: str) -> None:
-        print(message, flush=True)
+    result = search(cfg, progress=_say)
+    return _report(result, cfg.tracking.uri)
 
-    result = search(cfg, progress=say)
+
+def _report(result: object, uri: str) -> int:
     print()
     print(f"Pareto front ({len(result.front.members)} candidates; knee marked *):")
     print(_front_table(result))
     print()
     print(f"search run: {result.run_id}")
-    print(f"tracking:   {cfg.tracking.uri} (experiment {cfg.tracking.experiment!r})")
-    print(f"open it:    mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1")
+    print(f"tracking:   {uri}")
+    print(f"open it:    mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return 130 if result.interrupted else 0
 
 

@@ -98,8 +98,11 @@ class RayExecutor:
             if address:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             else:
+                # address="local": always a new cluster of petra's own, never one that
+                # happens to be running (or whose stale address file lingers in /tmp/ray).
                 ray.init(
-                    num_cpus=workers * cpus_per_candidate, include_dashboard=False,
+                    address="local", num_cpus=workers * cpus_per_candidate,
+                    include_dashboard=False,
                     log_to_driver=False, logging_level=logging.WARNING,
                     object_store_memory=256 * 1024**2,
                 )

@@ -73,123 +73,257 @@ def seed_recipes(space: Any) -> list[dict[str, Any]]:
     return out
 
 
+CHECKPOINT = "checkpoint.json"
+
+
 def search(cfg: Any, *, progress: Progress | None = None) -> SearchResult:
     """Run the search described by a validated :class:`petra.config.SearchConfig`."""
-    from petra import pareto
-    from petra.baseline import prepare_baseline
-    from petra.executor import make_executor
-    from petra.space import build_space, prunable_layers
-    from petra.strategies import Told, candidate_seed, make_strategy
-    from petra.tasks import load_task
+    return _Search(cfg, progress).start().run()
+
+
+def resume(
+    run_id: str, *, uri: str = "sqlite:///runs/mlflow.db", overrides: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Continue the search of MLflow run ``run_id`` from its checkpoint.
+
+    The config is the run's own ``config.yaml`` (with ``overrides`` applied). Candidates whose
+    child runs finished are never evaluated again, even those that finished after the last
+    checkpoint; child runs that a kill left unfinished are deleted and their genomes evaluated.
+    """
+    import yaml
+
+    from petra.config import load_config
     from petra.tracking import Tracker
 
-    say = progress or (lambda _msg: None)
-    started = time.monotonic()
-    objectives = cfg.objective_list
-    task = load_task(cfg.task.name, cfg.task.params)
-    say(f"baseline: {'loading' if not task.trained else 'measuring'} {cfg.task.name} ...")
-    baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
-                                cache_dir=cache_dir(), seed=cfg.seed,
-                                threads=cfg.execution.cpus_per_candidate)
-    b = baseline.metrics
-    say(f"baseline: val {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}, "
-        f"{int(b['artifact_bytes'])} bytes, {b['latency_ms']:.2f} ms/batch"
-        f"{' (cached)' if baseline.cached else ''}")
-    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
-    say(f"space: {len(space)} genes over {len(space.layers)} layers")
-    # Every strategy but random search starts from a few hand-style recipes.
-    initial = seed_recipes(space) if cfg.search.strategy != "random" else []
-    strategy = make_strategy(
-        cfg.search.strategy, space=space, objectives=objectives,
-        population=cfg.search.population, generations=cfg.search.generations,
-        seed=cfg.seed, initial=initial[: cfg.search.population // 2],
-    )
-    tracker = Tracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
-    run_id = tracker.start_search(
-        name=cfg.name, params=cfg.flat(), config_yaml=cfg.to_yaml(),
-        baseline={
-            "val_accuracy": b["val_accuracy"], "test_accuracy": b["test_accuracy"],
-            "bytes": b["artifact_bytes"], "latency_ms": b["latency_ms"],
-            "params": b["params"], "macs": b["macs"],
-        },
-        tags={"petra.task": cfg.task.name, "petra.strategy": cfg.search.strategy,
-              "petra.driver_pid": str(os.getpid())},
-    )
-    say(f"search run {run_id} in {cfg.tracking.uri} (experiment {cfg.tracking.experiment!r})")
-    executor = make_executor(
-        cfg.execution.executor,
-        evaluator_kwargs={"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
-                          "baseline_state": baseline.state,
-                          "baseline_artifact": baseline.artifact},
-        address=cfg.execution.address, workers=cfg.execution.workers,
-        cpus_per_candidate=cfg.execution.cpus_per_candidate,
-    )
-    records: list[dict[str, Any]] = []
-    results: dict[str, Any] = {}  # genome hash → (run id, Result), for the genome cache
-    snap = pareto.snapshot([], objectives, b, -1, cfg.constraints)
-    interrupted = False
-    budget = cfg.search.time_budget_s
-    generation = 0
-    try:
-        while not strategy.done:
-            from petra.executor import Job
+    text = Tracker.read_text(uri, run_id, "config.yaml")
+    if text is None:
+        from petra.config import ConfigError
 
-            genomes = strategy.ask()
-            jobs, told = [], {}
+        raise ConfigError("run_id", run_id, "", f"no petra search run {run_id!r} in {uri}")
+    cfg = load_config(yaml.safe_load(text), [f"tracking.uri={uri}", *overrides])
+    return _Search(cfg, progress).attach(run_id).run()
+
+
+class _Search:
+    """One search's state: everything a checkpoint holds, and what it is rebuilt from."""
+
+    def __init__(self, cfg: Any, progress: Progress | None) -> None:
+        from petra.baseline import prepare_baseline
+        from petra.space import build_space, prunable_layers
+        from petra.strategies import make_strategy
+        from petra.tasks import load_task
+        from petra.tracking import Tracker
+
+        self.cfg = cfg
+        self.say = progress or (lambda _msg: None)
+        self.objectives = cfg.objective_list
+        self.task = load_task(cfg.task.name, cfg.task.params)
+        self.say(f"baseline: {'measuring' if self.task.trained else 'loading'} {cfg.task.name} ...")
+        self.baseline = prepare_baseline(
+            self.task, task_name=cfg.task.name, task_params=cfg.task.params,
+            cache_dir=cache_dir(), seed=cfg.seed, threads=cfg.execution.cpus_per_candidate)
+        b = self.baseline.metrics
+        self.say(f"baseline: val {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}, "
+                 f"{int(b['artifact_bytes'])} bytes, {b['latency_ms']:.2f} ms/batch"
+                 f"{' (cached)' if self.baseline.cached else ''}")
+        self.space = build_space(cfg.space,
+                                 prunable_layers(self.task.model, self.task.example_input))
+        self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers")
+        # Every strategy but random search starts from a few hand-style recipes.
+        initial = seed_recipes(self.space) if cfg.search.strategy != "random" else []
+        self.strategy = make_strategy(
+            cfg.search.strategy, space=self.space, objectives=self.objectives,
+            population=cfg.search.population, generations=cfg.search.generations,
+            seed=cfg.seed, initial=initial[: cfg.search.population // 2],
+        )
+        self.tracker = Tracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+        self.records: list[dict[str, Any]] = []
+        self.results: dict[str, dict[str, Any]] = {}  # genome hash → record (the genome cache)
+        self.artifacts: dict[str, bytes] = {}  # candidate run id → artifact, evaluated here
+        self.generation = 0
+        self.elapsed_before = 0.0
+        self.logged_generations: set[int] = set()
+        self.started = time.monotonic()
+
+    # -- starting and resuming --------------------------------------------------------------
+    def start(self) -> _Search:
+        b = self.baseline.metrics
+        run_id = self.tracker.start_search(
+            name=self.cfg.name, params=self.cfg.flat(), config_yaml=self.cfg.to_yaml(),
+            baseline={
+                "val_accuracy": b["val_accuracy"], "test_accuracy": b["test_accuracy"],
+                "bytes": b["artifact_bytes"], "latency_ms": b["latency_ms"],
+                "params": b["params"], "macs": b["macs"],
+            },
+            tags={"petra.task": self.cfg.task.name, "petra.strategy": self.cfg.search.strategy,
+                  "petra.driver_pid": str(os.getpid())},
+        )
+        self.say(f"search run {run_id} in {self.cfg.tracking.uri} "
+                 f"(experiment {self.cfg.tracking.experiment!r})")
+        self._checkpoint()
+        return self
+
+    def attach(self, run_id: str) -> _Search:
+        import json
+
+        import yaml
+
+        self.tracker.attach(run_id, driver_pid=os.getpid())
+        text = self.tracker.read_text(self.cfg.tracking.uri, run_id, CHECKPOINT)
+        if text:
+            state = json.loads(text)
+            self.strategy.load_state_dict(state["strategy"])
+            self.records = state["records"]
+            self.generation = state["generation"]
+            self.elapsed_before = state["elapsed_s"]
+        self.results = {r["genome_hash"]: r for r in self.records}
+        recovered = dropped = 0
+        for child in self.tracker.children():
+            tags = child.data.tags
+            if child.info.status == "RUNNING" or "petra.status" not in tags:
+                self.tracker.client.delete_run(child.info.run_id)  # killed mid-log: no result
+                dropped += 1
+                continue
+            if tags["petra.genome_hash"] in self.results:
+                continue
+            genome = self.space.complete(
+                {k: yaml.safe_load(v) for k, v in child.data.params.items() if k in self.space})
+            record = {"id": child.info.run_id, "genome": genome,
+                      "metrics": dict(child.data.metrics), "status": tags["petra.status"],
+                      "generation": int(tags["petra.generation"]),
+                      "genome_hash": tags["petra.genome_hash"]}
+            self.records.append(record)
+            self.results[record["genome_hash"]] = record
+            recovered += 1
+        self.logged_generations = self.tracker.logged_steps("hypervolume")
+        self.say(f"resuming search run {run_id}: {len(self.records)} candidates done "
+                 f"({recovered} recovered from MLflow, {dropped} unfinished runs dropped), "
+                 f"generation {self.generation + 1}/{self.cfg.search.generations}")
+        self._checkpoint()
+        return self
+
+    def _checkpoint(self) -> None:
+        import json
+
+        self.tracker.checkpoint(json.dumps({
+            "version": 1, "generation": self.generation,
+            "strategy": self.strategy.state_dict(), "records": self.records,
+            "elapsed_s": self.elapsed(),
+        }, default=str), CHECKPOINT)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        from petra.executor import make_executor
+
+        cfg = self.cfg
+        executor = make_executor(
+            cfg.execution.executor,
+            evaluator_kwargs={"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
+                              "baseline_state": self.baseline.state,
+                              "baseline_artifact": self.baseline.artifact},
+            address=cfg.execution.address, workers=cfg.execution.workers,
+            cpus_per_candidate=cfg.execution.cpus_per_candidate,
+        )
+        interrupted = False
+        try:
+            self._generations(executor)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.say("interrupted; logging the front found so far (resume with petra resume)")
+        try:
+            return self._finish(executor, interrupted)
+        finally:
+            executor.close()
+
+    def _over_budget(self) -> bool:
+        budget = self.cfg.search.time_budget_s
+        return bool(budget) and self.elapsed() > budget
+
+    def _generations(self, executor: Any) -> None:
+        from petra import pareto
+        from petra.executor import Job
+        from petra.strategies import Told, candidate_seed
+
+        cfg, space = self.cfg, self.space
+        while not self.strategy.done:
+            genomes = self.strategy.ask()
+            jobs: list[Job] = []
             for index, genome in enumerate(genomes):
                 key = space.genome_hash(genome)
-                if key in results or any(j.genome_hash == key for j in jobs):
+                if key in self.results or any(j.genome_hash == key for j in jobs):
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
-                                candidate_seed(cfg.seed, generation, index)))
+                                candidate_seed(cfg.seed, self.generation, index)))
             for job, result in executor.run(jobs):
-                child = tracker.log_candidate(result, generation=generation, index=job.key,
-                                              executor=executor.kind)
-                results[job.genome_hash] = (child, result)
-                records.append({"id": child, "genome": result.genome,
-                                "metrics": result.metrics, "status": result.status,
-                                "generation": generation, "genome_hash": job.genome_hash})
-                if budget and time.monotonic() - started > budget:
+                child = self.tracker.log_candidate(result, generation=self.generation,
+                                                   index=job.key, executor=executor.kind)
+                record = {"id": child, "genome": result.genome, "metrics": result.metrics,
+                          "status": result.status, "generation": self.generation,
+                          "genome_hash": job.genome_hash}
+                self.records.append(record)
+                self.results[job.genome_hash] = record
+                if result.artifact:
+                    self.artifacts[child] = result.artifact
+                self._checkpoint()
+                if self._over_budget():
                     break
+            snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
+                                   self.generation, cfg.constraints)
+            if self.generation not in self.logged_generations:
+                self.tracker.log_generation(snap)
+                self.logged_generations.add(self.generation)
+            self.say(_generation_line(self.generation, cfg.search.generations, snap,
+                                      self.records, self.elapsed()))
+            if self._over_budget():
+                self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping")
+                return
+            told = []
             for genome in genomes:
-                key = space.genome_hash(genome)
-                if key in results:
-                    result = results[key][1]
-                    told[key] = Told(genome=genome, status=result.status,
-                                     values=result.objective_values(objectives))
-            snap = pareto.snapshot(records, objectives, b, generation, cfg.constraints)
-            tracker.log_generation(snap)
-            say(_generation_line(generation, cfg.search.generations, snap, records, started))
-            if budget and time.monotonic() - started > budget:
-                say(f"time budget of {budget:g} s reached; stopping")
-                break
-            strategy.tell([told[space.genome_hash(g)] for g in genomes
-                           if space.genome_hash(g) in told])
-            generation += 1
-    except KeyboardInterrupt:
-        interrupted = True
-        say("interrupted; logging the front found so far")
-    snap = pareto.snapshot(records, objectives, b, max(generation, 0), cfg.constraints)
-    knee = pareto.knee_point(snap)
-    by_id = {run: res for run, res in results.values()}
-    test_acc: dict[str, float] = {}
-    try:
-        front_ids = [i for i in snap.ids if by_id[i].artifact]
-        accs = executor.test_accuracy([by_id[i].artifact for i in front_ids])
+                record = self.results.get(space.genome_hash(genome))
+                if record is not None:
+                    told.append(Told(genome=genome, status=record["status"],
+                                     values=_objective_values(record, self.objectives)))
+            self.strategy.tell(told)
+            self.generation += 1
+            self._checkpoint()
+
+    def _finish(self, executor: Any, interrupted: bool) -> SearchResult:
+        from petra import pareto
+
+        b = self.baseline.metrics
+        snap = pareto.snapshot(self.records, self.objectives, b,
+                               max(self.generation - 1, 0), self.cfg.constraints)
+        knee = pareto.knee_point(snap)
+        artifacts = {i: self.artifacts.get(i) or self.tracker.download(i, "model.petra")
+                     for i in snap.ids}
+        front_ids = [i for i in snap.ids if artifacts[i]]
+        accs = executor.test_accuracy([artifacts[i] for i in front_ids])
         test_acc = dict(zip(front_ids, accs, strict=True))
-    finally:
-        executor.close()
-    for member in snap.members:
-        if member["id"] in test_acc:
-            member["metrics"]["test_accuracy"] = test_acc[member["id"]]
-    tracker.finish(snap, test_accuracy=test_acc, knee=knee, records=records, baseline=b,
-                   status="KILLED" if interrupted else "FINISHED")
-    return SearchResult(run_id=run_id, front=snap, knee=knee, baseline=dict(b),
-                        records=records, test_accuracy=test_acc, interrupted=interrupted)
+        for member in snap.members:
+            if member["id"] in test_acc:
+                member["metrics"]["test_accuracy"] = test_acc[member["id"]]
+        self._checkpoint()
+        self.tracker.finish(snap, test_accuracy=test_acc, knee=knee, records=self.records,
+                            baseline=b, status="KILLED" if interrupted else "FINISHED")
+        return SearchResult(run_id=self.tracker.run_id, front=snap, knee=knee, baseline=dict(b),
+                            records=self.records, test_accuracy=test_acc,
+                            interrupted=interrupted)
+
+
+def _objective_values(record: Mapping[str, Any], objectives: list[tuple[str, str]]
+                      ) -> tuple[float, ...] | None:
+    if record["status"] == FAILED:
+        return None
+    values = tuple(float(record["metrics"].get(m, math.nan)) for m, _ in objectives)
+    return None if any(math.isnan(v) for v in values) else values
 
 
 def _generation_line(generation: int, total: int, snap: Any, records: list[Mapping[str, Any]],
-                     started: float) -> str:
+                     elapsed: float) -> str:
     done = [r for r in records if r["status"] == COMPLETE]
     failed = sum(r["status"] == FAILED for r in records)
 
@@ -201,5 +335,5 @@ def _generation_line(generation: int, total: int, snap: Any, records: list[Mappi
         f"generation {generation + 1}/{total}: {len(records)} evaluated ({failed} failed), "
         f"front {len(snap.members)}, hypervolume {snap.hypervolume:.4f}; best val "
         f"{best('val_accuracy', max)}, min size {best('size_ratio', min)}, min latency "
-        f"{best('latency_ratio', min)} [{time.monotonic() - started:.0f} s]"
+        f"{best('latency_ratio', min)} [{elapsed:.0f} s]"
     )

@@ -73,6 +73,56 @@ class Tracker:
         self.client.log_batch(self.run_id, tags=[RunTag("petra.status", "running")])
         return self.run_id
 
+    def attach(self, run_id: str, *, driver_pid: int) -> None:
+        """Continue logging into an existing search run (for resume)."""
+        from mlflow.entities import RunTag
+
+        run = self.client.get_run(run_id)
+        if run.data.tags.get("petra.kind") != "search":
+            raise ValueError(f"run {run_id} is not a petra search run")
+        self.run_id = run_id
+        self.experiment_id = run.info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.log_batch(run_id, tags=[RunTag("petra.status", "running"),
+                                            RunTag("petra.driver_pid", str(driver_pid))])
+
+    def checkpoint(self, text: str, name: str) -> None:
+        """Overwrite the search run's checkpoint artifact."""
+        self.client.log_text(self.run_id, text, name)
+
+    @staticmethod
+    def read_text(uri: str, run_id: str, path: str) -> str | None:
+        """The text of a run's artifact, or None when the run or the artifact is missing."""
+        data = Tracker._download(uri, run_id, path)
+        return None if data is None else data.decode()
+
+    def download(self, run_id: str, path: str) -> bytes | None:
+        """The bytes of a run's artifact in this store, or None when it is missing."""
+        return self._download(self.uri, run_id, path)
+
+    @staticmethod
+    def _download(uri: str, run_id: str, path: str) -> bytes | None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
+            try:
+                local = MlflowClient(tracking_uri=uri).download_artifacts(run_id, path, tmp)
+            except (MlflowException, OSError):
+                return None
+            return Path(local).read_bytes()
+
+    def children(self) -> list[Any]:
+        """The candidate runs of this search (every status)."""
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+            max_results=50000,
+        )
+
+    def logged_steps(self, metric: str) -> set[int]:
+        """The steps at which this search run already logged ``metric``."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
