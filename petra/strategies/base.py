@@ -138,3 +138,31 @@ def check_state(state: Mapping[str, Any], strategy: str) -> None:
     got = state.get("strategy")
     if got != strategy:
         raise ValueError(f"state_dict is for strategy {got!r}, not {strategy!r}")
+
+
+class StrategyBase:
+    """What every strategy holds: the space, objectives, sizes, seed and initial genomes.
+
+    Subclasses call ``super().__init__(...)`` with the keyword-only arguments of
+    :func:`petra.strategies.make_strategy`, which validates the sizes.
+    """
+
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        objectives: Sequence[tuple[str, str]],
+        population: int,
+        generations: int,
+        seed: int,
+        initial: Iterable[Mapping[str, Any]] = (),
+    ) -> None:
+        from petra.pareto import check_objectives
+
+        check_sizes(population, generations)
+        self.space = space
+        self.objectives = check_objectives(objectives)
+        self.population = int(population)
+        self.generations = int(generations)
+        self.seed = int(seed)
+        self._initial = [dict(g) for g in initial]

@@ -22,13 +22,13 @@ from deap import base as deap_base
 from deap import tools as deap_tools
 from deap.tools.emo import assignCrowdingDist
 
-from petra.pareto import check_objectives, non_dominated_ranks
+from petra.pareto import non_dominated_ranks
 from petra.space import Categorical, Float, Genome, Int, SearchSpace
 from petra.strategies.base import (
     MAX_TRIES,
     STRATEGIES,
+    StrategyBase,
     Told,
-    check_sizes,
     check_state,
     first_batch,
     rng_from_state,
@@ -90,7 +90,7 @@ class _Numeric:
 
 
 @STRATEGIES.register("nsga2", description="NSGA-II (DEAP operators): SBX, polynomial mutation")
-class NSGA2:
+class NSGA2(StrategyBase):
     """NSGA-II over a :class:`~petra.space.SearchSpace`, in ask/tell form.
 
     Generation 0 is the ``initial`` genomes, then random samples, up to ``population``. Each
@@ -116,13 +116,8 @@ class NSGA2:
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        check_sizes(population, generations)
-        self.space = space
-        self.objectives = check_objectives(objectives)
-        self.population = int(population)
-        self.generations = int(generations)
-        self.seed = int(seed)
-        self._initial = [dict(g) for g in initial]
+        super().__init__(space=space, objectives=objectives, population=population,
+                         generations=generations, seed=seed, initial=initial)
         weights = tuple(1.0 if d == "max" else -1.0 for _, d in self.objectives)
         self._fitness_type = type("Fitness", (deap_base.Fitness,), {"weights": weights})
         self._worst = tuple(-w * FAILED_MAGNITUDE for w in weights)

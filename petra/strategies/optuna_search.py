@@ -22,14 +22,13 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from petra.pareto import check_objectives
 from petra.space import Categorical, Float, Genome, Int, SearchSpace
 from petra.strategies.base import (
     MAX_TRIES,
     STRATEGIES,
+    StrategyBase,
     Told,
     candidate_seed,
-    check_sizes,
     check_state,
 )
 
@@ -77,7 +76,7 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     return out
 
 
-class OptunaSearch:
+class OptunaSearch(StrategyBase):
     """An Optuna sampler in ask/tell form; subclasses choose the sampler.
 
     The first batch starts with the ``initial`` genomes (completed, deduplicated, at most
@@ -100,13 +99,8 @@ class OptunaSearch:
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        check_sizes(population, generations)
-        self.space = space
-        self.objectives = check_objectives(objectives)
-        self.population = int(population)
-        self.generations = int(generations)
-        self.seed = int(seed)
-        self._initial = [dict(g) for g in initial]
+        super().__init__(space=space, objectives=objectives, population=population,
+                         generations=generations, seed=seed, initial=initial)
         self._optuna = _optuna()
         self._optuna.logging.set_verbosity(self._optuna.logging.WARNING)
         self._distributions = distributions(space)

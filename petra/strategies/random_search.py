@@ -7,12 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from petra.pareto import check_objectives
 from petra.space import Genome, SearchSpace
 from petra.strategies.base import (
     STRATEGIES,
+    StrategyBase,
     Told,
-    check_sizes,
     check_state,
     first_batch,
     rng_from_state,
@@ -22,7 +21,7 @@ from petra.strategies.base import (
 
 
 @STRATEGIES.register("random", description="uniform random genomes, never repeating a recipe")
-class RandomSearch:
+class RandomSearch(StrategyBase):
     """Proposes ``population`` unique random genomes per generation, for ``generations`` tells.
 
     The first batch starts with the ``initial`` genomes. Results are ignored apart from
@@ -41,13 +40,8 @@ class RandomSearch:
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        check_sizes(population, generations)
-        self.space = space
-        self.objectives = check_objectives(objectives)
-        self.population = int(population)
-        self.generations = int(generations)
-        self.seed = int(seed)
-        self._initial = [dict(g) for g in initial]
+        super().__init__(space=space, objectives=objectives, population=population,
+                         generations=generations, seed=seed, initial=initial)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._generation = 0
         self._seen: set[str] = set()
