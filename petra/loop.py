@@ -282,11 +282,14 @@ class _Search:
                 self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping")
                 return
             told = []
+            constraints = cfg.constraints.model_dump()
             for genome in genomes:
                 record = self.results.get(space.genome_hash(genome))
                 if record is not None:
-                    told.append(Told(genome=genome, status=record["status"],
-                                     values=_objective_values(record, self.objectives)))
+                    values = pareto.constrained_values(
+                        _objective_values(record, self.objectives), self.objectives,
+                        record["metrics"], self.baseline.metrics, constraints)
+                    told.append(Told(genome=genome, status=record["status"], values=values))
             self.strategy.tell(told)
             self.generation += 1
             self._checkpoint()

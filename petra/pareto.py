@@ -161,21 +161,24 @@ def hypervolume(points_min: np.ndarray, ref: Sequence[float]) -> float:
     return float(moocore.hypervolume(p, ref=ref_arr))
 
 
-def is_feasible(
+def violation(
     metrics: Mapping[str, float],
     baseline: Mapping[str, float],
     constraints: Mapping[str, float | None] | None,
-) -> bool:
-    """Whether ``metrics`` meet ``constraints``; ``None`` values are ignored.
+) -> float:
+    """How far ``metrics`` are from meeting ``constraints``: 0 when feasible.
 
-    - ``max_accuracy_drop``: ``val_accuracy >= baseline["val_accuracy"] - drop``
-    - ``max_bytes``: ``artifact_bytes <= max_bytes``
-    - ``max_latency_ratio``: ``latency_ratio <= max_latency_ratio``
+    Each violated constraint adds its relative excess; ``None`` values are ignored:
 
-    A constrained metric that is missing or not finite makes the candidate infeasible.
+    - ``max_accuracy_drop``: ``val_accuracy >= baseline["val_accuracy"] - drop``; adds the
+      accuracy missing, in points of accuracy (fractions of 1)
+    - ``max_bytes``: ``artifact_bytes <= max_bytes``; adds ``bytes / max_bytes - 1``
+    - ``max_latency_ratio``: ``latency_ratio <= max_latency_ratio``; adds ``ratio / max - 1``
+
+    A constrained metric that is missing or not finite is an infinite violation.
     """
     if not constraints:
-        return True
+        return 0.0
     unknown = [k for k in constraints if k not in CONSTRAINT_KEYS]
     if unknown:
         raise ValueError(
@@ -184,21 +187,56 @@ def is_feasible(
 
     def value(metric: str) -> float:
         v = metrics.get(metric)
-        return math.nan if v is None else float(v)
+        v = math.nan if v is None else float(v)
+        return v if math.isfinite(v) else math.nan
 
+    total = 0.0
     drop = constraints.get("max_accuracy_drop")
     if drop is not None:
         if "val_accuracy" not in baseline:
             raise ValueError("max_accuracy_drop needs the baseline's val_accuracy")
-        if not value("val_accuracy") >= float(baseline["val_accuracy"]) - float(drop):
-            return False
-    max_bytes = constraints.get("max_bytes")
-    if max_bytes is not None and not value("artifact_bytes") <= float(max_bytes):
-        return False
-    max_latency = constraints.get("max_latency_ratio")
-    if max_latency is not None and not value("latency_ratio") <= float(max_latency):
-        return False
-    return True
+        floor = float(baseline["val_accuracy"]) - float(drop)
+        acc = value("val_accuracy")
+        total += math.inf if math.isnan(acc) else max(0.0, floor - acc)
+    for key, metric in (("max_bytes", "artifact_bytes"), ("max_latency_ratio", "latency_ratio")):
+        bound = constraints.get(key)
+        if bound is not None:
+            v = value(metric)
+            total += math.inf if math.isnan(v) else max(0.0, v / float(bound) - 1.0)
+    return total
+
+
+def is_feasible(
+    metrics: Mapping[str, float],
+    baseline: Mapping[str, float],
+    constraints: Mapping[str, float | None] | None,
+) -> bool:
+    """Whether ``metrics`` meet ``constraints`` (see :func:`violation`)."""
+    return violation(metrics, baseline, constraints) == 0.0
+
+
+# Deb's constrained domination through plain objective values, for any strategy: an infeasible
+# candidate is told INFEASIBLE_BASE * (1 + violation) in the worst direction of every objective.
+# Every feasible candidate dominates it; among infeasible ones the smaller violation dominates;
+# failed candidates (told far worse, ~1e18) stay behind all of them.
+INFEASIBLE_BASE = 1e9
+
+
+def constrained_values(
+    values: tuple[float, ...] | None,
+    objectives: Objectives,
+    metrics: Mapping[str, float],
+    baseline: Mapping[str, float],
+    constraints: Mapping[str, float | None] | None,
+) -> tuple[float, ...] | None:
+    """``values`` for a feasible candidate; penalty values for an infeasible one."""
+    if values is None:
+        return None
+    amount = violation(metrics, baseline, constraints)
+    if amount == 0.0:
+        return values
+    penalty = INFEASIBLE_BASE * (1.0 + min(amount, 1e6))
+    return tuple(-penalty if d == "max" else penalty for _, d in check_objectives(objectives))
 
 
 def _plain(value: Any) -> Any:

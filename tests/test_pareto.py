@@ -184,3 +184,40 @@ def test_table_is_fixed_width_and_truncates():
     assert [line.split()[0] for line in lines[2:5]] == ["c0", "c1", "c2"]
     assert lines[-1] == "... 2 more"
     assert len({len(line) for line in lines[:5]}) == 1
+
+
+def test_violation_is_zero_when_feasible_and_grows_with_the_excess():
+    from petra.pareto import violation
+
+    baseline = {"val_accuracy": 0.9}
+    limits = {"max_accuracy_drop": 0.02, "max_bytes": 1000.0, "max_latency_ratio": 0.5}
+    ok = {"val_accuracy": 0.89, "artifact_bytes": 900.0, "latency_ratio": 0.4}
+    assert violation(ok, baseline, limits) == 0.0
+    assert violation(ok, baseline, None) == 0.0
+    worse = {"val_accuracy": 0.85, "artifact_bytes": 1500.0, "latency_ratio": 0.75}
+    assert violation(worse, baseline, limits) == pytest.approx(0.03 + 0.5 + 0.5)
+    assert violation({"val_accuracy": 0.89}, baseline, limits) == float("inf")
+
+
+def test_constrained_values_follow_debs_rules():
+    from petra.pareto import constrained_values, non_dominated_ranks, to_minimization
+
+    objectives = [("val_accuracy", "max"), ("artifact_bytes", "min")]
+    baseline = {"val_accuracy": 0.9}
+    limits = {"max_accuracy_drop": 0.05}
+
+    def told(acc, size):
+        metrics = {"val_accuracy": acc, "artifact_bytes": size}
+        return constrained_values((acc, size), objectives, metrics, baseline, limits)
+
+    feasible_poor = told(0.86, 10_000.0)   # feasible, and worse than the infeasible ones
+    slightly_off = told(0.84, 10.0)        # violates by 0.01
+    far_off = told(0.50, 1.0)              # violates by 0.35
+    assert feasible_poor == (0.86, 10_000.0)
+    assert told(0.95, 5.0) == (0.95, 5.0)
+    points = to_minimization(
+        [dict(zip(["val_accuracy", "artifact_bytes"], v, strict=True))
+         for v in (feasible_poor, slightly_off, far_off)], objectives)
+    ranks = non_dominated_ranks(points)
+    assert list(ranks) == [0, 1, 2]  # feasible first, then by violation
+    assert constrained_values(None, objectives, {}, baseline, limits) is None

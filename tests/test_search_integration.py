@@ -114,8 +114,10 @@ def test_search_in_process_executor(tmp_path: Path) -> None:
     from petra.loop import search
 
     cfg = load_config(tiny_config(tmp_path, executor="local", name="it-local"),
-                      ["search.generations=1"])
+                      ["search.generations=1", "constraints.max_accuracy_drop=0.05"])
     result = search(cfg)
+    floor = result.baseline["val_accuracy"] - 0.05
+    assert all(m["metrics"]["val_accuracy"] >= floor for m in result.front.members)
     _client, parents, children = read_runs(tmp_path, "it-local")
     assert [p.info.run_id for p in parents] == [result.run_id]
     assert {c.data.tags["petra.executor"] for c in children} == {"local"}
