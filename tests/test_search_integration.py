@@ -124,3 +124,26 @@ def test_search_in_process_executor(tmp_path: Path) -> None:
     assert {c.data.tags["petra.worker_pid"] for c in children} == {str(os.getpid())}
     assert len(result.front.members) >= 1
     assert set(result.test_accuracy) == set(result.front.ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random"])
+def test_every_strategy_completes_a_tiny_search_from_the_cli(tmp_path: Path, strategy: str):
+    from petra.strategies import STRATEGIES
+
+    assert strategy in STRATEGIES  # the list above must follow the registry
+    config = tiny_config(tmp_path, executor="local", name=f"it-{strategy}")
+    proc = run_cli("search", str(config), "--set", f"search.strategy={strategy}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _client, parents, children = read_runs(tmp_path, f"it-{strategy}")
+    assert len(parents) == 1 and parents[0].data.params["search.strategy"] == strategy
+    hashes = [c.data.tags["petra.genome_hash"] for c in children]
+    assert 4 <= len(children) <= 8 and len(set(hashes)) == len(hashes)
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_the_strategy_list_of_the_cli_test_is_the_registry():
+    from petra.strategies import STRATEGIES
+
+    assert sorted(STRATEGIES.names()) == sorted(
+        ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random"])
