@@ -89,10 +89,18 @@ class Result:
     info: dict[str, Any] = field(default_factory=dict)
 
     def objective_values(self, objectives: list[tuple[str, str]]) -> tuple[float, ...] | None:
-        if self.status == FAILED:
-            return None
-        values = tuple(float(self.metrics.get(m, math.nan)) for m, _ in objectives)
-        return None if any(math.isnan(v) for v in values) else values
+        return objective_values(self.status, self.metrics, objectives)
+
+
+def objective_values(
+    status: str, metrics: Mapping[str, float], objectives: list[tuple[str, str]]
+) -> tuple[float, ...] | None:
+    """The objective metrics in ``objectives``' order; None for a failed candidate or when one
+    is missing or NaN."""
+    if status == FAILED:
+        return None
+    values = tuple(float(metrics.get(m, math.nan)) for m, _ in objectives)
+    return None if any(math.isnan(v) for v in values) else values
 
 
 class Evaluator:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petra.evaluate import COMPLETE, FAILED
+from petra.evaluate import COMPLETE, FAILED, objective_values
 
 Progress = Callable[[str], None]
 
@@ -287,7 +287,8 @@ class _Search:
                 record = self.results.get(space.genome_hash(genome))
                 if record is not None:
                     values = pareto.constrained_values(
-                        _objective_values(record, self.objectives), self.objectives,
+                        objective_values(record["status"], record["metrics"], self.objectives),
+                        self.objectives,
                         record["metrics"], self.baseline.metrics, constraints)
                     told.append(Told(genome=genome, status=record["status"], values=values))
             self.strategy.tell(told)
@@ -315,14 +316,6 @@ class _Search:
         return SearchResult(run_id=self.tracker.run_id, front=snap, knee=knee, baseline=dict(b),
                             records=self.records, test_accuracy=test_acc,
                             interrupted=interrupted)
-
-
-def _objective_values(record: Mapping[str, Any], objectives: list[tuple[str, str]]
-                      ) -> tuple[float, ...] | None:
-    if record["status"] == FAILED:
-        return None
-    values = tuple(float(record["metrics"].get(m, math.nan)) for m, _ in objectives)
-    return None if any(math.isnan(v) for v in values) else values
 
 
 def _generation_line(generation: int, total: int, snap: Any, records: list[Mapping[str, Any]],
