@@ -216,10 +216,10 @@ def zdt1_front(name: str, n_vars: int, population: int, generations: int, seed: 
 
 
 def test_nsga2_on_zdt1_reaches_the_hypervolume():
-    # 30 variables, population 100, 100 generations: ~120.4 here (the maximum is 120.667);
-    # random search with the same budget reaches ~100.
+    # 30 variables, population 100, 100 generations: 120.656 on seed 0 (the maximum is
+    # 120.667); random search with the same budget reaches ~100.
     nsga2 = hypervolume(zdt1_front("nsga2", 30, 100, 100, seed=0), (11.0, 11.0))
-    assert nsga2 >= 120.0
+    assert nsga2 >= 120.6
     rand = hypervolume(zdt1_front("random", 30, 100, 100, seed=0), (11.0, 11.0))
     assert rand < 120.0
 
@@ -230,3 +230,31 @@ def test_no_recipe_is_proposed_twice_in_a_roomy_space(name):
     batches = run_all(build(name, space=space, population=12, generations=6))
     hashes = [space.genome_hash(g) for batch in batches for g in batch]
     assert len(set(hashes)) == len(hashes)
+
+
+def test_sbx_children_stay_in_bounds_and_split_low_and_high():
+    from petra.strategies.nsga2 import sbx_bounded
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = list(rng.uniform(0, 1, 5))
+        b = list(rng.uniform(0, 1, 5))
+        x1, x2 = list(a), list(b)
+        sbx_bounded(x1, x2, eta=20.0, low=[0.0] * 5, up=[1.0] * 5, rng=rng, prob_var=1.0)
+        assert all(0.0 <= v <= 1.0 for v in x1 + x2)
+        # Without the exchange the first child takes the lower value of every variable.
+        assert all(c1 <= c2 for c1, c2 in zip(x1, x2, strict=True))
+        # The children spread out from the parents' midpoint, one to each side.
+        for p1, p2, c1, c2 in zip(a, b, x1, x2, strict=True):
+            assert c1 <= (p1 + p2) / 2 <= c2
+
+
+def test_sbx_with_exchange_mixes_the_children():
+    from petra.strategies.nsga2 import sbx_bounded
+
+    rng = np.random.default_rng(1)
+    x1, x2 = [0.2] * 400, [0.8] * 400
+    sbx_bounded(x1, x2, eta=20.0, low=[0.0] * 400, up=[1.0] * 400, rng=rng, prob_var=1.0,
+                exchange=True)
+    swapped = sum(c1 > c2 for c1, c2 in zip(x1, x2, strict=True))
+    assert 150 < swapped < 250

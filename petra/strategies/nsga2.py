@@ -2,9 +2,11 @@
 
 DEAP stays inside this module: the strategy receives and returns plain genome dicts. Individuals
 are a small ``list`` subclass (gene values in the space's order) with a per-instance ``Fitness``
-type, so ``deap.creator`` and its module globals are never touched.
+type, so ``deap.creator`` and its module globals are never touched. Selection is DEAP's
+``selNSGA2`` and mutation its ``mutPolynomialBounded``; real-gene crossover is
+:func:`sbx_bounded`, DEAP's bounded SBX without its per-variable exchange of the children.
 
-DEAP's variation operators draw from the global :mod:`random` module. Every such call runs inside
+DEAP's mutation draws from the global :mod:`random` module. Every such call runs inside
 :func:`_seeded_random`, which seeds ``random`` from ``(seed, generation, call)`` and restores the
 previous global state afterwards: the search is reproducible and nobody else's ``random`` moves.
 """
@@ -39,6 +41,11 @@ from petra.strategies.base import (
 CROSSOVER_PROB = 0.9
 #: Per-gene probability that a categorical gene is swapped during crossover.
 SWAP_PROB = 0.5
+#: Per-variable probability that SBX crosses a real gene (DEAP's and Deb's 0.5).
+SBX_PROB_VAR = 0.5
+#: Whether SBX exchanges a crossed variable's two children at random, as DEAP does (see
+#: :func:`sbx_bounded`; off by default).
+SBX_EXCHANGE = False
 #: Distribution indices of SBX and polynomial mutation.
 ETA_CROSSOVER = 20.0
 ETA_MUTATION = 20.0
@@ -56,6 +63,48 @@ def _seeded_random(seed: int) -> Iterator[None]:
         yield
     finally:
         random.setstate(state)
+
+
+def sbx_bounded(
+    x1: list[float], x2: list[float], *, eta: float, low: Sequence[float],
+    up: Sequence[float], rng: np.random.Generator, prob_var: float = SBX_PROB_VAR,
+    exchange: bool | None = None,
+) -> None:
+    """Bounded simulated binary crossover (Deb and Agrawal), in place, from ``rng``.
+
+    DEAP's ``cxSimulatedBinaryBounded`` with one change: the two children of a crossed
+    variable are not exchanged at random. The first child takes the lower spread value of every
+    crossed variable and the second the upper one, so the pair spreads along the diagonal
+    through its parents, towards the corners of the box. Compression fronts often lie at the
+    bounds (no sparsity, or the most). Measured on ZDT1, whose optimum is at the lower bound:
+    hypervolume 120.655 against 120.433 with the exchange (5 seeds). On a ZDT1 shifted so the
+    optimum is inside the box, 120.416 against 120.405, within the seeds' spread
+    (``benchmarks/zdt1.py`` measures both, with and without the exchange).
+
+    Args:
+        exchange: swap each crossed variable's children with probability 0.5, as DEAP does;
+            None reads :data:`SBX_EXCHANGE`.
+    """
+    exchange = SBX_EXCHANGE if exchange is None else exchange
+    for i, (xl, xu) in enumerate(zip(low, up, strict=True)):
+        if rng.random() > prob_var or abs(x1[i] - x2[i]) <= 1e-14:
+            continue
+        lo, hi = min(x1[i], x2[i]), max(x1[i], x2[i])
+        u = rng.random()
+        c1 = 0.5 * (lo + hi - _sbx_spread(1.0 + 2.0 * (lo - xl) / (hi - lo), u, eta) * (hi - lo))
+        c2 = 0.5 * (lo + hi + _sbx_spread(1.0 + 2.0 * (xu - hi) / (hi - lo), u, eta) * (hi - lo))
+        c1, c2 = min(max(c1, xl), xu), min(max(c2, xl), xu)
+        if exchange and rng.random() < 0.5:
+            c1, c2 = c2, c1
+        x1[i], x2[i] = c1, c2
+
+
+def _sbx_spread(beta: float, u: float, eta: float) -> float:
+    """SBX's spread factor for uniform draw ``u``, its distribution cut off at the bound."""
+    alpha = 2.0 - beta ** -(eta + 1)
+    if u <= 1.0 / alpha:
+        return (u * alpha) ** (1.0 / (eta + 1))
+    return (1.0 / (2.0 - u * alpha)) ** (1.0 / (eta + 1))
 
 
 class _Individual(list):
@@ -263,14 +312,8 @@ class NSGA2(StrategyBase):
         if self._numeric:
             x1 = [n.encode(c1[n.index]) for n in self._numeric]
             x2 = [n.encode(c2[n.index]) for n in self._numeric]
-            with _seeded_random(self._deap_seed()):
-                deap_tools.cxSimulatedBinaryBounded(
-                    x1,
-                    x2,
-                    eta=ETA_CROSSOVER,
-                    low=[n.low for n in self._numeric],
-                    up=[n.high for n in self._numeric],
-                )
+            sbx_bounded(x1, x2, eta=ETA_CROSSOVER, low=[n.low for n in self._numeric],
+                        up=[n.high for n in self._numeric], rng=self._rng)
             self._write_back(c1, x1)
             self._write_back(c2, x2)
 
