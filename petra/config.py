@@ -29,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -235,6 +236,17 @@ class ConstraintsConfig(_Model):
     max_latency_ratio: float | None = Field(None, gt=0.0, description="null or a number > 0")
 
 
+class MultiFidelityConfig(_Model):
+    """Stopping candidates after a short fine-tune when they cannot reach the front."""
+
+    enabled: StrictBool = Field(True, description="true or false")
+    rung_epochs: int = Field(1, ge=1, le=1000, description="an integer in [1, 1000]")
+    headroom: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="null (learned from the search's survivors) or a number in [0, 1]",
+    )
+
+
 class SearchSettings(_Model):
     """The search strategy and its budget."""
 
@@ -244,6 +256,7 @@ class SearchSettings(_Model):
     population: int = Field(16, ge=2, description="an integer >= 2")
     generations: int = Field(6, ge=1, description="an integer >= 1")
     time_budget_s: float | None = Field(None, gt=0.0, description="null or a number of seconds > 0")
+    multi_fidelity: MultiFidelityConfig = MultiFidelityConfig()
 
 
 class ExecutionConfig(_Model):
@@ -257,6 +270,9 @@ class ExecutionConfig(_Model):
     workers: int = Field(2, ge=1, description="an integer >= 1")
     cpus_per_candidate: int = Field(1, ge=1, description="an integer >= 1")
     executor: Literal["ray", "local"] = Field("ray", description="one of ray, local")
+    memory_limit_mb: int | None = Field(
+        None, ge=64, description="null (no limit) or an integer number of MiB >= 64"
+    )
 
 
 class TrackingConfig(_Model):
@@ -471,6 +487,7 @@ __all__ = [
     "ExecutionConfig",
     "FinetuneConfig",
     "LayersConfig",
+    "MultiFidelityConfig",
     "SearchConfig",
     "SearchSettings",
     "SpaceConfig",

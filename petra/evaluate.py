@@ -1,9 +1,14 @@
 """One candidate: genome → compressed deployable artifact → measured :class:`Result`.
 
     baseline weights → structured pruning (channels removed) → low-rank factorization
-    → unstructured masks (per layer, or global) → [QAT prepare] → fine-tune (+ regularizer,
-    masks held) → [QAT finalize] → ONNX → quantization scheme → artifact bytes
+    → unstructured masks (per layer, or global) → [multi-fidelity probe] → [QAT prepare]
+    → fine-tune (+ regularizer, masks held; [rung: stop if it cannot reach the front])
+    → [QAT finalize] → ONNX → quantization scheme → artifact bytes
     → measured on the artifact: val accuracy, bytes, latency vs. the dense baseline (interleaved)
+
+The whole evaluation runs under the per-candidate memory limit (:mod:`petra.limits`). A candidate
+that raises, produces non-finite weights or outputs, or allocates past the limit becomes a failed
+:class:`Result` with its error; one stopped by its rung (:mod:`petra.fidelity`) a pruned one.
 
 An :class:`Evaluator` is built once per worker and reused for every candidate: the task, the
 baseline weights and the baseline's ONNX Runtime session stay warm.
@@ -15,11 +20,15 @@ import copy
 import io
 import math
 import os
+import re
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from petra.fidelity import Rung
 
 COMPLETE, FAILED, PRUNED = "complete", "failed", "pruned"
 
@@ -45,6 +54,7 @@ class Recipe:
 
     @classmethod
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
+        import petra.compress  # noqa: F401  (fills the registries the genes name)
         from petra.registry import PRUNING
 
         recipe = cls(
@@ -114,12 +124,14 @@ class Evaluator:
         calibration_batches: training batches used to calibrate static quantization.
         core: pin this process to the ``core``-th CPU it may use (modulo their count), so
             candidate and baseline are timed on the same core; None leaves affinity alone.
+        memory_limit_mb: the most memory one candidate may add to this process
+            (:func:`petra.limits.memory_limit`); None for no limit.
     """
 
     def __init__(
         self, *, task_name: str, task_params: Mapping[str, Any], baseline_state: bytes,
         baseline_artifact: bytes, threads: int = 1, calibration_batches: int = 4,
-        core: int | None = None,
+        core: int | None = None, memory_limit_mb: int | None = None,
     ) -> None:
         import torch
 
@@ -131,6 +143,7 @@ class Evaluator:
         self.core = pin_to_core(core) if core is not None and threads == 1 else None
         torch.set_num_threads(threads)
         self.threads = threads
+        self.memory_limit_mb = memory_limit_mb
         self.task = load_task(task_name, task_params)
         self.task.model.load_state_dict(torch.load(io.BytesIO(baseline_state), weights_only=True))
         self.task.model.eval()
@@ -145,34 +158,51 @@ class Evaluator:
             x.numpy() for x, _ in _take(self.task.train, calibration_batches)
         ]
 
-    def evaluate(self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0) -> Result:
-        """Compress, fine-tune, export and measure one genome; never raises."""
+    def evaluate(
+        self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0,
+        rung: Rung | None = None,
+    ) -> Result:
+        """Compress, fine-tune, export and measure one genome; never raises.
+
+        Args:
+            genome: the genes (a partial genome means no compression for the rest).
+            genome_hash: carried into the Result.
+            seed: seeds pruning and the fine-tune.
+            rung: the multi-fidelity rule (see :mod:`petra.fidelity`); None measures every
+                candidate in full.
+        """
+        from petra.limits import memory_limit, peak_rss_mb, reset_peak_rss
+
         start = time.perf_counter()
+        reset_peak_rss()
         try:
-            result = self._evaluate(dict(genome), genome_hash, seed)
+            with memory_limit(self.memory_limit_mb):
+                result = self._evaluate(dict(genome), genome_hash, seed, rung)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
             result = Result(
                 genome=dict(genome), genome_hash=genome_hash, status=FAILED,
-                error=f"{type(exc).__name__}: {exc}",
-                info={"traceback": traceback.format_exc(limit=8)},
+                error=describe_error(exc), info={"traceback": traceback.format_exc(limit=8)},
             )
         result.metrics["eval_time_s"] = time.perf_counter() - start
+        peak = peak_rss_mb()
+        if peak is not None:
+            result.metrics["peak_rss_mb"] = peak
         result.info["worker_pid"] = os.getpid()
         result.info["core"] = self.core
         return result
 
-    def _evaluate(self, genome: dict[str, Any], genome_hash: str, seed: int) -> Result:
+    def _evaluate(
+        self, genome: dict[str, Any], genome_hash: str, seed: int, rung: Rung | None
+    ) -> Result:
         import torch
 
-        from petra import artifact
         from petra.compress.lowrank import factorize
         from petra.compress.prune import PruneContext, unstructured_masks
-        from petra.compress.quantize import QuantContext
         from petra.compress.regularize import RegContext
         from petra.compress.structured import prune_channels
-        from petra.measure import interleaved_latency, macs_and_params, session_accuracy
+        from petra.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
         from petra.registry import QUANTIZATION, REGULARIZERS
-        from petra.train import train
+        from petra.train import evaluate_metric, train
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
@@ -187,33 +217,83 @@ class Evaluator:
         ranks = factorize(model, {n: m for n, (m, _) in recipe.of_kind("lowrank").items()},
                           energy=recipe.energy, ctx=ctx)
         masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx)
+        info: dict[str, Any] = {"channels": channels, "ranks": ranks}
+
+        # Multi-fidelity: the probe fixes bytes and graph before the fine-tune; the rung reads
+        # the accuracy after a short one (petra.fidelity).
+        rung = rung if rung is not None and rung.applies(recipe.epochs) else None
+        probe: dict[str, float] = {}
+        if rung is not None:
+            probe = self._measure(self._artifact(model, recipe), model, accuracy=False,
+                                  rounds=PROBE_ROUNDS, block_s=PROBE_BLOCK_S)
+            reason = rung.stop_reason(probe, probe_only=True)
+            if reason:
+                return self._pruned(genome, genome_hash, probe, reason, 0, info)
+
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
             strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
             params=recipe.reg_params,
         ))
         prepare = QUANTIZATION.get(recipe.quant).meta.get("prepare")
         finalize = prepare(model) if prepare is not None and recipe.epochs > 0 else None
+        at_rung: dict[str, Any] = {}
+
+        def report(epoch: int, _loss: float) -> bool:
+            if rung is None or epoch + 1 != rung.epochs:
+                return False
+            at_rung["val_accuracy"] = evaluate_metric(model, self.task.val, self.task.metric)
+            at_rung["reason"] = rung.stop_reason({**probe, "val_accuracy": at_rung["val_accuracy"]})
+            return at_rung["reason"] is not None
+
         train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
-              loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed)
+              loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report)
+        if at_rung.get("reason"):
+            probe["val_accuracy"] = at_rung["val_accuracy"]
+            return self._pruned(genome, genome_hash, probe, at_rung["reason"], rung.epochs, info)
         if finalize is not None:
             finalize()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError("fine-tuning produced non-finite weights")
 
+        data = self._artifact(model, recipe)
+        metrics = self._measure(data, model)
+        metrics["fidelity_epochs"] = float(recipe.epochs)
+        if "val_accuracy" in at_rung:
+            metrics["rung_val_accuracy"] = at_rung["val_accuracy"]
+        info["effective"] = _effective(metrics)
+        return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
+                      artifact=data, info=info)
+
+    def _artifact(self, model: Any, recipe: Recipe) -> bytes:
+        """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
+        from petra import artifact
+        from petra.compress.quantize import QuantContext
+        from petra.registry import QUANTIZATION
+
         proto = artifact.export_onnx(model, self.example)
         proto = QUANTIZATION.get(recipe.quant).fn(
             proto, QuantContext(calibration=self.calibration, input_name="input")
         )
-        data = artifact.pack(proto)
+        return artifact.pack(proto)
+
+    def _measure(
+        self, data: bytes, model: Any, *, accuracy: bool = True, rounds: int = 15,
+        block_s: float = 0.03,
+    ) -> dict[str, float]:
+        """Bytes, latency against the baseline, MACs and (if ``accuracy``) val accuracy."""
+        from petra import artifact
+        from petra.measure import interleaved_latency, macs_and_params, session_accuracy
+
         session = artifact.load(data, threads=self.threads)
-        val = session_accuracy(session, self.task.val, self.task.metric)
-        latency = interleaved_latency(session, self.baseline_session, self.example.numpy())
+        metrics: dict[str, float] = {}
+        if accuracy:
+            metrics["val_accuracy"] = session_accuracy(session, self.task.val, self.task.metric)
+        latency = interleaved_latency(session, self.baseline_session, self.example.numpy(),
+                                      rounds=rounds, block_s=block_s)
         macs, params_dense, params = macs_and_params(model, self.example)
-        size_ratio = len(data) / self.baseline_bytes
-        metrics = {
-            "val_accuracy": val,
+        metrics.update({
             "artifact_bytes": float(len(data)),
-            "size_ratio": size_ratio,
+            "size_ratio": len(data) / self.baseline_bytes,
             "latency_ms": latency.candidate_ms,
             "latency_ratio": latency.ratio,
             "latency_ratio_iqr": latency.ratio_iqr,
@@ -221,16 +301,20 @@ class Evaluator:
             "params": float(params),
             "params_dense": float(params_dense),
             "macs": float(macs),
-        }
-        effective = {
-            "bytes": size_ratio < 1 - BYTES_MARGIN,
-            "latency": latency.ratio < 1 - max(LATENCY_MARGIN, latency.ratio_iqr),
-        }
-        return Result(
-            genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
-            artifact=data,
-            info={"channels": channels, "ranks": ranks, "effective": effective},
-        )
+        })
+        return metrics
+
+    def _pruned(
+        self, genome: dict[str, Any], genome_hash: str, metrics: dict[str, float], reason: str,
+        epochs: int, info: dict[str, Any],
+    ) -> Result:
+        """A candidate stopped by its rung: its probe (and rung) measurement, no artifact."""
+        metrics = {**metrics, "fidelity_epochs": float(epochs)}
+        if "val_accuracy" in metrics:
+            metrics["rung_val_accuracy"] = metrics["val_accuracy"]
+        info = {**info, "effective": _effective(metrics), "pruned": reason}
+        return Result(genome=genome, genome_hash=genome_hash, status=PRUNED, metrics=metrics,
+                      info=info)
 
     def test_accuracy(self, artifact_bytes: bytes) -> float:
         """The task metric of an artifact on the held-out test split."""
@@ -239,6 +323,34 @@ class Evaluator:
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)
+
+
+def describe_error(exc: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` of the error's root cause, naming the wrapper it was raised inside.
+
+    torch.export, for one, wraps a model's own error in a long ``TorchExportError``; the root
+    cause is what the user needs to read first. petra's own errors (the memory limit) already
+    say what happened, and are told as they are.
+    """
+    if type(exc).__module__.startswith("petra."):
+        return f"{type(exc).__name__}: {exc}"[:limit]
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(root).__name__}: {root}").strip()
+    if root is not exc:
+        text += f" (raised inside {type(exc).__name__})"
+    return text[:limit]
+
+
+def _effective(metrics: Mapping[str, float]) -> dict[str, bool]:
+    """Whether the compression changed bytes, and time, beyond the margins (and the noise)."""
+    return {
+        "bytes": metrics["size_ratio"] < 1 - BYTES_MARGIN,
+        "latency": metrics["latency_ratio"]
+        < 1 - max(LATENCY_MARGIN, metrics["latency_ratio_iqr"]),
+    }
 
 
 def pin_to_core(index: int) -> int | None:

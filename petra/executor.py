@@ -8,6 +8,7 @@ worker, not once per candidate. Workers receive plain genome dicts and return pl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import deque
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from petra.evaluate import FAILED, Evaluator, Result
+from petra.fidelity import Rung
 
 # Ray 2.60 binds to the machine's network address and turns on token auth unless told
 # otherwise; with these every listener is on 127.0.0.1 (see STACK.md). Usage stats are off so
@@ -27,14 +29,19 @@ LOOPBACK_ENV = {
 }
 
 
+#: How many times a candidate whose Ray worker died is run again on a fresh worker.
+WORKER_RETRIES = 1
+
+
 @dataclass(frozen=True)
 class Job:
-    """One evaluation to run: a genome with its hash, seed and a caller-chosen key."""
+    """One evaluation to run: a genome with its hash, seed, a caller-chosen key and its rung."""
 
     key: Any
     genome: dict[str, Any]
     genome_hash: str
     seed: int
+    rung: Rung | None = None
 
 
 class LocalExecutor:
@@ -48,7 +55,7 @@ class LocalExecutor:
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Result]]:
         for job in jobs:
             yield job, self._evaluator.evaluate(job.genome, genome_hash=job.genome_hash,
-                                                seed=job.seed)
+                                                seed=job.seed, rung=job.rung)
 
     def test_accuracy(self, artifacts: list[bytes]) -> list[float]:
         return [self._evaluator.test_accuracy(a) for a in artifacts]
@@ -63,8 +70,10 @@ class _Worker:
     def __init__(self, **kwargs: Any) -> None:
         self._evaluator = Evaluator(**kwargs)
 
-    def evaluate(self, genome: dict[str, Any], genome_hash: str, seed: int) -> Result:
-        return self._evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed)
+    def evaluate(
+        self, genome: dict[str, Any], genome_hash: str, seed: int, rung: Rung | None
+    ) -> Result:
+        return self._evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed, rung=rung)
 
     def test_accuracy(self, artifact: bytes) -> float:
         return self._evaluator.test_accuracy(artifact)
@@ -126,31 +135,57 @@ class RayExecutor:
         return actor
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Result]]:
-        """Yield ``(job, result)`` as results complete. A dead worker fails its job, and is
-        replaced."""
+        """Yield ``(job, result)`` as results complete.
+
+        A worker that finishes is given its next job before its result is yielded, so the
+        caller's logging overlaps the workers' evaluations. A job whose worker dies is run again
+        on a fresh worker, :data:`WORKER_RETRIES` times, then failed; the dead worker is
+        replaced either way.
+        """
         ray = self._ray
         queue = deque(jobs)
         idle = list(self._actors)
         pending: dict[Any, tuple[Job, Any]] = {}
-        while queue or pending:
+        attempts: dict[int, int] = {}
+
+        def dispatch() -> None:
             while queue and idle:
                 actor, job = idle.pop(), queue.popleft()
-                ref = actor.evaluate.remote(job.genome, job.genome_hash, job.seed)
+                ref = actor.evaluate.remote(job.genome, job.genome_hash, job.seed, job.rung)
                 pending[ref] = (job, actor)
+
+        dispatch()
+        while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                job, actor = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    result = _failed(job, f"worker died: {exc}")
-                    self._actors.remove(actor)
-                    actor = self._new_actor(self._cores.pop(actor))
-                    self._actors.append(actor)
-                except ray.exceptions.RayError as exc:
-                    result = _failed(job, f"{type(exc).__name__}: {exc}")
-                idle.append(actor)
-                yield job, result
+            job, actor = pending.pop(ready[0])
+            tries = attempts.get(id(job), 0) + 1
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                actor = self._replace(actor)
+                if tries <= WORKER_RETRIES:
+                    attempts[id(job)] = tries
+                    queue.appendleft(job)
+                    idle.append(actor)
+                    dispatch()
+                    continue
+                result = _failed(job, f"worker died {tries} times running this candidate "
+                                      f"(last: {_brief(exc)})")
+            except ray.exceptions.RayError as exc:
+                result = _failed(job, f"{type(exc).__name__}: {_brief(exc)}")
+            result.info["attempts"] = tries
+            idle.append(actor)
+            dispatch()
+            yield job, result
+
+    def _replace(self, actor: Any) -> Any:
+        """A fresh worker in place of a dead one, on the same core."""
+        self._actors.remove(actor)
+        with contextlib.suppress(Exception):
+            self._ray.kill(actor)
+        fresh = self._new_actor(self._cores.pop(actor))
+        self._actors.append(fresh)
+        return fresh
 
     def test_accuracy(self, artifacts: list[bytes]) -> list[float]:
         refs = [
@@ -165,6 +200,12 @@ class RayExecutor:
         self._actors = []
         if self._owns_cluster:
             self._ray.shutdown()
+
+
+def _brief(exc: BaseException, limit: int = 500) -> str:
+    """The first line of an error, shortened."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
 
 
 def _failed(job: Job, error: str) -> Result:

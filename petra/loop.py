@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petra.evaluate import COMPLETE, FAILED, objective_values
+from petra.evaluate import COMPLETE, FAILED, PRUNED, objective_values
 
 Progress = Callable[[str], None]
 
@@ -224,7 +224,8 @@ class _Search:
             cfg.execution.executor,
             evaluator_kwargs={"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
                               "baseline_state": self.baseline.state,
-                              "baseline_artifact": self.baseline.artifact},
+                              "baseline_artifact": self.baseline.artifact,
+                              "memory_limit_mb": cfg.execution.memory_limit_mb},
             address=cfg.execution.address, workers=cfg.execution.workers,
             cpus_per_candidate=cfg.execution.cpus_per_candidate,
         )
@@ -239,6 +240,18 @@ class _Search:
         finally:
             executor.close()
 
+    def _rung(self) -> Any:
+        """This generation's multi-fidelity rung (None when multi-fidelity is off)."""
+        from petra.fidelity import rung_for_generation
+
+        mf = self.cfg.search.multi_fidelity
+        if not mf.enabled:
+            return None
+        return rung_for_generation(
+            records=self.records, generation=self.generation, epochs=mf.rung_epochs,
+            objectives=self.objectives, baseline=self.baseline.metrics,
+            constraints=self.cfg.constraints.model_dump(), headroom=mf.headroom)
+
     def _over_budget(self) -> bool:
         budget = self.cfg.search.time_budget_s
         return bool(budget) and self.elapsed() > budget
@@ -251,13 +264,14 @@ class _Search:
         cfg, space = self.cfg, self.space
         while not self.strategy.done:
             genomes = self.strategy.ask()
+            rung = self._rung()
             jobs: list[Job] = []
             for index, genome in enumerate(genomes):
                 key = space.genome_hash(genome)
                 if key in self.results or any(j.genome_hash == key for j in jobs):
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
-                                candidate_seed(cfg.seed, self.generation, index)))
+                                candidate_seed(cfg.seed, self.generation, index), rung))
             for job, result in executor.run(jobs):
                 child = self.tracker.log_candidate(result, generation=self.generation,
                                                    index=job.key, executor=executor.kind)
@@ -322,13 +336,15 @@ def _generation_line(generation: int, total: int, snap: Any, records: list[Mappi
                      elapsed: float) -> str:
     done = [r for r in records if r["status"] == COMPLETE]
     failed = sum(r["status"] == FAILED for r in records)
+    pruned = sum(r["status"] == PRUNED for r in records)
 
     def best(metric: str, fn: Callable[..., float]) -> str:
         values = [r["metrics"][metric] for r in done if math.isfinite(r["metrics"].get(metric, math.nan))]
         return f"{fn(values):.3f}" if values else "-"
 
     return (
-        f"generation {generation + 1}/{total}: {len(records)} evaluated ({failed} failed), "
+        f"generation {generation + 1}/{total}: {len(records)} evaluated ({failed} failed, "
+        f"{pruned} pruned), "
         f"front {len(snap.members)}, hypervolume {snap.hypervolume:.4f}; best val "
         f"{best('val_accuracy', max)}, min size {best('size_ratio', min)}, min latency "
         f"{best('latency_ratio', min)} [{elapsed:.0f} s]"

@@ -261,6 +261,7 @@ class FrontSnapshot:
         reference: the hypervolume reference, from :func:`reference_point`.
         evaluated: every record seen so far, whatever its status.
         failed: the records with status "failed".
+        pruned: the records with status "pruned" (stopped by their multi-fidelity rung).
     """
 
     generation: int
@@ -270,6 +271,7 @@ class FrontSnapshot:
     reference: tuple[float, ...]
     evaluated: int
     failed: int
+    pruned: int = 0
 
     @property
     def ids(self) -> list[str]:
@@ -283,6 +285,7 @@ class FrontSnapshot:
             "reference": [_plain(float(r)) for r in self.reference],
             "evaluated": self.evaluated,
             "failed": self.failed,
+            "pruned": self.pruned,
             "members": [
                 {
                     "id": m["id"],
@@ -308,6 +311,7 @@ class FrontSnapshot:
             reference=tuple(float(r) for r in d["reference"]),
             evaluated=int(d["evaluated"]),
             failed=int(d["failed"]),
+            pruned=int(d.get("pruned", 0)),
         )
 
     def to_csv(self) -> str:
@@ -436,6 +440,7 @@ def snapshot(
         reference=ref,
         evaluated=len(records),
         failed=sum(1 for r in records if r.get("status") == "failed"),
+        pruned=sum(1 for r in records if r.get("status") == "pruned"),
     )
 
 

@@ -3,12 +3,13 @@
 Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md):
 
 - search run: params = the config flattened; metrics by step = generation: ``hypervolume``,
-  ``front_size``, ``evaluated``, ``failed``; baseline metrics; artifacts ``config.yaml``,
+  ``front_size``, ``evaluated``, ``failed``, ``pruned``; baseline metrics; artifacts ``config.yaml``,
   ``front.json``, ``front.csv``, ``front.html``, ``front.png`` and ``fronts/gen_NNN/``.
 - candidate run: a child tagged ``mlflow.parentRunId``; params = genes; metrics from the
   Result; tags ``petra.status``, ``petra.generation``, ``petra.on_front``,
-  ``petra.genome_hash``, ``petra.executor``, ``petra.worker_pid``, ``petra.error``; the artifact
-  ``model.petra``.
+  ``petra.genome_hash``, ``petra.executor``, ``petra.worker_pid``, ``petra.error`` (failed),
+  ``petra.pruned_reason`` (pruned), ``petra.attempts`` (when a dead worker's candidate was run
+  again); the artifact ``model.petra``.
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ class Tracker:
         }
         if result.error:
             tags["petra.error"] = result.error[:5000]
+        if result.info.get("pruned"):
+            tags["petra.pruned_reason"] = str(result.info["pruned"])[:5000]
+        if result.info.get("attempts", 1) > 1:
+            tags["petra.attempts"] = str(result.info["attempts"])
         for key, value in result.info.get("effective", {}).items():
             tags[f"petra.effective_{key}"] = str(bool(value)).lower()
         run = self.client.create_run(
@@ -182,6 +187,7 @@ class Tracker:
             "front_size": len(snap.members),
             "evaluated": snap.evaluated,
             "failed": snap.failed,
+            "pruned": snap.pruned,
         }, step=snap.generation)
         folder = f"fronts/gen_{snap.generation:03d}"
         self.client.log_text(self.run_id, snap.to_json(), f"{folder}/front.json")

@@ -22,7 +22,7 @@ def train(
     masks: Mapping[str, torch.Tensor] | None = None,
     weight_decay: float = 1e-4,
     seed: int = 0,
-    report: Callable[[int, float], None] | None = None,
+    report: Callable[[int, float], bool | None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with AdamW and a one-cycle LR schedule.
 
@@ -38,7 +38,9 @@ def train(
             unstructured sparsity survives the fine-tune.
         weight_decay: AdamW weight decay.
         seed: seeds the torch RNG (dropout, etc.) for this run.
-        report: called after each epoch with ``(epoch, mean_loss)`` (multi-fidelity hook).
+        report: called after each epoch with ``(epoch, mean_loss)``; training stops early
+            when it returns True (the multi-fidelity rung, :mod:`petra.fidelity`). It may
+            evaluate the model: training mode is restored after it.
     """
     if epochs <= 0:
         return model
@@ -70,7 +72,9 @@ def train(
             total += float(loss.detach()) * len(targets)
             count += len(targets)
         if report is not None:
-            report(epoch, total / max(count, 1))
+            if report(epoch, total / max(count, 1)):
+                break
+            model.train()
     model.eval()
     return model
 

@@ -100,12 +100,14 @@ def test_empty_mapping_gives_the_documented_defaults():
         "population": 16,
         "generations": 6,
         "time_budget_s": None,
+        "multi_fidelity": {"enabled": True, "rung_epochs": 1, "headroom": None},
     }
     assert cfg.execution.model_dump() == {
         "address": None,
         "workers": 2,
         "cpus_per_candidate": 1,
         "executor": "ray",
+        "memory_limit_mb": None,
     }
     assert (cfg.tracking.uri, cfg.tracking.experiment) == ("sqlite:///runs/mlflow.db", "petra")
     assert load_config({}) == SearchConfig()
