@@ -2,7 +2,8 @@
 twice, and the front equals an uninterrupted run's with the same seed.
 
 The objectives here are deterministic (accuracy and bytes), so the fronts can be compared
-exactly; latency, being timed, would differ between any two runs.
+exactly; latency, being timed, would differ between any two runs. Fine-tunes of 2 epochs have a
+multi-fidelity rung, so the kill and the resume also go through rung decisions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def config(tmp_path: Path, name: str) -> Path:
         "name": name, "seed": 3, "task": TINY_TASK,
         "space": {"pruning": ["none", "magnitude", "l2_channel"], "sparsity": [0.0, 0.8],
                   "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
-                  "finetune": {"epochs": [0, 1]}},
+                  "finetune": {"epochs": [0, 2]}},
         "objectives": ["val_accuracy:max", "artifact_bytes:min"],
         "search": {"strategy": "nsga2", "population": 4, "generations": 3},
         "execution": {"executor": "local"},
@@ -94,4 +95,13 @@ def test_sigkill_then_resume_repeats_and_loses_nothing(tmp_path: Path) -> None:
     # the same evaluations as the uninterrupted run, and the same front
     assert sorted(hashes) == sorted(c.data.tags["petra.genome_hash"] for c in ref_children)
     assert front_hashes(children) == front_hashes(ref_children)
+    statuses = {c.data.tags["petra.genome_hash"]: c.data.tags["petra.status"] for c in children}
+    assert statuses == {c.data.tags["petra.genome_hash"]: c.data.tags["petra.status"]
+                        for c in ref_children}
     assert parents[0].info.status == "FINISHED"
+    # the child count is the evaluations the search planned, as its own metric counts them
+    from mlflow.tracking import MlflowClient
+
+    evaluated = MlflowClient(f"sqlite:///{tmp_path / 'killed'}.db").get_metric_history(
+        run_id, "evaluated")
+    assert max(evaluated, key=lambda m: m.step).value == len(children)

@@ -126,6 +126,38 @@ def test_search_in_process_executor(tmp_path: Path) -> None:
     assert set(result.test_accuracy) == set(result.front.ids)
 
 
+def test_multi_fidelity_stops_dominated_candidates_at_their_rung(tmp_path: Path) -> None:
+    from petra.config import load_config
+    from petra.loop import search
+
+    # Accuracy and bytes only, so the run is deterministic; headroom 0 so the rung stops
+    # whatever the front of the earlier generations dominates after one epoch.
+    cfg = load_config(tiny_config(tmp_path, executor="local", name="it-mf"), [
+        "search.population=6", "search.generations=3", "space.finetune.epochs=[2, 3]",
+        "search.multi_fidelity.headroom=0.0", "objectives=[val_accuracy:max, artifact_bytes:min]",
+    ])
+    result = search(cfg)
+    client, parents, children = read_runs(tmp_path, "it-mf")
+    by_status: dict[str, list] = {}
+    for child in children:
+        by_status.setdefault(child.data.tags["petra.status"], []).append(child)
+    pruned = by_status.get("pruned", [])
+    assert pruned, {k: len(v) for k, v in by_status.items()}
+    for child in pruned:
+        assert int(child.data.tags["petra.generation"]) >= 1  # generation 0 has no front yet
+        assert "dominated" in child.data.tags["petra.pruned_reason"]
+        assert child.data.metrics["fidelity_epochs"] == 1
+        assert child.data.tags["petra.on_front"] == "false"
+        assert child.info.run_id not in result.front.ids
+        assert not client.list_artifacts(child.info.run_id, "model.petra")
+    for child in by_status["complete"]:
+        assert child.data.metrics["fidelity_epochs"] == float(child.data.params["finetune.epochs"])
+        assert "rung_val_accuracy" in child.data.metrics
+    history = client.get_metric_history(parents[0].info.run_id, "pruned")
+    assert max(m.step for m in history) == 2
+    assert sorted(history, key=lambda m: m.step)[-1].value == len(pruned)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random"])
 def test_every_strategy_completes_a_tiny_search_from_the_cli(tmp_path: Path, strategy: str):
