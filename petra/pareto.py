@@ -444,6 +444,37 @@ def snapshot(
     )
 
 
+def hypervolume_curve(
+    records: Sequence[Mapping[str, Any]],
+    objectives: Objectives,
+    baseline: Mapping[str, float],
+    constraints: Mapping[str, float | None] | None = None,
+) -> list[float]:
+    """The hypervolume of the front of the first ``k`` records, for ``k = 1 .. len(records)``.
+
+    ``records`` are in the order they were evaluated; the curve never decreases.
+    """
+    objectives = check_objectives(objectives)
+    ref = reference_point(objectives, baseline)
+    curve, points = [], []
+    for record in records:
+        metrics = record.get("metrics") or {}
+        if record.get("status") == "complete" and is_feasible(metrics, baseline, constraints):
+            point = normalize(metrics, objectives, baseline)
+            if all(math.isfinite(v) for v in point):
+                points.append(point)
+        curve.append(hypervolume(np.array(points), ref) if points else 0.0)
+    return curve
+
+
+def evaluations_to_reach(curve: Sequence[float], fraction: float = 0.95) -> int | None:
+    """The number of evaluations after which ``curve`` first reaches ``fraction`` of its end."""
+    if not curve or curve[-1] <= 0:
+        return None
+    target = fraction * curve[-1]
+    return next(i + 1 for i, v in enumerate(curve) if v >= target)
+
+
 def knee_point(snapshot: FrontSnapshot) -> str | None:
     """The id of the front member closest to the ideal point, or None for an empty front.
 

@@ -221,3 +221,25 @@ def test_constrained_values_follow_debs_rules():
     ranks = non_dominated_ranks(points)
     assert list(ranks) == [0, 1, 2]  # feasible first, then by violation
     assert constrained_values(None, objectives, {}, baseline, limits) is None
+
+
+def test_hypervolume_curve_grows_with_each_useful_record_and_counts_only_feasible_ones():
+    from petra.pareto import evaluations_to_reach, hypervolume_curve
+
+    objectives = [("val_accuracy", "max"), ("size_ratio", "min")]
+    baseline = {"val_accuracy": 0.9}
+    records = [
+        {"status": "complete", "metrics": {"val_accuracy": 0.85, "size_ratio": 0.5}},
+        {"status": "failed", "metrics": {}},
+        {"status": "pruned", "metrics": {"val_accuracy": 0.89, "size_ratio": 0.1}},
+        {"status": "complete", "metrics": {"val_accuracy": 0.70, "size_ratio": 0.1}},  # worse
+        {"status": "complete", "metrics": {"val_accuracy": 0.89, "size_ratio": 0.2}},
+    ]
+    curve = hypervolume_curve(records, objectives, baseline)
+    # (0.85 - 0.8) * (1 - 0.5), then unchanged, then the third point adds its own box
+    assert curve[:4] == pytest.approx([0.025] * 4)
+    assert curve[4] == pytest.approx(0.09 * 0.8)
+    assert evaluations_to_reach(curve, 0.95) == 5 and evaluations_to_reach(curve, 0.3) == 1
+    constrained = hypervolume_curve(records, objectives, baseline, {"max_accuracy_drop": 0.02})
+    assert constrained == pytest.approx([0.0] * 4 + [0.09 * 0.8])
+    assert evaluations_to_reach([0.0, 0.0]) is None
