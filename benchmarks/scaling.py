@@ -15,7 +15,8 @@ child runs into a sqlite store, a checkpoint after every result.
 
     .venv/bin/python benchmarks/scaling.py [--population 16] [--generations 4] [--repeats 2]
 
-Writes benchmarks/results/scaling.json.
+Writes benchmarks/results/scaling.json; the searches stay in MLflow stores under
+runs/benchmarks/.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,20 +109,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     runs = []
-    with tempfile.TemporaryDirectory(prefix="petra-bench-") as tmp:
-        for repeat in range(args.repeats):
-            for workers in (1, 2):
-                run = run_one(workers, population=args.population,
-                              generations=args.generations, seed=args.seed,
-                              store=Path(tmp) / f"r{repeat}-{workers}.db")
-                run["repeat"] = repeat
-                runs.append(run)
-                print(f"repeat {repeat}, {workers} worker(s): {run['candidates']} candidates, "
-                      f"{run['candidates_per_hour']:.0f}/h steady "
-                      f"({run['candidates_per_hour_end_to_end']:.0f}/h end to end), mean eval "
-                      f"{run['mean_eval_s']:.2f} s, overhead {100 * run['overhead_fraction']:.1f}%"
-                      f", driver bookkeeping {100 * run['driver_bookkeeping_fraction']:.1f}%",
-                      flush=True)
+    folder = ROOT / "runs" / "benchmarks" / f"scaling-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for repeat in range(args.repeats):
+        for workers in (1, 2):
+            run = run_one(workers, population=args.population,
+                          generations=args.generations, seed=args.seed,
+                          store=folder / f"r{repeat}-{workers}.db")
+            run["repeat"] = repeat
+            runs.append(run)
+            print(f"repeat {repeat}, {workers} worker(s): {run['candidates']} candidates, "
+                  f"{run['candidates_per_hour']:.0f}/h steady "
+                  f"({run['candidates_per_hour_end_to_end']:.0f}/h end to end), mean eval "
+                  f"{run['mean_eval_s']:.2f} s, overhead {100 * run['overhead_fraction']:.1f}%"
+                  f", driver bookkeeping {100 * run['driver_bookkeeping_fraction']:.1f}%",
+                  flush=True)
 
     def mean(workers: int, key: str) -> float:
         return statistics.mean(r[key] for r in runs if r["workers"] == workers)

@@ -11,7 +11,8 @@ hypervolume, the worker-seconds spent evaluating, and the candidates pruned and 
 
 Writes benchmarks/results/strategies.json (rewritten after every search, so a partial run
 keeps what it measured), strategies.md (the README table) and strategies.png (hypervolume
-against evaluations, mean over seeds).
+against evaluations, mean over seeds). The searches themselves stay in an MLflow store under
+runs/benchmarks/, named in the JSON, for a look in the UI.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -147,22 +147,23 @@ def main() -> None:
                  for label, s, mf in ARMS if label in args.arms},
     }
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="petra-bench-") as tmp:
-        store = Path(tmp) / "mlflow.db"
-        for seed in args.seeds:
-            for label, strategy, mf in ARMS:
-                if label not in report["arms"]:
-                    continue
-                run = run_one(strategy, mf, seed, population=args.population,
-                              generations=args.generations, workers=args.workers, store=store)
-                arm = report["arms"][label]
-                arm["runs"].append(run)
-                arm["summary"] = summarise(arm["runs"])
-                report["wall_s"] = round(time.time() - started, 1)
-                write_outputs(report)
-                print(f"seed {seed} {label:<28} hypervolume {run['hypervolume']:.4f}, "
-                      f"{run['evaluations']} evaluations ({run['pruned']} pruned), "
-                      f"{run['eval_seconds']:.0f} worker-s, {run['wall_s']:.0f} s", flush=True)
+    store = ROOT / "runs" / "benchmarks" / f"strategies-{time.strftime('%Y%m%d-%H%M%S')}.db"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    report["store"] = f"sqlite:///{store.relative_to(ROOT)}"
+    for seed in args.seeds:
+        for label, strategy, mf in ARMS:
+            if label not in report["arms"]:
+                continue
+            run = run_one(strategy, mf, seed, population=args.population,
+                          generations=args.generations, workers=args.workers, store=store)
+            arm = report["arms"][label]
+            arm["runs"].append(run)
+            arm["summary"] = summarise(arm["runs"])
+            report["wall_s"] = round(time.time() - started, 1)
+            write_outputs(report)
+            print(f"seed {seed} {label:<28} hypervolume {run['hypervolume']:.4f}, "
+                  f"{run['evaluations']} evaluations ({run['pruned']} pruned), "
+                  f"{run['eval_seconds']:.0f} worker-s, {run['wall_s']:.0f} s", flush=True)
     print(f"wrote {RESULTS.relative_to(ROOT)}/strategies.{{json,md,png}}")
 
 

@@ -4,7 +4,8 @@
     → unstructured masks (per layer, or global) → [multi-fidelity probe] → [QAT prepare]
     → fine-tune (+ regularizer, masks held; [rung: stop if it cannot reach the front])
     → [QAT finalize] → ONNX → quantization scheme → artifact bytes
-    → measured on the artifact: val accuracy, bytes, latency vs. the dense baseline (interleaved)
+    → measured on the artifact: val accuracy, bytes, latency vs. the dense baseline (interleaved;
+      [stop after its first rounds if the candidate cannot reach the front])
 
 The whole evaluation runs under the per-candidate memory limit (:mod:`petra.limits`). A candidate
 that raises, produces non-finite weights or outputs, or allocates past the limit becomes a failed
@@ -26,6 +27,8 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from petra.fidelity import ALL_ROUNDS, FIRST_ROUNDS
 
 if TYPE_CHECKING:
     from petra.fidelity import Rung
@@ -219,16 +222,16 @@ class Evaluator:
         masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx)
         info: dict[str, Any] = {"channels": channels, "ranks": ranks}
 
-        # Multi-fidelity: the probe fixes bytes and graph before the fine-tune; the rung reads
-        # the accuracy after a short one (petra.fidelity).
-        rung = rung if rung is not None and rung.applies(recipe.epochs) else None
+        # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
+        # the first rounds of the final latency for every candidate.
+        short = rung is not None and rung.applies(recipe.epochs)
         probe: dict[str, float] = {}
-        if rung is not None:
-            probe = self._measure(self._artifact(model, recipe), model, accuracy=False,
-                                  rounds=PROBE_ROUNDS, block_s=PROBE_BLOCK_S)
-            reason = rung.stop_reason(probe, probe_only=True)
+        if short:
+            probe, _ = self._measure(self._artifact(model, recipe), model, accuracy=False,
+                                     rounds=PROBE_ROUNDS, block_s=PROBE_BLOCK_S)
+            reason = rung.stop_reason(probe, "probe")
             if reason:
-                return self._pruned(genome, genome_hash, probe, reason, 0, info)
+                return self._pruned(genome, genome_hash, probe, reason, 0, None, info)
 
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
             strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
@@ -239,27 +242,32 @@ class Evaluator:
         at_rung: dict[str, Any] = {}
 
         def report(epoch: int, _loss: float) -> bool:
-            if rung is None or epoch + 1 != rung.epochs:
+            if not short or epoch + 1 != rung.epochs:
                 return False
-            at_rung["val_accuracy"] = evaluate_metric(model, self.task.val, self.task.metric)
-            at_rung["reason"] = rung.stop_reason({**probe, "val_accuracy": at_rung["val_accuracy"]})
+            acc = evaluate_metric(model, self.task.val, self.task.metric)
+            at_rung["val_accuracy"] = acc
+            at_rung["reason"] = rung.stop_reason({**probe, "val_accuracy": acc}, "rung")
             return at_rung["reason"] is not None
 
         train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
               loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report)
+        rung_accuracy = at_rung.get("val_accuracy")
         if at_rung.get("reason"):
-            probe["val_accuracy"] = at_rung["val_accuracy"]
-            return self._pruned(genome, genome_hash, probe, at_rung["reason"], rung.epochs, info)
+            return self._pruned(genome, genome_hash, {**probe, "val_accuracy": rung_accuracy},
+                                at_rung["reason"], rung.epochs, rung_accuracy, info)
         if finalize is not None:
             finalize()
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError("fine-tuning produced non-finite weights")
 
         data = self._artifact(model, recipe)
-        metrics = self._measure(data, model)
+        metrics, reason = self._measure(data, model, rung=rung)
+        if reason:
+            return self._pruned(genome, genome_hash, metrics, reason, recipe.epochs,
+                                rung_accuracy, info)
         metrics["fidelity_epochs"] = float(recipe.epochs)
-        if "val_accuracy" in at_rung:
-            metrics["rung_val_accuracy"] = at_rung["val_accuracy"]
+        if rung_accuracy is not None:
+            metrics["rung_val_accuracy"] = rung_accuracy
         info["effective"] = _effective(metrics)
         return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
                       artifact=data, info=info)
@@ -277,41 +285,49 @@ class Evaluator:
         return artifact.pack(proto)
 
     def _measure(
-        self, data: bytes, model: Any, *, accuracy: bool = True, rounds: int = 15,
-        block_s: float = 0.03,
-    ) -> dict[str, float]:
-        """Bytes, latency against the baseline, MACs and (if ``accuracy``) val accuracy."""
+        self, data: bytes, model: Any, *, accuracy: bool = True, rounds: int = ALL_ROUNDS,
+        block_s: float = 0.03, rung: Rung | None = None,
+    ) -> tuple[dict[str, float], str | None]:
+        """Bytes, MACs, (if ``accuracy``) val accuracy and latency against the baseline.
+
+        With a ``rung``, the first :data:`~petra.fidelity.FIRST_ROUNDS` rounds of the latency
+        are read before the rest: a candidate the front dominates even so stops there, and the
+        reason is returned with what was measured. Otherwise the reason is None.
+        """
         from petra import artifact
-        from petra.measure import interleaved_latency, macs_and_params, session_accuracy
+        from petra.measure import InterleavedTimer, macs_and_params, session_accuracy
 
         session = artifact.load(data, threads=self.threads)
         metrics: dict[str, float] = {}
         if accuracy:
             metrics["val_accuracy"] = session_accuracy(session, self.task.val, self.task.metric)
-        latency = interleaved_latency(session, self.baseline_session, self.example.numpy(),
-                                      rounds=rounds, block_s=block_s)
         macs, params_dense, params = macs_and_params(model, self.example)
         metrics.update({
             "artifact_bytes": float(len(data)),
             "size_ratio": len(data) / self.baseline_bytes,
-            "latency_ms": latency.candidate_ms,
-            "latency_ratio": latency.ratio,
-            "latency_ratio_iqr": latency.ratio_iqr,
-            "baseline_latency_ms": latency.baseline_ms,
             "params": float(params),
             "params_dense": float(params_dense),
             "macs": float(macs),
         })
-        return metrics
+        timer = InterleavedTimer(session, self.baseline_session, self.example.numpy(),
+                                 block_s=block_s)
+        if rung is not None and rounds > FIRST_ROUNDS:
+            timer.run(FIRST_ROUNDS)
+            partial = {**metrics, **_latency_metrics(timer.result())}
+            reason = rung.stop_reason(partial, "measured")
+            if reason:
+                return partial, reason
+        timer.run(rounds - timer.rounds)
+        return {**metrics, **_latency_metrics(timer.result())}, None
 
     def _pruned(
         self, genome: dict[str, Any], genome_hash: str, metrics: dict[str, float], reason: str,
-        epochs: int, info: dict[str, Any],
+        epochs: int, rung_accuracy: float | None, info: dict[str, Any],
     ) -> Result:
-        """A candidate stopped by its rung: its probe (and rung) measurement, no artifact."""
+        """A candidate that multi-fidelity stopped: what it measured up to there, no artifact."""
         metrics = {**metrics, "fidelity_epochs": float(epochs)}
-        if "val_accuracy" in metrics:
-            metrics["rung_val_accuracy"] = metrics["val_accuracy"]
+        if rung_accuracy is not None:
+            metrics["rung_val_accuracy"] = rung_accuracy
         info = {**info, "effective": _effective(metrics), "pruned": reason}
         return Result(genome=genome, genome_hash=genome_hash, status=PRUNED, metrics=metrics,
                       info=info)
@@ -323,6 +339,16 @@ class Evaluator:
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)
+
+
+def _latency_metrics(latency: Any) -> dict[str, float]:
+    return {
+        "latency_ms": latency.candidate_ms,
+        "latency_ratio": latency.ratio,
+        "latency_ratio_iqr": latency.ratio_iqr,
+        "baseline_latency_ms": latency.baseline_ms,
+        "latency_rounds": float(latency.rounds),
+    }
 
 
 def describe_error(exc: BaseException, limit: int = 2000) -> str:

@@ -49,6 +49,70 @@ def _runner(session: Any, x: np.ndarray) -> Callable[[], Any]:
     return lambda: session.run(None, feed)
 
 
+class InterleavedTimer:
+    """Interleaved rounds of a candidate against the baseline, run in stages.
+
+    :meth:`run` adds rounds; :meth:`result` summarises every round so far. Timing 4 rounds,
+    deciding something, then timing 11 more gives exactly the measurement of 15 rounds, which
+    is how a multi-fidelity decision reads the first rounds of the final measurement.
+
+    Args:
+        candidate, baseline: ONNX Runtime sessions with the same input.
+        x: the input batch.
+        block_s: target duration of one block; the runs per block are sized from the baseline.
+        warmup: untimed runs of each session first.
+    """
+
+    def __init__(
+        self, candidate: Any, baseline: Any, x: np.ndarray, *, block_s: float = 0.03,
+        warmup: int = 3,
+    ) -> None:
+        self._run_c, self._run_b = _runner(candidate, x), _runner(baseline, x)
+        for _ in range(warmup):
+            self._run_b()
+            self._run_c()
+        start = time.perf_counter()
+        self._run_b()
+        one = max(time.perf_counter() - start, 1e-6)
+        self._per_block = int(min(max(block_s / one, 3), 200))
+        self._ratios: list[float] = []
+        self._cand_ms: list[float] = []
+        self._base_ms: list[float] = []
+
+    @property
+    def rounds(self) -> int:
+        return len(self._ratios)
+
+    def run(self, rounds: int) -> InterleavedTimer:
+        """Time ``rounds`` more rounds; the order of the two blocks flips every round."""
+        for _ in range(rounds):
+            order = ((self._run_b, self._base_ms), (self._run_c, self._cand_ms))
+            if len(self._ratios) % 2:
+                order = order[::-1]
+            block = {}
+            for run, sink in order:
+                times = []
+                for _ in range(self._per_block):
+                    t0 = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t0)
+                block[id(sink)] = float(np.median(times))
+                sink.append(block[id(sink)] * 1e3)
+            self._ratios.append(block[id(self._cand_ms)] / block[id(self._base_ms)])
+        return self
+
+    def result(self) -> Latency:
+        """The median per-round ratio, its IQR, and the median block times, so far."""
+        if not self._ratios:
+            raise ValueError("no rounds timed yet")
+        q1, med, q3 = np.percentile(self._ratios, [25, 50, 75])
+        return Latency(
+            ratio=float(med), ratio_iqr=float(q3 - q1),
+            candidate_ms=float(np.median(self._cand_ms)),
+            baseline_ms=float(np.median(self._base_ms)), rounds=len(self._ratios),
+        )
+
+
 def interleaved_latency(
     candidate: Any,
     baseline: Any,
@@ -67,34 +131,8 @@ def interleaved_latency(
         block_s: target duration of one block; the runs per block are sized from the baseline.
         warmup: untimed runs of each session first.
     """
-    run_c, run_b = _runner(candidate, x), _runner(baseline, x)
-    for _ in range(warmup):
-        run_b()
-        run_c()
-    start = time.perf_counter()
-    run_b()
-    one = max(time.perf_counter() - start, 1e-6)
-    per_block = int(min(max(block_s / one, 3), 200))
-    ratios, cand_ms, base_ms = [], [], []
-    for r in range(rounds):
-        order = ((run_b, base_ms), (run_c, cand_ms))
-        if r % 2:
-            order = order[::-1]
-        block = {}
-        for run, sink in order:
-            times = []
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            block[id(sink)] = float(np.median(times))
-            sink.append(block[id(sink)] * 1e3)
-        ratios.append(block[id(cand_ms)] / block[id(base_ms)])
-    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
-    return Latency(
-        ratio=float(med), ratio_iqr=float(q3 - q1), candidate_ms=float(np.median(cand_ms)),
-        baseline_ms=float(np.median(base_ms)), rounds=rounds,
-    )
+    timer = InterleavedTimer(candidate, baseline, x, block_s=block_s, warmup=warmup)
+    return timer.run(rounds).result()
 
 
 def macs_and_params(model: Any, example_input: Any) -> tuple[int, int, int]:

@@ -134,3 +134,15 @@ def test_masked_weights_lower_nonzero_params_only(tiny_task):
     after = macs_and_params(model, task.example_input)
     assert after[:2] == (macs, params)  # dense shapes are unchanged
     assert after[2] == nonzero - model.layer3.conv2.weight.numel() // 2
+
+
+def test_timing_in_stages_adds_up_to_one_measurement(small, big):
+    from petra.measure import InterleavedTimer
+
+    timer = InterleavedTimer(small, big, X, block_s=0.01)
+    first = timer.run(3).result()
+    assert first.rounds == 3 and first.ratio < 1.0
+    total = timer.run(4).result()
+    assert total.rounds == 7 and total.ratio < 1.0
+    with pytest.raises(ValueError, match="no rounds"):
+        InterleavedTimer(small, big, X, block_s=0.01).result()
