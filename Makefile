@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test lint browser clean
 
 # torch first, pinned: it takes the local CPU wheel; a bare `torch` would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -21,8 +21,23 @@ quickstart: install
 lint: install
 	$(BIN)/ruff check petra tests benchmarks
 
-test: install lint
+test: install lint browser
 	$(BIN)/python -m pytest -q
+
+# The browser test drives Debian's chromium through chromedriver. Install them when missing and
+# root; otherwise say loudly that the browser test will be skipped.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  echo "browser test: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser test: installing Debian's chromium and chromium-driver (apt)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver >/dev/null) \
+	  || echo "!!! browser test: apt-get could not install chromium; it will be SKIPPED"; \
+	else \
+	  echo "!!! browser test: chromium and chromedriver are missing and this is not root;" \
+	       "it will be SKIPPED"; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs/mlflow.db runs/artifacts runs/cache

@@ -1,13 +1,21 @@
 """The ``petra`` command.
 
     petra search CONFIG [--set key=value ...]    run a search; prints progress, the front, the run id
+    petra resume RUN_ID [--set key=value ...]    continue an interrupted search from its checkpoint
+    petra front RUN_ID [--json]                  print a search's front
+    petra compare RUN_ID RUN_ID ... [--out DIR]  overlay several searches' fronts; log the comparison
+    petra export RUN_ID CANDIDATE --out DIR      write a candidate's deployable bundle
+    petra ui [--port N]                          the MLflow UI over the store, on 127.0.0.1
     petra space CONFIG [--set ...] [--json]      print the genes decoded from the model's layers
     petra methods [--json]                       list the registered methods
-    petra resume RUN_ID [--set key=value ...]    continue an interrupted search from its checkpoint
     petra evaluate CONFIG --genome FILE|- [--json] [--export DIR]
                                                  evaluate one recipe (a hand-written genome)
 
-A bad config exits with code 2 and one line naming the field, the value and what is allowed.
+Commands that read existing runs (resume, front, compare, export, ui) use the store
+sqlite:///runs/mlflow.db unless given ``--set tracking.uri=URI``.
+
+A bad config or argument exits with code 2 and one line naming the field, the value and what is
+allowed.
 """
 
 from __future__ import annotations
@@ -44,7 +52,32 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--genome", required=True, help="a JSON/YAML file of gene: value, or - for stdin")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", action="store_true", help="print the Result as JSON")
-    e.add_argument("--export", metavar="DIR", help="write the artifact, a loader and a README here")
+    e.add_argument("--export", metavar="DIR",
+                   help="write the artifact, a loader, an example and a model card here")
+    store_help = "tracking.uri=URI picks the store (default sqlite:///runs/mlflow.db)"
+    f = sub.add_parser("front", help="print the Pareto front of a search")
+    f.add_argument("run_id", help="the search run's MLflow run id")
+    f.add_argument("--json", action="store_true", help="print the front as JSON")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=store_help)
+    c = sub.add_parser("compare", help="overlay the fronts of several searches")
+    c.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="two or more search run ids")
+    c.add_argument("--out", metavar="DIR", default=None,
+                   help="where to write compare.{html,png,csv,md,json} (default runs/compare/ID)")
+    c.add_argument("--no-log", action="store_true", help="do not log a comparison run")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=store_help)
+    x = sub.add_parser("export", help="write a candidate's deployable bundle")
+    x.add_argument("run_id", help="the search run's MLflow run id")
+    x.add_argument("candidate", help="the candidate's run id (or a unique prefix, as "
+                                     "`petra front` prints it)")
+    x.add_argument("--out", metavar="DIR", required=True)
+    x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=store_help)
+    u = sub.add_parser("ui", help="start the MLflow UI over the store, on 127.0.0.1")
+    u.add_argument("--port", type=int, default=None, help="default 5000, or a free port")
+    u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=store_help)
     return parser
 
 
@@ -57,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _methods(args.json)
         if args.command == "resume":
             return _resume(args.run_id, args.overrides)
+        if args.command in ("front", "compare", "export", "ui"):
+            return _runs_command(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "space":
             return _space(cfg, args.json)
@@ -183,76 +218,134 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     return 0 if result.status == "complete" else 1
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
 def _resume(run_id: str, overrides: list[str]) -> int:
     from petra.loop import resume
+    from petra.progress import ConsoleProgress
+    from petra.runs import split_store
 
-    uri = "sqlite:///runs/mlflow.db"
-    rest = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "tracking.uri":
-            uri = value.strip()
-        else:
-            rest.append(item)
-    result = resume(run_id, uri=uri, overrides=tuple(rest), progress=_say)
+    uri, rest = split_store(overrides)
+    progress = ConsoleProgress()
+    try:
+        result = resume(run_id, uri=uri, overrides=tuple(rest), progress=progress)
+    finally:
+        progress.close()
     return _report(result, uri)
 
 
 def _search(cfg: object) -> int:
     from petra.loop import search
+    from petra.progress import ConsoleProgress
 
-    result = search(cfg, progress=_say)
+    progress = ConsoleProgress()
+    try:
+        result = search(cfg, progress=progress)
+    finally:
+        progress.close()
     return _report(result, cfg.tracking.uri)
 
 
 def _report(result: object, uri: str) -> int:
     print()
     print(f"Pareto front ({len(result.front.members)} candidates; knee marked *):")
-    print(_front_table(result))
+    print(front_table(result.front.members, result.knee))
     print()
     print(f"search run: {result.run_id}")
     print(f"tracking:   {uri}")
-    print(f"open it:    mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"see it:     petra front {result.run_id}   |   petra ui")
     return 130 if result.interrupted else 0
 
 
-def _front_table(result: object) -> str:
-    head = f"  {'run':<10} {'val_acc':>8} {'test_acc':>8} {'size':>6} {'latency':>8} {'bytes':>9}  recipe"
+def front_table(members: Sequence[dict], knee: str | None) -> str:
+    """The front as fixed-width text: run, accuracies, size, latency, bytes and the recipe."""
+    from petra.space import summarize
+
+    def num(m: dict, key: str, width: int, digits: int) -> str:
+        v = m.get(key)
+        return f"{'-':>{width}}" if v is None else f"{float(v):>{width}.{digits}f}"
+
+    head = (f"  {'run':<10} {'val_acc':>8} {'test_acc':>8} {'size':>6} {'latency':>8} "
+            f"{'bytes':>9}  recipe")
     lines = [head]
-    for member in result.front.members:
+    for member in members:
         m = member["metrics"]
-        mark = "*" if member["id"] == result.knee else " "
+        mark = "*" if member["id"] == knee else " "
         lines.append(
-            f"{mark} {member['id'][:8]:<10} {m['val_accuracy']:>8.4f} "
-            f"{m.get('test_accuracy', float('nan')):>8.4f} {m['size_ratio']:>6.3f} "
-            f"{m['latency_ratio']:>8.3f} {int(m['artifact_bytes']):>9}  {_summary(member['genome'])}"
-        )
+            f"{mark} {member['id'][:8]:<10} {num(m, 'val_accuracy', 8, 4)} "
+            f"{num(m, 'test_accuracy', 8, 4)} {num(m, 'size_ratio', 6, 3)} "
+            f"{num(m, 'latency_ratio', 8, 3)} {num(m, 'artifact_bytes', 9, 0)}  "
+            f"{summarize(member['genome'])}")
+    if not members:
+        lines.append("  (no complete, feasible candidate yet)")
     return "\n".join(lines)
 
 
-def _summary(genome: dict) -> str:
-    """A one-line recipe: methods with mean sparsity, quantization, fine-tune."""
-    methods: dict[str, list[float]] = {}
-    for key, value in genome.items():
-        if key.endswith(".method") and value != "none":
-            methods.setdefault(value, []).append(genome.get(key[:-7] + ".sparsity", 0.0))
-    parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
-    if genome.get("prune.round_to", 1) != 1 and any(parts):
-        parts.append(f"round{genome['prune.round_to']}")
-    if genome.get("quant.scheme", "none") != "none":
-        parts.append(genome["quant.scheme"])
-    if genome.get("finetune.epochs", 0):
-        parts.append(f"ft{genome['finetune.epochs']}@{genome.get('finetune.lr', 0):.1e}")
-        if genome.get("reg.kind") == "kd":
-            parts.append(f"kd(alpha={genome.get('reg.kd_alpha', 0.5):g},"
-                         f"T={genome.get('reg.kd_temperature', 4.0):g})")
-        elif genome.get("reg.kind", "none") != "none":
-            parts.append(f"{genome['reg.kind']}={genome.get('reg.strength', 0):.0e}")
-    return " ".join(parts) or "dense"
+def _runs_command(args: argparse.Namespace) -> int:
+    """front, compare, export and ui: the commands that read existing runs."""
+    from petra.runs import split_store
+
+    uri, rest = split_store(args.overrides)
+    if rest:
+        from petra.config import ConfigError
+
+        raise ConfigError("--set", rest[0], "", f"petra {args.command} takes only "
+                          f"--set tracking.uri=URI; got {rest[0]!r}")
+    if args.command == "front":
+        return _front(uri, args.run_id, as_json=args.json)
+    if args.command == "compare":
+        return _compare(uri, args.run_ids, out=args.out, log=not args.no_log)
+    if args.command == "export":
+        from petra.export import export_candidate
+
+        out = export_candidate(uri, args.run_id, args.candidate, args.out)
+        print(f"exported to {out}: model.petra, load_petra.py, example.py, MODEL_CARD.md")
+        print(f"try it:     cd {out} && python example.py   (needs numpy, onnx, onnxruntime)")
+        return 0
+    from petra.ui import serve
+
+    return serve(uri, args.port, say=_say)
+
+
+def _front(uri: str, run_id: str, *, as_json: bool) -> int:
+    from petra.runs import open_search
+
+    search = open_search(uri, run_id)
+    snap = search.front()
+    if as_json:
+        payload = {"run_id": run_id, "name": search.name, "status": search.status,
+                   "knee": search.knee, "baseline": search.baseline, **snap.to_dict()}
+        print(json.dumps(payload, indent=2))
+        return 0
+    b = search.baseline
+    print(f"search {search.label} ({search.status}), task {search.config.task.name}: "
+          f"{snap.evaluated} evaluated, {snap.failed} failed, {snap.pruned} pruned; "
+          f"hypervolume {snap.hypervolume:.4f}")
+    print(f"dense baseline: val {b.get('val_accuracy', float('nan')):.4f}, test "
+          f"{b.get('test_accuracy', float('nan')):.4f}, {int(b.get('artifact_bytes', 0))} bytes")
+    print(f"Pareto front ({len(snap.members)} candidates; knee marked *):")
+    print(front_table(snap.members, search.knee))
+    return 0
+
+
+def _compare(uri: str, run_ids: list[str], *, out: str | None, log: bool) -> int:
+    from pathlib import Path
+
+    from petra import compare
+    from petra.runs import open_searches
+
+    comparison = compare.compare(open_searches(uri, run_ids))
+    folder = Path(out) if out else Path("runs") / "compare" / "-".join(r[:8] for r in run_ids)
+    files = compare.write(comparison, folder)
+    print(comparison.table())
+    print()
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+    if log:
+        run_id = compare.log_comparison(comparison, uri, files)
+        print(f"comparison run: {run_id} (experiment {compare.EXPERIMENT!r} in {uri})")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class LocalExecutor:
     """Evaluates candidates one by one in this process (for debugging and exact resume tests)."""
 
     kind = "local"
+    workers = 1
 
     def __init__(self, *, evaluator_kwargs: Mapping[str, Any]) -> None:
         self._evaluator = Evaluator(**evaluator_kwargs)
@@ -125,6 +126,7 @@ class RayExecutor:
         self._actor_cls = ray.remote(num_cpus=cpus_per_candidate)(_Worker)
         # On a local cluster each single-threaded actor gets a core of its own, so that its
         # interleaved latency measurements do not share a core with another actor's.
+        self.workers = workers
         self._pin = self._owns_cluster and cpus_per_candidate == 1
         self._cores: dict[Any, int | None] = {}
         self._actors = [self._new_actor(i) for i in range(workers)]

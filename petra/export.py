@@ -1,4 +1,15 @@
-"""Writing a deployable bundle: the artifact, a standalone loader, and a short README."""
+"""The deployable bundle: the artifact, a loader and an example that need no petra, a model card.
+
+``petra export RUN_ID CANDIDATE_RUN_ID --out DIR`` (:func:`export_candidate`) and
+``petra evaluate --export DIR`` both write, through :func:`write_bundle`:
+
+- ``model.petra``: the artifact, exactly as measured;
+- ``load_petra.py``: a loader that needs numpy, onnx and onnxruntime only;
+- ``example.py``: loads the model and runs it on a batch of the task's input shape;
+- ``MODEL_CARD.md``: the recipe, the objectives, the test accuracy, the baseline, how it was
+  measured and how to load it;
+- ``genome.json`` and ``metrics.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +18,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-_README = """# {name}
+_CARD = """# {name}
 
-A model compressed by petra. It runs with numpy, onnx and onnxruntime only:
+A model compressed by petra. It runs with numpy, onnx and onnxruntime only; petra and torch are
+not needed.
+
+{source}
+
+## How to load it
 
 ```python
 import numpy as np
-from load_petra import load   # load_petra.py sits beside this file; it does not need petra
+from load_petra import load   # load_petra.py sits beside this file
 
 session = load("model.petra", threads=1)        # an onnxruntime.InferenceSession
 outputs = session.run(None, {{"{input_name}": inputs.astype(np.float32)}})[0]
 ```
 
 Inputs have the shape of the task's example batch, `{input_shape}`, with any batch size.
+`python example.py` runs it once on random inputs of that shape.
 
 ## Recipe
+
+{summary}
 
 ```json
 {genome}
@@ -29,38 +48,107 @@ Inputs have the shape of the task's example batch, `{input_shape}`, with any bat
 
 ## Measured on this artifact
 
-| metric | value | dense baseline |
+| metric | this model | dense baseline |
 |---|---|---|
 {rows}
+
+How these were measured:
+- accuracies on the artifact itself, in ONNX Runtime; `test_accuracy` on the held-out test
+  split, which the search never saw;
+- `artifact_bytes`: the length of `model.petra`; `size_ratio` divides it by the dense
+  baseline's artifact, saved the same way;
+- `latency_ratio`: timed against the dense baseline's artifact in the same process and the same
+  runtime, 1 thread, in interleaved rounds (the median of the per-round ratios). Absolute
+  milliseconds depend on the machine; the ratio travels better.
 """
+
+_EXAMPLE = '''"""Run the exported model once on random inputs (needs numpy, onnx, onnxruntime only)."""
+
+import numpy as np
+
+from load_petra import load
+
+session = load("model.petra", threads=1)
+inputs = np.random.default_rng(0).standard_normal({input_shape}).astype(np.float32)
+outputs = session.run(None, {{"{input_name}": inputs}})[0]
+print("outputs", outputs.shape, outputs.dtype, "finite:", bool(np.isfinite(outputs).all()))
+'''
+
+_ROWS = ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio", "latency_ms",
+         "latency_ratio", "params", "macs")
 
 
 def write_bundle(
     out_dir: str | Path, *, artifact_bytes: bytes, genome: Mapping[str, Any],
     metrics: Mapping[str, float], baseline: Mapping[str, float], input_shape: list[int],
-    name: str = "petra model",
+    name: str = "petra model", source: str = "",
 ) -> Path:
-    """Write ``model.petra``, ``load_petra.py``, ``genome.json``, ``metrics.json`` and
-    ``README.md`` into ``out_dir``; returns the directory."""
+    """Write the bundle into ``out_dir``; returns the directory.
+
+    Args:
+        source: a paragraph saying where the model comes from (search and candidate runs).
+    """
     from petra.artifact import loader_source
+    from petra.space import summarize
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.petra").write_bytes(artifact_bytes)
     (out / "load_petra.py").write_text(loader_source())
+    (out / "example.py").write_text(_EXAMPLE.format(input_shape=tuple(input_shape),
+                                                    input_name="input"))
     (out / "genome.json").write_text(json.dumps(dict(genome), indent=2, sort_keys=True))
     (out / "metrics.json").write_text(json.dumps(
         {"metrics": dict(metrics), "baseline": dict(baseline)}, indent=2, sort_keys=True))
-    keys = ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio", "latency_ms",
-            "latency_ratio", "params", "macs")
     rows = "\n".join(
-        f"| {k} | {_fmt(metrics[k])} | {_fmt(baseline.get(k, ''))} |" for k in keys if k in metrics
-    )
-    (out / "README.md").write_text(_README.format(
-        name=name, input_name="input", input_shape=input_shape,
+        f"| {k} | {_fmt(metrics[k])} | {_fmt(baseline.get(k, ''))} |" for k in _ROWS
+        if k in metrics)
+    (out / "MODEL_CARD.md").write_text(_CARD.format(
+        name=name, source=source, input_name="input", input_shape=list(input_shape),
+        summary=f"`{summarize(genome)}`",
         genome=json.dumps(dict(genome), indent=2, sort_keys=True), rows=rows,
     ))
     return out
+
+
+def export_candidate(uri: str, search_run_id: str, candidate_run_id: str,
+                     out_dir: str | Path) -> Path:
+    """Export candidate ``candidate_run_id`` of search ``search_run_id`` into ``out_dir``.
+
+    Its test accuracy comes from its run when the search measured it (front members), and is
+    measured here on the task's test split otherwise.
+
+    Raises:
+        petra.config.ConfigError: an unknown run, a candidate of another search, or one without
+            an artifact (failed or pruned).
+    """
+    from petra import artifact
+    from petra.config import ConfigError
+    from petra.measure import session_accuracy
+    from petra.runs import open_search
+    from petra.tasks import load_task
+    from petra.tracking import Tracker
+
+    search = open_search(uri, search_run_id)
+    record = search.record(candidate_run_id)
+    candidate_run_id = record["id"]
+    data = Tracker.fetch(uri, candidate_run_id, "model.petra")
+    if data is None:
+        raise ConfigError("candidate", candidate_run_id, "", (
+            f"candidate {candidate_run_id} has no artifact (its status is "
+            f"{record['status']}); export a complete candidate, e.g. one on the front"))
+    metrics = dict(record["metrics"])
+    task = load_task(search.config.task.name, search.config.task.params)
+    if "test_accuracy" not in metrics:
+        session = artifact.load(data, threads=1)
+        metrics["test_accuracy"] = session_accuracy(session, task.test, task.metric)
+    where = "on the front" if record.get("on_front") else "not on the final front"
+    source = (f"Candidate run `{candidate_run_id}` ({where}) of the search run "
+              f"`{search_run_id}` ({search.name}, task `{search.config.task.name}`), "
+              f"tracked in `{uri}`.")
+    return write_bundle(out_dir, artifact_bytes=data, genome=record["genome"], metrics=metrics,
+                        baseline=search.baseline, input_shape=list(task.example_input.shape),
+                        name=f"{search.name}: candidate {candidate_run_id[:8]}", source=source)
 
 
 def _fmt(value: Any) -> str:

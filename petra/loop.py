@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from petra.evaluate import COMPLETE, FAILED, PRUNED, objective_values
 
-Progress = Callable[[str], None]
+#: A :class:`petra.progress.Reporter`, or a callable taking message lines.
+Progress = Any
 
 
 @dataclass
@@ -110,16 +110,18 @@ class _Search:
 
     def __init__(self, cfg: Any, progress: Progress | None) -> None:
         from petra.baseline import prepare_baseline
+        from petra.progress import as_reporter
         from petra.space import build_space, prunable_layers
         from petra.strategies import make_strategy
         from petra.tasks import load_task
         from petra.tracking import Tracker
 
         self.cfg = cfg
-        self.say = progress or (lambda _msg: None)
+        self.reporter = as_reporter(progress)
+        self.say = self.reporter.message
         self.objectives = cfg.objective_list
         self.task = load_task(cfg.task.name, cfg.task.params)
-        self.say(f"baseline: {'measuring' if self.task.trained else 'loading'} {cfg.task.name} ...")
+        self.say(f"baseline: preparing {cfg.task.name} ...")
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
             cache_dir=cache_dir(), seed=cfg.seed, threads=cfg.execution.cpus_per_candidate)
@@ -145,6 +147,7 @@ class _Search:
         self.elapsed_before = 0.0
         self.logged_generations: set[int] = set()
         self.started = time.monotonic()
+        self.done_at_start = 0
 
     # -- starting and resuming --------------------------------------------------------------
     def start(self) -> _Search:
@@ -197,6 +200,7 @@ class _Search:
             self.results[record["genome_hash"]] = record
             recovered += 1
         self.logged_generations = self.tracker.logged_steps("hypervolume")
+        self.done_at_start = len(self.records)
         self.say(f"resuming search run {run_id}: {len(self.records)} candidates done "
                  f"({recovered} recovered from MLflow, {dropped} unfinished runs dropped), "
                  f"generation {self.generation + 1}/{self.cfg.search.generations}")
@@ -252,6 +256,35 @@ class _Search:
             objectives=self.objectives, baseline=self.baseline.metrics,
             constraints=self.cfg.constraints.model_dump(), headroom=mf.headroom)
 
+    def _status(self, *, running: int) -> Any:
+        """The progress after the latest result (see petra.progress)."""
+        from petra import pareto
+        from petra.progress import Status
+
+        cfg = self.cfg
+        snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
+                               self.generation, cfg.constraints.model_dump())
+        done = len(self.records)
+        planned = max(done, cfg.search.population * cfg.search.generations)
+        here = done - self.done_at_start
+        spent = time.monotonic() - self.started
+        complete = [r["metrics"] for r in self.records if r["status"] == COMPLETE]
+        best = {}
+        for metric, direction in self.objectives:
+            shown = {"artifact_bytes": "size_ratio", "latency_ms": "latency_ratio"}.get(
+                metric, metric)
+            values = [float(m[shown]) for m in complete
+                      if math.isfinite(float(m.get(shown, math.nan)))]
+            if values:
+                best[shown] = max(values) if direction == "max" else min(values)
+        return Status(
+            generation=self.generation, generations=cfg.search.generations, done=done,
+            planned=planned, running=running,
+            failed=sum(r["status"] == FAILED for r in self.records),
+            pruned=sum(r["status"] == PRUNED for r in self.records), elapsed_s=self.elapsed(),
+            eta_s=spent / here * (planned - done) if here else None,
+            hypervolume=snap.hypervolume, best=best)
+
     def _over_budget(self) -> bool:
         budget = self.cfg.search.time_budget_s
         return bool(budget) and self.elapsed() > budget
@@ -272,7 +305,8 @@ class _Search:
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
                                 candidate_seed(cfg.seed, self.generation, index), rung))
-            for job, result in executor.run(jobs):
+            parallel = getattr(executor, "workers", 1)
+            for finished, (job, result) in enumerate(executor.run(jobs), start=1):
                 child = self.tracker.log_candidate(result, generation=self.generation,
                                                    index=job.key, executor=executor.kind)
                 record = {"id": child, "genome": result.genome, "metrics": result.metrics,
@@ -283,15 +317,15 @@ class _Search:
                 if result.artifact:
                     self.artifacts[child] = result.artifact
                 self._checkpoint()
+                self.reporter.update(self._status(running=min(parallel, len(jobs) - finished)))
                 if self._over_budget():
                     break
             snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                    self.generation, cfg.constraints)
             if self.generation not in self.logged_generations:
-                self.tracker.log_generation(snap)
+                self.tracker.log_generation(snap, self.records, self.baseline.metrics)
                 self.logged_generations.add(self.generation)
-            self.say(_generation_line(self.generation, cfg.search.generations, snap,
-                                      self.records, self.elapsed()))
+            self.say(_generation_line(snap, self._status(running=0)))
             if self._over_budget():
                 self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping")
                 return
@@ -332,20 +366,17 @@ class _Search:
                             interrupted=interrupted)
 
 
-def _generation_line(generation: int, total: int, snap: Any, records: list[Mapping[str, Any]],
-                     elapsed: float) -> str:
-    done = [r for r in records if r["status"] == COMPLETE]
-    failed = sum(r["status"] == FAILED for r in records)
-    pruned = sum(r["status"] == PRUNED for r in records)
+def _generation_line(snap: Any, status: Any) -> str:
+    """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
+    from petra.progress import duration, short_name
 
-    def best(metric: str, fn: Callable[..., float]) -> str:
-        values = [r["metrics"][metric] for r in done if math.isfinite(r["metrics"].get(metric, math.nan))]
-        return f"{fn(values):.3f}" if values else "-"
-
+    best = ", ".join(f"{'best' if k == 'val_accuracy' else 'min'} {short_name(k)} {v:.4g}"
+                     for k, v in status.best.items())
+    eta = "" if status.eta_s is None or status.done >= status.planned else (
+        f", ETA {duration(status.eta_s)}")
     return (
-        f"generation {generation + 1}/{total}: {len(records)} evaluated ({failed} failed, "
-        f"{pruned} pruned), "
-        f"front {len(snap.members)}, hypervolume {snap.hypervolume:.4f}; best val "
-        f"{best('val_accuracy', max)}, min size {best('size_ratio', min)}, min latency "
-        f"{best('latency_ratio', min)} [{elapsed:.0f} s]"
+        f"generation {status.generation + 1}/{status.generations}: {status.done} evaluated "
+        f"({status.failed} failed, {status.pruned} pruned), front {len(snap.members)}, "
+        f"hypervolume {snap.hypervolume:.4f}; {best or 'nothing complete yet'} "
+        f"[{status.elapsed_s:.0f} s{eta}]"
     )

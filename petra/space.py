@@ -309,6 +309,35 @@ class SearchSpace:
         return [g.describe() for g in self.genes]
 
 
+def summarize(genome: Mapping[str, Any]) -> str:
+    """A one-line recipe: each method with its layer count and mean sparsity, channel
+    rounding, quantization, and the fine-tune with its regularizer.
+
+    >>> summarize({"layers.a.method": "l2_channel", "layers.a.sparsity": 0.5,
+    ...            "quant.scheme": "int8_static"})
+    'l2_channelx1@0.50 int8_static'
+    """
+    methods: dict[str, list[float]] = {}
+    for key, value in genome.items():
+        if key.startswith("layers.") and key.endswith(".method") and value != "none":
+            methods.setdefault(str(value), []).append(
+                float(genome.get(key[: -len(".method")] + ".sparsity", 0.0)))
+    parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
+    if genome.get("prune.round_to", 1) not in (1, "1") and parts:
+        parts.append(f"round{genome['prune.round_to']}")
+    if genome.get("quant.scheme", "none") != "none":
+        parts.append(str(genome["quant.scheme"]))
+    epochs = int(float(genome.get("finetune.epochs", 0) or 0))
+    if epochs:
+        parts.append(f"ft{epochs}@{float(genome.get('finetune.lr', 0)):.1e}")
+        if genome.get("reg.kind") == "kd":
+            parts.append(f"kd(alpha={float(genome.get('reg.kd_alpha', 0.5)):g},"
+                         f"T={float(genome.get('reg.kd_temperature', 4.0)):g})")
+        elif genome.get("reg.kind", "none") != "none":
+            parts.append(f"{genome['reg.kind']}={float(genome.get('reg.strength', 0)):.0e}")
+    return " ".join(parts) or "dense"
+
+
 def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
     """Decode the config's ``space`` section against the model's prunable layers.
 

@@ -4,7 +4,8 @@ Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md
 
 - search run: params = the config flattened; metrics by step = generation: ``hypervolume``,
   ``front_size``, ``evaluated``, ``failed``, ``pruned``; baseline metrics; artifacts ``config.yaml``,
-  ``front.json``, ``front.csv``, ``front.html``, ``front.png`` and ``fronts/gen_NNN/``.
+  ``front.json``, ``front.csv``, ``front.html``, ``front.png``, and the same four for each
+  generation in ``fronts/gen_NNN/``.
 - candidate run: a child tagged ``mlflow.parentRunId``; params = genes; metrics from the
   Result; tags ``petra.status``, ``petra.generation``, ``petra.on_front``,
   ``petra.genome_hash``, ``petra.executor``, ``petra.worker_pid``, ``petra.error`` (failed),
@@ -25,6 +26,8 @@ from typing import Any
 # MLflow 3 sends usage telemetry unless told not to; petra sends nothing anywhere.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# Nor does it draw download progress bars over petra's own output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def artifact_root(uri: str) -> str | None:
@@ -94,15 +97,16 @@ class Tracker:
     @staticmethod
     def read_text(uri: str, run_id: str, path: str) -> str | None:
         """The text of a run's artifact, or None when the run or the artifact is missing."""
-        data = Tracker._download(uri, run_id, path)
+        data = Tracker.fetch(uri, run_id, path)
         return None if data is None else data.decode()
 
     def download(self, run_id: str, path: str) -> bytes | None:
         """The bytes of a run's artifact in this store, or None when it is missing."""
-        return self._download(self.uri, run_id, path)
+        return self.fetch(self.uri, run_id, path)
 
     @staticmethod
-    def _download(uri: str, run_id: str, path: str) -> bytes | None:
+    def fetch(uri: str, run_id: str, path: str) -> bytes | None:
+        """The bytes of a run's artifact in the store at ``uri``, or None when it is missing."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -180,8 +184,11 @@ class Tracker:
         return run_id
 
     # -- fronts ---------------------------------------------------------------------------
-    def log_generation(self, snap: Any) -> None:
-        """Generation metrics (step = generation) and that generation's front."""
+    def log_generation(
+        self, snap: Any, records: list[Mapping[str, Any]], baseline: Mapping[str, float]
+    ) -> None:
+        """Generation metrics (step = generation) and that generation's front, as
+        ``fronts/gen_NNN/front.{json,csv,html,png}``."""
         self.log_metrics(self.run_id, {
             "hypervolume": snap.hypervolume,
             "front_size": len(snap.members),
@@ -189,9 +196,25 @@ class Tracker:
             "failed": snap.failed,
             "pruned": snap.pruned,
         }, step=snap.generation)
-        folder = f"fronts/gen_{snap.generation:03d}"
-        self.client.log_text(self.run_id, snap.to_json(), f"{folder}/front.json")
-        self.client.log_text(self.run_id, snap.to_csv(), f"{folder}/front.csv")
+        self._log_front(snap, records, baseline, f"fronts/gen_{snap.generation:03d}")
+
+    def _log_front(
+        self, snap: Any, records: list[Mapping[str, Any]], baseline: Mapping[str, float],
+        folder: str | None,
+    ) -> None:
+        from petra import plots
+
+        def path(name: str) -> str:
+            return f"{folder}/{name}" if folder else name
+
+        self.client.log_text(self.run_id, snap.to_json(), path("front.json"))
+        self.client.log_text(self.run_id, snap.to_csv(), path("front.csv"))
+        self.client.log_text(self.run_id, plots.front_html(snap, records, baseline),
+                             path("front.html"))
+        with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
+            png = Path(tmp) / "front.png"
+            plots.front_png(snap, records, baseline, png)
+            self.client.log_artifact(self.run_id, str(png), folder)
 
     def finish(
         self, snap: Any, *, test_accuracy: Mapping[str, float], knee: str | None,
@@ -200,8 +223,6 @@ class Tracker:
         """Mark the final front on its candidate runs and log the front artifacts."""
         from mlflow.entities import RunTag
 
-        from petra import plots
-
         for run_id, acc in test_accuracy.items():
             self.log_metrics(run_id, {"test_accuracy": acc})
         for run_id in snap.ids:
@@ -209,15 +230,7 @@ class Tracker:
             if run_id == knee:
                 tags.append(RunTag("petra.knee", "true"))
             self.client.log_batch(run_id, tags=tags)
-        self.client.log_text(self.run_id, snap.to_json(), "front.json")
-        self.client.log_text(self.run_id, snap.to_csv(), "front.csv")
-        self.client.log_text(
-            self.run_id, plots.front_html(snap, records, baseline), "front.html"
-        )
-        with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
-            png = Path(tmp) / "front.png"
-            plots.front_png(snap, records, baseline, png)
-            self.client.log_artifact(self.run_id, str(png))
+        self._log_front(snap, records, baseline, None)
         self.client.log_batch(self.run_id, tags=[
             RunTag("petra.status", status.lower()),
             RunTag("petra.front_size", str(len(snap.members))),

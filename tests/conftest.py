@@ -76,3 +76,24 @@ def ctx(tiny_task, model_copy):
 
     task, _ = tiny_task
     return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
+
+
+@pytest.fixture(scope="session")
+def two_searches(tmp_path_factory):
+    """Two tiny finished searches (NSGA-II and random) in one sqlite store, through the CLI.
+
+    Returns ``(folder, tracking uri, [run id, run id])``.
+    """
+    import re
+
+    from tests.test_search_integration import run_cli, tiny_config
+
+    folder = tmp_path_factory.mktemp("two-searches")
+    run_ids = []
+    for name, strategy in (("search-a", "nsga2"), ("search-b", "random")):
+        config = tiny_config(folder, executor="local", name=name)
+        proc = run_cli("search", str(config), "--set", f"search.strategy={strategy}",
+                       "--set", "tracking.experiment=fronts", cwd=folder)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_ids.append(re.search(r"search run: (\w+)", proc.stdout).group(1))
+    return folder, f"sqlite:///{folder / 'mlflow.db'}", run_ids

@@ -116,7 +116,8 @@ def test_evaluate_a_hand_written_recipe_and_export_it(tmp_path: Path, tiny_task)
     run = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True,
                          timeout=120)
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
-    assert "load_petra" in (out / "README.md").read_text()
+    assert "load_petra" in (out / "MODEL_CARD.md").read_text()
+    assert (out / "example.py").exists()
 
 
 def test_evaluate_rejects_an_unknown_gene(tmp_path: Path) -> None:

@@ -1,0 +1,112 @@
+"""What a search shows while it runs: a live status line on a terminal, plain lines elsewhere.
+
+The loop reports messages (baseline, generation lines, the end) and, after every result, a
+:class:`Status`: the generation, candidates done, running, failed and pruned, an ETA, the best
+value so far of each objective, and the hypervolume. :class:`ConsoleProgress` redraws one status
+line in place when its stream is a terminal; when it is not (a pipe, a CI log), it prints the
+messages only, one plain line each.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+
+@dataclass(frozen=True)
+class Status:
+    """A search's progress after one more result."""
+
+    generation: int  # 0-based
+    generations: int
+    done: int
+    planned: int
+    running: int
+    failed: int
+    pruned: int
+    elapsed_s: float
+    eta_s: float | None
+    hypervolume: float
+    best: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        best = ", ".join(f"{short_name(k)} {v:.4g}" for k, v in self.best.items())
+        eta = "-" if self.eta_s is None else duration(self.eta_s)
+        return (f"gen {self.generation + 1}/{self.generations} | {self.done}/{self.planned} done,"
+                f" {self.running} running, {self.failed} failed, {self.pruned} pruned | ETA {eta}"
+                f" | best {best or '-'} | HV {self.hypervolume:.4f}")
+
+
+class Reporter(Protocol):
+    def message(self, text: str) -> None: ...
+
+    def update(self, status: Status) -> None: ...
+
+
+class ConsoleProgress:
+    """Prints messages; on a terminal, also a status line redrawn after every result."""
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
+        self._status: str | None = None
+
+    def message(self, text: str) -> None:
+        if self.live and self._status is not None:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        if self.live and self._status is not None:
+            self.stream.write(self._status)
+        self.stream.flush()
+
+    def update(self, status: Status) -> None:
+        if not self.live:
+            return
+        width = shutil.get_terminal_size((120, 20)).columns
+        self._status = status.line()[: max(width - 1, 20)]
+        self.stream.write("\r\x1b[K" + self._status)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live and self._status is not None:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        self._status = None
+
+
+class _Messages:
+    """A plain callable taking messages, as a Reporter."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.message = say
+
+    def update(self, status: Status) -> None:
+        pass
+
+
+def as_reporter(progress: Reporter | Callable[[str], None] | None) -> Any:
+    """A Reporter from a Reporter, a message callable, or None (silent)."""
+    if progress is None:
+        return _Messages(lambda _text: None)
+    if hasattr(progress, "update") and hasattr(progress, "message"):
+        return progress
+    return _Messages(progress)
+
+
+def short_name(metric: str) -> str:
+    return {"val_accuracy": "val", "artifact_bytes": "bytes", "size_ratio": "size",
+            "latency_ratio": "latency", "latency_ms": "ms"}.get(metric, metric)
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

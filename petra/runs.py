@@ -1,0 +1,136 @@
+"""Searches read back from an MLflow store, for ``petra front``, ``compare`` and ``export``.
+
+A :class:`SearchRun` is rebuilt from what the search logged: its config (``config.yaml``), its
+baseline metrics, and one record per candidate run. Its front is recomputed from those records
+with :func:`petra.pareto.snapshot`, the same computation the search ran, so an interrupted
+search has a front too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Where every command that reads existing runs looks, unless ``--set tracking.uri=URI``.
+DEFAULT_URI = "sqlite:///runs/mlflow.db"
+
+
+@dataclass
+class SearchRun:
+    """One search as logged: run, config, baseline, and a record per candidate run."""
+
+    uri: str
+    run_id: str
+    name: str
+    experiment_id: str
+    status: str
+    config: Any  # petra.config.SearchConfig
+    baseline: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    knee: str | None = None
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        return self.config.objective_list
+
+    @property
+    def label(self) -> str:
+        """The run's name and the first 8 characters of its id, e.g. ``quickstart/1a2b3c4d``."""
+        return f"{self.name}/{self.run_id[:8]}"
+
+    def front(self) -> Any:
+        """The front of every candidate logged, feasible under the search's constraints."""
+        from petra import pareto
+
+        generation = max((r["generation"] for r in self.records), default=0)
+        return pareto.snapshot(self.records, self.objectives, self.baseline, generation,
+                               self.config.constraints.model_dump())
+
+    def record(self, candidate_id: str) -> dict[str, Any]:
+        """The record of one candidate run of this search, by id or unique id prefix."""
+        from petra.config import ConfigError
+
+        found = [r for r in self.records if r["id"] == candidate_id]
+        if not found and len(candidate_id) >= 4:
+            found = [r for r in self.records if r["id"].startswith(candidate_id)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ConfigError("candidate", candidate_id, "", (
+                f"{candidate_id!r} is the prefix of {len(found)} candidates of search "
+                f"{self.run_id}; give more of the id"))
+        raise ConfigError("candidate", candidate_id, "",
+                          f"run {candidate_id!r} is not a candidate of search {self.run_id}")
+
+
+def open_search(uri: str, run_id: str) -> SearchRun:
+    """Read the search run ``run_id`` and its candidate runs from the store at ``uri``.
+
+    Raises:
+        petra.config.ConfigError: the run is missing, or is not a petra search run.
+    """
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from petra.config import ConfigError, load_config
+    from petra.tracking import Tracker
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError("run_id", run_id, "", f"no run {run_id!r} in {uri}") from None
+    kind = run.data.tags.get("petra.kind")
+    if kind == "candidate":
+        parent = run.data.tags.get("mlflow.parentRunId")
+        raise ConfigError("run_id", run_id, "", f"run {run_id!r} is a candidate of search "
+                          f"{parent}; give the search run's id")
+    text = Tracker.read_text(uri, run_id, "config.yaml")
+    if kind != "search" or text is None:
+        raise ConfigError("run_id", run_id, "", f"run {run_id!r} in {uri} is not a petra search")
+    config = load_config(yaml.safe_load(text), [f"tracking.uri={uri}"])
+    metrics = run.data.metrics
+    baseline = {key: float(metrics[f"baseline_{name}"]) for key, name in (
+        ("val_accuracy", "val_accuracy"), ("test_accuracy", "test_accuracy"),
+        ("artifact_bytes", "bytes"), ("latency_ms", "latency_ms"), ("params", "params"),
+        ("macs", "macs")) if f"baseline_{name}" in metrics}
+    search = SearchRun(uri=uri, run_id=run_id, name=run.info.run_name or run_id[:8],
+                       experiment_id=run.info.experiment_id, status=run.info.status,
+                       config=config, baseline=baseline)
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        max_results=50000)
+    for child in sorted(children, key=lambda c: c.info.start_time):
+        tags = child.data.tags
+        if "petra.status" not in tags:  # killed while it was being logged
+            continue
+        search.records.append({
+            "id": child.info.run_id,
+            "genome": {k: yaml.safe_load(v) for k, v in child.data.params.items()},
+            "metrics": dict(child.data.metrics),
+            "status": tags["petra.status"],
+            "generation": int(tags.get("petra.generation", 0)),
+            "genome_hash": tags.get("petra.genome_hash", ""),
+            "on_front": tags.get("petra.on_front") == "true",
+        })
+        if tags.get("petra.knee") == "true":
+            search.knee = child.info.run_id
+    return search
+
+
+def open_searches(uri: str, run_ids: Sequence[str]) -> list[SearchRun]:
+    return [open_search(uri, run_id) for run_id in run_ids]
+
+
+def split_store(overrides: Sequence[str]) -> tuple[str, list[str]]:
+    """``tracking.uri`` out of ``--set`` overrides (default :data:`DEFAULT_URI`), and the rest."""
+    uri, rest = DEFAULT_URI, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "tracking.uri":
+            uri = value.strip()
+        else:
+            rest.append(item)
+    return uri, rest

@@ -1,0 +1,164 @@
+"""``petra ui``: the MLflow UI over petra's store, listening on 127.0.0.1 only.
+
+It runs ``mlflow server`` on the configured store in a process group of its own, waits until it
+answers, prints the URL of each experiment and the filters to paste, and stops the whole group on
+Ctrl-C. A store that is already a server (``http://...``) is its own UI: its URL is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+#: What to paste into the runs table's search box.
+FILTERS = ('tags.petra.on_front = "true"', 'tags.petra.kind = "search"')
+
+
+def absolute_store(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute (the server runs elsewhere)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def server_command(uri: str, port: int) -> list[str]:
+    """The ``mlflow server`` command line for the store at ``uri``, bound to 127.0.0.1."""
+    from petra.tracking import artifact_root
+
+    uri = absolute_store(uri)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--host", HOST, "--port", str(port), "--workers", "1"]
+    root = artifact_root(uri)
+    if root:
+        command += ["--default-artifact-root", root]
+    return command
+
+
+def start(uri: str, port: int, *, log: Path | None = None) -> subprocess.Popen:
+    """Start the UI server in a new process group (see :func:`stop`)."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(server_command(uri, port), stdout=sink, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def wait_ready(url: str, *, timeout_s: float = 90.0,
+               alive: Callable[[], bool] = lambda: True) -> bool:
+    """Whether ``url`` answers HTTP 200 within ``timeout_s`` (polling while ``alive()``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return True
+        time.sleep(0.5)
+    return False
+
+
+def stop(process: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
+    """Stop the server's whole process group: SIGTERM, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def experiments(uri: str) -> list[tuple[str, str, int]]:
+    """``(experiment id, name, petra search runs)`` of every experiment in the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    out = []
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], filter_string='tags.petra.kind = "search"',
+                                  max_results=1000)
+        out.append((exp.experiment_id, exp.name, len(runs)))
+    return out
+
+
+def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> int:
+    """Run the UI until Ctrl-C; returns the exit code."""
+    from petra.config import ConfigError
+
+    if uri.startswith(("http://", "https://")):
+        say(f"the store {uri} is an MLflow server: open {uri} (its UI)")
+        _guide(uri.rstrip("/"), uri, say)
+        return 0
+    if uri.startswith("sqlite:///"):
+        db = Path(absolute_store(uri)[len("sqlite:///"):])
+        if not db.exists():
+            raise ConfigError("tracking.uri", uri, "", f"no MLflow store at {db}; run "
+                              f"`petra search CONFIG` first, or pass --set tracking.uri=URI")
+    if port is None:
+        port = DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port()
+    elif not port_free(port):
+        raise ConfigError("--port", port, "", f"port {port} on {HOST} is in use; pick another "
+                          f"with --port N")
+    url = f"http://{HOST}:{port}"
+    process = start(uri, port)
+    try:
+        if not wait_ready(url, alive=lambda: process.poll() is None):
+            say(f"petra: the MLflow UI did not answer on {url}")
+            return 1
+        say(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
+        _guide(url, uri, say)
+        while process.poll() is None:
+            time.sleep(0.5)
+        return int(process.returncode or 0)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(process)
+
+
+def runs_url(url: str, experiment_id: str, search_filter: str | None = None) -> str:
+    """The runs table of an experiment in the MLflow 3 UI, optionally filtered."""
+    out = f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if search_filter:
+        out += "&searchFilter=" + urllib.parse.quote(search_filter)
+    return out
+
+
+def _guide(url: str, uri: str, say: Callable[[str], None]) -> None:
+    for exp_id, name, searches in experiments(uri):
+        say(f"  experiment {name!r} ({searches} searches): {runs_url(url, exp_id)}")
+        if searches:
+            say(f"    its fronts only: {runs_url(url, exp_id, FILTERS[0])}")
+    say("To compare fronts, paste into the runs search box of the experiments you selected:")
+    say(f"  {FILTERS[0]}")
+    say("then expand the search runs, select their candidates, and Compare: a scatter plot of "
+        "size_ratio or latency_ratio against val_accuracy shows the fronts side by side. "
+        "`petra compare RUN_ID RUN_ID` overlays them in one plot and logs the comparison here.")

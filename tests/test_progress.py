@@ -1,0 +1,53 @@
+"""The live progress display, and its plain-line fallback when stdout is not a terminal."""
+
+from __future__ import annotations
+
+import io
+
+from petra.progress import ConsoleProgress, Status, as_reporter
+
+
+def status(done: int = 5) -> Status:
+    return Status(generation=1, generations=4, done=done, planned=16, running=2, failed=1,
+                  pruned=3, elapsed_s=30.0, eta_s=66.0, hypervolume=0.0712,
+                  best={"val_accuracy": 0.9944, "size_ratio": 0.043, "latency_ratio": 0.31})
+
+
+def test_the_status_line_holds_counts_eta_best_values_and_hypervolume():
+    line = status().line()
+    assert line.startswith("gen 2/4 | 5/16 done, 2 running, 1 failed, 3 pruned | ETA 1m06s")
+    assert "best val 0.9944, size 0.043, latency 0.31" in line and line.endswith("HV 0.0712")
+
+
+def test_a_terminal_gets_one_status_line_redrawn_in_place():
+    out = io.StringIO()
+    progress = ConsoleProgress(out, live=True)
+    progress.update(status(5))
+    progress.update(status(6))
+    progress.message("generation 2/4: ...")
+    progress.close()
+    text = out.getvalue()
+    assert text.count("\r\x1b[K") >= 4 and "6/16 done" in text
+    # a message goes above the status line, which is then drawn again
+    assert "generation 2/4: ...\n" in text
+    assert text.index("generation 2/4") < text.rindex("6/16 done")
+    assert text.endswith("\r\x1b[K")
+
+
+def test_without_a_terminal_only_plain_lines_are_printed():
+    out = io.StringIO()
+    progress = ConsoleProgress(out)  # StringIO is not a TTY
+    assert not progress.live
+    progress.update(status())
+    progress.message("generation 2/4: ...")
+    progress.close()
+    assert out.getvalue() == "generation 2/4: ...\n"
+
+
+def test_a_plain_callable_is_a_reporter_of_messages():
+    seen = []
+    reporter = as_reporter(seen.append)
+    reporter.message("hello")
+    reporter.update(status())
+    assert seen == ["hello"]
+    as_reporter(None).message("nothing happens")

@@ -1,0 +1,162 @@
+"""`petra ui` on loopback, and the fronts of two searches seen in a real headless Chromium.
+
+The browser part drives Debian's chromium through its chromedriver with selenium. `make test`
+installs both (apt, as root) when they are missing; without them the browser test is skipped,
+and says so in the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_executor import LOOPBACK, listeners_of
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "runs" / "screenshots"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--window-size=1500,1000")
+
+
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process descended from it."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for pid, ppid in (map(int, line.split()) for line in out.splitlines()[1:]):
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+@pytest.fixture(scope="module")
+def ui(two_searches):
+    """`petra ui` on a free loopback port over the two searches' store."""
+    from petra.ui import free_port, wait_ready
+
+    folder, uri, run_ids = two_searches
+    port = free_port()
+    log = open(folder / "ui.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "petra.cli", "ui", "--port", str(port),
+                             "--set", f"tracking.uri={uri}"], cwd=folder, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_ready(url, timeout_s=120, alive=lambda: proc.poll() is None), (
+            (folder / "ui.log").read_text()[-3000:])
+        deadline = time.monotonic() + 30  # the guide is printed once the server answers
+        while "tags.petra.on_front" not in (folder / "ui.log").read_text():
+            assert time.monotonic() < deadline, (folder / "ui.log").read_text()
+            time.sleep(0.2)
+        yield url, proc, folder, uri, run_ids
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_petra_ui_answers_on_loopback_only_and_prints_the_filter(ui):
+    url, proc, folder, _uri, _ids = ui
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+    text = (folder / "ui.log").read_text()
+    assert url in text and 'tags.petra.on_front = "true"' in text
+    assert "experiment 'fronts'" in text
+    if shutil.which("ss"):
+        tree = process_tree(proc.pid)
+        assert len(tree) > 1, "expected petra ui to have started the MLflow server"
+        addresses = listeners_of(tree)
+        assert addresses, "expected the MLflow server to listen"
+        assert all(a.startswith(LOOPBACK) for a in addresses), addresses
+
+
+def chrome(tmp_path: Path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("BROWSER TEST SKIPPED: Debian's chromium and chromium-driver are not "
+                    "installed (make test installs them with apt when run as root)")
+    os.environ.setdefault("SE_OFFLINE", "true")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def wait_for_text(driver, texts, timeout_s: float = 90.0) -> str:
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout_s
+    body = ""
+    while time.monotonic() < deadline:
+        body = driver.find_element(By.TAG_NAME, "body").text
+        if all(t in body for t in texts):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"never saw {texts} on {driver.current_url}; the page said:\n"
+                         f"{body[:3000]}")
+
+
+def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    url, _proc, _folder, uri, run_ids = ui
+    client = MlflowClient(uri)
+    runs = [client.get_run(r) for r in run_ids]
+    exp_id = runs[0].info.experiment_id
+    from selenium.webdriver.common.by import By
+
+    from petra.ui import FILTERS, runs_url
+
+    driver = chrome(tmp_path)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        # the experiment's runs table, filtered to the fronts: both searches are listed
+        driver.get(runs_url(url, exp_id, FILTERS[0]))
+        wait_for_text(driver, [r.info.run_name for r in runs])
+        shot = SCREENSHOTS / "ui-experiment.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+
+        # a search run's artifacts: the front files, and its front.html rendered in the preview
+        driver.get(f"{url}/#/experiments/{exp_id}/runs/{run_ids[0]}/artifacts")
+        wait_for_text(driver, ["front.html", "front.png", "fronts", "config.yaml"])
+        driver.find_element(By.XPATH, "//*[normalize-space(text())='front.html']").click()
+        deadline = time.monotonic() + 60
+        while not driver.find_elements(By.TAG_NAME, "iframe"):
+            assert time.monotonic() < deadline, "the front.html preview never appeared"
+            time.sleep(0.5)
+        time.sleep(2)
+        shot = SCREENSHOTS / "ui-search-front.png"
+        driver.save_screenshot(str(shot))
+        driver.switch_to.frame(driver.find_elements(By.TAG_NAME, "iframe")[0])
+        body = wait_for_text(driver, ["petra front", "recipe"])
+        assert len(driver.find_elements(By.TAG_NAME, "canvas")) == 4
+        front = client.search_runs([exp_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{run_ids[0]}' and tags.petra.on_front = 'true'"))
+        assert front and all(c.info.run_id[:8] in body for c in front)  # its front's table
+        driver.switch_to.default_content()
+        print(f"screenshots: {SCREENSHOTS}")
+    finally:
+        driver.quit()
