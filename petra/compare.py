@@ -79,23 +79,25 @@ class Comparison:
                          f"{c['exclusive_hypervolume']:>12.4f}")
         lines.append("")
         lines.append("coverage C(row, column): share of the column's front the row's dominates")
-        lines.append(" " * 28 + "".join(f"{lab[:14]:>16}" for lab in self.labels))
+        width = max(16, *(len(lab) + 2 for lab in self.labels))
+        lines.append(" " * 28 + "".join(f"{lab:>{width}}" for lab in self.labels))
         for a in self.labels:
             lines.append(f"{a:<28}" + "".join(
-                f"{self.coverage[a][b]:>16.2f}" if a != b else f"{'-':>16}"
+                f"{self.coverage[a][b]:>{width}.2f}" if a != b else f"{'-':>{width}}"
                 for b in self.labels))
         for metric, bands in self.bands.items():
             lines.append("")
-            lines.append(f"best val_accuracy by {metric} band (winner marked *)")
+            lines.append(f"best val_accuracy by {metric} band (winner *, tie =)")
             for band in bands:
                 cells = []
                 for label in self.labels:
                     acc = band["best"][label]
-                    mark = "*" if label == band["winner"] else " "
+                    mark = ("*" if label == band["winner"]
+                            else "=" if label in band["leaders"] else " ")
                     cells.append(f"{'-' if acc is None else f'{acc:.4f}'}{mark}")
                 lo, hi = band[metric]
                 lines.append(f"  [{lo:.2f}, {hi:.2f})".ljust(28)
-                             + "".join(f"{c:>16}" for c in cells))
+                             + "".join(f"{c:>{width + 1}}" for c in cells))
         return "\n".join(lines)
 
 
@@ -190,8 +192,10 @@ def _bands(metric: str, edges: Sequence[float], labels: Sequence[str],
                     and "val_accuracy" in m["metrics"]]
             best[label] = max(accs) if accs else None
         present = {k: v for k, v in best.items() if v is not None}
-        out.append({metric: [lo, hi], "best": best,
-                    "winner": max(present, key=present.get) if present else None})
+        top = max(present.values(), default=None)
+        leaders = [k for k, v in present.items() if v == top]
+        out.append({metric: [lo, hi], "best": best, "leaders": leaders,
+                    "winner": leaders[0] if len(leaders) == 1 else None})
     return out
 
 

@@ -183,7 +183,7 @@ function range(key, pts) { let lo = Infinity, hi = -Infinity;
   pts.forEach(([p]) => { lo = Math.min(lo, p[key]); hi = Math.max(hi, p[key]); });
   const b = D.baseline[key]; if (b != null) { lo = Math.min(lo, b); hi = Math.max(hi, b); }
   if (!isFinite(lo)) { lo = 0; hi = 1; } if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
-  const pad = (hi - lo) * 0.05; return [lo - pad, hi + pad]; }
+  const pad = (hi - lo) * 0.05; return [lo >= 0 ? Math.max(0, lo - pad) : lo - pad, hi + pad]; }
 function ticks(lo, hi, n) { const step0 = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
   const step = [1, 2, 5, 10].map(m => m * mag).find(s => s >= step0);
   const out = []; for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-12; v += step) out.push(v);

@@ -15,6 +15,7 @@ Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -44,6 +45,11 @@ class Tracker:
     def __init__(self, *, uri: str, experiment: str) -> None:
         from mlflow.tracking import MlflowClient
 
+        # MLflow's own INFO lines (creating database tables...) would interleave with petra's;
+        # MLFLOW_LOGGING_LEVEL still decides when it is set.
+        if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            logging.getLogger("alembic").setLevel(logging.WARNING)
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri

@@ -96,8 +96,9 @@ def stop(process: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
             continue
 
 
-def experiments(uri: str) -> list[tuple[str, str, int]]:
-    """``(experiment id, name, petra search runs)`` of every experiment in the store."""
+def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
+    """``(experiment id, name, petra search runs, front members' run ids)`` of every
+    experiment in the store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -105,8 +106,18 @@ def experiments(uri: str) -> list[tuple[str, str, int]]:
     for exp in client.search_experiments():
         runs = client.search_runs([exp.experiment_id], filter_string='tags.petra.kind = "search"',
                                   max_results=1000)
-        out.append((exp.experiment_id, exp.name, len(runs)))
+        front = client.search_runs([exp.experiment_id], filter_string=FILTERS[0],
+                                   max_results=200)
+        out.append((exp.experiment_id, exp.name, len(runs), [r.info.run_id for r in front]))
     return out
+
+
+def compare_url(url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """MLflow's compare view of ``run_ids`` (scatter plots of their metrics, side by side)."""
+    import json
+
+    return (f"{url}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
+            f"&experiments={urllib.parse.quote(json.dumps(experiment_ids))}")
 
 
 def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> int:
@@ -153,10 +164,13 @@ def runs_url(url: str, experiment_id: str, search_filter: str | None = None) -> 
 
 
 def _guide(url: str, uri: str, say: Callable[[str], None]) -> None:
-    for exp_id, name, searches in experiments(uri):
+    for exp_id, name, searches, front in experiments(uri):
         say(f"  experiment {name!r} ({searches} searches): {runs_url(url, exp_id)}")
         if searches:
             say(f"    its fronts only: {runs_url(url, exp_id, FILTERS[0])}")
+        if front:
+            say(f"    its fronts compared (Scatter Plot: size_ratio against val_accuracy): "
+                f"{compare_url(url, front, [exp_id])}")
     say("To compare fronts, paste into the runs search box of the experiments you selected:")
     say(f"  {FILTERS[0]}")
     say("then expand the search runs, select their candidates, and Compare: a scatter plot of "

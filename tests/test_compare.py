@@ -64,7 +64,14 @@ def test_coverage_combined_front_and_bands():
     bands = {tuple(b["size_ratio"]): b for b in result.bands["size_ratio"]}
     assert bands[(0.05, 0.1)]["winner"] == la  # A's 0.90 at 0.05 (B's 0.89 is at 0.06)
     assert bands[(0.2, 0.35)]["winner"] == lb  # only B has a member there
-    assert bands[(0.5, 1.0)]["winner"] is None
+    assert bands[(0.5, 1.0)]["winner"] is None and bands[(0.5, 1.0)]["leaders"] == []
+
+
+def test_a_band_where_two_fronts_reach_the_same_accuracy_is_a_tie():
+    result = compare([search("a", 0.97, [(0.95, 0.6, 0.9)]), search("b", 0.97, [(0.95, 0.7, 0.8)])])
+    band = next(b for b in result.bands["size_ratio"] if b["size_ratio"] == [0.5, 1.0])
+    assert band["winner"] is None and band["leaders"] == result.labels
+    assert "0.9500=" in result.table()
 
 
 def test_compare_needs_two_searches_with_the_same_objectives():
@@ -132,3 +139,15 @@ def test_the_ui_binds_loopback_and_links_the_runs_table_with_its_filter(tmp_path
     url = runs_url("http://127.0.0.1:5055", "3", FILTERS[0])
     assert url == ("http://127.0.0.1:5055/#/experiments/3/runs?workflowType=machine_learning"
                    "&searchFilter=tags.petra.on_front%20%3D%20%22true%22")
+
+
+def test_the_compare_link_names_the_runs_and_experiments():
+    import json
+    import urllib.parse
+
+    from petra.ui import compare_url
+
+    url = compare_url("http://127.0.0.1:5000", ["a1", "b2"], ["4"])
+    query = urllib.parse.parse_qs(url.split("?", 1)[1])
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")
+    assert json.loads(query["runs"][0]) == ["a1", "b2"] and json.loads(query["experiments"][0]) == ["4"]
