@@ -105,13 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _methods(as_json: bool) -> int:
     import petra.compress  # noqa: F401
-    from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+    from petra.registry import PRUNING, QUANTIZATION, RANK_RULES, REGULARIZERS, SPARSITY_RULES
     from petra.strategies import STRATEGIES
     from petra.tasks import TASKS, register_builtin
 
     register_builtin()
-    registries = {"pruning": PRUNING, "quantization": QUANTIZATION,
-                  "regularizer": REGULARIZERS, "strategy": STRATEGIES, "task": TASKS}
+    registries = {"pruning": PRUNING, "sparsity_rule": SPARSITY_RULES, "rank_rule": RANK_RULES,
+                  "quantization": QUANTIZATION, "regularizer": REGULARIZERS,
+                  "strategy": STRATEGIES, "task": TASKS}
     table = {kind: reg.describe() for kind, reg in registries.items()}
     if as_json:
         print(json.dumps(table, indent=2))
@@ -179,7 +180,8 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
         raise ConfigError("genome", source, "", str(exc)) from None
     evaluator = Evaluator(task_name=cfg.task.name, task_params=cfg.task.params,
                           baseline_state=baseline.state, baseline_artifact=baseline.artifact,
-                          threads=threads, core=0)
+                          threads=threads, core=0, memory_limit_mb=cfg.execution.memory_limit_mb,
+                          shapley_permutations=cfg.space.shapley_permutations)
     torch.set_num_threads(threads)
     result = evaluator.evaluate(genome, genome_hash=space.genome_hash(genome), seed=cfg.seed)
     if result.artifact:

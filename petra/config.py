@@ -37,7 +37,14 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS, Registry
+from petra.registry import (
+    PRUNING,
+    QUANTIZATION,
+    RANK_RULES,
+    REGULARIZERS,
+    SPARSITY_RULES,
+    Registry,
+)
 
 STRATEGIES: tuple[str, ...] = ("nsga2", "random", "nsga3", "optuna_nsga2", "optuna_tpe")
 METRICS: tuple[str, ...] = (
@@ -83,7 +90,8 @@ def _reject(allowed: str, detail: str = "") -> PydanticCustomError:
 def _registry(kind: str) -> Registry:
     with suppress(ImportError):
         import petra.compress  # noqa: F401  (registers the built-in methods)
-    return {"pruning": PRUNING, "quantization": QUANTIZATION, "regularizer": REGULARIZERS}[kind]
+    return {"pruning": PRUNING, "quantization": QUANTIZATION, "regularizer": REGULARIZERS,
+            "sparsity rule": SPARSITY_RULES, "rank rule": RANK_RULES}[kind]
 
 
 def _registry_names(kind: str) -> list[str]:
@@ -224,6 +232,29 @@ class SpaceConfig(_Model):
         (1e-6, 1e-3), description="[lo, hi] with 0 < lo <= hi"
     )
     finetune: FinetuneConfig = FinetuneConfig()
+    sparsity_rules: list[Annotated[str, _registered("sparsity rule")]] = Field(
+        ["fixed"], min_length=1,
+        description="a non-empty list of registered sparsity rules (fixed, auto_emp)",
+    )
+    emp_beta: Annotated[tuple[float, float], _pair(low=0.0, high=10.0, open_low=True)] = Field(
+        (0.5, 2.0), description="[lo, hi] with 0 < lo <= hi <= 10"
+    )
+    emp_scope: list[Literal["layer", "global"]] = Field(
+        ["layer", "global"], min_length=1, description="a non-empty list of layer, global"
+    )
+    rank_rules: list[Annotated[str, _registered("rank rule")]] = Field(
+        ["energy"], min_length=1,
+        description="a non-empty list of registered rank rules (energy, mp)",
+    )
+    eq_beta: Annotated[tuple[float, float], _pair(low=0.0, high=100.0, open_low=True)] = Field(
+        (0.05, 2.0), description="[lo, hi] with 0 < lo <= hi <= 100"
+    )
+    eq_gamma: Annotated[tuple[float, float], _pair(low=0.0, high=10.0)] = Field(
+        (0.0, 0.05), description="[lo, hi] with 0 <= lo <= hi <= 10"
+    )
+    shapley_permutations: int = Field(
+        4, ge=1, le=1000, description="an integer in [1, 1000]"
+    )
 
 
 class ConstraintsConfig(_Model):

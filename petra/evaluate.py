@@ -54,6 +54,12 @@ class Recipe:
     reg_params: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
     lr: float = 1e-3
+    sparsity_rule: str = "fixed"
+    emp_beta: float = 1.0
+    emp_scope: str = "layer"
+    rank_rule: str = "energy"
+    eq_beta: float = 0.05
+    eq_gamma: float = 0.0
 
     @classmethod
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
@@ -70,16 +76,31 @@ class Recipe:
                         if k.startswith("reg.") and k not in ("reg.kind", "reg.strength")},
             epochs=int(genome.get("finetune.epochs", 0)),
             lr=float(genome.get("finetune.lr", 1e-3)),
+            sparsity_rule=str(genome.get("prune.sparsity_rule", "fixed")),
+            emp_beta=float(genome.get("prune.emp_beta", 1.0)),
+            emp_scope=str(genome.get("prune.emp_scope", "layer")),
+            rank_rule=str(genome.get("lowrank.rank_rule", "energy")),
+            eq_beta=float(genome.get("prune.eq_beta", 0.05)),
+            eq_gamma=float(genome.get("prune.eq_gamma", 0.0)),
         )
+        automatic = recipe.sparsity_rule != "fixed"
         for key, method in genome.items():
             if key.startswith("layers.") and key.endswith(".method"):
                 name = key[len("layers."):-len(".method")]
                 sparsity = float(genome.get(f"layers.{name}.sparsity", 0.0))
                 uses_sparsity = method in PRUNING and PRUNING.get(method).meta.get(
                     "uses_sparsity", True)
-                if method != "none" and (sparsity > 0 or not uses_sparsity):
+                if method != "none" and (sparsity > 0 or not uses_sparsity or automatic):
                     recipe.layers[name] = (str(method), sparsity)
         return recipe
+
+    def sparsity(self) -> Any:
+        """The sparsity rule of this recipe; None for the fixed sparsity genes."""
+        from petra.compress.sparsity import SparsityRule
+
+        if self.sparsity_rule == "fixed":
+            return None
+        return SparsityRule(self.sparsity_rule, self.emp_beta, self.emp_scope)
 
     def of_kind(self, kind: str) -> dict[str, tuple[str, float]]:
         """The layers whose method is of registry ``kind`` (structured, lowrank, unstructured)."""
@@ -129,12 +150,14 @@ class Evaluator:
             candidate and baseline are timed on the same core; None leaves affinity alone.
         memory_limit_mb: the most memory one candidate may add to this process
             (:func:`petra.limits.memory_limit`); None for no limit.
+        shapley_permutations: the permutations a ``shapley`` criterion may sample per group.
     """
 
     def __init__(
         self, *, task_name: str, task_params: Mapping[str, Any], baseline_state: bytes,
         baseline_artifact: bytes, threads: int = 1, calibration_batches: int = 4,
         core: int | None = None, memory_limit_mb: int | None = None,
+        shapley_permutations: int = 4,
     ) -> None:
         import torch
 
@@ -147,6 +170,7 @@ class Evaluator:
         torch.set_num_threads(threads)
         self.threads = threads
         self.memory_limit_mb = memory_limit_mb
+        self.shapley_permutations = int(shapley_permutations)
         self.task = load_task(task_name, task_params)
         self.task.model.load_state_dict(torch.load(io.BytesIO(baseline_state), weights_only=True))
         self.task.model.eval()
@@ -199,6 +223,7 @@ class Evaluator:
     ) -> Result:
         import torch
 
+        from petra.compress.gates import EquilibriumGates
         from petra.compress.lowrank import factorize
         from petra.compress.prune import PruneContext, unstructured_masks
         from petra.compress.regularize import RegContext
@@ -212,19 +237,27 @@ class Evaluator:
         ctx = PruneContext(
             model=model, batches=_take(self.task.train, 2), loss=self.task.loss,
             generator=torch.Generator().manual_seed(seed),
+            val_batches=_take(self.task.val, 1), shapley_permutations=self.shapley_permutations,
         )
+        gated: dict[str, EquilibriumGates] = {}
+
+        def gate(name: str, members: Any, n: int) -> None:
+            gated[name] = EquilibriumGates(members, n, beta=recipe.eq_beta, gamma=recipe.eq_gamma)
+
+        rule = recipe.sparsity()
         channels = prune_channels(
             model, self.example, recipe.of_kind("structured"), round_to=recipe.round_to,
-            protected=self.protected, ctx=ctx,
+            protected=self.protected, ctx=ctx, sparsity_rule=rule, gate=gate,
         )
         ranks = factorize(model, {n: m for n, (m, _) in recipe.of_kind("lowrank").items()},
-                          energy=recipe.energy, ctx=ctx)
-        masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx)
+                          energy=recipe.energy, rule=recipe.rank_rule, ctx=ctx)
+        masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx, rule)
         info: dict[str, Any] = {"channels": channels, "ranks": ranks}
 
         # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
-        # the first rounds of the final latency for every candidate.
-        short = rung is not None and rung.applies(recipe.epochs)
+        # the first rounds of the final latency for every candidate. Trained gates decide the
+        # structure only after the fine-tune, so they have no probe.
+        short = rung is not None and rung.applies(recipe.epochs) and not gated
         probe: dict[str, float] = {}
         if short:
             probe, _ = self._measure(self._artifact(model, recipe), model, accuracy=False,
@@ -250,13 +283,16 @@ class Evaluator:
             return at_rung["reason"] is not None
 
         train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
-              loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report)
+              loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report,
+              after_step=(lambda: [g.step() for g in gated.values()]) if gated else None)
         rung_accuracy = at_rung.get("val_accuracy")
         if at_rung.get("reason"):
             return self._pruned(genome, genome_hash, {**probe, "val_accuracy": rung_accuracy},
                                 at_rung["reason"], rung.epochs, rung_accuracy, info)
         if finalize is not None:
             finalize()
+        if gated:
+            channels.update(self._remove_gated(model, gated, recipe.round_to))
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError("fine-tuning produced non-finite weights")
 
@@ -268,9 +304,29 @@ class Evaluator:
         metrics["fidelity_epochs"] = float(recipe.epochs)
         if rung_accuracy is not None:
             metrics["rung_val_accuracy"] = rung_accuracy
+        info["sparsity"] = layer_sparsity(recipe, model, self.task.model, masks)
+        metrics.update({f"sparsity.{k}": v for k, v in info["sparsity"].items()})
         info["effective"] = _effective(metrics)
         return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
                       artifact=data, info=info)
+
+    def _remove_gated(self, model: Any, gated: Mapping[str, Any],
+                      round_to: int) -> dict[str, tuple[int, int]]:
+        """Fold the trained gates into the weights, then remove the channels under 0.01 (the
+        kept count rounded to ``round_to``, as for every structured criterion)."""
+        import torch
+
+        from petra.compress.structured import kept_channels, remove_gated_channels
+
+        removals = {}
+        for name, gates in gated.items():
+            n = gates.n
+            keep = kept_channels(n, len(gates.removable()) / n, round_to)
+            removals[name] = torch.argsort(gates.s.detach(), stable=True)[: n - keep].tolist()
+            gates.fold()
+        changes = remove_gated_channels(model, self.example, removals)
+        recalibrate_batchnorm(model, self.task.train)
+        return changes
 
     def _artifact(self, model: Any, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
@@ -339,6 +395,49 @@ class Evaluator:
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)
+
+
+def recalibrate_batchnorm(model: Any, batches: Any, max_batches: int = 16) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average).
+
+    The gates moved during the fine-tune, faster than the running statistics' momentum follows;
+    without this, the model that was trained is not the model that is measured.
+    """
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for inputs, _ in _take(batches, max_batches):
+            model(inputs)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    model.eval()
+
+
+def layer_sparsity(recipe: Recipe, model: Any, dense: Any,
+                   masks: Mapping[str, Any]) -> dict[str, float]:
+    """The sparsity each layer of the recipe ended with, whatever rule chose it: the share of
+    output channels it lost (structured, coupled layers included), or of weights its mask
+    zeroes (unstructured)."""
+    out = {}
+    modules, before = dict(model.named_modules()), dict(dense.named_modules())
+    for name in recipe.of_kind("structured"):
+        layer, original = modules.get(name), before.get(name)
+        if layer is not None and original is not None and hasattr(layer, "weight"):
+            out[name] = 1.0 - layer.weight.shape[0] / original.weight.shape[0]
+    for key, mask in masks.items():
+        out[key[: -len(".weight")]] = float(1.0 - mask.float().mean())
+    return {k: round(v, 6) for k, v in sorted(out.items())}
 
 
 def _latency_metrics(latency: Any) -> dict[str, float]:

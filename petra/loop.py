@@ -229,7 +229,8 @@ class _Search:
             evaluator_kwargs={"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
                               "baseline_state": self.baseline.state,
                               "baseline_artifact": self.baseline.artifact,
-                              "memory_limit_mb": cfg.execution.memory_limit_mb},
+                              "memory_limit_mb": cfg.execution.memory_limit_mb,
+                              "shapley_permutations": cfg.space.shapley_permutations},
             address=cfg.execution.address, workers=cfg.execution.workers,
             cpus_per_candidate=cfg.execution.cpus_per_candidate,
         )

@@ -76,3 +76,5 @@ class Registry:
 PRUNING = Registry("pruning method")
 QUANTIZATION = Registry("quantization scheme")
 REGULARIZERS = Registry("regularizer")
+RANK_RULES = Registry("rank rule")
+SPARSITY_RULES = Registry("sparsity rule")

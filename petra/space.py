@@ -5,6 +5,10 @@ A genome is a plain ``dict`` from stable dotted gene names to values:
     layers.<module>.method    categorical, the pruning criterion of that layer
     layers.<module>.sparsity  float, the fraction of weights (or output channels) removed
     prune.round_to            categorical, kept channel counts are rounded to this multiple
+    prune.sparsity_rule       categorical, fixed (the sparsity genes) or auto_emp (EMP), with
+    prune.emp_beta, prune.emp_scope
+    prune.eq_beta, prune.eq_gamma   float, the equilibrium criterion's utility weights
+    lowrank.energy, lowrank.rank_rule   the SVD rank: by energy, or by the MP edge (mp)
     quant.scheme              categorical
     reg.kind, reg.strength    categorical, float (log scale)
     finetune.epochs           int
@@ -272,22 +276,36 @@ class SearchSpace:
         from petra.registry import PRUNING
 
         out = self.complete(genome)
-        kinds = set()
+        kinds, methods = set(), set()
+        automatic = out.get("prune.sparsity_rule", "fixed") != "fixed"
         for layer in self.layers:
             method, sparsity = f"layers.{layer.name}.method", f"layers.{layer.name}.sparsity"
             if method not in out:
                 continue
             meta = PRUNING.get(out[method]).meta if out[method] in PRUNING else {}
             uses_sparsity = meta.get("uses_sparsity", True)
-            if out[method] == "none" or (uses_sparsity and out.get(sparsity, 0.0) == 0.0):
+            if out[method] == "none" or (
+                    uses_sparsity and not automatic and out.get(sparsity, 0.0) == 0.0):
                 out[method] = "none"
             else:
                 kinds.add(meta.get("kind", "unstructured"))
-            if out[method] == "none" or not uses_sparsity:
+                methods.add(out[method])
+            if out[method] == "none" or not uses_sparsity or automatic:
                 out[sparsity] = self._by_name[sparsity].default
-        for gene, kind in (("prune.round_to", "structured"), ("lowrank.energy", "lowrank")):
+        if not automatic or not methods:
+            for name in ("prune.emp_beta", "prune.emp_scope"):
+                if name in out:
+                    out[name] = self._by_name[name].default
+        if "equilibrium" not in methods:
+            for name in ("prune.eq_beta", "prune.eq_gamma"):
+                if name in out:
+                    out[name] = self._by_name[name].default
+        for gene, kind in (("prune.round_to", "structured"), ("lowrank.energy", "lowrank"),
+                           ("lowrank.rank_rule", "lowrank")):
             if gene in out and kind not in kinds:
                 out[gene] = self._by_name[gene].default
+        if out.get("lowrank.rank_rule", "energy") != "energy" and "lowrank.energy" in out:
+            out["lowrank.energy"] = self._by_name["lowrank.energy"].default
         if out.get("finetune.epochs", 0) == 0:
             for name in out:
                 if name == "finetune.lr" or name.startswith("reg."):
@@ -366,8 +384,25 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
     if "structured" in kinds:  # a single choice still travels in the genome, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
+    rules = list(getattr(space_cfg, "sparsity_rules", ["fixed"]))
+    uses_sparsity = any(
+        PRUNING.get(m).meta.get("uses_sparsity", True) for m in space_cfg.pruning if m != "none")
+    if genes and uses_sparsity and rules != ["fixed"]:
+        genes.append(Categorical("prune.sparsity_rule", tuple(rules), rules[0]))
+        b_lo, b_hi = space_cfg.emp_beta
+        genes.append(Float("prune.emp_beta", b_lo, b_hi, min(max(1.0, b_lo), b_hi), step=0.05))
+        genes.append(Categorical("prune.emp_scope", tuple(space_cfg.emp_scope),
+                                 space_cfg.emp_scope[0]))
+    if "equilibrium" in space_cfg.pruning and genes:
+        q_lo, q_hi = space_cfg.eq_beta
+        genes.append(Float("prune.eq_beta", q_lo, q_hi, _geomean(q_lo, q_hi), log=True))
+        g_lo, g_hi = space_cfg.eq_gamma
+        genes.append(Float("prune.eq_gamma", g_lo, g_hi, g_lo, step=0.001))
     if "lowrank" in kinds:
         genes.append(Categorical("lowrank.energy", LOWRANK_ENERGIES, 0.99))
+        rank_rules = list(getattr(space_cfg, "rank_rules", ["energy"]))
+        if rank_rules != ["energy"]:
+            genes.append(Categorical("lowrank.rank_rule", tuple(rank_rules), rank_rules[0]))
     if len(space_cfg.quantization) > 1 or space_cfg.quantization[0] != "none":
         genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))
     e_lo, e_hi = space_cfg.finetune.epochs

@@ -23,6 +23,7 @@ def train(
     weight_decay: float = 1e-4,
     seed: int = 0,
     report: Callable[[int, float], bool | None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with AdamW and a one-cycle LR schedule.
 
@@ -41,6 +42,8 @@ def train(
         report: called after each epoch with ``(epoch, mean_loss)``; training stops early
             when it returns True (the multi-fidelity rung, :mod:`petra.fidelity`). It may
             evaluate the model: training mode is restored after it.
+        after_step: called after every optimiser step (equilibrium gates take theirs there,
+            from the gradients of the same backward pass).
     """
     if epochs <= 0:
         return model
@@ -69,6 +72,8 @@ def train(
                 schedule.step()
             step += 1
             _apply_masks(params, masks)
+            if after_step is not None:
+                after_step()
             total += float(loss.detach()) * len(targets)
             count += len(targets)
         if report is not None:

@@ -75,7 +75,8 @@ def ctx(tiny_task, model_copy):
     from petra.compress.prune import PruneContext
 
     task, _ = tiny_task
-    return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
+    return PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss,
+                        val_batches=take(task.val, 1))
 
 
 @pytest.fixture(scope="session")

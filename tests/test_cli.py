@@ -61,7 +61,9 @@ def test_methods_lists_the_registries() -> None:
     proc = petra("methods", "--json")
     assert proc.returncode == 0, proc.stderr
     table = json.loads(proc.stdout)
-    assert {"magnitude", "l2_channel", "none"} <= set(table["pruning"])
+    assert {"magnitude", "l2_channel", "none", "equilibrium", "shapley"} <= set(table["pruning"])
+    assert {"fixed", "auto_emp"} <= set(table["sparsity_rule"])
+    assert {"energy", "mp"} <= set(table["rank_rule"])
     assert {"none", "int8_static"} <= set(table["quantization"])
     assert {"nsga2", "random"} <= set(table["strategy"])
     assert "digits_cnn" in table["task"]

@@ -32,7 +32,9 @@ UNSTRUCTURED = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.name
 FIXED_PATTERN = [e.name for e in PRUNING if _kind(e) == "unstructured"
                  and not e.meta.get("uses_sparsity", True)]
 GLOBAL = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.meta.get("scope") == "global"]
-STRUCTURED = [e.name for e in PRUNING if _kind(e) == "structured"]
+# Criteria that score channels up front; those trained during the fine-tune (equilibrium) have
+# their own contract, through a whole evaluation, in tests/test_game.py.
+STRUCTURED = [e.name for e in PRUNING if _kind(e) == "structured" and not e.meta.get("trained")]
 LOWRANK = [e.name for e in PRUNING if _kind(e) == "lowrank"]
 QUANTIZERS = [name for name in QUANTIZATION.names() if name != "none"]
 
@@ -130,7 +132,8 @@ def test_structured_removes_channels_and_exports(name, tiny_task, model_copy):
     x = task.example_input
     before = n_params(model_copy)
     plan = {layer: (name, 0.5) for layer in conv_names(model_copy)}
-    ctx = PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss)
+    ctx = PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss,
+                       val_batches=take(task.val, 1))
     changes = prune_channels(model_copy, x, plan, round_to=1, protected=["fc"], ctx=ctx)
 
     assert changes and all(after < n for n, after in changes.values())

@@ -41,6 +41,8 @@ class PruneContext:
     model: Any = None
     batches: Any = None  # a few training batches (for data-aware criteria)
     loss: Any = None
+    val_batches: Any = None  # a few validation batches (shapley)
+    shapley_permutations: int = 4
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     _gradients: bool = field(default=False, repr=False)
     _input_norms: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -121,11 +123,16 @@ def keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def magnitude_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+    return weight.detach().abs()
+
+
 @PRUNING.register(
     "magnitude",
     description="unstructured: zero the smallest |w| of each layer; stored as values + bitmask",
     kind="unstructured",
     structured=False,
+    scores=magnitude_scores,
 )
 def magnitude(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
     return keep_top(weight.detach().abs(), sparsity)
@@ -149,6 +156,7 @@ def l2_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
     kind="unstructured",
     structured=False,
     scope="global",
+    scores=magnitude_scores,
 )
 def global_magnitude(
     weights: dict[str, torch.Tensor], sparsity: float, ctx: PruneContext
@@ -176,32 +184,33 @@ def global_magnitude(
     return masks
 
 
+def _random_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+    """A random order of the weights, as scores; drawn from ``ctx.generator`` on each call."""
+    return torch.randperm(weight.numel(), generator=ctx.generator).float().view_as(weight)
+
+
 @PRUNING.register(
     "random",
     description="unstructured: zero a uniformly random subset of weights (sanity baseline)",
     kind="unstructured",
     structured=False,
+    scores=_random_scores,
 )
 def random_mask(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
-    """Exactly ``round(sparsity * n)`` zeros at positions drawn from ``ctx.generator``."""
-    order = torch.randperm(weight.numel(), generator=ctx.generator)
-    return keep_top(order.float().view_as(weight), sparsity)
+    """Exactly ``round(sparsity * n)`` zeros at positions drawn from ``ctx.generator``.
+
+    Its EMP scores are a random order of the weights (the ranks 0..n-1): EMP keeps about
+    ``3 * beta / 4`` of them.
+    """
+    return keep_top(_random_scores(weight, ctx), sparsity)
 
 
-@PRUNING.register(
-    "activation_aware",
-    description="unstructured: Wanda, zero the smallest |w|*||x|| within each output row",
-    kind="unstructured",
-    structured=False,
-)
-def activation_aware(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
-    """Wanda (Sun et al., 2023): score ``|W_ij| * ||X_j||``, compared within each output row.
+def wanda_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
+    """Wanda's ``|W_ij| * ||X_j||`` of every weight, shaped ``(out, rest)``.
 
     ``||X_j||`` is the L2 norm of input feature (Linear) or input channel (Conv, broadcast over
-    kernel positions) ``j`` over the context's batches, so a small weight on a loud input
-    survives. The layer is found in ``ctx.model`` by the identity of its weight. Every row drops
-    ``floor(k / rows)`` scores, where ``k = round(sparsity * n)``; the ``k mod rows`` remaining
-    ones go to the rows whose next-lowest score is smallest, so the total is exactly ``k``.
+    kernel positions) ``j`` over the context's batches. The layer is found in ``ctx.model`` by
+    the identity of its weight.
 
     Raises:
         ValueError: the context has no model holding ``weight``, or no batches.
@@ -222,8 +231,27 @@ def activation_aware(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -
             f"{norms.numel()} recorded input norms (were they recorded before pruning?)"
         )
     per_row = norms.view(groups, -1)[torch.arange(out) // (out // groups)]  # (out, in/groups)
-    scores = (w * per_row.view(*per_row.shape, *([1] * (w.dim() - 2)))).flatten(1)
+    return (w * per_row.view(*per_row.shape, *([1] * (w.dim() - 2)))).flatten(1)
 
+
+@PRUNING.register(
+    "activation_aware",
+    description="unstructured: Wanda, zero the smallest |w|*||x|| within each output row",
+    kind="unstructured",
+    structured=False,
+    scores=lambda weight, ctx: wanda_scores(weight, ctx).view_as(weight),
+)
+def activation_aware(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
+    """Wanda (Sun et al., 2023): score ``|W_ij| * ||X_j||`` (:func:`wanda_scores`), compared
+    within each output row, so a small weight on a loud input survives. Every row drops
+    ``floor(k / rows)`` scores, where ``k = round(sparsity * n)``; the ``k mod rows`` remaining
+    ones go to the rows whose next-lowest score is smallest, so the total is exactly ``k``.
+
+    Raises:
+        ValueError: the context has no model holding ``weight``, or no batches.
+    """
+    scores = wanda_scores(weight, ctx)
+    out = scores.shape[0]
     row_size = scores.shape[1]
     k = min(int(round(sparsity * weight.numel())), weight.numel() - 1)
     base, extra = divmod(k, out)
@@ -352,17 +380,25 @@ def bn_scale(group: Any, ctx: PruneContext) -> torch.Tensor:
 
 
 def unstructured_masks(
-    model: Any, plan: dict[str, tuple[str, float]], ctx: PruneContext
+    model: Any, plan: dict[str, tuple[str, float]], ctx: PruneContext,
+    sparsity_rule: Any = None,
 ) -> dict[str, torch.Tensor]:
     """Compute and apply the masks of ``plan`` (layer → (unstructured method, sparsity)).
 
     Layer-scope methods are called per layer. A global-scope method is called once over every
     layer that chose it, at their size-weighted mean sparsity. Weights are zeroed in place.
 
+    With an automatic ``sparsity_rule`` (:class:`petra.compress.sparsity.SparsityRule`, EMP),
+    the sparsities of the plan are replaced by the rule's, from each criterion's scores
+    (``meta["scores"]``; a global-scope method's layers count as one pool).
+
     Returns:
         parameter name (``<layer>.weight``) → 0/1 mask, for the fine-tune to hold.
     """
     weights = {name: model.get_submodule(name).weight for name in plan}
+    plan = dict(plan)
+    if sparsity_rule is not None and sparsity_rule.automatic:
+        plan.update(_rule_sparsities(plan, weights, ctx, sparsity_rule))
     masks: dict[str, torch.Tensor] = {}
     by_global_method: dict[str, list[str]] = {}
     for name, (method, sparsity) in plan.items():
@@ -381,3 +417,28 @@ def unstructured_masks(
         for name, mask in masks.items():
             weights[name].mul_(mask.to(weights[name].dtype))
     return {f"{name}.weight": mask for name, mask in masks.items()}
+
+
+def _rule_sparsities(
+    plan: dict[str, tuple[str, float]], weights: dict[str, torch.Tensor], ctx: PruneContext,
+    rule: Any,
+) -> dict[str, tuple[str, float]]:
+    """The plan's entries with the sparsity ``rule`` chose from the criteria's scores."""
+    units: list[tuple[list[str], torch.Tensor]] = []
+    pools: dict[str, list[str]] = {}
+    for name, (method, _) in plan.items():
+        entry = PRUNING.get(method)
+        if method == "none" or not entry.meta.get("uses_sparsity", True):
+            continue
+        if entry.meta.get("scope") == "global":
+            pools.setdefault(method, []).append(name)
+            continue
+        units.append(([name], entry.meta["scores"](weights[name], ctx)))
+    for method, names in pools.items():
+        scores = PRUNING.get(method).meta["scores"]
+        units.append((names, torch.cat([scores(weights[n], ctx).flatten() for n in names])))
+    out = {}
+    for (names, _), sparsity in zip(units, rule.sparsities([s for _, s in units]), strict=True):
+        for name in names:
+            out[name] = (plan[name][0], float(sparsity))
+    return out

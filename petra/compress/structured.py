@@ -91,6 +91,8 @@ def prune_channels(
     round_to: int = 1,
     protected: Sequence[str] = (),
     ctx: Any = None,
+    sparsity_rule: Any = None,
+    gate: Any = None,
 ) -> dict[str, tuple[int, int]]:
     """Remove output channels in place, following ``plan``.
 
@@ -101,11 +103,19 @@ def prune_channels(
         round_to: kept channel counts are rounded to this multiple.
         protected: layers whose output channels must stay (the classifier).
         ctx: a :class:`petra.compress.prune.PruneContext` passed to the criteria.
+        sparsity_rule: None keeps each group's voted sparsity; otherwise a
+            :class:`petra.compress.sparsity.SparsityRule` that sets it from the criterion's
+            scores (EMP), per group or pooled over the groups.
+        gate: for groups whose criterion is trained during the fine-tune (``trained=True``,
+            e.g. ``equilibrium``): called as ``gate(name, members, n)`` and the group is left
+            whole for now. None skips such groups.
 
     Returns:
         group root name → (channels before, channels after), for every pruned group.
     """
     import torch_pruning as tp
+
+    from petra.compress.gates import out_channel_members
 
     if not plan:
         return {}
@@ -115,7 +125,7 @@ def prune_channels(
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     ignored = [modules[n] for n in protected if n in modules]
-    todo = []
+    scored = []  # (root, n, sparsity, scores)
     for group in channel_groups(graph, ignored):
         members = [
             names.get(dep.target.module)
@@ -125,22 +135,60 @@ def prune_channels(
         voters = sorted((n for n in members if n in plan), key=order.index)
         if not voters:
             continue
-        sparsity = sum(plan[n][1] for n in voters) / len(voters)
         root = group[0].dep.target.module
         n = graph.get_out_channels(root)
+        method = plan[voters[0]][0]
+        entry = PRUNING.get(method)
+        if entry.meta.get("trained"):
+            if gate is not None:
+                gate(names[root], out_channel_members(group), n)
+            continue
+        sparsity = sum(plan[v][1] for v in voters) / len(voters)
+        if sparsity_rule is None and kept_channels(n, sparsity, round_to) >= n:
+            continue
+        # Score every group on the unpruned model, as MetaPruner does, then prune.
+        scores = entry.fn(group, ctx).detach().flatten()
+        if scores.numel() != n:
+            raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
+        scored.append((root, n, sparsity, scores))
+    if sparsity_rule is not None:
+        chosen = sparsity_rule.sparsities([scores for *_, scores in scored])
+        scored = [(root, n, sp, scores) for (root, n, _, scores), sp
+                  in zip(scored, chosen, strict=True)]
+    changes: dict[str, tuple[int, int]] = {}
+    for root, n, sparsity, scores in scored:
         keep = kept_channels(n, sparsity, round_to)
         if keep >= n:
             continue
-        # Score every group on the unpruned model, as MetaPruner does, then prune.
-        method = plan[voters[0]][0]
-        scores = PRUNING.get(method).fn(group, ctx).detach().flatten()
-        if scores.numel() != n:
-            raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
-        todo.append((root, n, keep, scores))
-    changes: dict[str, tuple[int, int]] = {}
-    for root, n, keep, scores in todo:
         idxs = torch.argsort(scores, stable=True)[: n - keep].tolist()
-        pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
-        graph.get_pruning_group(root, pruning_fn, idxs).prune()
+        remove_channels(graph, root, idxs)
         changes[names[root]] = (n, keep)
+    return changes
+
+
+def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
+    """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it."""
+    pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
+    graph.get_pruning_group(root, pruning_fn, list(idxs)).prune()
+
+
+def remove_gated_channels(
+    model: nn.Module, example_input: torch.Tensor, removals: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, int]]:
+    """Remove the channels ``removals`` names (group root name → channel indices), after a
+    trained criterion chose them; returns root name → (channels before, after)."""
+    import torch_pruning as tp
+
+    todo = {k: v for k, v in removals.items() if len(v)}
+    if not todo:
+        return {}
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    changes = {}
+    for name, idxs in todo.items():
+        root = model.get_submodule(name)
+        n = graph.get_out_channels(root)
+        idxs = sorted(set(int(i) for i in idxs))[: n - 1]  # never empty a layer
+        remove_channels(graph, root, idxs)
+        changes[name] = (n, n - len(idxs))
     return changes
