@@ -329,3 +329,34 @@ def test_layer_info_is_plain_data():
     info = LayerInfo(name="a", type="Linear", out_channels=3, params=12, structured=True)
     with pytest.raises(AttributeError):
         info.name = "b"  # frozen: safe to send to workers and to hash
+
+
+def test_the_literature_genes_appear_when_the_space_allows_them(layers):
+    space = space_of(layers, pruning=["none", "magnitude", "l2_channel", "equilibrium", "svd"],
+                     sparsity_rules=["fixed", "auto_emp"], rank_rules=["energy", "mp"])
+    for name in ("prune.sparsity_rule", "prune.emp_beta", "prune.emp_scope", "prune.eq_beta",
+                 "prune.eq_gamma", "lowrank.rank_rule"):
+        assert name in space
+    assert space.gene("prune.sparsity_rule").choices == ("fixed", "auto_emp")
+    assert (space.gene("prune.emp_beta").low, space.gene("prune.emp_beta").high) == (0.5, 2.0)
+    assert space.gene("lowrank.rank_rule").choices == ("energy", "mp")
+    plain = space_of(layers, pruning=["none", "magnitude"])
+    assert "prune.sparsity_rule" not in plain and "prune.eq_beta" not in plain
+
+
+def test_effective_genomes_ignore_what_a_rule_makes_irrelevant(layers):
+    space = space_of(layers, pruning=["none", "magnitude", "equilibrium"],
+                     sparsity_rules=["fixed", "auto_emp"])
+    base = {"layers.stem.method": "magnitude", "prune.sparsity_rule": "auto_emp"}
+    # under auto_emp the sparsity genes decide nothing, and a zero one no longer means "none"
+    a = space.complete({**base, "layers.stem.sparsity": 0.0})
+    b = space.complete({**base, "layers.stem.sparsity": 0.7})
+    assert space.genome_hash(a) == space.genome_hash(b)
+    assert space.effective(a)["layers.stem.method"] == "magnitude"
+    # under the fixed rule, EMP's genes decide nothing; without equilibrium, neither do its own
+    fixed = {"layers.stem.method": "magnitude", "layers.stem.sparsity": 0.5}
+    c = space.complete({**fixed, "prune.emp_beta": 0.6, "prune.eq_beta": 1.5})
+    assert space.genome_hash(c) == space.genome_hash(space.complete(fixed))
+    gated = space.complete({"layers.stem.method": "equilibrium", "prune.eq_beta": 1.5})
+    assert space.genome_hash(gated) != space.genome_hash(
+        space.complete({"layers.stem.method": "equilibrium", "prune.eq_beta": 0.5}))
