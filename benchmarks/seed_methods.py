@@ -67,7 +67,10 @@ class Bench:
         torch.set_num_threads(1)
         self.cfg = load_config(ROOT / "search_spaces" / f"{task}.yaml", [
             "space.pruning=[none, magnitude, l2_channel, svd, equilibrium, shapley]",
-            "space.sparsity_rules=[fixed, auto_emp]", "space.rank_rules=[energy, mp]"])
+            "space.sparsity_rules=[fixed, auto_emp]", "space.rank_rules=[energy, mp]",
+            # the genes' bounds clip the knobs: open them to the bisection's ranges
+            "space.emp_beta=[0.05, 2.0]", "space.eq_beta=[0.05, 2.0]",
+            "space.sparsity=[0.0, 0.95]"])
         t = load_task(task, {})
         self.baseline = prepare_baseline(t, task_name=task, task_params={},
                                          cache_dir=cache_dir(), seed=0)
@@ -152,31 +155,43 @@ def bisect(bench: Bench, label: str, steps: int) -> dict:
             "tried": tried}
 
 
+#: Each new method is judged against the established criterion it stands beside.
+REFERENCE = {"auto_emp+magnitude": "magnitude", "auto_emp+l2_channel": "l2_channel",
+             "mp": "magnitude", "equilibrium": "l2_channel", "shapley": "l2_channel"}
+
+
 def verdict(task_rows: dict) -> dict[str, str]:
-    """A sentence per new method, against magnitude (size) and l2_channel (latency)."""
+    """A sentence per new method: its size and latency against its reference's, or why not."""
     def point(label: str) -> dict | None:
         row = task_rows.get(label)
-        return row["metrics"] if row and row["feasible"] else None
+        return row["metrics"] if row and row["feasible"] and row["metrics"] else None
 
-    ref_size, ref_lat = point("magnitude"), point("l2_channel")
     out = {}
-    for label in task_rows:
-        if label in ("magnitude", "l2_channel"):
+    for label, ref_label in REFERENCE.items():
+        if label not in task_rows:
             continue
-        m = point(label)
+        m, ref = point(label), point(ref_label)
+        row = task_rows[label]
         if m is None:
-            out[label] = "no setting stays within 1 point of the baseline"
+            last = row.get("metrics") or {}
+            out[label] = "no setting stays within 1 point" + (
+                f" (the last tried: val {last['val_accuracy']:.4f} at size "
+                f"{last['size_ratio']:.3f})" if "val_accuracy" in last and "size_ratio" in last
+                else "")
             continue
-        parts = []
-        if ref_size:
-            better = m["size_ratio"] < ref_size["size_ratio"] - 0.005
-            parts.append(f"size {m['size_ratio']:.3f} vs magnitude's {ref_size['size_ratio']:.3f}"
-                         f" ({'smaller' if better else 'not smaller'})")
-        if ref_lat:
-            better = m["latency_ratio"] < ref_lat["latency_ratio"] - 0.02
-            parts.append(f"latency {m['latency_ratio']:.3f} vs l2_channel's "
-                         f"{ref_lat['latency_ratio']:.3f} ({'faster' if better else 'not faster'})")
-        out[label] = "; ".join(parts)
+        if ref is None:
+            out[label] = f"size {m['size_ratio']:.3f}, latency {m['latency_ratio']:.3f}"
+            continue
+        size = m["size_ratio"] - ref["size_ratio"]
+        lat = m["latency_ratio"] - ref["latency_ratio"]
+
+        def word(delta: float, tolerance: float, good: str, bad: str) -> str:
+            return good if delta < -tolerance else bad if delta > tolerance else "level"
+
+        out[label] = (f"vs {ref_label}: size {m['size_ratio']:.3f} against "
+                      f"{ref['size_ratio']:.3f} ({word(size, 0.01, 'smaller', 'larger')}), "
+                      f"latency {m['latency_ratio']:.3f} against {ref['latency_ratio']:.3f} "
+                      f"({word(lat, 0.03, 'faster', 'slower')})")
     return out
 
 
@@ -231,7 +246,7 @@ def markdown(report: dict) -> str:
             knob = "-" if row["knob"] is None else (
                 f"{row['knob']}={row['value']:.3g}" if row["value"] is not None else row["knob"])
             if not row["feasible"] or not m:
-                why = row.get("note") or "none within 1 point"
+                why = row.get("note") or data["verdict"].get(label, "none within 1 point")
                 lines.append(f"| {task} | {label} | {knob} | - | - | - | - | {why} |")
                 continue
             lines.append(
@@ -260,7 +275,17 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=12)
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild seed_methods.md from seed_methods.json")
     args = parser.parse_args()
+    if args.report_only:
+        report = json.loads((RESULTS / "seed_methods.json").read_text())
+        for data in report["tasks"].values():
+            data["verdict"] = verdict(data["methods"])
+        (RESULTS / "seed_methods.json").write_text(json.dumps(report, indent=2, default=str))
+        (RESULTS / "seed_methods.md").write_text(markdown(report))
+        print(markdown(report))
+        return
     started = time.time()
     report: dict = {"drop": DROP, "finetune": FINETUNE, "tasks": {}}
     for task in args.tasks:
