@@ -171,9 +171,9 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     genome = _read_genome(source)
     task = load_task(cfg.task.name, cfg.task.params)
     threads = cfg.execution.cpus_per_candidate
+    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
-    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
     try:
         genome = space.complete(genome)
     except ValueError as exc:

@@ -30,6 +30,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -217,7 +218,7 @@ class SpaceConfig(_Model):
         (0.0, 0.9), description="[lo, hi] with 0 <= lo <= hi <= 0.99"
     )
     layers: LayersConfig = LayersConfig()
-    round_to: list[Annotated[int, Field(ge=1)]] = Field(
+    round_to: list[Annotated[StrictInt, Field(ge=1)]] = Field(
         [1, 8, 16], min_length=1, description="a non-empty list of integers >= 1"
     )
     quantization: list[Annotated[str, _registered("quantization")]] = Field(
@@ -252,7 +253,7 @@ class SpaceConfig(_Model):
     eq_gamma: Annotated[tuple[float, float], _pair(low=0.0, high=10.0)] = Field(
         (0.0, 0.05), description="[lo, hi] with 0 <= lo <= hi <= 10"
     )
-    shapley_permutations: int = Field(
+    shapley_permutations: StrictInt = Field(
         4, ge=1, le=1000, description="an integer in [1, 1000]"
     )
 
@@ -271,7 +272,7 @@ class MultiFidelityConfig(_Model):
     """Stopping candidates after a short fine-tune when they cannot reach the front."""
 
     enabled: StrictBool = Field(True, description="true or false")
-    rung_epochs: int = Field(1, ge=1, le=1000, description="an integer in [1, 1000]")
+    rung_epochs: StrictInt = Field(1, ge=1, le=1000, description="an integer in [1, 1000]")
     headroom: float | None = Field(
         None, ge=0.0, le=1.0,
         description="null (learned from the search's survivors) or a number in [0, 1]",
@@ -284,8 +285,8 @@ class SearchSettings(_Model):
     strategy: Annotated[str, _one_of(STRATEGIES)] = Field(
         "nsga2", description=f"one of {', '.join(STRATEGIES)}"
     )
-    population: int = Field(16, ge=2, description="an integer >= 2")
-    generations: int = Field(6, ge=1, description="an integer >= 1")
+    population: StrictInt = Field(16, ge=2, description="an integer >= 2")
+    generations: StrictInt = Field(6, ge=1, description="an integer >= 1")
     time_budget_s: float | None = Field(None, gt=0.0, description="null or a number of seconds > 0")
     multi_fidelity: MultiFidelityConfig = MultiFidelityConfig()
 
@@ -298,10 +299,10 @@ class ExecutionConfig(_Model):
         pattern=r"^(ray://)?[\w.-]+:\d{1,5}$",
         description='null (a local cluster) or "host:port" of a Ray cluster',
     )
-    workers: int = Field(2, ge=1, description="an integer >= 1")
-    cpus_per_candidate: int = Field(1, ge=1, description="an integer >= 1")
+    workers: StrictInt = Field(2, ge=1, description="an integer >= 1")
+    cpus_per_candidate: StrictInt = Field(1, ge=1, description="an integer >= 1")
     executor: Literal["ray", "local"] = Field("ray", description="one of ray, local")
-    memory_limit_mb: int | None = Field(
+    memory_limit_mb: StrictInt | None = Field(
         None, ge=64, description="null (no limit) or an integer number of MiB >= 64"
     )
 
@@ -317,7 +318,7 @@ class SearchConfig(_Model):
     """A whole search: the task, the space, the objectives and how to run and track it."""
 
     name: str = Field("petra", min_length=1, description="a non-empty string")
-    seed: int = Field(0, ge=0, description="an integer >= 0")
+    seed: StrictInt = Field(0, ge=0, description="an integer >= 0")
     task: TaskConfig = TaskConfig()
     space: SpaceConfig = SpaceConfig()
     objectives: list[Annotated[str, AfterValidator(_objective)]] = Field(

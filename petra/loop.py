@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -121,6 +122,9 @@ class _Search:
         self.say = self.reporter.message
         self.objectives = cfg.objective_list
         self.task = load_task(cfg.task.name, cfg.task.params)
+        # The space first: a glob that matches no layer is found before any training.
+        self.space = build_space(cfg.space,
+                                 prunable_layers(self.task.model, self.task.example_input))
         self.say(f"baseline: preparing {cfg.task.name} ...")
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
@@ -129,8 +133,6 @@ class _Search:
         self.say(f"baseline: val {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}, "
                  f"{int(b['artifact_bytes'])} bytes, {b['latency_ms']:.2f} ms/batch"
                  f"{' (cached)' if self.baseline.cached else ''}")
-        self.space = build_space(cfg.space,
-                                 prunable_layers(self.task.model, self.task.example_input))
         self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers")
         # Every strategy but random search starts from a few hand-style recipes.
         initial = seed_recipes(self.space) if cfg.search.strategy != "random" else []
@@ -142,7 +144,8 @@ class _Search:
         self.tracker = Tracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
         self.records: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, Any]] = {}  # genome hash → record (the genome cache)
-        self.artifacts: dict[str, bytes] = {}  # candidate run id → artifact, evaluated here
+        self.artifacts: dict[str, bytes] = {}  # genome hash → artifact, evaluated here
+        self.recorder: Any = None  # petra.recorder.Recorder, once the search run exists
         self.generation = 0
         self.elapsed_before = 0.0
         self.logged_generations: set[int] = set()
@@ -164,57 +167,84 @@ class _Search:
         )
         self.say(f"search run {run_id} in {self.cfg.tracking.uri} "
                  f"(experiment {self.cfg.tracking.experiment!r})")
+        self._open_recorder(run_id)
         self._checkpoint()
         return self
+
+    def _open_recorder(self, run_id: str) -> None:
+        from petra.journal import Journal
+        from petra.recorder import Recorder
+
+        self.journal = Journal(run_id)
+        self.recorder = Recorder(self.tracker, self.journal, executor=self.cfg.execution.executor,
+                                 say=self.say)
 
     def attach(self, run_id: str) -> _Search:
         import json
 
         import yaml
 
+        from petra.recorder import PENDING
+
         self.tracker.attach(run_id, driver_pid=os.getpid())
-        text = self.tracker.read_text(self.cfg.tracking.uri, run_id, CHECKPOINT)
-        if text:
-            state = json.loads(text)
+        self._open_recorder(run_id)
+        # The newer of the two checkpoints: MLflow's, or the journal's (written even when
+        # MLflow was away).
+        states = [json.loads(t) for t in (
+            self.tracker.read_text(self.cfg.tracking.uri, run_id, CHECKPOINT),
+            self.journal.checkpoint()) if t]
+        if states:
+            state = max(states, key=lambda st: len(st["records"]))
             self.strategy.load_state_dict(state["strategy"])
             self.records = state["records"]
             self.generation = state["generation"]
             self.elapsed_before = state["elapsed_s"]
         self.results = {r["genome_hash"]: r for r in self.records}
-        recovered = dropped = 0
+        recovered = dropped = relogged = 0
         for child in self.tracker.children():
             tags = child.data.tags
             if child.info.status == "RUNNING" or "petra.status" not in tags:
                 self.tracker.client.delete_run(child.info.run_id)  # killed mid-log: no result
                 dropped += 1
                 continue
-            if tags["petra.genome_hash"] in self.results:
+            key = tags["petra.genome_hash"]
+            if key in self.results:
+                self.results[key]["id"] = child.info.run_id  # a provisional id, now logged
                 continue
             genome = self.space.complete(
                 {k: yaml.safe_load(v) for k, v in child.data.params.items() if k in self.space})
             record = {"id": child.info.run_id, "genome": genome,
                       "metrics": dict(child.data.metrics), "status": tags["petra.status"],
-                      "generation": int(tags["petra.generation"]),
-                      "genome_hash": tags["petra.genome_hash"]}
+                      "generation": int(tags["petra.generation"]), "genome_hash": key}
             self.records.append(record)
-            self.results[record["genome_hash"]] = record
+            self.results[key] = record
             recovered += 1
+        # Finished candidates that MLflow does not hold (killed while logging, or logged
+        # nowhere while the store was away) are logged from the journal: never evaluated again.
+        for entry in self.journal.entries():
+            record = self.results.get(entry["genome_hash"])
+            if record is not None and not str(record["id"]).startswith(PENDING):
+                continue
+            self.recorder.requeue(entry, self.records)
+            self.results[entry["genome_hash"]] = next(
+                r for r in self.records if r["genome_hash"] == entry["genome_hash"])
+            relogged += 1
+        self.recorder.flush(self.records)
         self.logged_generations = self.tracker.logged_steps("hypervolume")
         self.done_at_start = len(self.records)
         self.say(f"resuming search run {run_id}: {len(self.records)} candidates done "
-                 f"({recovered} recovered from MLflow, {dropped} unfinished runs dropped), "
-                 f"generation {self.generation + 1}/{self.cfg.search.generations}")
+                 f"({recovered} recovered from MLflow, {relogged} from the journal, {dropped} "
+                 f"unfinished runs dropped), generation {self.generation + 1}/"
+                 f"{self.cfg.search.generations}")
         self._checkpoint()
         return self
 
     def _checkpoint(self) -> None:
-        import json
-
-        self.tracker.checkpoint(json.dumps({
+        self.recorder.checkpoint({
             "version": 1, "generation": self.generation,
             "strategy": self.strategy.state_dict(), "records": self.records,
             "elapsed_s": self.elapsed(),
-        }, default=str), CHECKPOINT)
+        }, self.records)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
@@ -308,15 +338,13 @@ class _Search:
                                 candidate_seed(cfg.seed, self.generation, index), rung))
             parallel = getattr(executor, "workers", 1)
             for finished, (job, result) in enumerate(executor.run(jobs), start=1):
-                child = self.tracker.log_candidate(result, generation=self.generation,
-                                                   index=job.key, executor=executor.kind)
-                record = {"id": child, "genome": result.genome, "metrics": result.metrics,
-                          "status": result.status, "generation": self.generation,
-                          "genome_hash": job.genome_hash}
-                self.records.append(record)
+                entry = {"genome_hash": job.genome_hash, "generation": self.generation,
+                         "index": job.key, "genome": result.genome, "metrics": result.metrics,
+                         "status": result.status, "error": result.error, "info": result.info}
+                record = self.recorder.record(entry, result.artifact, self.records)
                 self.results[job.genome_hash] = record
                 if result.artifact:
-                    self.artifacts[child] = result.artifact
+                    self.artifacts[job.genome_hash] = result.artifact
                 self._checkpoint()
                 self.reporter.update(self._status(running=min(parallel, len(jobs) - finished)))
                 if self._over_budget():
@@ -324,7 +352,8 @@ class _Search:
             snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                    self.generation, cfg.constraints)
             if self.generation not in self.logged_generations:
-                self.tracker.log_generation(snap, self.records, self.baseline.metrics)
+                self.recorder.generation(self.generation, functools.partial(
+                    self._generation_front, self.generation, len(self.records)), self.records)
                 self.logged_generations.add(self.generation)
             self.say(_generation_line(snap, self._status(running=0)))
             if self._over_budget():
@@ -344,15 +373,26 @@ class _Search:
             self.generation += 1
             self._checkpoint()
 
+    def _generation_front(self, generation: int, count: int) -> tuple[Any, list[Any], Any]:
+        """The front after ``generation`` (its first ``count`` records), built when logged."""
+        from petra import pareto
+
+        records = self.records[:count]
+        snap = pareto.snapshot(records, self.objectives, self.baseline.metrics, generation,
+                               self.cfg.constraints)
+        return snap, records, self.baseline.metrics
+
     def _finish(self, executor: Any, interrupted: bool) -> SearchResult:
         from petra import pareto
 
         b = self.baseline.metrics
+        self.recorder.drain(self.records)  # every record has its child run id from here on
         snap = pareto.snapshot(self.records, self.objectives, b,
                                max(self.generation - 1, 0), self.cfg.constraints)
         knee = pareto.knee_point(snap)
-        artifacts = {i: self.artifacts.get(i) or self.tracker.download(i, "model.petra")
-                     for i in snap.ids}
+        hashes = {r["id"]: r["genome_hash"] for r in self.records}
+        artifacts = {i: self.artifacts.get(hashes[i]) or self.journal.artifact(hashes[i])
+                     or self.tracker.download(i, "model.petra") for i in snap.ids}
         front_ids = [i for i in snap.ids if artifacts[i]]
         accs = executor.test_accuracy([artifacts[i] for i in front_ids])
         test_acc = dict(zip(front_ids, accs, strict=True))
@@ -360,8 +400,9 @@ class _Search:
             if member["id"] in test_acc:
                 member["metrics"]["test_accuracy"] = test_acc[member["id"]]
         self._checkpoint()
-        self.tracker.finish(snap, test_accuracy=test_acc, knee=knee, records=self.records,
-                            baseline=b, status="KILLED" if interrupted else "FINISHED")
+        self.recorder.finish(lambda: self.tracker.finish(
+            snap, test_accuracy=test_acc, knee=knee, records=self.records, baseline=b,
+            status="KILLED" if interrupted else "FINISHED"), self.records)
         return SearchResult(run_id=self.tracker.run_id, front=snap, knee=knee, baseline=dict(b),
                             records=self.records, test_accuracy=test_acc,
                             interrupted=interrupted)

@@ -221,6 +221,25 @@ def select_layers(
     ]
 
 
+def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
+                exclude: Sequence[str]) -> None:
+    """Every glob must match a prunable layer (a glob that matches none is a typo).
+
+    Raises:
+        petra.config.ConfigError: naming the glob's field, the glob and the model's layers.
+    """
+    from petra.config import ConfigError
+
+    names = [layer.name for layer in layers]
+    for key, globs in (("include", include), ("exclude", exclude)):
+        for i, pattern in enumerate(globs):
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(names[:40]) + (" ..." if len(names) > 40 else "")
+                raise ConfigError(f"space.layers.{key}[{i}]", pattern, "", (
+                    f"{pattern!r} matches no prunable layer of the model; its layers are "
+                    f"{shown or '(none)'}"))
+
+
 class SearchSpace:
     """An ordered set of genes, with the layers they were decoded from."""
 
@@ -366,6 +385,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
     import petra.compress  # noqa: F401  (fills the registries)
     from petra.registry import PRUNING
 
+    check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     lo, hi = space_cfg.sparsity
     genes: list[Gene] = []

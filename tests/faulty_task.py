@@ -2,7 +2,7 @@
 
 The model is a small MLP on iris. Its forward looks at the width of its hidden layer, which the
 genome sets by pruning ``fc1``'s neurons (``l2_channel``), and injects the fault that ``faults``
-names for that width:
+names for that width (a key is a width, ``"12"``, or a range of widths, ``"4-7"``):
 
 - ``raise``: raises ``ValueError``;
 - ``nan``: makes the hidden activations NaN;
@@ -31,7 +31,11 @@ def faulty_mlp(*, faults: dict[str, str] | None = None, marker_dir: str | None =
 
     from petra.tasks import Task
 
-    table = {int(k): v for k, v in (faults or {}).items()}
+    table: dict[int, str] = {}
+    for key, fault in (faults or {}).items():
+        lo, _, hi = str(key).partition("-")
+        for width in range(int(lo), int(hi or lo) + 1):
+            table[width] = fault
 
     class FaultyMLP(nn.Module):
         def __init__(self) -> None:

@@ -29,3 +29,8 @@ def iris_mlp(*, hidden: int = 8, seed: int = 0) -> Any:
 def not_a_task() -> dict:
     """Returns something that is not a petra Task."""
     return {"model": None}
+
+
+def raises(**params: object) -> None:
+    """A task function that fails when it is called."""
+    raise RuntimeError("the dataset is not where this task expects it")

@@ -66,6 +66,11 @@ def register_builtin() -> None:
     import petra.tasks.mnist1d  # noqa: F401
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     """Build a task from a built-in name or a ``"package.module:function"`` import string."""
     import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
@@ -78,19 +83,26 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
         module_name, _, attr = name.partition(":")
         try:
             fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - importing user code can raise anything
             raise ConfigError(
-                "task.name", name, "", f"cannot import {name!r} ({type(exc).__name__}: {exc})"
-            ) from exc
+                "task.name", name, "", f"cannot import {name!r} ({type(exc).__name__}: "
+                f"{_first_line(exc)})") from exc
     elif name in TASKS:
         fn = TASKS.get(name).fn
     else:
         raise ConfigError("task.name", name, "", f"unknown task {name!r}; choose from "
                           f"{', '.join(TASKS.names())}, or give 'package.module:function'")
+    if not callable(fn):
+        raise ConfigError("task.name", name, "", f"{name!r} is not a function; got "
+                          f"{type(fn).__name__}")
     try:
         task = fn(**params)
     except TypeError as exc:
-        raise ConfigError("task.params", params, "", f"{name} rejected its params ({exc})") from exc
+        raise ConfigError("task.params", params, "",
+                          f"{name} rejected its params ({_first_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - a user's task can raise anything
+        raise ConfigError("task.name", name, "", f"the task {name!r} raised "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from exc
     if not isinstance(task, Task):
         raise ConfigError("task.name", name, "",
                           f"{name!r} must return a petra.Task; got {type(task).__name__}")

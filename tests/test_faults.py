@@ -1,0 +1,42 @@
+"""The fault scenarios of benchmarks/faults.py, smaller: kills of the driver, a killed Ray
+worker, candidates that fail every way, a stopped MLflow server, and two searches at once."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+_spec = importlib.util.spec_from_file_location(
+    "faults", Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py")
+faults = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(faults)
+
+
+def test_driver_kills_lose_repeat_and_duplicate_nothing(tmp_path):
+    report = faults.driver_killed(tmp_path, kills=3, seed=1)
+    assert report["kills"] == 3 and report["final_rc"] == 0
+    assert report["status"] == "FINISHED"
+    assert (report["re_evaluated"], report["lost"], report["duplicated"]) == (0, 0, 0), report
+    assert report["same_evaluations_as_uninterrupted"] and report["front_equals_uninterrupted"]
+    assert report["children"] == report["reference_children"]
+
+
+def test_a_killed_worker_s_candidate_is_run_again_and_the_search_completes(tmp_path):
+    report = faults.worker_killed(tmp_path)
+    assert report["completed"], report
+
+
+def test_every_candidate_fault_is_recorded_and_the_search_completes(tmp_path):
+    report = faults.candidate_faults(tmp_path)
+    assert report["completed"], report
+
+
+def test_an_mlflow_outage_loses_nothing(tmp_path):
+    report = faults.mlflow_down(tmp_path, outage_s=8)
+    assert report["completed"] and report["saw_the_outage"], report
+    assert (report["lost"], report["duplicated"]) == (0, 0)
+    assert report["checkpoint_holds_every_child"]
