@@ -42,6 +42,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the faulty task lives in tests/
 TINY = {"name": "digits_cnn", "params": {"width": 8, "epochs": 6, "lr": 5e-3}}
 FAULTY = "tests.faulty_task:faulty_mlp"
 LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
@@ -330,7 +332,8 @@ def concurrent(folder: Path) -> dict:
     from petra.ui import free_port
 
     port = free_port()
-    head = subprocess.Popen(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
+    ray = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray, "start", "--head", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                              "--disable-usage-stats", "--block"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -348,6 +351,7 @@ def concurrent(folder: Path) -> dict:
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                            text=True)
         codes = {name: p.wait(timeout=900) for name, p in procs.items()}
+        errors = {name: p.stderr.read()[-1500:] for name, p in procs.items() if codes[name]}
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         trees = {}
         for name in procs:
@@ -357,14 +361,14 @@ def concurrent(folder: Path) -> dict:
                            "status": parents[0].info.status if parents else None,
                            "children_of_this_search_only": all(
                                c.data.tags["mlflow.parentRunId"] in ids for c in children)}
-        return {"rc": codes, "trees": trees,
+        return {"rc": codes, "trees": trees, "errors": errors,
                 "completed": all(c == 0 for c in codes.values()) and all(
                     t["search_runs"] == 1 and t["status"] == "FINISHED"
                     and t["children_of_this_search_only"] for t in trees.values())}
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
-        subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True)
+        subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True)
 
 
 SCENARIOS = ("driver_killed", "worker_killed", "candidate_faults", "mlflow_down", "concurrent")
@@ -404,6 +408,13 @@ def main() -> None:
     args = parser.parse_args()
     report = run(args.only, kills=args.kills, outage_s=args.outage_s)
     out = ROOT / "benchmarks" / "results" / "faults.json"
+    if set(args.only) != set(SCENARIOS) and out.exists():  # rerun some: keep the others
+        previous = json.loads(out.read_text())
+        seen = set(previous.get("exposure", {}).get("listeners_seen", []))
+        seen |= set(report["exposure"]["listeners_seen"])
+        report = {**previous, **report, "exposure": {
+            "listeners_seen": sorted(seen),
+            "non_loopback": sorted(a for a in seen if not a.startswith(LOOPBACK))}}
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out.relative_to(ROOT)}")
 

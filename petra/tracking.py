@@ -44,6 +44,26 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def retrying(fn: Any, *, attempts: int = 6, delay_s: float = 0.5) -> Any:
+    """``fn()``, tried again on a store that is busy or not ready yet.
+
+    Two searches that open one fresh sqlite store at once race to create its tables (one gets
+    "table already exists"), and to create an experiment of the same name; the loser succeeds
+    on its next try. Errors that persist are raised.
+    """
+    from petra.recorder import transient_errors
+
+    errors = transient_errors()
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except errors:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(delay_s * (attempt + 1))
+    return None  # pragma: no cover
+
+
 class Tracker:
     """Logs one search into an MLflow store through ``MlflowClient``."""
 
@@ -58,15 +78,15 @@ class Tracker:
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_root(uri)
-            )
-        else:
-            self.experiment_id = found.experiment_id
+        self.client = retrying(lambda: MlflowClient(tracking_uri=uri))
+        self.experiment_id = retrying(lambda: self._experiment(experiment))
         self.run_id: str | None = None
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(name, artifact_location=artifact_root(self.uri))
 
     # -- the search run -------------------------------------------------------------------
     def start_search(
@@ -75,10 +95,8 @@ class Tracker:
     ) -> str:
         from mlflow.entities import Param, RunTag
 
-        run = self.client.create_run(
-            self.experiment_id, run_name=name,
-            tags={"petra.kind": "search", **tags},
-        )
+        run = retrying(lambda: self.client.create_run(
+            self.experiment_id, run_name=name, tags={"petra.kind": "search", **tags}))
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):

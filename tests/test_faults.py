@@ -40,3 +40,8 @@ def test_an_mlflow_outage_loses_nothing(tmp_path):
     assert report["completed"] and report["saw_the_outage"], report
     assert (report["lost"], report["duplicated"]) == (0, 0)
     assert report["checkpoint_holds_every_child"]
+
+
+def test_two_searches_at_once_share_a_store_and_a_cluster(tmp_path):
+    report = faults.concurrent(tmp_path)
+    assert report["completed"], report

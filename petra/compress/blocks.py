@@ -1,0 +1,168 @@
+"""Block removal: a whole residual block replaced by its shortcut, or dropped where it keeps the
+shape (the ``blocks.<name>.skip`` genes).
+
+On a small CNN run by ONNX Runtime, latency is paid per operator as much as per multiply: at a
+few dozen channels, removing channels stops paying long before removing operators does (on
+digits_cnn, 50% of every conv's channels with int8 ran at 0.33 of dense; dropping its last
+block and running its first on the shortcut alone reached 0.16). Removing whole blocks is the
+layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
+
+:func:`skippable_blocks` finds, by tracing the example batch:
+
+- **identity blocks**: a module, other than the model itself, that holds at least two Conv or
+  Linear layers and returns a tensor of its input's shape (a residual block with an identity
+  shortcut). Skipping it makes it the identity.
+- **shortcut blocks**: a module with a child named ``downsample``, ``shortcut`` or ``skip``
+  whose output has the block's output shape (a residual block with a projection shortcut).
+  Skipping it keeps only that path.
+- **square layers**: a Conv or Linear layer outside any such block whose output has its input's
+  shape and that is not the model's output layer (an MLP's hidden-to-hidden layer). Skipping
+  it makes it the identity.
+
+If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
+replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """A block that may be skipped: its name, how, and the parameters skipping removes."""
+
+    name: str
+    kind: str  # "identity" or "shortcut"
+    shortcut: str | None
+    relu: bool
+    params: int
+
+
+class ShortcutOnly(nn.Module):
+    """A residual block reduced to its shortcut path (and its final ReLU)."""
+
+    def __init__(self, shortcut: nn.Module, relu: bool) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.shortcut(x)
+        return torch.relu(out) if self.relu else out
+
+
+class ReluIdentity(nn.Module):
+    """The identity, or a ReLU where the skipped block ended in one."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if self.relu else x
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _layer_count(module: nn.Module) -> int:
+    return sum(isinstance(m, _LAYERS) for m in module.modules())
+
+
+@torch.no_grad()
+def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
+    """The blocks of ``model`` that may be skipped, in execution order (see the module doc)."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    hooks = []
+    for module, name in names.items():
+        if module is model:
+            continue
+
+        def hook(mod: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
+            x, y = _first_tensor(inputs), _first_tensor(output)
+            if x is None or y is None or name in seen:
+                return
+            seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape),
+                          "nonneg": bool((y >= 0).all()), "output": y}
+            order.append(name)
+
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        result = model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    final = _first_tensor(result)
+    modules = dict(model.named_modules())
+    found = []
+    for name in order:
+        module, info = modules[name], seen[name]
+        params = sum(p.numel() for p in module.parameters())
+        if info["output"] is final:
+            continue  # the model's output layer stays
+        shortcut = next((c for c in SHORTCUT_NAMES if hasattr(module, c)
+                         and isinstance(getattr(module, c), nn.Module)
+                         and f"{name}.{c}" in seen
+                         and seen[f"{name}.{c}"]["out"] == info["out"]), None)
+        square = info["in"] == info["out"]
+        if isinstance(module, _LAYERS):
+            if square and getattr(module, "groups", 1) == 1:
+                found.append(BlockInfo(name, "identity", None, info["nonneg"], params))
+        elif _layer_count(module) >= 2 and shortcut is not None:
+            found.append(BlockInfo(name, "shortcut", f"{name}.{shortcut}", info["nonneg"],
+                                   params - sum(p.numel() for p in getattr(
+                                       module, shortcut).parameters())))
+        elif _layer_count(module) >= 2 and square:
+            found.append(BlockInfo(name, "identity", None, info["nonneg"], params))
+    # Square layers inside a block are left to the block's own gene: one gene per block keeps
+    # the space small, and a block's layers are what channel pruning already reaches.
+    outer = [b.name for b in found if not isinstance(modules[b.name], _LAYERS)]
+    return [b for b in found if not (isinstance(modules[b.name], _LAYERS)
+                                     and any(b.name.startswith(o + ".") for o in outer))]
+
+
+def skip_blocks(model: nn.Module, names: Iterable[str],
+                blocks: Sequence[BlockInfo]) -> list[str]:
+    """Replace the blocks ``names`` in place; returns those replaced (outer ones first)."""
+    by_name = {b.name: b for b in blocks}
+    done: list[str] = []
+    for name in sorted(set(names), key=lambda n: n.count(".")):
+        if any(name.startswith(d + ".") for d in done):
+            continue  # inside a block already skipped
+        info = by_name[name]
+        module = model.get_submodule(name)
+        if info.kind == "shortcut":
+            replacement: nn.Module = ShortcutOnly(model.get_submodule(info.shortcut), info.relu)
+        else:
+            replacement = ReluIdentity(info.relu)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement)
+        del module
+        done.append(name)
+    return done
+
+
+def inside(layer: str, skipped: Iterable[str]) -> bool:
+    """Whether ``layer`` is a skipped block or sits inside one."""
+    return any(layer == s or layer.startswith(s + ".") for s in skipped)
