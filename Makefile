@@ -21,8 +21,10 @@ quickstart: install
 lint: install
 	$(BIN)/ruff check petra tests benchmarks
 
+# The default run (not slow) stays under 15 minutes; CI then runs the slow tests too.
 test: install lint browser
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow
 
 # The browser test drives Debian's chromium through chromedriver. Install them when missing and
 # root; otherwise say loudly that the browser test will be skipped.

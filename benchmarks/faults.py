@@ -79,9 +79,9 @@ def petra(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedPr
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from petra.tracking import open_client
 
-    return MlflowClient(uri)
+    return open_client(uri)
 
 
 def runs(uri: str, experiment: str) -> tuple[list, list]:

@@ -61,7 +61,7 @@ class Bench:
         from petra.config import load_config
         from petra.evaluate import Evaluator
         from petra.loop import cache_dir
-        from petra.space import build_space, prunable_layers
+        from petra.space import model_space
         from petra.tasks import load_task
 
         torch.set_num_threads(1)
@@ -74,7 +74,7 @@ class Bench:
         t = load_task(task, {})
         self.baseline = prepare_baseline(t, task_name=task, task_params={},
                                          cache_dir=cache_dir(), seed=0)
-        self.space = build_space(self.cfg.space, prunable_layers(t.model, t.example_input))
+        self.space = model_space(self.cfg.space, t.model, t.example_input)
         self.evaluator = Evaluator(task_name=task, task_params={},
                                    baseline_state=self.baseline.state,
                                    baseline_artifact=self.baseline.artifact, core=0)

@@ -126,11 +126,11 @@ def _methods(as_json: bool) -> int:
 
 
 def _space(cfg: object, as_json: bool) -> int:
-    from petra.space import build_space, prunable_layers
+    from petra.space import model_space
     from petra.tasks import load_task
 
     task = load_task(cfg.task.name, cfg.task.params)
-    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
+    space = model_space(cfg.space, task.model, task.example_input)
     if as_json:
         print(json.dumps(space.describe(), indent=2))
     else:
@@ -165,13 +165,13 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     from petra.config import ConfigError
     from petra.evaluate import Evaluator
     from petra.loop import cache_dir
-    from petra.space import build_space, prunable_layers
+    from petra.space import model_space
     from petra.tasks import load_task
 
     genome = _read_genome(source)
     task = load_task(cfg.task.name, cfg.task.params)
     threads = cfg.execution.cpus_per_candidate
-    space = build_space(cfg.space, prunable_layers(task.model, task.example_input))
+    space = model_space(cfg.space, task.model, task.example_input)
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
     try:

@@ -47,7 +47,7 @@ from petra.registry import (
     Registry,
 )
 
-STRATEGIES: tuple[str, ...] = ("nsga2", "random", "nsga3", "optuna_nsga2", "optuna_tpe")
+STRATEGIES: tuple[str, ...] = ("nsga2", "random", "nsga3", "optuna_nsga2", "optuna_tpe", "grid")
 METRICS: tuple[str, ...] = (
     "val_accuracy",
     "artifact_bytes",
@@ -252,6 +252,9 @@ class SpaceConfig(_Model):
     )
     eq_gamma: Annotated[tuple[float, float], _pair(low=0.0, high=10.0)] = Field(
         (0.0, 0.05), description="[lo, hi] with 0 <= lo <= hi <= 10"
+    )
+    skip_blocks: StrictBool = Field(
+        False, description="true or false (whether whole residual blocks may be skipped)"
     )
     shapley_permutations: StrictInt = Field(
         4, ge=1, le=1000, description="an integer in [1, 1000]"

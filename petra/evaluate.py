@@ -60,6 +60,7 @@ class Recipe:
     rank_rule: str = "energy"
     eq_beta: float = 0.05
     eq_gamma: float = 0.0
+    skip: tuple[str, ...] = ()
 
     @classmethod
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
@@ -83,6 +84,9 @@ class Recipe:
             eq_beta=float(genome.get("prune.eq_beta", 0.05)),
             eq_gamma=float(genome.get("prune.eq_gamma", 0.0)),
         )
+        recipe.skip = tuple(sorted(
+            k[len("blocks."):-len(".skip")] for k, v in genome.items()
+            if k.startswith("blocks.") and k.endswith(".skip") and v in (True, "True")))
         automatic = recipe.sparsity_rule != "fixed"
         for key, method in genome.items():
             if key.startswith("layers.") and key.endswith(".method"):
@@ -90,7 +94,9 @@ class Recipe:
                 sparsity = float(genome.get(f"layers.{name}.sparsity", 0.0))
                 uses_sparsity = method in PRUNING and PRUNING.get(method).meta.get(
                     "uses_sparsity", True)
-                if method != "none" and (sparsity > 0 or not uses_sparsity or automatic):
+                gone = any(name == b or name.startswith(b + ".") for b in recipe.skip)
+                if method != "none" and not gone and (
+                        sparsity > 0 or not uses_sparsity or automatic):
                     recipe.layers[name] = (str(method), sparsity)
         return recipe
 
@@ -163,6 +169,8 @@ class Evaluator:
 
         import petra.compress  # noqa: F401  (fills the registries)
         from petra import artifact
+        from petra.compress.blocks import skippable_blocks
+        from petra.compress.recurrent import gru_layers
         from petra.space import prunable_layers
         from petra.tasks import load_task
 
@@ -181,6 +189,8 @@ class Evaluator:
             layer.name for layer in prunable_layers(self.task.model, self.example)
             if not layer.structured
         ]
+        self.blocks = skippable_blocks(self.task.model, self.example)
+        self.recurrent = gru_layers(self.task.model, self.example)
         self.calibration = [
             x.numpy() for x, _ in _take(self.task.train, calibration_batches)
         ]
@@ -223,9 +233,11 @@ class Evaluator:
     ) -> Result:
         import torch
 
+        from petra.compress.blocks import skip_blocks
         from petra.compress.gates import EquilibriumGates
         from petra.compress.lowrank import factorize
         from petra.compress.prune import PruneContext, unstructured_masks
+        from petra.compress.recurrent import prune_recurrent
         from petra.compress.regularize import RegContext
         from petra.compress.structured import prune_channels
         from petra.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
@@ -234,6 +246,7 @@ class Evaluator:
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
+        skipped = skip_blocks(model, recipe.skip, self.blocks)
         ctx = PruneContext(
             model=model, batches=_take(self.task.train, 2), loss=self.task.loss,
             generator=torch.Generator().manual_seed(seed),
@@ -245,6 +258,8 @@ class Evaluator:
             gated[name] = EquilibriumGates(members, n, beta=recipe.eq_beta, gamma=recipe.eq_gamma)
 
         rule = recipe.sparsity()
+        units = prune_recurrent(model, recipe.of_kind("recurrent"), self.recurrent,
+                                round_to=recipe.round_to)
         channels = prune_channels(
             model, self.example, recipe.of_kind("structured"), round_to=recipe.round_to,
             protected=self.protected, ctx=ctx, sparsity_rule=rule, gate=gate,
@@ -252,7 +267,8 @@ class Evaluator:
         ranks = factorize(model, {n: m for n, (m, _) in recipe.of_kind("lowrank").items()},
                           energy=recipe.energy, rule=recipe.rank_rule, ctx=ctx)
         masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx, rule)
-        info: dict[str, Any] = {"channels": channels, "ranks": ranks}
+        channels.update(units)
+        info: dict[str, Any] = {"channels": channels, "ranks": ranks, "skipped": skipped}
 
         # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
         # the first rounds of the final latency for every candidate. Trained gates decide the
@@ -431,10 +447,15 @@ def layer_sparsity(recipe: Recipe, model: Any, dense: Any,
     zeroes (unstructured)."""
     out = {}
     modules, before = dict(model.named_modules()), dict(dense.named_modules())
-    for name in recipe.of_kind("structured"):
+    def width(module: Any) -> int | None:
+        if hasattr(module, "hidden_size"):
+            return int(module.hidden_size)
+        return int(module.weight.shape[0]) if hasattr(module, "weight") else None
+
+    for name in {**recipe.of_kind("structured"), **recipe.of_kind("recurrent")}:
         layer, original = modules.get(name), before.get(name)
-        if layer is not None and original is not None and hasattr(layer, "weight"):
-            out[name] = 1.0 - layer.weight.shape[0] / original.weight.shape[0]
+        if layer is not None and original is not None and width(layer) and width(original):
+            out[name] = 1.0 - width(layer) / width(original)
     for key, mask in masks.items():
         out[key[: -len(".weight")]] = float(1.0 - mask.float().mean())
     return {k: round(v, 6) for k, v in sorted(out.items())}

@@ -72,12 +72,11 @@ def open_search(uri: str, run_id: str) -> SearchRun:
     """
     import yaml
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from petra.config import ConfigError, load_config
-    from petra.tracking import Tracker
+    from petra.tracking import Tracker, open_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:

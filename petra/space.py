@@ -158,7 +158,7 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
     import torch
     from torch import nn
 
-    types = (nn.Linear, nn.Conv1d, nn.Conv2d)
+    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GRU)
     order: list[str] = []
     outputs: dict[str, Any] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -168,7 +168,7 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
 
             def hook(mod: Any, _inp: Any, out: Any) -> None:
                 order.append(names[mod])
-                outputs[names[mod]] = out
+                outputs[names[mod]] = out[0] if isinstance(out, tuple) else out  # a GRU's
 
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
@@ -180,9 +180,11 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    from petra.compress.recurrent import gru_layers
     from petra.compress.structured import structured_layers
 
     capable = structured_layers(model, example_input)
+    capable |= {g.name for g in gru_layers(model, example_input)}
     modules = dict(model.named_modules())
     seen: list[str] = []
     for name in order:
@@ -191,7 +193,11 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
     infos = []
     for name in seen:
         module = modules[name]
-        out_channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        if isinstance(module, nn.GRU):
+            out_channels = module.hidden_size
+        else:
+            out_channels = (module.out_features if isinstance(module, nn.Linear)
+                            else module.out_channels)
         is_output = outputs[name] is result or (
             isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
             and name == seen[-1]
@@ -243,12 +249,14 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 class SearchSpace:
     """An ordered set of genes, with the layers they were decoded from."""
 
-    def __init__(self, genes: Sequence[Gene], *, layers: Sequence[LayerInfo] = ()) -> None:
+    def __init__(self, genes: Sequence[Gene], *, layers: Sequence[LayerInfo] = (),
+                 blocks: Sequence[Any] = ()) -> None:
         names = [g.name for g in genes]
         if len(set(names)) != len(names):
             raise ValueError("gene names must be unique")
         self.genes: tuple[Gene, ...] = tuple(genes)
         self.layers: tuple[LayerInfo, ...] = tuple(layers)
+        self.blocks: tuple[Any, ...] = tuple(blocks)
         self._by_name = {g.name: g for g in self.genes}
 
     def __iter__(self) -> Iterator[Gene]:
@@ -297,10 +305,13 @@ class SearchSpace:
         out = self.complete(genome)
         kinds, methods = set(), set()
         automatic = out.get("prune.sparsity_rule", "fixed") != "fixed"
+        skipped = [b.name for b in self.blocks if out.get(f"blocks.{b.name}.skip")]
         for layer in self.layers:
             method, sparsity = f"layers.{layer.name}.method", f"layers.{layer.name}.sparsity"
             if method not in out:
                 continue
+            if any(layer.name == s or layer.name.startswith(s + ".") for s in skipped):
+                out[method] = "none"  # the layer left the model with its block
             meta = PRUNING.get(out[method]).meta if out[method] in PRUNING else {}
             uses_sparsity = meta.get("uses_sparsity", True)
             if out[method] == "none" or (
@@ -319,9 +330,9 @@ class SearchSpace:
             for name in ("prune.eq_beta", "prune.eq_gamma"):
                 if name in out:
                     out[name] = self._by_name[name].default
-        for gene, kind in (("prune.round_to", "structured"), ("lowrank.energy", "lowrank"),
-                           ("lowrank.rank_rule", "lowrank")):
-            if gene in out and kind not in kinds:
+        for gene, used in (("prune.round_to", {"structured", "recurrent"}),
+                           ("lowrank.energy", {"lowrank"}), ("lowrank.rank_rule", {"lowrank"})):
+            if gene in out and not kinds & used:
                 out[gene] = self._by_name[gene].default
         if out.get("lowrank.rank_rule", "energy") != "energy" and "lowrank.energy" in out:
             out["lowrank.energy"] = self._by_name["lowrank.energy"].default
@@ -360,6 +371,10 @@ def summarize(genome: Mapping[str, Any]) -> str:
             methods.setdefault(str(value), []).append(
                 float(genome.get(key[: -len(".method")] + ".sparsity", 0.0)))
     parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
+    skipped = [k[len("blocks."):-len(".skip")] for k, v in genome.items()
+               if k.startswith("blocks.") and k.endswith(".skip") and v in (True, "True")]
+    if skipped:
+        parts.insert(0, f"skip[{','.join(skipped)}]")
     if genome.get("prune.round_to", 1) not in (1, "1") and parts:
         parts.append(f"round{genome['prune.round_to']}")
     if genome.get("quant.scheme", "none") != "none":
@@ -375,12 +390,25 @@ def summarize(genome: Mapping[str, Any]) -> str:
     return " ".join(parts) or "dense"
 
 
-def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
+def model_space(space_cfg: Any, model: Any, example_input: Any) -> SearchSpace:
+    """The search space of ``model``: its prunable layers and, when ``space.skip_blocks`` is on,
+    the blocks it may skip."""
+    from petra.compress.blocks import skippable_blocks
+
+    blocks = skippable_blocks(model, example_input) if getattr(
+        space_cfg, "skip_blocks", False) else ()
+    return build_space(space_cfg, prunable_layers(model, example_input), blocks)
+
+
+def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[Any] = ()
+                ) -> SearchSpace:
     """Decode the config's ``space`` section against the model's prunable layers.
 
     Args:
         space_cfg: the validated ``space`` section of the config (``petra.config.SpaceConfig``).
         layers: the model's prunable layers, from :func:`prunable_layers`.
+        blocks: the blocks the model may skip (:func:`petra.compress.blocks.skippable_blocks`);
+            each gets a ``blocks.<name>.skip`` gene.
     """
     import petra.compress  # noqa: F401  (fills the registries)
     from petra.registry import PRUNING
@@ -388,12 +416,15 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     lo, hi = space_cfg.sparsity
-    genes: list[Gene] = []
+    genes: list[Gene] = [Categorical(f"blocks.{b.name}.skip", (False, True), False)
+                         for b in blocks]
     kinds: set[str] = set()
     for layer in selected:
+        recurrent = layer.type == "GRU"
         methods = [
             m for m in space_cfg.pruning
-            if layer.structured or not PRUNING.get(m).meta.get("structured")
+            if (layer.structured or not PRUNING.get(m).meta.get("structured"))
+            and (PRUNING.get(m).meta.get("kind") == "recurrent") == recurrent or m == "none"
         ]
         if "none" not in methods:
             methods = ["none", *methods]
@@ -402,7 +433,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
         kinds |= {PRUNING.get(m).meta.get("kind", "unstructured") for m in methods}
         genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
-    if "structured" in kinds:  # a single choice still travels in the genome, to the workers
+    if kinds & {"structured", "recurrent"}:  # a single choice still travels, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
     rules = list(getattr(space_cfg, "sparsity_rules", ["fixed"]))
     uses_sparsity = any(
@@ -437,7 +468,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo]) -> SearchSpace:
             if "kd" in space_cfg.regularizer:
                 genes.append(Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05))
                 genes.append(Categorical("reg.kd_temperature", (1.0, 2.0, 4.0, 8.0), 4.0))
-    return SearchSpace(genes, layers=selected)
+    return SearchSpace(genes, layers=selected, blocks=blocks)
 
 
 def _with_none(choices: Sequence[str]) -> tuple[str, ...]:

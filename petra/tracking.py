@@ -15,6 +15,8 @@ Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -64,22 +66,48 @@ def retrying(fn: Any, *, attempts: int = 6, delay_s: float = 0.5) -> Any:
     return None  # pragma: no cover
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Hold an exclusive lock beside a sqlite store (a no-op for a server).
+
+    Opening a fresh or older sqlite store creates or migrates its tables. Two searches that do
+    it at once can leave a half-done migration behind (``_alembic_tmp_experiments already
+    exists``) that no retry repairs, so petra's processes open a sqlite store one at a time.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_client(uri: str) -> Any:
+    """An ``MlflowClient`` on ``uri``, its store created or migrated under ``store_lock``."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        return retrying(lambda: MlflowClient(tracking_uri=uri))
+
+
 class Tracker:
     """Logs one search into an MLflow store through ``MlflowClient``."""
 
     def __init__(self, *, uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         # MLflow's own INFO lines (creating database tables...) would interleave with petra's;
         # MLFLOW_LOGGING_LEVEL still decides when it is set.
         if "MLFLOW_LOGGING_LEVEL" not in os.environ:
             logging.getLogger("mlflow").setLevel(logging.WARNING)
             logging.getLogger("alembic").setLevel(logging.WARNING)
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.uri = uri
-        self.client = retrying(lambda: MlflowClient(tracking_uri=uri))
-        self.experiment_id = retrying(lambda: self._experiment(experiment))
+        self.client = open_client(uri)
+        with store_lock(uri):
+            self.experiment_id = retrying(lambda: self._experiment(experiment))
         self.run_id: str | None = None
 
     def _experiment(self, name: str) -> str:
@@ -137,11 +165,10 @@ class Tracker:
     def fetch(uri: str, run_id: str, path: str) -> bytes | None:
         """The bytes of a run's artifact in the store at ``uri``, or None when it is missing."""
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
             try:
-                local = MlflowClient(tracking_uri=uri).download_artifacts(run_id, path, tmp)
+                local = open_client(uri).download_artifacts(run_id, path, tmp)
             except (MlflowException, OSError):
                 return None
             return Path(local).read_bytes()

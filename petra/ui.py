@@ -62,7 +62,14 @@ def server_command(uri: str, port: int) -> list[str]:
 
 
 def start(uri: str, port: int, *, log: Path | None = None) -> subprocess.Popen:
-    """Start the UI server in a new process group (see :func:`stop`)."""
+    """Start the UI server in a new process group (see :func:`stop`).
+
+    A sqlite store is created or migrated here first, under petra's store lock, so the server
+    never races a search doing the same.
+    """
+    from petra.tracking import open_client
+
+    open_client(absolute_store(uri))
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
     return subprocess.Popen(server_command(uri, port), stdout=sink, stderr=subprocess.STDOUT,
@@ -99,9 +106,9 @@ def stop(process: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
 def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
     """``(experiment id, name, petra search runs, front members' run ids)`` of every
     experiment in the store."""
-    from mlflow.tracking import MlflowClient
+    from petra.tracking import open_client
 
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     out = []
     for exp in client.search_experiments():
         runs = client.search_runs([exp.experiment_id], filter_string='tags.petra.kind = "search"',

@@ -32,7 +32,7 @@ def test_the_time_budget_ends_the_search_cleanly_with_its_front(tmp_path: Path) 
     assert "time budget of 6 s reached" in proc.stdout
     [parent], children = runs(tmp_path, "budget")
     assert parent.info.status == "FINISHED"
-    assert 4 <= len(children) < 4 * 200
+    assert 1 <= len(children) < 4 * 200  # ended by the budget, long before 200 generations
     assert {"front.json", "front.html", "front.png"} <= artifacts(tmp_path, "budget",
                                                                   parent.info.run_id)
     front = [c for c in children if c.data.tags["petra.on_front"] == "true"]

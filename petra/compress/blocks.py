@@ -145,6 +145,10 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
                 blocks: Sequence[BlockInfo]) -> list[str]:
     """Replace the blocks ``names`` in place; returns those replaced (outer ones first)."""
     by_name = {b.name: b for b in blocks}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown block {unknown[0]!r}; the model's skippable blocks are "
+                         f"{', '.join(by_name) or '(none)'}")
     done: list[str] = []
     for name in sorted(set(names), key=lambda n: n.count(".")):
         if any(name.startswith(d + ".") for d in done):

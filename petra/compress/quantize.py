@@ -18,7 +18,8 @@ also on a 64-256-256-10 MLP):
     int8_dynamic  int8 weights of MatMul/Gemm/LSTM only, activations        CNN ~1.0  ~1.0
                   quantized at run time                                     MLP 0.25  ~0.85
     qat           int8_static after a fine-tune on its int8 weight grid     0.24   ~0.8
-    int4_weight   packed 4-bit weights (petra.artifact), fp32 compute       0.13   ~1.0
+    int4_weight   packed 4-bit weights (petra.artifact), fp32 compute;      0.13   ~1.0
+                  recurrent (GRU/LSTM) weights too
 
 ``int8_static`` emits QDQ int8 with per-channel weights, which ONNX Runtime runs with int8 kernels
 (QLinearConv / QGemm after its QDQ fusions).
@@ -283,10 +284,23 @@ def int4_grid(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+#: Recurrent operators, whose input (W) and recurrent (R) weights are [directions, gates * H,
+#: inputs]: their gate rows are the channels. ORT has no int8 GRU, but storage is not compute.
+_RECURRENT = ("GRU", "LSTM", "RNN")
+
+
 def _int4_targets(graph: Any, initializers: dict[str, np.ndarray]) -> list[_Int4Target]:
-    """The Conv, Gemm and MatMul weights worth storing in int4, each once."""
+    """The Conv, Gemm, MatMul and recurrent weights worth storing in int4, each once."""
     targets, seen = [], set()
     for node in graph.node:
+        if node.op_type in _RECURRENT:
+            for name in node.input[1:3]:
+                array = initializers.get(name)
+                if name and name not in seen and array is not None and array.ndim == 3 \
+                        and array.dtype == np.float32 and array.shape[2] >= _INT4_MIN_FAN_IN:
+                    seen.add(name)
+                    targets.append(_Int4Target(node, name, 1))
+            continue
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         name = node.input[1]
@@ -315,7 +329,8 @@ def _input_means(proto: Any, targets: list[_Int4Target], ctx: QuantContext) -> d
     probe = onnx.ModelProto.FromString(proto.SerializeToString())
     graph_inputs = {i.name for i in probe.graph.input}
     present = {o.name for o in probe.graph.output}
-    names = list(dict.fromkeys(t.node.input[0] for t in targets if t.node.op_type != "MatMul"))
+    names = list(dict.fromkeys(t.node.input[0] for t in targets
+                               if t.node.op_type in ("Conv", "Gemm")))
     for name in names:
         if name not in graph_inputs | present:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))

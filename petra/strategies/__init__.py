@@ -16,6 +16,7 @@ from typing import Any
 
 from petra.space import SearchSpace
 from petra.strategies import (  # noqa: F401  (fill the registry)
+    grid,
     nsga2,
     nsga3,
     optuna_search,

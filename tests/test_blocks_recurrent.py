@@ -1,0 +1,229 @@
+"""Block skipping (``blocks.<name>.skip``) and GRU unit pruning (``l2_units``)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import petra.compress  # noqa: F401  (fills the registries)
+from petra import artifact
+from petra.compress.blocks import ReluIdentity, ShortcutOnly, skip_blocks, skippable_blocks
+from petra.compress.recurrent import gru_layers, prune_gru_units, prune_recurrent
+from petra.registry import PRUNING
+from tests.test_quantize import initializers, int4_marker, manifest_of, quantize
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                         nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.layer1 = Block(8, 16, 2)
+        self.layer2 = Block(16, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(torch.relu(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class GRUNet(nn.Module):
+    def __init__(self, hidden: int = 12, width: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, width)
+        self.gru = nn.GRU(width, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        out, _ = self.gru(torch.relu(self.proj(x)))
+        return self.head(out[:, -1])
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return ResNet().eval(), torch.randn(4, 1, 8, 8)
+
+
+def test_residual_blocks_are_found_with_their_shortcuts(resnet):
+    model, x = resnet
+    found = {b.name: b for b in skippable_blocks(model, x)}
+    assert set(found) == {"layer1", "layer2"}  # the stem changes shape; fc is the output
+    assert found["layer1"].kind == "shortcut" and found["layer1"].shortcut == "layer1.downsample"
+    assert found["layer2"].kind == "identity" and found["layer2"].shortcut is None
+    assert found["layer1"].relu and found["layer2"].relu  # both end in a ReLU
+    # Skipping layer1 removes its convs and BNs, not the shortcut that stays.
+    shortcut = sum(p.numel() for p in model.layer1.downsample.parameters())
+    assert found["layer1"].params == sum(p.numel() for p in model.layer1.parameters()) - shortcut
+
+
+def test_skipping_keeps_the_shortcut_path_and_shape(resnet):
+    model, x = resnet
+    blocks = skippable_blocks(model, x)
+    skipped = copy.deepcopy(model)
+    done = skip_blocks(skipped, ["layer2", "layer1"], blocks)
+    assert sorted(done) == ["layer1", "layer2"]
+    assert isinstance(skipped.layer1, ShortcutOnly) and isinstance(skipped.layer2, ReluIdentity)
+    with torch.no_grad():
+        stem = torch.relu(skipped.stem(x))
+        want = skipped.fc(torch.relu(skipped.layer1.shortcut(stem)).mean(dim=(2, 3)))
+        assert torch.allclose(skipped(x), want, atol=1e-6)
+    assert sum(p.numel() for p in skipped.parameters()) < sum(p.numel()
+                                                              for p in model.parameters())
+    # The skipped model still exports and runs as ONNX with the same outputs.
+    data = artifact.pack(artifact.export_onnx(skipped, x))
+    ort = artifact.load(data).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(ort, skipped(x).detach().numpy(), atol=1e-5)
+
+
+def test_skipping_an_unknown_block_names_the_ones_there_are(resnet):
+    model, x = resnet
+    with pytest.raises(ValueError, match="unknown block 'layer9'.*layer1, layer2"):
+        skip_blocks(model, ["layer9"], skippable_blocks(model, x))
+
+
+def test_built_in_models_offer_their_blocks():
+    from petra.tasks import load_task
+
+    task = load_task("digits_cnn", {})
+    found = {b.name: b.kind for b in skippable_blocks(task.model, task.example_input)}
+    assert found == {"layer1": "shortcut", "layer2": "shortcut", "layer3": "identity"}
+    task = load_task("digits_mlp", {})
+    assert [b.name for b in skippable_blocks(task.model, task.example_input)] == ["fc2"]
+
+
+def test_a_square_linear_layer_outside_blocks_may_become_the_identity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 2)).eval()
+    x = torch.randn(8, 6)
+    blocks = skippable_blocks(model, x)
+    assert [b.name for b in blocks] == ["2"]  # not the output layer, not 0 (6 -> 16)
+    skip_blocks(model, ["2"], blocks)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model[4](model[3](model[1](model[0](x)))))
+
+
+def test_gru_units_are_removed_with_their_readers_columns():
+    torch.manual_seed(0)
+    model, x = GRUNet().eval(), torch.randn(3, 7, 5)
+    (info,) = gru_layers(model, x)
+    assert info.name == "gru" and info.hidden == 12 and info.consumers == ("head",)
+    original = copy.deepcopy(model)
+    keep = [0, 3, 4, 9, 11]
+    prune_gru_units(model, info, keep)
+    assert model.gru.hidden_size == 5 and model.head.in_features == 5
+    assert model.gru.weight_ih_l0.shape == (15, 8) and model.gru.weight_hh_l0.shape == (15, 5)
+    assert model(x).shape == (3, 3)
+    h = 12
+    rows = [g * h + k for g in range(3) for k in keep]
+    assert torch.equal(model.gru.weight_hh_l0, original.gru.weight_hh_l0[rows][:, keep])
+    assert torch.equal(model.head.weight, original.head.weight[:, keep])
+
+
+def test_gru_units_whose_weights_are_zero_change_nothing_when_removed():
+    torch.manual_seed(0)
+    model, x = GRUNet().eval(), torch.randn(3, 7, 5)
+    dead = [1, 2, 5, 6, 7, 8, 10]
+    with torch.no_grad():
+        # A unit that reads nothing, starts at zero and never updates stays zero: its new-gate
+        # rows are zero and its update gate holds it (z = 1 through a large bias).
+        for unit in dead:
+            for weight in (model.gru.weight_ih_l0, model.gru.weight_hh_l0):
+                weight[[unit, h_row(unit, 1), h_row(unit, 2)]] = 0
+            model.gru.weight_hh_l0[:, unit] = 0
+            model.gru.bias_ih_l0[h_row(unit, 1)] = 50.0
+            model.gru.bias_ih_l0[h_row(unit, 2)] = 0
+            model.gru.bias_hh_l0[h_row(unit, 2)] = 0
+        reference = model(x)
+    (info,) = gru_layers(model, x)
+    changes = prune_recurrent(model, {"gru": ("l2_units", 7 / 12)}, [info])
+    assert changes == {"gru": (12, 5)}
+    assert model.gru.hidden_size == 5
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-5)
+
+
+def h_row(unit: int, gate: int, hidden: int = 12) -> int:
+    return gate * hidden + unit
+
+
+def test_l2_units_is_a_registered_recurrent_method():
+    method = PRUNING.get("l2_units")
+    assert method.meta["kind"] == "recurrent" and method.meta["structured"]
+
+
+def test_int4_packs_a_gru_s_weights_and_round_trips_them():
+    torch.manual_seed(0)
+    model, x = GRUNet(hidden=96, width=32).eval(), torch.randn(4, 6, 5)
+    proto = artifact.export_onnx(model, x)
+    dense = len(artifact.pack(proto))
+    out = quantize("int4_weight", proto)
+    data = artifact.pack(out)
+    assert len(data) <= 0.3 * dense
+    marked = int4_marker(out)
+    packed = {e["name"] for e in manifest_of(data)["int4"]}
+    assert packed == set(marked)
+    recurrent = [name for name, spec in marked.items() if spec["axis"] == 1]
+    assert len(recurrent) >= 2  # the GRU's input (W) and recurrent (R) weights
+    expected, got = initializers(out), initializers(artifact.unpack(data))
+    for name in expected:
+        assert expected[name].tobytes() == got[name].tobytes(), name
+    result = artifact.load(data).run(None, {"input": x.numpy()})[0]
+    reference = model(x).detach().numpy()
+    assert np.abs(result - reference).max() < 0.1 * (np.ptp(reference) + 1e-6)
+
+
+def test_block_genes_are_offered_only_when_asked_for():
+    from petra.config import load_config
+    from petra.space import model_space
+    from petra.tasks import load_task
+
+    task = load_task("digits_cnn", {"width": 8})
+    plain = model_space(load_config({}).space, task.model, task.example_input)
+    assert not [g for g in plain.genes if g.name.startswith("blocks.")]
+    space = model_space(load_config({"space": {"skip_blocks": True}}).space, task.model,
+                        task.example_input)
+    names = [g.name for g in space.genes if g.name.startswith("blocks.")]
+    assert names == ["blocks.layer1.skip", "blocks.layer2.skip", "blocks.layer3.skip"]
+    # A skipped block's layers are gone with it: their genes have no effect, so two genomes
+    # that differ only there are the same candidate.
+    layer = next(g.name for g in space.genes if g.name.startswith("layers.layer3.")
+                 and g.name.endswith(".method"))
+    sparsity = layer.replace(".method", ".sparsity")
+    a = {"blocks.layer3.skip": True, layer: "l2_channel", sparsity: 0.5}
+    b = {"blocks.layer3.skip": True, layer: "none"}
+    assert space.effective(a) == space.effective(b)
+    assert space.effective({**a, "blocks.layer3.skip": False}) != space.effective(
+        {**b, "blocks.layer3.skip": False})
+
+
+def test_recurrent_methods_are_offered_on_grus_and_only_there():
+    from petra.config import load_config
+    from petra.space import model_space
+    from petra.tasks import load_task
+
+    task = load_task("events_gru", {})
+    space = model_space(load_config({"space": {"pruning": ["l2_channel", "l2_units"]}}).space,
+                        task.model, task.example_input)
+    choices = {g.name: set(g.choices) for g in space.genes if g.name.endswith(".method")}
+    assert "l2_units" in choices["layers.gru.method"]
+    assert "l2_channel" not in choices["layers.gru.method"]
+    assert all("l2_units" not in c for name, c in choices.items() if name != "layers.gru.method")
