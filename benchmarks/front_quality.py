@@ -221,6 +221,34 @@ def plot(task: str, runs: dict[str, list[dict]]) -> None:
         f"<th>size ratio</th><th>latency ratio</th></tr>{body}</table>\n")
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One result from several partial runs of this script: every run kept, by seed."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for part in parts:
+        for task, arms in part["runs"].items():
+            for arm, rs in arms.items():
+                runs.setdefault(task, {a: [] for a in ARMS})[arm] += rs
+    for arms in runs.values():
+        for rs in arms.values():
+            rs.sort(key=lambda r: r["seed"])
+    first = parts[0]
+    results = {key: first[key] for key in ("population", "generations", "workers", "seeds",
+                                           "reference", "knee", "store")}
+    results.update({
+        "command": "python benchmarks/front_quality.py",
+        "merged_from": [str(p) for p in paths],
+        "tasks": {t: summarise(t, rs) for t, rs in runs.items() if any(rs.values())},
+        "runs": runs, "wall_s": sum(p["wall_s"] for p in parts),
+    })
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(table(results))
+    for task, rs in runs.items():
+        if any(rs.values()):
+            plot(task, rs)
+    print(table(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -230,7 +258,13 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "front_quality.json")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="merge the runs of these JSON files (a run done in parts) into "
+                             "--out, and redraw the plots; no search runs")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
 
     store = ROOT / "runs" / "benchmarks" / "front_quality.db"
     store.parent.mkdir(parents=True, exist_ok=True)
