@@ -99,6 +99,8 @@ class Tracker:
     """Logs one search into an MLflow store through ``MlflowClient``."""
 
     def __init__(self, *, uri: str, experiment: str) -> None:
+        import mlflow.tracking  # noqa: F401  (mlflow sets its loggers' levels on import)
+
         # MLflow's own INFO lines (creating database tables...) would interleave with petra's;
         # MLFLOW_LOGGING_LEVEL still decides when it is set.
         if "MLFLOW_LOGGING_LEVEL" not in os.environ:
