@@ -237,7 +237,7 @@ class Evaluator:
         from petra.compress.gates import EquilibriumGates
         from petra.compress.lowrank import factorize
         from petra.compress.prune import PruneContext, unstructured_masks
-        from petra.compress.recurrent import prune_recurrent
+        from petra.compress.recurrent import gru_layers, prune_recurrent
         from petra.compress.regularize import RegContext
         from petra.compress.structured import prune_channels
         from petra.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
@@ -258,7 +258,9 @@ class Evaluator:
             gated[name] = EquilibriumGates(members, n, beta=recipe.eq_beta, gamma=recipe.eq_gamma)
 
         rule = recipe.sparsity()
-        units = prune_recurrent(model, recipe.of_kind("recurrent"), self.recurrent,
+        # A skipped block may have been a GRU's reader: its readers are then the layers after.
+        recurrent = gru_layers(model, self.example) if skipped else self.recurrent
+        units = prune_recurrent(model, recipe.of_kind("recurrent"), recurrent,
                                 round_to=recipe.round_to)
         channels = prune_channels(
             model, self.example, recipe.of_kind("structured"), round_to=recipe.round_to,

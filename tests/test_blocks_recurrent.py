@@ -227,3 +227,26 @@ def test_recurrent_methods_are_offered_on_grus_and_only_there():
     assert "l2_units" in choices["layers.gru.method"]
     assert "l2_channel" not in choices["layers.gru.method"]
     assert all("l2_units" not in c for name, c in choices.items() if name != "layers.gru.method")
+
+
+def test_a_gru_whose_reader_is_skipped_loses_units_from_the_next_reader(tmp_path):
+    """events_gru's ``hidden`` layer reads the GRU; skipped, the classifier reads it instead."""
+    from petra.baseline import prepare_baseline
+    from petra.evaluate import Evaluator
+    from petra.tasks import load_task
+
+    task = load_task("events_gru", {})
+    (info,) = gru_layers(task.model, task.example_input)
+    assert info.consumers == ("hidden",)
+    baseline = prepare_baseline(task, task_name="events_gru", task_params={},
+                                cache_dir=tmp_path)
+    evaluator = Evaluator(task_name="events_gru", task_params={},
+                          baseline_state=baseline.state, baseline_artifact=baseline.artifact)
+    result = evaluator.evaluate({"blocks.hidden.skip": True, "layers.gru.method": "l2_units",
+                                 "layers.gru.sparsity": 0.5, "quant.scheme": "int8_static",
+                                 "finetune.epochs": 0})
+    assert result.status == "complete", result.error
+    assert result.info["skipped"] == ["hidden"]
+    before, after = result.info["channels"]["gru"]
+    assert after < before
+    assert result.metrics["size_ratio"] < 1.0

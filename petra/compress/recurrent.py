@@ -8,7 +8,9 @@ columns of each layer that reads the GRU's output.
 
 :func:`gru_layers` finds the GRUs that can be pruned so, by tracing the example batch: every
 Conv or Linear layer whose input shares storage with a GRU output (``out[:, -1]`` does) is a
-consumer, and the GRU counts only if a trial pruning still runs the model.
+consumer, and so is a layer that reads it through elementwise activations (``relu(out)``: a
+skipped block between a GRU and its reader leaves one), followed by :class:`_Elementwise`. The
+GRU counts only if a trial pruning still runs the model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from petra.registry import PRUNING
 
@@ -39,28 +43,57 @@ def _storage(t: Any) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
 
+#: Functions whose output keeps its input's units where they were.
+_ELEMENTWISE = frozenset({
+    torch.relu, F.relu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu, F.elu,
+    F.leaky_relu, F.dropout, torch.clone, torch.Tensor.relu, torch.Tensor.tanh,
+    torch.Tensor.sigmoid, torch.Tensor.contiguous, torch.Tensor.clone,
+})
+
+
+class _Elementwise(TorchFunctionMode):
+    """Maps the storage of an elementwise function's output to its input's, while active."""
+
+    def __init__(self, alias: dict[int, int]) -> None:
+        super().__init__()
+        self.alias = alias
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+                           ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _ELEMENTWISE and args and isinstance(args[0], torch.Tensor) and isinstance(
+                out, torch.Tensor) and out.shape == args[0].shape:
+            source = _storage(args[0])
+            if source in self.alias:
+                self.alias[_storage(out)] = self.alias[source]
+        return out
+
+
 @torch.no_grad()
 def gru_layers(model: nn.Module, example_input: Any) -> list[RecurrentInfo]:
     """The GRUs of ``model`` whose hidden units can be removed (see the module docstring)."""
     names = {m: n for n, m in model.named_modules()}
     outputs: dict[str, set[int]] = {}
     readers: dict[int, list[str]] = {}
+    alias: dict[int, int] = {}  # storage -> the GRU output storage it is elementwise of
     hooks = []
     for module, name in names.items():
         if isinstance(module, nn.GRU) and module.num_layers == 1 and not module.bidirectional:
             def on_gru(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
                 outputs[name] = {p for p in (_storage(o) for o in out) if p is not None}
+                alias.update({p: p for p in outputs[name]})
             hooks.append(module.register_forward_hook(on_gru))
         elif isinstance(module, _CONSUMERS):
             def on_layer(mod: Any, inp: Any, _out: Any, name: str = name) -> None:
                 ptr = _storage(inp[0]) if inp else None
                 if ptr is not None:
-                    readers.setdefault(ptr, []).append(name)
+                    readers.setdefault(alias.get(ptr, ptr), []).append(name)
             hooks.append(module.register_forward_hook(on_layer))
     was_training = model.training
     model.eval()
     try:
-        model(example_input)
+        with _Elementwise(alias):
+            model(example_input)
     finally:
         for h in hooks:
             h.remove()
