@@ -250,3 +250,10 @@ def test_a_gru_whose_reader_is_skipped_loses_units_from_the_next_reader(tmp_path
     before, after = result.info["channels"]["gru"]
     assert after < before
     assert result.metrics["size_ratio"] < 1.0
+    # 84% of the units gone leaves no int4 target that reads anything but the graph input;
+    # the bias correction's probe then fetches nothing (ORT would return every output).
+    result = evaluator.evaluate({"blocks.hidden.skip": True, "layers.gru.method": "l2_units",
+                                 "layers.gru.sparsity": 0.84, "quant.scheme": "int4_weight",
+                                 "finetune.epochs": 0})
+    assert result.status == "complete", result.error
+    assert result.metrics["size_ratio"] < 0.25

@@ -340,7 +340,8 @@ def _input_means(proto: Any, targets: list[_Int4Target], ctx: QuantContext) -> d
     counts: dict[str, int] = {}
     for batch in ctx.calibration:
         feed = {ctx.input_name: batch}
-        values = dict(zip(fetch, session.run(fetch, feed), strict=True))
+        # An empty fetch list would make ORT return every output: read none then.
+        values = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
         values.update({n: feed[n] for n in names if n in feed})
         for name, value in values.items():
             value = np.asarray(value, dtype=np.float64)
