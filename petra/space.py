@@ -276,6 +276,11 @@ class SearchSpace:
                 f"unknown gene {name!r}; the space has {', '.join(self._by_name)}"
             ) from None
 
+    def offers(self, name: str, value: Any) -> bool:
+        """Whether gene ``name`` exists and may take ``value`` (any value, for a range gene)."""
+        return name in self._by_name and value in getattr(self._by_name[name], "choices",
+                                                          (value,))
+
     @property
     def names(self) -> list[str]:
         return list(self._by_name)

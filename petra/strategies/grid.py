@@ -33,35 +33,35 @@ PREFERRED = ("l2_channel", "l1_channel", "fpgm", "bn_scale", "taylor", "l2_units
 QUANT = ("none", "int8_static")
 
 
-def _allowed(space: SearchSpace, name: str, value: Any) -> bool:
-    return name in space and value in getattr(space.gene(name), "choices", (value,))
+def structured_method(space: SearchSpace, layer: str) -> str | None:
+    """The structured criterion a by-hand recipe uses on ``layer``: the first of
+    :data:`PREFERRED` that the space offers there, else any structured one, else None."""
+    import petra.compress  # noqa: F401  (fills the registries)
+    from petra.registry import PRUNING
+
+    name = f"layers.{layer}.method"
+    choices = getattr(space.gene(name), "choices", ()) if name in space else ()
+    return next((m for m in PREFERRED if m in choices),
+                next((m for m in choices if m in PRUNING
+                      and PRUNING.get(m).meta.get("structured")), None))
 
 
 def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
     """The uniform recipes of a grid of about ``budget`` points (see the module doc)."""
-    import petra.compress  # noqa: F401  (fills the registries)
-    from petra.registry import PRUNING
-
-    quants = [q for q in QUANT if _allowed(space, "quant.scheme", q)] or [None]
+    quants = [q for q in QUANT if space.offers("quant.scheme", q)] or [None]
     methods: dict[str, str] = {}
     high = 0.0
     for layer in space.layers:
-        name = f"layers.{layer.name}.method"
-        if name not in space:
-            continue
-        choices = getattr(space.gene(name), "choices", ())
-        structured = [m for m in PREFERRED if m in choices] + [
-            m for m in choices if m in PRUNING and PRUNING.get(m).meta.get("structured")
-            and m not in PREFERRED]
-        if structured:
-            methods[layer.name] = structured[0]
+        method = structured_method(space, layer.name)
+        if method is not None:
+            methods[layer.name] = method
             high = max(high, getattr(space.gene(f"layers.{layer.name}.sparsity"), "high", 0.0))
     extra: dict[str, Any] = {}
     if "finetune.epochs" in space:
         extra["finetune.epochs"] = space.gene("finetune.epochs").high
-    if _allowed(space, "reg.kind", "kd"):
+    if space.offers("reg.kind", "kd"):
         extra["reg.kind"] = "kd"
-    if _allowed(space, "prune.round_to", 8):
+    if space.offers("prune.round_to", 8):
         extra["prune.round_to"] = 8
     n_ratios = max(1, math.ceil(budget / len(quants))) if methods else 1
     ratios = np.linspace(0.0, high, n_ratios) if n_ratios > 1 else np.array([0.0])
