@@ -83,22 +83,14 @@ def seed_recipes(space: Any) -> list[dict[str, Any]]:
         return {**genome, **offered({"prune.round_to": round_to, "quant.scheme": quant}),
                 **fine_tune}
 
-    recipes = [
+    return space.distinct([
         recipe(0.5, "int8_static"),
         recipe(0.5, "int8_static", 16, alternate),
         recipe(0.3, "int8_static"),
         recipe(0.75, "int4_weight"),
         recipe(0.5, "fp16", 16, alternate),
         recipe(0.65, "int8_static"),
-    ]
-    out, seen = [], set()
-    for partial in recipes:
-        genome = space.complete(partial)
-        key = space.genome_hash(genome)
-        if key not in seen:
-            seen.add(key)
-            out.append(genome)
-    return out
+    ])
 
 
 CHECKPOINT = "checkpoint.json"

@@ -24,7 +24,7 @@ import fnmatch
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,6 +290,22 @@ class SearchSpace:
 
     def sample(self, rng: np.random.Generator) -> Genome:
         return {g.name: g.sample(rng) for g in self.genes}
+
+    def distinct(self, partials: Iterable[Mapping[str, Any]], seen: set[str] | None = None,
+                 limit: int | None = None) -> list[Genome]:
+        """``partials`` completed, in order, less those whose hash is in ``seen`` or repeats;
+        at most ``limit`` of them. The hashes kept are added to ``seen``."""
+        seen = set() if seen is None else seen
+        out: list[Genome] = []
+        for partial in partials:
+            if limit is not None and len(out) >= limit:
+                break
+            genome = self.complete(partial)
+            key = self.genome_hash(genome)
+            if key not in seen:
+                seen.add(key)
+                out.append(genome)
+        return out
 
     def complete(self, partial: Mapping[str, Any]) -> Genome:
         """Validate ``partial`` and fill the genes it leaves out with their defaults."""

@@ -90,15 +90,7 @@ def first_batch(
 
     Every hash proposed is added to ``seen``.
     """
-    batch: list[Genome] = []
-    for partial in initial:
-        if len(batch) == population:
-            break
-        genome = space.complete(partial)
-        h = space.genome_hash(genome)
-        if h not in seen:
-            seen.add(h)
-            batch.append(genome)
+    batch = space.distinct(initial, seen, limit=population)
     batch += sample_unique(space, rng, population - len(batch), seen)
     return batch
 

@@ -12,21 +12,14 @@ seeds each candidate's fine-tune). When the grid is exhausted, further points ar
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from petra.space import Genome, SearchSpace
-from petra.strategies.base import (
-    STRATEGIES,
-    StrategyBase,
-    Told,
-    check_state,
-    rng_from_state,
-    rng_state,
-    sample_unique,
-)
+from petra.strategies.base import STRATEGIES, sample_unique
+from petra.strategies.random_search import RandomSearch
 
 #: Structured criteria, in the order the grid prefers them.
 PREFERRED = ("l2_channel", "l1_channel", "fpgm", "bn_scale", "taylor", "l2_units")
@@ -65,106 +58,55 @@ def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
         extra["prune.round_to"] = 8
     n_ratios = max(1, math.ceil(budget / len(quants))) if methods else 1
     ratios = np.linspace(0.0, high, n_ratios) if n_ratios > 1 else np.array([0.0])
-    points, seen = [], set()
-    for ratio in ratios:
-        for quant in quants:
-            partial = dict(extra)
-            if quant is not None:
-                partial["quant.scheme"] = quant
-            for layer, method in methods.items():
-                if ratio > 0:
-                    partial[f"layers.{layer}.method"] = method
-                    partial[f"layers.{layer}.sparsity"] = float(ratio)
-            genome = space.complete(partial)
-            key = space.genome_hash(genome)
-            if key not in seen:
-                seen.add(key)
-                points.append(genome)
-    return points
+    def points() -> Iterable[dict[str, Any]]:
+        for ratio in ratios:
+            for quant in quants:
+                partial = dict(extra)
+                if quant is not None:
+                    partial["quant.scheme"] = quant
+                for layer, method in methods.items():
+                    if ratio > 0:
+                        partial[f"layers.{layer}.method"] = method
+                        partial[f"layers.{layer}.sparsity"] = float(ratio)
+                yield partial
+
+    return space.distinct(points())
 
 
 @STRATEGIES.register(
     "grid", description="by-hand baseline: one structured ratio on every layer x {fp32, int8}"
 )
-class UniformGrid(StrategyBase):
+class UniformGrid(RandomSearch):
     """Proposes the uniform grid of ``population × generations`` points, in a seeded order.
 
-    The first batch starts with the ``initial`` genomes. Results are ignored apart from
-    counting generations.
+    The first batch starts with the ``initial`` genomes; random genomes follow once the grid
+    is spent. Results are ignored apart from counting generations. Generations, the generator,
+    the hashes proposed and a pending batch are kept as by :class:`RandomSearch`, plus the
+    cursor into the grid.
     """
 
     name = "grid"
 
-    def __init__(
-        self,
-        *,
-        space: SearchSpace,
-        objectives: Sequence[tuple[str, str]],
-        population: int,
-        generations: int,
-        seed: int,
-        initial: Iterable[Mapping[str, Any]] = (),
-    ) -> None:
-        super().__init__(space=space, objectives=objectives, population=population,
-                         generations=generations, seed=seed, initial=initial)
-        self._rng = np.random.Generator(np.random.PCG64(self.seed))
-        points = grid_points(space, self.population * self.generations)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        points = grid_points(self.space, self.population * self.generations)
         order = self._rng.permutation(len(points))
-        self._queue: list[Genome] = [*(space.complete(g) for g in self._initial[:population]),
-                                     *(points[i] for i in order)]
+        self._queue: list[Genome] = [
+            *(self.space.complete(g) for g in self._initial[: self.population]),
+            *(points[i] for i in order)]
         self._cursor = 0
-        self._generation = 0
-        self._seen: set[str] = set()
-        self._pending: list[Genome] | None = None
 
-    @property
-    def generation(self) -> int:
-        return self._generation
-
-    @property
-    def done(self) -> bool:
-        return self._generation >= self.generations
-
-    def ask(self) -> list[Genome]:
-        if self.done:
-            raise RuntimeError(f"the search is done after {self.generations} generations")
-        if self._pending is None:
-            batch: list[Genome] = []
-            while len(batch) < self.population and self._cursor < len(self._queue):
-                genome = self._queue[self._cursor]
-                self._cursor += 1
-                key = self.space.genome_hash(genome)
-                if key not in self._seen:
-                    self._seen.add(key)
-                    batch.append(dict(genome))
-            batch += sample_unique(self.space, self._rng, self.population - len(batch),
-                                   self._seen)
-            self._pending = batch
-        return [dict(g) for g in self._pending]
-
-    def tell(self, results: Sequence[Told]) -> None:
-        if self.done:
-            raise RuntimeError(f"the search is done after {self.generations} generations")
-        if not results:
-            raise ValueError("tell() needs at least one result")
-        self._pending = None
-        self._generation += 1
+    def _propose(self) -> list[Genome]:
+        batch: list[Genome] = []
+        while len(batch) < self.population and self._cursor < len(self._queue):
+            batch += self.space.distinct([self._queue[self._cursor]], self._seen)
+            self._cursor += 1
+        return batch + sample_unique(self.space, self._rng, self.population - len(batch),
+                                     self._seen)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.name,
-            "generation": self._generation,
-            "cursor": self._cursor,
-            "rng": rng_state(self._rng),
-            "seen": sorted(self._seen),
-            "pending": None if self._pending is None else [dict(g) for g in self._pending],
-        }
+        return {**super().state_dict(), "cursor": self._cursor}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state(state, self.name)
-        self._generation = int(state["generation"])
+        super().load_state_dict(state)
         self._cursor = int(state["cursor"])
-        self._rng = rng_from_state(state["rng"])
-        self._seen = set(state["seen"])
-        pending = state.get("pending")
-        self._pending = None if pending is None else [dict(g) for g in pending]

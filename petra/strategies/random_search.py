@@ -60,14 +60,15 @@ class RandomSearch(StrategyBase):
         if self.done:
             raise RuntimeError(f"the search is done after {self.generations} generations")
         if self._pending is None:
-            if self._generation == 0:
-                batch = first_batch(
-                    self.space, self._rng, self.population, self._initial, self._seen
-                )
-            else:
-                batch = sample_unique(self.space, self._rng, self.population, self._seen)
-            self._pending = batch
+            self._pending = self._propose()
         return [dict(g) for g in self._pending]
+
+    def _propose(self) -> list[Genome]:
+        """The next generation's genomes; their hashes are added to ``self._seen``."""
+        if self._generation == 0:
+            return first_batch(self.space, self._rng, self.population, self._initial,
+                               self._seen)
+        return sample_unique(self.space, self._rng, self.population, self._seen)
 
     def tell(self, results: Sequence[Told]) -> None:
         if self.done:
