@@ -66,6 +66,7 @@ class Recipe:
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
         import petra.compress  # noqa: F401  (fills the registries the genes name)
         from petra.registry import PRUNING
+        from petra.space import inside, skipped_blocks
 
         recipe = cls(
             round_to=int(genome.get("prune.round_to", 1)),
@@ -84,9 +85,7 @@ class Recipe:
             eq_beta=float(genome.get("prune.eq_beta", 0.05)),
             eq_gamma=float(genome.get("prune.eq_gamma", 0.0)),
         )
-        recipe.skip = tuple(sorted(
-            k[len("blocks."):-len(".skip")] for k, v in genome.items()
-            if k.startswith("blocks.") and k.endswith(".skip") and v in (True, "True")))
+        recipe.skip = tuple(sorted(skipped_blocks(genome)))
         automatic = recipe.sparsity_rule != "fixed"
         for key, method in genome.items():
             if key.startswith("layers.") and key.endswith(".method"):
@@ -94,8 +93,7 @@ class Recipe:
                 sparsity = float(genome.get(f"layers.{name}.sparsity", 0.0))
                 uses_sparsity = method in PRUNING and PRUNING.get(method).meta.get(
                     "uses_sparsity", True)
-                gone = any(name == b or name.startswith(b + ".") for b in recipe.skip)
-                if method != "none" and not gone and (
+                if method != "none" and not inside(name, recipe.skip) and (
                         sparsity > 0 or not uses_sparsity or automatic):
                     recipe.layers[name] = (str(method), sparsity)
         return recipe
@@ -259,9 +257,9 @@ class Evaluator:
 
         rule = recipe.sparsity()
         # A skipped block may have been a GRU's reader: its readers are then the layers after.
-        recurrent = gru_layers(model, self.example) if skipped else self.recurrent
-        units = prune_recurrent(model, recipe.of_kind("recurrent"), recurrent,
-                                round_to=recipe.round_to)
+        plan = recipe.of_kind("recurrent")
+        recurrent = gru_layers(model, self.example) if skipped and plan else self.recurrent
+        units = prune_recurrent(model, plan, recurrent, round_to=recipe.round_to)
         channels = prune_channels(
             model, self.example, recipe.of_kind("structured"), round_to=recipe.round_to,
             protected=self.protected, ctx=ctx, sparsity_rule=rule, gate=gate,

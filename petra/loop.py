@@ -58,7 +58,7 @@ def seed_recipes(space: Any) -> list[dict[str, Any]]:
     task over the earlier seeds, which kept int8 alone (no fine-tune) and left the grid's best
     point out. A gene the space lacks, or a value it does not offer, is left out of a recipe.
     """
-    from petra.compress.blocks import inside
+    from petra.space import inside
     from petra.strategies.grid import structured_method
 
     def offered(genes: dict[str, Any]) -> dict[str, Any]:

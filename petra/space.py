@@ -246,6 +246,17 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
                     f"{shown or '(none)'}"))
 
 
+def skipped_blocks(genome: Mapping[str, Any]) -> list[str]:
+    """The blocks a genome skips (its ``blocks.<name>.skip`` genes that are true), in order."""
+    return [k[len("blocks."):-len(".skip")] for k, v in genome.items()
+            if k.startswith("blocks.") and k.endswith(".skip") and v in (True, "True")]
+
+
+def inside(layer: str, skipped: Iterable[str]) -> bool:
+    """Whether ``layer`` is a skipped block or sits inside one."""
+    return any(layer == s or layer.startswith(s + ".") for s in skipped)
+
+
 class SearchSpace:
     """An ordered set of genes, with the layers they were decoded from."""
 
@@ -326,12 +337,12 @@ class SearchSpace:
         out = self.complete(genome)
         kinds, methods = set(), set()
         automatic = out.get("prune.sparsity_rule", "fixed") != "fixed"
-        skipped = [b.name for b in self.blocks if out.get(f"blocks.{b.name}.skip")]
+        skipped = skipped_blocks(out)
         for layer in self.layers:
             method, sparsity = f"layers.{layer.name}.method", f"layers.{layer.name}.sparsity"
             if method not in out:
                 continue
-            if any(layer.name == s or layer.name.startswith(s + ".") for s in skipped):
+            if inside(layer.name, skipped):
                 out[method] = "none"  # the layer left the model with its block
             meta = PRUNING.get(out[method]).meta if out[method] in PRUNING else {}
             uses_sparsity = meta.get("uses_sparsity", True)
@@ -392,8 +403,7 @@ def summarize(genome: Mapping[str, Any]) -> str:
             methods.setdefault(str(value), []).append(
                 float(genome.get(key[: -len(".method")] + ".sparsity", 0.0)))
     parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
-    skipped = [k[len("blocks."):-len(".skip")] for k, v in genome.items()
-               if k.startswith("blocks.") and k.endswith(".skip") and v in (True, "True")]
+    skipped = skipped_blocks(genome)
     if skipped:
         parts.insert(0, f"skip[{','.join(skipped)}]")
     if genome.get("prune.round_to", 1) not in (1, "1") and parts:

@@ -165,8 +165,3 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
         del module
         done.append(name)
     return done
-
-
-def inside(layer: str, skipped: Iterable[str]) -> bool:
-    """Whether ``layer`` is a skipped block or sits inside one."""
-    return any(layer == s or layer.startswith(s + ".") for s in skipped)
