@@ -28,8 +28,11 @@ code, and its source can be copied next to an exported model (:func:`loader_sour
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,37 +47,100 @@ _INT4_QMAX = 7
 
 
 def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
-    """Export ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis.
+    """Export ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis on every input.
+
+    ``example_input`` is a tensor (the input is named ``input``) or a tuple of tensors, named
+    by ``model.input_names`` (a :class:`petra.tasks.contract.TaskModel`). The output is
+    ``output``.
 
     The TorchScript exporter is used first: in eval mode it folds BatchNorm into the preceding
     convolution, and it takes ~0.2 s where the dynamo exporter takes ~5 s. The dynamo exporter
-    is the fallback for models the TorchScript one cannot trace.
+    is the fallback for models the TorchScript one cannot trace. What either prints (graphs,
+    onnxscript's progress) goes to :data:`EXPORT_LOG`, never to stdout.
     """
     import warnings
 
     import onnx
     import torch
 
+    inputs = tuple(example_input) if isinstance(example_input, tuple | list) \
+        else (example_input,)
+    names = list(getattr(model, "input_names", None) or
+                 (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
     model.eval()
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    # nn.TransformerEncoderLayer's fused inference path (aten::_transformer_encoder_layer_fwd)
+    # has no ONNX export: trace the plain computation instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    with warnings.catch_warnings(), torch.no_grad(), quiet_output():
         warnings.simplefilter("ignore")
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             torch.onnx.export(
-                model, (example_input,), buffer, dynamo=False, opset_version=opset,
-                input_names=["input"], output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                model, inputs, buffer, dynamo=False, opset_version=opset,
+                input_names=names, output_names=["output"],
+                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
                 do_constant_folding=True,
             )
-        except Exception:  # pragma: no cover - exercised by models TorchScript cannot trace
+        except Exception as first:  # pragma: no cover - models TorchScript cannot trace
             buffer = io.BytesIO()
             batch = torch.export.Dim("batch")
-            torch.onnx.export(
-                model, (example_input,), buffer, dynamo=True, opset_version=max(opset, 18),
-                input_names=["input"], output_names=["output"],
-                dynamic_shapes=({0: batch},), verbose=False,
-            )
+            shapes = tuple({0: batch} for _ in inputs)
+            # A TaskModel takes *inputs: its one argument is the tuple of them.
+            if hasattr(model, "input_names"):
+                shapes = (shapes,)
+            try:
+                torch.onnx.export(
+                    model, inputs, buffer, dynamo=True, opset_version=max(opset, 18),
+                    input_names=names, output_names=["output"], dynamic_shapes=shapes,
+                    verbose=False,
+                )
+            except Exception as second:
+                raise RuntimeError(
+                    f"ONNX export failed: {_first_line(first)} (TorchScript exporter); "
+                    f"{_first_line(second)} (torch.export)") from second
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     return strip(onnx.load_from_string(buffer.getvalue()))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+#: Where :func:`quiet_output` sends what the exporter and quantizers print.
+EXPORT_LOG = Path(os.environ.get("PETRA_EXPORT_LOG", "")) if os.environ.get(
+    "PETRA_EXPORT_LOG") else Path(tempfile.gettempdir()) / "petra-export.log"
+
+
+@contextlib.contextmanager
+def quiet_output() -> Any:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ and subprocess
+    writes too) to :data:`EXPORT_LOG` while the block runs; ``--json`` output stays JSON."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError):
+            pass
+    try:
+        fds = [sys.stdout.fileno(), sys.stderr.fileno()]
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        fds = []  # captured streams (pytest): nothing at the descriptor level to redirect
+    saved = [os.dup(fd) for fd in fds]
+    with open(EXPORT_LOG, "ab") as log, contextlib.redirect_stdout(io.StringIO()) as out, \
+            contextlib.redirect_stderr(io.StringIO()) as err:
+        for fd in fds:
+            os.dup2(log.fileno(), fd)
+        try:
+            yield
+        finally:
+            for fd, copy in zip(fds, saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+            log.write((out.getvalue() + err.getvalue()).encode(errors="replace"))
 
 
 def strip(proto: Any) -> Any:

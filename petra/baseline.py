@@ -49,9 +49,15 @@ def prepare_baseline(
     import torch
 
     from petra import artifact
+    from petra.config import ConfigError
     from petra.measure import macs_and_params, median_latency_ms, session_accuracy
+    from petra.tasks.contract import TaskError, check
     from petra.train import train
 
+    try:
+        check(task, task_name)
+    except TaskError as exc:
+        raise ConfigError("task.name", task_name, "", str(exc)) from exc
     key = baseline_key(task_name, task_params, seed)
     path = Path(cache_dir) / f"baseline-{key}.pt"
     cached = False
@@ -78,7 +84,7 @@ def prepare_baseline(
         "artifact_bytes": float(len(data)),
         "size_ratio": 1.0,
         "latency_ratio": 1.0,
-        "latency_ms": median_latency_ms(session, task.example_input.numpy()),
+        "latency_ms": median_latency_ms(session, task.example_input),
     }
     macs, params, _ = macs_and_params(task.model, task.example_input)
     metrics.update(macs=float(macs), params=float(params))

@@ -126,17 +126,23 @@ def _methods(as_json: bool) -> int:
 
 
 def _space(cfg: object, as_json: bool) -> int:
+    from petra.loop import cache_dir
     from petra.space import model_space
     from petra.tasks import load_task
 
     task = load_task(cfg.task.name, cfg.task.params)
-    space = model_space(cfg.space, task.model, task.example_input)
+    space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     if as_json:
-        print(json.dumps(space.describe(), indent=2))
+        print(json.dumps({"genes": space.describe(), "withheld": space.withheld}, indent=2))
     else:
         for gene in space.describe():
             span = gene.get("choices") or f"[{gene['low']}, {gene['high']}]"
             print(f"{gene['name']:<40} {gene['kind']:<12} {span}  (default {gene['default']})")
+        if space.withheld:
+            print("withheld (verified on the model, they fail):")
+            for what, reason in space.withheld.items():
+                label = (f"{what}: structured removal" if what.startswith("layers.") else what)
+                print(f"  {label}: {reason}")
     return 0
 
 
@@ -171,7 +177,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     genome = _read_genome(source)
     task = load_task(cfg.task.name, cfg.task.params)
     threads = cfg.execution.cpus_per_candidate
-    space = model_space(cfg.space, task.model, task.example_input)
+    space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
     try:
@@ -193,6 +199,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
         "metrics": result.metrics,
         "effective": result.info.get("effective", {}),
         "channels": result.info.get("channels", {}),
+        "heads": result.info.get("heads", {}),
         "ranks": result.info.get("ranks", {}),
         "genome": result.genome,
         "genome_hash": result.genome_hash,
@@ -203,7 +210,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
 
         write_bundle(export, artifact_bytes=result.artifact, genome=result.genome,
                      metrics=result.metrics, baseline=baseline.metrics,
-                     input_shape=list(task.example_input.shape), name=cfg.name)
+                     input_shape=list(task.example_input[0].shape), name=cfg.name)
         payload["export"] = str(export)
     if as_json:
         print(json.dumps(payload, indent=2, default=str))

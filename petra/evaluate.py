@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petra.fidelity import ALL_ROUNDS, FIRST_ROUNDS
+from petra.tasks.contract import args
 
 if TYPE_CHECKING:
     from petra.fidelity import Rung
@@ -167,10 +168,12 @@ class Evaluator:
 
         import petra.compress  # noqa: F401  (fills the registries)
         from petra import artifact
+        from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks
         from petra.compress.recurrent import gru_layers
         from petra.space import prunable_layers
         from petra.tasks import load_task
+        from petra.tasks.contract import feed
 
         self.core = pin_to_core(core) if core is not None and threads == 1 else None
         torch.set_num_threads(threads)
@@ -183,14 +186,17 @@ class Evaluator:
         self.example = self.task.example_input
         self.baseline_bytes = len(baseline_artifact)
         self.baseline_session = artifact.load(baseline_artifact, threads=threads)
+        self.attention = attention_layers(self.task.model, self.example)
+        self.recurrent = gru_layers(self.task.model, self.example)
         self.protected = [
-            layer.name for layer in prunable_layers(self.task.model, self.example)
+            layer.name for layer in prunable_layers(
+                self.task.model, self.example, attention=self.attention,
+                recurrent=self.recurrent)
             if not layer.structured
         ]
         self.blocks = skippable_blocks(self.task.model, self.example)
-        self.recurrent = gru_layers(self.task.model, self.example)
         self.calibration = [
-            x.numpy() for x, _ in _take(self.task.train, calibration_batches)
+            feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)
         ]
 
     def evaluate(
@@ -231,6 +237,7 @@ class Evaluator:
     ) -> Result:
         import torch
 
+        from petra.compress.attention import prune_attention
         from petra.compress.blocks import skip_blocks
         from petra.compress.gates import EquilibriumGates
         from petra.compress.lowrank import factorize
@@ -256,6 +263,7 @@ class Evaluator:
             gated[name] = EquilibriumGates(members, n, beta=recipe.eq_beta, gamma=recipe.eq_gamma)
 
         rule = recipe.sparsity()
+        heads = prune_attention(model, recipe.of_kind("heads"), self.attention)
         # A skipped block may have been a GRU's reader: its readers are then the layers after.
         plan = recipe.of_kind("recurrent")
         recurrent = gru_layers(model, self.example) if skipped and plan else self.recurrent
@@ -268,7 +276,8 @@ class Evaluator:
                           energy=recipe.energy, rule=recipe.rank_rule, ctx=ctx)
         masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx, rule)
         channels.update(units)
-        info: dict[str, Any] = {"channels": channels, "ranks": ranks, "skipped": skipped}
+        info: dict[str, Any] = {"channels": channels, "heads": heads, "ranks": ranks,
+                                "skipped": skipped}
 
         # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
         # the first rounds of the final latency for every candidate. Trained gates decide the
@@ -352,7 +361,7 @@ class Evaluator:
 
         proto = artifact.export_onnx(model, self.example)
         proto = QUANTIZATION.get(recipe.quant).fn(
-            proto, QuantContext(calibration=self.calibration, input_name="input")
+            proto, QuantContext(calibration=self.calibration)
         )
         return artifact.pack(proto)
 
@@ -381,7 +390,7 @@ class Evaluator:
             "params_dense": float(params_dense),
             "macs": float(macs),
         })
-        timer = InterleavedTimer(session, self.baseline_session, self.example.numpy(),
+        timer = InterleavedTimer(session, self.baseline_session, self.example,
                                  block_s=block_s)
         if rung is not None and rounds > FIRST_ROUNDS:
             timer.run(FIRST_ROUNDS)
@@ -433,7 +442,7 @@ def recalibrate_batchnorm(model: Any, batches: Any, max_batches: int = 16) -> No
     model.train()
     with torch.no_grad():
         for inputs, _ in _take(batches, max_batches):
-            model(inputs)
+            model(*args(inputs))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.train(was_training)

@@ -46,7 +46,8 @@ def seed_recipes(space: Any) -> list[dict[str, Any]]:
     distillation where the space offers it. In order (the loop takes the first
     ``SEED_SHARE × population``; random genomes fill the rest):
 
-    1. half the channels of every layer, rounded to 8, int8: the by-hand grid's best point;
+    1. half the channels (heads, units) of every layer, rounded to 8, int8 (dynamic for
+       attention and LSTM models, see :func:`_int8_scheme`): the by-hand grid's best point;
     2. every other skippable block skipped (the first, third, ...), half the channels of every
        other layer, rounded to 16, int8;
     3. 30% of the channels, int8: the accurate end;
@@ -83,14 +84,29 @@ def seed_recipes(space: Any) -> list[dict[str, Any]]:
         return {**genome, **offered({"prune.round_to": round_to, "quant.scheme": quant}),
                 **fine_tune}
 
+    int8 = _int8_scheme(space)
     return space.distinct([
-        recipe(0.5, "int8_static"),
-        recipe(0.5, "int8_static", 16, alternate),
-        recipe(0.3, "int8_static"),
+        recipe(0.5, int8),
+        recipe(0.5, int8, 16, alternate),
+        recipe(0.3, int8),
         recipe(0.75, "int4_weight"),
         recipe(0.5, "fp16", 16, alternate),
-        recipe(0.65, "int8_static"),
+        recipe(0.65, int8),
     ])
+
+
+#: Layer types whose int8 is dynamic: static int8 kept a MiniLM-shaped encoder's cosine at 0.44
+#: (0.94 on MatMuls alone) against 0.992 dynamic (STACK.md), and ORT quantizes an LSTM only
+#: dynamically (DynamicQuantizeLSTM: latency 0.39-0.49 of fp32 on hidden 128-256).
+DYNAMIC_INT8_TYPES = ("Attention", "MultiheadAttention", "LSTM")
+
+
+def _int8_scheme(space: Any) -> str:
+    """The int8 scheme of the seed recipes: ``int8_dynamic`` for a model with attention or
+    LSTM layers, where the space offers it; ``int8_static`` otherwise (CNNs, MLPs, GRUs)."""
+    sequence = any(layer.type in DYNAMIC_INT8_TYPES for layer in space.layers)
+    return "int8_dynamic" if sequence and space.offers("quant.scheme", "int8_dynamic") \
+        else "int8_static"
 
 
 CHECKPOINT = "checkpoint.json"
@@ -142,7 +158,8 @@ class _Search:
         self.objectives = cfg.objective_list
         self.task = load_task(cfg.task.name, cfg.task.params)
         # The space first: a glob that matches no layer is found before any training.
-        self.space = model_space(cfg.space, self.task.model, self.task.example_input)
+        self.space = model_space(cfg.space, self.task.model, self.task.example_input,
+                                 cache=cache_dir())
         self.say(f"baseline: preparing {cfg.task.name} ...")
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,

@@ -28,24 +28,40 @@ class Latency:
     rounds: int
 
 
+def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+    """The feed of ``session`` for a batch's inputs: a tuple of tensors in the session's input
+    order (see :mod:`petra.tasks.contract`), a single tensor or array, or a ready feed."""
+    if isinstance(inputs, dict):
+        return inputs
+    from petra.tasks.contract import feed
+
+    values = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    return feed(values, [i.name for i in session.get_inputs()])
+
+
 def session_accuracy(
     session: Any, batches: Iterable[tuple[Any, Any]], metric: Callable[[Any, Any], float]
 ) -> float:
-    """Batch-size-weighted mean ``metric`` of an ONNX Runtime session over ``batches``."""
-    name = session.get_inputs()[0].name
+    """Batch-size-weighted mean ``metric`` of an ONNX Runtime session over ``batches``.
+
+    The metric receives torch tensors, as it does in the fine-tune: the session's output is
+    converted with ``torch.from_numpy``.
+    """
+    from petra.tasks.contract import batch_size, to_torch
+
     total, count = 0.0, 0
     for inputs, targets in batches:
-        x = inputs.numpy() if hasattr(inputs, "numpy") else np.asarray(inputs)
-        outputs = session.run(None, {name: x})[0]
+        outputs = session.run(None, session_feed(session, inputs))[0]
         if not np.all(np.isfinite(outputs)):
             raise FloatingPointError("the artifact produced non-finite outputs")
-        total += metric(outputs, targets) * len(targets)
-        count += len(targets)
+        n = batch_size(targets)
+        total += float(metric(to_torch(outputs), targets)) * n
+        count += n
     return total / max(count, 1)
 
 
-def _runner(session: Any, x: np.ndarray) -> Callable[[], Any]:
-    feed = {session.get_inputs()[0].name: x}
+def _runner(session: Any, x: Any) -> Callable[[], Any]:
+    feed = session_feed(session, x)
     return lambda: session.run(None, feed)
 
 
@@ -57,14 +73,14 @@ class InterleavedTimer:
     is how a multi-fidelity decision reads the first rounds of the final measurement.
 
     Args:
-        candidate, baseline: ONNX Runtime sessions with the same input.
-        x: the input batch.
+        candidate, baseline: ONNX Runtime sessions with the same inputs.
+        x: the input batch (see :func:`session_feed`).
         block_s: target duration of one block; the runs per block are sized from the baseline.
         warmup: untimed runs of each session first.
     """
 
     def __init__(
-        self, candidate: Any, baseline: Any, x: np.ndarray, *, block_s: float = 0.03,
+        self, candidate: Any, baseline: Any, x: Any, *, block_s: float = 0.03,
         warmup: int = 3,
     ) -> None:
         self._run_c, self._run_b = _runner(candidate, x), _runner(baseline, x)
@@ -116,7 +132,7 @@ class InterleavedTimer:
 def interleaved_latency(
     candidate: Any,
     baseline: Any,
-    x: np.ndarray,
+    x: Any,
     *,
     rounds: int = 15,
     block_s: float = 0.03,
@@ -140,13 +156,15 @@ def macs_and_params(model: Any, example_input: Any) -> tuple[int, int, int]:
     import torch
     import torch_pruning as tp
 
+    one = tuple(x[:1] for x in example_input) if isinstance(example_input, tuple | list) \
+        else example_input[:1]
     with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example_input[:1])
+        macs, params = tp.utils.count_ops_and_params(model, one)
         nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     return int(macs), int(params), nonzero
 
 
-def median_latency_ms(session: Any, x: np.ndarray, *, runs: int = 50, warmup: int = 5) -> float:
+def median_latency_ms(session: Any, x: Any, *, runs: int = 50, warmup: int = 5) -> float:
     """Median wall time of one run of ``session`` on ``x``, in milliseconds."""
     run = _runner(session, x)
     for _ in range(warmup):

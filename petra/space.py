@@ -24,8 +24,10 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,27 +146,51 @@ class LayerInfo:
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
+#: Recurrent layers whose hidden units a ``recurrent`` criterion removes (petra.compress.recurrent).
+RECURRENT_TYPE_NAMES = ("GRU", "LSTM")
+#: Attentions whose heads a ``heads`` criterion removes (petra.compress.attention): Hugging Face
+#: self-attentions are typed ``Attention``.
+ATTENTION_TYPE_NAMES = ("Attention", "MultiheadAttention")
 # PETRA's low-rank energy thresholds (METHODS.md).
 LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
 
 
-def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
+def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] | None = None,
+                    recurrent: Sequence[Any] | None = None) -> list[LayerInfo]:
     """The model's prunable layers in execution order.
 
     A layer whose output is the model's output (the classifier) keeps its output channels, and
     so does a layer whose channels torch-pruning cannot follow (e.g. into an ``nn.GRU``):
-    structured criteria are not offered for them.
+    structured criteria are not offered for them. Multi-head attentions whose heads can be
+    removed are layers too (type ``Attention`` or ``MultiheadAttention``, one channel a head).
+
+    Args:
+        model: the canonical task model (:class:`petra.tasks.contract.TaskModel`).
+        example_input: its canonical example inputs.
+        attention, recurrent: the model's :func:`~petra.compress.attention.attention_layers`
+            and :func:`~petra.compress.recurrent.recurrent_layers`, when already found.
     """
     import torch
     from torch import nn
 
-    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.GRU)
+    from petra.compress.attention import attention_layers
+    from petra.compress.recurrent import gru_layers
+    from petra.compress.structured import structured_layers
+    from petra.tasks.contract import args
+
+    if attention is None:
+        attention = attention_layers(model, example_input)
+    if recurrent is None:
+        recurrent = gru_layers(model, example_input)
+    heads = {a.name: a for a in attention}
+    RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
+    types = (nn.Linear, nn.Conv1d, nn.Conv2d, *RECURRENT_TYPES)
     order: list[str] = []
     outputs: dict[str, Any] = {}
     names = {m: n for n, m in model.named_modules()}
     hooks = []
     for module in model.modules():
-        if isinstance(module, types):
+        if isinstance(module, types) or names[module] in heads:
 
             def hook(mod: Any, _inp: Any, out: Any) -> None:
                 order.append(names[mod])
@@ -175,16 +201,13 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
     model.eval()
     try:
         with torch.no_grad():
-            result = model(example_input)
+            result = model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    from petra.compress.recurrent import gru_layers
-    from petra.compress.structured import structured_layers
-
     capable = structured_layers(model, example_input)
-    capable |= {g.name for g in gru_layers(model, example_input)}
+    capable |= {g.name for g in recurrent} | set(heads)
     modules = dict(model.named_modules())
     seen: list[str] = []
     for name in order:
@@ -193,7 +216,9 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
     infos = []
     for name in seen:
         module = modules[name]
-        if isinstance(module, nn.GRU):
+        if name in heads:
+            out_channels = heads[name].heads
+        elif isinstance(module, RECURRENT_TYPES):
             out_channels = module.hidden_size
         else:
             out_channels = (module.out_features if isinstance(module, nn.Linear)
@@ -203,16 +228,43 @@ def prunable_layers(model: Any, example_input: Any) -> list[LayerInfo]:
             and name == seen[-1]
         )
         grouped = getattr(module, "groups", 1) != 1
+        kind = type(module).__name__
+        if name in heads and kind not in ATTENTION_TYPE_NAMES:
+            kind = "Attention"
         infos.append(
             LayerInfo(
                 name=name,
-                type=type(module).__name__,
+                type=kind,
                 out_channels=int(out_channels),
                 params=sum(p.numel() for p in module.parameters()),
                 structured=not is_output and not grouped and name in capable,
             )
         )
     return infos
+
+
+def unit_kind(layer: LayerInfo) -> str | None:
+    """The method kind that removes units of ``layer`` physically: ``recurrent`` (hidden units),
+    ``heads`` (attention heads), ``structured`` (channels), or None where no structured
+    removal is offered (the classifier, grouped convs, layers whose removal failed)."""
+    if layer.type in RECURRENT_TYPE_NAMES:
+        return "recurrent" if layer.structured else None
+    if layer.type in ATTENTION_TYPE_NAMES:
+        return "heads" if layer.structured else None
+    return "structured" if layer.structured else None
+
+
+def offered(layer: LayerInfo, entry: Any) -> bool:
+    """Whether the pruning method ``entry`` (a registry entry) is offered for ``layer``: a
+    structured kind only where it is the layer's own :func:`unit_kind`; an unstructured,
+    low-rank or trained criterion on Linear and Conv layers."""
+    kind = entry.meta.get("kind", "unstructured")
+    own = unit_kind(layer)
+    if layer.type in RECURRENT_TYPE_NAMES + ATTENTION_TYPE_NAMES:
+        return kind == own
+    if kind in ("recurrent", "heads"):
+        return False
+    return not entry.meta.get("structured") or own == "structured"
 
 
 def select_layers(
@@ -268,6 +320,9 @@ class SearchSpace:
         self.genes: tuple[Gene, ...] = tuple(genes)
         self.layers: tuple[LayerInfo, ...] = tuple(layers)
         self.blocks: tuple[Any, ...] = tuple(blocks)
+        #: What :func:`model_space` withheld, with why: ``layers.<name>`` (its structured
+        #: methods) or ``quant.scheme=<scheme>`` → the first line of the error.
+        self.withheld: dict[str, str] = {}
         self._by_name = {g.name: g for g in self.genes}
 
     def __iter__(self) -> Iterator[Gene]:
@@ -421,14 +476,129 @@ def summarize(genome: Mapping[str, Any]) -> str:
     return " ".join(parts) or "dense"
 
 
-def model_space(space_cfg: Any, model: Any, example_input: Any) -> SearchSpace:
-    """The search space of ``model``: its prunable layers and, when ``space.skip_blocks`` is on,
-    the blocks it may skip."""
+#: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
+VERIFY_VERSION = 1
+
+
+def model_space(space_cfg: Any, model: Any, example_input: Any, *,
+                cache: str | Path | None = None) -> SearchSpace:
+    """The search space of ``model``: its prunable layers, the structured genes and the
+    quantization schemes that were verified on it (:mod:`petra.compress.verify`), and, when
+    ``space.skip_blocks`` is on, the blocks it may skip.
+
+    Args:
+        space_cfg: the config's ``space`` section.
+        model, example_input: the canonical task model and its example inputs.
+        cache: a folder where the verdicts are kept by a hash of the model's architecture and
+            the space's bounds; None verifies every time.
+
+    The withheld genes, with their reasons, are in the returned space's ``withheld``.
+    """
+    import dataclasses
+
+    from petra.compress.attention import attention_layers
     from petra.compress.blocks import skippable_blocks
+    from petra.compress.recurrent import gru_layers
 
     blocks = skippable_blocks(model, example_input) if getattr(
         space_cfg, "skip_blocks", False) else ()
-    return build_space(space_cfg, prunable_layers(model, example_input), blocks)
+    attention = attention_layers(model, example_input)
+    recurrent = gru_layers(model, example_input)
+    layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent)
+    verdicts = _verdicts(space_cfg, model, example_input, layers, attention, recurrent, blocks,
+                         cache)
+    withheld = {f"blocks.{name}.skip": reason for name, reason in verdicts["blocks"].items()}
+    blocks = [b for b in blocks if b.name not in verdicts["blocks"]]
+    failed_layers = verdicts["layers"]
+    layers = [dataclasses.replace(layer, structured=False) if layer.name in failed_layers
+              else layer for layer in layers]
+    for name, reason in failed_layers.items():
+        withheld[f"layers.{name}"] = reason
+    for scheme, reason in verdicts["schemes"].items():
+        withheld[f"quant.scheme={scheme}"] = reason
+    if verdicts["schemes"]:
+        kept = [s for s in space_cfg.quantization if s not in verdicts["schemes"]] or ["none"]
+        space_cfg = space_cfg.model_copy(update={"quantization": kept})
+    space = build_space(space_cfg, layers, blocks)
+    space.withheld = withheld
+    return space
+
+
+def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[LayerInfo],
+              attention: Sequence[Any], recurrent: Sequence[Any], blocks: Sequence[Any],
+              cache: str | Path | None) -> dict[str, dict[str, str]]:
+    """``{"layers": {layer: reason}, "blocks": {block: reason}, "schemes": {scheme: reason}}``
+    for what fails on ``model``, read from ``cache`` when this model and space were verified
+    before."""
+    import petra.compress  # noqa: F401  (fills the registries)
+    from petra.compress.verify import (
+        Unit,
+        structured_units,
+        verify_schemes,
+        verify_structure,
+    )
+    from petra.registry import PRUNING
+
+    kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
+    selected = {layer.name for layer in select_layers(
+        layers, space_cfg.layers.include, space_cfg.layers.exclude)}
+    schemes = [s for s in space_cfg.quantization if s != "none"]
+    key = _model_key(model, example_input, {
+        "kinds": sorted(kinds), "selected": sorted(selected), "schemes": schemes,
+        "blocks": [b.name for b in blocks],
+        "sparsity": space_cfg.sparsity[1], "round_to": min(space_cfg.round_to),
+        "version": VERIFY_VERSION})
+    path = Path(cache) / f"verdicts-{key}.json" if cache is not None else None
+    if path is not None and path.exists():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    units = [u for u in structured_units(
+        model, example_input, layers,
+        attention if "heads" in kinds else (), recurrent if "recurrent" in kinds else ())
+        if (u.kind != "channels" or "structured" in kinds) and selected.intersection(u.members)]
+    units += [Unit("skip", b.name, (b.name,)) for b in blocks]
+    failed = verify_structure(
+        model, example_input, units, sparsity=space_cfg.sparsity[1],
+        round_to=min(space_cfg.round_to), attention=attention,
+        recurrent=recurrent, blocks=blocks)
+    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}}
+    for unit, reason in failed.items():
+        if unit.kind == "skip":
+            out["blocks"][unit.name] = reason
+            continue
+        for member in selected.intersection(unit.members):
+            out["layers"][member] = reason
+    if schemes:
+        from petra import artifact
+        from petra.tasks.contract import feed
+
+        proto = artifact.export_onnx(model, tuple(example_input))
+        example = feed(example_input, [i.name for i in proto.graph.input])
+        out["schemes"] = verify_schemes(proto, schemes, [example], example)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out, indent=1, sort_keys=True))
+        tmp.replace(path)
+    return out
+
+
+def _model_key(model: Any, example_input: Any, extra: Mapping[str, Any]) -> str:
+    """A hash of the model's architecture (its repr and parameter shapes), its example inputs'
+    shapes and dtypes, the library versions, and ``extra``."""
+    import onnxruntime
+    import torch
+
+    payload = json.dumps({
+        "repr": repr(model),
+        "params": [(n, list(p.shape)) for n, p in model.named_parameters()],
+        "inputs": [(list(x.shape), str(x.dtype)) for x in example_input],
+        "versions": [torch.__version__, onnxruntime.__version__],
+        **extra,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[Any] = ()
@@ -451,12 +621,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
                          for b in blocks]
     kinds: set[str] = set()
     for layer in selected:
-        recurrent = layer.type == "GRU"
-        methods = [
-            m for m in space_cfg.pruning
-            if (layer.structured or not PRUNING.get(m).meta.get("structured"))
-            and (PRUNING.get(m).meta.get("kind") == "recurrent") == recurrent or m == "none"
-        ]
+        methods = [m for m in space_cfg.pruning if m == "none" or offered(layer, PRUNING.get(m))]
         if "none" not in methods:
             methods = ["none", *methods]
         if len(methods) == 1:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.tasks.contract import args, batch_size
+
 Penalty = Callable[[nn.Module, Any, Any, Any], torch.Tensor]
 
 
@@ -61,7 +63,7 @@ def train(
     for epoch in range(epochs):
         total, count = 0.0, 0
         for inputs, targets in batches:
-            outputs = model(inputs)
+            outputs = model(*args(inputs))
             loss = loss_fn(outputs, targets)
             if penalty is not None:
                 loss = loss + penalty(model, inputs, outputs, targets)
@@ -74,8 +76,9 @@ def train(
             _apply_masks(params, masks)
             if after_step is not None:
                 after_step()
-            total += float(loss.detach()) * len(targets)
-            count += len(targets)
+            n = batch_size(targets)
+            total += float(loss.detach()) * n
+            count += n
         if report is not None:
             if report(epoch, total / max(count, 1)):
                 break
@@ -98,6 +101,7 @@ def evaluate_metric(
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in batches:
-        total += metric(model(inputs), targets) * len(targets)
-        count += len(targets)
+        n = batch_size(targets)
+        total += metric(model(*args(inputs)), targets) * n
+        count += n
     return total / max(count, 1)

@@ -64,7 +64,7 @@ def resnet():
 
 def test_residual_blocks_are_found_with_their_shortcuts(resnet):
     model, x = resnet
-    found = {b.name: b for b in skippable_blocks(model, x)}
+    found = {b.name: b for b in skippable_blocks(model, (x,))}
     assert set(found) == {"layer1", "layer2"}  # the stem changes shape; fc is the output
     assert found["layer1"].kind == "shortcut" and found["layer1"].shortcut == "layer1.downsample"
     assert found["layer2"].kind == "identity" and found["layer2"].shortcut is None
@@ -76,7 +76,7 @@ def test_residual_blocks_are_found_with_their_shortcuts(resnet):
 
 def test_skipping_keeps_the_shortcut_path_and_shape(resnet):
     model, x = resnet
-    blocks = skippable_blocks(model, x)
+    blocks = skippable_blocks(model, (x,))
     skipped = copy.deepcopy(model)
     done = skip_blocks(skipped, ["layer2", "layer1"], blocks)
     assert sorted(done) == ["layer1", "layer2"]
@@ -96,7 +96,7 @@ def test_skipping_keeps_the_shortcut_path_and_shape(resnet):
 def test_skipping_an_unknown_block_names_the_ones_there_are(resnet):
     model, x = resnet
     with pytest.raises(ValueError, match="unknown block 'layer9'.*layer1, layer2"):
-        skip_blocks(model, ["layer9"], skippable_blocks(model, x))
+        skip_blocks(model, ["layer9"], skippable_blocks(model, (x,)))
 
 
 def test_built_in_models_offer_their_blocks():
@@ -114,7 +114,7 @@ def test_a_square_linear_layer_outside_blocks_may_become_the_identity():
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
                           nn.Linear(16, 2)).eval()
     x = torch.randn(8, 6)
-    blocks = skippable_blocks(model, x)
+    blocks = skippable_blocks(model, (x,))
     assert [b.name for b in blocks] == ["2"]  # not the output layer, not 0 (6 -> 16)
     skip_blocks(model, ["2"], blocks)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_a_square_linear_layer_outside_blocks_may_become_the_identity():
 def test_gru_units_are_removed_with_their_readers_columns():
     torch.manual_seed(0)
     model, x = GRUNet().eval(), torch.randn(3, 7, 5)
-    (info,) = gru_layers(model, x)
+    (info,) = gru_layers(model, (x,))
     assert info.name == "gru" and info.hidden == 12 and info.consumers == ("head",)
     original = copy.deepcopy(model)
     keep = [0, 3, 4, 9, 11]
@@ -153,7 +153,7 @@ def test_gru_units_whose_weights_are_zero_change_nothing_when_removed():
             model.gru.bias_ih_l0[h_row(unit, 2)] = 0
             model.gru.bias_hh_l0[h_row(unit, 2)] = 0
         reference = model(x)
-    (info,) = gru_layers(model, x)
+    (info,) = gru_layers(model, (x,))
     changes = prune_recurrent(model, {"gru": ("l2_units", 7 / 12)}, [info])
     assert changes == {"gru": (12, 5)}
     assert model.gru.hidden_size == 5

@@ -50,7 +50,7 @@ def test_space_lists_genes_decoded_from_the_model() -> None:
     root = Path(__file__).resolve().parents[1]
     proc = petra("space", str(root / "search_spaces" / "quickstart.yaml"), "--json")
     assert proc.returncode == 0, proc.stderr
-    genes = {g["name"]: g for g in json.loads(proc.stdout)}
+    genes = {g["name"]: g for g in json.loads(proc.stdout)["genes"]}
     assert genes["layers.layer1.conv1.method"]["choices"] == ["none", "magnitude", "l2_channel"]
     assert "layers.fc.method" not in genes  # excluded by the quickstart's glob
     assert genes["quant.scheme"]["kind"] == "categorical"

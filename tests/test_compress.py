@@ -225,7 +225,7 @@ def applicable_share(model, type_names):
 def test_quantizer_shrinks_the_artifact_and_keeps_logits_close(name, tiny_task, fp32):
     task, _ = tiny_task
     proto, fp32_bytes, x, reference = fp32
-    calibration = [inputs.numpy() for inputs, _ in take(task.train, 4)]
+    calibration = [{"input": inputs[0].numpy()} for inputs, _ in take(task.train, 4)]
     entry = QUANTIZATION.get(name)
     quantized = entry(proto, QuantContext(calibration=calibration))
     data = artifact.pack(quantized)
@@ -275,7 +275,7 @@ def test_regularizer_gives_a_finite_penalty_with_a_gradient(name, tiny_task, mod
     assert callable(penalty)
     inputs, targets = next(iter(task.train))
     model_copy.train()
-    outputs = model_copy(inputs)
+    outputs = model_copy(*inputs)
     value = penalty(model_copy, inputs, outputs, targets)
     assert isinstance(value, torch.Tensor) and value.numel() == 1
     scalar = value.detach().item()
@@ -284,7 +284,7 @@ def test_regularizer_gives_a_finite_penalty_with_a_gradient(name, tiny_task, mod
     grads = [p.grad for p in model_copy.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
-    stronger = make(1e-2)(model_copy, inputs, model_copy(inputs), targets)
+    stronger = make(1e-2)(model_copy, inputs, model_copy(*inputs), targets)
     assert stronger.detach().item() >= scalar  # strength never weakens the penalty
 
 

@@ -69,7 +69,7 @@ def test_activation_aware_keeps_small_weights_on_loud_inputs():
                                          [0.01, -0.8, 0.9, 1.2]]))
     x = torch.randn(64, 4)
     x[:, 0] *= 1000.0  # feature 0 is loud
-    ctx = PruneContext(model=model, batches=[(x, torch.zeros(64))])
+    ctx = PruneContext(model=model, batches=[((x,), torch.zeros(64))])
     wanda = PRUNING.get("activation_aware")(layer.weight, 0.25, ctx)
     magnitude = PRUNING.get("magnitude")(layer.weight, 0.25, ctx)
     assert not magnitude[:, 0].any()  # magnitude drops the small weights of feature 0

@@ -116,7 +116,7 @@ def test_structured_pruning_reduces_macs_and_params(tiny_task):
     model = copy.deepcopy(task.model).eval()
     macs, params, nonzero = macs_and_params(model, task.example_input)
     assert macs > 0 and params == sum(p.numel() for p in model.parameters())
-    assert macs_and_params(model, task.example_input[:3])[0] == macs  # per sample
+    assert macs_and_params(model, (task.example_input[0][:3],))[0] == macs  # per sample
     method = next(e.name for e in PRUNING if e.meta.get("structured"))
     plan = {n: (method, 0.5) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     prune_channels(model, task.example_input, plan, protected=["fc"], ctx=PruneContext())

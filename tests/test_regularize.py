@@ -45,9 +45,9 @@ def test_kd_is_zero_at_the_teacher_and_positive_elsewhere(tiny_task, model):
                                            params={"kd_alpha": 0.5, "kd_temperature": 4.0}))
     student = copy.deepcopy(task.model).eval()
     with torch.no_grad():
-        at_teacher = kd(student, inputs, student(inputs), targets)
+        at_teacher = kd(student, inputs, student(*inputs), targets)
         assert float(at_teacher) == pytest.approx(0.0, abs=1e-6)
-        noisy = student(inputs) + torch.randn(len(inputs), 10)
+        noisy = student(*inputs) + torch.randn(len(targets), 10)
         assert float(kd(student, inputs, noisy, targets)) > 0.0
 
 

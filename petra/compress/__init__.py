@@ -6,4 +6,12 @@ Registration order is listing order: ``none`` and the per-layer criteria come fi
 from petra.compress import prune, structured  # noqa: F401
 
 # isort: split
-from petra.compress import game, lowrank, quantize, recurrent, regularize, sparsity  # noqa: F401
+from petra.compress import (  # noqa: F401
+    attention,
+    game,
+    lowrank,
+    quantize,
+    recurrent,
+    regularize,
+    sparsity,
+)

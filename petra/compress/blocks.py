@@ -22,6 +22,12 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
 If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
 replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
 nothing.
+
+Transformer layers are identity blocks too (a ``BertLayer``, an ``nn.TransformerEncoderLayer``,
+a ``BertAttention``): their replacement takes and ignores the extra arguments they are called
+with (masks), and returns a tuple where the block returned one (``(x, None, ...)``). A
+self-attention alone (the module that holds q, k and v) is not a block: skipping it would feed
+the layer's input to the output projection; its heads are removed instead.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from petra.tasks.contract import args
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -46,30 +54,37 @@ class BlockInfo:
     shortcut: str | None
     relu: bool
     params: int
+    outputs: int = 0  # the length of the tuple the block returns; 0 for a tensor
+
+
+def _as_returned(out: torch.Tensor, outputs: int) -> Any:
+    return (out, *([None] * (outputs - 1))) if outputs else out
 
 
 class ShortcutOnly(nn.Module):
     """A residual block reduced to its shortcut path (and its final ReLU)."""
 
-    def __init__(self, shortcut: nn.Module, relu: bool) -> None:
+    def __init__(self, shortcut: nn.Module, relu: bool, outputs: int = 0) -> None:
         super().__init__()
         self.shortcut = shortcut
         self.relu = relu
+        self.outputs = outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
         out = self.shortcut(x)
-        return torch.relu(out) if self.relu else out
+        return _as_returned(torch.relu(out) if self.relu else out, self.outputs)
 
 
 class ReluIdentity(nn.Module):
     """The identity, or a ReLU where the skipped block ended in one."""
 
-    def __init__(self, relu: bool) -> None:
+    def __init__(self, relu: bool, outputs: int = 0) -> None:
         super().__init__()
         self.relu = relu
+        self.outputs = outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x) if self.relu else x
+    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
+        return _as_returned(torch.relu(x) if self.relu else x, self.outputs)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -78,6 +93,14 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
     return None
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """A multi-head attention itself (torch's, or a Hugging Face self-attention)."""
+    from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
+
+    return isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention) or \
+        _is_hf_attention(module)
 
 
 def _layer_count(module: nn.Module) -> int:
@@ -100,14 +123,15 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
             if x is None or y is None or name in seen:
                 return
             seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape),
-                          "nonneg": bool((y >= 0).all()), "output": y}
+                          "nonneg": bool((y >= 0).all()), "output": y,
+                          "outputs": len(output) if isinstance(output, tuple | list) else 0}
             order.append(name)
 
         hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        result = model(example_input)
+        result = model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
@@ -118,8 +142,8 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
     for name in order:
         module, info = modules[name], seen[name]
         params = sum(p.numel() for p in module.parameters())
-        if info["output"] is final:
-            continue  # the model's output layer stays
+        if info["output"] is final or _is_attention(module):
+            continue  # the model's output layer stays; an attention loses heads instead
         shortcut = next((c for c in SHORTCUT_NAMES if hasattr(module, c)
                          and isinstance(getattr(module, c), nn.Module)
                          and f"{name}.{c}" in seen
@@ -131,9 +155,10 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
         elif _layer_count(module) >= 2 and shortcut is not None:
             found.append(BlockInfo(name, "shortcut", f"{name}.{shortcut}", info["nonneg"],
                                    params - sum(p.numel() for p in getattr(
-                                       module, shortcut).parameters())))
+                                       module, shortcut).parameters()), info["outputs"]))
         elif _layer_count(module) >= 2 and square:
-            found.append(BlockInfo(name, "identity", None, info["nonneg"], params))
+            found.append(BlockInfo(name, "identity", None, info["nonneg"], params,
+                                   info["outputs"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches.
     outer = [b.name for b in found if not isinstance(modules[b.name], _LAYERS)]
@@ -156,9 +181,10 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
         info = by_name[name]
         module = model.get_submodule(name)
         if info.kind == "shortcut":
-            replacement: nn.Module = ShortcutOnly(model.get_submodule(info.shortcut), info.relu)
+            replacement: nn.Module = ShortcutOnly(model.get_submodule(info.shortcut), info.relu,
+                                                  info.outputs)
         else:
-            replacement = ReluIdentity(info.relu)
+            replacement = ReluIdentity(info.relu, info.outputs)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)

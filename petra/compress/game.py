@@ -24,6 +24,7 @@ from torch import nn
 
 from petra.compress.gates import ChannelGates, out_channel_members
 from petra.registry import PRUNING
+from petra.tasks.contract import args
 
 #: Truncate a permutation once its coalition is this close (relative) to the full value.
 TRUNCATION = 0.01
@@ -61,7 +62,7 @@ def shapley(group: Any, ctx: Any) -> torch.Tensor:
 
     def value(mask: torch.Tensor) -> float:
         gates.set(mask)
-        return -sum(float(loss(model(x), y)) for x, y in batches) / len(batches)
+        return -sum(float(loss(model(*args(x)), y)) for x, y in batches) / len(batches)
 
     try:
         full, empty = value(torch.ones(n)), value(torch.zeros(n))

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from petra.registry import PRUNING
+from petra.tasks.contract import args
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PruneContext:
         self.model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             for inputs, targets in self.batches:
-                self.loss(self.model(inputs), targets).backward()
+                self.loss(self.model(*args(inputs)), targets).backward()
         self.model.train(was_training)
         self._gradients = True
 
@@ -97,7 +98,7 @@ def _collect_input_norms(model: Any, batches: Any) -> dict[str, torch.Tensor]:
     try:
         with torch.no_grad():
             for inputs, _targets in batches or ():
-                model(inputs)
+                model(*args(inputs))
     finally:
         for h in hooks:
             h.remove()

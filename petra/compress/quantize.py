@@ -48,10 +48,10 @@ INT4_QMAX = 7
 
 @dataclass
 class QuantContext:
-    """Calibration data for a scheme: input batches as numpy arrays, and the input name."""
+    """Calibration data for a scheme: input batches as ONNX Runtime feeds (input name → numpy
+    array), one dict per batch."""
 
-    calibration: list[np.ndarray] = field(default_factory=list)
-    input_name: str = "input"
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 @QUANTIZATION.register("none", description="keep fp32 weights and activations", int8=False)
@@ -117,8 +117,10 @@ def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from petra.artifact import quiet_output
+
     _quiet_ort_quantization()
-    with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp, quiet_output():
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(proto, src)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -144,8 +146,7 @@ def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str) -> Any:
             self._batches = iter(ctx.calibration)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self._batches, None)
-            return None if batch is None else {ctx.input_name: batch}
+            return next(self._batches, None)
 
     return _through_ort(proto, lambda pre, dst: quantize_static(
         pre, dst, Reader(),
@@ -339,7 +340,7 @@ def _input_means(proto: Any, targets: list[_Int4Target], ctx: QuantContext) -> d
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}
     for batch in ctx.calibration:
-        feed = {ctx.input_name: batch}
+        feed = batch
         # An empty fetch list would make ORT return every output: read none then.
         values = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
         values.update({n: feed[n] for n in names if n in feed})

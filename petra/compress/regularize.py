@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from petra.registry import REGULARIZERS
+from petra.tasks.contract import args
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -100,7 +101,7 @@ def kd(ctx: RegContext) -> Any:
 
     def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
         with torch.no_grad():
-            soft_teacher = F.softmax(teacher(inputs) / temperature, dim=-1)
+            soft_teacher = F.softmax(teacher(*args(inputs)) / temperature, dim=-1)
         log_student = F.log_softmax(outputs / temperature, dim=-1)
         kl = F.kl_div(log_student, soft_teacher, reduction="batchmean")
         return alpha * temperature**2 * kl

@@ -17,7 +17,8 @@ TASKS = Registry("task")
 
 
 def accuracy(outputs: Any, targets: Any) -> float:
-    """Top-1 accuracy of logits ``outputs`` (torch or numpy) against integer ``targets``."""
+    """Top-1 accuracy of logits ``outputs`` against integer ``targets`` (torch tensors; numpy
+    arrays are accepted too)."""
     import numpy as np
 
     out = np.asarray(outputs.detach().cpu() if hasattr(outputs, "detach") else outputs)
@@ -38,10 +39,17 @@ class Task:
     Attributes:
         model: the ``nn.Module`` to compress.
         train, val, test: re-iterable collections of ``(inputs, targets)`` batches.
-        example_input: one batch of inputs, used for tracing, export and latency.
-        metric: ``(outputs, targets) -> float``, higher is better; summed over batches weighted
-            by batch size.
-        loss: the training loss, cross-entropy by default.
+        example_input: one batch of inputs, used for tracing, export and latency: a tensor, a
+            tuple of tensors, or a dict of tensors (passed to the model as keywords, e.g.
+            ``input_ids`` and ``attention_mask``). Each becomes a named ONNX input with a
+            dynamic batch axis; every batch's inputs take the same form.
+        output: ``model output -> tensor``, for a model that returns a tuple, a dict or a
+            ``ModelOutput``. None (the default) takes a tensor as it is, else ``logits``, else
+            ``last_hidden_state``, else the first tensor.
+        metric: ``(outputs, targets) -> float`` on torch tensors, higher is better; averaged
+            over batches weighted by batch size.
+        loss: ``(outputs, targets) -> tensor`` on torch tensors, the training loss;
+            cross-entropy by default.
         trained: when False, petra trains the baseline itself and caches it.
         train_epochs, train_lr: the baseline's training recipe when ``trained`` is False.
     """
@@ -51,12 +59,15 @@ class Task:
     val: Iterable[Any]
     test: Iterable[Any]
     example_input: Any
+    output: Callable[[Any], Any] | None = None
     metric: Callable[[Any, Any], float] = accuracy
     loss: Callable[[Any, Any], Any] = cross_entropy
     trained: bool = False
     train_epochs: int = 20
     train_lr: float = 3e-3
     info: dict[str, Any] = field(default_factory=dict)
+    #: The ONNX input names, set by :func:`petra.tasks.contract.adapt`.
+    input_names: tuple[str, ...] = ()
 
 
 def register_builtin() -> None:
@@ -106,4 +117,10 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     if not isinstance(task, Task):
         raise ConfigError("task.name", name, "",
                           f"{name!r} must return a petra.Task; got {type(task).__name__}")
-    return task
+    from petra.tasks.contract import adapt
+
+    try:
+        return adapt(task)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError("task.name", name, "", f"the task {name!r} is outside the task "
+                          f"contract: {_first_line(exc)}") from exc

@@ -1,0 +1,303 @@
+"""Attention heads as the unit of pruning: q, k, v and the output projection lose whole heads.
+
+Removing output channels of a query, key or value projection one by one breaks the head
+reshape (``shape '[32, 32, -1, 32]' is invalid``), and torch-pruning's dependency graph cannot
+follow channels through it. A head is the unit that keeps a multi-head attention runnable: its
+``head_dim`` rows of q, k and v and its ``head_dim`` input columns of the output projection go
+together, and the residual width stays as it is.
+
+Two families are found by :func:`attention_layers`:
+
+- **Hugging Face self-attention** (BERT, ViT, and their kin): a module with ``query``, ``key``
+  and ``value`` ``nn.Linear`` children and a ``num_attention_heads`` attribute. Its output
+  projection is the ``nn.Linear`` that reads its output, found by tracing the example batch
+  (``BertSelfOutput.dense``, ``ViTSelfOutput.dense``). The rows and columns are removed with
+  torch-pruning's own pruning functions, and the head counts are updated.
+- **torch's** ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``): its fused
+  ``in_proj_weight`` cannot hold fewer heads than ``embed_dim`` allows, so a pruned one is
+  replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
+  projections of ``heads * head_dim`` rows.
+
+A layer counts only if a trial removal of half its heads still runs the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from petra.registry import PRUNING
+from petra.tasks.contract import args
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """A multi-head attention whose heads can be removed.
+
+    Attributes:
+        name: the attention module (the HF self-attention, or the ``nn.MultiheadAttention``).
+        heads: its number of heads.
+        head_dim: the width of one head.
+        output: the output projection's module name (HF), or ``""`` (MHA: its ``out_proj``).
+    """
+
+    name: str
+    heads: int
+    head_dim: int
+    output: str = ""
+
+
+def _is_hf_attention(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) \
+        and isinstance(getattr(module, "num_attention_heads", None), int)
+
+
+def _head_count(module: nn.Module) -> int:
+    return int(module.num_heads if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
+               else module.num_attention_heads)
+
+
+def _storage(t: Any) -> int | None:
+    if isinstance(t, tuple | list):
+        t = t[0] if t else None
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+@torch.no_grad()
+def attention_layers(model: nn.Module, example_input: Sequence[Any]) -> list[AttentionInfo]:
+    """The attentions of ``model`` whose heads can be removed, in execution order."""
+    names = {m: n for n, m in model.named_modules()}
+    found: dict[str, nn.Module] = {}
+    order: list[str] = []
+    outputs: dict[int, str] = {}  # storage of an HF attention's output -> its name
+    readers: dict[str, str] = {}  # HF attention -> the Linear that reads its output
+    hooks = []
+    for module, name in names.items():
+        mha = isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
+        if mha or _is_hf_attention(module):
+            found[name] = module
+
+            def on_attention(mod: Any, _inp: Any, out: Any, name: str = name,
+                             mha: bool = mha) -> None:
+                if name not in order:
+                    order.append(name)
+                ptr = _storage(out)
+                if not mha and ptr is not None:
+                    outputs[ptr] = name
+            hooks.append(module.register_forward_hook(on_attention))
+        elif isinstance(module, nn.Linear):
+            def on_linear(mod: Any, inp: Any, _out: Any, name: str = name) -> None:
+                owner = outputs.get(_storage(inp))
+                if owner is not None and owner not in readers:
+                    readers[owner] = name
+            hooks.append(module.register_forward_hook(on_linear))
+    was_training = model.training
+    model.eval()
+    try:
+        model(*args(example_input))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    infos = []
+    for name in order:
+        module = found[name]
+        heads = _head_count(module)
+        if isinstance(module, nn.MultiheadAttention):
+            if not module._qkv_same_embed_dim or module.bias_k is not None:
+                continue  # separate kdim/vdim, or learned key/value biases: not handled
+            info = AttentionInfo(name, heads, module.head_dim)
+        elif isinstance(module, PrunedMultiheadAttention):
+            info = AttentionInfo(name, heads, module.head_dim)
+        else:
+            out = readers.get(name)
+            if out is None or module.query.out_features % heads:
+                continue
+            info = AttentionInfo(name, heads, module.query.out_features // heads, out)
+        if heads < 2:
+            continue
+        trial = copy.deepcopy(model).eval()
+        try:
+            prune_heads(trial, info, list(range(heads // 2, heads)))
+            trial(*args(example_input))
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+            continue
+        infos.append(info)
+    return infos
+
+
+def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
+    return [h * head_dim + i for h in heads for i in range(head_dim)]
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` with fewer heads: q, k, v project ``embed_dim`` to
+    ``heads * head_dim``, and ``out_proj`` back to ``embed_dim``.
+
+    It takes ``nn.MultiheadAttention``'s arguments and returns ``(output, None)``. Its
+    ``in_proj_bias`` is None, which keeps ``nn.TransformerEncoderLayer`` off its fused fast
+    path (that path needs a fused ``in_proj_weight``).
+    """
+
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, source: nn.MultiheadAttention, keep: Sequence[int]) -> None:
+        super().__init__()
+        e, d = source.embed_dim, source.head_dim
+        self.embed_dim, self.head_dim, self.num_heads = e, d, len(keep)
+        self.batch_first = source.batch_first
+        self.dropout = source.dropout
+        rows = torch.tensor(_rows(keep, d))
+        bias = source.in_proj_bias is not None
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, len(rows), bias=bias)
+                                                 for _ in range(3))
+        with torch.no_grad():
+            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                proj.weight.copy_(source.in_proj_weight[i * e:(i + 1) * e][rows])
+                if bias:
+                    proj.bias.copy_(source.in_proj_bias[i * e:(i + 1) * e][rows])
+        out = source.out_proj
+        self.out_proj = nn.Linear(len(rows), e, bias=out.bias is not None)
+        with torch.no_grad():
+            self.out_proj.weight.copy_(out.weight[:, rows])
+            if out.bias is not None:
+                self.out_proj.bias.copy_(out.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, lq, _ = query.shape
+        lk = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(b, lq, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(b, lk, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(b, lk, h, d).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d)
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(b, h, lq, lk)
+            scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool \
+                else scores + mask
+        elif is_causal:
+            causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+        if key_padding_mask is not None:
+            pad = key_padding_mask.view(b, 1, 1, lk)
+            scores = scores.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool \
+                else scores + pad
+        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        out = (weights @ v).transpose(1, 2).reshape(b, lq, h * d)
+        out = self.out_proj(out)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -> None:
+    """Remove heads ``remove`` of the attention ``info.name``, in place (at least one stays)."""
+    import torch_pruning as tp
+
+    module = model.get_submodule(info.name)
+    heads = _head_count(module)
+    remove = sorted(set(int(h) for h in remove))
+    if not remove:
+        return
+    if len(remove) >= heads:
+        raise ValueError(f"{info.name}: cannot remove all {heads} heads")
+    keep = [h for h in range(heads) if h not in remove]
+    if isinstance(module, nn.MultiheadAttention):
+        parent, _, attr = info.name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                PrunedMultiheadAttention(module, keep))
+        for owner in model.modules():  # its fused fast path needs every layer unpruned
+            if isinstance(owner, nn.TransformerEncoder):
+                owner.use_nested_tensor = False
+        return
+    rows = _rows(remove, info.head_dim)
+    if isinstance(module, PrunedMultiheadAttention):
+        for proj in (module.q_proj, module.k_proj, module.v_proj):
+            tp.prune_linear_out_channels(proj, rows)
+        tp.prune_linear_in_channels(module.out_proj, rows)
+        module.num_heads = len(keep)
+        return
+    for proj in (module.query, module.key, module.value):
+        tp.prune_linear_out_channels(proj, rows)
+    tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
+    module.num_attention_heads = len(keep)
+    if hasattr(module, "all_head_size"):
+        module.all_head_size = len(keep) * info.head_dim
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "num_attention_heads"):
+        # A shared config would tell every other layer the new count: give this one its own.
+        module.config = copy.copy(config)
+
+
+def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The q, k, v weights (rows = head channels) and the output weight (columns = head
+    channels) of one attention."""
+    module = model.get_submodule(info.name)
+    if isinstance(module, nn.MultiheadAttention):
+        e = module.embed_dim
+        w = module.in_proj_weight
+        return [w[:e], w[e:2 * e], w[2 * e:]], module.out_proj.weight
+    if isinstance(module, PrunedMultiheadAttention):
+        return [module.q_proj.weight, module.k_proj.weight, module.v_proj.weight], \
+            module.out_proj.weight
+    return [module.query.weight, module.key.weight, module.value.weight], \
+        model.get_submodule(info.output).weight
+
+
+@PRUNING.register(
+    "l2_heads",
+    description="attention heads: remove the heads of smallest weight L2 norm (their q, k, v "
+    "rows and output-projection columns together), physically",
+    structured=True,
+    kind="heads",
+)
+def l2_heads(model: nn.Module, info: AttentionInfo) -> torch.Tensor:
+    """One score per head: the L2 norm of every weight that belongs to it."""
+    qkv, out = _projections(model, info)
+    heads, d = _head_count(model.get_submodule(info.name)), info.head_dim
+    total = torch.zeros(heads)
+    for w in qkv:
+        total += w.detach().reshape(heads, d, -1).pow(2).sum(dim=(1, 2))
+    total += out.detach().reshape(out.shape[0], heads, d).pow(2).sum(dim=(0, 2))
+    return total.sqrt()
+
+
+def kept_heads(heads: int, sparsity: float) -> int:
+    """How many of ``heads`` survive ``sparsity`` (at least one)."""
+    return max(1, heads - int(round(sparsity * heads)))
+
+
+def prune_attention(model: nn.Module, plan: Mapping[str, tuple[str, float]],
+                    infos: Sequence[AttentionInfo]) -> dict[str, tuple[int, int]]:
+    """Remove heads following ``plan`` (attention name → (method, sparsity)).
+
+    Returns:
+        attention name → (heads before, heads after), for every attention that lost heads.
+    """
+    by_name = {i.name: i for i in infos}
+    changes: dict[str, tuple[int, int]] = {}
+    for name, (method, sparsity) in plan.items():
+        info = by_name.get(name)
+        if info is None:
+            raise ValueError(f"{name} is not an attention whose heads petra can remove")
+        heads = _head_count(model.get_submodule(name))
+        keep = kept_heads(heads, sparsity)
+        if keep >= heads:
+            continue
+        scores = PRUNING.get(method).fn(model, info).detach().flatten()
+        remove = torch.argsort(scores, stable=True)[: heads - keep].tolist()
+        prune_heads(model, info, remove)
+        changes[name] = (heads, keep)
+    return changes

@@ -1,0 +1,203 @@
+"""Only offer what works: structured and quantization genes verified on the user's model.
+
+A search must never propose a gene that the space could have known would fail. When the space
+is built, :func:`verify_structure` removes, on a copy of the model, the most that each
+structured unit can lose (the channels of a dependency group, the heads of an attention, the
+hidden units of a recurrent layer, each at the space's largest sparsity), runs the example
+batch and exports the result to ONNX. Every structured criterion removes channels the same way, so the removal is
+verified once per unit, whatever the criterion. All units are tried together first; only on a
+failure is the set bisected, so a model where everything works pays for one trial.
+
+:func:`verify_schemes` does the same, once per model, for each quantization scheme: the fp32
+graph is quantized, packed, loaded into ONNX Runtime and run on the example batch.
+
+Skipped blocks are verified the same way, as units of their own.
+
+A unit or scheme that fails is withheld, with the first line of its error as the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from petra.tasks.contract import args
+
+#: How a verdict reads when a set fails though each half of it runs.
+COMBINATION = "fails only in combination with other pruned layers"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A structured unit to verify: ``kind`` is ``channels`` (a dependency group, named by its
+    root layer), ``heads`` (an attention), ``units`` (a recurrent layer) or ``skip`` (a block);
+    ``members`` are the prunable layers (or the block) that lose their genes if it fails."""
+
+    kind: str
+    name: str
+    members: tuple[str, ...]
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters."""
+    from petra.evaluate import describe_error
+
+    text = describe_error(exc).splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -> dict[Any, str]:
+    """The items that fail ``trial`` (None means it ran), each with its reason.
+
+    ``trial`` runs on all items first, then on halves only where a set fails. A set that fails
+    though both its halves run marks all its items with :data:`COMBINATION`.
+    """
+    if not items:
+        return {}
+    reason = trial(items)
+    if reason is None:
+        return {}
+    if len(items) == 1:
+        return {items[0]: reason}
+    mid = len(items) // 2
+    bad = {**bisect(items[:mid], trial), **bisect(items[mid:], trial)}
+    return bad or {item: f"{COMBINATION} ({reason})" for item in items}
+
+
+def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[Any],
+                     attention: Sequence[Any], recurrent: Sequence[Any]) -> list[Unit]:
+    """The units to verify: the channel groups that hold a structured layer of ``layers``
+    (torch-pruning DepGraph), the ``attention`` layers and the ``recurrent`` ones."""
+    import torch_pruning as tp
+
+    from petra.compress.structured import channel_groups
+
+    units = [Unit("heads", a.name, (a.name,)) for a in attention]
+    units += [Unit("units", r.name, (r.name,)) for r in recurrent]
+    from petra.space import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES
+
+    # Channel groups decide the genes of Linear and Conv layers only: an attention or a
+    # recurrent layer in a group (torch-pruning follows MHA's embed_dim) has units of its own.
+    structured = {layer.name for layer in layers if layer.structured
+                  and layer.type not in ATTENTION_TYPE_NAMES + RECURRENT_TYPE_NAMES}
+    if not structured:
+        return units
+    names = {m: n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    ignored = [modules[layer.name] for layer in layers
+               if not layer.structured and layer.name in modules]
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=args(example_input),
+                                                  verbose=False)
+    for group in channel_groups(graph, ignored):
+        members = tuple(dict.fromkeys(
+            names[dep.target.module] for dep, _ in group
+            if graph.is_out_channel_pruning_fn(dep.handler)
+            and names.get(dep.target.module) in structured))
+        if structured.intersection(members):
+            units.append(Unit("channels", names[group[0].dep.target.module], members))
+    return units
+
+
+def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, sparsity: float,
+           round_to: int, attention: Mapping[str, Any],
+           recurrent: Mapping[str, Any], blocks: Sequence[Any]) -> None:
+    """Remove, in place, the most each unit may lose: skipped blocks, then heads and recurrent
+    units, then channel groups (as :class:`petra.evaluate.Evaluator` does)."""
+    import torch_pruning as tp
+
+    from petra.compress.attention import kept_heads, prune_heads
+    from petra.compress.blocks import skip_blocks
+    from petra.compress.recurrent import prune_units
+    from petra.compress.structured import kept_channels, remove_channels
+
+    skipped = [u.name for u in units if u.kind == "skip"]
+    if skipped:
+        skip_blocks(model, skipped, blocks)
+    for unit in units:
+        if unit.kind == "heads":
+            info = attention[unit.name]
+            prune_heads(model, info, range(kept_heads(info.heads, sparsity), info.heads))
+        elif unit.kind == "units":
+            info = recurrent[unit.name]
+            keep = kept_channels(info.hidden, sparsity, round_to)
+            prune_units(model, info, list(range(keep)))
+    roots = [u.name for u in units if u.kind == "channels"]
+    if not roots:
+        return
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=args(example_input),
+                                                  verbose=False)
+    for name in roots:
+        root = model.get_submodule(name)
+        n = graph.get_out_channels(root)
+        keep = kept_channels(n, sparsity, round_to)
+        if keep < n:
+            remove_channels(graph, root, list(range(keep, n)))
+
+
+def verify_structure(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *,
+                     sparsity: float, round_to: int,
+                     attention: Sequence[Any] = (), recurrent: Sequence[Any] = (),
+                     blocks: Sequence[Any] = ()) -> dict[Unit, str]:
+    """The units whose largest removal fails to run or to export, each with the reason.
+
+    Args:
+        model: the model (left unchanged; each trial works on a copy).
+        example_input: the canonical example inputs (a tuple of tensors).
+        units: from :func:`structured_units`.
+        sparsity: the space's largest sparsity.
+        round_to: the smallest channel multiple the space offers (the most removed).
+        attention, recurrent, blocks: the infos of the ``heads``, ``units`` and ``skip``
+            units.
+    """
+    import torch
+
+    from petra import artifact
+
+    by_name = {"attention": {a.name: a for a in attention},
+               "recurrent": {r.name: r for r in recurrent}}
+
+    def trial(subset: Sequence[Unit]) -> str | None:
+        candidate = copy.deepcopy(model).eval()
+        try:
+            _apply(candidate, example_input, subset, sparsity=sparsity, round_to=round_to,
+                   attention=by_name["attention"],
+                   recurrent=by_name["recurrent"], blocks=blocks)
+            with torch.no_grad():
+                candidate(*args(example_input))
+            artifact.export_onnx(candidate, args(example_input))
+        except Exception as exc:  # noqa: BLE001 - any failure withholds the unit
+            return first_line(exc)
+        return None
+
+    # A skipped block takes its layers with it: its units are verified apart from the layers'.
+    skips = [u for u in units if u.kind == "skip"]
+    return {**bisect([u for u in units if u.kind != "skip"], trial), **bisect(skips, trial)}
+
+
+def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
+                   example_feed: Mapping[str, Any]) -> dict[str, str]:
+    """The quantization schemes that fail to quantize, pack, load or run ``proto`` (the fp32
+    graph), each with the reason."""
+    import numpy as np
+
+    from petra import artifact
+    from petra.compress.quantize import QuantContext
+    from petra.registry import QUANTIZATION
+
+    failed = {}
+    for scheme in schemes:
+        if scheme == "none":
+            continue
+        try:
+            quantized = QUANTIZATION.get(scheme).fn(proto, QuantContext(calibration=list(
+                calibration)))
+            session = artifact.load(artifact.pack(quantized))
+            out = session.run(None, dict(example_feed))[0]
+            if not np.all(np.isfinite(out)):
+                raise FloatingPointError("the quantized graph produced non-finite outputs")
+        except Exception as exc:  # noqa: BLE001 - any failure withholds the scheme
+            failed[scheme] = first_line(exc)
+    return failed

@@ -1,0 +1,235 @@
+"""The task contract's inputs and outputs, in one canonical form for everything downstream.
+
+A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``input_ids`` with
+``attention_mask``), and may return a tensor, a tuple, a dict or a Hugging Face ``ModelOutput``.
+:func:`adapt` turns a :class:`petra.Task` into the one form the rest of petra works with:
+
+- ``task.model`` is a :class:`TaskModel`: called as ``model(*inputs)`` with a tuple of tensors,
+  it returns one tensor (``task.output`` applied). It shares its children with the user's
+  model, so layer names, state_dict keys and in-place surgery are those of the user's model.
+- ``task.example_input`` and the inputs of every ``train``/``val``/``test`` batch are tuples of
+  tensors, in the order of :attr:`TaskModel.input_names`.
+- ``task.input_names`` names them: the dict's keys, or ``input`` (``input_0``, ``input_1``... for
+  a tuple). These are the artifact's ONNX input names, each with a dynamic batch axis.
+
+``metric`` and ``loss`` always receive torch tensors: a model's output in torch, and an ONNX
+Runtime output converted with ``torch.from_numpy``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+#: The names :func:`first_tensor` prefers in a dict or ``ModelOutput``, in order.
+OUTPUT_KEYS = ("logits", "last_hidden_state")
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The default ``Task.output``: a tensor as it is; from a dict or ``ModelOutput``, its
+    ``logits``, else its ``last_hidden_state``, else its first tensor; from a tuple or list,
+    its first tensor.
+
+    Raises:
+        TypeError: when the output holds no tensor.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):  # ModelOutput is an OrderedDict
+        for key in OUTPUT_KEYS:
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    else:
+        raise TypeError(f"the model returned {type(output).__name__}; give the task an "
+                        "`output` function that picks one tensor")
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"the model's {type(output).__name__} output holds no tensor; give the task "
+                    "an `output` function that picks one")
+
+
+def input_names(example: Any) -> tuple[str, ...]:
+    """The ONNX input names of a task's inputs (see the module docstring)."""
+    if isinstance(example, torch.Tensor):
+        return ("input",)
+    if isinstance(example, Mapping):
+        return tuple(str(k) for k in example)
+    if isinstance(example, (tuple, list)):
+        return tuple(f"input_{i}" for i in range(len(example)))
+    raise TypeError(f"example_input must be a tensor, a tuple or a dict of tensors; got "
+                    f"{type(example).__name__}")
+
+
+def as_tuple(inputs: Any, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """A batch's inputs in canonical form: a tuple of tensors in the order of ``names``."""
+    if isinstance(inputs, torch.Tensor):
+        values: tuple[Any, ...] = (inputs,)
+    elif isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise KeyError(f"a batch lacks the input {missing[0]!r} that example_input has")
+        values = tuple(inputs[n] for n in names)
+    else:
+        values = tuple(inputs)
+    if len(values) != len(names):
+        raise ValueError(f"a batch has {len(values)} inputs; example_input has {len(names)}")
+    return tuple(v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+                 for v in values)
+
+
+def args(inputs: Any) -> tuple[Any, ...]:
+    """The positional arguments of a canonical model for ``inputs``: a tuple as it is, a
+    single tensor as a 1-tuple (so ``model(*args(x))`` serves both)."""
+    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+
+def feed(inputs: Sequence[Any], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """An ONNX Runtime feed of canonical ``inputs``."""
+    return {n: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+            for n, v in zip(names, inputs, strict=True)}
+
+
+def to_torch(value: Any) -> Any:
+    """``value`` as a torch tensor when it is a numpy array (ONNX Runtime's outputs)."""
+    return torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) \
+        else value
+
+
+def batch_size(targets: Any) -> int:
+    """The number of samples in a batch, read off its targets."""
+    return int(targets.shape[0]) if hasattr(targets, "shape") and len(targets.shape) \
+        else len(targets)
+
+
+class TaskModel(nn.Module):
+    """The user's model, called with a tuple of tensors and returning one tensor.
+
+    The user's model is not a child: this module *shares* its ``_modules``, ``_parameters`` and
+    ``_buffers``, so ``named_modules()``, ``state_dict()`` and every in-place change (channel
+    removal, block skipping) read and write the user's model under the user's names.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], keyword: bool,
+                 output: Callable[[Any], Any] = first_tensor) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        object.__setattr__(self, "inner", model)
+        object.__setattr__(self, "output_fn", output)
+        self.input_names = tuple(names)
+        self.keyword = keyword
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.keyword:
+            out = self.inner(**dict(zip(self.input_names, inputs, strict=True)))
+        else:
+            out = self.inner(*inputs)
+        out = self.output_fn(out)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the task's output function returned {type(out).__name__}, "
+                            "not a tensor")
+        return out
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        self.inner.training = mode  # the user's root module reads its own flag too
+        return self
+
+
+class Batches:
+    """Re-iterable batches with their inputs in canonical form; ``len`` when the source has it."""
+
+    def __init__(self, source: Iterable[Any], names: Sequence[str]) -> None:
+        self.source, self.names = source, tuple(names)
+
+    def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
+        for batch in self.source:
+            inputs, targets = batch
+            yield as_tuple(inputs, self.names), targets
+
+
+
+class SizedBatches(Batches):
+    """:class:`Batches` of a source with a length (a DataLoader, a list)."""
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+
+def adapt(task: Any) -> Any:
+    """Put ``task`` (a :class:`petra.Task`) in canonical form, in place; returns it.
+
+    Raises:
+        TypeError, ValueError: for inputs or outputs outside the contract.
+    """
+    if isinstance(task.model, TaskModel):
+        return task
+    example = task.example_input
+    names = input_names(example)
+    keyword = isinstance(example, Mapping)
+    task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
+    task.example_input = as_tuple(example, names)
+    task.input_names = names
+    for split in ("train", "val", "test"):
+        source = getattr(task, split)
+        wrap = SizedBatches if hasattr(source, "__len__") else Batches
+        setattr(task, split, wrap(source, names))
+    return task
+
+
+class TaskError(ValueError):
+    """A task function that raised on the task's own data, named with its error in one line."""
+
+
+def check(task: Any, name: str) -> None:
+    """Run the task's model, loss and metric once, in torch, on its own batches.
+
+    Raises:
+        TaskError: naming the function that raised (``forward``, ``loss`` or ``metric``) and
+            its error, in one line.
+    """
+    from petra.tasks import _first_line
+
+    def first(split: str) -> Any:
+        batch = next(iter(getattr(task, split)), None)
+        if batch is None:
+            raise TaskError(f"the task {name!r} has an empty {split} split")
+        return batch
+
+    model = task.model
+    was_training = model.training
+    model.eval()
+    stage = "forward"
+    try:
+        with torch.no_grad():
+            model(*task.example_input)
+            inputs, targets = first("train")
+            outputs = model(*inputs)
+            stage = "loss"
+            loss = task.loss(outputs, targets)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"must return a scalar tensor; got {type(loss).__name__}")
+            stage = "forward"
+            inputs, targets = first("val")
+            outputs = model(*inputs)
+            stage = "metric"
+            value = float(task.metric(outputs, targets))
+            if value != value:
+                raise ValueError("returned nan")
+    except TaskError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's function can raise anything
+        fn = {"forward": "model's forward", "loss": "loss", "metric": "metric"}[stage]
+        raise TaskError(f"the {fn} of task {name!r} raised {type(exc).__name__}: "
+                        f"{_first_line(exc)}") from exc
+    finally:
+        model.train(was_training)

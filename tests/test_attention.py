@@ -1,0 +1,183 @@
+"""Attention heads, and the verification that keeps failing genes out of the space.
+
+Every registered ``heads`` criterion is tested here with no test edits, on a Hugging Face BERT
+and on torch's ``nn.TransformerEncoder``, both built as user tasks (tests/user_transformers.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import petra.compress  # noqa: F401  (fills the registries)
+from petra import artifact
+from petra.compress.attention import attention_layers, prune_attention
+from petra.compress.verify import bisect
+from petra.config import load_config
+from petra.registry import PRUNING
+from petra.space import model_space
+from petra.tasks import load_task
+from petra.tasks.contract import feed
+
+HEADS = [e.name for e in PRUNING if e.meta.get("kind") == "heads"]
+TASKS = ["tests.user_transformers:bert_task", "tests.user_transformers:encoder_task"]
+
+
+@pytest.fixture(scope="module", params=TASKS, ids=["bert", "encoder"])
+def task(request):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return load_task(request.param, {"epochs": 1})
+
+
+def qkv_rows(model, name):
+    module = model.get_submodule(name)
+    if hasattr(module, "query"):
+        return [module.query.weight.shape[0], module.key.weight.shape[0],
+                module.value.weight.shape[0]]
+    if getattr(module, "in_proj_weight", None) is not None:
+        return [module.in_proj_weight.shape[0] // 3] * 3
+    return [module.q_proj.weight.shape[0], module.k_proj.weight.shape[0],
+            module.v_proj.weight.shape[0]]
+
+
+def test_attention_layers_are_found_with_their_heads(task):
+    infos = attention_layers(task.model, task.example_input)
+    assert len(infos) == 2 and all(i.heads == 4 and i.head_dim == 8 for i in infos)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_heads_criterion_removes_whole_heads_physically(name, task):
+    model = copy.deepcopy(task.model).eval()
+    infos = attention_layers(model, task.example_input)
+    dense = artifact.pack(artifact.export_onnx(model, task.example_input))
+    plan = {i.name: (name, 0.5) for i in infos}
+    changes = prune_attention(model, plan, infos)
+    assert changes == {i.name: (4, 2) for i in infos}
+    for info in infos:
+        assert qkv_rows(model, info.name) == [2 * info.head_dim] * 3
+    with torch.no_grad():
+        expected = model(*task.example_input)
+    assert expected.shape == task.model(*task.example_input).shape
+    data = artifact.pack(artifact.export_onnx(model, task.example_input))
+    assert len(data) < 0.9 * len(dense)  # the removed rows leave the artifact
+    session = artifact.load(data)
+    got = session.run(None, feed(task.example_input, task.input_names))[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_heads_criterion_removes_a_head_that_contributes_nothing_first(name, task):
+    """A head whose value rows and output columns are zero adds nothing: it goes first, and
+    the model's output does not move."""
+    model = copy.deepcopy(task.model).eval()
+    info = attention_layers(model, task.example_input)[0]
+    module = model.get_submodule(info.name)
+    d = info.head_dim
+    with torch.no_grad():
+        if hasattr(module, "query"):
+            for proj in (module.query, module.key, module.value):
+                proj.weight[d:2 * d] = 0
+                proj.bias[d:2 * d] = 0
+            model.get_submodule(info.output).weight[:, d:2 * d] = 0
+        else:
+            e = module.embed_dim
+            for i in range(3):
+                module.in_proj_weight[i * e + d:i * e + 2 * d] = 0
+                module.in_proj_bias[i * e + d:i * e + 2 * d] = 0
+            module.out_proj.weight[:, d:2 * d] = 0
+        before = model(*task.example_input)
+    prune_attention(model, {info.name: (name, 0.25)}, [info])
+    with torch.no_grad():
+        after = model(*task.example_input)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_bisect_finds_the_failing_items_in_few_trials():
+    calls = []
+
+    def trial(items):
+        calls.append(list(items))
+        return "boom" if 5 in items or 11 in items else None
+
+    assert bisect(list(range(16)), trial) == {5: "boom", 11: "boom"}
+    assert len(calls) <= 15
+    calls.clear()
+    assert bisect(list(range(16)), trial=lambda items: calls.append(1)) == {}
+    assert len(calls) == 1  # everything works: one trial
+
+
+def test_bisect_marks_a_combination_that_fails_only_together():
+    bad = bisect([1, 2], lambda items: "both" if len(items) == 2 else None)
+    assert set(bad) == {1, 2} and all("combination" in r for r in bad.values())
+
+
+def space_of(task, tmp_path, pruning=("none", "magnitude", "l2_channel", "l2_heads")):
+    cfg = load_config({"space": {"pruning": list(pruning), "sparsity": [0.0, 0.8],
+                                 "quantization": ["none", "int8_dynamic"]}})
+    return model_space(cfg.space, task.model, task.example_input, cache=tmp_path)
+
+
+def test_space_offers_heads_and_ffn_channels_and_withholds_what_fails(task, tmp_path):
+    space = space_of(task, tmp_path)
+    infos = attention_layers(task.model, task.example_input)
+    for info in infos:
+        assert space.gene(f"layers.{info.name}.method").choices == ("none", "l2_heads")
+    structured = {n[len("layers."):-len(".method")] for n in space.names
+                  if n.endswith(".method") and "l2_channel" in space.gene(n).choices}
+    ffn = {n for n in structured if n.endswith(("intermediate.dense", "linear1"))}
+    assert ffn and ffn == structured  # FFN neurons: the only channels that can go
+    # q, k, v of a BERT (the head reshape) and the residual writers (its width) are withheld
+    # with the error that a removal raised
+    withheld = {k for k in space.withheld if k.startswith("layers.")}
+    assert withheld and all(space.withheld[k] for k in withheld)
+    for key in withheld:
+        assert "l2_channel" not in space.gene(f"{key}.method").choices
+
+
+def test_a_search_proposes_no_gene_the_verification_withheld(task, tmp_path):
+    """Every structured gene a strategy may propose runs on the model at its largest
+    sparsity: seed recipes and random genomes alike."""
+    from petra.compress.structured import prune_channels
+    from petra.strategies import make_strategy
+
+    space = space_of(task, tmp_path)
+    strategy = make_strategy("random", space=space, objectives=[("val_accuracy", "max")],
+                             population=6, generations=1, seed=0, initial=[])
+    for genome in strategy.ask():
+        plan = {k[len("layers."):-len(".method")]: (v, 0.8) for k, v in genome.items()
+                if k.endswith(".method") and v == "l2_channel"}
+        model = copy.deepcopy(task.model).eval()
+        prune_channels(model, task.example_input, plan, protected=["head"])
+        with torch.no_grad():
+            model(*task.example_input)
+
+
+def test_verdicts_are_cached_by_model(task, tmp_path):
+    first = space_of(task, tmp_path)
+    (path,) = tmp_path.glob("verdicts-*.json")
+    cached = path.read_text()
+    # A changed verdict in the cache is what the next space reads: nothing is re-verified.
+    path.write_text(cached.replace('"schemes": {}', '"schemes": {"int8_dynamic": "test"}'))
+    second = space_of(task, tmp_path)
+    assert "int8_dynamic" in first.gene("quant.scheme").choices
+    assert "quant.scheme" not in second  # only "none" is left
+    assert second.withheld["quant.scheme=int8_dynamic"] == "test"
+
+
+def test_a_scheme_that_fails_on_the_model_is_withheld(task, tmp_path, monkeypatch):
+    from petra.registry import QUANTIZATION, Entry
+
+    def broken(proto, ctx):
+        raise RuntimeError("this scheme cannot run here")
+
+    monkeypatch.setitem(QUANTIZATION._entries, "broken_test_scheme",
+                        Entry("broken_test_scheme", broken, "test"))
+    cfg = load_config({"space": {"quantization": ["none", "int8_dynamic"]}})
+    cfg.space.quantization.append("broken_test_scheme")
+    space = model_space(cfg.space, task.model, task.example_input, cache=tmp_path)
+    assert space.gene("quant.scheme").choices == ("none", "int8_dynamic")
+    assert "cannot run here" in space.withheld["quant.scheme=broken_test_scheme"]
