@@ -20,6 +20,7 @@ from petra.compress.quantize import QuantContext
 from petra.compress.regularize import RegContext
 from petra.compress.structured import kept_channels, prune_channels
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+from petra.tasks.contract import feed
 from tests.conftest import take
 
 
@@ -129,7 +130,7 @@ def test_none_criterion_gives_no_mask(model_copy, ctx):
 @pytest.mark.parametrize("name", STRUCTURED)
 def test_structured_removes_channels_and_exports(name, tiny_task, model_copy):
     task, _ = tiny_task
-    x = task.example_input
+    x = task.example_input[0]
     before = n_params(model_copy)
     plan = {layer: (name, 0.5) for layer in conv_names(model_copy)}
     ctx = PruneContext(model=model_copy, batches=take(task.train, 2), loss=task.loss,
@@ -210,7 +211,7 @@ def test_kept_channels_is_bounded_monotone_and_on_the_grid(round_to):
 def fp32(tiny_task):
     task, _ = tiny_task
     proto = artifact.export_onnx(copy.deepcopy(task.model), task.example_input)
-    x = np.concatenate([inputs.numpy() for inputs, _ in task.val])
+    x = np.concatenate([inputs[0].numpy() for inputs, _ in task.val])
     logits = artifact.load(artifact.pack(proto)).run(None, {"input": x})[0]
     return proto, len(artifact.pack(proto)), x, logits
 
@@ -225,7 +226,7 @@ def applicable_share(model, type_names):
 def test_quantizer_shrinks_the_artifact_and_keeps_logits_close(name, tiny_task, fp32):
     task, _ = tiny_task
     proto, fp32_bytes, x, reference = fp32
-    calibration = [{"input": inputs[0].numpy()} for inputs, _ in take(task.train, 4)]
+    calibration = [feed(inputs, task.input_names) for inputs, _ in take(task.train, 4)]
     entry = QUANTIZATION.get(name)
     quantized = entry(proto, QuantContext(calibration=calibration))
     data = artifact.pack(quantized)
@@ -251,9 +252,10 @@ def test_none_quantizer_returns_the_graph_unchanged(fp32):
     assert out.SerializeToString() == proto.SerializeToString()
 
 
-def test_int8_static_needs_calibration(fp32):
+@pytest.mark.parametrize("name", [n for n in QUANTIZERS if n.startswith("int8_static")])
+def test_int8_static_needs_calibration(name, fp32):
     with pytest.raises(ValueError, match="calibration"):
-        QUANTIZATION.get("int8_static")(fp32[0], QuantContext())
+        QUANTIZATION.get(name)(fp32[0], QuantContext())
 
 
 # --- regularizers ----------------------------------------------------------------------------

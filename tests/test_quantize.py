@@ -1,4 +1,5 @@
-"""Tests for the quantization schemes beyond the shared contract: fp16, int8_dynamic, qat, int4."""
+"""Tests for the quantization schemes beyond the shared contract: fp16, int8_dynamic, qat, int4,
+and the transformer side: int8 embeddings and the Linear-only static schemes."""
 
 import copy
 import io
@@ -23,6 +24,7 @@ from petra.compress.quantize import (
 )
 from petra.evaluate import COMPLETE
 from petra.registry import QUANTIZATION
+from petra.tasks.contract import feed
 from tests.test_artifact import run_standalone
 
 
@@ -49,9 +51,10 @@ def cnn(tiny_task):
     """The tiny digits CNN: fp32 graph, its artifact size, validation inputs and logits."""
     task, _ = tiny_task
     proto = artifact.export_onnx(copy.deepcopy(task.model), task.example_input)
-    x = np.concatenate([inputs.numpy() for inputs, _ in task.val])
+    x = np.concatenate([inputs[0].numpy() for inputs, _ in task.val])
     data = artifact.pack(proto)
-    calibration = [batch.numpy() for _, (batch, _) in zip(range(4), task.train, strict=False)]
+    calibration = [feed(batch, task.input_names)
+                   for _, (batch, _) in zip(range(4), task.train, strict=False)]
     return proto, len(data), x, artifact.load(data).run(None, {"input": x})[0], calibration
 
 
@@ -171,7 +174,7 @@ def test_qat_prepare_and_finalize_leave_plain_layers_on_the_int8_grid(tiny_task)
     assert [n for n, _ in model.named_parameters()] == names  # masks keyed by name still apply
 
     inputs, targets = next(iter(task.train))
-    loss = task.loss(model(inputs), targets)
+    loss = task.loss(model(*inputs), targets)
     loss.backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
                for m in convs.values())  # the straight-through estimator passes gradients
@@ -181,7 +184,7 @@ def test_qat_prepare_and_finalize_leave_plain_layers_on_the_int8_grid(tiny_task)
             if isinstance(m, nn.Conv2d | nn.Linear):
                 del m.forward
                 m.weight.copy_(fake_quantize(m.weight))
-        torch.testing.assert_close(model.eval()(inputs), expected.eval()(inputs))
+        torch.testing.assert_close(model.eval()(*inputs), expected.eval()(*inputs))
 
     finalize()
     for name, conv in convs.items():
@@ -242,7 +245,7 @@ def manifest_of(data):
 
 def test_int4_packs_a_linear_model_small_and_round_trips_exactly(mlp):
     _, proto, x, reference = mlp
-    calibration = [x[:64], x[64:128]]
+    calibration = [{"input": x[:64]}, {"input": x[64:128]}]
     out_proto = quantize("int4_weight", proto, calibration)
     data = artifact.pack(out_proto)
     assert len(data) <= 0.2 * len(artifact.pack(proto))
@@ -324,14 +327,186 @@ def test_int4_artifact_loads_with_the_standalone_loader(mlp, tmp_path):
     np.testing.assert_array_equal(out, artifact.load(data).run(None, {"input": x})[0])
 
 
+# --- transformers: embeddings and the Linear-only static schemes ------------------------------
+
+TRANSFORMER_SCHEMES = ["int8_static_linear", "int8_static_pct", "int8_static_entropy",
+                       "int8_static_smooth"]
+WORD_TABLE = "embeddings.word_embeddings.weight"
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """A tiny random BERT (2 layers, hidden 32, 2 heads, vocab 100) with dict inputs: its fp32
+    graph, calibration feeds, an evaluation feed and the fp32 last_hidden_state on it."""
+    transformers = pytest.importorskip("transformers")
+    from petra.tasks.contract import TaskModel
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, attn_implementation="eager")
+    model = TaskModel(transformers.BertModel(config).eval(), ("input_ids", "attention_mask"),
+                      keyword=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        lengths = rng.integers(4, 17, n)
+        return {"input_ids": rng.integers(0, 100, (n, 16)).astype(np.int64),
+                "attention_mask": (np.arange(16)[None] < lengths[:, None]).astype(np.int64)}
+
+    example = batch(4)
+    proto = artifact.export_onnx(model, tuple(torch.from_numpy(v) for v in example.values()))
+    calibration, x = [batch(8) for _ in range(4)], batch(32)
+    reference = artifact.load(artifact.pack(proto)).run(None, x)[0]
+    return proto, calibration, x, reference
+
+
+def pooled_cosine(out, reference, mask):
+    """Per-sample cosine of mask-mean-pooled hidden states."""
+    m = mask[..., None].astype(np.float32)
+    a, b = (out * m).sum(1) / m.sum(1), (reference * m).sum(1) / m.sum(1)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def embedding_bytes(proto):
+    """fp32 bytes of the graph's embedding tables (float 2-D initializers read by Gather)."""
+    gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+    return sum(a.nbytes for n, a in initializers(proto).items()
+               if n in gathered and a.dtype == np.float32 and a.ndim == 2)
+
+
+def test_int8_dynamic_stores_embeddings_in_int8_per_row(bert, monkeypatch):
+    from petra.compress import quantize as module
+
+    proto, calibration, x, reference = bert
+    out_proto = quantize("int8_dynamic", proto, calibration)
+    values = initializers(out_proto)
+    assert WORD_TABLE not in values  # the fp32 table is gone
+    q, scale = values[f"{WORD_TABLE}_int8"], values[f"{WORD_TABLE}_row_scale"]
+    assert q.dtype == np.int8 and q.shape == (100, 32) and scale.shape == (100, 1)
+    peaks = np.abs(q).max(axis=1)
+    assert set(peaks.tolist()) == {0, module.INT8_QMAX}  # a scale per row (row 0: padding, 0)
+    table = initializers(proto)[WORD_TABLE]
+    assert np.abs(q * scale - table).max() <= scale.max() / 2 + 1e-7
+
+    data = artifact.pack(out_proto)
+    monkeypatch.setattr(module, "int8_embeddings", lambda p: p)  # the same, tables left fp32
+    float_tables = artifact.pack(quantize("int8_dynamic", proto, calibration))
+    assert len(data) <= len(float_tables) - 0.5 * embedding_bytes(proto)
+
+    out = artifact.load(data).run(None, x)[0]
+    assert pooled_cosine(out, reference, x["attention_mask"]).min() > 0.995
+    assert np.abs(out - reference).mean() < 0.05 * reference.std()
+
+
+def test_int8_embeddings_keep_small_rows_exact_beside_large_ones():
+    # Rows 1000x apart in norm: one grid for the table (ORT's dynamic Gather) would round the
+    # small rows to zero; a scale per row keeps each within half a step of its own max.
+    from onnx import TensorProto, helper
+
+    from petra.compress.quantize import int8_embeddings
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((8, 16)) * np.logspace(-3, 0, 8)[:, None]).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["output"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(table, "table")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ids = np.arange(8, dtype=np.int64)
+    out = artifact.load(artifact.pack(int8_embeddings(proto))).run(None, {"ids": ids})[0]
+    error = np.abs(out - table).max(axis=1) / np.abs(table).max(axis=1)
+    assert error.max() <= 0.5 / 127 + 1e-6
+
+    # A table an output projection reads too (tied weights) stays fp32: a copy would add bytes.
+    proto.graph.node.append(helper.make_node("Gemm", ["output", "table"], ["logits"], transB=1))
+    proto.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 8]))
+    assert initializers(int8_embeddings(proto)).keys() == {"table"}
+
+
+def test_fp16_and_int4_cover_the_embedding_tables(bert):
+    proto, calibration, x, reference = bert
+    half = initializers(quantize("fp16", proto))
+    assert half[f"{WORD_TABLE}.fp16"].dtype == np.float16
+
+    out_proto = quantize("int4_weight", proto, calibration)
+    assert int4_marker(out_proto)[WORD_TABLE]["axis"] == 0  # per row
+    data = artifact.pack(out_proto)
+    assert WORD_TABLE in {e["name"] for e in manifest_of(data)["int4"]}
+    assert len(data) <= 0.25 * len(artifact.pack(proto))
+    out = artifact.load(data).run(None, x)[0]
+    assert pooled_cosine(out, reference, x["attention_mask"]).min() > 0.95
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_SCHEMES)
+def test_linear_static_schemes_quantize_linear_layers_and_embeddings_only(name, bert):
+    proto, calibration, x, reference = bert
+    out_proto = quantize(name, proto, calibration)
+    consumers = {}
+    for node in out_proto.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, []).append(node)
+    dequantized = [o for n in out_proto.graph.node if n.op_type == "DequantizeLinear"
+                   for o in n.output]
+    readers = {c.op_type for t in dequantized for c in consumers.get(t, [])}
+    assert readers == {"MatMul"}  # LayerNorm, Softmax, GELU, residual Adds stay float
+    linear = [n for n in proto.graph.node if n.op_type == "MatMul"
+              and n.input[1] in initializers(proto)]
+    quantized_matmuls = [c for t in dequantized for c in consumers.get(t, [])]
+    assert len({n.name for n in quantized_matmuls}) == len(linear)  # not attention's Q.K, P.V
+    assert initializers(out_proto)[f"{WORD_TABLE}_int8"].dtype == np.int8
+
+    data = artifact.pack(out_proto)
+    assert len(data) <= 0.45 * len(artifact.pack(proto))
+    out = artifact.load(data).run(None, x)[0]
+    assert pooled_cosine(out, reference, x["attention_mask"]).min() > 0.99
+
+
+def test_smooth_quant_keeps_the_function_and_flattens_outlier_channels(bert):
+    from petra.compress.quantize import _channel_absmax, smooth_quant
+
+    proto, calibration, x, _ = bert
+    # Outlier features as in trained BERTs: LayerNorm gains x50 on two hidden dims (the last
+    # LayerNorm excepted), which the next layers' Linear inputs carry.
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    norms = [n for n in proto.graph.node if n.op_type == "LayerNormalization"][:-1]
+    gains = {n.input[1] for n in norms}
+    for init in proto.graph.initializer:
+        if init.name in gains:
+            gain = numpy_helper.to_array(init).copy()
+            gain[[3, 17]] *= 50
+            init.CopyFrom(numpy_helper.from_array(gain, init.name))
+    reference = artifact.load(artifact.pack(proto)).run(None, x)[0]
+    ctx = QuantContext(calibration=calibration)
+    every = smooth_quant(proto, ctx, alpha=0.5, min_spread=0.0)
+    out = artifact.load(artifact.pack(every)).run(None, x)[0]
+    np.testing.assert_allclose(out, reference, atol=1e-4 * np.abs(reference).max())
+    muls = [n for n in every.graph.node if n.op_type == "Mul" and n.name.endswith(".smooth")]
+    assert len(muls) == 2 * 4  # per layer: the Q/K/V input, attention output, FFN in and out
+
+    before = _channel_absmax(proto, [m.input[0] for m in muls], ctx)
+    spread = {name: peak.max() / np.median(peak) for name, peak in before.items()}
+    smoothed = smooth_quant(proto, ctx, alpha=0.5)
+    muls = [n for n in smoothed.graph.node if n.op_type == "Mul" and n.name.endswith(".smooth")]
+    # only activations with outlier channels (the LayerNorm outputs) are smoothed
+    assert {m.input[0] for m in muls} == {n for n, v in spread.items() if v >= 8} != set()
+    after = _channel_absmax(smoothed, [m.output[0] for m in muls], ctx)
+    for mul in muls:
+        flat = after[mul.output[0]]
+        assert flat.max() / np.median(flat) < 0.5 * spread[mul.input[0]]
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 
 def test_schemes_are_registered_with_honest_metadata():
     int8 = {e.name for e in QUANTIZATION if e.meta.get("int8")}
-    assert int8 == {"int8_static", "qat"}
+    assert int8 == {"int8_static", "qat", *TRANSFORMER_SCHEMES}
     assert {"fp16", "int8_dynamic", "qat", "int4_weight"} <= set(QUANTIZATION.names())
     assert callable(QUANTIZATION.get("qat").meta["prepare"])
-    assert QUANTIZATION.get("int8_dynamic").meta["applies_to"] == ("Linear", "LSTM")
+    assert QUANTIZATION.get("int8_dynamic").meta["applies_to"] == ("Linear", "LSTM", "Embedding")
+    for name in TRANSFORMER_SCHEMES:  # int8 kernels, but on Linear layers and embeddings only
+        assert QUANTIZATION.get(name).meta["applies_to"] == ("Linear", "Embedding")
     assert "latency as dense" in QUANTIZATION.get("fp16").description
     assert "latency as dense" in QUANTIZATION.get("int4_weight").description

@@ -15,20 +15,45 @@ also on a 64-256-256-10 MLP):
     none          fp32 weights and compute                                  1.0    1.0
     fp16          fp16 weight storage, fp32 compute (casts folded at load)  0.50   ~1.0
     int8_static   QDQ int8 weights and activations, int8 kernels            0.24   ~0.75
-    int8_dynamic  int8 weights of MatMul/Gemm/LSTM only, activations        CNN ~1.0  ~1.0
-                  quantized at run time                                     MLP 0.25  ~0.85
+    int8_dynamic  int8 weights of MatMul/Gemm/LSTM and embedding tables,    CNN ~1.0  ~1.0
+                  activations quantized at run time                         MLP 0.25  ~0.85
     qat           int8_static after a fine-tune on its int8 weight grid     0.24   ~0.8
     int4_weight   packed 4-bit weights (petra.artifact), fp32 compute;      0.13   ~1.0
-                  recurrent (GRU/LSTM) weights too
+                  recurrent (GRU/LSTM) weights and embedding tables too
 
 ``int8_static`` emits QDQ int8 with per-channel weights, which ONNX Runtime runs with int8 kernels
 (QLinearConv / QGemm after its QDQ fusions).
+
+Transformers. On a BERT (6 layers, hidden 384, 12 heads, FFN 1536, vocab 4096; 12.4M
+parameters, the embedding tables 14% of them), ORT 1.32, 1 thread, batch 8 x 32 tokens, four
+calibration batches of 8 x 32; cosine of the mean-pooled ``last_hidden_state`` to fp32 on 64
+random sequences. "random": BertModel's own init (std 0.02), whose output is mostly its
+embeddings (cosine 0.85 to them); "stress": init std 0.05 (the layers make the output) and
+LayerNorm gains x20 on 4 hidden dims, the outlier channels of trained BERTs:
+
+    scheme               bytes  latency  cosine random  cosine stress (min)
+    fp16                 0.50   1.0      1.0000         1.0000
+    int4_weight          0.11   1.0      0.9875         0.9857 (0.978)
+    int8_dynamic         0.23   0.40     0.9999         0.9995 (0.999)
+    int8_static          0.22   0.45     0.9995         0.9921 (0.978)
+    int8_static_linear   0.23   0.43     0.9999         0.9995 (0.999)
+    int8_static_pct      0.23   0.45     0.9999         0.9995 (0.999)
+    int8_static_entropy  0.23   0.44     0.9999         0.9995 (0.999)
+    int8_static_smooth   0.20*  0.42     0.9999         0.9998 (0.9996)
+
+* 0.23 on "random", where nothing is smoothed (no outlier channels); on "stress" the migrated
+weights deflate better.
+Latency ratios moved by up to 0.05 between runs on this shared machine (0.1 for int8_static).
+With the embedding tables left fp32, int8_dynamic was 0.33 of the bytes and int4_weight 0.24.
+A trained MiniLM (STACK.md) is far less forgiving than these models: whole-graph static int8
+fell to cosine 0.44 there, so treat the cosines above as an upper bound.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,43 +153,390 @@ def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
         return onnx.load(dst)
 
 
-def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str) -> Any:
-    """ORT static QDQ int8: per-channel 7-bit weights, uint8 activations, min-max calibrated."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    if not ctx.calibration:
-        raise ValueError(f"{scheme} needs calibration batches")
+def _calibration_reader(ctx: QuantContext) -> Any:
+    """An ORT ``CalibrationDataReader`` over the context's feeds, read in strides (see
+    ``CalibStridedMinMax`` in :func:`_ort_static_qdq`)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter(ctx.calibration)
+            self.set_range(0, len(ctx.calibration))
+
+        def __len__(self) -> int:
+            return len(ctx.calibration)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._batches = iter(ctx.calibration[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
 
-    return _through_ort(proto, lambda pre, dst: quantize_static(
-        pre, dst, Reader(),
-        # reduce_range: 7-bit weights. Without it, the u8s8 kernels of CPUs without VNNI
-        # saturate (VPMADDUBSW) and a digits CNN lost 2.8 points; with it, none.
-        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-    ))
+    return Reader()
+
+
+#: ORT calibration methods by petra's name for them, with their ``extra_options``.
+#: Percentile keeps 99.999% of each tensor's values (ORT's default) in a 2048-bin histogram;
+#: entropy picks the range minimizing the KL divergence of the 128-level histogram. Both keep
+#: every calibrated tensor of every batch they are given in memory before histogramming it, so
+#: batches are handed over one at a time (ORT's ``CalibStridedMinMax`` stride, which works for
+#: any calibrator): on a 6 x 384 BERT with 16 batches of 32 x 32 tokens that took their peak
+#: memory from 4.1 GB to 0.8 GB; they took 34 s (percentile) and 22 s (entropy) there, min-max
+#: 11 s; with 4 batches of 8 x 32, 4 s, 6 s and 3 s.
+_CALIBRATION = {
+    "minmax": ("MinMax", {}),
+    "percentile": ("Percentile", {"CalibPercentile": 99.999}),
+    "entropy": ("Entropy", {}),
+}
+
+
+def _linear_nodes(proto: Any) -> list[str]:
+    """Names of the MatMul/Gemm nodes whose second input is a 2-D initializer: the Linear
+    layers, not the activation-by-activation MatMuls of attention (Q·Kᵀ, P·V)."""
+    from onnx import numpy_helper
+
+    weights = {i.name for i in proto.graph.initializer if numpy_helper.to_array(i).ndim == 2}
+    return [n.name for n in proto.graph.node
+            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+
+
+def _ort_static_qdq(
+    proto: Any, ctx: QuantContext, scheme: str, *, linear_only: bool = False,
+    calibration: str = "minmax", smooth_alpha: float | None = None,
+) -> Any:
+    """ORT static QDQ int8: per-channel 7-bit weights, uint8 per-tensor activations.
+
+    Args:
+        proto: the fp32 graph.
+        ctx: its calibration feeds.
+        scheme: the scheme's name, for errors.
+        linear_only: quantize only the Linear layers (MatMul/Gemm with a weight); everything
+            else (attention's MatMuls, LayerNorm, Softmax, GELU, residual Adds) stays float and
+            the embedding tables get per-row int8 storage. False: every op ORT can quantize.
+        calibration: a key of :data:`_CALIBRATION`.
+        smooth_alpha: SmoothQuant's migration strength before quantization (None: no smoothing);
+            needs ``linear_only``.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not ctx.calibration:
+        raise ValueError(f"{scheme} needs calibration batches")
+    method, extra = _CALIBRATION[calibration]
+    extra = {**extra, "CalibStridedMinMax": 1}
+    if smooth_alpha is not None:
+        proto = smooth_quant(proto, ctx, smooth_alpha)
+
+    def quantize(pre: str, dst: str) -> None:
+        # Node names are read off the pre-processed graph, which is what ORT quantizes.
+        nodes = _linear_nodes(onnx.load(pre)) if linear_only else None
+        if nodes == []:
+            onnx.save(onnx.load(pre), dst)  # nothing to quantize: ORT would quantize everything
+            return
+        quantize_static(
+            pre, dst, _calibration_reader(ctx),
+            # reduce_range: 7-bit weights. Without it, the u8s8 kernels of CPUs without VNNI
+            # saturate (VPMADDUBSW) and a digits CNN lost 2.8 points; with it, none.
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method), nodes_to_quantize=nodes,
+            op_types_to_quantize=["MatMul", "Gemm"] if linear_only else None,
+            extra_options={**extra, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
+            if linear_only else extra,
+        )
+
+    out = _through_ort(proto, quantize)
+    return int8_embeddings(_float_for_other_readers(out)) if linear_only else out
+
+
+def _float_for_other_readers(proto: Any) -> Any:
+    """Give every reader of a quantized activation other than a MatMul/Gemm the float tensor.
+
+    ORT's QDQ quantizer rewires *every* reader of a tensor it quantizes to the dequantized copy,
+    so a post-LN BERT's residual Add would carry the int8 rounding of the LayerNorm output the
+    next Linear layer reads; only the Linear layers should see it.
+    """
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    source = {}  # DequantizeLinear output -> the float tensor its QuantizeLinear read
+    for node in proto.graph.node:
+        quantizer = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantizer is not None and quantizer.op_type == "QuantizeLinear":
+            source[node.output[0]] = quantizer.input[0]
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "QuantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            if name in source:
+                node.input[i] = source[name]
+    return proto
 
 
 @QUANTIZATION.register(
     "int8_static",
-    description="static int8 (QDQ): per-channel int8 weights, uint8 activations, min-max calibrated",
+    description="static int8 (QDQ) over the whole graph: per-channel int8 weights, uint8 "
+    "activations, min-max calibrated (for CNNs; a transformer loses its accuracy)",
     int8=True,
 )
 def int8_static(proto: Any, ctx: QuantContext) -> Any:
     return _ort_static_qdq(proto, ctx, "int8_static")
+
+
+# The transformer variants below quantize the Linear layers only. What a MiniLM-shaped BERT
+# measured (STACK.md): static QDQ over the whole graph, cosine 0.44 to fp32; MatMul/Gemm only,
+# 0.94. LayerNorm, Softmax and GELU outputs and the residual stream have a few outlier channels
+# that per-tensor uint8 activations cannot hold, so those ops stay float. The embedding tables,
+# half the weights of a small BERT, are stored in per-row int8 (int8_embeddings).
+
+_LINEAR_META = {"int8": True, "applies_to": ("Linear", "Embedding")}
+
+
+@QUANTIZATION.register(
+    "int8_static_linear",
+    description="static int8 (QDQ) of the Linear layers only, min-max calibrated; attention "
+    "products, LayerNorm, Softmax, GELU and residuals stay float; per-row int8 embeddings",
+    **_LINEAR_META,
+)
+def int8_static_linear(proto: Any, ctx: QuantContext) -> Any:
+    return _ort_static_qdq(proto, ctx, "int8_static_linear", linear_only=True)
+
+
+@QUANTIZATION.register(
+    "int8_static_pct",
+    description="int8_static_linear calibrated to the 99.999th percentile of each activation "
+    "instead of its min-max, so rare outliers do not stretch the grid",
+    **_LINEAR_META,
+)
+def int8_static_pct(proto: Any, ctx: QuantContext) -> Any:
+    return _ort_static_qdq(proto, ctx, "int8_static_pct", linear_only=True,
+                           calibration="percentile")
+
+
+@QUANTIZATION.register(
+    "int8_static_entropy",
+    description="int8_static_linear calibrated by entropy (the activation range minimizing the "
+    "KL divergence of its int8 histogram)",
+    **_LINEAR_META,
+)
+def int8_static_entropy(proto: Any, ctx: QuantContext) -> Any:
+    return _ort_static_qdq(proto, ctx, "int8_static_entropy", linear_only=True,
+                           calibration="entropy")
+
+
+@QUANTIZATION.register(
+    "int8_static_smooth",
+    description="int8_static_linear after SmoothQuant (alpha 0.5): per-channel activation "
+    "ranges migrated into the weights, which per-channel weight scales absorb",
+    **_LINEAR_META,
+)
+def int8_static_smooth(proto: Any, ctx: QuantContext) -> Any:
+    return _ort_static_qdq(proto, ctx, "int8_static_smooth", linear_only=True, smooth_alpha=0.5)
+
+
+# --- SmoothQuant --------------------------------------------------------------------------------
+
+
+def _channel_absmax(proto: Any, names: list[str], ctx: QuantContext) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max |x| of the tensors ``names`` over the calibration batches."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    present = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in probe.graph.input}
+    fetch = [n for n in names if n not in graph_inputs]
+    out: dict[str, np.ndarray] = {}
+    for feed in ctx.calibration:
+        values = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
+        values.update({n: feed[n] for n in names if n in feed})
+        for name, value in values.items():
+            value = np.abs(np.asarray(value, dtype=np.float32))
+            peak = value.reshape(-1, value.shape[-1]).max(axis=0)
+            out[name] = np.maximum(out[name], peak) if name in out else peak
+    return out
+
+
+#: SmoothQuant leaves an activation alone when its largest channel peak is below this multiple
+#: of the median peak. LayerNorm outputs of a random-init BERT measured 1.3; the digits CNN's
+#: classifier input 3.6 (smoothing it grew the artifact 0.4% for nothing); a BERT LayerNorm with
+#: x20 outlier gains, ~20.
+_SMOOTH_MIN_SPREAD = 8.0
+
+
+def smooth_quant(proto: Any, ctx: QuantContext, alpha: float = 0.5,
+                 min_spread: float = _SMOOTH_MIN_SPREAD) -> Any:
+    """SmoothQuant (Xiao et al. 2023) on the Linear layers of ``proto``; the function is unchanged.
+
+    For each activation ``x`` read by Linear layers (MatMul with a [K, N] weight, or Gemm), with
+    ``a_k`` the calibration max of channel k and ``w_k`` the max |weight| of input row k over
+    those layers, ``s_k = a_k^alpha / w_k^(1 - alpha)``; the layers then read ``x / s`` (an
+    inserted Mul) and hold weights ``s_k * W[k, :]``. Channel outliers of ``x`` move into
+    weight rows, where per-channel weight scales hold them, and the activation that static
+    int8 quantizes per tensor gets flatter. Activations whose channel peaks spread less than
+    ``min_spread`` (max over median) are left alone.
+
+    ONNX Runtime's own ``extra_options={"SmoothQuant": True}`` imports Intel Neural
+    Compressor's 2.x ONNX adaptor, which is not installed here (and not worth its
+    dependencies); this is the same transform without folding the division into a preceding
+    LayerNorm, since a post-LN BERT's LayerNorm output also feeds the residual Add.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    readers: dict[str, list[tuple[Any, bool]]] = {}  # activation -> [(node, weight is [N, K])]
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = arrays.get(node.input[1])
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32 \
+                or node.input[0] in arrays:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Gemm" and attrs.get("transA", 0):
+            continue
+        readers.setdefault(node.input[0], []).append(
+            (node, node.op_type == "Gemm" and bool(attrs.get("transB", 0))))
+    if not readers:
+        return proto
+    peaks = _channel_absmax(proto, list(readers), ctx)
+    mul_nodes = []
+    for activation, nodes in readers.items():
+        peak = peaks.get(activation)
+        rows = [arrays[n.input[1]].T if trans else arrays[n.input[1]] for n, trans in nodes]
+        if peak is None or any(r.shape[0] != peak.size for r in rows) \
+                or any(uses[n.input[1]] > 1 for n, _ in nodes):
+            continue  # a weight read twice (tied) would be scaled for both readers
+        if peak.max() < min_spread * max(float(np.median(peak)), 1e-12):
+            continue  # no outlier channels: smoothing would only move rounding into weights
+        w_peak = np.max([np.abs(r).max(axis=1) for r in rows], axis=0)
+        scale = np.where((peak > 0) & (w_peak > 0),
+                         peak ** alpha / np.maximum(w_peak, 1e-12) ** (1 - alpha), 1.0)
+        scale = np.clip(scale, 1e-5, 1e5).astype(np.float32)
+        smoothed, inverse = f"{activation}.smooth", f"{activation}.smooth_inv"
+        graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inverse))
+        mul_nodes.append((activation, helper.make_node(
+            "Mul", [activation, inverse], [smoothed], name=f"{activation}.smooth")))
+        for node, trans in nodes:
+            weight = arrays[node.input[1]]
+            scaled = weight * (scale[None, :] if trans else scale[:, None])
+            _replace_initializer(graph, node.input[1], scaled.astype(np.float32))
+            node.input[0] = smoothed
+    _insert_after_producers(graph, mul_nodes)
+    return proto
+
+
+def _replace_initializer(graph: Any, name: str, array: np.ndarray) -> None:
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(array, name))
+
+
+def _insert_after_producers(graph: Any, new: list[tuple[str, Any]]) -> None:
+    """Insert each ``(tensor, node)`` right after the node producing ``tensor`` (first for a
+    graph input), keeping the graph topologically sorted."""
+    after: dict[str, list[Any]] = {}
+    for tensor, node in new:
+        after.setdefault(tensor, []).append(node)
+    ordered = [n for i in graph.input for n in after.pop(i.name, [])]
+    for node in graph.node:
+        ordered.append(node)
+        for output in node.output:
+            ordered.extend(after.pop(output, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+# --- int8 embedding tables ----------------------------------------------------------------------
+
+#: The int8 grid of embedding rows: symmetric, the full [-127, 127]. A Gather only copies rows
+#: and no integer kernel multiplies them, so reduce_range's reason does not apply here.
+INT8_QMAX = 127
+#: An embedding row shorter than this stays fp32, as for int4 weights.
+_EMBEDDING_MIN_ROW = 16
+
+
+def _axis(node: Any) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def embedding_tables(graph: Any, arrays: dict[str, np.ndarray]) -> list[str]:
+    """The float32 2-D initializers gathered on axis 0 (``nn.Embedding`` tables), rows of at
+    least :data:`_EMBEDDING_MIN_ROW` values, each once."""
+    tables: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type != "Gather":
+            continue
+        array = arrays.get(node.input[0])
+        if _axis(node) == 0 and array is not None and array.dtype == np.float32 and array.ndim == 2 \
+                and array.shape[1] >= _EMBEDDING_MIN_ROW:
+            tables[node.input[0]] = None
+    return list(tables)
+
+
+def int8_embeddings(proto: Any) -> Any:
+    """``proto`` with its embedding tables stored as per-row symmetric int8.
+
+    Each ``Gather(table, ids)`` becomes ``Cast(Gather(q, ids)) * Gather(scale, ids)`` with
+    ``q`` int8 [V, H] and ``scale`` float32 [V, 1] (``max|row| / 127``): dequantizing the
+    gathered rows costs a multiply per looked-up value, not per table entry at every run.
+    ORT's own dynamic Gather quantization (op type "Gather" in quantize_dynamic) ignores
+    per_channel and stores one uint8 scale and zero point for the whole table; rows of very
+    different norms (frequent and rare words) share one grid then.
+
+    A table that another op reads too (a tied output projection) stays fp32: an int8 copy beside
+    it would only add bytes. ``{table}_int8`` and ``{table}_row_scale`` hold the result (ORT
+    names its own quantized weights ``{name}_quantized``).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    other_readers = {name for node in graph.node if node.op_type != "Gather" or _axis(node)
+                     for name in node.input}
+    tables = [t for t in embedding_tables(graph, arrays) if t not in other_readers]
+    if not tables:
+        return proto
+    for name in tables:
+        q, scale = symmetric_grid(arrays[name], 0, INT8_QMAX)
+        graph.initializer.append(numpy_helper.from_array(q, f"{name}_int8"))
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(-1, 1), f"{name}_row_scale"))
+    ordered = []
+    for node in graph.node:
+        ordered.append(node)
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        name, ids, out = node.input[0], node.input[1], node.output[0]
+        # A "petra.rows/" prefix: ORT's own quantizers name their tensors "<tensor>_scale",
+        # "<tensor>_quantized"..., and a MatMul reading this Gather's output directly (an
+        # nn.TransformerEncoder on its embedding) made "<out>_scale" twice.
+        tag = f"petra.rows/{out}"
+        node.input[0], node.output[0] = f"{name}_int8", f"{tag}/int8"
+        ordered += [
+            helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{tag}/scale"],
+                             name=f"{tag}/gather_scale"),
+            helper.make_node("Cast", [f"{tag}/int8"], [f"{tag}/cast"],
+                             name=f"{tag}/cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{tag}/cast", f"{tag}/scale"], [out],
+                             name=f"{tag}/dequantize"),
+        ]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return proto
 
 
 # GRU is left out: ORT 1.32 has no dynamic int8 GRU (its IntegerOpsRegistry lists LSTM, not GRU),
@@ -175,21 +547,23 @@ DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "LSTM", "Attention")
 @QUANTIZATION.register(
     "int8_dynamic",
     description="dynamic int8: per-channel int8 weights of Linear (MatMul/Gemm) and LSTM layers "
-    "only; convs and GRUs stay fp32, so a CNN barely shrinks",
+    "and per-row int8 embedding tables; convs and GRUs stay fp32, so a CNN barely shrinks",
     int8=False,
-    applies_to=("Linear", "LSTM"),
+    applies_to=("Linear", "LSTM", "Embedding"),
 )
 def int8_dynamic(proto: Any, ctx: QuantContext) -> Any:
     # Convs are left out on purpose: ORT runs dynamically quantized convs as ConvInteger, which
     # is slower than fp32 Conv on CPU; Linear and recurrent layers get faster (STACK.md).
+    # Embedding tables (Gather) are quantized by int8_embeddings, per row, not by ORT, whose
+    # dynamic Gather is one uint8 grid for the whole table whatever per_channel says.
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    return _through_ort(proto, lambda pre, dst: quantize_dynamic(
+    return int8_embeddings(_through_ort(proto, lambda pre, dst: quantize_dynamic(
         pre, dst, op_types_to_quantize=list(DYNAMIC_OP_TYPES),
         # reduce_range for the same reason as int8_static: u8 activations times s8 weights
         # saturate on CPUs without VNNI.
         per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-    ))
+    )))
 
 
 # --- QAT --------------------------------------------------------------------------------------
@@ -270,19 +644,26 @@ class _Int4Target:
     axis: int  # the output-channel axis of the weight
 
 
+def symmetric_grid(array: np.ndarray, axis: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel grid of ``array`` along ``axis``: ``(q int8 in [-qmax, qmax],
+    scale f32)`` with ``scale = max|w| / qmax`` per channel; ``q * scale`` (scale broadcast
+    along ``axis``) approximates ``array``. An all-zero channel gets scale 0 and q 0."""
+    axis = axis % array.ndim
+    others = tuple(d for d in range(array.ndim) if d != axis)
+    scale = (np.abs(array).max(axis=others) / np.float32(qmax)).astype(np.float32)
+    broadcast = scale.reshape([-1 if d == axis else 1 for d in range(array.ndim)])
+    ratio = np.divide(array, broadcast, out=np.zeros_like(array), where=broadcast > 0)
+    q = np.clip(np.rint(ratio), -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
 def int4_grid(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel int4 of ``array`` along ``axis``: ``(q int8 in [-7, 7], scale f32)``.
 
     ``scale = max|w| / 7`` per channel, and ``q.astype(np.float32) * scale`` (scale broadcast
     along ``axis``) is the stored weight: the same expression :mod:`petra.artifact` decodes with.
     """
-    axis = axis % array.ndim
-    others = tuple(d for d in range(array.ndim) if d != axis)
-    scale = (np.abs(array).max(axis=others) / np.float32(INT4_QMAX)).astype(np.float32)
-    broadcast = scale.reshape([-1 if d == axis else 1 for d in range(array.ndim)])
-    ratio = np.divide(array, broadcast, out=np.zeros_like(array), where=broadcast > 0)
-    q = np.clip(np.rint(ratio), -INT4_QMAX, INT4_QMAX).astype(np.int8)
-    return q, scale
+    return symmetric_grid(array, axis, INT4_QMAX)
 
 
 #: Recurrent operators, whose input (W) and recurrent (R) weights are [directions, gates * H,
@@ -291,9 +672,15 @@ _RECURRENT = ("GRU", "LSTM", "RNN")
 
 
 def _int4_targets(graph: Any, initializers: dict[str, np.ndarray]) -> list[_Int4Target]:
-    """The Conv, Gemm, MatMul and recurrent weights worth storing in int4, each once."""
+    """The Conv, Gemm, MatMul and recurrent weights and the embedding tables (Gather on axis 0,
+    int4 per row) worth storing in int4, each once."""
     targets, seen = [], set()
+    tables = set(embedding_tables(graph, initializers))
     for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in tables and node.input[0] not in seen:
+            seen.add(node.input[0])
+            targets.append(_Int4Target(node, node.input[0], 0))
+            continue
         if node.op_type in _RECURRENT:
             for name in node.input[1:3]:
                 array = initializers.get(name)
