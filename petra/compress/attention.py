@@ -138,12 +138,13 @@ def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
 
 
 class PrunedMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` with fewer heads: q, k, v project ``embed_dim`` to
-    ``heads * head_dim``, and ``out_proj`` back to ``embed_dim``.
+    """``nn.MultiheadAttention`` with fewer heads: ``qkv`` projects ``embed_dim`` to q, k and
+    v of ``heads * head_dim`` each (one MatMul, as the original's ``in_proj``), and
+    ``out_proj`` back to ``embed_dim``.
 
     It takes ``nn.MultiheadAttention``'s arguments and returns ``(output, None)``. Its
     ``in_proj_bias`` is None, which keeps ``nn.TransformerEncoderLayer`` off its fused fast
-    path (that path needs a fused ``in_proj_weight``).
+    path (that path needs the original's fused parameters).
     """
 
     _qkv_same_embed_dim = False
@@ -157,14 +158,13 @@ class PrunedMultiheadAttention(nn.Module):
         self.batch_first = source.batch_first
         self.dropout = source.dropout
         rows = torch.tensor(_rows(keep, d))
+        stacked = torch.cat([rows + i * e for i in range(3)])
         bias = source.in_proj_bias is not None
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(e, len(rows), bias=bias)
-                                                 for _ in range(3))
+        self.qkv = nn.Linear(e, len(stacked), bias=bias)
         with torch.no_grad():
-            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                proj.weight.copy_(source.in_proj_weight[i * e:(i + 1) * e][rows])
-                if bias:
-                    proj.bias.copy_(source.in_proj_bias[i * e:(i + 1) * e][rows])
+            self.qkv.weight.copy_(source.in_proj_weight[stacked])
+            if bias:
+                self.qkv.bias.copy_(source.in_proj_bias[stacked])
         out = source.out_proj
         self.out_proj = nn.Linear(len(rows), e, bias=out.bias is not None)
         with torch.no_grad():
@@ -181,9 +181,15 @@ class PrunedMultiheadAttention(nn.Module):
         b, lq, _ = query.shape
         lk = key.shape[1]
         h, d = self.num_heads, self.head_dim
-        q = self.q_proj(query).view(b, lq, h, d).transpose(1, 2)
-        k = self.k_proj(key).view(b, lk, h, d).transpose(1, 2)
-        v = self.v_proj(value).view(b, lk, h, d).transpose(1, 2)
+        if query is key and key is value:  # self-attention: one MatMul
+            q, k, v = self.qkv(query).chunk(3, dim=-1)
+        else:
+            w, bias = self.qkv.weight.chunk(3), (self.qkv.bias.chunk(3) if self.qkv.bias
+                                                  is not None else (None,) * 3)
+            q, k, v = (F.linear(t, w[i], bias[i]) for i, t in enumerate((query, key, value)))
+        q = q.reshape(b, lq, h, d).transpose(1, 2)
+        k = k.reshape(b, lk, h, d).transpose(1, 2)
+        v = v.reshape(b, lk, h, d).transpose(1, 2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(d)
         if attn_mask is not None:
             mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(b, h, lq, lk)
@@ -224,8 +230,8 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         return
     rows = _rows(remove, info.head_dim)
     if isinstance(module, PrunedMultiheadAttention):
-        for proj in (module.q_proj, module.k_proj, module.v_proj):
-            tp.prune_linear_out_channels(proj, rows)
+        width = heads * info.head_dim
+        tp.prune_linear_out_channels(module.qkv, [r + i * width for i in range(3) for r in rows])
         tp.prune_linear_in_channels(module.out_proj, rows)
         module.num_heads = len(keep)
         return
@@ -250,8 +256,7 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
         w = module.in_proj_weight
         return [w[:e], w[e:2 * e], w[2 * e:]], module.out_proj.weight
     if isinstance(module, PrunedMultiheadAttention):
-        return [module.q_proj.weight, module.k_proj.weight, module.v_proj.weight], \
-            module.out_proj.weight
+        return list(module.qkv.weight.chunk(3)), module.out_proj.weight
     return [module.query.weight, module.key.weight, module.value.weight], \
         model.get_submodule(info.output).weight
 

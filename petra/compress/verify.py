@@ -5,13 +5,14 @@ is built, :func:`verify_structure` removes, on a copy of the model, the most tha
 structured unit can lose (the channels of a dependency group, the heads of an attention, the
 hidden units of a recurrent layer, each at the space's largest sparsity), runs the example
 batch and exports the result to ONNX. Every structured criterion removes channels the same way, so the removal is
-verified once per unit, whatever the criterion. All units are tried together first; only on a
-failure is the set bisected, so a model where everything works pays for one trial.
+verified once per unit, whatever the criterion. The units of each kind (channel groups, heads,
+recurrent units) are tried together, then all kinds together; only a failing set is bisected, so
+a model where everything works pays for one trial per kind and one more.
 
 :func:`verify_schemes` does the same, once per model, for each quantization scheme: the fp32
 graph is quantized, packed, loaded into ONNX Runtime and run on the example batch.
 
-Skipped blocks are verified the same way, as units of their own.
+Skipped blocks are verified the same way, each block alone.
 
 A unit or scheme that fails is withheld, with the first line of its error as the reason.
 """
@@ -172,9 +173,21 @@ def verify_structure(model: Any, example_input: Sequence[Any], units: Sequence[U
             return first_line(exc)
         return None
 
-    # A skipped block takes its layers with it: its units are verified apart from the layers'.
-    skips = [u for u in units if u.kind == "skip"]
-    return {**bisect([u for u in units if u.kind != "skip"], trial), **bisect(skips, trial)}
+    # A skipped block takes its layers with it, and an outer skipped block its inner ones: each
+    # block is verified alone (skipping nn.TransformerEncoder's first layer fails, as the stack
+    # reads that layer's self_attn, while skipping the whole stack runs).
+    # Each kind alone first (a channel group may run only while the attention it feeds was
+    # rebuilt by a head removal: alone, it fails), then what is left of all kinds together.
+    failed: dict[Unit, str] = {}
+    kinds = list(dict.fromkeys(u.kind for u in units if u.kind != "skip"))
+    for kind in kinds:
+        failed.update(bisect([u for u in units if u.kind == kind], trial))
+    if len(kinds) > 1:
+        failed.update(bisect([u for u in units if u.kind != "skip" and u not in failed], trial))
+    for unit in units:
+        if unit.kind == "skip" and (reason := trial([unit])) is not None:
+            failed[unit] = reason
+    return failed
 
 
 def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
