@@ -112,14 +112,16 @@ def test_digits_splits_are_disjoint_and_cover_the_dataset():
     for split in ("train", "val", "test"):
         batches = list(getattr(task, split))
         assert sum(len(y) for _, y in batches) == sizes[split]
-        assert all(x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32 for x, _ in batches)
-        rows[split] = {bytes(x.numpy()) for xb, _ in batches for x in xb}
+        # load_task puts the inputs in canonical form: a tuple of tensors
+        assert all(len(x) == 1 and x[0].shape[1:] == (1, 8, 8) and x[0].dtype == torch.float32
+                   for x, _ in batches)
+        rows[split] = {bytes(x.numpy()) for (xb,), _ in batches for x in xb}
     assert not rows["train"] & rows["val"]
     assert not rows["train"] & rows["test"]
     assert not rows["val"] & rows["test"]
-    assert task.example_input.shape == (16, 1, 8, 8)
+    assert task.example_input[0].shape == (16, 1, 8, 8)
     with torch.no_grad():
-        assert task.model(task.example_input).shape == (16, 10)
+        assert task.model(*task.example_input).shape == (16, 10)
 
 
 def test_train_batches_reshuffle_each_pass_but_val_does_not():
@@ -141,10 +143,11 @@ def test_user_task_from_an_import_string(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     task = load_task("tests.user_task:iris_mlp", {"hidden": 5})
     assert isinstance(task, Task)
-    assert task.model[0].out_features == 5  # params reach the function as keyword arguments
-    assert task.example_input.shape == (8, 4)
+    # params reach the function as keyword arguments
+    assert task.model.inner[0].out_features == 5
+    assert task.example_input[0].shape == (8, 4)
     assert sum(len(y) for _, y in task.train) == 90
-    assert task.model(task.example_input).shape == (8, 3)
+    assert task.model(*task.example_input).shape == (8, 3)
     assert (task.train_epochs, task.train_lr) == (30, 1e-2)
 
 
@@ -196,7 +199,7 @@ def test_prepare_baseline_trains_once_then_loads_from_the_cache(tmp_path):
     assert first.bytes == len(first.artifact)
     # task.model holds the baseline weights afterwards
     with torch.no_grad():
-        logits = task.model(task.example_input).numpy()
+        logits = task.model(*task.example_input).numpy()
     assert np.isfinite(logits).all()
     assert evaluate_metric(task.model, task.val, task.metric) == pytest.approx(
         first.metrics["val_accuracy"], abs=0.01)

@@ -75,6 +75,9 @@ def register_builtin() -> None:
     import petra.tasks.digits  # noqa: F401
     import petra.tasks.events  # noqa: F401
     import petra.tasks.mnist1d  # noqa: F401
+    import petra.tasks.mobilenet  # noqa: F401
+    import petra.tasks.text  # noqa: F401
+    import petra.tasks.vit  # noqa: F401
 
 
 def _first_line(exc: BaseException) -> str:
@@ -87,6 +90,9 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
     import petra.tasks.events  # noqa: F401
     import petra.tasks.mnist1d  # noqa: F401
+    import petra.tasks.mobilenet  # noqa: F401
+    import petra.tasks.text  # noqa: F401
+    import petra.tasks.vit  # noqa: F401
     from petra.config import ConfigError
 
     params = dict(params or {})

@@ -103,7 +103,8 @@ def make_sequences(
     return x, y
 
 
-def _events_gru(n_features: int, hidden: int, n_classes: int) -> Any:
+def _events_rnn(n_features: int, hidden: int, n_classes: int, cell: str = "gru") -> Any:
+    """The events classifier with an ``nn.GRU`` (``cell="gru"``) or an ``nn.LSTM`` (``"lstm"``)."""
     import torch
     from torch import nn
 
@@ -121,18 +122,30 @@ def _events_gru(n_features: int, hidden: int, n_classes: int) -> Any:
             out, _ = self.gru(torch.relu(self.proj(x)))
             return self.fc(torch.relu(self.hidden(out[:, -1])))
 
-    return EventsGRU()
+    class EventsLSTM(nn.Module):
+        """Per-event projection → LSTM → MLP head on the last hidden state."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(n_features, hidden)
+            self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
+            self.hidden = nn.Linear(hidden, hidden)
+            self.fc = nn.Linear(hidden, n_classes)
+
+        def forward(self, x: Any) -> Any:
+            out, _ = self.lstm(torch.relu(self.proj(x)))
+            return self.fc(torch.relu(self.hidden(out[:, -1])))
+
+    if cell not in ("gru", "lstm"):
+        raise ValueError(f"cell must be 'gru' or 'lstm'; got {cell!r}")
+    return EventsGRU() if cell == "gru" else EventsLSTM()
 
 
-@TASKS.register(
-    "events_gru",
-    description="GRU on synthetic card-event sequences: spot rapid rising high-risk bursts",
-)
-def events_gru(
-    *, seed: int = 0, n_sequences: int = 6000, length: int = 32, hidden: int = 64,
-    batch_size: int = 64, latency_batch: int = 16, epochs: int = 10, lr: float = 5e-3,
+def _events_task(
+    cell: str, *, seed: int, n_sequences: int, length: int, hidden: int, batch_size: int,
+    latency_batch: int, epochs: int, lr: float,
 ) -> Task:
-    """Synthetic fraud-like pattern detection in event sequences, 70/15/15 splits."""
+    """The events task (data, 70/15/15 splits) around an ``nn.GRU`` or ``nn.LSTM`` model."""
     import torch
 
     x, y = make_sequences(n_sequences, length=length, seed=seed)
@@ -146,7 +159,7 @@ def events_gru(
     val = Batches(*splits["val"], batch_size=256)
     test = Batches(*splits["test"], batch_size=256)
     torch.manual_seed(seed)
-    model = _events_gru(N_FEATURES, hidden, 2)
+    model = _events_rnn(N_FEATURES, hidden, 2, cell)
     example = torch.from_numpy(splits["val"][0][:latency_batch])
     return Task(
         model=model, train=train, val=val, test=test, example_input=example,
@@ -154,3 +167,30 @@ def events_gru(
         info={"dataset": "synthetic card events", "fraud_rate": float(y.mean()),
               "splits": {k: len(v[1]) for k, v in splits.items()}},
     )
+
+
+@TASKS.register(
+    "events_gru",
+    description="GRU on synthetic card-event sequences: spot rapid rising high-risk bursts",
+)
+def events_gru(
+    *, seed: int = 0, n_sequences: int = 6000, length: int = 32, hidden: int = 64,
+    batch_size: int = 64, latency_batch: int = 16, epochs: int = 10, lr: float = 5e-3,
+) -> Task:
+    """Synthetic fraud-like pattern detection in event sequences, 70/15/15 splits."""
+    return _events_task("gru", seed=seed, n_sequences=n_sequences, length=length, hidden=hidden,
+                        batch_size=batch_size, latency_batch=latency_batch, epochs=epochs, lr=lr)
+
+
+@TASKS.register(
+    "events_lstm",
+    description="LSTM on synthetic card-event sequences: spot rapid rising high-risk bursts",
+)
+def events_lstm(
+    *, seed: int = 0, n_sequences: int = 6000, length: int = 32, hidden: int = 64,
+    batch_size: int = 64, latency_batch: int = 16, epochs: int = 10, lr: float = 5e-3,
+) -> Task:
+    """``events_gru``'s data and classifier, with a single-layer unidirectional ``nn.LSTM``."""
+    return _events_task("lstm", seed=seed, n_sequences=n_sequences, length=length,
+                        hidden=hidden, batch_size=batch_size, latency_batch=latency_batch,
+                        epochs=epochs, lr=lr)

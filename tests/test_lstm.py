@@ -1,0 +1,183 @@
+"""LSTM hidden-unit pruning (``l2_units``), as for GRUs in test_blocks_recurrent.py."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import petra.compress  # noqa: F401  (fills the registries)
+from petra import artifact
+from petra.compress.recurrent import gru_layers, prune_recurrent, prune_units, recurrent_layers
+from petra.registry import PRUNING
+from tests.test_quantize import op_types, quantize
+
+
+class LSTMNet(nn.Module):
+    """Linear → LSTM → Linear head, reading ``out[:, -1]`` (``read="output"``) or ``h_n[-1]``."""
+
+    def __init__(self, hidden: int = 12, width: int = 8, *, read: str = "output",
+                 batch_first: bool = True, bias: bool = True, **lstm: object) -> None:
+        super().__init__()
+        self.read, self.batch_first = read, batch_first
+        self.proj = nn.Linear(5, width)
+        self.lstm = nn.LSTM(width, hidden, batch_first=batch_first, bias=bias, **lstm)
+        self.head = nn.Linear(hidden * (2 if lstm.get("bidirectional") else 1), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x is (batch, time, 5) in every case; a time-major LSTM gets it transposed.
+        seq = torch.relu(self.proj(x))
+        out, (h_n, _c_n) = self.lstm(seq if self.batch_first else seq.transpose(0, 1))
+        if self.read == "h_n":
+            return self.head(h_n[-1])
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+def example(**kwargs: object) -> tuple[LSTMNet, torch.Tensor]:
+    torch.manual_seed(0)
+    return LSTMNet(**kwargs).eval(), torch.randn(3, 7, 5)
+
+
+@pytest.mark.parametrize("read, batch_first, bias", [
+    ("output", True, True), ("h_n", True, True), ("output", False, True), ("h_n", False, False),
+])
+def test_lstm_units_are_removed_with_their_readers_columns(read, batch_first, bias):
+    model, x = example(read=read, batch_first=batch_first, bias=bias)
+    (info,) = recurrent_layers(model, (x,))
+    assert info.name == "lstm" and info.hidden == 12 and info.consumers == ("head",)
+    original = copy.deepcopy(model)
+    keep = [0, 3, 4, 9, 11]
+    prune_units(model, info, keep)
+    lstm = model.lstm
+    assert isinstance(lstm, nn.LSTM) and lstm.hidden_size == 5 and model.head.in_features == 5
+    assert lstm.batch_first == batch_first and lstm.bias == bias
+    assert lstm.weight_ih_l0.shape == (20, 8) and lstm.weight_hh_l0.shape == (20, 5)
+    with torch.no_grad():
+        assert model(x).shape == (3, 3)
+    rows = [g * 12 + k for g in range(4) for k in keep]  # gates i, f, g, o
+    assert torch.equal(lstm.weight_ih_l0, original.lstm.weight_ih_l0[rows])
+    assert torch.equal(lstm.weight_hh_l0, original.lstm.weight_hh_l0[rows][:, keep])
+    if bias:
+        assert torch.equal(lstm.bias_ih_l0, original.lstm.bias_ih_l0[rows])
+        assert torch.equal(lstm.bias_hh_l0, original.lstm.bias_hh_l0[rows])
+    assert torch.equal(model.head.weight, original.head.weight[:, keep])
+
+
+def test_gru_layers_is_the_old_name_and_finds_lstms_too():
+    model, x = example()
+    assert gru_layers is recurrent_layers
+    assert [i.name for i in gru_layers(model, (x,))] == ["lstm"]
+
+
+def test_lstm_units_whose_weights_are_zero_change_nothing_when_removed():
+    model, x = example(read="h_n")
+    dead = [1, 2, 5, 6, 7, 8, 10]
+    h = 12
+    with torch.no_grad():
+        # A unit whose gate rows and biases are all zero has g = tanh(0) = 0, so its cell
+        # state stays at its initial 0 and its output o * tanh(c) is 0: it reads nothing and
+        # writes nothing, whatever its reader's column holds.
+        for unit in dead:
+            rows = [g * h + unit for g in range(4)]
+            for param in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
+                          model.lstm.bias_ih_l0, model.lstm.bias_hh_l0):
+                param[rows] = 0
+            model.lstm.weight_hh_l0[:, unit] = 0
+        reference = model(x)
+    (info,) = recurrent_layers(model, (x,))
+    scores = PRUNING.get("l2_units").fn(model, info)
+    assert set(torch.argsort(scores)[:7].tolist()) == set(dead)
+    changes = prune_recurrent(model, {"lstm": ("l2_units", 7 / 12)}, [info])
+    assert changes == {"lstm": (12, 5)}
+    assert model.lstm.hidden_size == 5
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-6)
+
+
+def test_l2_units_scores_one_entry_per_lstm_unit():
+    model, x = example(hidden=10)
+    (info,) = recurrent_layers(model, (x,))
+    scores = PRUNING.get("l2_units").fn(model, info)
+    assert scores.shape == (10,)
+    unit, lstm = 4, model.lstm
+    rows = [g * 10 + unit for g in range(4)]
+    want = (lstm.weight_ih_l0[rows].pow(2).sum() + lstm.weight_hh_l0[rows].pow(2).sum()
+            + lstm.weight_hh_l0[:, unit].pow(2).sum() + model.head.weight[:, unit].pow(2).sum())
+    assert torch.isclose(scores[unit], want.sqrt().detach())
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+@pytest.mark.parametrize("lstm", [{"num_layers": 2}, {"bidirectional": True},
+                                  {"proj_size": 4}])
+def test_stacked_bidirectional_or_projected_lstms_are_not_offered(lstm):
+    torch.manual_seed(0)
+    hidden = 12
+    model = LSTMNet(hidden=hidden, **lstm).eval()
+    if lstm.get("proj_size"):
+        model.head = nn.Linear(lstm["proj_size"], 3)
+    x = torch.randn(3, 7, 5)
+    with torch.no_grad():
+        assert model(x).shape == (3, 3)
+    assert recurrent_layers(model, (x,)) == []
+
+
+def test_an_lstm_read_by_nothing_prunable_is_not_offered():
+    torch.manual_seed(0)
+    model = nn.LSTM(5, 8, batch_first=True).eval()
+    assert recurrent_layers(model, (torch.randn(2, 4, 5),)) == []
+
+
+def test_a_pruned_lstm_exports_and_int8_dynamic_quantizes_it():
+    model, x = example(hidden=16)
+    (info,) = recurrent_layers(model, (x,))
+    prune_recurrent(model, {"lstm": ("l2_units", 0.5)}, [info])
+    assert model.lstm.hidden_size == 8
+    proto = artifact.export_onnx(model, (x,))
+    assert "LSTM" in op_types(proto)
+    with torch.no_grad():
+        reference = model(x).numpy()
+    fp32 = artifact.load(artifact.pack(proto)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(fp32, reference, atol=1e-5)
+    out = quantize("int8_dynamic", proto, [{"input": x.numpy()}])
+    assert "DynamicQuantizeLSTM" in op_types(out) and "LSTM" not in op_types(out)
+    int8 = artifact.load(artifact.pack(out)).run(None, {"input": x.numpy()})[0]
+    assert np.abs(int8 - reference).max() < 0.05 * (np.ptp(reference) + 1e-6)
+
+
+def test_recurrent_methods_are_offered_on_lstms():
+    from petra.config import load_config
+    from petra.space import model_space
+
+    model, x = example()
+    space = model_space(load_config({"space": {"pruning": ["l2_channel", "l2_units"]}}).space,
+                        model, (x,))
+    choices = {g.name: set(g.choices) for g in space.genes if g.name.endswith(".method")}
+    assert "l2_units" in choices["layers.lstm.method"]
+    assert "l2_channel" not in choices["layers.lstm.method"]
+    assert all("l2_units" not in c for name, c in choices.items() if name != "layers.lstm.method")
+
+
+def test_events_lstm_loses_units_in_the_evaluator(tmp_path):
+    """events_lstm's LSTM is found, pruned, and int8-dynamic quantized end to end; with its
+    reader ``hidden`` skipped, the classifier becomes the reader."""
+    from petra.baseline import prepare_baseline
+    from petra.evaluate import Evaluator
+    from petra.tasks import load_task
+
+    params = {"n_sequences": 1200, "epochs": 2}
+    task = load_task("events_lstm", params)
+    (info,) = recurrent_layers(task.model, task.example_input)
+    assert info.name == "lstm" and info.consumers == ("hidden",)
+    baseline = prepare_baseline(task, task_name="events_lstm", task_params=params,
+                                cache_dir=tmp_path)
+    evaluator = Evaluator(task_name="events_lstm", task_params=params,
+                          baseline_state=baseline.state, baseline_artifact=baseline.artifact)
+    for genome in ({"layers.lstm.method": "l2_units", "layers.lstm.sparsity": 0.5,
+                    "quant.scheme": "int8_dynamic", "finetune.epochs": 0},
+                   {"blocks.hidden.skip": True, "layers.lstm.method": "l2_units",
+                    "layers.lstm.sparsity": 0.5, "quant.scheme": "none", "finetune.epochs": 0}):
+        result = evaluator.evaluate(genome)
+        assert result.status == "complete", result.error
+        assert result.info["channels"]["lstm"] == (64, 32)
+        assert result.metrics["size_ratio"] < 0.5
