@@ -207,10 +207,11 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     }
     if export and result.artifact:
         from petra.export import write_bundle
+        from petra.tasks.contract import feed
 
         write_bundle(export, artifact_bytes=result.artifact, genome=result.genome,
                      metrics=result.metrics, baseline=baseline.metrics,
-                     input_shape=list(task.example_input[0].shape), name=cfg.name)
+                     example=feed(task.example_input, task.input_names), name=cfg.name)
         payload["export"] = str(export)
     if as_json:
         print(json.dumps(payload, indent=2, default=str))
@@ -306,7 +307,8 @@ def _runs_command(args: argparse.Namespace) -> int:
         from petra.export import export_candidate
 
         out = export_candidate(uri, args.run_id, args.candidate, args.out)
-        print(f"exported to {out}: model.petra, load_petra.py, example.py, MODEL_CARD.md")
+        print(f"exported to {out}: model.petra, load_petra.py, example.py, example.npz, "
+              "MODEL_CARD.md")
         print(f"try it:     cd {out} && python example.py   (needs numpy, onnx, onnxruntime)")
         return 0
     from petra.ui import serve

@@ -5,7 +5,8 @@
 
 - ``model.petra``: the artifact, exactly as measured;
 - ``load_petra.py``: a loader that needs numpy, onnx and onnxruntime only;
-- ``example.py``: loads the model and runs it on a batch of the task's input shape;
+- ``example.py``: loads the model and runs it on the task's example batch, ``example.npz``
+  (one array per named input: a tensor, or each tensor of a tuple or dict of inputs);
 - ``MODEL_CARD.md``: the recipe, the objectives, the test accuracy, the baseline, how it was
   measured and how to load it;
 - ``genome.json`` and ``metrics.json``.
@@ -32,11 +33,14 @@ import numpy as np
 from load_petra import load   # load_petra.py sits beside this file
 
 session = load("model.petra", threads=1)        # an onnxruntime.InferenceSession
-outputs = session.run(None, {{"{input_name}": inputs.astype(np.float32)}})[0]
+outputs = session.run(None, {feed})[0]
 ```
 
-Inputs have the shape of the task's example batch, `{input_shape}`, with any batch size.
-`python example.py` runs it once on random inputs of that shape.
+The inputs, by name, as in the task's example batch (any batch size):
+
+{inputs}
+
+`python example.py` runs it once on that batch, `example.npz`.
 
 ## Recipe
 
@@ -62,15 +66,17 @@ How these were measured:
   milliseconds depend on the machine; the ratio travels better.
 """
 
-_EXAMPLE = '''"""Run the exported model once on random inputs (needs numpy, onnx, onnxruntime only)."""
+_EXAMPLE = '''"""Run the exported model once on the task's example batch (needs numpy, onnx and
+onnxruntime only)."""
 
 import numpy as np
 
 from load_petra import load
 
 session = load("model.petra", threads=1)
-inputs = np.random.default_rng(0).standard_normal({input_shape}).astype(np.float32)
-outputs = session.run(None, {{"{input_name}": inputs}})[0]
+with np.load("example.npz") as example:
+    feed = {name: example[name] for name in example.files}
+outputs = session.run(None, feed)[0]
 print("outputs", outputs.shape, outputs.dtype, "finite:", bool(np.isfinite(outputs).all()))
 '''
 
@@ -80,14 +86,17 @@ _ROWS = ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio", "laten
 
 def write_bundle(
     out_dir: str | Path, *, artifact_bytes: bytes, genome: Mapping[str, Any],
-    metrics: Mapping[str, float], baseline: Mapping[str, float], input_shape: list[int],
-    name: str = "petra model", source: str = "",
+    metrics: Mapping[str, float], baseline: Mapping[str, float],
+    example: Mapping[str, Any], name: str = "petra model", source: str = "",
 ) -> Path:
     """Write the bundle into ``out_dir``; returns the directory.
 
     Args:
+        example: the task's example batch as an ONNX Runtime feed (input name → array).
         source: a paragraph saying where the model comes from (search and candidate runs).
     """
+    import numpy as np
+
     from petra.artifact import loader_source
     from petra.space import summarize
 
@@ -95,8 +104,8 @@ def write_bundle(
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.petra").write_bytes(artifact_bytes)
     (out / "load_petra.py").write_text(loader_source())
-    (out / "example.py").write_text(_EXAMPLE.format(input_shape=tuple(input_shape),
-                                                    input_name="input"))
+    np.savez(out / "example.npz", **{k: np.asarray(v) for k, v in example.items()})
+    (out / "example.py").write_text(_EXAMPLE)
     (out / "genome.json").write_text(json.dumps(dict(genome), indent=2, sort_keys=True))
     (out / "metrics.json").write_text(json.dumps(
         {"metrics": dict(metrics), "baseline": dict(baseline)}, indent=2, sort_keys=True))
@@ -104,7 +113,10 @@ def write_bundle(
         f"| {k} | {_fmt(metrics[k])} | {_fmt(baseline.get(k, ''))} |" for k in _ROWS
         if k in metrics)
     (out / "MODEL_CARD.md").write_text(_CARD.format(
-        name=name, source=source, input_name="input", input_shape=list(input_shape),
+        name=name, source=source,
+        feed="{" + ", ".join(f'"{k}": {k}' for k in example) + "}",
+        inputs="\n".join(f"- `{k}`: {np.asarray(v).dtype}, shape `{list(np.shape(v))}`"
+                         for k, v in example.items()),
         summary=f"`{summarize(genome)}`",
         genome=json.dumps(dict(genome), indent=2, sort_keys=True), rows=rows,
     ))
@@ -146,8 +158,11 @@ def export_candidate(uri: str, search_run_id: str, candidate_run_id: str,
     source = (f"Candidate run `{candidate_run_id}` ({where}) of the search run "
               f"`{search_run_id}` ({search.name}, task `{search.config.task.name}`), "
               f"tracked in `{uri}`.")
+    from petra.tasks.contract import feed
+
     return write_bundle(out_dir, artifact_bytes=data, genome=record["genome"], metrics=metrics,
-                        baseline=search.baseline, input_shape=list(task.example_input.shape),
+                        baseline=search.baseline,
+                        example=feed(task.example_input, task.input_names),
                         name=f"{search.name}: candidate {candidate_run_id[:8]}", source=source)
 
 

@@ -119,7 +119,7 @@ def test_evaluate_a_hand_written_recipe_and_export_it(tmp_path: Path, tiny_task)
                          timeout=120)
     assert run.stdout.strip() == "ok", run.stderr[-2000:]
     assert "load_petra" in (out / "MODEL_CARD.md").read_text()
-    assert (out / "example.py").exists()
+    assert (out / "example.py").exists() and (out / "example.npz").exists()
 
 
 def test_evaluate_rejects_an_unknown_gene(tmp_path: Path) -> None:

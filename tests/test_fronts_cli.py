@@ -114,7 +114,7 @@ def test_an_exported_model_runs_in_a_fresh_environment_without_petra(two_searche
     proc = run_cli("export", a, member.info.run_id[:10], "--out", str(out), "--set",
                    f"tracking.uri={uri}", cwd=folder)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert {p.name for p in out.iterdir()} == {"model.petra", "load_petra.py", "example.py",
+    assert {p.name for p in out.iterdir()} == {"model.petra", "load_petra.py", "example.py", "example.npz",
                                               "MODEL_CARD.md", "genome.json", "metrics.json"}
     card = (out / "MODEL_CARD.md").read_text()
     metrics = member.data.metrics
