@@ -58,6 +58,15 @@ class Batches:
             yield self.x[idx], self.y[idx]
 
 
+def split_batches(splits: dict[str, tuple[np.ndarray, np.ndarray]], *, batch_size: int,
+                  shape: tuple[int, ...] = (), eval_batch_size: int = 256,
+                  ) -> tuple[Batches, Batches, Batches]:
+    """The train (shuffled), val and test :class:`Batches` of ``splits``."""
+    return (Batches(*splits["train"], batch_size=batch_size, shuffle=True, shape=shape),
+            Batches(*splits["val"], batch_size=eval_batch_size, shape=shape),
+            Batches(*splits["test"], batch_size=eval_batch_size, shape=shape))
+
+
 def _resnet_digits(width: int = 32, num_classes: int = 10) -> Any:
     from torch import nn
     from torch.nn import functional as F
@@ -116,9 +125,7 @@ def digits_cnn(
 
     splits = digits_splits(seed)
     shape = (1, 8, 8)
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True, shape=shape)
-    val = Batches(*splits["val"], batch_size=256, shape=shape)
-    test = Batches(*splits["test"], batch_size=256, shape=shape)
+    train, val, test = split_batches(splits, batch_size=batch_size, shape=shape)
     torch.manual_seed(seed)
     model = _resnet_digits(width=width)
     example = torch.from_numpy(splits["val"][0][:latency_batch].reshape(-1, *shape))
@@ -141,9 +148,7 @@ def digits_mlp(
     from torch import nn
 
     splits = digits_splits(seed)
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True)
-    val = Batches(*splits["val"], batch_size=256)
-    test = Batches(*splits["test"], batch_size=256)
+    train, val, test = split_batches(splits, batch_size=batch_size)
     torch.manual_seed(seed)
     model = nn.Sequential(OrderedDict(
         fc1=nn.Linear(64, hidden), relu1=nn.ReLU(),

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from petra.tasks import TASKS, Task
-from petra.tasks.digits import Batches
+from petra.tasks.digits import split_batches
 
 N_CATEGORIES = 8
 # Everyday categories first; the last two are rare and high-risk (gift cards, crypto).
@@ -155,9 +155,7 @@ def _events_task(
         "val": (x[n_train : n_train + n_val], y[n_train : n_train + n_val]),
         "test": (x[n_train + n_val :], y[n_train + n_val :]),
     }
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True)
-    val = Batches(*splits["val"], batch_size=256)
-    test = Batches(*splits["test"], batch_size=256)
+    train, val, test = split_batches(splits, batch_size=batch_size)
     torch.manual_seed(seed)
     model = _events_rnn(N_FEATURES, hidden, 2, cell)
     example = torch.from_numpy(splits["val"][0][:latency_batch])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from petra.tasks import TASKS, Task
-from petra.tasks.digits import Batches
+from petra.tasks.digits import split_batches
 
 SEQ_LEN = 40
 
@@ -96,9 +96,7 @@ def mnist1d_cnn(
         "test": (x[n_train + n_val :], y[n_train + n_val :]),
     }
     shape = (1, SEQ_LEN)
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True, shape=shape)
-    val = Batches(*splits["val"], batch_size=256, shape=shape)
-    test = Batches(*splits["test"], batch_size=256, shape=shape)
+    train, val, test = split_batches(splits, batch_size=batch_size, shape=shape)
     torch.manual_seed(seed)
     model = _cnn1d(width=width)
     example = torch.from_numpy(splits["val"][0][:latency_batch].reshape(-1, *shape))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from petra.tasks import TASKS, Task
-from petra.tasks.digits import Batches, digits_splits
+from petra.tasks.digits import digits_splits, split_batches
 
 # (expansion t, output channels as a multiple of width, stride) per block, MobileNetV2's
 # table scaled to 16×16 inputs: 16×16 → 8×8 → 4×4.
@@ -95,9 +95,7 @@ def digits_mobilenet(
 
     splits = digits_splits(seed)
     shape = (1, 8, 8)
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True, shape=shape)
-    val = Batches(*splits["val"], batch_size=256, shape=shape)
-    test = Batches(*splits["test"], batch_size=256, shape=shape)
+    train, val, test = split_batches(splits, batch_size=batch_size, shape=shape)
     torch.manual_seed(seed)
     model = _mobilenet_digits(width=width, head=head)
     example = torch.from_numpy(splits["val"][0][:latency_batch].reshape(-1, *shape))

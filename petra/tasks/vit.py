@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from petra.tasks import TASKS, Task
-from petra.tasks.digits import Batches, digits_splits
+from petra.tasks.digits import digits_splits, split_batches
 
 IMAGE = 8  # the digits are 8×8
 
@@ -105,9 +105,7 @@ def digits_vit(
         raise ValueError(f"heads ({heads}) must divide width ({width})")
     splits = digits_splits(seed)
     shape = (1, IMAGE, IMAGE)
-    train = Batches(*splits["train"], batch_size=batch_size, shuffle=True, shape=shape)
-    val = Batches(*splits["val"], batch_size=256, shape=shape)
-    test = Batches(*splits["test"], batch_size=256, shape=shape)
+    train, val, test = split_batches(splits, batch_size=batch_size, shape=shape)
     torch.manual_seed(seed)
     model = _vit_digits(patch=patch, dim=width, layers=layers, heads=heads, mlp_ratio=2,
                         dropout=0.1)
