@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petra.fidelity import ALL_ROUNDS, FIRST_ROUNDS
-from petra.tasks.contract import args
 
 if TYPE_CHECKING:
     from petra.fidelity import Rung
@@ -430,6 +429,8 @@ def recalibrate_batchnorm(model: Any, batches: Any, max_batches: int = 16) -> No
     """
     import torch
     from torch import nn
+
+    from petra.tasks.contract import args
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
