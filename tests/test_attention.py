@@ -15,7 +15,7 @@ import torch
 import petra.compress  # noqa: F401  (fills the registries)
 import petra.registry
 from petra import artifact
-from petra.compress.attention import attention_layers, prune_attention
+from petra.compress.attention import _qkv, attention_layers, prune_attention
 from petra.compress.verify import bisect
 from petra.config import load_config
 from petra.registry import PRUNING
@@ -24,10 +24,11 @@ from petra.tasks import load_task
 from petra.tasks.contract import feed
 
 HEADS = [e.name for e in PRUNING if e.meta.get("kind") == "heads"]
-TASKS = ["tests.user_transformers:bert_task", "tests.user_transformers:encoder_task"]
+TASKS = ["tests.user_transformers:bert_task", "tests.user_transformers:encoder_task",
+         "tests.user_transformers:vit_task"]
 
 
-@pytest.fixture(scope="module", params=TASKS, ids=["bert", "encoder"])
+@pytest.fixture(scope="module", params=TASKS, ids=["bert", "encoder", "hf_vit"])
 def task(request):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -36,9 +37,8 @@ def task(request):
 
 def qkv_rows(model, name):
     module = model.get_submodule(name)
-    if hasattr(module, "query"):
-        return [module.query.weight.shape[0], module.key.weight.shape[0],
-                module.value.weight.shape[0]]
+    if _qkv(module) is not None:
+        return [p.weight.shape[0] for p in _qkv(module)]
     if getattr(module, "in_proj_weight", None) is not None:
         return [module.in_proj_weight.shape[0] // 3] * 3
     return [module.qkv.weight.shape[0] // 3] * 3
@@ -78,12 +78,12 @@ def test_heads_criterion_removes_a_head_that_contributes_nothing_first(name, tas
     module = model.get_submodule(info.name)
     d = info.head_dim
     with torch.no_grad():
-        if hasattr(module, "query"):
-            for proj in (module.query, module.key, module.value):
+        if _qkv(module) is not None:
+            for proj in _qkv(module):
                 proj.weight[d:2 * d] = 0
                 proj.bias[d:2 * d] = 0
             model.get_submodule(info.output).weight[:, d:2 * d] = 0
-        else:
+        else:  # nn.MultiheadAttention
             e = module.embed_dim
             for i in range(3):
                 module.in_proj_weight[i * e + d:i * e + 2 * d] = 0
@@ -128,13 +128,14 @@ def test_space_offers_heads_and_ffn_channels_and_withholds_what_fails(task, tmp_
         assert space.gene(f"layers.{info.name}.method").choices == ("none", "l2_heads")
     structured = {n[len("layers."):-len(".method")] for n in space.names
                   if n.endswith(".method") and "l2_channel" in space.gene(n).choices}
-    ffn = {n for n in structured if n.endswith(("intermediate.dense", "linear1"))}
+    ffn = {n for n in structured if n.endswith(("intermediate.dense", "linear1", "mlp.fc1"))}
     assert len(ffn) == 2  # FFN neurons, in every block
     withheld = {k[len("layers."):] for k in space.withheld if k.startswith("layers.")}
     assert withheld and not withheld & structured
-    if "bert" in repr(task.model):
+    if "Bert" in repr(task.model) or "ViT" in repr(task.model):
         # q, k and v one channel at a time break the head reshape: withheld, with the error
-        qkv = {n for n in withheld if n.endswith((".query", ".key", ".value"))}
+        qkv = {n for n in withheld
+               if n.endswith((".query", ".key", ".value", ".q_proj", ".k_proj", ".v_proj"))}
         assert len(qkv) == 6
         assert all("shape" in space.withheld[f"layers.{n}"] for n in qkv)
     else:

@@ -6,6 +6,8 @@
   accuracy of a linear head).
 - :func:`encoder_task`: torch's ``nn.TransformerEncoder`` over token embeddings, with a
   classifier head; tuple inputs (tokens, padding mask).
+- :func:`vit_task`: a Hugging Face ``ViTModel`` (from a config) on sklearn's digits; its
+  attention holds ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` (transformers 5).
 
 Both tasks classify generated token sequences: the class is the topic whose keyword tokens
 appear in the sequence, among distractors.
@@ -105,6 +107,42 @@ def encoder_task(dim: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64,
     return Task(model=model, train=splits[0], val=splits[1], test=splits[2],
                 example_input=splits[1][0][0], metric=torch_accuracy, train_epochs=epochs,
                 train_lr=3e-3)
+
+
+class ViTClassifier(nn.Module):
+    """``ViTModel`` on 8x8 digits (2x2 patches) with a Linear head on the CLS token."""
+
+    def __init__(self, hidden: int, layers: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=hidden,
+                           num_hidden_layers=layers, num_attention_heads=heads,
+                           intermediate_size=ffn, attn_implementation="eager")
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(pixel_values=pixel_values).last_hidden_state[:, 0])
+
+
+def vit_task(hidden: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64,
+             epochs: int = 6) -> Task:
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(digits.target)
+
+    def batches(lo: int, hi: int) -> list:
+        return [({"pixel_values": x[i:min(i + 64, hi)]}, y[i:min(i + 64, hi)])
+                for i in range(lo, hi, 64)]
+
+    return Task(model=ViTClassifier(hidden, layers, heads, ffn), train=batches(0, 1100),
+                val=batches(1100, 1450), test=batches(1450, len(y)),
+                example_input={"pixel_values": x[1100:1116]}, metric=torch_accuracy,
+                train_epochs=epochs, train_lr=3e-3)
 
 
 def failing_metric_task() -> Task:

@@ -9,10 +9,13 @@ together, and the residual width stays as it is.
 Two families are found by :func:`attention_layers`:
 
 - **Hugging Face self-attention** (BERT, ViT, and their kin): a module with ``query``, ``key``
-  and ``value`` ``nn.Linear`` children and a ``num_attention_heads`` attribute. Its output
-  projection is the ``nn.Linear`` that reads its output, found by tracing the example batch
-  (``BertSelfOutput.dense``, ``ViTSelfOutput.dense``). The rows and columns are removed with
-  torch-pruning's own pruning functions, and the head counts are updated.
+  and ``value`` (or ``q_proj``, ``k_proj``, ``v_proj``) ``nn.Linear`` children of equal width
+  and a ``num_attention_heads`` (or ``num_heads``) attribute. Its output projection is its own
+  ``o_proj`` (or ``out_proj``) child where it has one (transformers 5's ViT), else the
+  ``nn.Linear`` that reads its output, found by tracing the example batch
+  (``BertSelfOutput.dense``). The rows and columns are removed with torch-pruning's own pruning
+  functions, and the head counts are updated. Grouped-query attention (fewer key/value heads)
+  is not offered.
 - **torch's** ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``): its fused
   ``in_proj_weight`` cannot hold fewer heads than ``embed_dim`` allows, so a pruned one is
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
@@ -54,14 +57,33 @@ class AttentionInfo:
     output: str = ""
 
 
+#: The names of a Hugging Face attention's q, k and v projections, and of its own output
+#: projection (where the output projection sits inside the attention module).
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
+OUTPUT_NAMES = ("o_proj", "out_proj")
+HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads")
+
+
+def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    """A Hugging Face attention's q, k and v projections, or None (equal widths only)."""
+    for names in QKV_NAMES:
+        layers = [getattr(module, n, None) for n in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers) and \
+                len({layer.out_features for layer in layers}) == 1:
+            return tuple(layers)  # type: ignore[return-value]
+    return None
+
+
 def _is_hf_attention(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("query", "key", "value")) \
-        and isinstance(getattr(module, "num_attention_heads", None), int)
+    return _qkv(module) is not None and any(
+        isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES)
 
 
 def _head_count(module: nn.Module) -> int:
-    return int(module.num_heads if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
-               else module.num_attention_heads)
+    if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
+        return int(module.num_heads)
+    return int(next(getattr(module, n) for n in HEAD_COUNT_NAMES
+                    if isinstance(getattr(module, n, None), int)))
 
 
 def _storage(t: Any) -> int | None:
@@ -117,10 +139,14 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any]) -> list[Att
         elif isinstance(module, PrunedMultiheadAttention):
             info = AttentionInfo(name, heads, module.head_dim)
         else:
-            out = readers.get(name)
-            if out is None or module.query.out_features % heads:
+            width = _qkv(module)[0].out_features
+            inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
+                          if isinstance(getattr(module, n, None), nn.Linear)
+                          and getattr(module, n).in_features == width), None)
+            out = inner or readers.get(name)
+            if out is None or width % heads:
                 continue
-            info = AttentionInfo(name, heads, module.query.out_features // heads, out)
+            info = AttentionInfo(name, heads, width // heads, out)
         if heads < 2:
             continue
         trial = copy.deepcopy(model).eval()
@@ -235,10 +261,12 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         tp.prune_linear_in_channels(module.out_proj, rows)
         module.num_heads = len(keep)
         return
-    for proj in (module.query, module.key, module.value):
+    for proj in _qkv(module):
         tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
-    module.num_attention_heads = len(keep)
+    for attr in HEAD_COUNT_NAMES:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, len(keep))
     if hasattr(module, "all_head_size"):
         module.all_head_size = len(keep) * info.head_dim
     config = getattr(module, "config", None)
@@ -257,8 +285,7 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
         return [w[:e], w[e:2 * e], w[2 * e:]], module.out_proj.weight
     if isinstance(module, PrunedMultiheadAttention):
         return list(module.qkv.weight.chunk(3)), module.out_proj.weight
-    return [module.query.weight, module.key.weight, module.value.weight], \
-        model.get_submodule(info.output).weight
+    return [p.weight for p in _qkv(module)], model.get_submodule(info.output).weight
 
 
 @PRUNING.register(
