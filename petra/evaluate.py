@@ -170,7 +170,7 @@ class Evaluator:
         from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks
         from petra.compress.recurrent import gru_layers
-        from petra.space import prunable_layers
+        from petra.space import protected, prunable_layers
         from petra.tasks import load_task
         from petra.tasks.contract import feed
 
@@ -187,12 +187,8 @@ class Evaluator:
         self.baseline_session = artifact.load(baseline_artifact, threads=threads)
         self.attention = attention_layers(self.task.model, self.example)
         self.recurrent = gru_layers(self.task.model, self.example)
-        self.protected = [
-            layer.name for layer in prunable_layers(
-                self.task.model, self.example, attention=self.attention,
-                recurrent=self.recurrent)
-            if not layer.structured
-        ]
+        self.protected = protected(prunable_layers(
+            self.task.model, self.example, attention=self.attention, recurrent=self.recurrent))
         self.blocks = skippable_blocks(self.task.model, self.example)
         self.calibration = [
             feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)

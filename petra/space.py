@@ -162,7 +162,8 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
     A layer whose output is the model's output (the classifier) keeps its output channels, and
     so does a layer whose channels torch-pruning cannot follow (e.g. into an ``nn.GRU``):
     structured criteria are not offered for them. Multi-head attentions whose heads can be
-    removed are layers too (type ``Attention`` or ``MultiheadAttention``, one channel a head).
+    removed are layers too (type ``Attention`` or ``MultiheadAttention``, one channel a head),
+    and so are embeddings (offered low-rank factorization only).
 
     Args:
         model: the canonical task model (:class:`petra.tasks.contract.TaskModel`).
@@ -184,7 +185,7 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
         recurrent = gru_layers(model, example_input)
     heads = {a.name: a for a in attention}
     RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
-    types = (nn.Linear, nn.Conv1d, nn.Conv2d, *RECURRENT_TYPES)
+    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES)
     order: list[str] = []
     outputs: dict[str, Any] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -220,6 +221,8 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
             out_channels = heads[name].heads
         elif isinstance(module, RECURRENT_TYPES):
             out_channels = module.hidden_size
+        elif isinstance(module, nn.Embedding):
+            out_channels = module.embedding_dim
         else:
             out_channels = (module.out_features if isinstance(module, nn.Linear)
                             else module.out_channels)
@@ -237,10 +240,21 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
                 type=kind,
                 out_channels=int(out_channels),
                 params=sum(p.numel() for p in module.parameters()),
-                structured=not is_output and not grouped and name in capable,
+                # an embedding's width is the residual's: channel groups of the Linear layers
+                # that share it decide it
+                structured=not is_output and not grouped and name in capable
+                and not isinstance(module, nn.Embedding),
             )
         )
     return infos
+
+
+def protected(layers: Iterable[LayerInfo]) -> list[str]:
+    """The layers whose output channels must stay (the classifier, grouped convs, layers
+    torch-pruning cannot follow): channel pruning leaves every group that holds one. An
+    embedding is not among them: its width is the residual's, which the channel groups of the
+    Linear layers that share it decide."""
+    return [layer.name for layer in layers if not layer.structured and layer.type != "Embedding"]
 
 
 def unit_kind(layer: LayerInfo) -> str | None:
@@ -262,6 +276,8 @@ def offered(layer: LayerInfo, entry: Any) -> bool:
     own = unit_kind(layer)
     if layer.type in RECURRENT_TYPE_NAMES + ATTENTION_TYPE_NAMES:
         return kind == own
+    if layer.type == "Embedding":
+        return kind == "lowrank"  # a table factorized into a thinner table and a projection
     if kind in ("recurrent", "heads"):
         return False
     return not entry.meta.get("structured") or own == "structured"

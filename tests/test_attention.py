@@ -208,3 +208,33 @@ def test_every_scheme_runs_on_a_transformer_that_lost_heads(scheme, task):
     with torch.no_grad():
         expected = model(*task.example_input).numpy()
     assert out.shape == expected.shape and np.isfinite(out).all()
+
+
+def test_an_embedding_table_is_offered_low_rank_only_and_factorizes(task, tmp_path):
+    from petra.compress.lowrank import factorize
+
+    space = space_of(task, tmp_path, pruning=("none", "magnitude", "l2_channel", "svd"))
+    tables = [layer.name for layer in space.layers if layer.type == "Embedding"]
+    if "ViT" in repr(task.model):
+        assert not tables  # patch embeddings are convs, positions a parameter
+        return
+    assert tables
+    for name in tables:
+        assert space.gene(f"layers.{name}.method").choices == ("none", "svd")
+    model = copy.deepcopy(task.model).eval()
+    big = max(tables, key=lambda n: model.get_submodule(n).weight.numel())
+    weight = model.get_submodule(big).weight
+    with torch.no_grad():  # rows that span 4 directions: rank 4 keeps all of the table
+        weight.copy_(torch.randn(weight.shape[0], 4) @ torch.randn(4, weight.shape[1]))
+        before = model(*task.example_input)
+    dense = artifact.pack(artifact.export_onnx(model, task.example_input))
+    changes = factorize(model, {big: "svd"}, energy=0.999)
+    table = model.get_submodule(big)[0]
+    assert isinstance(table, torch.nn.Embedding) and changes[big][1] == table.embedding_dim == 4
+    with torch.no_grad():
+        after = model(*task.example_input)
+    torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
+    data = artifact.pack(artifact.export_onnx(model, task.example_input))
+    assert len(data) < len(dense)
+    got = artifact.load(data).run(None, feed(task.example_input, task.input_names))[0]
+    np.testing.assert_allclose(got, after.numpy(), atol=1e-4, rtol=0)

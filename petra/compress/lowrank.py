@@ -3,6 +3,8 @@
 - ``Linear(in, out)`` → ``Linear(in, r, bias=False)`` then ``Linear(r, out)``.
 - ``Conv(in, out, k)`` → ``Conv(in, r, k)`` (same stride, padding, dilation) then
   ``Conv(r, out, 1)``.
+- ``Embedding(n, d)`` → ``Embedding(n, r)`` then ``Linear(r, d, bias=False)``: a vocabulary's
+  table is often half a transformer's weights, and its rows share few directions.
 
 The rank ``r`` comes from a registered *rank rule* (the ``lowrank.rank_rule`` gene):
 
@@ -136,6 +138,13 @@ def _factorized(module: nn.Module, energy: float, rule: str = "energy") -> nn.Mo
     root = s[:rank].sqrt()
     first_w = (root[:, None] * vh[:rank]).float()
     second_w = (u[:, :rank] * root[None, :]).float()
+    if isinstance(module, nn.Embedding):  # W = (U√S)(√S Vh): the table, then a projection
+        table = nn.Embedding(module.num_embeddings, rank, padding_idx=module.padding_idx)
+        project = nn.Linear(rank, fan_in, bias=False)
+        with torch.no_grad():
+            table.weight.copy_(second_w)
+            project.weight.copy_(first_w.T)
+        return nn.Sequential(table, project)
     bias = module.bias is not None
     if isinstance(module, nn.Linear):
         first = nn.Linear(module.in_features, rank, bias=False)
@@ -178,7 +187,9 @@ def factorize(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)
         full = min(module.weight.shape[0], module.weight[0].numel())
-        changes[name] = (full, replacement[0].weight.shape[0])
+        first = replacement[0]
+        changes[name] = (full, first.embedding_dim if isinstance(first, nn.Embedding)
+                         else first.weight.shape[0])
     return changes
 
 

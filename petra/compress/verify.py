@@ -77,7 +77,7 @@ def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[
 
     units = [Unit("heads", a.name, (a.name,)) for a in attention]
     units += [Unit("units", r.name, (r.name,)) for r in recurrent]
-    from petra.space import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES
+    from petra.space import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 
     # Channel groups decide the genes of Linear and Conv layers only: an attention or a
     # recurrent layer in a group (torch-pruning follows MHA's embed_dim) has units of its own.
@@ -87,8 +87,7 @@ def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[
         return units
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    ignored = [modules[layer.name] for layer in layers
-               if not layer.structured and layer.name in modules]
+    ignored = [modules[name] for name in protected(layers) if name in modules]
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=args(example_input),
                                                   verbose=False)
