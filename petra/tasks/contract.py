@@ -145,7 +145,7 @@ class TaskModel(nn.Module):
         return self
 
 
-class Batches:
+class CanonicalBatches:
     """Re-iterable batches with their inputs in canonical form; ``len`` when the source has it."""
 
     def __init__(self, source: Iterable[Any], names: Sequence[str]) -> None:
@@ -158,8 +158,8 @@ class Batches:
 
 
 
-class SizedBatches(Batches):
-    """:class:`Batches` of a source with a length (a DataLoader, a list)."""
+class SizedCanonicalBatches(CanonicalBatches):
+    """:class:`CanonicalBatches` of a source with a length (a DataLoader, a list)."""
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
@@ -181,7 +181,7 @@ def adapt(task: Any) -> Any:
     task.input_names = names
     for split in ("train", "val", "test"):
         source = getattr(task, split)
-        wrap = SizedBatches if hasattr(source, "__len__") else Batches
+        wrap = SizedCanonicalBatches if hasattr(source, "__len__") else CanonicalBatches
         setattr(task, split, wrap(source, names))
     return task
 
