@@ -47,6 +47,7 @@ def config(tmp_path: Path, task: str, name: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # two searches, 2-3 minutes: in make test's second run
 @pytest.mark.parametrize("task", ["bert_task", "encoder_task"])
 def test_a_transformer_user_task_searches_with_no_failed_candidate(task, tmp_path):
     pytest.importorskip("transformers")
