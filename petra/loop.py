@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +116,31 @@ def _int8_scheme(space: Any) -> str:
 CHECKPOINT = "checkpoint.json"
 
 
+@contextlib.contextmanager
+def _ctrl_c_noted(search: Any) -> Iterator[None]:
+    """Note Ctrl-C (SIGINT) on ``search.ctrl_c`` as well as raising KeyboardInterrupt.
+
+    A KeyboardInterrupt raised inside library code can be swallowed (a callback or finalizer
+    that logs what it catches; with the local executor, candidates run in this process): the
+    loop then stops after the result in hand. Off the main thread, signals cannot be handled
+    here, and nothing changes.
+    """
+    search.ctrl_c = False
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def noted(signum: int, frame: Any) -> None:
+        search.ctrl_c = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, noted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def search(cfg: Any, *, progress: Progress | None = None) -> SearchResult:
     """Run the search described by a validated :class:`petra.config.SearchConfig`."""
     return _Search(cfg, progress).start().run()
@@ -187,6 +216,7 @@ class _Search:
         self.elapsed_before = 0.0
         self.logged_generations: set[int] = set()
         self.started = time.monotonic()
+        self.ctrl_c = False  # set by Ctrl-C while the loop runs (see _ctrl_c_noted)
         self.done_at_start = 0
 
     # -- starting and resuming --------------------------------------------------------------
@@ -303,7 +333,8 @@ class _Search:
         )
         interrupted = False
         try:
-            self._generations(executor)
+            with _ctrl_c_noted(self):
+                self._generations(executor)
         except KeyboardInterrupt:
             interrupted = True
             self.say("interrupted; logging the front found so far (resume with petra resume)")
@@ -384,6 +415,8 @@ class _Search:
                     self.artifacts[job.genome_hash] = result.artifact
                 self._checkpoint()
                 self.reporter.update(self._status(running=min(parallel, len(jobs) - finished)))
+                if self.ctrl_c:
+                    raise KeyboardInterrupt  # one a library swallowed: stop all the same
                 if self._over_budget():
                     break
             snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
