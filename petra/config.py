@@ -206,6 +206,23 @@ class FinetuneConfig(_Model):
     )
 
 
+class StaticQuantConfig(_Model):
+    """Ranges of the static int8 schemes' genes (schemes with registry meta ``static``:
+    ``int8_static``, ``int8_static_linear``, ``qat``); a range of one value is no gene."""
+
+    calibration: list[Literal["minmax", "percentile", "entropy"]] = Field(
+        ["minmax"], min_length=1,
+        description="a non-empty list of minmax, percentile, entropy",
+    )
+    smooth_alpha: Annotated[tuple[float, float], _pair(low=0.0, high=1.0)] = Field(
+        (0.0, 0.0), description="[lo, hi] with 0 <= lo <= hi <= 1 (0: no SmoothQuant)"
+    )
+    fallback: Annotated[tuple[float, float], _pair(low=0.0, high=1.0)] = Field(
+        (0.0, 0.0),
+        description="[lo, hi] with 0 <= lo <= hi <= 1 (the share of weight layers kept float)",
+    )
+
+
 class SpaceConfig(_Model):
     """What may be searched; each list narrows the genes of :func:`petra.space.build_space`."""
 
@@ -218,6 +235,10 @@ class SpaceConfig(_Model):
         (0.0, 0.9), description="[lo, hi] with 0 <= lo <= hi <= 0.99"
     )
     layers: LayersConfig = LayersConfig()
+    width: Annotated[tuple[float, float], _pair(low=0.0, high=0.99)] = Field(
+        (0.0, 0.5), description="[lo, hi] with 0 <= lo <= hi <= 0.99 (the share of the "
+        "residual stream's channels removed; [0, 0] offers no width gene)"
+    )
     round_to: list[Annotated[StrictInt, Field(ge=1)]] = Field(
         [1, 8, 16], min_length=1, description="a non-empty list of integers >= 1"
     )
@@ -226,6 +247,7 @@ class SpaceConfig(_Model):
         min_length=1,
         description="a non-empty list of registered quantization scheme names",
     )
+    static: StaticQuantConfig = StaticQuantConfig()
     regularizer: list[Annotated[str, _registered("regularizer")]] = Field(
         ["none", "l1"], min_length=1, description="a non-empty list of registered regularizer names"
     )

@@ -24,7 +24,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +47,11 @@ class Recipe:
 
     layers: dict[str, tuple[str, float]] = field(default_factory=dict)
     round_to: int = 1
+    width: float = 0.0  # the share of the residual stream's channels removed
+    width_method: str = "l2_channel"
     energy: float = 0.99
     quant: str = "none"
+    static: dict[str, Any] = field(default_factory=dict)  # StaticOptions' fields
     reg: str = "none"
     reg_strength: float = 0.0
     reg_params: dict[str, float] = field(default_factory=dict)
@@ -66,12 +69,15 @@ class Recipe:
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
         import petra.compress  # noqa: F401  (fills the registries the genes name)
         from petra.registry import PRUNING
-        from petra.space import inside, skipped_blocks
+        from petra.space import STATIC_GENES, inside, skipped_blocks
 
         recipe = cls(
             round_to=int(genome.get("prune.round_to", 1)),
+            width=float(genome.get("prune.width", 0.0)),
+            width_method=str(genome.get("prune.width_method", "l2_channel")),
             energy=float(genome.get("lowrank.energy", 0.99)),
             quant=str(genome.get("quant.scheme", "none")),
+            static={k[len("quant."):]: genome[k] for k in STATIC_GENES if k in genome},
             reg=str(genome.get("reg.kind", "none")),
             reg_strength=float(genome.get("reg.strength", 0.0)),
             reg_params={k[len("reg."):]: float(v) for k, v in genome.items()
@@ -105,6 +111,18 @@ class Recipe:
         if self.sparsity_rule == "fixed":
             return None
         return SparsityRule(self.sparsity_rule, self.emp_beta, self.emp_scope)
+
+    def structured_plan(self, residual: Sequence[str]) -> dict[str, tuple[str, float]]:
+        """The channel-pruning plan: the layers with a structured method, and, with a
+        ``width``, the writers of the residual stream (``residual``, the hidden size's group)
+        voting it with ``width_method``. Layers of skipped blocks are left out."""
+        from petra.space import inside
+
+        plan = self.of_kind("structured")
+        if self.width > 0:
+            plan.update({name: (self.width_method, self.width) for name in residual
+                         if not inside(name, self.skip)})
+        return plan
 
     def of_kind(self, kind: str) -> dict[str, tuple[str, float]]:
         """The layers whose method is of registry ``kind`` (structured, lowrank, unstructured)."""
@@ -187,8 +205,10 @@ class Evaluator:
         self.baseline_session = artifact.load(baseline_artifact, threads=threads)
         self.attention = attention_layers(self.task.model, self.example)
         self.recurrent = gru_layers(self.task.model, self.example)
-        self.protected = protected(prunable_layers(
-            self.task.model, self.example, attention=self.attention, recurrent=self.recurrent))
+        layers = prunable_layers(self.task.model, self.example, attention=self.attention,
+                                 recurrent=self.recurrent)
+        self.protected = protected(layers)
+        self.residual = [layer.name for layer in layers if layer.residual]
         self.blocks = skippable_blocks(self.task.model, self.example)
         self.calibration = [
             feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)
@@ -264,7 +284,7 @@ class Evaluator:
         recurrent = gru_layers(model, self.example) if skipped and plan else self.recurrent
         units = prune_recurrent(model, plan, recurrent, round_to=recipe.round_to)
         channels = prune_channels(
-            model, self.example, recipe.of_kind("structured"), round_to=recipe.round_to,
+            model, self.example, recipe.structured_plan(self.residual), round_to=recipe.round_to,
             protected=self.protected, ctx=ctx, sparsity_rule=rule, gate=gate,
         )
         ranks = factorize(model, {n: m for n, (m, _) in recipe.of_kind("lowrank").items()},
@@ -351,12 +371,13 @@ class Evaluator:
     def _artifact(self, model: Any, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
         from petra import artifact
-        from petra.compress.quantize import QuantContext
+        from petra.compress.quantize import QuantContext, StaticOptions
         from petra.registry import QUANTIZATION
 
         proto = artifact.export_onnx(model, self.example)
         proto = QUANTIZATION.get(recipe.quant).fn(
-            proto, QuantContext(calibration=self.calibration)
+            proto, QuantContext(calibration=self.calibration,
+                                static=StaticOptions(**recipe.static))
         )
         return artifact.pack(proto)
 

@@ -5,11 +5,14 @@ A genome is a plain ``dict`` from stable dotted gene names to values:
     layers.<module>.method    categorical, the pruning criterion of that layer
     layers.<module>.sparsity  float, the fraction of weights (or output channels) removed
     prune.round_to            categorical, kept channel counts are rounded to this multiple
+    prune.width, prune.width_method   the share of the residual stream's channels (the hidden
+                              size) removed, model-wide, and the structured criterion choosing them
     prune.sparsity_rule       categorical, fixed (the sparsity genes) or auto_emp (EMP), with
     prune.emp_beta, prune.emp_scope
     prune.eq_beta, prune.eq_gamma   float, the equilibrium criterion's utility weights
     lowrank.energy, lowrank.rank_rule   the SVD rank: by energy, or by the MP edge (mp)
     quant.scheme              categorical
+    quant.calibration, quant.smooth_alpha, quant.fallback   the static int8 schemes' options
     reg.kind, reg.strength    categorical, float (log scale)
     finetune.epochs           int
     finetune.lr               float (log scale)
@@ -143,6 +146,9 @@ class LayerInfo:
     out_channels: int
     params: int
     structured: bool  # False for layers whose outputs are the model's outputs
+    #: A writer of the residual stream (:func:`petra.compress.structured.channel_layers`): its
+    #: output channels are the model's hidden size, searched by the one ``prune.width`` gene.
+    residual: bool = False
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
@@ -176,7 +182,7 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
 
     from petra.compress.attention import attention_layers
     from petra.compress.recurrent import gru_layers
-    from petra.compress.structured import structured_layers
+    from petra.compress.structured import channel_layers
     from petra.tasks.contract import args
 
     if attention is None:
@@ -207,7 +213,7 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
         for h in hooks:
             h.remove()
         model.train(was_training)
-    capable = structured_layers(model, example_input)
+    capable, residual = channel_layers(model, example_input)
     capable |= {g.name for g in recurrent} | set(heads)
     modules = dict(model.named_modules())
     seen: list[str] = []
@@ -244,6 +250,7 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
                 # that share it decide it
                 structured=not is_output and not grouped and name in capable
                 and not isinstance(module, nn.Embedding),
+                residual=name in residual,
             )
         )
     return infos
@@ -280,6 +287,8 @@ def offered(layer: LayerInfo, entry: Any) -> bool:
         return kind == "lowrank"  # a table factorized into a thinner table and a projection
     if kind in ("recurrent", "heads"):
         return False
+    if layer.residual and kind == "structured":
+        return False  # the hidden size is the one prune.width gene
     return not entry.meta.get("structured") or own == "structured"
 
 
@@ -425,6 +434,10 @@ class SearchSpace:
                 methods.add(out[method])
             if out[method] == "none" or not uses_sparsity or automatic:
                 out[sparsity] = self._by_name[sparsity].default
+        if float(out.get("prune.width", 0.0)) > 0:
+            kinds.add("structured")
+        elif "prune.width_method" in out:
+            out["prune.width_method"] = self._by_name["prune.width_method"].default
         if not automatic or not methods:
             for name in ("prune.emp_beta", "prune.emp_scope"):
                 if name in out:
@@ -439,6 +452,10 @@ class SearchSpace:
                 out[gene] = self._by_name[gene].default
         if out.get("lowrank.rank_rule", "energy") != "energy" and "lowrank.energy" in out:
             out["lowrank.energy"] = self._by_name["lowrank.energy"].default
+        if not _is_static(out.get("quant.scheme", "none")):
+            for name in STATIC_GENES:
+                if name in out:
+                    out[name] = self._by_name[name].default
         if out.get("finetune.epochs", 0) == 0:
             for name in out:
                 if name == "finetune.lr" or name.startswith("reg."):
@@ -460,6 +477,16 @@ class SearchSpace:
         return [g.describe() for g in self.genes]
 
 
+#: The genes of the static int8 schemes (:func:`static_genes`).
+STATIC_GENES = ("quant.calibration", "quant.smooth_alpha", "quant.fallback")
+
+
+def _is_static(scheme: str) -> bool:
+    from petra.registry import QUANTIZATION
+
+    return scheme in QUANTIZATION and bool(QUANTIZATION.get(scheme).meta.get("static"))
+
+
 def summarize(genome: Mapping[str, Any]) -> str:
     """A one-line recipe: each method with its layer count and mean sparsity, channel
     rounding, quantization, and the fine-tune with its regularizer.
@@ -477,10 +504,18 @@ def summarize(genome: Mapping[str, Any]) -> str:
     skipped = skipped_blocks(genome)
     if skipped:
         parts.insert(0, f"skip[{','.join(skipped)}]")
+    if float(genome.get("prune.width", 0.0) or 0.0) > 0:
+        parts.append(f"width-{float(genome['prune.width']):.2f}({genome['prune.width_method']})")
     if genome.get("prune.round_to", 1) not in (1, "1") and parts:
         parts.append(f"round{genome['prune.round_to']}")
     if genome.get("quant.scheme", "none") != "none":
-        parts.append(str(genome["quant.scheme"]))
+        options = [str(genome["quant.calibration"])] if genome.get(
+            "quant.calibration", "minmax") != "minmax" else []
+        for gene, tag in (("quant.smooth_alpha", "sq"), ("quant.fallback", "float")):
+            if float(genome.get(gene, 0.0) or 0.0) > 0:
+                options.append(f"{tag}{float(genome[gene]):g}")
+        scheme = str(genome["quant.scheme"])
+        parts.append(f"{scheme}[{','.join(options)}]" if options else scheme)
     epochs = int(float(genome.get("finetune.epochs", 0) or 0))
     if epochs:
         parts.append(f"ft{epochs}@{float(genome.get('finetune.lr', 0)):.1e}")
@@ -628,7 +663,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
             each gets a ``blocks.<name>.skip`` gene.
     """
     import petra.compress  # noqa: F401  (fills the registries)
-    from petra.registry import PRUNING
+    from petra.registry import PRUNING, QUANTIZATION
 
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
@@ -645,6 +680,10 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         kinds |= {PRUNING.get(m).meta.get("kind", "unstructured") for m in methods}
         genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
+    width = width_genes(space_cfg, selected)
+    genes += width
+    if width:
+        kinds.add("structured")
     if kinds & {"structured", "recurrent"}:  # a single choice still travels, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
     rules = list(getattr(space_cfg, "sparsity_rules", ["fixed"]))
@@ -668,6 +707,8 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
             genes.append(Categorical("lowrank.rank_rule", tuple(rank_rules), rank_rules[0]))
     if len(space_cfg.quantization) > 1 or space_cfg.quantization[0] != "none":
         genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))
+    if any(QUANTIZATION.get(s).meta.get("static") for s in space_cfg.quantization):
+        genes += static_genes(space_cfg.static)
     e_lo, e_hi = space_cfg.finetune.epochs
     if e_hi > 0:
         genes.append(Int("finetune.epochs", e_lo, e_hi, e_lo))
@@ -681,6 +722,36 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
                 genes.append(Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05))
                 genes.append(Categorical("reg.kd_temperature", (1.0, 2.0, 4.0, 8.0), 4.0))
     return SearchSpace(genes, layers=selected, blocks=blocks)
+
+
+def width_genes(space_cfg: Any, selected: Sequence[LayerInfo]) -> list[Gene]:
+    """``prune.width`` (the share of the residual stream's channels removed, in
+    ``space.width``) and ``prune.width_method`` (its structured criterion), when a selected
+    layer writes a verified residual stream and the space allows a structured criterion."""
+    from petra.registry import PRUNING
+
+    lo, hi = getattr(space_cfg, "width", (0.0, 0.0))
+    methods = tuple(m for m in space_cfg.pruning if m != "none"
+                    and PRUNING.get(m).meta.get("kind") == "structured"
+                    and not PRUNING.get(m).meta.get("trained"))
+    if hi <= 0 or not methods or not any(l.residual and l.structured for l in selected):
+        return []
+    return [Float("prune.width", lo, hi, lo, step=0.01),
+            Categorical("prune.width_method", methods, methods[0])]
+
+
+def static_genes(static_cfg: Any) -> list[Gene]:
+    """The genes of the static int8 schemes (:class:`petra.compress.quantize.StaticOptions`)
+    that the config's ``space.static`` ranges leave open; a single value is no gene."""
+    genes: list[Gene] = []
+    calibration = tuple(static_cfg.calibration)
+    if calibration != ("minmax",):
+        genes.append(Categorical("quant.calibration", calibration, calibration[0]))
+    for name, (lo, hi) in (("quant.smooth_alpha", static_cfg.smooth_alpha),
+                           ("quant.fallback", static_cfg.fallback)):
+        if hi > lo or lo > 0:
+            genes.append(Float(name, lo, hi, lo, step=0.05))
+    return genes
 
 
 def _with_none(choices: Sequence[str]) -> tuple[str, ...]:

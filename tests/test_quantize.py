@@ -19,6 +19,7 @@ from petra.compress.quantize import (
     INT4_QMAX,
     INT8_REDUCED_QMAX,
     QuantContext,
+    StaticOptions,
     fake_quantize,
     qat_prepare,
 )
@@ -28,8 +29,9 @@ from petra.tasks.contract import feed
 from tests.test_artifact import run_standalone
 
 
-def quantize(name, proto, calibration=()):
-    return QUANTIZATION.get(name)(proto, QuantContext(calibration=list(calibration)))
+def quantize(name, proto, calibration=(), static=StaticOptions()):
+    return QUANTIZATION.get(name)(proto, QuantContext(calibration=list(calibration),
+                                                      static=static))
 
 
 def initializers(proto):
@@ -329,8 +331,9 @@ def test_int4_artifact_loads_with_the_standalone_loader(mlp, tmp_path):
 
 # --- transformers: embeddings and the Linear-only static schemes ------------------------------
 
-TRANSFORMER_SCHEMES = ["int8_static_linear", "int8_static_pct", "int8_static_entropy",
-                       "int8_static_smooth"]
+#: int8_static_linear under each option gene of the static schemes (StaticOptions).
+LINEAR_OPTIONS = [StaticOptions(), StaticOptions(calibration="percentile"),
+                  StaticOptions(calibration="entropy"), StaticOptions(smooth_alpha=0.5)]
 WORD_TABLE = "embeddings.word_embeddings.weight"
 
 
@@ -439,10 +442,10 @@ def test_fp16_and_int4_cover_the_embedding_tables(bert):
     assert pooled_cosine(out, reference, x["attention_mask"]).min() > 0.95
 
 
-@pytest.mark.parametrize("name", TRANSFORMER_SCHEMES)
-def test_linear_static_schemes_quantize_linear_layers_and_embeddings_only(name, bert):
+@pytest.mark.parametrize("options", LINEAR_OPTIONS, ids=repr)
+def test_linear_static_quantizes_linear_layers_and_embeddings_only(options, bert):
     proto, calibration, x, reference = bert
-    out_proto = quantize(name, proto, calibration)
+    out_proto = quantize("int8_static_linear", proto, calibration, options)
     consumers = {}
     for node in out_proto.graph.node:
         for tensor in node.input:
@@ -461,6 +464,49 @@ def test_linear_static_schemes_quantize_linear_layers_and_embeddings_only(name, 
     assert len(data) <= 0.45 * len(artifact.pack(proto))
     out = artifact.load(data).run(None, x)[0]
     assert pooled_cosine(out, reference, x["attention_mask"]).min() > 0.99
+
+
+def quantized_weight_nodes(proto):
+    """Names of the nodes whose weight (second input) is a DequantizeLinear output."""
+    dequantized = {o for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                   for o in n.output}
+    return {n.name for n in proto.graph.node if len(n.input) > 1 and n.input[1] in dequantized}
+
+
+@pytest.mark.parametrize("scheme", ["int8_static_linear", "int8_static"])
+def test_float_fallback_keeps_the_most_sensitive_layers_float(scheme, bert):
+    from petra.compress.quantize import _weight_nodes, sensitivity
+
+    proto, calibration, x, reference = bert
+    linear = _weight_nodes(proto, linear_only=True)
+    scores = sensitivity(proto, linear, QuantContext(calibration=calibration))
+    assert set(scores) == set(linear) and all(v > 0 for v in scores.values())
+    full = quantize(scheme, proto, calibration)
+    part = quantize(scheme, proto, calibration, StaticOptions(fallback=0.25))
+    kept = int(round(0.25 * len(linear)))
+    assert kept > 0
+    quantized = quantized_weight_nodes(part)
+    assert quantized_weight_nodes(full) >= set(linear)
+    floats = set(linear) - quantized
+    assert floats == set(sorted(linear, key=lambda n: -scores[n])[:kept])
+    assert len(artifact.pack(part)) > len(artifact.pack(full))  # fp32 weights are back
+    out = artifact.load(artifact.pack(part)).run(None, x)[0]
+    assert np.isfinite(out).all() and out.shape == reference.shape
+
+
+def test_sensitivity_rises_with_an_outlier_input_channel(mlp):
+    from petra.compress.quantize import _weight_nodes, sensitivity
+
+    _, proto, x, _ = mlp
+    nodes = _weight_nodes(proto, linear_only=True)
+    plain = [{"input": x[i:i + 64]} for i in range(0, 256, 64)]
+    spiked = [{"input": b["input"] * np.where(np.arange(64) == 5, 100.0, 1.0).astype(np.float32)}
+              for b in plain]
+    before = sensitivity(proto, nodes, QuantContext(calibration=plain))
+    after = sensitivity(proto, nodes, QuantContext(calibration=spiked))
+    first = nodes[0]  # reads the input
+    assert after[first] > 2 * before[first]
+    assert max(after, key=after.get) == first
 
 
 def test_smooth_quant_keeps_the_function_and_flattens_outlier_channels(bert):
@@ -502,11 +548,13 @@ def test_smooth_quant_keeps_the_function_and_flattens_outlier_channels(bert):
 
 def test_schemes_are_registered_with_honest_metadata():
     int8 = {e.name for e in QUANTIZATION if e.meta.get("int8")}
-    assert int8 == {"int8_static", "qat", *TRANSFORMER_SCHEMES}
+    assert int8 == {"int8_static", "qat", "int8_static_linear"}
+    static = {e.name for e in QUANTIZATION if e.meta.get("static")}
+    assert static == int8  # each static scheme takes the calibration / smoothing / fallback genes
     assert {"fp16", "int8_dynamic", "qat", "int4_weight"} <= set(QUANTIZATION.names())
     assert callable(QUANTIZATION.get("qat").meta["prepare"])
     assert QUANTIZATION.get("int8_dynamic").meta["applies_to"] == ("Linear", "LSTM", "Embedding")
-    for name in TRANSFORMER_SCHEMES:  # int8 kernels, but on Linear layers and embeddings only
-        assert QUANTIZATION.get(name).meta["applies_to"] == ("Linear", "Embedding")
+    # int8 kernels, but on Linear layers and embeddings only
+    assert QUANTIZATION.get("int8_static_linear").meta["applies_to"] == ("Linear", "Embedding")
     assert "latency as dense" in QUANTIZATION.get("fp16").description
     assert "latency as dense" in QUANTIZATION.get("int4_weight").description

@@ -15,6 +15,7 @@ from petra.space import (
     build_space,
     prunable_layers,
     select_layers,
+    summarize,
 )
 from tests.conftest import DIGITS_CNN_CONVS
 
@@ -360,3 +361,36 @@ def test_effective_genomes_ignore_what_a_rule_makes_irrelevant(layers):
     gated = space.complete({"layers.stem.method": "equilibrium", "prune.eq_beta": 1.5})
     assert space.genome_hash(gated) != space.genome_hash(
         space.complete({"layers.stem.method": "equilibrium", "prune.eq_beta": 0.5}))
+
+
+def test_static_quantization_genes_follow_the_space_static_ranges(layers):
+    static = {"calibration": ["minmax", "entropy"], "smooth_alpha": [0.0, 0.8],
+              "fallback": [0.0, 0.3]}
+    space = space_of(layers, quantization=["int8_dynamic", "int8_static"], static=static)
+    assert space.gene("quant.calibration").choices == ("minmax", "entropy")
+    assert (space.gene("quant.smooth_alpha").low, space.gene("quant.smooth_alpha").high) == (
+        0.0, 0.8)
+    assert space.gene("quant.fallback").high == 0.3 and space.gene("quant.fallback").default == 0
+    # the defaults (min-max, no smoothing, no fallback) open no gene; no static scheme, none
+    assert not any(n in space_of(layers, quantization=["int8_static"])
+                   for n in ("quant.calibration", "quant.smooth_alpha", "quant.fallback"))
+    assert "quant.fallback" not in space_of(layers, quantization=["int8_dynamic"], static=static)
+
+    # the options decide nothing under a scheme that is not static
+    options = {"quant.calibration": "entropy", "quant.fallback": 0.2}
+    dynamic = space.complete({"quant.scheme": "int8_dynamic", **options})
+    assert space.genome_hash(dynamic) == space.genome_hash(
+        space.complete({"quant.scheme": "int8_dynamic"}))
+    assert space.genome_hash(space.complete({"quant.scheme": "int8_static", **options})) != \
+        space.genome_hash(space.complete({"quant.scheme": "int8_static"}))
+    assert summarize(space.complete({"quant.scheme": "int8_static", **options})) == \
+        "int8_static[entropy,float0.2]"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("calibration", ["kl"]), ("smooth_alpha", [0.5, 1.5]), ("fallback", [0.4, 0.1])])
+def test_bad_static_ranges_name_the_field(field, value):
+    from petra.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"space\.static\.{field}"):
+        load_config({"space": {"static": {field: value}}})

@@ -21,6 +21,10 @@ also on a 64-256-256-10 MLP):
     int4_weight   packed 4-bit weights (petra.artifact), fp32 compute;      0.13   ~1.0
                   recurrent (GRU/LSTM) weights and embedding tables too
 
+The static schemes (``int8_static``, ``int8_static_linear``, ``qat``; registry meta
+``static=True``) take their options from genes (:class:`StaticOptions`): the calibration method,
+SmoothQuant's alpha, and the share of weight layers kept in float, most sensitive first.
+
 ``int8_static`` emits QDQ int8 with per-channel weights, which ONNX Runtime runs with int8 kernels
 (QLinearConv / QGemm after its QDQ fusions).
 
@@ -37,10 +41,12 @@ LayerNorm gains x20 on 4 hidden dims, the outlier channels of trained BERTs:
     int8_dynamic         0.23   0.40     0.9999         0.9995 (0.999)
     int8_static          0.22   0.45     0.9995         0.9921 (0.978)
     int8_static_linear   0.23   0.43     0.9999         0.9995 (0.999)
-    int8_static_pct      0.23   0.45     0.9999         0.9995 (0.999)
-    int8_static_entropy  0.23   0.44     0.9999         0.9995 (0.999)
-    int8_static_smooth   0.20*  0.42     0.9999         0.9998 (0.9996)
+    .. percentile        0.23   0.45     0.9999         0.9995 (0.999)
+    .. entropy           0.23   0.44     0.9999         0.9995 (0.999)
+    .. smooth_alpha 0.5  0.20*  0.42     0.9999         0.9998 (0.9996)
 
+(".." is int8_static_linear with the gene set as shown: ``quant.calibration``,
+``quant.smooth_alpha``; see :class:`StaticOptions`.)
 * 0.23 on "random", where nothing is smoothed (no outlier channels); on "stress" the migrated
 weights deflate better.
 Latency ratios moved by up to 0.05 between runs on this shared machine (0.1 for int8_static).
@@ -54,7 +60,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,12 +77,44 @@ INT8_REDUCED_QMAX = 64
 INT4_QMAX = 7
 
 
+#: Calibration methods of the static schemes (the ``quant.calibration`` gene), in the order a
+#: config lists them by default.
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class StaticOptions:
+    """The genes of the static int8 schemes (registry meta ``static=True``).
+
+    Attributes:
+        calibration: how activation ranges are set: ``minmax``, ``percentile`` (99.999th) or
+            ``entropy`` (KL-optimal), one of :data:`CALIBRATIONS` (gene ``quant.calibration``).
+        smooth_alpha: SmoothQuant's migration strength; 0 smooths nothing
+            (gene ``quant.smooth_alpha``).
+        fallback: the share of weight layers (MatMul/Gemm/Conv with an initializer weight) kept
+            in float, the most quantization-sensitive first (:func:`sensitivity`); 0 quantizes
+            them all (gene ``quant.fallback``).
+    """
+
+    calibration: str = "minmax"
+    smooth_alpha: float = 0.0
+    fallback: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {list(CALIBRATIONS)}; "
+                             f"got {self.calibration!r}")
+        if not 0.0 <= self.smooth_alpha <= 1.0 or not 0.0 <= self.fallback <= 1.0:
+            raise ValueError("smooth_alpha and fallback must lie in [0, 1]")
+
+
 @dataclass
 class QuantContext:
     """Calibration data for a scheme: input batches as ONNX Runtime feeds (input name → numpy
-    array), one dict per batch."""
+    array), one dict per batch; and the options of the static schemes."""
 
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    static: StaticOptions = field(default_factory=StaticOptions)
 
 
 @QUANTIZATION.register("none", description="keep fp32 weights and activations", int8=False)
@@ -189,48 +227,38 @@ _CALIBRATION = {
 }
 
 
-def _linear_nodes(proto: Any) -> list[str]:
-    """Names of the MatMul/Gemm nodes whose second input is a 2-D initializer: the Linear
-    layers, not the activation-by-activation MatMuls of attention (Q·Kᵀ, P·V)."""
-    from onnx import numpy_helper
-
-    weights = {i.name for i in proto.graph.initializer if numpy_helper.to_array(i).ndim == 2}
-    return [n.name for n in proto.graph.node
-            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
-
-
-def _ort_static_qdq(
-    proto: Any, ctx: QuantContext, scheme: str, *, linear_only: bool = False,
-    calibration: str = "minmax", smooth_alpha: float | None = None,
-) -> Any:
-    """ORT static QDQ int8: per-channel 7-bit weights, uint8 per-tensor activations.
+def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str, *,
+                    linear_only: bool = False) -> Any:
+    """ORT static QDQ int8: per-channel 7-bit weights, uint8 per-tensor activations, with the
+    calibration, SmoothQuant and float fallback of ``ctx.static`` (:class:`StaticOptions`).
 
     Args:
         proto: the fp32 graph.
-        ctx: its calibration feeds.
+        ctx: its calibration feeds and the static options.
         scheme: the scheme's name, for errors.
         linear_only: quantize only the Linear layers (MatMul/Gemm with a weight); everything
             else (attention's MatMuls, LayerNorm, Softmax, GELU, residual Adds) stays float and
             the embedding tables get per-row int8 storage. False: every op ORT can quantize.
-        calibration: a key of :data:`_CALIBRATION`.
-        smooth_alpha: SmoothQuant's migration strength before quantization (None: no smoothing);
-            needs ``linear_only``.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not ctx.calibration:
         raise ValueError(f"{scheme} needs calibration batches")
-    method, extra = _CALIBRATION[calibration]
+    options = ctx.static
+    method, extra = _CALIBRATION[options.calibration]
     extra = {**extra, "CalibStridedMinMax": 1}
-    if smooth_alpha is not None:
-        proto = smooth_quant(proto, ctx, smooth_alpha)
+    if options.smooth_alpha > 0:
+        proto = smooth_quant(proto, ctx, options.smooth_alpha)
 
     def quantize(pre: str, dst: str) -> None:
         # Node names are read off the pre-processed graph, which is what ORT quantizes.
-        nodes = _linear_nodes(onnx.load(pre)) if linear_only else None
+        graph = onnx.load(pre)
+        weighted = _weight_nodes(graph, linear_only=linear_only)
+        kept_float = _most_sensitive(graph, weighted, ctx, options.fallback)
+        nodes = [n for n in weighted if n not in kept_float] if linear_only else None
         if nodes == []:
-            onnx.save(onnx.load(pre), dst)  # nothing to quantize: ORT would quantize everything
+            onnx.save(graph, dst)  # nothing to quantize: ORT would quantize everything
             return
         quantize_static(
             pre, dst, _calibration_reader(ctx),
@@ -239,6 +267,7 @@ def _ort_static_qdq(
             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, method), nodes_to_quantize=nodes,
+            nodes_to_exclude=sorted(kept_float) or None,
             op_types_to_quantize=["MatMul", "Gemm"] if linear_only else None,
             extra_options={**extra, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
             if linear_only else extra,
@@ -246,6 +275,116 @@ def _ort_static_qdq(
 
     out = _through_ort(proto, quantize)
     return int8_embeddings(_float_for_other_readers(out)) if linear_only else out
+
+
+def _weight_nodes(proto: Any, *, linear_only: bool) -> list[str]:
+    """Names of the nodes that hold a layer's weight: MatMul/Gemm whose second input is a 2-D
+    initializer (the Linear layers, not attention's Q·Kᵀ and P·V) and, unless ``linear_only``,
+    Conv nodes with an initializer weight; in graph order."""
+    from onnx import numpy_helper
+
+    dims = {i.name: numpy_helper.to_array(i).ndim for i in proto.graph.initializer}
+    out = []
+    for n in proto.graph.node:
+        weight = dims.get(n.input[1]) if len(n.input) > 1 else None
+        if (n.op_type in ("MatMul", "Gemm") and weight == 2) or (
+                not linear_only and n.op_type == "Conv" and weight is not None):
+            out.append(n.name)
+    return out
+
+
+def sensitivity(proto: Any, nodes: list[str], ctx: QuantContext) -> dict[str, float]:
+    """How much each weight node's output moves when its input and weight alone are int8.
+
+    For node ``y = x·W`` (MatMul/Gemm) the relative error ``‖x̂·Ŵ − x·W‖ / ‖x·W‖`` on the
+    first calibration batch, with ``x̂`` on the uint8 min-max grid of ``x`` over every
+    calibration batch and ``Ŵ`` on the 7-bit per-output-channel grid static int8 uses. A Conv
+    is scored without running it: ``√(ex² + ew²)`` of the relative errors of its input and its
+    weight. One ONNX Runtime pass over the calibration batches reads every input. This is the
+    local, one-layer-at-a-time sensitivity of NNCF's and Neural Compressor's accuracy-aware
+    fallback, not a re-measure of the model per layer.
+    """
+    from onnx import numpy_helper
+
+    by_name = {n.name: n for n in proto.graph.node}
+    arrays = {i.name: i for i in proto.graph.initializer}
+    inputs = sorted({by_name[n].input[0] for n in nodes})
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, values in _tensor_values(proto, inputs, ctx):
+        seen.setdefault(name, []).append(values)
+    out = {}
+    for name in nodes:
+        node = by_name[name]
+        batches = seen.get(node.input[0])
+        if not batches:
+            continue
+        lo = min(0.0, min(float(b.min()) for b in batches))
+        hi = max(0.0, max(float(b.max()) for b in batches))
+        x = batches[0].astype(np.float32)
+        scale = (hi - lo) / 255 or 1.0
+        zero = np.round(-lo / scale)
+        x_hat = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+        weight = numpy_helper.to_array(arrays[node.input[1]]).astype(np.float32)
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Conv":
+            w_hat = _on_grid(weight, axis=0)
+            out[name] = float(np.hypot(_relative(x_hat, x), _relative(w_hat, weight)))
+            continue
+        if node.op_type == "Gemm" and attrs.get("transB", 0):
+            weight = weight.T
+        w_hat = _on_grid(weight, axis=1)
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[1] != weight.shape[0]:
+            continue
+        reference = rows @ weight
+        out[name] = _relative(x_hat.reshape(rows.shape) @ w_hat, reference)
+    return out
+
+
+def _on_grid(weight: np.ndarray, axis: int) -> np.ndarray:
+    """``weight`` rounded to the symmetric 7-bit grid of each slice along ``axis``."""
+    dims = tuple(d for d in range(weight.ndim) if d != axis)
+    scale = np.abs(weight).max(axis=dims, keepdims=True) / INT8_REDUCED_QMAX
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(weight / scale), -INT8_REDUCED_QMAX, INT8_REDUCED_QMAX) * scale
+
+
+def _relative(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.linalg.norm(approx - exact) / max(float(np.linalg.norm(exact)), 1e-12))
+
+
+def _most_sensitive(proto: Any, nodes: list[str], ctx: QuantContext, share: float) -> set[str]:
+    """The ``round(share * len(nodes))`` nodes of ``nodes`` with the largest
+    :func:`sensitivity`: the layers a static scheme keeps in float."""
+    count = int(round(share * len(nodes)))
+    if count <= 0 or not nodes:
+        return set()
+    scores = sensitivity(proto, nodes, ctx)
+    return set(sorted(scores, key=lambda n: (-scores[n], nodes.index(n)))[:count])
+
+
+def _tensor_values(proto: Any, names: list[str], ctx: QuantContext
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, value)`` of each tensor of ``names`` (graph inputs or node outputs) on each
+    calibration batch, read by running ``proto`` with them added to its outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    probe = onnx.ModelProto.FromString(proto.SerializeToString())
+    present = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    for name in names:
+        if name not in present:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in probe.graph.input}
+    fetch = [n for n in names if n not in graph_inputs]
+    for feed in ctx.calibration:
+        values = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
+        values.update({n: feed[n] for n in names if n in feed})
+        for name in names:
+            if name in values:
+                yield name, np.asarray(values[name])
 
 
 def _float_for_other_readers(proto: Any) -> Any:
@@ -273,8 +412,10 @@ def _float_for_other_readers(proto: Any) -> Any:
 @QUANTIZATION.register(
     "int8_static",
     description="static int8 (QDQ) over the whole graph: per-channel int8 weights, uint8 "
-    "activations, min-max calibrated (for CNNs; a transformer loses its accuracy)",
+    "activations (for CNNs; a transformer loses its accuracy); calibration, SmoothQuant and "
+    "float fallback are genes",
     int8=True,
+    static=True,
 )
 def int8_static(proto: Any, ctx: QuantContext) -> Any:
     return _ort_static_qdq(proto, ctx, "int8_static")
@@ -286,49 +427,16 @@ def int8_static(proto: Any, ctx: QuantContext) -> Any:
 # that per-tensor uint8 activations cannot hold, so those ops stay float. The embedding tables,
 # half the weights of a small BERT, are stored in per-row int8 (int8_embeddings).
 
-_LINEAR_META = {"int8": True, "applies_to": ("Linear", "Embedding")}
-
-
 @QUANTIZATION.register(
     "int8_static_linear",
-    description="static int8 (QDQ) of the Linear layers only, min-max calibrated; attention "
-    "products, LayerNorm, Softmax, GELU and residuals stay float; per-row int8 embeddings",
-    **_LINEAR_META,
+    description="static int8 (QDQ) of the Linear layers only; attention products, LayerNorm, "
+    "Softmax, GELU and residuals stay float; per-row int8 embeddings",
+    int8=True,
+    static=True,
+    applies_to=("Linear", "Embedding"),
 )
 def int8_static_linear(proto: Any, ctx: QuantContext) -> Any:
     return _ort_static_qdq(proto, ctx, "int8_static_linear", linear_only=True)
-
-
-@QUANTIZATION.register(
-    "int8_static_pct",
-    description="int8_static_linear calibrated to the 99.999th percentile of each activation "
-    "instead of its min-max, so rare outliers do not stretch the grid",
-    **_LINEAR_META,
-)
-def int8_static_pct(proto: Any, ctx: QuantContext) -> Any:
-    return _ort_static_qdq(proto, ctx, "int8_static_pct", linear_only=True,
-                           calibration="percentile")
-
-
-@QUANTIZATION.register(
-    "int8_static_entropy",
-    description="int8_static_linear calibrated by entropy (the activation range minimizing the "
-    "KL divergence of its int8 histogram)",
-    **_LINEAR_META,
-)
-def int8_static_entropy(proto: Any, ctx: QuantContext) -> Any:
-    return _ort_static_qdq(proto, ctx, "int8_static_entropy", linear_only=True,
-                           calibration="entropy")
-
-
-@QUANTIZATION.register(
-    "int8_static_smooth",
-    description="int8_static_linear after SmoothQuant (alpha 0.5): per-channel activation "
-    "ranges migrated into the weights, which per-channel weight scales absorb",
-    **_LINEAR_META,
-)
-def int8_static_smooth(proto: Any, ctx: QuantContext) -> Any:
-    return _ort_static_qdq(proto, ctx, "int8_static_smooth", linear_only=True, smooth_alpha=0.5)
 
 
 # --- SmoothQuant --------------------------------------------------------------------------------
@@ -336,26 +444,11 @@ def int8_static_smooth(proto: Any, ctx: QuantContext) -> Any:
 
 def _channel_absmax(proto: Any, names: list[str], ctx: QuantContext) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of the tensors ``names`` over the calibration batches."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    probe = onnx.ModelProto.FromString(proto.SerializeToString())
-    present = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
-    for name in names:
-        if name not in present:
-            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    graph_inputs = {i.name for i in probe.graph.input}
-    fetch = [n for n in names if n not in graph_inputs]
     out: dict[str, np.ndarray] = {}
-    for feed in ctx.calibration:
-        values = dict(zip(fetch, session.run(fetch, feed), strict=True)) if fetch else {}
-        values.update({n: feed[n] for n in names if n in feed})
-        for name, value in values.items():
-            value = np.abs(np.asarray(value, dtype=np.float32))
-            peak = value.reshape(-1, value.shape[-1]).max(axis=0)
-            out[name] = np.maximum(out[name], peak) if name in out else peak
+    for name, value in _tensor_values(proto, names, ctx):
+        value = np.abs(value.astype(np.float32))
+        peak = value.reshape(-1, value.shape[-1]).max(axis=0)
+        out[name] = np.maximum(out[name], peak) if name in out else peak
     return out
 
 
@@ -624,6 +717,7 @@ def qat_prepare(model: Any) -> Callable[[], None]:
     description="int8_static after a fine-tune with per-channel weights fake-quantized on its "
     "7-bit grid (plain int8_static when there is no fine-tune)",
     int8=True,
+    static=True,
     prepare=qat_prepare,
 )
 def qat(proto: Any, ctx: QuantContext) -> Any:

@@ -9,11 +9,13 @@ set, a dependency *group*. Each group is pruned once:
   first voter in execution order;
 - the kept count ``n - round(sparsity * n)`` is rounded to the nearest multiple of ``round_to``
   (at least one multiple, never above ``n``), because odd channel counts run nearly as slowly as
-  dense ones on ONNX Runtime (see STACK.md).
+  dense ones on ONNX Runtime (see STACK.md); a group that holds an ``nn.MultiheadAttention``'s
+  ``embed_dim`` rounds to a multiple of its heads too (:func:`channel_step`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +23,16 @@ import torch
 from torch import nn
 
 from petra.registry import PRUNING
+
+
+def channel_step(group: Any, round_to: int) -> int:
+    """``round_to``, made a multiple of the head count of every ``nn.MultiheadAttention`` in
+    ``group``: its ``embed_dim`` is the group's width and must stay divisible by its heads."""
+    step = round_to
+    for dep, _ in group:
+        if isinstance(dep.target.module, nn.MultiheadAttention):
+            step = math.lcm(step, dep.target.module.num_heads)
+    return step
 
 
 def kept_channels(n: int, sparsity: float, round_to: int) -> int:
@@ -62,8 +74,27 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
             yield group
 
 
+#: Normalization layers whose presence marks a channel group as the residual stream: a
+#: transformer normalizes its hidden state (the stream every block reads and adds to) with them,
+#: so their channels are the hidden size (``LayerNorm``, ``nn.RMSNorm``, ``LlamaRMSNorm``, ...).
+STREAM_NORMS = ("LayerNorm", "RMSNorm")
+
+
 def structured_layers(model: nn.Module, example_input: Any) -> set[str]:
     """Names of the layers whose output channels torch-pruning can remove with their group."""
+    return channel_layers(model, example_input)[0]
+
+
+def channel_layers(model: nn.Module, example_input: Any) -> tuple[set[str], tuple[str, ...]]:
+    """``(structured, residual)``: the layers whose output channels torch-pruning can remove
+    with their group, and the writers of the residual stream (the hidden size), if the model
+    has one.
+
+    The residual stream is the channel group that at least two normalization layers
+    (:data:`STREAM_NORMS`) follow and at least two layers write; where several qualify, the one
+    with the most writers. Its members (embeddings, every block's output projections) share one
+    width, so it is one model-wide gene (``prune.width``), never per-layer votes.
+    """
     import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
@@ -73,14 +104,21 @@ def structured_layers(model: nn.Module, example_input: Any) -> set[str]:
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_input, verbose=False)
     except Exception:  # noqa: BLE001 - a model DepGraph cannot trace gets no structured genes
-        return set()
+        return set(), ()
     finally:
         model.train(was_training)
-    found = set()
+    found: set[str] = set()
+    residual: tuple[str, ...] = ()
     for group in channel_groups(graph):
-        found.update(names[dep.target.module] for dep, _ in group
-                     if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names)
-    return found
+        writers = tuple(dict.fromkeys(
+            names[dep.target.module] for dep, _ in group
+            if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names))
+        found.update(writers)
+        norms = {dep.target.module for dep, _ in group
+                 if type(dep.target.module).__name__.endswith(STREAM_NORMS)}
+        if len(norms) >= 2 and len(writers) >= 2 and len(writers) > len(residual):
+            residual = writers
+    return found, residual
 
 
 def prune_channels(
@@ -144,20 +182,21 @@ def prune_channels(
                 gate(names[root], out_channel_members(group), n)
             continue
         sparsity = sum(plan[v][1] for v in voters) / len(voters)
-        if sparsity_rule is None and kept_channels(n, sparsity, round_to) >= n:
+        step = channel_step(group, round_to)
+        if sparsity_rule is None and kept_channels(n, sparsity, step) >= n:
             continue
         # Score every group on the unpruned model, as MetaPruner does, then prune.
         scores = entry.fn(group, ctx).detach().flatten()
         if scores.numel() != n:
             raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
-        scored.append((root, n, sparsity, scores))
+        scored.append((root, n, sparsity, scores, step))
     if sparsity_rule is not None:
-        chosen = sparsity_rule.sparsities([scores for *_, scores in scored])
-        scored = [(root, n, sp, scores) for (root, n, _, scores), sp
+        chosen = sparsity_rule.sparsities([s[3] for s in scored])
+        scored = [(root, n, sp, scores, step) for (root, n, _, scores, step), sp
                   in zip(scored, chosen, strict=True)]
     changes: dict[str, tuple[int, int]] = {}
-    for root, n, sparsity, scores in scored:
-        keep = kept_channels(n, sparsity, round_to)
+    for root, n, sparsity, scores, step in scored:
+        keep = kept_channels(n, sparsity, step)
         if keep >= n:
             continue
         idxs = torch.argsort(scores, stable=True)[: n - keep].tolist()

@@ -111,7 +111,7 @@ def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, s
     from petra.compress.attention import kept_heads, prune_heads
     from petra.compress.blocks import skip_blocks
     from petra.compress.recurrent import prune_units
-    from petra.compress.structured import kept_channels, remove_channels
+    from petra.compress.structured import channel_step, kept_channels, remove_channels
 
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
@@ -132,7 +132,9 @@ def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, s
     for name in roots:
         root = model.get_submodule(name)
         n = graph.get_out_channels(root)
-        keep = kept_channels(n, sparsity, round_to)
+        whole = graph.get_pruning_group(
+            root, graph.get_pruner_of_module(root).prune_out_channels, list(range(n)))
+        keep = kept_channels(n, sparsity, channel_step(whole, round_to))
         if keep < n:
             remove_channels(graph, root, list(range(keep, n)))
 
