@@ -236,7 +236,10 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
             isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
             and name == seen[-1]
         )
-        grouped = getattr(module, "groups", 1) != 1
+        # A depthwise conv (groups == in == out channels) loses channels with the conv that
+        # feeds it (torch-pruning's depthwise pruner); other grouped convs keep theirs.
+        groups = getattr(module, "groups", 1)
+        grouped = groups != 1 and not (groups == module.in_channels == module.out_channels)
         kind = type(module).__name__
         if name in heads and kind not in ATTENTION_TYPE_NAMES:
             kind = "Attention"
@@ -257,8 +260,9 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
 
 
 def protected(layers: Iterable[LayerInfo]) -> list[str]:
-    """The layers whose output channels must stay (the classifier, grouped convs, layers
-    torch-pruning cannot follow): channel pruning leaves every group that holds one. An
+    """The layers whose output channels must stay (the classifier, grouped convs that are not
+    depthwise, layers torch-pruning cannot follow): channel pruning leaves every group that
+    holds one. An
     embedding is not among them: its width is the residual's, which the channel groups of the
     Linear layers that share it decide."""
     return [layer.name for layer in layers if not layer.structured and layer.type != "Embedding"]

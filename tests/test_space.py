@@ -13,6 +13,7 @@ from petra.space import (
     LayerInfo,
     SearchSpace,
     build_space,
+    protected,
     prunable_layers,
     select_layers,
     summarize,
@@ -143,16 +144,38 @@ def test_prunable_layers_restores_training_mode(model_and_input):
         model.eval()
 
 
-def test_grouped_convs_are_not_structured():
+def test_depthwise_convs_lose_channels_with_their_producer_and_grouped_convs_do_not():
+    import copy
+
     import torch
     from torch import nn
 
+    from petra.compress.structured import prune_channels
+
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(64, 3)
+        nn.Conv2d(1, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(), nn.Linear(128, 3)
     )
-    layers = prunable_layers(model, torch.zeros(2, 1, 8, 8))
+    x = torch.randn(2, 1, 8, 8)
+    layers = prunable_layers(model, x)
     found = {layer.name: layer.structured for layer in layers}
-    assert found == {"0": True, "1": False, "3": False}
+    # depthwise (groups == channels): structured; grouped (groups 2): its channels stay
+    assert found == {"0": True, "1": True, "2": True, "3": False, "5": False}
+    pruned = copy.deepcopy(model)
+    changes = prune_channels(pruned, x, {"1": ("l2_channel", 0.5)}, protected=protected(layers))
+    assert list(changes.values()) == [(8, 4)]
+    assert pruned[0].out_channels == pruned[1].out_channels == pruned[1].groups == 4
+    assert pruned[2].in_channels == 4 and pruned(x).shape == (2, 3)
+    # the conv that feeds the grouped conv breaks torch-pruning's grouped-conv indexing: the
+    # verification withholds it, and offers the depthwise group
+    from petra.space import model_space
+
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, (x,))
+    assert set(space.withheld) == {"layers.2"}
+    assert "l2_channel" in space.gene("layers.1.method").choices
+    assert "l2_channel" not in space.gene("layers.2.method").choices
 
 
 def test_select_layers_applies_include_then_exclude_globs(layers):
