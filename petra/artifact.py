@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from petra.errors import first_line
+
 FORMAT = "petra-artifact/1"
 _MIN_SPARSE_SIZE = 64
 # Model metadata key: JSON {initializer name: {"axis": int, "scale": [float32 values]}}.
@@ -97,16 +99,11 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
                 )
             except Exception as second:
                 raise RuntimeError(
-                    f"ONNX export failed: {_first_line(first)} (TorchScript exporter); "
-                    f"{_first_line(second)} (torch.export)") from second
+                    f"ONNX export failed: {first_line(first)} (TorchScript exporter); "
+                    f"{first_line(second)} (torch.export)") from second
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
     return strip(onnx.load_from_string(buffer.getvalue()))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 #: Where :func:`quiet_output` sends what the exporter and quantizers print.

@@ -49,7 +49,7 @@ def prepare_baseline(
     import torch
 
     from petra import artifact
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
     from petra.measure import macs_and_params, median_latency_ms, session_accuracy
     from petra.tasks.contract import TaskError, check
     from petra.train import train

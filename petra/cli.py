@@ -25,6 +25,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from petra.errors import COMPLETE
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -83,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from petra.config import ConfigError, load_config
+    from petra.config import load_config
+    from petra.errors import ConfigError
 
     try:
         if args.command == "methods":
@@ -149,7 +152,7 @@ def _space(cfg: object, as_json: bool) -> int:
 def _read_genome(source: str) -> dict:
     import yaml
 
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
 
     try:
         text = sys.stdin.read() if source == "-" else open(source).read()
@@ -168,7 +171,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     import torch
 
     from petra.baseline import prepare_baseline
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
     from petra.evaluate import Evaluator
     from petra.loop import cache_dir
     from petra.space import model_space
@@ -225,7 +228,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
         print(f"  effective          {payload['effective']}")
         if export:
             print(f"exported to {export}")
-    return 0 if result.status == "complete" else 1
+    return 0 if result.status == COMPLETE else 1
 
 
 def _resume(run_id: str, overrides: list[str]) -> int:
@@ -295,7 +298,7 @@ def _runs_command(args: argparse.Namespace) -> int:
 
     uri, rest = split_store(args.overrides)
     if rest:
-        from petra.config import ConfigError
+        from petra.errors import ConfigError
 
         raise ConfigError("--set", rest[0], "", f"petra {args.command} takes only "
                           f"--set tracking.uri=URI; got {rest[0]!r}")

@@ -136,7 +136,7 @@ def compare(searches: Sequence[Any]) -> Comparison:
     Raises:
         petra.config.ConfigError: fewer than two searches, or different objectives.
     """
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
     from petra.pareto import hypervolume, non_dominated_ranks
 
     if len(searches) < 2:

@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from petra.errors import ConfigError, show  # noqa: F401  (ConfigError re-exported)
 from petra.registry import (
     PRUNING,
     QUANTIZATION,
@@ -58,25 +59,6 @@ METRICS: tuple[str, ...] = (
     "macs",
 )
 DIRECTIONS: tuple[str, ...] = ("max", "min")
-
-
-class ConfigError(ValueError):
-    """A config mistake, told in one line: ``<field>: <what is allowed>; got <value>``.
-
-    Attributes:
-        field: the dotted path of the field, with list indices as ``[i]``.
-        value: the value received.
-        allowed: what the field accepts, e.g. ``"must be an integer >= 2"``.
-    """
-
-    def __init__(self, field: str, value: Any, allowed: str, detail: str | None = None) -> None:
-        self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}: {detail or f'{allowed}; got {_show(value)}'}")
-
-
-def _show(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------

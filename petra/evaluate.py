@@ -21,19 +21,18 @@ import copy
 import io
 import math
 import os
-import re
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
 from petra.fidelity import ALL_ROUNDS, FIRST_ROUNDS
 
 if TYPE_CHECKING:
     from petra.fidelity import Rung
 
-COMPLETE, FAILED, PRUNED = "complete", "failed", "pruned"
 
 # A compression is "effective" on bytes or latency only when it beats the baseline by more than
 # this margin (and, for latency, by more than the measured spread of the ratio).
@@ -496,25 +495,6 @@ def _latency_metrics(latency: Any) -> dict[str, float]:
         "baseline_latency_ms": latency.baseline_ms,
         "latency_rounds": float(latency.rounds),
     }
-
-
-def describe_error(exc: BaseException, limit: int = 2000) -> str:
-    """``Type: message`` of the error's root cause, naming the wrapper it was raised inside.
-
-    torch.export, for one, wraps a model's own error in a long ``TorchExportError``; the root
-    cause is what the user needs to read first. petra's own errors (the memory limit) already
-    say what happened, and are told as they are.
-    """
-    if type(exc).__module__.startswith("petra."):
-        return f"{type(exc).__name__}: {exc}"[:limit]
-    root, seen = exc, {id(exc)}
-    while (nxt := root.__cause__) is not None and id(nxt) not in seen:
-        seen.add(id(nxt))
-        root = nxt
-    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(root).__name__}: {root}").strip()
-    if root is not exc:
-        text += f" (raised inside {type(exc).__name__})"
-    return text[:limit]
 
 
 def _effective(metrics: Mapping[str, float]) -> dict[str, bool]:

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from petra.evaluate import FAILED, Evaluator, Result
+from petra.errors import FAILED
+from petra.evaluate import Evaluator, Result
 from petra.fidelity import Rung
 
 # Ray 2.60 binds to the machine's network address and turns on token auth unless told

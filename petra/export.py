@@ -135,7 +135,7 @@ def export_candidate(uri: str, search_run_id: str, candidate_run_id: str,
             an artifact (failed or pruned).
     """
     from petra import artifact
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
     from petra.measure import session_accuracy
     from petra.runs import open_search
     from petra.tasks import load_task

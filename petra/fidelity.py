@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from petra.errors import COMPLETE
+
 #: Added to the best final accuracy in evidence, so a candidate like the best is not stopped.
 HEADROOM_MARGIN = 0.01
 #: Rung accuracies within this of a candidate's count as "no better" than it.
@@ -162,7 +164,7 @@ def rung_evidence(records: Sequence[Mapping[str, Any]]) -> tuple[tuple[float, fl
     for r in records:
         m = r.get("metrics") or {}
         genome = r.get("genome") or {}
-        finished = (r.get("status") == "complete" or (
+        finished = (r.get("status") == COMPLETE or (
             r.get("status") == "pruned"
             and m.get("fidelity_epochs") == float(genome.get("finetune.epochs", -1))))
         if finished and "rung_val_accuracy" in m and "val_accuracy" in m:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from petra.evaluate import COMPLETE, FAILED, PRUNED, objective_values
+from petra.errors import COMPLETE, FAILED, PRUNED
+from petra.evaluate import objective_values
 
 #: A :class:`petra.progress.Reporter`, or a callable taking message lines.
 Progress = Any
@@ -163,7 +164,7 @@ def resume(
 
     text = Tracker.read_text(uri, run_id, "config.yaml")
     if text is None:
-        from petra.config import ConfigError
+        from petra.errors import ConfigError
 
         raise ConfigError("run_id", run_id, "", f"no petra search run {run_id!r} in {uri}")
     cfg = load_config(yaml.safe_load(text), [f"tracking.uri={uri}", *overrides])

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from petra.errors import COMPLETE, FAILED, PRUNED, STATUSES
+
 Objectives = Sequence[tuple[str, str]]
 
 #: "min" metrics that are already ratios to the dense baseline (the baseline's value is 1.0).
@@ -29,7 +31,6 @@ RATIO_METRICS = frozenset({"latency_ratio", "size_ratio"})
 ACCURACY_MARGIN = 0.1
 #: The keys that :func:`is_feasible` understands.
 CONSTRAINT_KEYS = ("max_accuracy_drop", "max_bytes", "max_latency_ratio")
-STATUSES = ("complete", "failed", "pruned")
 
 
 def check_objectives(objectives: Objectives) -> list[tuple[str, str]]:
@@ -404,7 +405,7 @@ def snapshot(
         if status not in STATUSES:
             raise ValueError(f"record status must be one of {list(STATUSES)}; got {status!r}")
         metrics = record.get("metrics") or {}
-        if status != "complete":
+        if status != COMPLETE:
             continue
         values = [metrics.get(m) for m, _ in objectives]
         if any(v is None or not math.isfinite(float(v)) for v in values):
@@ -439,8 +440,8 @@ def snapshot(
         hypervolume=hv,
         reference=ref,
         evaluated=len(records),
-        failed=sum(1 for r in records if r.get("status") == "failed"),
-        pruned=sum(1 for r in records if r.get("status") == "pruned"),
+        failed=sum(1 for r in records if r.get("status") == FAILED),
+        pruned=sum(1 for r in records if r.get("status") == PRUNED),
     )
 
 
@@ -459,7 +460,7 @@ def hypervolume_curve(
     curve, points = [], []
     for record in records:
         metrics = record.get("metrics") or {}
-        if record.get("status") == "complete" and is_feasible(metrics, baseline, constraints):
+        if record.get("status") == COMPLETE and is_feasible(metrics, baseline, constraints):
             point = normalize(metrics, objectives, baseline)
             if all(math.isfinite(v) for v in point):
                 points.append(point)

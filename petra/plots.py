@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petra.errors import COMPLETE
+
 #: (metric, axis label) of the plots.
 AXES = {"acc": ("val_accuracy", "validation accuracy"),
         "size": ("size_ratio", "size ratio (artifact bytes / dense)"),
@@ -47,7 +49,7 @@ def plottable(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     for r in records:
         m = r.get("metrics") or {}
         values = [m.get(metric) for metric, _ in AXES.values()]
-        if r.get("status", "complete") == "complete" and all(
+        if r.get("status", COMPLETE) == COMPLETE and all(
                 v is not None and math.isfinite(float(v)) for v in values):
             out.append(r)
     return out

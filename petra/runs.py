@@ -49,7 +49,7 @@ class SearchRun:
 
     def record(self, candidate_id: str) -> dict[str, Any]:
         """The record of one candidate run of this search, by id or unique id prefix."""
-        from petra.config import ConfigError
+        from petra.errors import ConfigError
 
         found = [r for r in self.records if r["id"] == candidate_id]
         if not found and len(candidate_id) >= 4:
@@ -73,7 +73,8 @@ def open_search(uri: str, run_id: str) -> SearchRun:
     import yaml
     from mlflow.exceptions import MlflowException
 
-    from petra.config import ConfigError, load_config
+    from petra.config import load_config
+    from petra.errors import ConfigError
     from petra.tracking import Tracker, open_client
 
     client = open_client(uri)

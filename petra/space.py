@@ -315,7 +315,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
     Raises:
         petra.config.ConfigError: naming the glob's field, the glob and the model's layers.
     """
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
 
     names = [layer.name for layer in layers]
     for key, globs in (("include", include), ("exclude", exclude)):
@@ -738,7 +738,7 @@ def width_genes(space_cfg: Any, selected: Sequence[LayerInfo]) -> list[Gene]:
     methods = tuple(m for m in space_cfg.pruning if m != "none"
                     and PRUNING.get(m).meta.get("kind") == "structured"
                     and not PRUNING.get(m).meta.get("trained"))
-    if hi <= 0 or not methods or not any(l.residual and l.structured for l in selected):
+    if hi <= 0 or not methods or not any(x.residual and x.structured for x in selected):
         return []
     return [Float("prune.width", lo, hi, lo, step=0.01),
             Categorical("prune.width_method", methods, methods[0])]

@@ -129,7 +129,7 @@ def compare_url(url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
 
 def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> int:
     """Run the UI until Ctrl-C; returns the exit code."""
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
 
     if uri.startswith(("http://", "https://")):
         say(f"the store {uri} is an MLflow server: open {uri} (its UI)")

@@ -159,8 +159,8 @@ def test_the_width_gene_prunes_the_hidden_size_consistently(task, tmp_path):
     """One prune.width removes the same channels from the embeddings, every LayerNorm and
     every block; an nn.MultiheadAttention's embed_dim stays divisible by its heads; the
     artifact shrinks and the model still runs (in ONNX Runtime too)."""
-    from petra.evaluate import Recipe
     from petra.compress.structured import prune_channels
+    from petra.evaluate import Recipe
 
     space = space_of(task, tmp_path)
     writers = [layer.name for layer in space.layers if layer.residual]

@@ -29,9 +29,9 @@ from petra.tasks.contract import feed
 from tests.test_artifact import run_standalone
 
 
-def quantize(name, proto, calibration=(), static=StaticOptions()):
+def quantize(name, proto, calibration=(), static=None):
     return QUANTIZATION.get(name)(proto, QuantContext(calibration=list(calibration),
-                                                      static=static))
+                                                      static=static or StaticOptions()))
 
 
 def initializers(proto):

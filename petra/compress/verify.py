@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from petra.errors import first_line
 from petra.tasks.contract import args
 
 #: How a verdict reads when a set fails though each half of it runs.
@@ -39,14 +40,6 @@ class Unit:
     kind: str
     name: str
     members: tuple[str, ...]
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message``, at most ``limit`` characters."""
-    from petra.evaluate import describe_error
-
-    text = describe_error(exc).splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
 
 
 def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -> dict[Any, str]:

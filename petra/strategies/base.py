@@ -13,12 +13,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from petra.errors import STATUSES
 from petra.registry import Registry
 from petra.space import Genome, SearchSpace
 
 STRATEGIES = Registry("search strategy")
 
-STATUSES = ("complete", "failed", "pruned")
 #: How many times a strategy redraws a genome whose hash was already proposed.
 MAX_TRIES = 20
 

@@ -24,6 +24,7 @@ from deap import base as deap_base
 from deap import tools as deap_tools
 from deap.tools.emo import assignCrowdingDist
 
+from petra.errors import FAILED
 from petra.pareto import non_dominated_ranks
 from petra.space import Categorical, Float, Genome, Int, SearchSpace
 from petra.strategies.base import (
@@ -262,7 +263,7 @@ class NSGA2(StrategyBase):
         return {g.name: v for g, v in zip(self.space.genes, values, strict=True)}
 
     def _fitness_values(self, result: Told) -> tuple[float, ...]:
-        if result.status == "failed" or result.values is None:
+        if result.status == FAILED or result.values is None:
             return self._worst
         if len(result.values) != len(self.objectives):
             raise ValueError(

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from petra.errors import FAILED, PRUNED
 from petra.space import Categorical, Float, Genome, Int, SearchSpace
 from petra.strategies.base import (
     MAX_TRIES,
@@ -225,9 +226,9 @@ class OptunaSearch(StrategyBase):
 
     def _outcome(self, result: Told) -> tuple[Any, list[float] | None]:
         states = self._optuna.trial.TrialState
-        if result.status == "pruned":
+        if result.status == PRUNED:
             return states.PRUNED, None
-        if result.status == "failed" or result.values is None:
+        if result.status == FAILED or result.values is None:
             return states.FAIL, None
         if len(result.values) != len(self.objectives):
             raise ValueError(

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from petra.errors import first_line
 from petra.registry import Registry
 
 TASKS = Registry("task")
@@ -80,11 +81,6 @@ def register_builtin() -> None:
     import petra.tasks.vit  # noqa: F401
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     """Build a task from a built-in name or a ``"package.module:function"`` import string."""
     import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
@@ -93,7 +89,7 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     import petra.tasks.mobilenet  # noqa: F401
     import petra.tasks.text  # noqa: F401
     import petra.tasks.vit  # noqa: F401
-    from petra.config import ConfigError
+    from petra.errors import ConfigError
 
     params = dict(params or {})
     if ":" in name:
@@ -103,7 +99,7 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
         except Exception as exc:  # noqa: BLE001 - importing user code can raise anything
             raise ConfigError(
                 "task.name", name, "", f"cannot import {name!r} ({type(exc).__name__}: "
-                f"{_first_line(exc)})") from exc
+                f"{first_line(exc, typed=False)})") from exc
     elif name in TASKS:
         fn = TASKS.get(name).fn
     else:
@@ -116,10 +112,10 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
         task = fn(**params)
     except TypeError as exc:
         raise ConfigError("task.params", params, "",
-                          f"{name} rejected its params ({_first_line(exc)})") from exc
+                          f"{name} rejected its params ({first_line(exc, typed=False)})") from exc
     except Exception as exc:  # noqa: BLE001 - a user's task can raise anything
         raise ConfigError("task.name", name, "", f"the task {name!r} raised "
-                          f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                          f"{type(exc).__name__}: {first_line(exc, typed=False)}") from exc
     if not isinstance(task, Task):
         raise ConfigError("task.name", name, "",
                           f"{name!r} must return a petra.Task; got {type(task).__name__}")
@@ -129,4 +125,4 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
         return adapt(task)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError("task.name", name, "", f"the task {name!r} is outside the task "
-                          f"contract: {_first_line(exc)}") from exc
+                          f"contract: {first_line(exc, typed=False)}") from exc

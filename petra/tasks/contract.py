@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from petra.errors import first_line
+
 #: The names :func:`first_tensor` prefers in a dict or ``ModelOutput``, in order.
 OUTPUT_KEYS = ("logits", "last_hidden_state")
 
@@ -197,7 +199,6 @@ def check(task: Any, name: str) -> None:
         TaskError: naming the function that raised (``forward``, ``loss`` or ``metric``) and
             its error, in one line.
     """
-    from petra.tasks import _first_line
 
     def first(split: str) -> Any:
         batch = next(iter(getattr(task, split)), None)
@@ -230,6 +231,6 @@ def check(task: Any, name: str) -> None:
     except Exception as exc:  # noqa: BLE001 - a user's function can raise anything
         fn = {"forward": "model's forward", "loss": "loss", "metric": "metric"}[stage]
         raise TaskError(f"the {fn} of task {name!r} raised {type(exc).__name__}: "
-                        f"{_first_line(exc)}") from exc
+                        f"{first_line(exc, typed=False)}") from exc
     finally:
         model.train(was_training)

@@ -1,0 +1,63 @@
+"""The ground floor: petra's config error, how any error is told in one line, and the
+statuses a candidate ends in.
+
+Nothing here imports the rest of petra, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config mistake, told in one line: ``<field>: <what is allowed>; got <value>``.
+
+    Attributes:
+        field: the dotted path of the field, with list indices as ``[i]``.
+        value: the value received.
+        allowed: what the field accepts, e.g. ``"must be an integer >= 2"``.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str, detail: str | None = None) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}: {detail or f'{allowed}; got {show(value)}'}")
+
+
+def show(value: Any, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` of the error's root cause, naming the wrapper it was raised inside.
+
+    torch.export, for one, wraps a model's own error in a long ``TorchExportError``; the root
+    cause is what the user needs to read first. petra's own errors (the memory limit) already
+    say what happened, and are told as they are.
+    """
+    if type(exc).__module__.startswith("petra."):
+        return f"{type(exc).__name__}: {exc}"[:limit]
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(root).__name__}: {root}").strip()
+    if root is not exc:
+        text += f" (raised inside {type(exc).__name__})"
+    return text[:limit]
+
+
+def first_line(exc: BaseException, limit: int = 300, *, typed: bool = True) -> str:
+    """The first non-blank line of :func:`describe_error` (``typed``), or of the bare message,
+    at most ``limit`` characters; the type's name where the message is empty."""
+    text = describe_error(exc) if typed else str(exc)
+    lines = [line for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
+#: How a candidate ended: measured in full, failed (an exception, NaN, out of memory), or
+#: stopped early by multi-fidelity (measured in part).
+COMPLETE, FAILED, PRUNED = "complete", "failed", "pruned"
+STATUSES = (COMPLETE, FAILED, PRUNED)
