@@ -187,10 +187,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
         genome = space.complete(genome)
     except ValueError as exc:
         raise ConfigError("genome", source, "", str(exc)) from None
-    evaluator = Evaluator(task_name=cfg.task.name, task_params=cfg.task.params,
-                          baseline_state=baseline.state, baseline_artifact=baseline.artifact,
-                          threads=threads, core=0, memory_limit_mb=cfg.execution.memory_limit_mb,
-                          shapley_permutations=cfg.space.shapley_permutations)
+    evaluator = Evaluator.from_config(cfg, baseline, threads=threads, core=0)
     torch.set_num_threads(threads)
     result = evaluator.evaluate(genome, genome_hash=space.genome_hash(genome), seed=cfg.seed)
     if result.artifact:

@@ -213,6 +213,21 @@ class Evaluator:
             feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)
         ]
 
+    @staticmethod
+    def options(cfg: Any, baseline: Any) -> dict[str, Any]:
+        """The keyword arguments of an Evaluator for config ``cfg`` (a
+        :class:`petra.config.SearchConfig`) and its :class:`petra.baseline.Baseline`: plain
+        data, so executors can send them to workers."""
+        return {"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
+                "baseline_state": baseline.state, "baseline_artifact": baseline.artifact,
+                "memory_limit_mb": cfg.execution.memory_limit_mb,
+                "shapley_permutations": cfg.space.shapley_permutations}
+
+    @classmethod
+    def from_config(cls, cfg: Any, baseline: Any, **overrides: Any) -> Evaluator:
+        """The Evaluator of :meth:`options`, with ``overrides`` (``threads``, ``core``)."""
+        return cls(**{**cls.options(cfg, baseline), **overrides})
+
     def evaluate(
         self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0,
         rung: Rung | None = None,
@@ -253,7 +268,7 @@ class Evaluator:
 
         from petra.compress.attention import prune_attention
         from petra.compress.blocks import skip_blocks
-        from petra.compress.gates import EquilibriumGates
+        from petra.compress.gates import EquilibriumGates, remove_gated
         from petra.compress.lowrank import factorize
         from petra.compress.prune import PruneContext, unstructured_masks
         from petra.compress.recurrent import gru_layers, prune_recurrent
@@ -331,7 +346,8 @@ class Evaluator:
         if finalize is not None:
             finalize()
         if gated:
-            channels.update(self._remove_gated(model, gated, recipe.round_to))
+            channels.update(remove_gated(model, self.example, gated, recipe.round_to,
+                                         _take(self.task.train, 16)))
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError("fine-tuning produced non-finite weights")
 
@@ -348,24 +364,6 @@ class Evaluator:
         info["effective"] = _effective(metrics)
         return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
                       artifact=data, info=info)
-
-    def _remove_gated(self, model: Any, gated: Mapping[str, Any],
-                      round_to: int) -> dict[str, tuple[int, int]]:
-        """Fold the trained gates into the weights, then remove the channels under 0.01 (the
-        kept count rounded to ``round_to``, as for every structured criterion)."""
-        import torch
-
-        from petra.compress.structured import kept_channels, remove_gated_channels
-
-        removals = {}
-        for name, gates in gated.items():
-            n = gates.n
-            keep = kept_channels(n, len(gates.removable()) / n, round_to)
-            removals[name] = torch.argsort(gates.s.detach(), stable=True)[: n - keep].tolist()
-            gates.fold()
-        changes = remove_gated_channels(model, self.example, removals)
-        recalibrate_batchnorm(model, self.task.train)
-        return changes
 
     def _artifact(self, model: Any, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
@@ -435,35 +433,6 @@ class Evaluator:
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)
-
-
-def recalibrate_batchnorm(model: Any, batches: Any, max_batches: int = 16) -> None:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average).
-
-    The gates moved during the fine-tune, faster than the running statistics' momentum follows;
-    without this, the model that was trained is not the model that is measured.
-    """
-    import torch
-    from torch import nn
-
-    from petra.tasks.contract import args
-
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for inputs, _ in _take(batches, max_batches):
-            model(*args(inputs))
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.train(was_training)
-    model.eval()
 
 
 def layer_sparsity(recipe: Recipe, model: Any, dense: Any,

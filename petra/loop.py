@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from petra.errors import COMPLETE, FAILED, PRUNED
-from petra.evaluate import objective_values
+from petra.evaluate import Evaluator, objective_values
 
 #: A :class:`petra.progress.Reporter`, or a callable taking message lines.
 Progress = Any
@@ -324,11 +324,7 @@ class _Search:
         cfg = self.cfg
         executor = make_executor(
             cfg.execution.executor,
-            evaluator_kwargs={"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
-                              "baseline_state": self.baseline.state,
-                              "baseline_artifact": self.baseline.artifact,
-                              "memory_limit_mb": cfg.execution.memory_limit_mb,
-                              "shapley_permutations": cfg.space.shapley_permutations},
+            evaluator_kwargs=Evaluator.options(cfg, self.baseline),
             address=cfg.execution.address, workers=cfg.execution.workers,
             cpus_per_candidate=cfg.execution.cpus_per_candidate,
         )

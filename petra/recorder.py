@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from petra.tracking import transient_errors
+
 #: How long the end of a search waits for an unreachable store before giving up.
 DRAIN_TIMEOUT_S = 600.0
 PENDING = "pending:"
@@ -26,27 +28,6 @@ PENDING = "pending:"
 
 class StoreUnavailable(RuntimeError):
     """The MLflow store stayed unreachable; everything is in the journal."""
-
-
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """The errors that mean "the store is away or busy", not "the request is wrong"."""
-    from mlflow.exceptions import MlflowException
-
-    errors: list[type[BaseException]] = [MlflowException, OSError, ConnectionError,
-                                         TimeoutError]
-    try:
-        import requests
-
-        errors.append(requests.exceptions.RequestException)
-    except ImportError:  # pragma: no cover - mlflow depends on requests
-        pass
-    try:
-        import sqlalchemy.exc
-
-        errors.append(sqlalchemy.exc.SQLAlchemyError)
-    except ImportError:  # pragma: no cover - mlflow depends on sqlalchemy
-        pass
-    return tuple(errors)
 
 
 class Recorder:

@@ -46,6 +46,27 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the store is away or busy", not "the request is wrong"."""
+    from mlflow.exceptions import MlflowException
+
+    errors: list[type[BaseException]] = [MlflowException, OSError, ConnectionError,
+                                         TimeoutError]
+    try:
+        import requests
+
+        errors.append(requests.exceptions.RequestException)
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        pass
+    try:
+        import sqlalchemy.exc
+
+        errors.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:  # pragma: no cover - mlflow depends on sqlalchemy
+        pass
+    return tuple(errors)
+
+
 def retrying(fn: Any, *, attempts: int = 6, delay_s: float = 0.5) -> Any:
     """``fn()``, tried again on a store that is busy or not ready yet.
 
@@ -53,8 +74,6 @@ def retrying(fn: Any, *, attempts: int = 6, delay_s: float = 0.5) -> Any:
     "table already exists"), and to create an experiment of the same name; the loser succeeds
     on its next try. Errors that persist are raised.
     """
-    from petra.recorder import transient_errors
-
     errors = transient_errors()
     for attempt in range(attempts):
         try:

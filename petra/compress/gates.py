@@ -15,7 +15,7 @@ criterion trains them during the fine-tune (:class:`EquilibriumGates`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -159,3 +159,47 @@ class EquilibriumGates(ChannelGates):
     def removable(self) -> torch.Tensor:
         """Indices of the channels whose gate ended under :data:`REMOVE_BELOW`."""
         return torch.nonzero(self.s.detach() < self.REMOVE_BELOW).flatten()
+
+
+def remove_gated(model: nn.Module, example_input: Sequence[Any], gated: Mapping[str, ChannelGates],
+                 round_to: int, batches: Iterable[Any]) -> dict[str, tuple[int, int]]:
+    """Fold the trained gates into the weights, remove the channels under 0.01 (the kept count
+    rounded to ``round_to``, as for every structured criterion), then re-estimate the
+    BatchNorm statistics on ``batches``; returns group root → (channels before, after)."""
+    from petra.compress.structured import kept_channels, remove_gated_channels
+
+    removals = {}
+    for name, gates in gated.items():
+        n = gates.n
+        keep = kept_channels(n, len(gates.removable()) / n, round_to)
+        removals[name] = torch.argsort(gates.s.detach(), stable=True)[: n - keep].tolist()
+        gates.fold()
+    changes = remove_gated_channels(model, example_input, removals)
+    recalibrate_batchnorm(model, batches)
+    return changes
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (a cumulative average).
+
+    The gates moved during the fine-tune, faster than the running statistics' momentum follows;
+    without this, the model that was trained is not the model that is measured.
+    """
+    from petra.tasks.contract import args
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for inputs, _ in batches:
+            model(*args(inputs))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    model.eval()
