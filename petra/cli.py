@@ -107,15 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _methods(as_json: bool) -> int:
-    import petra.compress  # noqa: F401
-    from petra.registry import PRUNING, QUANTIZATION, RANK_RULES, REGULARIZERS, SPARSITY_RULES
-    from petra.strategies import STRATEGIES
-    from petra.tasks import TASKS, register_builtin
+    from petra.registry import REGISTRIES
 
-    register_builtin()
-    registries = {"pruning": PRUNING, "sparsity_rule": SPARSITY_RULES, "rank_rule": RANK_RULES,
-                  "quantization": QUANTIZATION, "regularizer": REGULARIZERS,
-                  "strategy": STRATEGIES, "task": TASKS}
+    registries = REGISTRIES
     table = {kind: reg.describe() for kind, reg in registries.items()}
     if as_json:
         print(json.dumps(table, indent=2))

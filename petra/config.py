@@ -18,7 +18,6 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,16 +38,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from petra.errors import ConfigError, show  # noqa: F401  (ConfigError re-exported)
-from petra.registry import (
-    PRUNING,
-    QUANTIZATION,
-    RANK_RULES,
-    REGULARIZERS,
-    SPARSITY_RULES,
-    Registry,
-)
+from petra.registry import REGISTRIES
 
-STRATEGIES: tuple[str, ...] = ("nsga2", "random", "nsga3", "optuna_nsga2", "optuna_tpe", "grid")
 METRICS: tuple[str, ...] = (
     "val_accuracy",
     "artifact_bytes",
@@ -70,21 +61,9 @@ def _reject(allowed: str, detail: str = "") -> PydanticCustomError:
     return PydanticCustomError("petra", "{allowed}", {"allowed": allowed, "detail": detail})
 
 
-def _registry(kind: str) -> Registry:
-    with suppress(ImportError):
-        import petra.compress  # noqa: F401  (registers the built-in methods)
-    return {"pruning": PRUNING, "quantization": QUANTIZATION, "regularizer": REGULARIZERS,
-            "sparsity rule": SPARSITY_RULES, "rank rule": RANK_RULES}[kind]
-
-
-def _registry_names(kind: str) -> list[str]:
-    """The names registered for ``kind`` (``pruning``, ``quantization`` or ``regularizer``)."""
-    return _registry(kind).names()
-
-
 def _registered(kind: str) -> AfterValidator:
     def check(name: str) -> str:
-        registry = _registry(kind)
+        registry = REGISTRIES[kind]
         if name not in registry:
             choices = ", ".join(registry.names()) or "(nothing registered)"
             raise _reject(
@@ -111,15 +90,6 @@ def _objective(value: str) -> str:
             f"must be one of {choices}", f"unknown direction {direction!r}; choose from {choices}"
         )
     return f"{metric}:{direction}"
-
-
-def _one_of(choices: Sequence[str]) -> AfterValidator:
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError("not a choice")
-        return value
-
-    return AfterValidator(check)
 
 
 def _pair(
@@ -237,7 +207,7 @@ class SpaceConfig(_Model):
         (1e-6, 1e-3), description="[lo, hi] with 0 < lo <= hi"
     )
     finetune: FinetuneConfig = FinetuneConfig()
-    sparsity_rules: list[Annotated[str, _registered("sparsity rule")]] = Field(
+    sparsity_rules: list[Annotated[str, _registered("sparsity_rule")]] = Field(
         ["fixed"], min_length=1,
         description="a non-empty list of registered sparsity rules (fixed, auto_emp)",
     )
@@ -247,7 +217,7 @@ class SpaceConfig(_Model):
     emp_scope: list[Literal["layer", "global"]] = Field(
         ["layer", "global"], min_length=1, description="a non-empty list of layer, global"
     )
-    rank_rules: list[Annotated[str, _registered("rank rule")]] = Field(
+    rank_rules: list[Annotated[str, _registered("rank_rule")]] = Field(
         ["energy"], min_length=1,
         description="a non-empty list of registered rank rules (energy, mp)",
     )
@@ -289,8 +259,8 @@ class MultiFidelityConfig(_Model):
 class SearchSettings(_Model):
     """The search strategy and its budget."""
 
-    strategy: Annotated[str, _one_of(STRATEGIES)] = Field(
-        "nsga2", description=f"one of {', '.join(STRATEGIES)}"
+    strategy: Annotated[str, _registered("strategy")] = Field(
+        "nsga2", description="a registered search strategy (petra methods lists them)"
     )
     population: StrictInt = Field(16, ge=2, description="an integer >= 2")
     generations: StrictInt = Field(6, ge=1, description="an integer >= 1")
@@ -520,7 +490,6 @@ def _is_model(annotation: Any) -> bool:
 __all__ = [
     "DIRECTIONS",
     "METRICS",
-    "STRATEGIES",
     "ConfigError",
     "ConstraintsConfig",
     "ExecutionConfig",

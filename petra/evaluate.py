@@ -66,7 +66,6 @@ class Recipe:
 
     @classmethod
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
-        import petra.compress  # noqa: F401  (fills the registries the genes name)
         from petra.registry import PRUNING
         from petra.space import STATIC_GENES, inside, skipped_blocks
 
@@ -182,7 +181,6 @@ class Evaluator:
     ) -> None:
         import torch
 
-        import petra.compress  # noqa: F401  (fills the registries)
         from petra import artifact
         from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks

@@ -585,7 +585,6 @@ def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[L
     """``{"layers": {layer: reason}, "blocks": {block: reason}, "schemes": {scheme: reason}}``
     for what fails on ``model``, read from ``cache`` when this model and space were verified
     before."""
-    import petra.compress  # noqa: F401  (fills the registries)
     from petra.compress.verify import (
         Unit,
         structured_units,
@@ -666,7 +665,6 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         blocks: the blocks the model may skip (:func:`petra.compress.blocks.skippable_blocks`);
             each gets a ``blocks.<name>.skip`` gene.
     """
-    import petra.compress  # noqa: F401  (fills the registries)
     from petra.registry import PRUNING, QUANTIZATION
 
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)

@@ -78,13 +78,29 @@ def test_contains_is_by_name(widgets):
 @pytest.mark.parametrize("registry", [PRUNING, QUANTIZATION, REGULARIZERS],
                          ids=lambda r: r.kind)
 def test_built_in_registries_offer_none_and_describe_every_entry(registry):
-    import petra.compress  # noqa: F401  (fills the registries)
-
     assert "none" in registry  # every gene's default ("no compression") must be registered
     assert all(isinstance(d, str) and d.strip() for d in registry.describe().values())
 
 
 def test_every_pruning_entry_declares_whether_it_is_structured():
-    import petra.compress  # noqa: F401
-
     assert all(isinstance(entry.meta.get("structured"), bool) for entry in PRUNING)
+
+
+def test_every_registry_loads_its_built_in_entries_on_first_lookup():
+    """No caller imports a module for its side effect: a fresh interpreter that imports only
+    petra.registry finds every built-in entry, and the config validates against the same map."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from petra.registry import REGISTRIES as R; "
+            "assert 'petra.compress' not in sys.modules; "
+            "print({k: len(r) for k, r in R.items()}); "
+            "assert 'magnitude' in R['pruning'] and 'nsga2' in R['strategy'] "
+            "and 'digits_cnn' in R['task'] and 'auto_emp' in R['sparsity_rule']")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    counts = eval(out.stdout)  # noqa: S307 - our own dict literal
+    assert set(counts) == {"pruning", "sparsity_rule", "rank_rule", "quantization",
+                           "regularizer", "strategy", "task"}
+    assert all(n > 0 for n in counts.values())

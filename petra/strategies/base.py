@@ -14,10 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from petra.errors import STATUSES
-from petra.registry import Registry
+from petra.registry import STRATEGIES  # noqa: F401  (re-exported)
 from petra.space import Genome, SearchSpace
-
-STRATEGIES = Registry("search strategy")
 
 #: How many times a strategy redraws a genome whose hash was already proposed.
 MAX_TRIES = 20

@@ -29,7 +29,6 @@ QUANT = ("none", "int8_static")
 def structured_method(space: SearchSpace, layer: str) -> str | None:
     """The structured criterion a by-hand recipe uses on ``layer``: the first of
     :data:`PREFERRED` that the space offers there, else any structured one, else None."""
-    import petra.compress  # noqa: F401  (fills the registries)
     from petra.registry import PRUNING
 
     name = f"layers.{layer}.method"

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from petra.errors import first_line
-from petra.registry import Registry
-
-TASKS = Registry("task")
+from petra.registry import TASKS
 
 
 def accuracy(outputs: Any, targets: Any) -> float:
@@ -71,24 +69,8 @@ class Task:
     input_names: tuple[str, ...] = ()
 
 
-def register_builtin() -> None:
-    """Import the modules of the built-in tasks, which registers them in :data:`TASKS`."""
-    import petra.tasks.digits  # noqa: F401
-    import petra.tasks.events  # noqa: F401
-    import petra.tasks.mnist1d  # noqa: F401
-    import petra.tasks.mobilenet  # noqa: F401
-    import petra.tasks.text  # noqa: F401
-    import petra.tasks.vit  # noqa: F401
-
-
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     """Build a task from a built-in name or a ``"package.module:function"`` import string."""
-    import petra.tasks.digits  # noqa: F401  (registers the built-in tasks)
-    import petra.tasks.events  # noqa: F401
-    import petra.tasks.mnist1d  # noqa: F401
-    import petra.tasks.mobilenet  # noqa: F401
-    import petra.tasks.text  # noqa: F401
-    import petra.tasks.vit  # noqa: F401
     from petra.errors import ConfigError
 
     params = dict(params or {})
