@@ -32,15 +32,66 @@ class Entry:
         return self.fn(*args, **kwargs)
 
 
-class Registry:
-    """An ordered, append-only mapping from names to :class:`Entry` objects."""
+@dataclass(frozen=True)
+class Meta:
+    """One metadata key of a registry's entries: its default, and what it accepts."""
 
-    def __init__(self, kind: str, *, builtin: str | None = None) -> None:
+    default: Any
+    valid: Callable[[Any], bool]
+    allowed: str
+
+
+def _is(*types: type) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, types) and not (
+        isinstance(value, bool) and bool not in types)
+
+
+def _one_of(*choices: Any) -> Meta:
+    return Meta(choices[0], lambda v: v in choices, f"one of {', '.join(map(repr, choices))}")
+
+
+_OPTIONAL_FN = Meta(None, lambda v: v is None or callable(v), "None or a function")
+#: ``genes``: a function of the config's ``space`` section that returns the genes an entry
+#: reads (``petra.space`` gene objects), added to the space when the entry is offered and
+#: without effect when it is not chosen.
+_GENES = _OPTIONAL_FN
+
+
+class Registry:
+    """An ordered, append-only mapping from names to :class:`Entry` objects.
+
+    With a ``schema`` (metadata key → :class:`Meta`), an entry's metadata is validated when it
+    is registered: an unknown key or a wrong value is an error naming both, and the keys it
+    leaves out take their defaults, so readers never guess one.
+    """
+
+    def __init__(self, kind: str, *, builtin: str | None = None,
+                 schema: Mapping[str, Meta] | None = None,
+                 check: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         """``kind`` names the registry in errors; ``builtin`` is the module whose import
-        registers the built-in entries, imported on the first lookup."""
+        registers the built-in entries, imported on the first lookup; ``check`` validates a
+        whole entry's completed metadata (raising ``ValueError``) and may add derived keys."""
         self.kind = kind
         self._builtin = builtin
+        self._schema = dict(schema) if schema is not None else None
+        self._check = check
         self._entries: dict[str, Entry] = {}
+
+    def _complete(self, name: str, meta: dict[str, Any]) -> dict[str, Any]:
+        if self._schema is None:
+            return meta
+        for key, value in meta.items():
+            spec = self._schema.get(key)
+            if spec is None:
+                raise ValueError(f"{self.kind} {name!r}: unknown metadata {key!r}; known: "
+                                 f"{', '.join(self._schema)}")
+            if not spec.valid(value):
+                raise ValueError(f"{self.kind} {name!r}: {key} must be {spec.allowed}; "
+                                 f"got {value!r}")
+        out = {key: meta.get(key, spec.default) for key, spec in self._schema.items()}
+        if self._check is not None:
+            self._check(name, out)
+        return out
 
     def _load(self) -> None:
         if self._builtin is not None:
@@ -55,7 +106,8 @@ class Registry:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = Entry(name, fn, description, MappingProxyType(dict(meta)))
+            self._entries[name] = Entry(name, fn, description,
+                                        MappingProxyType(self._complete(name, dict(meta))))
             return fn
 
         return decorator
@@ -90,9 +142,43 @@ class Registry:
         return len(self._entries)
 
 
-PRUNING = Registry("pruning method", builtin="petra.compress")
-QUANTIZATION = Registry("quantization scheme", builtin="petra.compress")
-REGULARIZERS = Registry("regularizer", builtin="petra.compress")
+#: How a pruning criterion acts (see :mod:`petra.compress.prune`), and which kinds remove units
+#: physically (channels, attention heads, recurrent hidden units).
+PRUNING_KINDS = ("unstructured", "structured", "heads", "recurrent", "lowrank")
+STRUCTURAL_KINDS = ("structured", "heads", "recurrent")
+
+
+def _check_pruning(name: str, meta: dict[str, Any]) -> None:
+    """``structured`` follows from ``kind``; a criterion whose amount is the sparsity gene and
+    that masks weights gives ``scores`` (the sparsity rules rank them); only a structured
+    criterion is trained during the fine-tune."""
+    meta["structured"] = meta["kind"] in STRUCTURAL_KINDS
+    if meta["kind"] == "unstructured" and meta["uses_sparsity"] and meta["scores"] is None:
+        raise ValueError(f"pruning method {name!r}: an unstructured criterion that uses the "
+                         "sparsity gene must give scores= (its per-weight importance)")
+    if meta["trained"] and meta["kind"] != "structured":
+        raise ValueError(f"pruning method {name!r}: only a structured criterion can be trained")
+
+
+PRUNING = Registry("pruning method", builtin="petra.compress", schema={
+    "kind": _one_of(*PRUNING_KINDS),
+    "scope": _one_of("layer", "global"),
+    "uses_sparsity": Meta(True, _is(bool), "true or false"),
+    "scores": _OPTIONAL_FN,
+    "trained": Meta(False, _is(bool), "true or false"),
+    "fixed_sparsity": Meta(None, lambda v: v is None or _is(int, float)(v), "None or a number"),
+    "genes": _GENES,
+    "example_genes": Meta({}, _is(dict), "a dict of gene values"),
+    "structured": Meta(None, lambda v: v is None, "left out: it follows from kind"),
+}, check=_check_pruning)
+QUANTIZATION = Registry("quantization scheme", builtin="petra.compress", schema={
+    "int8": Meta(False, _is(bool), "true or false (it runs int8 kernels)"),
+    "static": Meta(False, _is(bool), "true or false (it takes the static int8 genes)"),
+    "applies_to": Meta(None, lambda v: v is None or _is(tuple)(v), "None or a tuple of types"),
+    "prepare": _OPTIONAL_FN,
+    "tolerance": Meta(0.1, _is(int, float), "a number"),
+})
+REGULARIZERS = Registry("regularizer", builtin="petra.compress", schema={"genes": _GENES})
 RANK_RULES = Registry("rank rule", builtin="petra.compress")
 SPARSITY_RULES = Registry("sparsity rule", builtin="petra.compress")
 STRATEGIES = Registry("search strategy", builtin="petra.strategies")

@@ -342,7 +342,8 @@ class SearchSpace:
     """An ordered set of genes, with the layers they were decoded from."""
 
     def __init__(self, genes: Sequence[Gene], *, layers: Sequence[LayerInfo] = (),
-                 blocks: Sequence[Any] = ()) -> None:
+                 blocks: Sequence[Any] = (),
+                 owners: Mapping[str, tuple[str, str]] | None = None) -> None:
         names = [g.name for g in genes]
         if len(set(names)) != len(names):
             raise ValueError("gene names must be unique")
@@ -352,6 +353,9 @@ class SearchSpace:
         #: What :func:`model_space` withheld, with why: ``layers.<name>`` (its structured
         #: methods) or ``quant.scheme=<scheme>`` → the first line of the error.
         self.withheld: dict[str, str] = {}
+        #: Genes a registry entry declared: gene name → ("pruning" | "regularizer", entry). They
+        #: decide nothing unless a layer's method (or ``reg.kind``) is that entry.
+        self.owners: dict[str, tuple[str, str]] = dict(owners or {})
         self._by_name = {g.name: g for g in self.genes}
 
     def __iter__(self) -> Iterator[Gene]:
@@ -446,10 +450,6 @@ class SearchSpace:
             for name in ("prune.emp_beta", "prune.emp_scope"):
                 if name in out:
                     out[name] = self._by_name[name].default
-        if "equilibrium" not in methods:
-            for name in ("prune.eq_beta", "prune.eq_gamma"):
-                if name in out:
-                    out[name] = self._by_name[name].default
         for gene, used in (("prune.round_to", {"structured", "recurrent"}),
                            ("lowrank.energy", {"lowrank"}), ("lowrank.rank_rule", {"lowrank"})):
             if gene in out and not kinds & used:
@@ -466,10 +466,10 @@ class SearchSpace:
                     out[name] = self._by_name[name].default
         if out.get("reg.kind", "none") == "none" and "reg.strength" in out:
             out["reg.strength"] = self._by_name["reg.strength"].default
-        if out.get("reg.kind") != "kd":
-            for name in out:
-                if name.startswith("reg.kd_"):
-                    out[name] = self._by_name[name].default
+        chosen = {("pruning", m) for m in methods} | {("regularizer", out.get("reg.kind"))}
+        for name, owner in self.owners.items():
+            if owner not in chosen and name in out:
+                out[name] = self._by_name[name].default
         return out
 
     def genome_hash(self, genome: Mapping[str, Any]) -> str:
@@ -523,10 +523,12 @@ def summarize(genome: Mapping[str, Any]) -> str:
     epochs = int(float(genome.get("finetune.epochs", 0) or 0))
     if epochs:
         parts.append(f"ft{epochs}@{float(genome.get('finetune.lr', 0)):.1e}")
-        if genome.get("reg.kind") == "kd":
-            parts.append(f"kd(alpha={float(genome.get('reg.kd_alpha', 0.5)):g},"
-                         f"T={float(genome.get('reg.kd_temperature', 4.0)):g})")
-        elif genome.get("reg.kind", "none") != "none":
+        reg = str(genome.get("reg.kind", "none"))
+        own = {k[len(f"reg.{reg}_"):]: v for k, v in genome.items()
+               if k.startswith(f"reg.{reg}_")}  # the genes it declares, reg.<name>_<param>
+        if own:
+            parts.append(f"{reg}({','.join(f'{k}={float(v):g}' for k, v in own.items())})")
+        elif reg != "none":
             parts.append(f"{genome['reg.kind']}={float(genome.get('reg.strength', 0)):.0e}")
     return " ".join(parts) or "dense"
 
@@ -665,7 +667,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         blocks: the blocks the model may skip (:func:`petra.compress.blocks.skippable_blocks`);
             each gets a ``blocks.<name>.skip`` gene.
     """
-    from petra.registry import PRUNING, QUANTIZATION
+    from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
 
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
@@ -697,11 +699,9 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         genes.append(Float("prune.emp_beta", b_lo, b_hi, min(max(1.0, b_lo), b_hi), step=0.05))
         genes.append(Categorical("prune.emp_scope", tuple(space_cfg.emp_scope),
                                  space_cfg.emp_scope[0]))
-    if "equilibrium" in space_cfg.pruning and genes:
-        q_lo, q_hi = space_cfg.eq_beta
-        genes.append(Float("prune.eq_beta", q_lo, q_hi, _geomean(q_lo, q_hi), log=True))
-        g_lo, g_hi = space_cfg.eq_gamma
-        genes.append(Float("prune.eq_gamma", g_lo, g_hi, g_lo, step=0.001))
+    owners: dict[str, tuple[str, str]] = {}
+    if genes:
+        genes += declared_genes(PRUNING, "pruning", space_cfg.pruning, space_cfg, owners)
     if "lowrank" in kinds:
         genes.append(Categorical("lowrank.energy", LOWRANK_ENERGIES, 0.99))
         rank_rules = list(getattr(space_cfg, "rank_rules", ["energy"]))
@@ -715,15 +715,29 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
     if e_hi > 0:
         genes.append(Int("finetune.epochs", e_lo, e_hi, e_lo))
         lr_lo, lr_hi = space_cfg.finetune.lr
-        genes.append(Float("finetune.lr", lr_lo, lr_hi, _geomean(lr_lo, lr_hi), log=True))
+        genes.append(Float("finetune.lr", lr_lo, lr_hi, geomean(lr_lo, lr_hi), log=True))
         if len(space_cfg.regularizer) > 1 or space_cfg.regularizer[0] != "none":
             genes.append(Categorical("reg.kind", _with_none(space_cfg.regularizer), "none"))
             s_lo, s_hi = space_cfg.reg_strength
-            genes.append(Float("reg.strength", s_lo, s_hi, _geomean(s_lo, s_hi), log=True))
-            if "kd" in space_cfg.regularizer:
-                genes.append(Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05))
-                genes.append(Categorical("reg.kd_temperature", (1.0, 2.0, 4.0, 8.0), 4.0))
-    return SearchSpace(genes, layers=selected, blocks=blocks)
+            genes.append(Float("reg.strength", s_lo, s_hi, geomean(s_lo, s_hi), log=True))
+            genes += declared_genes(REGULARIZERS, "regularizer", space_cfg.regularizer,
+                                    space_cfg, owners)
+    return SearchSpace(genes, layers=selected, blocks=blocks, owners=owners)
+
+
+def declared_genes(registry: Any, kind: str, names: Sequence[str], space_cfg: Any,
+                   owners: dict[str, tuple[str, str]]) -> list[Gene]:
+    """The genes the entries ``names`` of ``registry`` declare (registry metadata ``genes``),
+    each once; ``owners`` records gene name → (``kind``, entry) for
+    :meth:`SearchSpace.effective`."""
+    out: list[Gene] = []
+    for name in names:
+        declare = registry.get(name).meta.get("genes")
+        for gene in declare(space_cfg) if declare is not None else ():
+            if gene.name not in owners:
+                owners[gene.name] = (kind, name)
+                out.append(gene)
+    return out
 
 
 def width_genes(space_cfg: Any, selected: Sequence[LayerInfo]) -> list[Gene]:
@@ -760,5 +774,6 @@ def _with_none(choices: Sequence[str]) -> tuple[str, ...]:
     return tuple(choices) if "none" in choices else ("none", *choices)
 
 
-def _geomean(lo: float, hi: float) -> float:
+def geomean(lo: float, hi: float) -> float:
+    """The geometric mean of ``lo`` and ``hi`` to 3 significant digits (a log gene's default)."""
     return float(f"{math.sqrt(lo * hi):.3g}")

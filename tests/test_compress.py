@@ -30,7 +30,7 @@ def _kind(entry):
 
 UNSTRUCTURED = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.name != "none"
                 and e.meta.get("scope") != "global" and e.meta.get("uses_sparsity", True)]
-FIXED_PATTERN = [e.name for e in PRUNING if _kind(e) == "unstructured"
+FIXED_PATTERN = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.name != "none"
                  and not e.meta.get("uses_sparsity", True)]
 GLOBAL = [e.name for e in PRUNING if _kind(e) == "unstructured" and e.meta.get("scope") == "global"]
 # Criteria that score channels up front; those trained during the fine-tune (equilibrium) have

@@ -104,3 +104,32 @@ def test_every_registry_loads_its_built_in_entries_on_first_lookup():
     assert set(counts) == {"pruning", "sparsity_rule", "rank_rule", "quantization",
                            "regularizer", "strategy", "task"}
     assert all(n > 0 for n in counts.values())
+
+
+def test_pruning_metadata_is_validated_and_completed_at_registration():
+    from petra.registry import Registry
+
+    entry = PRUNING.get("l2_channel")
+    assert entry.meta["structured"] is True and entry.meta["scope"] == "layer"
+    assert PRUNING.get("magnitude").meta["structured"] is False
+    # an unstructured criterion that uses the sparsity gene must rank weights
+    with pytest.raises(ValueError, match="must give scores="):
+        PRUNING.register("test_unscored", description="x", kind="unstructured")(lambda *a: None)
+    assert "test_unscored" not in PRUNING
+    for meta, match in (({"kind": "channels"}, "kind must be one of"),
+                        ({"structured": True}, "follows from kind"),
+                        ({"speed": 3}, "unknown metadata 'speed'"),
+                        ({"kind": "lowrank", "trained": True}, "only a structured")):
+        with pytest.raises(ValueError, match=match):
+            PRUNING.register("test_bad", description="x", uses_sparsity=False,
+                             **meta)(lambda *a: None)
+    assert "test_bad" not in PRUNING
+    free = Registry("widget")  # without a schema, metadata is free-form
+    free.register("w", description="x", speed=3)(lambda: None)
+    assert dict(free.get("w").meta) == {"speed": 3}
+
+
+def test_every_criterion_that_uses_the_sparsity_gene_has_scores():
+    for entry in PRUNING:
+        if entry.meta["uses_sparsity"] and entry.meta["kind"] == "unstructured":
+            assert callable(entry.meta["scores"]), entry.name

@@ -292,7 +292,6 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
     "l2_heads",
     description="attention heads: remove the heads of smallest weight L2 norm (their q, k, v "
     "rows and output-projection columns together), physically",
-    structured=True,
     kind="heads",
 )
 def l2_heads(model: nn.Module, info: AttentionInfo) -> torch.Tensor:

@@ -42,7 +42,6 @@ def _group_channels(group: Any) -> int:
     description="structured: remove the channels of smallest Shapley value (permutation-sampled "
                 "on validation batches, bounded by space.shapley_permutations)",
     kind="structured",
-    structured=True,
 )
 @torch.no_grad()
 def shapley(group: Any, ctx: Any) -> torch.Tensor:
@@ -85,15 +84,26 @@ def shapley(group: Any, ctx: Any) -> torch.Tensor:
         model.train(was_training)
 
 
+def equilibrium_genes(space_cfg: Any) -> list[Any]:
+    """``prune.eq_beta`` (log-uniform in ``space.eq_beta``) and ``prune.eq_gamma`` (in
+    ``space.eq_gamma``): the utility weights of the equilibrium gates."""
+    from petra.space import Float, geomean
+
+    q_lo, q_hi = space_cfg.eq_beta
+    g_lo, g_hi = space_cfg.eq_gamma
+    return [Float("prune.eq_beta", q_lo, q_hi, geomean(q_lo, q_hi), log=True),
+            Float("prune.eq_gamma", g_lo, g_hi, g_lo, step=0.001)]
+
+
 @PRUNING.register(
     "equilibrium",
     description="structured: participation gates trained in the fine-tune by projected gradient "
                 "ascent on each channel's utility (prune.eq_beta, prune.eq_gamma); gates < 0.01 "
                 "removed",
     kind="structured",
-    structured=True,
     trained=True,
     uses_sparsity=False,
+    genes=lambda space_cfg: equilibrium_genes(space_cfg),
     example_genes={"prune.eq_beta": 1.0, "prune.eq_gamma": 0.05},
 )
 def equilibrium(group: Any, ctx: Any) -> torch.Tensor:

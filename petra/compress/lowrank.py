@@ -197,7 +197,7 @@ def factorize(
     "svd",
     description="low-rank: truncated SVD into two thin layers, rank by the lowrank.rank_rule "
                 "gene (energy or mp)",
-    kind="lowrank", structured=False, uses_sparsity=False,
+    kind="lowrank", uses_sparsity=False,
 )
 def svd(module: nn.Module, energy: float, ctx: Any = None, *, rule: str = "energy") -> nn.Module | None:
     """The factorized replacement of ``module``, or None when it would not save parameters

@@ -12,7 +12,9 @@ Entries of :data:`petra.registry.PRUNING` carry metadata that says how the evalu
   :func:`petra.compress.structured.prune_channels`.
 - ``kind="lowrank"``: applied by :mod:`petra.compress.lowrank` (the layer is factorized).
 
-``structured`` (bool) mirrors ``kind == "structured"``. ``uses_sparsity=False`` marks methods
+``structured`` (bool) is derived at registration: true for the kinds that remove units
+(structured, heads, recurrent). The metadata is validated then (:data:`petra.registry.PRUNING`):
+an unstructured criterion that uses the sparsity gene must give ``scores``. ``uses_sparsity=False`` marks methods
 whose amount is not the sparsity gene (N:M patterns, low-rank); their sparsity gene has no
 effect, and ``fixed_sparsity`` says what fraction such a pattern zeroes. ``none`` leaves a layer
 alone. Data-aware criteria (``taylor``, ``activation_aware``) take what they need from the
@@ -107,7 +109,7 @@ def _collect_input_norms(model: Any, batches: Any) -> dict[str, torch.Tensor]:
 
 
 @PRUNING.register(
-    "none", description="leave the layer dense", kind="unstructured", structured=False
+    "none", description="leave the layer dense", kind="unstructured", uses_sparsity=False
 )
 def none(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> None:
     return None
@@ -132,7 +134,6 @@ def magnitude_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
     "magnitude",
     description="unstructured: zero the smallest |w| of each layer; stored as values + bitmask",
     kind="unstructured",
-    structured=False,
     scores=magnitude_scores,
 )
 def magnitude(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
@@ -143,7 +144,6 @@ def magnitude(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch
     "l2_channel",
     description="structured: remove output channels with the smallest group L2 norm (DepGraph)",
     kind="structured",
-    structured=True,
 )
 def l2_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
     import torch_pruning as tp
@@ -155,7 +155,6 @@ def l2_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
     "global_magnitude",
     description="unstructured: one |w| threshold across every layer that chose it (global scope)",
     kind="unstructured",
-    structured=False,
     scope="global",
     scores=magnitude_scores,
 )
@@ -194,7 +193,6 @@ def _random_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
     "random",
     description="unstructured: zero a uniformly random subset of weights (sanity baseline)",
     kind="unstructured",
-    structured=False,
     scores=_random_scores,
 )
 def random_mask(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
@@ -239,7 +237,6 @@ def wanda_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
     "activation_aware",
     description="unstructured: Wanda, zero the smallest |w|*||x|| within each output row",
     kind="unstructured",
-    structured=False,
     scores=lambda weight, ctx: wanda_scores(weight, ctx).view_as(weight),
 )
 def activation_aware(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -> torch.Tensor:
@@ -270,7 +267,6 @@ def activation_aware(weight: torch.Tensor, sparsity: float, ctx: PruneContext) -
     "nm_2_4",
     description="unstructured 2:4: keep the 2 largest |w| of every 4 inputs; GPU-only speed-up",
     kind="unstructured",
-    structured=False,
     uses_sparsity=False,
     fixed_sparsity=0.5,
 )
@@ -313,7 +309,6 @@ def _tp_scores(importance: Any, group: Any) -> torch.Tensor:
     "l1_channel",
     description="structured: remove output channels with the smallest group L1 norm (DepGraph)",
     kind="structured",
-    structured=True,
 )
 def l1_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
     """Sum of |w| of each channel over every coupled layer of the group (torch-pruning, p=1)."""
@@ -326,7 +321,6 @@ def l1_channel(group: Any, ctx: PruneContext) -> torch.Tensor:
     "fpgm",
     description="structured: remove the channels nearest the geometric median of their group",
     kind="structured",
-    structured=True,
 )
 def fpgm(group: Any, ctx: PruneContext) -> torch.Tensor:
     """Filter pruning via geometric median (He et al., 2019), torch-pruning's FPGMImportance.
@@ -343,7 +337,6 @@ def fpgm(group: Any, ctx: PruneContext) -> torch.Tensor:
     "taylor",
     description="structured: remove channels of smallest first-order Taylor score sum |w*grad|",
     kind="structured",
-    structured=True,
 )
 def taylor(group: Any, ctx: PruneContext) -> torch.Tensor:
     """First-order Taylor importance (Molchanov et al., 2019), torch-pruning's
@@ -365,7 +358,6 @@ def taylor(group: Any, ctx: PruneContext) -> torch.Tensor:
     "bn_scale",
     description="structured: network slimming, remove channels with the smallest BN |gamma|",
     kind="structured",
-    structured=True,
 )
 def bn_scale(group: Any, ctx: PruneContext) -> torch.Tensor:
     """Network slimming (Liu et al., 2017): the mean |gamma| of the group's BatchNorms.

@@ -300,7 +300,7 @@ def prune_recurrent(model: nn.Module, plan: Mapping[str, tuple[str, float]],
     "l2_units",
     description="recurrent: remove the GRU/LSTM hidden units of smallest weight L2 norm (every "
                 "gate's rows, recurrent columns, and the readers' input columns)",
-    kind="recurrent", structured=True,
+    kind="recurrent",
 )
 def l2_units(model: nn.Module, info: RecurrentInfo) -> torch.Tensor:
     """Score each hidden unit of ``info``'s layer by :func:`unit_scores` (higher is kept)."""

@@ -81,9 +81,18 @@ def hoyer(ctx: RegContext) -> Any:
     return penalty
 
 
+def kd_genes(space_cfg: Any) -> list[Any]:
+    """``reg.kd_alpha`` (the distillation term's weight) and ``reg.kd_temperature``."""
+    from petra.space import Categorical, Float
+
+    return [Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05),
+            Categorical("reg.kd_temperature", (1.0, 2.0, 4.0, 8.0), 4.0)]
+
+
 @REGULARIZERS.register(
     "kd",
     description="distillation from the dense baseline: kd_alpha * T^2 * KL(teacher_T || student_T)",
+    genes=kd_genes,
 )
 def kd(ctx: RegContext) -> Any:
     """Knowledge distillation (Hinton et al.) added to the task loss.
