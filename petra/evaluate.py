@@ -23,12 +23,13 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
 from petra.fidelity import ALL_ROUNDS, FIRST_ROUNDS
+from petra.recipes import Recipe
 
 if TYPE_CHECKING:
     from petra.fidelity import Rung
@@ -38,96 +39,6 @@ if TYPE_CHECKING:
 # this margin (and, for latency, by more than the measured spread of the ratio).
 BYTES_MARGIN = 0.02
 LATENCY_MARGIN = 0.03
-
-
-@dataclass
-class Recipe:
-    """A genome decoded into compression steps (gene names are documented in petra.space)."""
-
-    layers: dict[str, tuple[str, float]] = field(default_factory=dict)
-    round_to: int = 1
-    width: float = 0.0  # the share of the residual stream's channels removed
-    width_method: str = "l2_channel"
-    energy: float = 0.99
-    quant: str = "none"
-    static: dict[str, Any] = field(default_factory=dict)  # StaticOptions' fields
-    reg: str = "none"
-    reg_strength: float = 0.0
-    reg_params: dict[str, float] = field(default_factory=dict)
-    epochs: int = 0
-    lr: float = 1e-3
-    sparsity_rule: str = "fixed"
-    emp_beta: float = 1.0
-    emp_scope: str = "layer"
-    rank_rule: str = "energy"
-    eq_beta: float = 0.05
-    eq_gamma: float = 0.0
-    skip: tuple[str, ...] = ()
-
-    @classmethod
-    def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
-        from petra.registry import PRUNING
-        from petra.space import STATIC_GENES, inside, skipped_blocks
-
-        recipe = cls(
-            round_to=int(genome.get("prune.round_to", 1)),
-            width=float(genome.get("prune.width", 0.0)),
-            width_method=str(genome.get("prune.width_method", "l2_channel")),
-            energy=float(genome.get("lowrank.energy", 0.99)),
-            quant=str(genome.get("quant.scheme", "none")),
-            static={k[len("quant."):]: genome[k] for k in STATIC_GENES if k in genome},
-            reg=str(genome.get("reg.kind", "none")),
-            reg_strength=float(genome.get("reg.strength", 0.0)),
-            reg_params={k[len("reg."):]: float(v) for k, v in genome.items()
-                        if k.startswith("reg.") and k not in ("reg.kind", "reg.strength")},
-            epochs=int(genome.get("finetune.epochs", 0)),
-            lr=float(genome.get("finetune.lr", 1e-3)),
-            sparsity_rule=str(genome.get("prune.sparsity_rule", "fixed")),
-            emp_beta=float(genome.get("prune.emp_beta", 1.0)),
-            emp_scope=str(genome.get("prune.emp_scope", "layer")),
-            rank_rule=str(genome.get("lowrank.rank_rule", "energy")),
-            eq_beta=float(genome.get("prune.eq_beta", 0.05)),
-            eq_gamma=float(genome.get("prune.eq_gamma", 0.0)),
-        )
-        recipe.skip = tuple(sorted(skipped_blocks(genome)))
-        automatic = recipe.sparsity_rule != "fixed"
-        for key, method in genome.items():
-            if key.startswith("layers.") and key.endswith(".method"):
-                name = key[len("layers."):-len(".method")]
-                sparsity = float(genome.get(f"layers.{name}.sparsity", 0.0))
-                uses_sparsity = method in PRUNING and PRUNING.get(method).meta.get(
-                    "uses_sparsity", True)
-                if method != "none" and not inside(name, recipe.skip) and (
-                        sparsity > 0 or not uses_sparsity or automatic):
-                    recipe.layers[name] = (str(method), sparsity)
-        return recipe
-
-    def sparsity(self) -> Any:
-        """The sparsity rule of this recipe; None for the fixed sparsity genes."""
-        from petra.compress.sparsity import SparsityRule
-
-        if self.sparsity_rule == "fixed":
-            return None
-        return SparsityRule(self.sparsity_rule, self.emp_beta, self.emp_scope)
-
-    def structured_plan(self, residual: Sequence[str]) -> dict[str, tuple[str, float]]:
-        """The channel-pruning plan: the layers with a structured method, and, with a
-        ``width``, the writers of the residual stream (``residual``, the hidden size's group)
-        voting it with ``width_method``. Layers of skipped blocks are left out."""
-        from petra.space import inside
-
-        plan = self.of_kind("structured")
-        if self.width > 0:
-            plan.update({name: (self.width_method, self.width) for name in residual
-                         if not inside(name, self.skip)})
-        return plan
-
-    def of_kind(self, kind: str) -> dict[str, tuple[str, float]]:
-        """The layers whose method is of registry ``kind`` (structured, lowrank, unstructured)."""
-        from petra.registry import PRUNING
-
-        return {n: v for n, v in self.layers.items()
-                if PRUNING.get(v[0]).meta.get("kind", "unstructured") == kind}
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 
 from petra.errors import COMPLETE, FAILED, PRUNED
 from petra.evaluate import Evaluator, objective_values
+from petra.recipes import SEED_SHARE, seed_recipes
 
 #: A :class:`petra.progress.Reporter`, or a callable taking message lines.
 Progress = Any
@@ -37,81 +38,6 @@ class SearchResult:
 def cache_dir() -> Path:
     """Where baselines are cached: ``$PETRA_CACHE`` or ``runs/cache``."""
     return Path(os.environ.get("PETRA_CACHE", "runs/cache"))
-
-
-#: The share of the first generation that seed recipes may fill; random genomes fill the rest.
-SEED_SHARE = 0.75
-
-
-def seed_recipes(space: Any) -> list[dict[str, Any]]:
-    """Sensible hand-style recipes for the first generation, restricted to the space.
-
-    Every recipe removes channels (or GRU units) with the space's structured criterion (see
-    :func:`petra.strategies.grid.structured_method`) and gets the longest fine-tune, with
-    distillation where the space offers it. In order (the loop takes the first
-    ``SEED_SHARE × population``; random genomes fill the rest):
-
-    1. half the channels (heads, units) of every layer, rounded to 8, int8 (dynamic for
-       attention and LSTM models, see :func:`_int8_scheme`): the by-hand grid's best point;
-    2. every other skippable block skipped (the first, third, ...), half the channels of every
-       other layer, rounded to 16, int8;
-    3. 30% of the channels, int8: the accurate end;
-    4. three quarters of the channels, int4 weights: the smallest artifacts;
-    5. recipe 2 in fp16: on digits_cnn this reached size 0.07 and latency 0.20 within 1 point;
-    6. 65% of the channels, int8.
-
-    Measured on benchmarks/front_quality.py, these raised petra's hypervolume by 2–6% per
-    task over the earlier seeds, which kept int8 alone (no fine-tune) and left the grid's best
-    point out. A gene the space lacks, or a value it does not offer, is left out of a recipe.
-    """
-    from petra.space import inside
-    from petra.strategies.grid import structured_method
-
-    def offered(genes: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in genes.items() if space.offers(k, v)}
-
-    fine_tune = offered({"reg.kind": "kd", "reg.kd_alpha": 0.5, "reg.kd_temperature": 4.0})
-    if "finetune.epochs" in space:
-        fine_tune["finetune.epochs"] = space.gene("finetune.epochs").high
-    if "finetune.lr" in space:
-        fine_tune["finetune.lr"] = space.gene("finetune.lr").clip(5e-3)
-    blocks = [b.name for b in getattr(space, "blocks", ())]
-    alternate = tuple(b for b in blocks[0::2] if f"blocks.{b}.skip" in space)
-
-    def recipe(sparsity: float, quant: str, round_to: int = 8,
-               skipped: tuple[str, ...] = ()) -> dict[str, Any]:
-        genome = {f"blocks.{b}.skip": True for b in skipped}
-        for layer in space.layers:
-            method = structured_method(space, layer.name)
-            if method is not None and not inside(layer.name, skipped):
-                genome[f"layers.{layer.name}.method"] = method
-                genome[f"layers.{layer.name}.sparsity"] = sparsity
-        return {**genome, **offered({"prune.round_to": round_to, "quant.scheme": quant}),
-                **fine_tune}
-
-    int8 = _int8_scheme(space)
-    return space.distinct([
-        recipe(0.5, int8),
-        recipe(0.5, int8, 16, alternate),
-        recipe(0.3, int8),
-        recipe(0.75, "int4_weight"),
-        recipe(0.5, "fp16", 16, alternate),
-        recipe(0.65, int8),
-    ])
-
-
-#: Layer types whose int8 is dynamic: static int8 kept a MiniLM-shaped encoder's cosine at 0.44
-#: (0.94 on MatMuls alone) against 0.992 dynamic (STACK.md), and ORT quantizes an LSTM only
-#: dynamically (DynamicQuantizeLSTM: latency 0.39-0.49 of fp32 on hidden 128-256).
-DYNAMIC_INT8_TYPES = ("Attention", "MultiheadAttention", "LSTM")
-
-
-def _int8_scheme(space: Any) -> str:
-    """The int8 scheme of the seed recipes: ``int8_dynamic`` for a model with attention or
-    LSTM layers, where the space offers it; ``int8_static`` otherwise (CNNs, MLPs, GRUs)."""
-    sequence = any(layer.type in DYNAMIC_INT8_TYPES for layer in space.layers)
-    return "int8_dynamic" if sequence and space.offers("quant.scheme", "int8_dynamic") \
-        else "int8_static"
 
 
 CHECKPOINT = "checkpoint.json"

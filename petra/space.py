@@ -343,7 +343,8 @@ class SearchSpace:
 
     def __init__(self, genes: Sequence[Gene], *, layers: Sequence[LayerInfo] = (),
                  blocks: Sequence[Any] = (),
-                 owners: Mapping[str, tuple[str, str]] | None = None) -> None:
+                 owners: Mapping[str, tuple[str, str]] | None = None,
+                 structured: Mapping[str, tuple[str, ...]] | None = None) -> None:
         names = [g.name for g in genes]
         if len(set(names)) != len(names):
             raise ValueError("gene names must be unique")
@@ -356,6 +357,9 @@ class SearchSpace:
         #: Genes a registry entry declared: gene name → ("pruning" | "regularizer", entry). They
         #: decide nothing unless a layer's method (or ``reg.kind``) is that entry.
         self.owners: dict[str, tuple[str, str]] = dict(owners or {})
+        #: Layer name → the methods its gene offers that remove units physically (channels,
+        #: heads, hidden units), in the config's order: what a by-hand recipe picks from.
+        self.structured: dict[str, tuple[str, ...]] = dict(structured or {})
         self._by_name = {g.name: g for g in self.genes}
 
     def __iter__(self) -> Iterator[Gene]:
@@ -675,6 +679,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
     genes: list[Gene] = [Categorical(f"blocks.{b.name}.skip", (False, True), False)
                          for b in blocks]
     kinds: set[str] = set()
+    structured: dict[str, tuple[str, ...]] = {}
     for layer in selected:
         methods = [m for m in space_cfg.pruning if m == "none" or offered(layer, PRUNING.get(m))]
         if "none" not in methods:
@@ -682,6 +687,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         if len(methods) == 1:
             continue
         kinds |= {PRUNING.get(m).meta.get("kind", "unstructured") for m in methods}
+        structured[layer.name] = tuple(m for m in methods if PRUNING.get(m).meta["structured"])
         genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
     width = width_genes(space_cfg, selected)
@@ -722,7 +728,8 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
             genes.append(Float("reg.strength", s_lo, s_hi, geomean(s_lo, s_hi), log=True))
             genes += declared_genes(REGULARIZERS, "regularizer", space_cfg.regularizer,
                                     space_cfg, owners)
-    return SearchSpace(genes, layers=selected, blocks=blocks, owners=owners)
+    return SearchSpace(genes, layers=selected, blocks=blocks, owners=owners,
+                       structured=structured)
 
 
 def declared_genes(registry: Any, kind: str, names: Sequence[str], space_cfg: Any,

@@ -11,65 +11,13 @@ seeds each candidate's fine-tune). When the grid is exhausted, further points ar
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from petra.space import Genome, SearchSpace
+from petra.recipes import grid_points
+from petra.space import Genome
 from petra.strategies.base import STRATEGIES, sample_unique
 from petra.strategies.random_search import RandomSearch
-
-#: Structured criteria, in the order the grid prefers them.
-PREFERRED = ("l2_channel", "l1_channel", "fpgm", "bn_scale", "taylor", "l2_units")
-QUANT = ("none", "int8_static")
-
-
-def structured_method(space: SearchSpace, layer: str) -> str | None:
-    """The structured criterion a by-hand recipe uses on ``layer``: the first of
-    :data:`PREFERRED` that the space offers there, else any structured one, else None."""
-    from petra.registry import PRUNING
-
-    name = f"layers.{layer}.method"
-    choices = getattr(space.gene(name), "choices", ()) if name in space else ()
-    return next((m for m in PREFERRED if m in choices),
-                next((m for m in choices if m in PRUNING
-                      and PRUNING.get(m).meta.get("structured")), None))
-
-
-def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
-    """The uniform recipes of a grid of about ``budget`` points (see the module doc)."""
-    quants = [q for q in QUANT if space.offers("quant.scheme", q)] or [None]
-    methods: dict[str, str] = {}
-    high = 0.0
-    for layer in space.layers:
-        method = structured_method(space, layer.name)
-        if method is not None:
-            methods[layer.name] = method
-            high = max(high, getattr(space.gene(f"layers.{layer.name}.sparsity"), "high", 0.0))
-    extra: dict[str, Any] = {}
-    if "finetune.epochs" in space:
-        extra["finetune.epochs"] = space.gene("finetune.epochs").high
-    if space.offers("reg.kind", "kd"):
-        extra["reg.kind"] = "kd"
-    if space.offers("prune.round_to", 8):
-        extra["prune.round_to"] = 8
-    n_ratios = max(1, math.ceil(budget / len(quants))) if methods else 1
-    ratios = np.linspace(0.0, high, n_ratios) if n_ratios > 1 else np.array([0.0])
-    def points() -> Iterable[dict[str, Any]]:
-        for ratio in ratios:
-            for quant in quants:
-                partial = dict(extra)
-                if quant is not None:
-                    partial["quant.scheme"] = quant
-                for layer, method in methods.items():
-                    if ratio > 0:
-                        partial[f"layers.{layer}.method"] = method
-                        partial[f"layers.{layer}.sparsity"] = float(ratio)
-                yield partial
-
-    return space.distinct(points())
 
 
 @STRATEGIES.register(
