@@ -57,7 +57,7 @@ def summary(volumes: dict[int, float]) -> dict[str, object]:
 
 
 def main() -> None:
-    from petra.strategies import nsga2
+    from petra.strategies import operators
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -65,13 +65,13 @@ def main() -> None:
     started = time.time()
     rows = {}
     for exchange in (False, True):
-        nsga2.SBX_EXCHANGE = exchange
+        operators.SBX_EXCHANGE = exchange
         for name, centre in (("zdt1", 0.0), ("zdt1_shifted", 0.3)):
             key = f"{name}{'_sbx_exchange' if exchange else ''}"
             rows[key] = summary({s: run(s, centre=centre) for s in args.seeds})
             print(f"{key:<28} hypervolume {rows[key]['hypervolume']:.3f} "
                   f"(min {rows[key]['min']:.3f}, max {rows[key]['max']:.3f})", flush=True)
-    nsga2.SBX_EXCHANGE = False
+    operators.SBX_EXCHANGE = False
     report = {
         **rows["zdt1"],
         "reference": REFERENCE, "maximum": 121 - 1 / 3,

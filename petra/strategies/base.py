@@ -131,11 +131,23 @@ def check_state(state: Mapping[str, Any], strategy: str) -> None:
 
 
 class StrategyBase:
-    """What every strategy holds: the space, objectives, sizes, seed and initial genomes.
+    """The plumbing every strategy shares, as Optuna's ``BaseSampler`` holds a sampler's.
 
-    Subclasses call ``super().__init__(...)`` with the keyword-only arguments of
-    :func:`petra.strategies.make_strategy`, which validates the sizes.
+    It owns the space, objectives, sizes, seed and initial genomes; the seeded generator
+    (``_rng``); the generation count and ``done``; the pending batch (asking again before a
+    tell returns it); the hashes proposed or told (``_seen``); and the common state
+    (``strategy``, ``generation``, ``rng``, ``seen``, ``pending``). A strategy implements hooks:
+
+    - :meth:`_propose`: the next batch (default: the initial genomes then random ones, then
+      random ones), adding its hashes to ``_seen``;
+    - :meth:`_learn`: what it keeps of a told batch (default: the hashes);
+    - :meth:`_extra_state` and :meth:`_load_extra_state`: its own state.
+
+    Subclasses are built with the keyword-only arguments of
+    :func:`petra.strategies.make_strategy`, which are validated here.
     """
+
+    name = "strategy"
 
     def __init__(
         self,
@@ -156,3 +168,77 @@ class StrategyBase:
         self.generations = int(generations)
         self.seed = int(seed)
         self._initial = [dict(g) for g in initial]
+        self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        self._generation = 0
+        self._seen: set[str] = set()
+        self._pending: list[Genome] | None = None
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """How many generations have been told."""
+        return self._generation
+
+    @property
+    def done(self) -> bool:
+        return self._generation >= self.generations
+
+    def ask(self) -> list[Genome]:
+        self._check_open()
+        if self._pending is None:
+            self._pending = self._propose()
+        return [dict(g) for g in self._pending]
+
+    def tell(self, results: Sequence[Told]) -> None:
+        self._check_open()
+        if not results:
+            raise ValueError("tell() needs at least one result")
+        self._learn(results)
+        self._pending = None
+        self._generation += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.name,
+            "generation": self._generation,
+            "rng": rng_state(self._rng),
+            "seen": sorted(self._seen),
+            "pending": None if self._pending is None else [dict(g) for g in self._pending],
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state(state, self.name)
+        self._generation = int(state["generation"])
+        if "rng" in state:
+            self._rng = rng_from_state(state["rng"])
+        self._seen = set(state["seen"])
+        pending = state.get("pending")
+        self._pending = None if pending is None else [dict(g) for g in pending]
+        self._load_extra_state(state)
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _propose(self) -> list[Genome]:
+        """The next batch; the hashes proposed are added to ``self._seen``."""
+        if self._generation == 0:
+            return first_batch(self.space, self._rng, self.population, self._initial,
+                               self._seen)
+        return sample_unique(self.space, self._rng, self.population, self._seen)
+
+    def _learn(self, results: Sequence[Told]) -> None:
+        """Take in a told batch (any order, failed results included)."""
+        for r in results:
+            self._seen.add(self.space.genome_hash(r.genome))
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The strategy's own JSON-able state, beside the common keys."""
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`_extra_state` saved (the common keys are restored already)."""
+
+    def _check_open(self) -> None:
+        if self.done:
+            raise RuntimeError(f"the search is done after {self.generations} generations")

@@ -51,9 +51,8 @@ class UniformGrid(RandomSearch):
         return batch + sample_unique(self.space, self._rng, self.population - len(batch),
                                      self._seen)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "cursor": self._cursor}
+    def _extra_state(self) -> dict[str, Any]:
+        return {"cursor": self._cursor}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._cursor = int(state["cursor"])

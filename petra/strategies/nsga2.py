@@ -1,22 +1,18 @@
 """NSGA-II in ask/tell form, built on DEAP's operators (and on nothing else of DEAP).
 
-DEAP stays inside this module: the strategy receives and returns plain genome dicts. Individuals
-are a small ``list`` subclass (gene values in the space's order) with a per-instance ``Fitness``
-type, so ``deap.creator`` and its module globals are never touched. Selection is DEAP's
-``selNSGA2`` and mutation its ``mutPolynomialBounded``; real-gene crossover is
-:func:`sbx_bounded`, DEAP's bounded SBX without its per-variable exchange of the children.
-
-DEAP's mutation draws from the global :mod:`random` module. Every such call runs inside
-:func:`_seeded_random`, which seeds ``random`` from ``(seed, generation, call)`` and restores the
-previous global state afterwards: the search is reproducible and nobody else's ``random`` moves.
+DEAP stays inside the strategies: they receive and return plain genome dicts. Individuals are a
+small ``list`` subclass (gene values in the space's order) with a per-instance ``Fitness`` type,
+so ``deap.creator`` and its module globals are never touched. Selection is DEAP's ``selNSGA2``;
+the shared operators (:mod:`petra.strategies.operators`) are DEAP's ``mutPolynomialBounded``,
+:func:`~petra.strategies.operators.sbx_bounded` (DEAP's bounded SBX without its per-variable
+exchange of the children) and the binary tournament, each seeded from
+``(seed, generation, call)``.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,95 +22,18 @@ from deap.tools.emo import assignCrowdingDist
 
 from petra.errors import FAILED
 from petra.pareto import non_dominated_ranks
-from petra.space import Categorical, Float, Genome, Int, SearchSpace
-from petra.strategies.base import (
-    MAX_TRIES,
-    STRATEGIES,
-    StrategyBase,
-    Told,
-    check_state,
-    first_batch,
-    rng_from_state,
-    rng_state,
+from petra.space import Categorical, Float, Genome, Int
+from petra.strategies.base import MAX_TRIES, STRATEGIES, StrategyBase, Told, first_batch
+from petra.strategies.operators import (
+    CROSSOVER_PROB,
+    ETA_CROSSOVER,
+    FAILED_MAGNITUDE,
+    SWAP_PROB,
+    Individual,
+    binary_tournament,
+    polynomial_mutation,
+    sbx_bounded,
 )
-
-#: Probability that a pair of parents is crossed (otherwise the children copy them).
-CROSSOVER_PROB = 0.9
-#: Per-gene probability that a categorical gene is swapped during crossover.
-SWAP_PROB = 0.5
-#: Per-variable probability that SBX crosses a real gene (DEAP's and Deb's 0.5).
-SBX_PROB_VAR = 0.5
-#: Whether SBX exchanges a crossed variable's two children at random, as DEAP does (see
-#: :func:`sbx_bounded`; off by default).
-SBX_EXCHANGE = False
-#: Distribution indices of SBX and polynomial mutation.
-ETA_CROSSOVER = 20.0
-ETA_MUTATION = 20.0
-#: A failed (or non-finite) result scores this badly in every objective: finite, so that
-#: crowding distances stay finite, and far beyond any real metric.
-FAILED_MAGNITUDE = 1e18
-
-
-@contextmanager
-def _seeded_random(seed: int) -> Iterator[None]:
-    """Seed the global ``random`` for one DEAP call, then restore its previous state."""
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state)
-
-
-def sbx_bounded(
-    x1: list[float], x2: list[float], *, eta: float, low: Sequence[float],
-    up: Sequence[float], rng: np.random.Generator, prob_var: float = SBX_PROB_VAR,
-    exchange: bool | None = None,
-) -> None:
-    """Bounded simulated binary crossover (Deb and Agrawal), in place, from ``rng``.
-
-    DEAP's ``cxSimulatedBinaryBounded`` with one change: the two children of a crossed
-    variable are not exchanged at random. The first child takes the lower spread value of every
-    crossed variable and the second the upper one, so the pair spreads along the diagonal
-    through its parents, towards the corners of the box. Compression fronts often lie at the
-    bounds (no sparsity, or the most). Measured on ZDT1, whose optimum is at the lower bound:
-    hypervolume 120.655 against 120.433 with the exchange (5 seeds). On a ZDT1 shifted so the
-    optimum is inside the box, 120.416 against 120.405, within the seeds' spread
-    (``benchmarks/zdt1.py`` measures both, with and without the exchange).
-
-    Args:
-        exchange: swap each crossed variable's children with probability 0.5, as DEAP does;
-            None reads :data:`SBX_EXCHANGE`.
-    """
-    exchange = SBX_EXCHANGE if exchange is None else exchange
-    for i, (xl, xu) in enumerate(zip(low, up, strict=True)):
-        if rng.random() > prob_var or abs(x1[i] - x2[i]) <= 1e-14:
-            continue
-        lo, hi = min(x1[i], x2[i]), max(x1[i], x2[i])
-        u = rng.random()
-        c1 = 0.5 * (lo + hi - _sbx_spread(1.0 + 2.0 * (lo - xl) / (hi - lo), u, eta) * (hi - lo))
-        c2 = 0.5 * (lo + hi + _sbx_spread(1.0 + 2.0 * (xu - hi) / (hi - lo), u, eta) * (hi - lo))
-        c1, c2 = min(max(c1, xl), xu), min(max(c2, xl), xu)
-        if exchange and rng.random() < 0.5:
-            c1, c2 = c2, c1
-        x1[i], x2[i] = c1, c2
-
-
-def _sbx_spread(beta: float, u: float, eta: float) -> float:
-    """SBX's spread factor for uniform draw ``u``, its distribution cut off at the bound."""
-    alpha = 2.0 - beta ** -(eta + 1)
-    if u <= 1.0 / alpha:
-        return (u * alpha) ** (1.0 / (eta + 1))
-    return (1.0 / (2.0 - u * alpha)) ** (1.0 / (eta + 1))
-
-
-class _Individual(list):
-    """Gene values in the space's order, with a DEAP fitness, a rank and a crowding distance."""
-
-    def __init__(self, values: Iterable[Any], fitness: deap_base.Fitness) -> None:
-        super().__init__(values)
-        self.fitness = fitness
-        self.rank = 0
 
 
 class _Numeric:
@@ -156,66 +75,32 @@ class NSGA2(StrategyBase):
 
     name = "nsga2"
 
-    def __init__(
-        self,
-        *,
-        space: SearchSpace,
-        objectives: Sequence[tuple[str, str]],
-        population: int,
-        generations: int,
-        seed: int,
-        initial: Iterable[Mapping[str, Any]] = (),
-    ) -> None:
-        super().__init__(space=space, objectives=objectives, population=population,
-                         generations=generations, seed=seed, initial=initial)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         weights = tuple(1.0 if d == "max" else -1.0 for _, d in self.objectives)
         self._fitness_type = type("Fitness", (deap_base.Fitness,), {"weights": weights})
         self._worst = tuple(-w * FAILED_MAGNITUDE for w in weights)
         self._numeric = [
             _Numeric(i, g)
-            for i, g in enumerate(space.genes)
+            for i, g in enumerate(self.space.genes)
             if isinstance(g, (Float, Int)) and g.high > g.low
         ]
         self._categorical = [
-            (i, g) for i, g in enumerate(space.genes) if isinstance(g, Categorical)
+            (i, g) for i, g in enumerate(self.space.genes) if isinstance(g, Categorical)
         ]
-        self._indpb = 1.0 / max(len(space.genes), 1)
-        self._rng = np.random.Generator(np.random.PCG64(self.seed))
-        self._generation = 0
-        self._population: list[_Individual] = []
-        self._seen: set[str] = set()
-        self._pending: list[Genome] | None = None
+        self._indpb = 1.0 / max(len(self.space.genes), 1)
+        self._population: list[Individual] = []
         self._calls = 0
 
-    # -- the protocol ---------------------------------------------------------------------------
+    # -- hooks ----------------------------------------------------------------------------------
 
-    @property
-    def generation(self) -> int:
-        """How many generations have been told."""
-        return self._generation
+    def _propose(self) -> list[Genome]:
+        if self._generation == 0 or not self._population:
+            return first_batch(self.space, self._rng, self.population, self._initial,
+                               self._seen)
+        return self._offspring()
 
-    @property
-    def done(self) -> bool:
-        return self._generation >= self.generations
-
-    def ask(self) -> list[Genome]:
-        if self.done:
-            raise RuntimeError(f"the search is done after {self.generations} generations")
-        if self._pending is None:
-            if self._generation == 0 or not self._population:
-                batch = first_batch(
-                    self.space, self._rng, self.population, self._initial, self._seen
-                )
-            else:
-                batch = self._offspring()
-            self._pending = batch
-        return [dict(g) for g in self._pending]
-
-    def tell(self, results: Sequence[Told]) -> None:
-        if self.done:
-            raise RuntimeError(f"the search is done after {self.generations} generations")
-        if not results:
-            raise ValueError("tell() needs at least one result")
+    def _learn(self, results: Sequence[Told]) -> None:
         told = []
         for r in results:
             genome = self.space.complete(r.genome)
@@ -223,29 +108,12 @@ class NSGA2(StrategyBase):
             told.append(self._individual(genome, self._fitness_values(r)))
         self._population = self._select(self._population + told, self.population)
         self._assign_ranks()
-        self._pending = None
-        self._generation += 1
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.name,
-            "generation": self._generation,
-            "rng": rng_state(self._rng),
-            "seen": sorted(self._seen),
-            "pending": None if self._pending is None else [dict(g) for g in self._pending],
-            "population": [
-                {"genome": self._genome(ind), "values": list(ind.fitness.values)}
-                for ind in self._population
-            ],
-        }
+    def _extra_state(self) -> dict[str, Any]:
+        return {"population": [{"genome": self._genome(ind), "values": list(ind.fitness.values)}
+                               for ind in self._population]}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state(state, self.name)
-        self._generation = int(state["generation"])
-        self._rng = rng_from_state(state["rng"])
-        self._seen = set(state["seen"])
-        pending = state.get("pending")
-        self._pending = None if pending is None else [dict(g) for g in pending]
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._population = [
             self._individual(self.space.complete(p["genome"]), tuple(p["values"]))
             for p in state["population"]
@@ -254,8 +122,8 @@ class NSGA2(StrategyBase):
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _individual(self, genome: Mapping[str, Any], values: tuple[float, ...]) -> _Individual:
-        return _Individual(
+    def _individual(self, genome: Mapping[str, Any], values: tuple[float, ...]) -> Individual:
+        return Individual(
             (genome[g.name] for g in self.space.genes), self._fitness_type(tuple(values))
         )
 
@@ -274,7 +142,7 @@ class NSGA2(StrategyBase):
             return self._worst
         return values
 
-    def _select(self, individuals: list[_Individual], k: int) -> list[_Individual]:
+    def _select(self, individuals: list[Individual], k: int) -> list[Individual]:
         """Environmental selection: the ``k`` survivors of parents and offspring."""
         return deap_tools.selNSGA2(individuals, k)
 
@@ -295,16 +163,8 @@ class NSGA2(StrategyBase):
             np.random.SeedSequence([self.seed, self._generation, self._calls]).generate_state(1)[0]
         )
 
-    def _tournament(self) -> _Individual:
-        """Binary tournament: lower rank wins, then larger crowding distance, then a coin."""
-        i, j = self._rng.integers(len(self._population), size=2)
-        a, b = self._population[int(i)], self._population[int(j)]
-        if a.rank != b.rank:
-            return a if a.rank < b.rank else b
-        da, db = a.fitness.crowding_dist, b.fitness.crowding_dist
-        if da != db:
-            return a if da > db else b
-        return a if self._rng.random() < 0.5 else b
+    def _tournament(self) -> Individual:
+        return binary_tournament(self._population, self._rng)
 
     def _crossover(self, c1: list[Any], c2: list[Any]) -> None:
         for i, _ in self._categorical:
@@ -321,14 +181,9 @@ class NSGA2(StrategyBase):
     def _mutate(self, child: list[Any]) -> None:
         if self._numeric:
             x = [n.encode(child[n.index]) for n in self._numeric]
-            with _seeded_random(self._deap_seed()):
-                deap_tools.mutPolynomialBounded(
-                    x,
-                    eta=ETA_MUTATION,
-                    indpb=self._indpb,
-                    low=[n.low for n in self._numeric],
-                    up=[n.high for n in self._numeric],
-                )
+            polynomial_mutation(x, low=[n.low for n in self._numeric],
+                                up=[n.high for n in self._numeric], indpb=self._indpb,
+                                seed=self._deap_seed())
             self._write_back(child, x)
         for i, gene in self._categorical:
             if self._rng.random() < self._indpb:

@@ -10,30 +10,22 @@ objectives, where crowding distance loses its grip.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from deap import tools as deap_tools
 
-from petra.space import SearchSpace
 from petra.strategies.base import STRATEGIES
-from petra.strategies.nsga2 import NSGA2, _Individual, _seeded_random
+from petra.strategies.nsga2 import NSGA2
+from petra.strategies.operators import (
+    Individual,
+    binary_tournament,
+    seeded_numpy,
+    seeded_random,
+)
 
 #: The third entry of the seed of a generation's selection (variation uses small call counts).
 _SELECT_STREAM = 2**31
-
-
-@contextmanager
-def _seeded_numpy(seed: int) -> Iterator[None]:
-    """Seed numpy's global generator for one DEAP call, then restore its previous state."""
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
 
 
 def reference_divisions(n_objectives: int, population: int) -> int:
@@ -65,30 +57,14 @@ class NSGA3(NSGA2):
 
     name = "nsga3"
 
-    def __init__(
-        self,
-        *,
-        space: SearchSpace,
-        objectives: Sequence[tuple[str, str]],
-        population: int,
-        generations: int,
-        seed: int,
-        initial: Iterable[Mapping[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            space=space,
-            objectives=objectives,
-            population=population,
-            generations=generations,
-            seed=seed,
-            initial=initial,
-        )
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         n = len(self.objectives)
         self.ref_points = deap_tools.uniform_reference_points(
             n, reference_divisions(n, self.population)
         )
 
-    def _select(self, individuals: list[_Individual], k: int) -> list[_Individual]:
+    def _select(self, individuals: list[Individual], k: int) -> list[Individual]:
         ok = [ind for ind in individuals if ind.fitness.values != self._worst]
         failed = [ind for ind in individuals if ind.fitness.values == self._worst]
         if len(ok) <= k:
@@ -100,13 +76,9 @@ class NSGA3(NSGA2):
                 0
             ]
         )
-        with _seeded_random(seed), _seeded_numpy(seed):
+        with seeded_random(seed), seeded_numpy(seed):
             return deap_tools.selNSGA3(ok, k, self.ref_points)
 
-    def _tournament(self) -> _Individual:
+    def _tournament(self) -> Individual:
         """Binary tournament: lower rank wins, then a coin."""
-        i, j = self._rng.integers(len(self._population), size=2)
-        a, b = self._population[int(i)], self._population[int(j)]
-        if a.rank != b.rank:
-            return a if a.rank < b.rank else b
-        return a if self._rng.random() < 0.5 else b
+        return binary_tournament(self._population, self._rng, crowding=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from petra.errors import FAILED, PRUNED
@@ -30,7 +30,6 @@ from petra.strategies.base import (
     StrategyBase,
     Told,
     candidate_seed,
-    check_state,
 )
 
 if TYPE_CHECKING:
@@ -90,58 +89,28 @@ class OptunaSearch(StrategyBase):
 
     name = "optuna"
 
-    def __init__(
-        self,
-        *,
-        space: SearchSpace,
-        objectives: Sequence[tuple[str, str]],
-        population: int,
-        generations: int,
-        seed: int,
-        initial: Iterable[Mapping[str, Any]] = (),
-    ) -> None:
-        super().__init__(space=space, objectives=objectives, population=population,
-                         generations=generations, seed=seed, initial=initial)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._optuna = _optuna()
         self._optuna.logging.set_verbosity(self._optuna.logging.WARNING)
-        self._distributions = distributions(space)
+        self._distributions = distributions(self.space)
         self._study = self._new_study()
-        self._generation = 0
-        self._seen: set[str] = set()
-        self._pending: list[Genome] | None = None
         self._pending_trials: dict[str, list[int]] = {}
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
-
-    # -- the protocol ---------------------------------------------------------------------------
-
-    @property
-    def generation(self) -> int:
-        """How many generations have been told."""
-        return self._generation
-
-    @property
-    def done(self) -> bool:
-        return self._generation >= self.generations
 
     @property
     def study(self) -> optuna.Study:
         """The in-memory Optuna study (for inspection; the strategy drives it)."""
         return self._study
 
-    def ask(self) -> list[Genome]:
-        if self.done:
-            raise RuntimeError(f"the search is done after {self.generations} generations")
-        if self._pending is None:
-            self._pending = self._batch()
-        return [dict(g) for g in self._pending]
+    # -- hooks ----------------------------------------------------------------------------------
 
-    def tell(self, results: Sequence[Told]) -> None:
-        if self.done:
-            raise RuntimeError(f"the search is done after {self.generations} generations")
-        if not results:
-            raise ValueError("tell() needs at least one result")
+    def _propose(self) -> list[Genome]:
+        return self._batch()
+
+    def _learn(self, results: Sequence[Told]) -> None:
         states = self._optuna.trial.TrialState
         for r in results:
             genome = self.space.complete(r.genome)
@@ -152,28 +121,17 @@ class OptunaSearch(StrategyBase):
             if numbers:
                 self._study.tell(numbers.pop(0), values, state=state)
             else:
-                self._study.add_trial(
-                    self._optuna.trial.create_trial(
-                        params=genome,
-                        distributions=self._distributions,
-                        values=values,
-                        state=state,
-                    )
-                )
+                self._study.add_trial(self._optuna.trial.create_trial(
+                    params=genome, distributions=self._distributions, values=values,
+                    state=state))
         for numbers in self._pending_trials.values():
             for number in numbers:
                 self._study.tell(number, state=states.FAIL)
         self._pending_trials = {}
-        self._pending = None
-        self._generation += 1
 
-    def state_dict(self) -> dict[str, Any]:
+    def _extra_state(self) -> dict[str, Any]:
         study_id = self._study._study_id
         return {
-            "strategy": self.name,
-            "generation": self._generation,
-            "seen": sorted(self._seen),
-            "pending": None if self._pending is None else [dict(g) for g in self._pending],
             "pending_trials": {h: list(n) for h, n in self._pending_trials.items()},
             "trials": [
                 {
@@ -188,27 +146,18 @@ class OptunaSearch(StrategyBase):
             "study_system_attrs": dict(self._study._storage.get_study_system_attrs(study_id)),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        check_state(state, self.name)
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         states = self._optuna.trial.TrialState
         self._study = self._new_study()
         for t in state["trials"]:
-            self._study.add_trial(
-                self._optuna.trial.create_trial(
-                    params=dict(t["params"]),
-                    distributions={k: self._distributions[k] for k in t["params"]},
-                    values=t["values"],
-                    state=states[t["state"]],
-                    system_attrs=dict(t["system_attrs"]),
-                    user_attrs=dict(t["user_attrs"]),
-                )
-            )
+            self._study.add_trial(self._optuna.trial.create_trial(
+                params=dict(t["params"]),
+                distributions={k: self._distributions[k] for k in t["params"]},
+                values=t["values"], state=states[t["state"]],
+                system_attrs=dict(t["system_attrs"]), user_attrs=dict(t["user_attrs"]),
+            ))
         for key, value in state.get("study_system_attrs", {}).items():
             self._study._storage.set_study_system_attr(self._study._study_id, key, value)
-        self._generation = int(state["generation"])
-        self._seen = set(state["seen"])
-        pending = state.get("pending")
-        self._pending = None if pending is None else [dict(g) for g in pending]
         self._pending_trials = {
             h: [int(n) for n in numbers] for h, numbers in state.get("pending_trials", {}).items()
         }
