@@ -38,16 +38,21 @@ def none(ctx: RegContext) -> None:
     return None
 
 
+def weight_penalty(ctx: RegContext, term: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The penalty ``strength * sum(term(w))`` over the Linear/Conv weights of the model."""
+    strength = ctx.strength
+
+    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
+        return strength * sum(term(m.weight) for m in weighted_modules(model))
+
+    return penalty
+
+
 @REGULARIZERS.register(
     "l1", description="strength * sum |w| over Linear/Conv weights (drives weights to zero)"
 )
 def l1(ctx: RegContext) -> Any:
-    strength = ctx.strength
-
-    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
-        return strength * sum(m.weight.abs().sum() for m in weighted_modules(model))
-
-    return penalty
+    return weight_penalty(ctx, lambda w: w.abs().sum())
 
 
 @REGULARIZERS.register(
@@ -55,14 +60,7 @@ def l1(ctx: RegContext) -> Any:
     description="strength * sum over output channels of ||w_c||_2 (drives whole channels to zero)",
 )
 def group_lasso(ctx: RegContext) -> Any:
-    strength = ctx.strength
-
-    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
-        return strength * sum(
-            m.weight.flatten(1).norm(dim=1).sum() for m in weighted_modules(model)
-        )
-
-    return penalty
+    return weight_penalty(ctx, lambda w: w.flatten(1).norm(dim=1).sum())
 
 
 @REGULARIZERS.register(
@@ -70,15 +68,7 @@ def group_lasso(ctx: RegContext) -> Any:
     description="strength * sum over layers of ||w||_1 / ||w||_2 (scale-invariant sparsity)",
 )
 def hoyer(ctx: RegContext) -> Any:
-    strength = ctx.strength
-
-    def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
-        return strength * sum(
-            m.weight.abs().sum() / m.weight.norm().clamp_min(1e-12)
-            for m in weighted_modules(model)
-        )
-
-    return penalty
+    return weight_penalty(ctx, lambda w: w.abs().sum() / w.norm().clamp_min(1e-12))
 
 
 def kd_genes(space_cfg: Any) -> list[Any]:

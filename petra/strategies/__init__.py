@@ -48,15 +48,8 @@ def make_strategy(
         initial: genomes (possibly partial) that take the place of random ones in the first
             batch; at most ``population`` of them are used.
     """
-    entry = STRATEGIES.get(name)
-    return entry.fn(
-        space=space,
-        objectives=objectives,
-        population=population,
-        generations=generations,
-        seed=seed,
-        initial=initial,
-    )
+    return STRATEGIES.get(name).fn(space=space, objectives=objectives, population=population,
+                                   generations=generations, seed=seed, initial=initial)
 
 
 __all__ = ["STRATEGIES", "Strategy", "Told", "candidate_seed", "make_strategy"]
