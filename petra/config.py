@@ -38,6 +38,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from petra.errors import ConfigError, show  # noqa: F401  (ConfigError re-exported)
+from petra.pareto import DIRECTIONS, check_objectives
 from petra.registry import REGISTRIES
 
 METRICS: tuple[str, ...] = (
@@ -49,7 +50,6 @@ METRICS: tuple[str, ...] = (
     "params",
     "macs",
 )
-DIRECTIONS: tuple[str, ...] = ("max", "min")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,19 +76,21 @@ def _registered(kind: str) -> AfterValidator:
 
 
 def _objective(value: str) -> str:
-    metric, sep, direction = (part.strip() for part in value.partition(":"))
-    if not sep:
+    if ":" not in value:
         raise _reject('must be "metric:direction", e.g. "val_accuracy:max"')
+    metric, direction = value.partition(":")[0].strip(), value.partition(":")[2].strip()
     if metric not in METRICS:
         choices = ", ".join(METRICS)
         raise _reject(
             f"must be one of {choices}", f"unknown metric {metric!r}; choose from {choices}"
         )
-    if direction not in DIRECTIONS:
+    try:
+        ((metric, direction),) = check_objectives([value])
+    except ValueError:
         choices = ", ".join(DIRECTIONS)
         raise _reject(
             f"must be one of {choices}", f"unknown direction {direction!r}; choose from {choices}"
-        )
+        ) from None
     return f"{metric}:{direction}"
 
 

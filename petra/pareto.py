@@ -33,15 +33,20 @@ ACCURACY_MARGIN = 0.1
 CONSTRAINT_KEYS = ("max_accuracy_drop", "max_bytes", "max_latency_ratio")
 
 
+#: The directions of an objective.
+DIRECTIONS: tuple[str, ...] = ("max", "min")
+
+
 def check_objectives(objectives: Objectives) -> list[tuple[str, str]]:
-    """Validate ``(metric, direction)`` pairs; ``"metric:direction"`` strings are accepted too."""
+    """Validate ``(metric, direction)`` pairs; ``"metric:direction"`` strings are accepted too.
+    (The config validates its objective strings further: :data:`petra.config.METRICS`.)"""
     out = []
     for objective in objectives:
         if isinstance(objective, str):
-            metric, _, direction = objective.partition(":")
+            metric, _, direction = (part.strip() for part in objective.partition(":"))
         else:
             metric, direction = objective
-        if direction not in ("max", "min"):
+        if direction not in DIRECTIONS:
             raise ValueError(
                 f"objective {metric!r} direction must be 'max' or 'min'; got {direction!r}"
             )
