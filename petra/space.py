@@ -23,308 +23,31 @@ Workers receive these dicts, never strategy objects. The defaults of every gene 
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
-import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-Genome = dict[str, Any]
+from petra.genes import Categorical, Float, Gene, Genome, Int, geomean
+from petra.layers import (
+    ATTENTION_TYPE_NAMES,
+    PRUNABLE_TYPES,
+    RECURRENT_TYPE_NAMES,
+    VERIFY_VERSION,
+    LayerInfo,
+    check_globs,
+    model_space,
+    offered,
+    protected,
+    prunable_layers,
+    select_layers,
+    unit_kind,
+)
 
-
-@dataclass(frozen=True)
-class Categorical:
-    """A gene that takes one of ``choices``. Mutates by reset, crosses uniformly."""
-
-    name: str
-    choices: tuple[Any, ...]
-    default: Any
-
-    kind = "categorical"
-
-    def sample(self, rng: np.random.Generator) -> Any:
-        return self.choices[int(rng.integers(len(self.choices)))]
-
-    def clip(self, value: Any) -> Any:
-        if value not in self.choices:
-            raise ValueError(
-                f"gene {self.name} must be one of {list(self.choices)}; got {value!r}"
-            )
-        return value
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "choices": list(self.choices),
-                "default": self.default}
-
-
-@dataclass(frozen=True)
-class Float:
-    """A real gene in ``[low, high]``; SBX crossover and polynomial mutation within bounds.
-
-    ``log`` genes are sampled log-uniformly. Values are rounded to ``step`` (linear genes) or
-    to ``digits`` significant digits (log genes) so that equal recipes hash equally.
-    """
-
-    name: str
-    low: float
-    high: float
-    default: float
-    log: bool = False
-    step: float | None = None
-    digits: int = 3
-
-    kind = "float"
-
-    def sample(self, rng: np.random.Generator) -> float:
-        if self.log:
-            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        else:
-            value = float(rng.uniform(self.low, self.high))
-        return self.clip(value)
-
-    def clip(self, value: Any) -> float:
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"gene {self.name} must be a number; got {value!r}") from None
-        if math.isnan(value):
-            raise ValueError(f"gene {self.name} must be a number; got nan")
-        value = min(max(value, self.low), self.high)
-        if self.log:
-            if value > 0:
-                value = float(f"{value:.{self.digits}g}")
-        elif self.step:
-            value = round(round(value / self.step) * self.step, 10)
-        return min(max(value, self.low), self.high)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high,
-                "default": self.default, "log": self.log}
-
-
-@dataclass(frozen=True)
-class Int:
-    """An integer gene in ``[low, high]``, varied like a real gene and rounded."""
-
-    name: str
-    low: int
-    high: int
-    default: int
-
-    kind = "int"
-
-    def sample(self, rng: np.random.Generator) -> int:
-        return int(rng.integers(self.low, self.high + 1))
-
-    def clip(self, value: Any) -> int:
-        try:
-            value = int(round(float(value)))
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"gene {self.name} must be an integer; got {value!r}") from None
-        return min(max(value, self.low), self.high)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high,
-                "default": self.default}
-
-
-Gene = Categorical | Float | Int
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A prunable layer of the model, as found by :func:`prunable_layers`."""
-
-    name: str
-    type: str
-    out_channels: int
-    params: int
-    structured: bool  # False for layers whose outputs are the model's outputs
-    #: A writer of the residual stream (:func:`petra.compress.structured.channel_layers`): its
-    #: output channels are the model's hidden size, searched by the one ``prune.width`` gene.
-    residual: bool = False
-
-
-PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
-#: Recurrent layers whose hidden units a ``recurrent`` criterion removes (petra.compress.recurrent).
-RECURRENT_TYPE_NAMES = ("GRU", "LSTM")
-#: Attentions whose heads a ``heads`` criterion removes (petra.compress.attention): Hugging Face
-#: self-attentions are typed ``Attention``.
-ATTENTION_TYPE_NAMES = ("Attention", "MultiheadAttention")
 # PETRA's low-rank energy thresholds (METHODS.md).
 LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
-
-
-def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] | None = None,
-                    recurrent: Sequence[Any] | None = None) -> list[LayerInfo]:
-    """The model's prunable layers in execution order.
-
-    A layer whose output is the model's output (the classifier) keeps its output channels, and
-    so does a layer whose channels torch-pruning cannot follow (e.g. into an ``nn.GRU``):
-    structured criteria are not offered for them. Multi-head attentions whose heads can be
-    removed are layers too (type ``Attention`` or ``MultiheadAttention``, one channel a head),
-    and so are embeddings (offered low-rank factorization only).
-
-    Args:
-        model: the canonical task model (:class:`petra.tasks.contract.TaskModel`).
-        example_input: its canonical example inputs.
-        attention, recurrent: the model's :func:`~petra.compress.attention.attention_layers`
-            and :func:`~petra.compress.recurrent.recurrent_layers`, when already found.
-    """
-    import torch
-    from torch import nn
-
-    from petra.compress.attention import attention_layers
-    from petra.compress.recurrent import gru_layers
-    from petra.compress.structured import channel_layers
-    from petra.tasks.contract import args
-
-    if attention is None:
-        attention = attention_layers(model, example_input)
-    if recurrent is None:
-        recurrent = gru_layers(model, example_input)
-    heads = {a.name: a for a in attention}
-    RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
-    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES)
-    order: list[str] = []
-    outputs: dict[str, Any] = {}
-    names = {m: n for n, m in model.named_modules()}
-    hooks = []
-    for module in model.modules():
-        if isinstance(module, types) or names[module] in heads:
-
-            def hook(mod: Any, _inp: Any, out: Any) -> None:
-                order.append(names[mod])
-                outputs[names[mod]] = out[0] if isinstance(out, tuple) else out  # a GRU's
-
-            hooks.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            result = model(*args(example_input))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    capable, residual = channel_layers(model, example_input)
-    capable |= {g.name for g in recurrent} | set(heads)
-    modules = dict(model.named_modules())
-    seen: list[str] = []
-    for name in order:
-        if name not in seen:
-            seen.append(name)
-    infos = []
-    for name in seen:
-        module = modules[name]
-        if name in heads:
-            out_channels = heads[name].heads
-        elif isinstance(module, RECURRENT_TYPES):
-            out_channels = module.hidden_size
-        elif isinstance(module, nn.Embedding):
-            out_channels = module.embedding_dim
-        else:
-            out_channels = (module.out_features if isinstance(module, nn.Linear)
-                            else module.out_channels)
-        is_output = outputs[name] is result or (
-            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
-            and name == seen[-1]
-        )
-        # A depthwise conv (groups == in == out channels) loses channels with the conv that
-        # feeds it (torch-pruning's depthwise pruner); other grouped convs keep theirs.
-        groups = getattr(module, "groups", 1)
-        grouped = groups != 1 and not (groups == module.in_channels == module.out_channels)
-        kind = type(module).__name__
-        if name in heads and kind not in ATTENTION_TYPE_NAMES:
-            kind = "Attention"
-        infos.append(
-            LayerInfo(
-                name=name,
-                type=kind,
-                out_channels=int(out_channels),
-                params=sum(p.numel() for p in module.parameters()),
-                # an embedding's width is the residual's: channel groups of the Linear layers
-                # that share it decide it
-                structured=not is_output and not grouped and name in capable
-                and not isinstance(module, nn.Embedding),
-                residual=name in residual,
-            )
-        )
-    return infos
-
-
-def protected(layers: Iterable[LayerInfo]) -> list[str]:
-    """The layers whose output channels must stay (the classifier, grouped convs that are not
-    depthwise, layers torch-pruning cannot follow): channel pruning leaves every group that
-    holds one. An
-    embedding is not among them: its width is the residual's, which the channel groups of the
-    Linear layers that share it decide."""
-    return [layer.name for layer in layers if not layer.structured and layer.type != "Embedding"]
-
-
-def unit_kind(layer: LayerInfo) -> str | None:
-    """The method kind that removes units of ``layer`` physically: ``recurrent`` (hidden units),
-    ``heads`` (attention heads), ``structured`` (channels), or None where no structured
-    removal is offered (the classifier, grouped convs, layers whose removal failed)."""
-    if layer.type in RECURRENT_TYPE_NAMES:
-        return "recurrent" if layer.structured else None
-    if layer.type in ATTENTION_TYPE_NAMES:
-        return "heads" if layer.structured else None
-    return "structured" if layer.structured else None
-
-
-def offered(layer: LayerInfo, entry: Any) -> bool:
-    """Whether the pruning method ``entry`` (a registry entry) is offered for ``layer``: a
-    structured kind only where it is the layer's own :func:`unit_kind`; an unstructured,
-    low-rank or trained criterion on Linear and Conv layers."""
-    kind = entry.meta.get("kind", "unstructured")
-    own = unit_kind(layer)
-    if layer.type in RECURRENT_TYPE_NAMES + ATTENTION_TYPE_NAMES:
-        return kind == own
-    if layer.type == "Embedding":
-        return kind == "lowrank"  # a table factorized into a thinner table and a projection
-    if kind in ("recurrent", "heads"):
-        return False
-    if layer.residual and kind == "structured":
-        return False  # the hidden size is the one prune.width gene
-    return not entry.meta.get("structured") or own == "structured"
-
-
-def select_layers(
-    layers: Sequence[LayerInfo], include: Sequence[str], exclude: Sequence[str]
-) -> list[LayerInfo]:
-    """The layers whose names match an ``include`` glob and no ``exclude`` glob."""
-    return [
-        layer
-        for layer in layers
-        if any(fnmatch.fnmatchcase(layer.name, p) for p in include)
-        and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)
-    ]
-
-
-def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
-                exclude: Sequence[str]) -> None:
-    """Every glob must match a prunable layer (a glob that matches none is a typo).
-
-    Raises:
-        petra.config.ConfigError: naming the glob's field, the glob and the model's layers.
-    """
-    from petra.errors import ConfigError
-
-    names = [layer.name for layer in layers]
-    for key, globs in (("include", include), ("exclude", exclude)):
-        for i, pattern in enumerate(globs):
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-                shown = ", ".join(names[:40]) + (" ..." if len(names) > 40 else "")
-                raise ConfigError(f"space.layers.{key}[{i}]", pattern, "", (
-                    f"{pattern!r} matches no prunable layer of the model; its layers are "
-                    f"{shown or '(none)'}"))
 
 
 def skipped_blocks(genome: Mapping[str, Any]) -> list[str]:
@@ -537,130 +260,6 @@ def summarize(genome: Mapping[str, Any]) -> str:
     return " ".join(parts) or "dense"
 
 
-#: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 2
-
-
-def model_space(space_cfg: Any, model: Any, example_input: Any, *,
-                cache: str | Path | None = None) -> SearchSpace:
-    """The search space of ``model``: its prunable layers, the structured genes and the
-    quantization schemes that were verified on it (:mod:`petra.compress.verify`), and, when
-    ``space.skip_blocks`` is on, the blocks it may skip.
-
-    Args:
-        space_cfg: the config's ``space`` section.
-        model, example_input: the canonical task model and its example inputs.
-        cache: a folder where the verdicts are kept by a hash of the model's architecture and
-            the space's bounds; None verifies every time.
-
-    The withheld genes, with their reasons, are in the returned space's ``withheld``.
-    """
-    import dataclasses
-
-    from petra.compress.attention import attention_layers
-    from petra.compress.blocks import skippable_blocks
-    from petra.compress.recurrent import gru_layers
-
-    blocks = skippable_blocks(model, example_input) if getattr(
-        space_cfg, "skip_blocks", False) else ()
-    attention = attention_layers(model, example_input)
-    recurrent = gru_layers(model, example_input)
-    layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent)
-    verdicts = _verdicts(space_cfg, model, example_input, layers, attention, recurrent, blocks,
-                         cache)
-    withheld = {f"blocks.{name}.skip": reason for name, reason in verdicts["blocks"].items()}
-    blocks = [b for b in blocks if b.name not in verdicts["blocks"]]
-    failed_layers = verdicts["layers"]
-    layers = [dataclasses.replace(layer, structured=False) if layer.name in failed_layers
-              else layer for layer in layers]
-    for name, reason in failed_layers.items():
-        withheld[f"layers.{name}"] = reason
-    for scheme, reason in verdicts["schemes"].items():
-        withheld[f"quant.scheme={scheme}"] = reason
-    if verdicts["schemes"]:
-        kept = [s for s in space_cfg.quantization if s not in verdicts["schemes"]] or ["none"]
-        space_cfg = space_cfg.model_copy(update={"quantization": kept})
-    space = build_space(space_cfg, layers, blocks)
-    space.withheld = withheld
-    return space
-
-
-def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[LayerInfo],
-              attention: Sequence[Any], recurrent: Sequence[Any], blocks: Sequence[Any],
-              cache: str | Path | None) -> dict[str, dict[str, str]]:
-    """``{"layers": {layer: reason}, "blocks": {block: reason}, "schemes": {scheme: reason}}``
-    for what fails on ``model``, read from ``cache`` when this model and space were verified
-    before."""
-    from petra.compress.verify import (
-        Unit,
-        structured_units,
-        verify_schemes,
-        verify_structure,
-    )
-    from petra.registry import PRUNING
-
-    kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
-    selected = {layer.name for layer in select_layers(
-        layers, space_cfg.layers.include, space_cfg.layers.exclude)}
-    schemes = [s for s in space_cfg.quantization if s != "none"]
-    key = _model_key(model, example_input, {
-        "kinds": sorted(kinds), "selected": sorted(selected), "schemes": schemes,
-        "blocks": [b.name for b in blocks],
-        "sparsity": space_cfg.sparsity[1], "round_to": min(space_cfg.round_to),
-        "version": VERIFY_VERSION})
-    path = Path(cache) / f"verdicts-{key}.json" if cache is not None else None
-    if path is not None and path.exists():
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
-    units = [u for u in structured_units(
-        model, example_input, layers,
-        attention if "heads" in kinds else (), recurrent if "recurrent" in kinds else ())
-        if (u.kind != "channels" or "structured" in kinds) and selected.intersection(u.members)]
-    units += [Unit("skip", b.name, (b.name,)) for b in blocks]
-    failed = verify_structure(
-        model, example_input, units, sparsity=space_cfg.sparsity[1],
-        round_to=min(space_cfg.round_to), attention=attention,
-        recurrent=recurrent, blocks=blocks)
-    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}}
-    for unit, reason in failed.items():
-        if unit.kind == "skip":
-            out["blocks"][unit.name] = reason
-            continue
-        for member in selected.intersection(unit.members):
-            out["layers"][member] = reason
-    if schemes:
-        from petra import artifact
-        from petra.tasks.contract import feed
-
-        proto = artifact.export_onnx(model, tuple(example_input))
-        example = feed(example_input, [i.name for i in proto.graph.input])
-        out["schemes"] = verify_schemes(proto, schemes, [example], example)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out, indent=1, sort_keys=True))
-        tmp.replace(path)
-    return out
-
-
-def _model_key(model: Any, example_input: Any, extra: Mapping[str, Any]) -> str:
-    """A hash of the model's architecture (its repr and parameter shapes), its example inputs'
-    shapes and dtypes, the library versions, and ``extra``."""
-    import onnxruntime
-    import torch
-
-    payload = json.dumps({
-        "repr": repr(model),
-        "params": [(n, list(p.shape)) for n, p in model.named_parameters()],
-        "inputs": [(list(x.shape), str(x.dtype)) for x in example_input],
-        "versions": [torch.__version__, onnxruntime.__version__],
-        **extra,
-    }, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[Any] = ()
                 ) -> SearchSpace:
     """Decode the config's ``space`` section against the model's prunable layers.
@@ -781,6 +380,10 @@ def _with_none(choices: Sequence[str]) -> tuple[str, ...]:
     return tuple(choices) if "none" in choices else ("none", *choices)
 
 
-def geomean(lo: float, hi: float) -> float:
-    """The geometric mean of ``lo`` and ``hi`` to 3 significant digits (a log gene's default)."""
-    return float(f"{math.sqrt(lo * hi):.3g}")
+__all__ = [
+    "ATTENTION_TYPE_NAMES", "LOWRANK_ENERGIES", "PRUNABLE_TYPES", "RECURRENT_TYPE_NAMES",
+    "STATIC_GENES", "VERIFY_VERSION", "Categorical", "Float", "Gene", "Genome", "Int",
+    "LayerInfo", "SearchSpace", "build_space", "check_globs", "declared_genes", "geomean",
+    "inside", "model_space", "offered", "protected", "prunable_layers", "select_layers",
+    "skipped_blocks", "static_genes", "summarize", "unit_kind", "width_genes",
+]

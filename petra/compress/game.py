@@ -87,7 +87,7 @@ def shapley(group: Any, ctx: Any) -> torch.Tensor:
 def equilibrium_genes(space_cfg: Any) -> list[Any]:
     """``prune.eq_beta`` (log-uniform in ``space.eq_beta``) and ``prune.eq_gamma`` (in
     ``space.eq_gamma``): the utility weights of the equilibrium gates."""
-    from petra.space import Float, geomean
+    from petra.genes import Float, geomean
 
     q_lo, q_hi = space_cfg.eq_beta
     g_lo, g_hi = space_cfg.eq_gamma

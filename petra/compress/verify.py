@@ -70,7 +70,7 @@ def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[
 
     units = [Unit("heads", a.name, (a.name,)) for a in attention]
     units += [Unit("units", r.name, (r.name,)) for r in recurrent]
-    from petra.space import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
+    from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 
     # Channel groups decide the genes of Linear and Conv layers only: an attention or a
     # recurrent layer in a group (torch-pruning follows MHA's embed_dim) has units of its own.
