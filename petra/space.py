@@ -222,9 +222,9 @@ def summarize(genome: Mapping[str, Any]) -> str:
     """A one-line recipe: each method with its layer count and mean sparsity, channel
     rounding, quantization, and the fine-tune with its regularizer.
 
-    >>> summarize({"layers.a.method": "l2_channel", "layers.a.sparsity": 0.5,
-    ...            "quant.scheme": "int8_static"})
-    'l2_channelx1@0.50 int8_static'
+    >>> summarize({"layers.a.method": "crit", "layers.a.sparsity": 0.5,
+    ...            "quant.scheme": "scheme"})
+    'critx1@0.50 scheme'
     """
     methods: dict[str, list[float]] = {}
     for key, value in genome.items():
