@@ -175,20 +175,66 @@ class Evaluator:
     ) -> Result:
         import torch
 
-        from petra.compress.attention import prune_attention
-        from petra.compress.blocks import skip_blocks
-        from petra.compress.gates import EquilibriumGates, remove_gated
-        from petra.compress.lowrank import factorize
-        from petra.compress.prune import PruneContext, unstructured_masks
-        from petra.compress.recurrent import gru_layers, prune_recurrent
-        from petra.compress.regularize import RegContext
-        from petra.compress.structured import prune_channels
+        from petra.compress.gates import remove_gated
         from petra.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
-        from petra.registry import QUANTIZATION, REGULARIZERS
-        from petra.train import evaluate_metric, train
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
+        info, masks, gated = self._compress(model, recipe, seed)
+
+        # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
+        # the first rounds of the final latency for every candidate. Trained gates decide the
+        # structure only after the fine-tune, so they have no probe.
+        short = rung is not None and rung.applies(recipe.epochs) and not gated
+        probe: dict[str, float] = {}
+        if short:
+            probe, _ = self._measure(self._artifact(model, recipe), model, accuracy=False,
+                                     rounds=PROBE_ROUNDS, block_s=PROBE_BLOCK_S)
+            reason = rung.stop_reason(probe, "probe")
+            if reason:
+                return self._pruned(genome, genome_hash, probe, reason, 0, None, info)
+
+        at_rung = self._finetune(model, recipe, seed, masks, gated,
+                                 rung if short else None, probe)
+        rung_accuracy = at_rung.get("val_accuracy")
+        if at_rung.get("reason"):
+            return self._pruned(genome, genome_hash, {**probe, "val_accuracy": rung_accuracy},
+                                at_rung["reason"], rung.epochs, rung_accuracy, info)
+        if gated:
+            info["channels"].update(remove_gated(model, self.example, gated, recipe.round_to,
+                                                 _take(self.task.train, 16)))
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise FloatingPointError("fine-tuning produced non-finite weights")
+
+        data = self._artifact(model, recipe)
+        metrics, reason = self._measure(data, model, rung=rung)
+        if reason:
+            return self._pruned(genome, genome_hash, metrics, reason, recipe.epochs,
+                                rung_accuracy, info)
+        metrics["fidelity_epochs"] = float(recipe.epochs)
+        if rung_accuracy is not None:
+            metrics["rung_val_accuracy"] = rung_accuracy
+        info["sparsity"] = layer_sparsity(recipe, model, self.task.model, masks)
+        metrics.update({f"sparsity.{k}": v for k, v in info["sparsity"].items()})
+        info["effective"] = _effective(metrics)
+        return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
+                      artifact=data, info=info)
+
+    def _compress(self, model: Any, recipe: Recipe, seed: int
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Apply the recipe's structure to ``model`` in place: skipped blocks, heads, recurrent
+        units, channel groups (trained gates are attached, not yet decided), low-rank factors,
+        then the unstructured masks. Returns ``(info, masks, gated)``."""
+        import torch
+
+        from petra.compress.attention import prune_attention
+        from petra.compress.blocks import skip_blocks
+        from petra.compress.gates import EquilibriumGates
+        from petra.compress.lowrank import factorize
+        from petra.compress.prune import PruneContext, unstructured_masks
+        from petra.compress.recurrent import gru_layers, prune_recurrent
+        from petra.compress.structured import prune_channels
+
         skipped = skip_blocks(model, recipe.skip, self.blocks)
         ctx = PruneContext(
             model=model, batches=_take(self.task.train, 2), loss=self.task.loss,
@@ -214,20 +260,19 @@ class Evaluator:
                           energy=recipe.energy, rule=recipe.rank_rule, ctx=ctx)
         masks = unstructured_masks(model, recipe.of_kind("unstructured"), ctx, rule)
         channels.update(units)
-        info: dict[str, Any] = {"channels": channels, "heads": heads, "ranks": ranks,
-                                "skipped": skipped}
+        info = {"channels": channels, "heads": heads, "ranks": ranks, "skipped": skipped}
+        return info, masks, gated
 
-        # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
-        # the first rounds of the final latency for every candidate. Trained gates decide the
-        # structure only after the fine-tune, so they have no probe.
-        short = rung is not None and rung.applies(recipe.epochs) and not gated
-        probe: dict[str, float] = {}
-        if short:
-            probe, _ = self._measure(self._artifact(model, recipe), model, accuracy=False,
-                                     rounds=PROBE_ROUNDS, block_s=PROBE_BLOCK_S)
-            reason = rung.stop_reason(probe, "probe")
-            if reason:
-                return self._pruned(genome, genome_hash, probe, reason, 0, None, info)
+    def _finetune(self, model: Any, recipe: Recipe, seed: int, masks: Mapping[str, Any],
+                  gated: Mapping[str, Any], rung: Rung | None,
+                  probe: Mapping[str, float]) -> dict[str, Any]:
+        """The recipe's fine-tune of ``model`` (its regularizer, a QAT scheme's preparation,
+        the masks kept, trained gates stepped). With a ``rung``, validation accuracy is read
+        after its epochs and the fine-tune stops if the rung says so: the returned dict then
+        holds ``val_accuracy`` and ``reason``."""
+        from petra.compress.regularize import RegContext
+        from petra.registry import QUANTIZATION, REGULARIZERS
+        from petra.train import evaluate_metric, train
 
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
             strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
@@ -238,7 +283,7 @@ class Evaluator:
         at_rung: dict[str, Any] = {}
 
         def report(epoch: int, _loss: float) -> bool:
-            if not short or epoch + 1 != rung.epochs:
+            if rung is None or epoch + 1 != rung.epochs:
                 return False
             acc = evaluate_metric(model, self.task.val, self.task.metric)
             at_rung["val_accuracy"] = acc
@@ -248,31 +293,9 @@ class Evaluator:
         train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
               loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report,
               after_step=(lambda: [g.step() for g in gated.values()]) if gated else None)
-        rung_accuracy = at_rung.get("val_accuracy")
-        if at_rung.get("reason"):
-            return self._pruned(genome, genome_hash, {**probe, "val_accuracy": rung_accuracy},
-                                at_rung["reason"], rung.epochs, rung_accuracy, info)
-        if finalize is not None:
+        if at_rung.get("reason") is None and finalize is not None:
             finalize()
-        if gated:
-            channels.update(remove_gated(model, self.example, gated, recipe.round_to,
-                                         _take(self.task.train, 16)))
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise FloatingPointError("fine-tuning produced non-finite weights")
-
-        data = self._artifact(model, recipe)
-        metrics, reason = self._measure(data, model, rung=rung)
-        if reason:
-            return self._pruned(genome, genome_hash, metrics, reason, recipe.epochs,
-                                rung_accuracy, info)
-        metrics["fidelity_epochs"] = float(recipe.epochs)
-        if rung_accuracy is not None:
-            metrics["rung_val_accuracy"] = rung_accuracy
-        info["sparsity"] = layer_sparsity(recipe, model, self.task.model, masks)
-        metrics.update({f"sparsity.{k}": v for k, v in info["sparsity"].items()})
-        info["effective"] = _effective(metrics)
-        return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
-                      artifact=data, info=info)
+        return at_rung
 
     def _artifact(self, model: Any, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""

@@ -65,7 +65,6 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
     from petra.compress.attention import attention_layers
     from petra.compress.recurrent import gru_layers
     from petra.compress.structured import channel_layers
-    from petra.tasks.contract import args
 
     if attention is None:
         attention = attention_layers(model, example_input)
@@ -74,12 +73,71 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
     heads = {a.name: a for a in attention}
     RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
     types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES)
+    order, outputs, result = _traced_outputs(
+        model, example_input, lambda name, module: isinstance(module, types) or name in heads)
+    capable, residual = channel_layers(model, example_input)
+    capable |= {g.name for g in recurrent} | set(heads)
+    modules = dict(model.named_modules())
+    seen = list(dict.fromkeys(order))
+    infos = []
+    for name in seen:
+        is_output = outputs[name] is result or (
+            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
+            and name == seen[-1]
+        )
+        infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
+                                 and name in capable, residual=name in residual))
+    return infos
+
+
+def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
+                residual: bool) -> LayerInfo:
+    """The :class:`LayerInfo` of one layer; ``attention`` is its AttentionInfo (or None), and
+    ``removable`` whether its units can go (not the model's output, followed by
+    torch-pruning or a unit remover of petra's)."""
+    from torch import nn
+
+    if attention is not None:
+        out_channels = attention.heads
+    elif isinstance(module, tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)):
+        out_channels = module.hidden_size
+    elif isinstance(module, nn.Embedding):
+        out_channels = module.embedding_dim
+    else:
+        out_channels = (module.out_features if isinstance(module, nn.Linear)
+                        else module.out_channels)
+    # A depthwise conv (groups == in == out channels) loses channels with the conv that
+    # feeds it (torch-pruning's depthwise pruner); other grouped convs keep theirs.
+    groups = getattr(module, "groups", 1)
+    grouped = groups != 1 and not (groups == module.in_channels == module.out_channels)
+    kind = type(module).__name__
+    if attention is not None and kind not in ATTENTION_TYPE_NAMES:
+        kind = "Attention"
+    return LayerInfo(
+        name=name, type=kind, out_channels=int(out_channels),
+        params=sum(p.numel() for p in module.parameters()),
+        # an embedding's width is the residual's: channel groups of the Linear layers that
+        # share it decide it
+        structured=removable and not grouped and not isinstance(module, nn.Embedding),
+        residual=residual,
+    )
+
+
+def _traced_outputs(model: Any, example_input: Any, watch: Any
+                    ) -> tuple[list[str], dict[str, Any], Any]:
+    """Run ``model`` on its example once (eval mode, no grad) with hooks on the modules
+    ``watch(name, module)`` selects: their names in call order, each one's (first) output, and
+    the model's output."""
+    import torch
+
+    from petra.tasks.contract import args
+
     order: list[str] = []
     outputs: dict[str, Any] = {}
     names = {m: n for n, m in model.named_modules()}
     hooks = []
     for module in model.modules():
-        if isinstance(module, types) or names[module] in heads:
+        if watch(names[module], module):
 
             def hook(mod: Any, _inp: Any, out: Any) -> None:
                 order.append(names[mod])
@@ -95,50 +153,7 @@ def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] 
         for h in hooks:
             h.remove()
         model.train(was_training)
-    capable, residual = channel_layers(model, example_input)
-    capable |= {g.name for g in recurrent} | set(heads)
-    modules = dict(model.named_modules())
-    seen: list[str] = []
-    for name in order:
-        if name not in seen:
-            seen.append(name)
-    infos = []
-    for name in seen:
-        module = modules[name]
-        if name in heads:
-            out_channels = heads[name].heads
-        elif isinstance(module, RECURRENT_TYPES):
-            out_channels = module.hidden_size
-        elif isinstance(module, nn.Embedding):
-            out_channels = module.embedding_dim
-        else:
-            out_channels = (module.out_features if isinstance(module, nn.Linear)
-                            else module.out_channels)
-        is_output = outputs[name] is result or (
-            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
-            and name == seen[-1]
-        )
-        # A depthwise conv (groups == in == out channels) loses channels with the conv that
-        # feeds it (torch-pruning's depthwise pruner); other grouped convs keep theirs.
-        groups = getattr(module, "groups", 1)
-        grouped = groups != 1 and not (groups == module.in_channels == module.out_channels)
-        kind = type(module).__name__
-        if name in heads and kind not in ATTENTION_TYPE_NAMES:
-            kind = "Attention"
-        infos.append(
-            LayerInfo(
-                name=name,
-                type=kind,
-                out_channels=int(out_channels),
-                params=sum(p.numel() for p in module.parameters()),
-                # an embedding's width is the residual's: channel groups of the Linear layers
-                # that share it decide it
-                structured=not is_output and not grouped and name in capable
-                and not isinstance(module, nn.Embedding),
-                residual=name in residual,
-            )
-        )
-    return infos
+    return order, outputs, result
 
 
 def protected(layers: Iterable[LayerInfo]) -> list[str]:

@@ -270,7 +270,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         blocks: the blocks the model may skip (:func:`petra.compress.blocks.skippable_blocks`);
             each gets a ``blocks.<name>.skip`` gene.
     """
-    from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+    from petra.registry import PRUNING, QUANTIZATION
 
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
@@ -295,15 +295,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         kinds.add("structured")
     if kinds & {"structured", "recurrent"}:  # a single choice still travels, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
-    rules = list(getattr(space_cfg, "sparsity_rules", ["fixed"]))
-    uses_sparsity = any(
-        PRUNING.get(m).meta.get("uses_sparsity", True) for m in space_cfg.pruning if m != "none")
-    if genes and uses_sparsity and rules != ["fixed"]:
-        genes.append(Categorical("prune.sparsity_rule", tuple(rules), rules[0]))
-        b_lo, b_hi = space_cfg.emp_beta
-        genes.append(Float("prune.emp_beta", b_lo, b_hi, min(max(1.0, b_lo), b_hi), step=0.05))
-        genes.append(Categorical("prune.emp_scope", tuple(space_cfg.emp_scope),
-                                 space_cfg.emp_scope[0]))
+    genes += rule_genes(space_cfg) if genes else []
     owners: dict[str, tuple[str, str]] = {}
     if genes:
         genes += declared_genes(PRUNING, "pruning", space_cfg.pruning, space_cfg, owners)
@@ -316,19 +308,45 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))
     if any(QUANTIZATION.get(s).meta.get("static") for s in space_cfg.quantization):
         genes += static_genes(space_cfg.static)
-    e_lo, e_hi = space_cfg.finetune.epochs
-    if e_hi > 0:
-        genes.append(Int("finetune.epochs", e_lo, e_hi, e_lo))
-        lr_lo, lr_hi = space_cfg.finetune.lr
-        genes.append(Float("finetune.lr", lr_lo, lr_hi, geomean(lr_lo, lr_hi), log=True))
-        if len(space_cfg.regularizer) > 1 or space_cfg.regularizer[0] != "none":
-            genes.append(Categorical("reg.kind", _with_none(space_cfg.regularizer), "none"))
-            s_lo, s_hi = space_cfg.reg_strength
-            genes.append(Float("reg.strength", s_lo, s_hi, geomean(s_lo, s_hi), log=True))
-            genes += declared_genes(REGULARIZERS, "regularizer", space_cfg.regularizer,
-                                    space_cfg, owners)
+    genes += finetune_genes(space_cfg, owners)
     return SearchSpace(genes, layers=selected, blocks=blocks, owners=owners,
                        structured=structured)
+
+
+def rule_genes(space_cfg: Any) -> list[Gene]:
+    """``prune.sparsity_rule`` and EMP's ``prune.emp_beta`` and ``prune.emp_scope``, when the
+    config offers a rule beyond ``fixed`` and a criterion uses the sparsity gene."""
+    from petra.registry import PRUNING
+
+    rules = list(getattr(space_cfg, "sparsity_rules", ["fixed"]))
+    uses_sparsity = any(
+        PRUNING.get(m).meta.get("uses_sparsity", True) for m in space_cfg.pruning if m != "none")
+    if not uses_sparsity or rules == ["fixed"]:
+        return []
+    b_lo, b_hi = space_cfg.emp_beta
+    return [Categorical("prune.sparsity_rule", tuple(rules), rules[0]),
+            Float("prune.emp_beta", b_lo, b_hi, min(max(1.0, b_lo), b_hi), step=0.05),
+            Categorical("prune.emp_scope", tuple(space_cfg.emp_scope), space_cfg.emp_scope[0])]
+
+
+def finetune_genes(space_cfg: Any, owners: dict[str, tuple[str, str]]) -> list[Gene]:
+    """``finetune.epochs`` and ``finetune.lr`` when the fine-tune may run, then ``reg.kind``,
+    ``reg.strength`` and the genes the regularizers declare (recorded in ``owners``)."""
+    from petra.registry import REGULARIZERS
+
+    e_lo, e_hi = space_cfg.finetune.epochs
+    if e_hi <= 0:
+        return []
+    lr_lo, lr_hi = space_cfg.finetune.lr
+    genes: list[Gene] = [Int("finetune.epochs", e_lo, e_hi, e_lo),
+                         Float("finetune.lr", lr_lo, lr_hi, geomean(lr_lo, lr_hi), log=True)]
+    if len(space_cfg.regularizer) > 1 or space_cfg.regularizer[0] != "none":
+        s_lo, s_hi = space_cfg.reg_strength
+        genes += [Categorical("reg.kind", _with_none(space_cfg.regularizer), "none"),
+                  Float("reg.strength", s_lo, s_hi, geomean(s_lo, s_hi), log=True)]
+        genes += declared_genes(REGULARIZERS, "regularizer", space_cfg.regularizer, space_cfg,
+                                owners)
+    return genes
 
 
 def declared_genes(registry: Any, kind: str, names: Sequence[str], space_cfg: Any,

@@ -466,7 +466,7 @@ def test_linear_static_quantizes_linear_layers_and_embeddings_only(options, bert
     assert pooled_cosine(out, reference, x["attention_mask"]).min() > 0.99
 
 
-def quantized_weight_nodes(proto):
+def quantizedweight_nodes(proto):
     """Names of the nodes whose weight (second input) is a DequantizeLinear output."""
     dequantized = {o for n in proto.graph.node if n.op_type == "DequantizeLinear"
                    for o in n.output}
@@ -475,18 +475,18 @@ def quantized_weight_nodes(proto):
 
 @pytest.mark.parametrize("scheme", ["int8_static_linear", "int8_static"])
 def test_float_fallback_keeps_the_most_sensitive_layers_float(scheme, bert):
-    from petra.compress.quantize import _weight_nodes, sensitivity
+    from petra.compress.calibrate import sensitivity, weight_nodes
 
     proto, calibration, x, reference = bert
-    linear = _weight_nodes(proto, linear_only=True)
+    linear = weight_nodes(proto, linear_only=True)
     scores = sensitivity(proto, linear, QuantContext(calibration=calibration))
     assert set(scores) == set(linear) and all(v > 0 for v in scores.values())
     full = quantize(scheme, proto, calibration)
     part = quantize(scheme, proto, calibration, StaticOptions(fallback=0.25))
     kept = int(round(0.25 * len(linear)))
     assert kept > 0
-    quantized = quantized_weight_nodes(part)
-    assert quantized_weight_nodes(full) >= set(linear)
+    quantized = quantizedweight_nodes(part)
+    assert quantizedweight_nodes(full) >= set(linear)
     floats = set(linear) - quantized
     assert floats == set(sorted(linear, key=lambda n: -scores[n])[:kept])
     assert len(artifact.pack(part)) > len(artifact.pack(full))  # fp32 weights are back
@@ -495,10 +495,10 @@ def test_float_fallback_keeps_the_most_sensitive_layers_float(scheme, bert):
 
 
 def test_sensitivity_rises_with_an_outlier_input_channel(mlp):
-    from petra.compress.quantize import _weight_nodes, sensitivity
+    from petra.compress.calibrate import sensitivity, weight_nodes
 
     _, proto, x, _ = mlp
-    nodes = _weight_nodes(proto, linear_only=True)
+    nodes = weight_nodes(proto, linear_only=True)
     plain = [{"input": x[i:i + 64]} for i in range(0, 256, 64)]
     spiked = [{"input": b["input"] * np.where(np.arange(64) == 5, 100.0, 1.0).astype(np.float32)}
               for b in plain]
@@ -510,7 +510,7 @@ def test_sensitivity_rises_with_an_outlier_input_channel(mlp):
 
 
 def test_smooth_quant_keeps_the_function_and_flattens_outlier_channels(bert):
-    from petra.compress.quantize import _channel_absmax, smooth_quant
+    from petra.compress.calibrate import channel_absmax, smooth_quant
 
     proto, calibration, x, _ = bert
     # Outlier features as in trained BERTs: LayerNorm gains x50 on two hidden dims (the last
@@ -531,13 +531,13 @@ def test_smooth_quant_keeps_the_function_and_flattens_outlier_channels(bert):
     muls = [n for n in every.graph.node if n.op_type == "Mul" and n.name.endswith(".smooth")]
     assert len(muls) == 2 * 4  # per layer: the Q/K/V input, attention output, FFN in and out
 
-    before = _channel_absmax(proto, [m.input[0] for m in muls], ctx)
+    before = channel_absmax(proto, [m.input[0] for m in muls], ctx)
     spread = {name: peak.max() / np.median(peak) for name, peak in before.items()}
     smoothed = smooth_quant(proto, ctx, alpha=0.5)
     muls = [n for n in smoothed.graph.node if n.op_type == "Mul" and n.name.endswith(".smooth")]
     # only activations with outlier channels (the LayerNorm outputs) are smoothed
     assert {m.input[0] for m in muls} == {n for n, v in spread.items() if v >= 8} != set()
-    after = _channel_absmax(smoothed, [m.output[0] for m in muls], ctx)
+    after = channel_absmax(smoothed, [m.output[0] for m in muls], ctx)
     for mul in muls:
         flat = after[mul.output[0]]
         assert flat.max() / np.median(flat) < 0.5 * spread[mul.input[0]]

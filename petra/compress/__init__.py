@@ -9,6 +9,7 @@ from petra.compress import prune, structured  # noqa: F401
 from petra.compress import (  # noqa: F401
     attention,
     game,
+    int4,
     lowrank,
     quantize,
     recurrent,

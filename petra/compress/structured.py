@@ -153,43 +153,15 @@ def prune_channels(
     """
     import torch_pruning as tp
 
-    from petra.compress.gates import out_channel_members
-
     if not plan:
         return {}
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
-    order = list(plan)
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
     ignored = [modules[n] for n in protected if n in modules]
-    scored = []  # (root, n, sparsity, scores)
-    for group in channel_groups(graph, ignored):
-        members = [
-            names.get(dep.target.module)
-            for dep, _ in group
-            if graph.is_out_channel_pruning_fn(dep.handler)
-        ]
-        voters = sorted((n for n in members if n in plan), key=order.index)
-        if not voters:
-            continue
-        root = group[0].dep.target.module
-        n = graph.get_out_channels(root)
-        method = plan[voters[0]][0]
-        entry = PRUNING.get(method)
-        if entry.meta.get("trained"):
-            if gate is not None:
-                gate(names[root], out_channel_members(group), n)
-            continue
-        sparsity = sum(plan[v][1] for v in voters) / len(voters)
-        step = channel_step(group, round_to)
-        if sparsity_rule is None and kept_channels(n, sparsity, step) >= n:
-            continue
-        # Score every group on the unpruned model, as MetaPruner does, then prune.
-        scores = entry.fn(group, ctx).detach().flatten()
-        if scores.numel() != n:
-            raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
-        scored.append((root, n, sparsity, scores, step))
+    scored = _scored_groups(graph, names, ignored, plan, round_to=round_to, ctx=ctx,
+                            gate=gate, keep_whole=sparsity_rule is None)
     if sparsity_rule is not None:
         chosen = sparsity_rule.sparsities([s[3] for s in scored])
         scored = [(root, n, sp, scores, step) for (root, n, _, scores, step), sp
@@ -203,6 +175,42 @@ def prune_channels(
         remove_channels(graph, root, idxs)
         changes[names[root]] = (n, keep)
     return changes
+
+
+def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence[nn.Module],
+                   plan: Mapping[str, tuple[str, float]], *, round_to: int, ctx: Any,
+                   gate: Any, keep_whole: bool) -> list[tuple[Any, int, float, Any, int]]:
+    """``(root, channels, voted sparsity, scores, rounding step)`` of each group that ``plan``
+    votes on, scored on the unpruned model as MetaPruner does. Groups of a trained criterion go
+    to ``gate`` instead; with ``keep_whole``, groups whose vote keeps every channel are left
+    out."""
+    from petra.compress.gates import out_channel_members
+
+    order = list(plan)
+    scored = []
+    for group in channel_groups(graph, ignored):
+        members = [names.get(dep.target.module) for dep, _ in group
+                   if graph.is_out_channel_pruning_fn(dep.handler)]
+        voters = sorted((n for n in members if n in plan), key=order.index)
+        if not voters:
+            continue
+        root = group[0].dep.target.module
+        n = graph.get_out_channels(root)
+        method = plan[voters[0]][0]
+        entry = PRUNING.get(method)
+        if entry.meta.get("trained"):
+            if gate is not None:
+                gate(names[root], out_channel_members(group), n)
+            continue
+        sparsity = sum(plan[v][1] for v in voters) / len(voters)
+        step = channel_step(group, round_to)
+        if keep_whole and kept_channels(n, sparsity, step) >= n:
+            continue
+        scores = entry.fn(group, ctx).detach().flatten()
+        if scores.numel() != n:
+            raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
+        scored.append((root, n, sparsity, scores, step))
+    return scored
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
