@@ -17,6 +17,7 @@ from typing import Any
 from petra.errors import COMPLETE, FAILED, PRUNED
 from petra.evaluate import Evaluator, objective_values
 from petra.recipes import SEED_SHARE, seed_recipes
+from petra.registry import STRATEGIES
 
 #: A :class:`petra.progress.Reporter`, or a callable taking message lines.
 Progress = Any
@@ -125,10 +126,10 @@ class _Search:
                  f"{int(b['artifact_bytes'])} bytes, {b['latency_ms']:.2f} ms/batch"
                  f"{' (cached)' if self.baseline.cached else ''}")
         self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers")
-        # Every strategy but the baselines (random search, the uniform grid) starts from a few
-        # hand-style recipes.
-        initial = (seed_recipes(self.space)
-                   if cfg.search.strategy not in ("random", "grid") else [])
+        # Every strategy but the baselines (random search, the uniform grid: registry meta
+        # baseline=True) starts from a few hand-style recipes.
+        initial = ([] if STRATEGIES.get(cfg.search.strategy).meta.get("baseline")
+                   else seed_recipes(self.space))
         self.strategy = make_strategy(
             cfg.search.strategy, space=self.space, objectives=self.objectives,
             population=cfg.search.population, generations=cfg.search.generations,

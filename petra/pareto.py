@@ -288,6 +288,29 @@ def _fmt(value: Any) -> str:
     return f"{v:.4g}"
 
 
+def _eligible(records: Sequence[Mapping[str, Any]], objectives: Objectives,
+              baseline: Mapping[str, float], constraints: Mapping[str, float | None] | None
+              ) -> list[Mapping[str, Any]]:
+    """The records that may stand on the front: complete, finite in every objective, feasible.
+
+    Raises:
+        ValueError: a record's status is not one of :data:`petra.errors.STATUSES`.
+    """
+    out = []
+    for record in records:
+        status = record.get("status")
+        if status not in STATUSES:
+            raise ValueError(f"record status must be one of {list(STATUSES)}; got {status!r}")
+        metrics = record.get("metrics") or {}
+        if status != COMPLETE:
+            continue
+        values = [metrics.get(m) for m, _ in objectives]
+        if not any(v is None or not math.isfinite(float(v)) for v in values) and is_feasible(
+                metrics, baseline, constraints):
+            out.append(record)
+    return out
+
+
 def snapshot(
     records: Sequence[Mapping[str, Any]],
     objectives: Objectives,
@@ -309,20 +332,7 @@ def snapshot(
     objectives = check_objectives(objectives)
     if constraints is not None and hasattr(constraints, "model_dump"):
         constraints = constraints.model_dump()
-    candidates = []
-    for record in records:
-        status = record.get("status")
-        if status not in STATUSES:
-            raise ValueError(f"record status must be one of {list(STATUSES)}; got {status!r}")
-        metrics = record.get("metrics") or {}
-        if status != COMPLETE:
-            continue
-        values = [metrics.get(m) for m, _ in objectives]
-        if any(v is None or not math.isfinite(float(v)) for v in values):
-            continue
-        if not is_feasible(metrics, baseline, constraints):
-            continue
-        candidates.append(record)
+    candidates = _eligible(records, objectives, baseline, constraints)
     members: list[dict[str, Any]] = []
     hv = 0.0
     ref = reference_point(objectives, baseline)

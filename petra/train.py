@@ -30,22 +30,17 @@ def train(
     """Train ``model`` in place with AdamW and a one-cycle LR schedule.
 
     Args:
-        model: the model to train.
         batches: re-iterable ``(inputs, targets)`` batches; one pass is one epoch.
-        epochs: number of passes; 0 returns the model unchanged.
-        lr: the peak learning rate of the one-cycle schedule.
-        loss_fn: ``(outputs, targets) -> loss``.
-        penalty: optional ``(model, inputs, outputs, targets) -> tensor`` added to the loss
-            (a regularizer).
+        epochs, lr: passes (0 returns the model unchanged); the one-cycle schedule's peak lr.
+        loss_fn, penalty: ``(outputs, targets) -> loss``; an optional regularizer
+            ``(model, inputs, outputs, targets) -> tensor`` added to it.
         masks: parameter name → 0/1 mask. Masked weights are kept at zero throughout, so
             unstructured sparsity survives the fine-tune.
-        weight_decay: AdamW weight decay.
-        seed: seeds the torch RNG (dropout, etc.) for this run.
+        weight_decay, seed: AdamW's weight decay; the torch seed (dropout, etc.) of this run.
         report: called after each epoch with ``(epoch, mean_loss)``; training stops early
             when it returns True (the multi-fidelity rung, :mod:`petra.fidelity`). It may
             evaluate the model: training mode is restored after it.
-        after_step: called after every optimiser step (equilibrium gates take theirs there,
-            from the gradients of the same backward pass).
+        after_step: called after every optimiser step (equilibrium gates step there).
     """
     if epochs <= 0:
         return model
@@ -54,22 +49,15 @@ def train(
     masks = {k: v.to(params[k].dtype) for k, v in (masks or {}).items()}
     steps = epochs * max(1, len(batches) if hasattr(batches, "__len__") else 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=0.25
-    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                                   pct_start=0.25)
     _apply_masks(params, masks)
     model.train()
     step = 0
     for epoch in range(epochs):
         total, count = 0.0, 0
         for inputs, targets in batches:
-            outputs = model(*args(inputs))
-            loss = loss_fn(outputs, targets)
-            if penalty is not None:
-                loss = loss + penalty(model, inputs, outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _step(model, inputs, targets, loss_fn, penalty, optimizer)
             if step < steps - 1:
                 schedule.step()
             step += 1
@@ -77,7 +65,7 @@ def train(
             if after_step is not None:
                 after_step()
             n = batch_size(targets)
-            total += float(loss.detach()) * n
+            total += loss * n
             count += n
         if report is not None:
             if report(epoch, total / max(count, 1)):
@@ -105,3 +93,16 @@ def evaluate_metric(
         total += metric(model(*args(inputs)), targets) * n
         count += n
     return total / max(count, 1)
+
+
+def _step(model: nn.Module, inputs: Any, targets: Any, loss_fn: Callable[[Any, Any], Any],
+          penalty: Penalty | None, optimizer: Any) -> float:
+    """One optimiser step on a batch; returns its loss (the penalty included)."""
+    outputs = model(*args(inputs))
+    loss = loss_fn(outputs, targets)
+    if penalty is not None:
+        loss = loss + penalty(model, inputs, outputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())

@@ -93,6 +93,26 @@ def _storage(t: Any) -> int | None:
 
 
 @torch.no_grad()
+def _attention_info(name: str, module: nn.Module, reader: str | None) -> AttentionInfo | None:
+    """What head removal needs of one attention (``reader``: the Linear traced reading a
+    Hugging Face attention's output), or None where petra does not handle its form."""
+    heads = _head_count(module)
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim or module.bias_k is not None:
+            return None  # separate kdim/vdim, or learned key/value biases: not handled
+        return AttentionInfo(name, heads, module.head_dim)
+    if isinstance(module, PrunedMultiheadAttention):
+        return AttentionInfo(name, heads, module.head_dim)
+    width = _qkv(module)[0].out_features
+    inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
+                  if isinstance(getattr(module, n, None), nn.Linear)
+                  and getattr(module, n).in_features == width), None)
+    out = inner or reader
+    if out is None or width % heads:
+        return None
+    return AttentionInfo(name, heads, width // heads, out)
+
+
 def attention_layers(model: nn.Module, example_input: Sequence[Any]) -> list[AttentionInfo]:
     """The attentions of ``model`` whose heads can be removed, in execution order."""
     names = {m: n for n, m in model.named_modules()}
@@ -130,25 +150,10 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any]) -> list[Att
         model.train(was_training)
     infos = []
     for name in order:
-        module = found[name]
-        heads = _head_count(module)
-        if isinstance(module, nn.MultiheadAttention):
-            if not module._qkv_same_embed_dim or module.bias_k is not None:
-                continue  # separate kdim/vdim, or learned key/value biases: not handled
-            info = AttentionInfo(name, heads, module.head_dim)
-        elif isinstance(module, PrunedMultiheadAttention):
-            info = AttentionInfo(name, heads, module.head_dim)
-        else:
-            width = _qkv(module)[0].out_features
-            inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
-                          if isinstance(getattr(module, n, None), nn.Linear)
-                          and getattr(module, n).in_features == width), None)
-            out = inner or readers.get(name)
-            if out is None or width % heads:
-                continue
-            info = AttentionInfo(name, heads, width // heads, out)
-        if heads < 2:
+        info = _attention_info(name, found[name], readers.get(name))
+        if info is None or info.heads < 2:
             continue
+        heads = info.heads
         trial = copy.deepcopy(model).eval()
         try:
             prune_heads(trial, info, list(range(heads // 2, heads)))

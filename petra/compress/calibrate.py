@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -173,19 +173,7 @@ def smooth_quant(proto: Any, ctx: QuantContext, alpha: float = 0.5,
     graph = proto.graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     uses = Counter(name for node in graph.node for name in node.input)
-    readers: dict[str, list[tuple[Any, bool]]] = {}  # activation -> [(node, weight is [N, K])]
-    for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        weight = arrays.get(node.input[1])
-        if weight is None or weight.ndim != 2 or weight.dtype != np.float32 \
-                or node.input[0] in arrays:
-            continue
-        attrs = {a.name: a.i for a in node.attribute}
-        if node.op_type == "Gemm" and attrs.get("transA", 0):
-            continue
-        readers.setdefault(node.input[0], []).append(
-            (node, node.op_type == "Gemm" and bool(attrs.get("transB", 0))))
+    readers = _linear_readers(graph, arrays)
     if not readers:
         return proto
     peaks = channel_absmax(proto, list(readers), ctx)
@@ -213,6 +201,26 @@ def smooth_quant(proto: Any, ctx: QuantContext, alpha: float = 0.5,
             node.input[0] = smoothed
     _insert_after_producers(graph, mul_nodes)
     return proto
+
+
+def _linear_readers(graph: Any, arrays: Mapping[str, np.ndarray]
+                    ) -> dict[str, list[tuple[Any, bool]]]:
+    """Activation → the Linear layers that read it: MatMul with a 2-D float weight, or Gemm
+    without ``transA``, each as ``(node, weight is [N, K])`` (Gemm's ``transB``)."""
+    readers: dict[str, list[tuple[Any, bool]]] = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = arrays.get(node.input[1])
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32 \
+                or node.input[0] in arrays:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "Gemm" and attrs.get("transA", 0):
+            continue
+        readers.setdefault(node.input[0], []).append(
+            (node, node.op_type == "Gemm" and bool(attrs.get("transB", 0))))
+    return readers
 
 
 def _replace_initializer(graph: Any, name: str, array: np.ndarray) -> None:

@@ -21,7 +21,8 @@ from petra.strategies.random_search import RandomSearch
 
 
 @STRATEGIES.register(
-    "grid", description="by-hand baseline: one structured ratio on every layer x {fp32, int8}"
+    "grid", description="by-hand baseline: one structured ratio on every layer x {fp32, int8}",
+    baseline=True,
 )
 class UniformGrid(RandomSearch):
     """Proposes the uniform grid of ``population × generations`` points, in a seeded order.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from petra.strategies.base import STRATEGIES, StrategyBase
 
 
-@STRATEGIES.register("random", description="uniform random genomes, never repeating a recipe")
+@STRATEGIES.register("random", description="uniform random genomes, never repeating a recipe",
+                     baseline=True)
 class RandomSearch(StrategyBase):
     """Proposes ``population`` unique random genomes per generation, for ``generations`` tells.
 
