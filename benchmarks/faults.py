@@ -79,7 +79,7 @@ def petra(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedPr
 
 
 def client(uri: str):
-    from petra.tracking import open_client
+    from petra.tracking.store import open_client
 
     return open_client(uri)
 
@@ -280,7 +280,7 @@ def worker_killed(folder: Path) -> dict:
 
 def mlflow_down(folder: Path, *, outage_s: float = 30.0) -> dict:
     """A real `mlflow server` on 127.0.0.1, stopped for ``outage_s`` mid-search."""
-    from petra.ui import free_port, start, stop, wait_ready
+    from petra.tracking.ui import free_port, start, stop, wait_ready
 
     db = folder / "server.db"
     port = free_port()
@@ -329,7 +329,7 @@ def mlflow_down(folder: Path, *, outage_s: float = 30.0) -> dict:
 
 def concurrent(folder: Path) -> dict:
     """Two searches at once into one sqlite store and one `ray start --head` cluster."""
-    from petra.ui import free_port
+    from petra.tracking.ui import free_port
 
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))

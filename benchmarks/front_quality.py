@@ -5,7 +5,7 @@ evaluations (population x generations), with each seed, on a local Ray cluster w
 
 1. ``petra``: the config as it is (NSGA-II, multi-fidelity, the full registry, seed recipes);
 2. ``grid``: the uniform grid (``search.strategy=grid``: one structured ratio on every layer
-   x {fp32, int8_static}, every point fine-tuned the same way, see petra/strategies/grid.py);
+   x {fp32, int8_static}, every point fine-tuned the same way, see petra/engine/strategies/grid.py);
 3. ``random``: uniform random genomes.
 
 For each search it records the hypervolume (objectives normalised to the dense baseline,
@@ -46,9 +46,9 @@ HV_FACTOR = 1.10
 
 def run_one(task: str, arm: str, seed: int, *, population: int, generations: int,
             workers: int, store: Path) -> dict:
-    from petra import pareto
     from petra.config import load_config
-    from petra.loop import search
+    from petra.engine import pareto
+    from petra.engine.loop import search
 
     overrides = [f"seed={seed}", f"search.population={population}",
                  f"search.generations={generations}", f"execution.workers={workers}",
@@ -106,7 +106,7 @@ def ceiling(runs: dict[str, list[dict]]) -> dict:
     """
     import numpy as np
 
-    from petra import pareto
+    from petra.engine import pareto
 
     per_seed = []
     seeds = sorted(set.intersection(*[{r["seed"] for r in rs} for rs in runs.values() if rs]

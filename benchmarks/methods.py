@@ -65,8 +65,8 @@ def run_task(task_name: str) -> list[dict]:
     import torch
 
     import petra.compress  # noqa: F401
-    from petra.baseline import prepare_baseline
-    from petra.evaluate import Evaluator
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
     from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
     from petra.space import prunable_layers
     from petra.tasks import load_task

@@ -69,7 +69,7 @@ def run_search(task: str) -> tuple[str, float]:
 def summarize(task: str, run_id: str, wall_s: float | None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from petra.runs import open_search
+    from petra.tracking.runs import open_search
 
     search = open_search(URI, run_id)
     client = MlflowClient(URI)

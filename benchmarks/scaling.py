@@ -55,8 +55,8 @@ def run_one(workers: int, *, population: int, generations: int, seed: int, store
     from mlflow.tracking import MlflowClient
 
     from petra.config import load_config
-    from petra.loop import _Search, search
-    from petra.tracking import Tracker
+    from petra.engine.loop import _Search, search
+    from petra.tracking.store import Tracker
 
     cfg = load_config(CONFIG, [
         f"seed={seed}", "search.strategy=random", f"search.population={population}",

@@ -57,10 +57,10 @@ class Bench:
     def __init__(self, task: str) -> None:
         import torch
 
-        from petra.baseline import prepare_baseline
+        from petra.candidate.baseline import prepare_baseline
+        from petra.candidate.evaluate import Evaluator
         from petra.config import load_config
-        from petra.evaluate import Evaluator
-        from petra.loop import cache_dir
+        from petra.engine.loop import cache_dir
         from petra.space import model_space
         from petra.tasks import load_task
 
@@ -197,7 +197,7 @@ def verdict(task_rows: dict) -> dict[str, str]:
 
 def search_part(seeds: list[int], population: int, generations: int) -> dict:
     from petra.config import load_config
-    from petra.loop import search
+    from petra.engine.loop import search
     from petra.space import summarize
 
     store = ROOT / "runs" / "benchmarks" / f"seed_methods-{time.strftime('%Y%m%d-%H%M%S')}.db"

@@ -39,9 +39,9 @@ ARMS = [
 
 def run_one(strategy: str, mf: bool, seed: int, *, population: int, generations: int,
             workers: int, store: Path) -> dict:
-    from petra import pareto
     from petra.config import load_config
-    from petra.loop import search
+    from petra.engine import pareto
+    from petra.engine.loop import search
 
     cfg = load_config(CONFIG, [
         f"seed={seed}", f"search.strategy={strategy}", f"search.population={population}",

@@ -35,9 +35,9 @@ def zdt1(x: list[float], centre: float = 0.0) -> tuple[float, float]:
 
 def run(seed: int, *, n_vars: int = 30, population: int = 100, generations: int = 100,
         strategy: str = "nsga2", centre: float = 0.0) -> float:
-    from petra.pareto import hypervolume
+    from petra.engine.pareto import hypervolume
+    from petra.engine.strategies import Told, make_strategy
     from petra.space import Float, SearchSpace
-    from petra.strategies import Told, make_strategy
 
     space = SearchSpace([Float(f"x{i}", 0.0, 1.0, 0.0) for i in range(n_vars)])
     search = make_strategy(strategy, space=space, objectives=[("f1", "min"), ("f2", "min")],
@@ -57,7 +57,7 @@ def summary(volumes: dict[int, float]) -> dict[str, object]:
 
 
 def main() -> None:
-    from petra.strategies import operators
+    from petra.engine.strategies import operators
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

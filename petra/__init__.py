@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
 
         return load_config
     if name in ("search", "SearchResult"):
-        from petra import loop
+        from petra.engine import loop
 
         return getattr(loop, name)
     if name == "Task":
@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
         return Task
     if name == "evaluate":
-        from petra.evaluate import Evaluator
+        from petra.candidate.evaluate import Evaluator
 
         return Evaluator
     raise AttributeError(f"module 'petra' has no attribute {name!r}")

@@ -123,7 +123,7 @@ def _methods(as_json: bool) -> int:
 
 
 def _space(cfg: object, as_json: bool) -> int:
-    from petra.loop import cache_dir
+    from petra.engine.loop import cache_dir
     from petra.space import model_space
     from petra.tasks import load_task
 
@@ -164,10 +164,10 @@ def _read_genome(source: str) -> dict:
 def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) -> int:
     import torch
 
-    from petra.baseline import prepare_baseline
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
+    from petra.engine.loop import cache_dir
     from petra.errors import ConfigError
-    from petra.evaluate import Evaluator
-    from petra.loop import cache_dir
     from petra.space import model_space
     from petra.tasks import load_task
 
@@ -200,7 +200,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
         "baseline": baseline.metrics,
     }
     if export and result.artifact:
-        from petra.export import write_bundle
+        from petra.candidate.export import write_bundle
         from petra.tasks.contract import feed
 
         write_bundle(export, artifact_bytes=result.artifact, genome=result.genome,
@@ -223,9 +223,9 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
 
 
 def _resume(run_id: str, overrides: list[str]) -> int:
-    from petra.loop import resume
-    from petra.progress import ConsoleProgress
-    from petra.runs import split_store
+    from petra.engine.loop import resume
+    from petra.tracking.progress import ConsoleProgress
+    from petra.tracking.runs import split_store
 
     uri, rest = split_store(overrides)
     progress = ConsoleProgress()
@@ -237,8 +237,8 @@ def _resume(run_id: str, overrides: list[str]) -> int:
 
 
 def _search(cfg: object) -> int:
-    from petra.loop import search
-    from petra.progress import ConsoleProgress
+    from petra.engine.loop import search
+    from petra.tracking.progress import ConsoleProgress
 
     progress = ConsoleProgress()
     try:
@@ -285,7 +285,7 @@ def front_table(members: Sequence[dict], knee: str | None) -> str:
 
 def _runs_command(args: argparse.Namespace) -> int:
     """front, compare, export and ui: the commands that read existing runs."""
-    from petra.runs import split_store
+    from petra.tracking.runs import split_store
 
     uri, rest = split_store(args.overrides)
     if rest:
@@ -298,20 +298,20 @@ def _runs_command(args: argparse.Namespace) -> int:
     if args.command == "compare":
         return _compare(uri, args.run_ids, out=args.out, log=not args.no_log)
     if args.command == "export":
-        from petra.export import export_candidate
+        from petra.candidate.export import export_candidate
 
         out = export_candidate(uri, args.run_id, args.candidate, args.out)
         print(f"exported to {out}: model.petra, load_petra.py, example.py, example.npz, "
               "MODEL_CARD.md")
         print(f"try it:     cd {out} && python example.py   (needs numpy, onnx, onnxruntime)")
         return 0
-    from petra.ui import serve
+    from petra.tracking.ui import serve
 
     return serve(uri, args.port, say=_say)
 
 
 def _front(uri: str, run_id: str, *, as_json: bool) -> int:
-    from petra.runs import open_search
+    from petra.tracking.runs import open_search
 
     search = open_search(uri, run_id)
     snap = search.front()
@@ -334,8 +334,8 @@ def _front(uri: str, run_id: str, *, as_json: bool) -> int:
 def _compare(uri: str, run_ids: list[str], *, out: str | None, log: bool) -> int:
     from pathlib import Path
 
-    from petra import compare
-    from petra.runs import open_searches
+    from petra.tracking import compare
+    from petra.tracking.runs import open_searches
 
     comparison = compare.compare(open_searches(uri, run_ids))
     folder = Path(out) if out else Path("runs") / "compare" / "-".join(r[:8] for r in run_ids)

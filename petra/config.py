@@ -24,8 +24,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from petra.engine.objectives import DIRECTIONS
 from petra.errors import ConfigError
-from petra.objectives import DIRECTIONS
 from petra.schema import (
     METRICS,
     ConstraintsConfig,

@@ -320,7 +320,7 @@ def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[L
         for member in selected.intersection(unit.members):
             out["layers"][member] = reason
     if schemes:
-        from petra import artifact
+        from petra.candidate import artifact
         from petra.tasks.contract import feed
 
         proto = artifact.export_onnx(model, tuple(example_input))

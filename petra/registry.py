@@ -181,7 +181,7 @@ QUANTIZATION = Registry("quantization scheme", builtin="petra.compress", schema=
 REGULARIZERS = Registry("regularizer", builtin="petra.compress", schema={"genes": _GENES})
 RANK_RULES = Registry("rank rule", builtin="petra.compress")
 SPARSITY_RULES = Registry("sparsity rule", builtin="petra.compress")
-STRATEGIES = Registry("search strategy", builtin="petra.strategies")
+STRATEGIES = Registry("search strategy", builtin="petra.engine.strategies")
 TASKS = Registry("task", builtin="petra.tasks.builtin")
 
 #: Every registry, by the name ``petra methods`` lists it under and the config validates with.

@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from petra.objectives import DIRECTIONS, check_objectives
+from petra.engine.objectives import DIRECTIONS, check_objectives
 from petra.registry import REGISTRIES
 
 METRICS: tuple[str, ...] = (

@@ -30,8 +30,8 @@ def tiny_task():
     """The tiny task, with its trained baseline (cached for the session)."""
     import torch
 
-    from petra.baseline import prepare_baseline
-    from petra.loop import cache_dir
+    from petra.candidate.baseline import prepare_baseline
+    from petra.engine.loop import cache_dir
     from petra.tasks import load_task
 
     torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def tiny_task():
 
 @pytest.fixture(scope="session")
 def evaluator(tiny_task):
-    from petra.evaluate import Evaluator
+    from petra.candidate.evaluate import Evaluator
 
     _task, baseline = tiny_task
     return Evaluator(task_name=TINY_TASK["name"], task_params=TINY_TASK["params"],

@@ -1,4 +1,4 @@
-"""Tests for petra.artifact: the .petra container, its sparse encoding and the standalone loader."""
+"""Tests for petra.candidate.artifact: the .petra container, its sparse encoding and the standalone loader."""
 
 import io
 import json
@@ -15,7 +15,16 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from petra.artifact import FORMAT, export_onnx, load, loader_source, pack, save, strip, unpack
+from petra.candidate.artifact import (
+    FORMAT,
+    export_onnx,
+    load,
+    loader_source,
+    pack,
+    save,
+    strip,
+    unpack,
+)
 
 EXAMPLE = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
 
@@ -265,7 +274,7 @@ def test_the_smallest_sparse_encoding_is_chosen_and_round_trips(sparsity, encodi
     import onnx
     from onnx import helper, numpy_helper
 
-    from petra.artifact import sparse_encoding, unpack
+    from petra.candidate.artifact import sparse_encoding, unpack
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 256)).astype(np.float32)

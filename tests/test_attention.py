@@ -14,7 +14,7 @@ import torch
 
 import petra.compress  # noqa: F401  (fills the registries)
 import petra.registry
-from petra import artifact
+from petra.candidate import artifact
 from petra.compress.attention import _qkv, attention_layers, prune_attention
 from petra.compress.verify import bisect
 from petra.config import load_config
@@ -159,8 +159,8 @@ def test_the_width_gene_prunes_the_hidden_size_consistently(task, tmp_path):
     """One prune.width removes the same channels from the embeddings, every LayerNorm and
     every block; an nn.MultiheadAttention's embed_dim stays divisible by its heads; the
     artifact shrinks and the model still runs (in ONNX Runtime too)."""
+    from petra.candidate.evaluate import Recipe
     from petra.compress.structured import prune_channels
-    from petra.evaluate import Recipe
 
     space = space_of(task, tmp_path)
     writers = [layer.name for layer in space.layers if layer.residual]
@@ -190,7 +190,7 @@ def test_a_search_proposes_no_gene_the_verification_withheld(task, tmp_path):
     """Every structured gene a strategy may propose runs on the model at its largest
     sparsity: seed recipes and random genomes alike."""
     from petra.compress.structured import prune_channels
-    from petra.strategies import make_strategy
+    from petra.engine.strategies import make_strategy
 
     space = space_of(task, tmp_path)
     strategy = make_strategy("random", space=space, objectives=[("val_accuracy", "max")],

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
-from petra import artifact
+from petra.candidate import artifact
 from petra.compress.blocks import ReluIdentity, ShortcutOnly, skip_blocks, skippable_blocks
 from petra.compress.recurrent import gru_layers, prune_gru_units, prune_recurrent
 from petra.registry import PRUNING
@@ -231,8 +231,8 @@ def test_recurrent_methods_are_offered_on_grus_and_only_there():
 
 def test_a_gru_whose_reader_is_skipped_loses_units_from_the_next_reader(tmp_path):
     """events_gru's ``hidden`` layer reads the GRU; skipped, the classifier reads it instead."""
-    from petra.baseline import prepare_baseline
-    from petra.evaluate import Evaluator
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
     from petra.tasks import load_task
 
     task = load_task("events_gru", {})

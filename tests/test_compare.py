@@ -1,4 +1,4 @@
-"""petra.compare and petra.plots on hand-made searches: numbers, files and formats."""
+"""petra.tracking.compare and petra.tracking.plots on hand-made searches: numbers, files and formats."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from petra.compare import common_reference, compare, write
 from petra.config import ConfigError, load_config
-from petra.pareto import hypervolume, normalize
-from petra.runs import SearchRun
+from petra.engine.pareto import hypervolume, normalize
+from petra.tracking.compare import common_reference, compare, write
+from petra.tracking.runs import SearchRun
 
 OBJECTIVES = ["val_accuracy:max", "artifact_bytes:min", "latency_ratio:min"]
 
@@ -108,7 +108,7 @@ def test_write_gives_html_png_csv_markdown_and_json(tmp_path):
 
 
 def test_the_front_page_is_small_self_contained_and_safe():
-    from petra import plots
+    from petra.tracking import plots
 
     s = search("a", 0.97, A)
     snap = s.front()
@@ -128,7 +128,7 @@ def test_the_front_page_is_small_self_contained_and_safe():
 
 
 def test_the_ui_binds_loopback_and_links_the_runs_table_with_its_filter(tmp_path):
-    from petra.ui import FILTERS, absolute_store, runs_url, server_command
+    from petra.tracking.ui import FILTERS, absolute_store, runs_url, server_command
 
     command = server_command("sqlite:///runs/x.db", 5055)
     assert command[command.index("--host") + 1] == "127.0.0.1"
@@ -145,7 +145,7 @@ def test_the_compare_link_names_the_runs_and_experiments():
     import json
     import urllib.parse
 
-    from petra.ui import compare_url
+    from petra.tracking.ui import compare_url
 
     url = compare_url("http://127.0.0.1:5000", ["a1", "b2"], ["4"])
     query = urllib.parse.parse_qs(url.split("?", 1)[1])

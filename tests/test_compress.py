@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import petra.compress  # noqa: F401  (fills the registries before collection)
-from petra import artifact
+from petra.candidate import artifact
 from petra.compress.prune import PruneContext
 from petra.compress.quantize import QuantContext
 from petra.compress.regularize import RegContext

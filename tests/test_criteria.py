@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
+from petra.candidate.evaluate import COMPLETE
 from petra.compress.prune import PruneContext
 from petra.compress.structured import prune_channels
-from petra.evaluate import COMPLETE
 from petra.registry import PRUNING
 
 #: Every structured criterion that scores channels up front, from the registry: a new one is

@@ -1,10 +1,10 @@
-"""Tests for petra.evaluate: genome → Recipe, and one candidate evaluated end to end."""
+"""Tests for petra.candidate.evaluate: genome → Recipe, and one candidate evaluated end to end."""
 
 import math
 
 import pytest
 
-from petra.evaluate import COMPLETE, FAILED, Recipe, Result
+from petra.candidate.evaluate import COMPLETE, FAILED, Recipe, Result
 from tests.conftest import DIGITS_CNN_CONVS
 
 CONVS = DIGITS_CNN_CONVS

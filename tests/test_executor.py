@@ -33,7 +33,7 @@ def ray_pids() -> set[int]:
 
 
 def test_ray_executor_runs_jobs_on_warm_loopback_workers(tiny_task) -> None:
-    from petra.executor import Job, RayExecutor
+    from petra.engine.executor import Job, RayExecutor
 
     _task, baseline = tiny_task
     executor = RayExecutor(

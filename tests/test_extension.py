@@ -13,7 +13,7 @@ SCRIPT = """
 import tests.plugin_criterion  # registers row_scaled
 from petra.config import load_config
 from petra.space import prunable_layers, build_space
-from petra.strategies import make_strategy
+from petra.engine.strategies import make_strategy
 from petra.tasks import load_task
 
 task = load_task("digits_cnn", {"width": 8})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from petra.evaluate import COMPLETE, FAILED
+from petra.candidate.evaluate import COMPLETE, FAILED
 
 TASK = "tests.faulty_task:faulty_mlp"
 SPARSITY = {"raise": 0.25, "die": 0.375, "nan": 0.5, "die_once": 0.625, "memory": 0.75}
@@ -24,8 +24,8 @@ def genome(fault: str | None, epochs: int = 1) -> dict:
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    from petra.baseline import prepare_baseline
-    from petra.loop import cache_dir
+    from petra.candidate.baseline import prepare_baseline
+    from petra.engine.loop import cache_dir
     from petra.tasks import load_task
 
     params = {"faults": FAULTS, "marker_dir": str(tmp_path_factory.mktemp("markers"))}
@@ -35,7 +35,7 @@ def faulty(tmp_path_factory):
 
 
 def evaluator_for(faulty, memory_limit_mb):
-    from petra.evaluate import Evaluator
+    from petra.candidate.evaluate import Evaluator
 
     params, baseline = faulty
     return Evaluator(task_name=TASK, task_params=params, baseline_state=baseline.state,
@@ -77,7 +77,7 @@ def test_without_a_limit_the_same_allocation_goes_through(faulty):
 
 @pytest.mark.integration
 def test_a_dead_worker_is_retried_once_then_failed(faulty):
-    from petra.executor import Job, RayExecutor
+    from petra.engine.executor import Job, RayExecutor
 
     params, baseline = faulty
     executor = RayExecutor(

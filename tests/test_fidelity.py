@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from petra.evaluate import COMPLETE, PRUNED
-from petra.fidelity import Rung, rung_evidence, rung_for_generation
+from petra.candidate.evaluate import COMPLETE, PRUNED
+from petra.engine.fidelity import Rung, rung_evidence, rung_for_generation
 from tests.conftest import DIGITS_CNN_CONVS
 
 OBJECTIVES = (("val_accuracy", "max"), ("artifact_bytes", "min"), ("latency_ratio", "min"))

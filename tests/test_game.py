@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from petra.candidate.evaluate import COMPLETE
+from petra.candidate.train import train
 from petra.compress.gates import ChannelGates, EquilibriumGates
-from petra.evaluate import COMPLETE
 from petra.registry import PRUNING
-from petra.train import train
 from tests.conftest import DIGITS_CNN_CONVS
 
 USEFUL, DEAD = [0, 1, 2, 3], [4, 5, 6, 7]

@@ -1,9 +1,9 @@
 """The uniform grid: the by-hand baseline of benchmarks/front_quality.py."""
 
 from petra.config import load_config
+from petra.engine.strategies import Told, make_strategy
+from petra.engine.strategies.grid import grid_points
 from petra.space import model_space
-from petra.strategies import Told, make_strategy
-from petra.strategies.grid import grid_points
 from petra.tasks import load_task
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from petra.journal import Journal
+from petra.tracking.journal import Journal
 
 
 def entry(key: str, gen: int = 0) -> dict:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
-from petra import artifact
+from petra.candidate import artifact
 from petra.compress.recurrent import gru_layers, prune_recurrent, prune_units, recurrent_layers
 from petra.registry import PRUNING
 from tests.test_quantize import op_types, quantize
@@ -161,8 +161,8 @@ def test_recurrent_methods_are_offered_on_lstms():
 def test_events_lstm_loses_units_in_the_evaluator(tmp_path):
     """events_lstm's LSTM is found, pruned, and int8-dynamic quantized end to end; with its
     reader ``hidden`` skipped, the classifier becomes the reader."""
-    from petra.baseline import prepare_baseline
-    from petra.evaluate import Evaluator
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
     from petra.tasks import load_task
 
     params = {"n_sequences": 1200, "epochs": 2}

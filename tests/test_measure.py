@@ -1,4 +1,4 @@
-"""Tests for petra.measure: interleaved latency, accuracy on the artifact, MACs and parameters."""
+"""Tests for petra.candidate.measure: interleaved latency, accuracy on the artifact, MACs and parameters."""
 
 import copy
 import math
@@ -9,17 +9,17 @@ import torch
 from torch import nn
 
 import petra.compress  # noqa: F401
-from petra import artifact
-from petra.compress.prune import PruneContext
-from petra.compress.structured import prune_channels
-from petra.measure import (
+from petra.candidate import artifact
+from petra.candidate.measure import (
     interleaved_latency,
     macs_and_params,
     median_latency_ms,
     session_accuracy,
 )
+from petra.candidate.train import evaluate_metric
+from petra.compress.prune import PruneContext
+from petra.compress.structured import prune_channels
 from petra.registry import PRUNING
-from petra.train import evaluate_metric
 
 X = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
 
@@ -137,7 +137,7 @@ def test_masked_weights_lower_nonzero_params_only(tiny_task):
 
 
 def test_timing_in_stages_adds_up_to_one_measurement(small, big):
-    from petra.measure import InterleavedTimer
+    from petra.candidate.measure import InterleavedTimer
 
     timer = InterleavedTimer(small, big, X, block_s=0.01)
     first = timer.run(3).result()

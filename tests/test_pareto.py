@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from petra.pareto import (
+from petra.engine.pareto import (
     FrontSnapshot,
     hypervolume,
     is_feasible,
@@ -187,7 +187,7 @@ def test_table_is_fixed_width_and_truncates():
 
 
 def test_violation_is_zero_when_feasible_and_grows_with_the_excess():
-    from petra.pareto import violation
+    from petra.engine.pareto import violation
 
     baseline = {"val_accuracy": 0.9}
     limits = {"max_accuracy_drop": 0.02, "max_bytes": 1000.0, "max_latency_ratio": 0.5}
@@ -200,7 +200,7 @@ def test_violation_is_zero_when_feasible_and_grows_with_the_excess():
 
 
 def test_constrained_values_follow_debs_rules():
-    from petra.pareto import constrained_values, non_dominated_ranks, to_minimization
+    from petra.engine.pareto import constrained_values, non_dominated_ranks, to_minimization
 
     objectives = [("val_accuracy", "max"), ("artifact_bytes", "min")]
     baseline = {"val_accuracy": 0.9}
@@ -224,7 +224,7 @@ def test_constrained_values_follow_debs_rules():
 
 
 def test_hypervolume_curve_grows_with_each_useful_record_and_counts_only_feasible_ones():
-    from petra.pareto import evaluations_to_reach, hypervolume_curve
+    from petra.engine.pareto import evaluations_to_reach, hypervolume_curve
 
     objectives = [("val_accuracy", "max"), ("size_ratio", "min")]
     baseline = {"val_accuracy": 0.9}

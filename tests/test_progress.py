@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from petra.progress import ConsoleProgress, Status, as_reporter
+from petra.tracking.progress import ConsoleProgress, Status, as_reporter
 
 
 def status(done: int = 5) -> Status:

@@ -14,7 +14,8 @@ from onnx import numpy_helper
 from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
-from petra import artifact
+from petra.candidate import artifact
+from petra.candidate.evaluate import COMPLETE
 from petra.compress.quantize import (
     INT4_QMAX,
     INT8_REDUCED_QMAX,
@@ -23,7 +24,6 @@ from petra.compress.quantize import (
     fake_quantize,
     qat_prepare,
 )
-from petra.evaluate import COMPLETE
 from petra.registry import QUANTIZATION
 from petra.tasks.contract import feed
 from tests.test_artifact import run_standalone
@@ -64,8 +64,8 @@ def cnn(tiny_task):
 def mlp():
     """A Linear-heavy model (64-256-256-10) trained on digits pixels, its fp32 graph, the
     validation inputs and its logits on them."""
+    from petra.candidate.train import train
     from petra.tasks.digits import Batches, digits_splits
-    from petra.train import train
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),

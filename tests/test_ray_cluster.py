@@ -73,5 +73,5 @@ def test_search_on_a_ray_start_head_cluster(tmp_path: Path, ray_head: str) -> No
     _client, parents, children = read_runs(tmp_path, "it-cluster")
     assert len(parents) == 1 and len(children) >= 4
     assert parents[0].data.params["execution.address"] == ray_head
-    assert {c.data.tags["petra.executor"] for c in children} == {"ray"}
+    assert {c.data.tags["petra.engine.executor"] for c in children} == {"ray"}
     assert all(c.data.tags["petra.status"] == "complete" for c in children)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 CANDIDATE_METRICS = {"val_accuracy", "artifact_bytes", "size_ratio", "latency_ms",
                      "latency_ratio", "params", "macs"}
 CANDIDATE_TAGS = {"petra.status", "petra.generation", "petra.on_front", "petra.genome_hash",
-                  "petra.executor", "petra.worker_pid"}
+                  "petra.engine.executor", "petra.worker_pid"}
 SEARCH_METRICS = {"hypervolume", "front_size", "evaluated", "failed", "baseline_val_accuracy",
                   "baseline_test_accuracy", "baseline_bytes", "baseline_latency_ms"}
 
@@ -89,7 +89,7 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
 
     for child in children:
         assert CANDIDATE_TAGS <= set(child.data.tags)
-        assert child.data.tags["petra.executor"] == "ray"
+        assert child.data.tags["petra.engine.executor"] == "ray"
         if child.data.tags["petra.status"] == "complete":
             assert CANDIDATE_METRICS <= set(child.data.metrics)
             assert any(p.startswith("layers.") for p in child.data.params)
@@ -111,7 +111,7 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
 
 def test_search_in_process_executor(tmp_path: Path) -> None:
     from petra.config import load_config
-    from petra.loop import search
+    from petra.engine.loop import search
 
     cfg = load_config(tiny_config(tmp_path, executor="local", name="it-local"),
                       ["search.generations=1", "constraints.max_accuracy_drop=0.05"])
@@ -120,7 +120,7 @@ def test_search_in_process_executor(tmp_path: Path) -> None:
     assert all(m["metrics"]["val_accuracy"] >= floor for m in result.front.members)
     _client, parents, children = read_runs(tmp_path, "it-local")
     assert [p.info.run_id for p in parents] == [result.run_id]
-    assert {c.data.tags["petra.executor"] for c in children} == {"local"}
+    assert {c.data.tags["petra.engine.executor"] for c in children} == {"local"}
     assert {c.data.tags["petra.worker_pid"] for c in children} == {str(os.getpid())}
     assert len(result.front.members) >= 1
     assert set(result.test_accuracy) == set(result.front.ids)
@@ -128,7 +128,7 @@ def test_search_in_process_executor(tmp_path: Path) -> None:
 
 def test_multi_fidelity_stops_dominated_candidates_at_their_rung(tmp_path: Path) -> None:
     from petra.config import load_config
-    from petra.loop import search
+    from petra.engine.loop import search
 
     # Accuracy and bytes only, so the run is deterministic; headroom 0 so the rung stops
     # whatever the front of the earlier generations dominates after one epoch.
@@ -161,7 +161,7 @@ def test_multi_fidelity_stops_dominated_candidates_at_their_rung(tmp_path: Path)
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random", "grid"])
 def test_every_strategy_completes_a_tiny_search_from_the_cli(tmp_path: Path, strategy: str):
-    from petra.strategies import STRATEGIES
+    from petra.engine.strategies import STRATEGIES
 
     assert strategy in STRATEGIES  # the list above must follow the registry
     config = tiny_config(tmp_path, executor="local", name=f"it-{strategy}")
@@ -175,7 +175,7 @@ def test_every_strategy_completes_a_tiny_search_from_the_cli(tmp_path: Path, str
 
 
 def test_the_strategy_list_of_the_cli_test_is_the_registry():
-    from petra.strategies import STRATEGIES
+    from petra.engine.strategies import STRATEGIES
 
     assert sorted(STRATEGIES.names()) == sorted(
         ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random", "grid"])

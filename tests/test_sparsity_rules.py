@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from petra.candidate.evaluate import COMPLETE
 from petra.compress.sparsity import SparsityRule, effective_count, emp_keep
-from petra.evaluate import COMPLETE
 from petra.registry import PRUNING, SPARSITY_RULES
 from tests.conftest import DIGITS_CNN_CONVS
 

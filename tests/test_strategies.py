@@ -5,9 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from petra.pareto import hypervolume
+from petra.engine.pareto import hypervolume
+from petra.engine.strategies import STRATEGIES, Told, candidate_seed, make_strategy
 from petra.space import Categorical, Float, Int, SearchSpace
-from petra.strategies import STRATEGIES, Told, candidate_seed, make_strategy
 
 OBJECTIVES = [("val_accuracy", "max"), ("artifact_bytes", "min")]
 NAMES = STRATEGIES.names()
@@ -233,7 +233,7 @@ def test_no_recipe_is_proposed_twice_in_a_roomy_space(name):
 
 
 def test_sbx_children_stay_in_bounds_and_split_low_and_high():
-    from petra.strategies.operators import sbx_bounded
+    from petra.engine.strategies.operators import sbx_bounded
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -250,7 +250,7 @@ def test_sbx_children_stay_in_bounds_and_split_low_and_high():
 
 
 def test_sbx_with_exchange_mixes_the_children():
-    from petra.strategies.operators import sbx_bounded
+    from petra.engine.strategies.operators import sbx_bounded
 
     rng = np.random.default_rng(1)
     x1, x2 = [0.2] * 400, [0.8] * 400

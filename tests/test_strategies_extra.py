@@ -8,11 +8,11 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from petra.pareto import hypervolume
+from petra.engine.pareto import hypervolume
+from petra.engine.strategies import Told, make_strategy
+from petra.engine.strategies.nsga3 import NSGA3, reference_divisions
+from petra.engine.strategies.optuna_search import distributions
 from petra.space import Categorical, Float, Int, SearchSpace
-from petra.strategies import Told, make_strategy
-from petra.strategies.nsga3 import NSGA3, reference_divisions
-from petra.strategies.optuna_search import distributions
 
 
 def test_distributions_follow_the_gene_types():
@@ -85,7 +85,7 @@ def test_failed_and_pruned_results_become_fail_and_pruned_trials(name):
 
 
 def test_unknown_keyword_arguments_raise():
-    from petra.strategies.optuna_search import OptunaNSGA2
+    from petra.engine.strategies.optuna_search import OptunaNSGA2
 
     with pytest.raises(TypeError, match="popsize"):
         OptunaNSGA2(

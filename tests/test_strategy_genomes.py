@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from petra.config import load_config
+from petra.engine.strategies import make_strategy
+from petra.engine.strategies.base import STRATEGIES, Told
 from petra.space import LayerInfo, build_space
-from petra.strategies import make_strategy
-from petra.strategies.base import STRATEGIES, Told
 
 RECORDED = Path(__file__).parent / "data" / "strategy_genomes.json"
 OBJECTIVES = [("val_accuracy", "max"), ("artifact_bytes", "min"), ("latency_ratio", "min")]

@@ -67,8 +67,8 @@ def test_search_space_and_loop_code_name_no_method():
     names = {n for kind in ("pruning", "quantization", "regularizer", "sparsity_rule",
                             "rank_rule") for n in REGISTRIES[kind].names()}
     names -= {"none", "fixed", "energy"}
-    generic = [PETRA / "space.py", PETRA / "layers.py", PETRA / "genes.py", PETRA / "loop.py",
-               *sorted((PETRA / "strategies").glob("*.py"))]
+    generic = [PETRA / "space.py", PETRA / "layers.py", PETRA / "genes.py",
+               PETRA / "engine" / "loop.py", *sorted((PETRA / "engine" / "strategies").glob("*.py"))]
     found = []
     for path in generic:
         text = path.read_text()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import petra.tasks
-from petra import artifact
+from petra.candidate import artifact
 from petra.space import prunable_layers
 from petra.tasks import TASKS, Task
 from petra.tasks.contract import adapt, feed
@@ -283,7 +283,7 @@ def test_mnist1d_generation_leaves_global_rng_alone():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_default_baseline_trains_to_a_good_accuracy(name, tmp_path):
-    from petra.baseline import prepare_baseline
+    from petra.candidate.baseline import prepare_baseline
 
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Tests for petra.train, petra.tasks (built-in and user tasks) and the cached baseline."""
+"""Tests for petra.candidate.train, petra.tasks (built-in and user tasks) and the cached baseline."""
 
 import copy
 import io
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from petra.baseline import prepare_baseline
+from petra.candidate.baseline import prepare_baseline
+from petra.candidate.train import evaluate_metric, train
 from petra.tasks import Task, load_task
-from petra.train import evaluate_metric, train
 from tests.conftest import TINY_TASK
 
 REPO = Path(__file__).resolve().parent.parent

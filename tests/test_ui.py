@@ -46,7 +46,7 @@ def process_tree(root: int) -> set[int]:
 @pytest.fixture(scope="module")
 def ui(two_searches):
     """`petra ui` on a free loopback port over the two searches' store."""
-    from petra.ui import free_port, wait_ready
+    from petra.tracking.ui import free_port, wait_ready
 
     folder, uri, run_ids = two_searches
     port = free_port()
@@ -127,7 +127,7 @@ def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
     exp_id = runs[0].info.experiment_id
     from selenium.webdriver.common.by import By
 
-    from petra.ui import FILTERS, runs_url
+    from petra.tracking.ui import FILTERS, runs_url
 
     driver = chrome(tmp_path)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

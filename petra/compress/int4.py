@@ -1,7 +1,7 @@
 """``int4_weight``: packed 4-bit weight storage, bias-corrected, rebuilt to fp32 at load.
 
 Conv, Gemm, MatMul and recurrent weights and embedding tables are stored on a symmetric
-per-channel int4 grid (:func:`int4_grid`), two values a byte (:mod:`petra.artifact` packs and
+per-channel int4 grid (:func:`int4_grid`), two values a byte (:mod:`petra.candidate.artifact` packs and
 unpacks them); the shift the rounding gives each output's mean is folded into its bias where
 there is one (bias correction, from the calibration batches).
 """
@@ -34,7 +34,7 @@ def int4_grid(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel int4 of ``array`` along ``axis``: ``(q int8 in [-7, 7], scale f32)``.
 
     ``scale = max|w| / 7`` per channel, and ``q.astype(np.float32) * scale`` (scale broadcast
-    along ``axis``) is the stored weight: the same expression :mod:`petra.artifact` decodes with.
+    along ``axis``) is the stored weight: the same expression :mod:`petra.candidate.artifact` decodes with.
     """
     return symmetric_grid(array, axis, INT4_QMAX)
 
@@ -171,7 +171,7 @@ def _correct_bias(graph: Any, target: _Int4Target, shift: np.ndarray,
 )
 def int4_weight(proto: Any, ctx: QuantContext) -> Any:
     # Conv/Gemm/MatMul weights are replaced by their int4 grid values in fp32 and listed with
-    # their scales under petra.artifact.INT4_KEY; artifact.pack() stores them as nibbles and
+    # their scales under petra.candidate.artifact.INT4_KEY; artifact.pack() stores them as nibbles and
     # artifact.unpack() rebuilds the same fp32 values, so the graph needs no int4 kernels. (ONNX
     # INT4 + DequantizeLinear would need opset 21 and leave a dequantize in the run-time graph.)
     # Rounding to 4 bits shifts each output channel's mean; with calibration batches the shift
@@ -180,7 +180,7 @@ def int4_weight(proto: Any, ctx: QuantContext) -> Any:
     import onnx
     from onnx import numpy_helper
 
-    from petra.artifact import INT4_KEY
+    from petra.candidate.artifact import INT4_KEY
 
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph

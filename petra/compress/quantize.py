@@ -18,7 +18,7 @@ also on a 64-256-256-10 MLP):
     int8_dynamic  int8 weights of MatMul/Gemm/LSTM and embedding tables,    CNN ~1.0  ~1.0
                   activations quantized at run time                         MLP 0.25  ~0.85
     qat           int8_static after a fine-tune on its int8 weight grid     0.24   ~0.8
-    int4_weight   packed 4-bit weights (petra.artifact), fp32 compute;      0.13   ~1.0
+    int4_weight   packed 4-bit weights (petra.candidate.artifact), fp32 compute;      0.13   ~1.0
                   recurrent (GRU/LSTM) weights and embedding tables too
 
 Beside this module: :mod:`petra.compress.int4` (``int4_weight``), :mod:`petra.compress.tables`
@@ -189,7 +189,7 @@ def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from petra.artifact import quiet_output
+    from petra.candidate.artifact import quiet_output
 
     _quiet_ort_quantization()
     with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp, quiet_output():

@@ -1,7 +1,7 @@
 """Penalties used while fine-tuning, one registered function each.
 
 ``fn(ctx) -> penalty or None`` where ``penalty(model, inputs, outputs, targets)`` returns a scalar
-added to the task loss (see :func:`petra.train.train`). ``ctx`` is a :class:`RegContext`.
+added to the task loss (see :func:`petra.candidate.train.train`). ``ctx`` is a :class:`RegContext`.
 """
 
 from __future__ import annotations

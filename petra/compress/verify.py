@@ -98,7 +98,7 @@ def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, s
            round_to: int, attention: Mapping[str, Any],
            recurrent: Mapping[str, Any], blocks: Sequence[Any]) -> None:
     """Remove, in place, the most each unit may lose: skipped blocks, then heads and recurrent
-    units, then channel groups (as :class:`petra.evaluate.Evaluator` does)."""
+    units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator` does)."""
     import torch_pruning as tp
 
     from petra.compress.attention import kept_heads, prune_heads
@@ -149,7 +149,7 @@ def verify_structure(model: Any, example_input: Sequence[Any], units: Sequence[U
     """
     import torch
 
-    from petra import artifact
+    from petra.candidate import artifact
 
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
@@ -190,7 +190,7 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
     graph), each with the reason."""
     import numpy as np
 
-    from petra import artifact
+    from petra.candidate import artifact
     from petra.compress.quantize import QuantContext
     from petra.registry import QUANTIZATION
 

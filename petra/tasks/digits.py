@@ -30,7 +30,7 @@ class Batches:
     """A re-iterable sequence of ``(inputs, targets)`` tensor batches.
 
     With ``shuffle``, each pass draws its order from torch's global generator, as a DataLoader
-    does. :func:`petra.train.train` seeds that generator per run, so a candidate's fine-tune
+    does. :func:`petra.candidate.train.train` seeds that generator per run, so a candidate's fine-tune
     sees the same batch order whatever the worker evaluated before it.
     """
 

@@ -8,7 +8,7 @@ Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md
   generation in ``fronts/gen_NNN/``.
 - candidate run: a child tagged ``mlflow.parentRunId``; params = genes; metrics from the
   Result; tags ``petra.status``, ``petra.generation``, ``petra.on_front``,
-  ``petra.genome_hash``, ``petra.executor``, ``petra.worker_pid``, ``petra.error`` (failed),
+  ``petra.genome_hash``, ``petra.engine.executor``, ``petra.worker_pid``, ``petra.error`` (failed),
   ``petra.pruned_reason`` (pruned), ``petra.attempts`` (when a dead worker's candidate was run
   again); the artifact ``model.petra``.
 """
@@ -32,7 +32,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 # Nor does it draw download progress bars over petra's own output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # A server that is down should fail fast: petra's journal keeps results and retries later
-# (petra.recorder), instead of MLflow's own retries holding the search for minutes.
+# (petra.tracking.recorder), instead of MLflow's own retries holding the search for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -230,7 +230,7 @@ class Tracker:
             "petra.generation": str(generation),
             "petra.genome_hash": result.genome_hash,
             "petra.on_front": "false",
-            "petra.executor": executor,
+            "petra.engine.executor": executor,
             "petra.worker_pid": str(result.info.get("worker_pid", "")),
         }
         if result.error:
@@ -279,7 +279,7 @@ class Tracker:
         self, snap: Any, records: list[Mapping[str, Any]], baseline: Mapping[str, float],
         folder: str | None,
     ) -> None:
-        from petra import plots
+        from petra.tracking import plots
 
         def path(name: str) -> str:
             return f"{folder}/{name}" if folder else name

@@ -1,7 +1,7 @@
 """Results made durable: the journal first, then MLflow, with buffering while MLflow is away.
 
-:class:`Recorder` stands between the search loop and :class:`petra.tracking.Tracker`. Each
-finished candidate is written to the search's :class:`petra.journal.Journal` before anything
+:class:`Recorder` stands between the search loop and :class:`petra.tracking.store.Tracker`. Each
+finished candidate is written to the search's :class:`petra.tracking.journal.Journal` before anything
 is sent to MLflow. Logging then goes through :meth:`Recorder._attempt`: an error that says the
 store is unreachable or busy (a stopped server, a locked sqlite file) leaves the result pending,
 and the search goes on; pending results, generation metrics and the checkpoint are sent, in
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from petra.tracking import transient_errors
+from petra.tracking.store import transient_errors
 
 #: How long the end of a search waits for an unreachable store before giving up.
 DRAIN_TIMEOUT_S = 600.0
@@ -124,7 +124,7 @@ class Recorder:
         return True
 
     def _log(self, entry: dict[str, Any]) -> str:
-        from petra.evaluate import Result
+        from petra.candidate.evaluate import Result
 
         result = Result(genome=entry["genome"], genome_hash=entry["genome_hash"],
                         status=entry["status"], metrics=dict(entry["metrics"]),

@@ -1,6 +1,6 @@
 """Executors run candidate evaluations: Ray actors (local cluster or ``address``), or in-process.
 
-Each Ray worker is an actor holding one warm :class:`petra.evaluate.Evaluator` (task, baseline
+Each Ray worker is an actor holding one warm :class:`petra.candidate.evaluate.Evaluator` (task, baseline
 weights, baseline ONNX Runtime session), so torch is imported and the baseline loaded once per
 worker, not once per candidate. Workers receive plain genome dicts and return plain
 :class:`Result` objects; only the driver talks to MLflow.
@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from petra.candidate.evaluate import Evaluator, Result
+from petra.engine.fidelity import Rung
 from petra.errors import FAILED
-from petra.evaluate import Evaluator, Result
-from petra.fidelity import Rung
 
 # Ray 2.60 binds to the machine's network address and turns on token auth unless told
 # otherwise; with these every listener is on 127.0.0.1 (see STACK.md). Usage stats are off so

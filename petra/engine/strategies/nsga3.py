@@ -1,6 +1,6 @@
 """NSGA-III in ask/tell form: NSGA-II's variation with reference-point environmental selection.
 
-Everything but survival is :class:`~petra.strategies.nsga2.NSGA2`'s: the same genome encoding,
+Everything but survival is :class:`~petra.engine.strategies.nsga2.NSGA2`'s: the same genome encoding,
 SBX and polynomial mutation, categorical swap and reset, deduplication and failure handling.
 Survivors are chosen by ``deap.tools.selNSGA3`` against Das and Dennis reference points from
 ``deap.tools.uniform_reference_points``, which keeps a spread front with three or more
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from deap import tools as deap_tools
 
-from petra.strategies.base import STRATEGIES
-from petra.strategies.nsga2 import NSGA2
-from petra.strategies.operators import (
+from petra.engine.strategies.base import STRATEGIES
+from petra.engine.strategies.nsga2 import NSGA2
+from petra.engine.strategies.operators import (
     Individual,
     binary_tournament,
     seeded_numpy,
@@ -47,7 +47,7 @@ def reference_divisions(n_objectives: int, population: int) -> int:
 class NSGA3(NSGA2):
     """NSGA-III over a :class:`~petra.space.SearchSpace`, in ask/tell form.
 
-    Generation 0 and the offspring are made as in :class:`~petra.strategies.nsga2.NSGA2`,
+    Generation 0 and the offspring are made as in :class:`~petra.engine.strategies.nsga2.NSGA2`,
     except that the binary tournament compares non-dominated rank only (ties by a coin), as
     crowding distance plays no part in NSGA-III. After each :meth:`tell`, the population is
     ``selNSGA3(parents + offspring, population, ref_points)``, with about ``population``

@@ -14,15 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from petra.space import SearchSpace
-from petra.strategies import (  # noqa: F401  (fill the registry)
+from petra.engine.strategies import (  # noqa: F401  (fill the registry)
     grid,
     nsga2,
     nsga3,
     optuna_search,
     random_search,
 )
-from petra.strategies.base import STRATEGIES, Strategy, Told, candidate_seed
+from petra.engine.strategies.base import STRATEGIES, Strategy, Told, candidate_seed
+from petra.space import SearchSpace
 
 
 def make_strategy(

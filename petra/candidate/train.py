@@ -38,7 +38,7 @@ def train(
             unstructured sparsity survives the fine-tune.
         weight_decay, seed: AdamW's weight decay; the torch seed (dropout, etc.) of this run.
         report: called after each epoch with ``(epoch, mean_loss)``; training stops early
-            when it returns True (the multi-fidelity rung, :mod:`petra.fidelity`). It may
+            when it returns True (the multi-fidelity rung, :mod:`petra.engine.fidelity`). It may
             evaluate the model: training mode is restored after it.
         after_step: called after every optimiser step (equilibrium gates step there).
     """

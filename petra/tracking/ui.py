@@ -50,7 +50,7 @@ def free_port(host: str = HOST) -> int:
 
 def server_command(uri: str, port: int) -> list[str]:
     """The ``mlflow server`` command line for the store at ``uri``, bound to 127.0.0.1."""
-    from petra.tracking import artifact_root
+    from petra.tracking.store import artifact_root
 
     uri = absolute_store(uri)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
@@ -67,7 +67,7 @@ def start(uri: str, port: int, *, log: Path | None = None) -> subprocess.Popen:
     A sqlite store is created or migrated here first, under petra's store lock, so the server
     never races a search doing the same.
     """
-    from petra.tracking import open_client
+    from petra.tracking.store import open_client
 
     open_client(absolute_store(uri))
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -106,7 +106,7 @@ def stop(process: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
 def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
     """``(experiment id, name, petra search runs, front members' run ids)`` of every
     experiment in the store."""
-    from petra.tracking import open_client
+    from petra.tracking.store import open_client
 
     client = open_client(uri)
     out = []

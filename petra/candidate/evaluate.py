@@ -7,9 +7,9 @@
     → measured on the artifact: val accuracy, bytes, latency vs. the dense baseline (interleaved;
       [stop after its first rounds if the candidate cannot reach the front])
 
-The whole evaluation runs under the per-candidate memory limit (:mod:`petra.limits`). A candidate
+The whole evaluation runs under the per-candidate memory limit (:mod:`petra.candidate.limits`). A candidate
 that raises, produces non-finite weights or outputs, or allocates past the limit becomes a failed
-:class:`Result` with its error; one stopped by its rung (:mod:`petra.fidelity`) a pruned one.
+:class:`Result` with its error; one stopped by its rung (:mod:`petra.engine.fidelity`) a pruned one.
 
 An :class:`Evaluator` is built once per worker and reused for every candidate: the task, the
 baseline weights and the baseline's ONNX Runtime session stay warm.
@@ -27,12 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from petra.candidate.recipes import Recipe
+from petra.engine.fidelity import ALL_ROUNDS, FIRST_ROUNDS
 from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
-from petra.fidelity import ALL_ROUNDS, FIRST_ROUNDS
-from petra.recipes import Recipe
 
 if TYPE_CHECKING:
-    from petra.fidelity import Rung
+    from petra.engine.fidelity import Rung
 
 
 # A compression is "effective" on bytes or latency only when it beats the baseline by more than
@@ -80,7 +80,7 @@ class Evaluator:
         core: pin this process to the ``core``-th CPU it may use (modulo their count), so
             candidate and baseline are timed on the same core; None leaves affinity alone.
         memory_limit_mb: the most memory one candidate may add to this process
-            (:func:`petra.limits.memory_limit`); None for no limit.
+            (:func:`petra.candidate.limits.memory_limit`); None for no limit.
         shapley_permutations: the permutations a ``shapley`` criterion may sample per group.
     """
 
@@ -92,7 +92,7 @@ class Evaluator:
     ) -> None:
         import torch
 
-        from petra import artifact
+        from petra.candidate import artifact
         from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks
         from petra.compress.recurrent import gru_layers
@@ -125,7 +125,7 @@ class Evaluator:
     @staticmethod
     def options(cfg: Any, baseline: Any) -> dict[str, Any]:
         """The keyword arguments of an Evaluator for config ``cfg`` (a
-        :class:`petra.config.SearchConfig`) and its :class:`petra.baseline.Baseline`: plain
+        :class:`petra.config.SearchConfig`) and its :class:`petra.candidate.baseline.Baseline`: plain
         data, so executors can send them to workers."""
         return {"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
                 "baseline_state": baseline.state, "baseline_artifact": baseline.artifact,
@@ -147,10 +147,10 @@ class Evaluator:
             genome: the genes (a partial genome means no compression for the rest).
             genome_hash: carried into the Result.
             seed: seeds pruning and the fine-tune.
-            rung: the multi-fidelity rule (see :mod:`petra.fidelity`); None measures every
+            rung: the multi-fidelity rule (see :mod:`petra.engine.fidelity`); None measures every
                 candidate in full.
         """
-        from petra.limits import memory_limit, peak_rss_mb, reset_peak_rss
+        from petra.candidate.limits import memory_limit, peak_rss_mb, reset_peak_rss
 
         start = time.perf_counter()
         reset_peak_rss()
@@ -176,13 +176,13 @@ class Evaluator:
         import torch
 
         from petra.compress.gates import remove_gated
-        from petra.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
+        from petra.engine.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
         info, masks, gated = self._compress(model, recipe, seed)
 
-        # Multi-fidelity (petra.fidelity): a probe and a rung for a long enough fine-tune, and
+        # Multi-fidelity (petra.engine.fidelity): a probe and a rung for a long enough fine-tune, and
         # the first rounds of the final latency for every candidate. Trained gates decide the
         # structure only after the fine-tune, so they have no probe.
         short = rung is not None and rung.applies(recipe.epochs) and not gated
@@ -270,9 +270,9 @@ class Evaluator:
         the masks kept, trained gates stepped). With a ``rung``, validation accuracy is read
         after its epochs and the fine-tune stops if the rung says so: the returned dict then
         holds ``val_accuracy`` and ``reason``."""
+        from petra.candidate.train import evaluate_metric, train
         from petra.compress.regularize import RegContext
         from petra.registry import QUANTIZATION, REGULARIZERS
-        from petra.train import evaluate_metric, train
 
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
             strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
@@ -299,7 +299,7 @@ class Evaluator:
 
     def _artifact(self, model: Any, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
-        from petra import artifact
+        from petra.candidate import artifact
         from petra.compress.quantize import QuantContext, StaticOptions
         from petra.registry import QUANTIZATION
 
@@ -316,12 +316,12 @@ class Evaluator:
     ) -> tuple[dict[str, float], str | None]:
         """Bytes, MACs, (if ``accuracy``) val accuracy and latency against the baseline.
 
-        With a ``rung``, the first :data:`~petra.fidelity.FIRST_ROUNDS` rounds of the latency
+        With a ``rung``, the first :data:`~petra.engine.fidelity.FIRST_ROUNDS` rounds of the latency
         are read before the rest: a candidate the front dominates even so stops there, and the
         reason is returned with what was measured. Otherwise the reason is None.
         """
-        from petra import artifact
-        from petra.measure import InterleavedTimer, macs_and_params, session_accuracy
+        from petra.candidate import artifact
+        from petra.candidate.measure import InterleavedTimer, macs_and_params, session_accuracy
 
         session = artifact.load(data, threads=self.threads)
         metrics: dict[str, float] = {}
@@ -360,8 +360,8 @@ class Evaluator:
 
     def test_accuracy(self, artifact_bytes: bytes) -> float:
         """The task metric of an artifact on the held-out test split."""
-        from petra import artifact
-        from petra.measure import session_accuracy
+        from petra.candidate import artifact
+        from petra.candidate.measure import session_accuracy
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)

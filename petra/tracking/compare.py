@@ -104,7 +104,7 @@ class Comparison:
 def common_reference(objectives: Sequence[tuple[str, str]],
                      baselines: Sequence[Mapping[str, float]]) -> tuple[float, ...]:
     """The reference point every search is measured against (see the module docstring)."""
-    from petra.pareto import ACCURACY_MARGIN
+    from petra.engine.pareto import ACCURACY_MARGIN
 
     ref = []
     for metric, direction in objectives:
@@ -117,7 +117,7 @@ def common_reference(objectives: Sequence[tuple[str, str]],
 
 def _normalised(front: Any, objectives: Sequence[tuple[str, str]],
                 baseline: Mapping[str, float]) -> np.ndarray:
-    from petra.pareto import normalize
+    from petra.engine.pareto import normalize
 
     points = [normalize(m["metrics"], objectives, baseline) for m in front.members]
     return np.array(points, dtype=float).reshape(-1, len(objectives))
@@ -131,13 +131,13 @@ def _weakly_dominated(points: np.ndarray, by: np.ndarray) -> np.ndarray:
 
 
 def compare(searches: Sequence[Any]) -> Comparison:
-    """Compare :class:`petra.runs.SearchRun` fronts on a common reference.
+    """Compare :class:`petra.tracking.runs.SearchRun` fronts on a common reference.
 
     Raises:
         petra.config.ConfigError: fewer than two searches, or different objectives.
     """
+    from petra.engine.pareto import hypervolume, non_dominated_ranks
     from petra.errors import ConfigError
-    from petra.pareto import hypervolume, non_dominated_ranks
 
     if len(searches) < 2:
         raise ConfigError("run_ids", [s.run_id for s in searches], "",
@@ -211,7 +211,7 @@ def write(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """``compare.html``, ``compare.png``, ``compare.csv``, ``compare.md`` and ``compare.json``."""
     import html
 
-    from petra import plots
+    from petra.tracking import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +263,7 @@ def log_comparison(comparison: Comparison, uri: str, files: Mapping[str, Path],
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from petra.tracking import Tracker
+    from petra.tracking.store import Tracker
 
     tracker = Tracker(uri=uri, experiment=experiment)
     client: MlflowClient = tracker.client

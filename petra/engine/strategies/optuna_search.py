@@ -22,15 +22,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from petra.errors import FAILED, PRUNED
-from petra.space import Categorical, Float, Genome, Int, SearchSpace
-from petra.strategies.base import (
+from petra.engine.strategies.base import (
     MAX_TRIES,
     STRATEGIES,
     StrategyBase,
     Told,
     candidate_seed,
 )
+from petra.errors import FAILED, PRUNED
+from petra.space import Categorical, Float, Genome, Int, SearchSpace
 
 if TYPE_CHECKING:
     import optuna

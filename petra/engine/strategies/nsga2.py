@@ -3,8 +3,8 @@
 DEAP stays inside the strategies: they receive and return plain genome dicts. Individuals are a
 small ``list`` subclass (gene values in the space's order) with a per-instance ``Fitness`` type,
 so ``deap.creator`` and its module globals are never touched. Selection is DEAP's ``selNSGA2``;
-the shared operators (:mod:`petra.strategies.operators`) are DEAP's ``mutPolynomialBounded``,
-:func:`~petra.strategies.operators.sbx_bounded` (DEAP's bounded SBX without its per-variable
+the shared operators (:mod:`petra.engine.strategies.operators`) are DEAP's ``mutPolynomialBounded``,
+:func:`~petra.engine.strategies.operators.sbx_bounded` (DEAP's bounded SBX without its per-variable
 exchange of the children) and the binary tournament, each seeded from
 ``(seed, generation, call)``.
 """
@@ -20,11 +20,9 @@ from deap import base as deap_base
 from deap import tools as deap_tools
 from deap.tools.emo import assignCrowdingDist
 
-from petra.errors import FAILED
-from petra.pareto import non_dominated_ranks
-from petra.space import Categorical, Float, Genome, Int
-from petra.strategies.base import MAX_TRIES, STRATEGIES, StrategyBase, Told, first_batch
-from petra.strategies.operators import (
+from petra.engine.pareto import non_dominated_ranks
+from petra.engine.strategies.base import MAX_TRIES, STRATEGIES, StrategyBase, Told, first_batch
+from petra.engine.strategies.operators import (
     CROSSOVER_PROB,
     ETA_CROSSOVER,
     FAILED_MAGNITUDE,
@@ -34,6 +32,8 @@ from petra.strategies.operators import (
     polynomial_mutation,
     sbx_bounded,
 )
+from petra.errors import FAILED
+from petra.space import Categorical, Float, Genome, Int
 
 
 class _Numeric:

@@ -128,7 +128,7 @@ class Rung:
                 the first rounds of the final latency (``stage="measured"``).
             stage: one of ``probe``, ``rung``, ``measured``.
         """
-        from petra.pareto import to_minimization, violation
+        from petra.engine.pareto import to_minimization, violation
 
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}; got {stage!r}")
@@ -186,7 +186,7 @@ def rung_for_generation(
         epochs: the rung's short fine-tune.
         headroom: a fixed accuracy gain after the rung; None learns it.
     """
-    from petra import pareto
+    from petra.engine import pareto
 
     earlier = [r for r in records if int(r.get("generation", 0)) < generation]
     snap = pareto.snapshot(earlier, objectives, baseline, generation, constraints)

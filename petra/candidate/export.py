@@ -97,7 +97,7 @@ def write_bundle(
     """
     import numpy as np
 
-    from petra.artifact import loader_source
+    from petra.candidate.artifact import loader_source
     from petra.space import summarize
 
     out = Path(out_dir)
@@ -134,12 +134,12 @@ def export_candidate(uri: str, search_run_id: str, candidate_run_id: str,
         petra.config.ConfigError: an unknown run, a candidate of another search, or one without
             an artifact (failed or pruned).
     """
-    from petra import artifact
+    from petra.candidate import artifact
+    from petra.candidate.measure import session_accuracy
     from petra.errors import ConfigError
-    from petra.measure import session_accuracy
-    from petra.runs import open_search
     from petra.tasks import load_task
-    from petra.tracking import Tracker
+    from petra.tracking.runs import open_search
+    from petra.tracking.store import Tracker
 
     search = open_search(uri, search_run_id)
     record = search.record(candidate_run_id)

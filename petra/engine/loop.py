@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petra.candidate.evaluate import Evaluator, objective_values
+from petra.candidate.recipes import SEED_SHARE, seed_recipes
 from petra.errors import COMPLETE, FAILED, PRUNED
-from petra.evaluate import Evaluator, objective_values
-from petra.recipes import SEED_SHARE, seed_recipes
 from petra.registry import STRATEGIES
 
-#: A :class:`petra.progress.Reporter`, or a callable taking message lines.
+#: A :class:`petra.tracking.progress.Reporter`, or a callable taking message lines.
 Progress = Any
 
 
@@ -28,7 +28,7 @@ class SearchResult:
     """The outcome of a search: its MLflow run, final front, knee and every record."""
 
     run_id: str
-    front: Any  # petra.pareto.FrontSnapshot
+    front: Any  # petra.engine.pareto.FrontSnapshot
     knee: str | None
     baseline: dict[str, float]
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -87,7 +87,7 @@ def resume(
     import yaml
 
     from petra.config import load_config
-    from petra.tracking import Tracker
+    from petra.tracking.store import Tracker
 
     text = Tracker.read_text(uri, run_id, "config.yaml")
     if text is None:
@@ -102,12 +102,12 @@ class _Search:
     """One search's state: everything a checkpoint holds, and what it is rebuilt from."""
 
     def __init__(self, cfg: Any, progress: Progress | None) -> None:
-        from petra.baseline import prepare_baseline
-        from petra.progress import as_reporter
+        from petra.candidate.baseline import prepare_baseline
+        from petra.engine.strategies import make_strategy
         from petra.space import model_space
-        from petra.strategies import make_strategy
         from petra.tasks import load_task
-        from petra.tracking import Tracker
+        from petra.tracking.progress import as_reporter
+        from petra.tracking.store import Tracker
 
         self.cfg = cfg
         self.reporter = as_reporter(progress)
@@ -139,7 +139,7 @@ class _Search:
         self.records: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, Any]] = {}  # genome hash → record (the genome cache)
         self.artifacts: dict[str, bytes] = {}  # genome hash → artifact, evaluated here
-        self.recorder: Any = None  # petra.recorder.Recorder, once the search run exists
+        self.recorder: Any = None  # petra.tracking.recorder.Recorder, once the search run exists
         self.generation = 0
         self.elapsed_before = 0.0
         self.logged_generations: set[int] = set()
@@ -167,8 +167,8 @@ class _Search:
         return self
 
     def _open_recorder(self, run_id: str) -> None:
-        from petra.journal import Journal
-        from petra.recorder import Recorder
+        from petra.tracking.journal import Journal
+        from petra.tracking.recorder import Recorder
 
         self.journal = Journal(run_id)
         self.recorder = Recorder(self.tracker, self.journal, executor=self.cfg.execution.executor,
@@ -179,7 +179,7 @@ class _Search:
 
         import yaml
 
-        from petra.recorder import PENDING
+        from petra.tracking.recorder import PENDING
 
         self.tracker.attach(run_id, driver_pid=os.getpid())
         self._open_recorder(run_id)
@@ -246,7 +246,7 @@ class _Search:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        from petra.executor import make_executor
+        from petra.engine.executor import make_executor
 
         cfg = self.cfg
         executor = make_executor(
@@ -269,7 +269,7 @@ class _Search:
 
     def _rung(self) -> Any:
         """This generation's multi-fidelity rung (None when multi-fidelity is off)."""
-        from petra.fidelity import rung_for_generation
+        from petra.engine.fidelity import rung_for_generation
 
         mf = self.cfg.search.multi_fidelity
         if not mf.enabled:
@@ -280,9 +280,9 @@ class _Search:
             constraints=self.cfg.constraints.model_dump(), headroom=mf.headroom)
 
     def _status(self, *, running: int) -> Any:
-        """The progress after the latest result (see petra.progress)."""
-        from petra import pareto
-        from petra.progress import Status
+        """The progress after the latest result (see petra.tracking.progress)."""
+        from petra.engine import pareto
+        from petra.tracking.progress import Status
 
         cfg = self.cfg
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
@@ -313,9 +313,9 @@ class _Search:
         return bool(budget) and self.elapsed() > budget
 
     def _generations(self, executor: Any) -> None:
-        from petra import pareto
-        from petra.executor import Job
-        from petra.strategies import Told, candidate_seed
+        from petra.engine import pareto
+        from petra.engine.executor import Job
+        from petra.engine.strategies import Told, candidate_seed
 
         cfg, space = self.cfg, self.space
         while not self.strategy.done:
@@ -369,7 +369,7 @@ class _Search:
 
     def _generation_front(self, generation: int, count: int) -> tuple[Any, list[Any], Any]:
         """The front after ``generation`` (its first ``count`` records), built when logged."""
-        from petra import pareto
+        from petra.engine import pareto
 
         records = self.records[:count]
         snap = pareto.snapshot(records, self.objectives, self.baseline.metrics, generation,
@@ -377,7 +377,7 @@ class _Search:
         return snap, records, self.baseline.metrics
 
     def _finish(self, executor: Any, interrupted: bool) -> SearchResult:
-        from petra import pareto
+        from petra.engine import pareto
 
         b = self.baseline.metrics
         self.recorder.drain(self.records)  # every record has its child run id from here on
@@ -404,7 +404,7 @@ class _Search:
 
 def _generation_line(snap: Any, status: Any) -> str:
     """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
-    from petra.progress import duration, short_name
+    from petra.tracking.progress import duration, short_name
 
     best = ", ".join(f"{'best' if k == 'val_accuracy' else 'min'} {short_name(k)} {v:.4g}"
                      for k, v in status.best.items())

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from petra.recipes import grid_points
+from petra.candidate.recipes import grid_points
+from petra.engine.strategies.base import STRATEGIES, sample_unique
+from petra.engine.strategies.random_search import RandomSearch
 from petra.space import Genome
-from petra.strategies.base import STRATEGIES, sample_unique
-from petra.strategies.random_search import RandomSearch
 
 
 @STRATEGIES.register(

@@ -2,7 +2,7 @@
 
 A :class:`SearchRun` is rebuilt from what the search logged: its config (``config.yaml``), its
 baseline metrics, and one record per candidate run. Its front is recomputed from those records
-with :func:`petra.pareto.snapshot`, the same computation the search ran, so an interrupted
+with :func:`petra.engine.pareto.snapshot`, the same computation the search ran, so an interrupted
 search has a front too.
 """
 
@@ -41,7 +41,7 @@ class SearchRun:
 
     def front(self) -> Any:
         """The front of every candidate logged, feasible under the search's constraints."""
-        from petra import pareto
+        from petra.engine import pareto
 
         generation = max((r["generation"] for r in self.records), default=0)
         return pareto.snapshot(self.records, self.objectives, self.baseline, generation,
@@ -75,7 +75,7 @@ def open_search(uri: str, run_id: str) -> SearchRun:
 
     from petra.config import load_config
     from petra.errors import ConfigError
-    from petra.tracking import Tracker, open_client
+    from petra.tracking.store import Tracker, open_client
 
     client = open_client(uri)
     try:

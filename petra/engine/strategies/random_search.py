@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from petra.strategies.base import STRATEGIES, StrategyBase
+from petra.engine.strategies.base import STRATEGIES, StrategyBase
 
 
 @STRATEGIES.register("random", description="uniform random genomes, never repeating a recipe",
@@ -12,7 +12,7 @@ class RandomSearch(StrategyBase):
 
     The first batch starts with the ``initial`` genomes. Results are ignored apart from
     counting generations; a genome's hash is never proposed twice while the space allows it.
-    This is :class:`~petra.strategies.base.StrategyBase`'s default behaviour, registered.
+    This is :class:`~petra.engine.strategies.base.StrategyBase`'s default behaviour, registered.
     """
 
     name = "random"

@@ -48,11 +48,11 @@ def prepare_baseline(
     """
     import torch
 
-    from petra import artifact
+    from petra.candidate import artifact
+    from petra.candidate.measure import macs_and_params, median_latency_ms, session_accuracy
+    from petra.candidate.train import train
     from petra.errors import ConfigError
-    from petra.measure import macs_and_params, median_latency_ms, session_accuracy
     from petra.tasks.contract import TaskError, check
-    from petra.train import train
 
     try:
         check(task, task_name)

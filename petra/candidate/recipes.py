@@ -194,7 +194,7 @@ def structured_method(space: SearchSpace, layer: str) -> str | None:
 
 
 def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
-    """The by-hand baseline's recipes (:mod:`petra.strategies.grid`): one structured ratio on
+    """The by-hand baseline's recipes (:mod:`petra.engine.strategies.grid`): one structured ratio on
     every layer × {fp32, int8_static}, the longest fine-tune, distillation where offered,
     channels rounded to 8, about ``budget`` points over the space's sparsity range."""
     quants = [q for q in QUANT if space.offers("quant.scheme", q)] or [None]

@@ -144,7 +144,7 @@ class StrategyBase:
     - :meth:`_extra_state` and :meth:`_load_extra_state`: its own state.
 
     Subclasses are built with the keyword-only arguments of
-    :func:`petra.strategies.make_strategy`, which are validated here.
+    :func:`petra.engine.strategies.make_strategy`, which are validated here.
     """
 
     name = "strategy"
@@ -159,7 +159,7 @@ class StrategyBase:
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        from petra.pareto import check_objectives
+        from petra.engine.pareto import check_objectives
 
         check_sizes(population, generations)
         self.space = space

@@ -1,6 +1,6 @@
 """Front plots: a self-contained interactive HTML page and a PNG (matplotlib).
 
-Both render fronts that :mod:`petra.pareto` computed; nothing here computes a front. The page
+Both render fronts that :mod:`petra.engine.pareto` computed; nothing here computes a front. The page
 needs no network and no plotting library: a small inline script draws the 3-D front (accuracy,
 size ratio, latency ratio; drag to turn it) and its three 2-D projections on canvases, shows a
 candidate's recipe and metrics on hover, and lets each series be hidden. A table of the front

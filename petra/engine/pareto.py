@@ -1,6 +1,6 @@
 """Non-dominated sorting, hypervolume and the knee point: compute once, render many.
 
-Objectives and constraints are judged in :mod:`petra.objectives` (re-exported here).
+Objectives and constraints are judged in :mod:`petra.engine.objectives` (re-exported here).
 
 :func:`snapshot` turns the search's records into a :class:`FrontSnapshot`, which tracking, the
 plots and the CLI all consume. Objectives are ``(metric, direction)`` pairs, ``direction`` being
@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from petra.errors import COMPLETE, FAILED, PRUNED, STATUSES
-from petra.objectives import (  # noqa: F401  (re-exported)
+from petra.engine.objectives import (  # noqa: F401  (re-exported)
     CONSTRAINT_KEYS,
     DIRECTIONS,
     INFEASIBLE_BASE,
@@ -34,6 +33,7 @@ from petra.objectives import (  # noqa: F401  (re-exported)
     is_feasible,
     violation,
 )
+from petra.errors import COMPLETE, FAILED, PRUNED, STATUSES
 
 #: "min" metrics that are already ratios to the dense baseline (the baseline's value is 1.0).
 RATIO_METRICS = frozenset({"latency_ratio", "size_ratio"})
