@@ -80,11 +80,6 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
 STREAM_NORMS = ("LayerNorm", "RMSNorm")
 
 
-def structured_layers(model: nn.Module, example_input: Any) -> set[str]:
-    """Names of the layers whose output channels torch-pruning can remove with their group."""
-    return channel_layers(model, example_input)[0]
-
-
 def channel_layers(model: nn.Module, example_input: Any) -> tuple[set[str], tuple[str, ...]]:
     """``(structured, residual)``: the layers whose output channels torch-pruning can remove
     with their group, and the writers of the residual stream (the hidden size), if the model
