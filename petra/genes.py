@@ -116,3 +116,47 @@ Gene = Categorical | Float | Int
 def geomean(lo: float, hi: float) -> float:
     """The geometric mean of ``lo`` and ``hi`` to 3 significant digits (a log gene's default)."""
     return float(f"{math.sqrt(lo * hi):.3g}")
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A gene that petra itself reads, whatever the methods: its name, the :class:`Recipe
+    <petra.candidate.recipes.Recipe>` field it fills, how its value is read, and what a genome
+    without it means (its space does not offer it): no compression, no fine-tune."""
+
+    name: str
+    field: str
+    cast: type
+    absent: Any
+    doc: str
+
+
+#: The genes of :class:`Declared`, in one table; the per-layer genes (``layers.<m>.method``,
+#: ``layers.<m>.sparsity``), the skip genes (``blocks.<b>.skip``) and the genes that methods
+#: declare themselves (registry metadata ``genes``) come on top.
+DECLARED: dict[str, Declared] = {d.name: d for d in (
+    Declared("prune.round_to", "round_to", int, 1,
+             "categorical, kept channel counts are rounded to this multiple"),
+    Declared("prune.width", "width", float, 0.0,
+             "float, the share of the residual stream's channels (the hidden size) removed"),
+    Declared("prune.width_method", "width_method", str, "none",
+             "categorical, the structured criterion that chooses them"),
+    Declared("prune.sparsity_rule", "sparsity_rule", str, "fixed",
+             "categorical, fixed (the sparsity genes) or a sparsity rule such as auto_emp"),
+    Declared("prune.emp_beta", "emp_beta", float, 1.0, "float, the EMP rule's beta"),
+    Declared("prune.emp_scope", "emp_scope", str, "layer", "categorical, layer or global"),
+    Declared("lowrank.energy", "energy", float, 0.99,
+             "categorical, the share of squared singular values an SVD rank keeps"),
+    Declared("lowrank.rank_rule", "rank_rule", str, "energy",
+             "categorical, the rank rule: by energy, or by the MP edge (mp)"),
+    Declared("quant.scheme", "quant", str, "none", "categorical, the quantization scheme"),
+    Declared("reg.kind", "reg", str, "none", "categorical, the fine-tune's regularizer"),
+    Declared("reg.strength", "reg_strength", float, 0.0, "float (log scale), its weight"),
+    Declared("finetune.epochs", "epochs", int, 0, "int, the fine-tune's epochs"),
+    Declared("finetune.lr", "lr", float, 1e-3, "float (log scale), its learning rate"),
+)}
+
+
+def absent(name: str) -> Any:
+    """What a genome without the declared gene ``name`` means."""
+    return DECLARED[name].absent

@@ -158,6 +158,9 @@ def _check_pruning(name: str, meta: dict[str, Any]) -> None:
                          "sparsity gene must give scores= (its per-weight importance)")
     if meta["trained"] and meta["kind"] != "structured":
         raise ValueError(f"pruning method {name!r}: only a structured criterion can be trained")
+    if meta["trained"] != (meta["gates"] is not None):
+        raise ValueError(f"pruning method {name!r}: a criterion trained during the fine-tune "
+                         "gives gates= (its channel gates), and only such a criterion does")
 
 
 PRUNING = Registry("pruning method", builtin="petra.compress", schema={
@@ -166,6 +169,8 @@ PRUNING = Registry("pruning method", builtin="petra.compress", schema={
     "uses_sparsity": Meta(True, _is(bool), "true or false"),
     "scores": _OPTIONAL_FN,
     "trained": Meta(False, _is(bool), "true or false"),
+    # (members, n, params) -> ChannelGates: the gates of a trained criterion, from its genes
+    "gates": _OPTIONAL_FN,
     "fixed_sparsity": Meta(None, lambda v: v is None or _is(int, float)(v), "None or a number"),
     "genes": _GENES,
     "example_genes": Meta({}, _is(dict), "a dict of gene values"),

@@ -4,18 +4,13 @@ A genome is a plain ``dict`` from stable dotted gene names to values:
 
     layers.<module>.method    categorical, the pruning criterion of that layer
     layers.<module>.sparsity  float, the fraction of weights (or output channels) removed
-    prune.round_to            categorical, kept channel counts are rounded to this multiple
-    prune.width, prune.width_method   the share of the residual stream's channels (the hidden
-                              size) removed, model-wide, and the structured criterion choosing them
-    prune.sparsity_rule       categorical, fixed (the sparsity genes) or auto_emp (EMP), with
-    prune.emp_beta, prune.emp_scope
-    prune.eq_beta, prune.eq_gamma   float, the equilibrium criterion's utility weights
-    lowrank.energy, lowrank.rank_rule   the SVD rank: by energy, or by the MP edge (mp)
-    quant.scheme              categorical
+    blocks.<block>.skip       bool, the block is removed and its input passed on
     quant.calibration, quant.smooth_alpha, quant.fallback   the static int8 schemes' options
-    reg.kind, reg.strength    categorical, float (log scale)
-    finetune.epochs           int
-    finetune.lr               float (log scale)
+
+then the genes petra reads whatever the methods, declared once with what their absence means in
+:data:`petra.genes.DECLARED` (``prune.round_to``, ``prune.width``, ``quant.scheme``,
+``finetune.epochs``, ...), and the genes each method declares in its registry metadata
+(``prune.eq_beta``, ``reg.kd_alpha``, ...).
 
 Workers receive these dicts, never strategy objects. The defaults of every gene mean
 "no compression", so a partial genome is completed with :meth:`SearchSpace.complete`.
@@ -30,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from petra.genes import Categorical, Float, Gene, Genome, Int, geomean
+from petra.genes import Categorical, Float, Gene, Genome, Int, absent, geomean
 from petra.layers import (
     ATTENTION_TYPE_NAMES,
     PRUNABLE_TYPES,
@@ -300,12 +295,13 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
     if genes:
         genes += declared_genes(PRUNING, "pruning", space_cfg.pruning, space_cfg, owners)
     if "lowrank" in kinds:
-        genes.append(Categorical("lowrank.energy", LOWRANK_ENERGIES, 0.99))
+        genes.append(Categorical("lowrank.energy", LOWRANK_ENERGIES, absent("lowrank.energy")))
         rank_rules = list(getattr(space_cfg, "rank_rules", ["energy"]))
         if rank_rules != ["energy"]:
             genes.append(Categorical("lowrank.rank_rule", tuple(rank_rules), rank_rules[0]))
     if len(space_cfg.quantization) > 1 or space_cfg.quantization[0] != "none":
-        genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization), "none"))
+        genes.append(Categorical("quant.scheme", _with_none(space_cfg.quantization),
+                                 absent("quant.scheme")))
     if any(QUANTIZATION.get(s).meta.get("static") for s in space_cfg.quantization):
         genes += static_genes(space_cfg.static)
     genes += finetune_genes(space_cfg, owners)
@@ -342,7 +338,7 @@ def finetune_genes(space_cfg: Any, owners: dict[str, tuple[str, str]]) -> list[G
                          Float("finetune.lr", lr_lo, lr_hi, geomean(lr_lo, lr_hi), log=True)]
     if len(space_cfg.regularizer) > 1 or space_cfg.regularizer[0] != "none":
         s_lo, s_hi = space_cfg.reg_strength
-        genes += [Categorical("reg.kind", _with_none(space_cfg.regularizer), "none"),
+        genes += [Categorical("reg.kind", _with_none(space_cfg.regularizer), absent("reg.kind")),
                   Float("reg.strength", s_lo, s_hi, geomean(s_lo, s_hi), log=True)]
         genes += declared_genes(REGULARIZERS, "regularizer", space_cfg.regularizer, space_cfg,
                                 owners)

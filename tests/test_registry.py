@@ -119,7 +119,9 @@ def test_pruning_metadata_is_validated_and_completed_at_registration():
     for meta, match in (({"kind": "channels"}, "kind must be one of"),
                         ({"structured": True}, "follows from kind"),
                         ({"speed": 3}, "unknown metadata 'speed'"),
-                        ({"kind": "lowrank", "trained": True}, "only a structured")):
+                        ({"kind": "lowrank", "trained": True}, "only a structured"),
+                        ({"kind": "structured", "trained": True}, "gives gates="),
+                        ({"kind": "structured", "gates": len}, "gives gates=")):
         with pytest.raises(ValueError, match=match):
             PRUNING.register("test_bad", description="x", uses_sparsity=False,
                              **meta)(lambda *a: None)

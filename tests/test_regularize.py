@@ -42,7 +42,7 @@ def test_kd_is_zero_at_the_teacher_and_positive_elsewhere(tiny_task, model):
     task, _ = tiny_task
     inputs, targets = next(iter(task.val))
     kd = REGULARIZERS.get("kd")(RegContext(teacher=task.model, loss=task.loss,
-                                           params={"kd_alpha": 0.5, "kd_temperature": 4.0}))
+                                           params={"reg.kd_alpha": 0.5, "reg.kd_temperature": 4.0}))
     student = copy.deepcopy(task.model).eval()
     with torch.no_grad():
         at_teacher = kd(student, inputs, student(*inputs), targets)

@@ -229,11 +229,12 @@ class Evaluator:
 
         from petra.compress.attention import prune_attention
         from petra.compress.blocks import skip_blocks
-        from petra.compress.gates import EquilibriumGates
+        from petra.compress.gates import ChannelGates
         from petra.compress.lowrank import factorize
         from petra.compress.prune import PruneContext, unstructured_masks
         from petra.compress.recurrent import gru_layers, prune_recurrent
         from petra.compress.structured import prune_channels
+        from petra.registry import PRUNING
 
         skipped = skip_blocks(model, recipe.skip, self.blocks)
         ctx = PruneContext(
@@ -241,10 +242,10 @@ class Evaluator:
             generator=torch.Generator().manual_seed(seed),
             val_batches=_take(self.task.val, 1), shapley_permutations=self.shapley_permutations,
         )
-        gated: dict[str, EquilibriumGates] = {}
+        gated: dict[str, ChannelGates] = {}
 
-        def gate(name: str, members: Any, n: int) -> None:
-            gated[name] = EquilibriumGates(members, n, beta=recipe.eq_beta, gamma=recipe.eq_gamma)
+        def gate(name: str, method: str, members: Any, n: int) -> None:
+            gated[name] = PRUNING.get(method).meta["gates"](members, n, recipe.params)
 
         rule = recipe.sparsity()
         heads = prune_attention(model, recipe.of_kind("heads"), self.attention)
@@ -276,7 +277,7 @@ class Evaluator:
 
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
             strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
-            params=recipe.reg_params,
+            params=recipe.params,
         ))
         prepare = QUANTIZATION.get(recipe.quant).meta.get("prepare")
         finalize = prepare(model) if prepare is not None and recipe.epochs > 0 else None

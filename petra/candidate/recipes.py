@@ -19,56 +19,46 @@ from typing import Any
 
 import numpy as np
 
+from petra.genes import DECLARED, absent
 from petra.registry import PRUNING
 from petra.space import STATIC_GENES, Genome, SearchSpace, inside, skipped_blocks
 
 
 @dataclass
 class Recipe:
-    """A genome decoded into compression steps (gene names are documented in petra.space)."""
+    """A genome decoded into compression steps.
+
+    The fields of the genes petra reads itself take their defaults from the declarations
+    (:data:`petra.genes.DECLARED`): a genome without one means no compression there. The genes
+    that a method declares (registry metadata ``genes``) go to ``params`` by name, and the
+    method reads them with its own defaults.
+    """
 
     layers: dict[str, tuple[str, float]] = field(default_factory=dict)
-    round_to: int = 1
-    width: float = 0.0  # the share of the residual stream's channels removed
-    width_method: str = "l2_channel"
-    energy: float = 0.99
-    quant: str = "none"
+    round_to: int = absent("prune.round_to")
+    width: float = absent("prune.width")  # the share of the residual stream's channels removed
+    width_method: str = absent("prune.width_method")
+    energy: float = absent("lowrank.energy")
+    quant: str = absent("quant.scheme")
     static: dict[str, Any] = field(default_factory=dict)  # StaticOptions' fields
-    reg: str = "none"
-    reg_strength: float = 0.0
-    reg_params: dict[str, float] = field(default_factory=dict)
-    epochs: int = 0
-    lr: float = 1e-3
-    sparsity_rule: str = "fixed"
-    emp_beta: float = 1.0
-    emp_scope: str = "layer"
-    rank_rule: str = "energy"
-    eq_beta: float = 0.05
-    eq_gamma: float = 0.0
+    reg: str = absent("reg.kind")
+    reg_strength: float = absent("reg.strength")
+    params: dict[str, Any] = field(default_factory=dict)  # the methods' own genes
+    epochs: int = absent("finetune.epochs")
+    lr: float = absent("finetune.lr")
+    sparsity_rule: str = absent("prune.sparsity_rule")
+    emp_beta: float = absent("prune.emp_beta")
+    emp_scope: str = absent("prune.emp_scope")
+    rank_rule: str = absent("lowrank.rank_rule")
     skip: tuple[str, ...] = ()
 
     @classmethod
     def from_genome(cls, genome: Mapping[str, Any]) -> Recipe:
-        recipe = cls(
-            round_to=int(genome.get("prune.round_to", 1)),
-            width=float(genome.get("prune.width", 0.0)),
-            width_method=str(genome.get("prune.width_method", "l2_channel")),
-            energy=float(genome.get("lowrank.energy", 0.99)),
-            quant=str(genome.get("quant.scheme", "none")),
-            static={k[len("quant."):]: genome[k] for k in STATIC_GENES if k in genome},
-            reg=str(genome.get("reg.kind", "none")),
-            reg_strength=float(genome.get("reg.strength", 0.0)),
-            reg_params={k[len("reg."):]: float(v) for k, v in genome.items()
-                        if k.startswith("reg.") and k not in ("reg.kind", "reg.strength")},
-            epochs=int(genome.get("finetune.epochs", 0)),
-            lr=float(genome.get("finetune.lr", 1e-3)),
-            sparsity_rule=str(genome.get("prune.sparsity_rule", "fixed")),
-            emp_beta=float(genome.get("prune.emp_beta", 1.0)),
-            emp_scope=str(genome.get("prune.emp_scope", "layer")),
-            rank_rule=str(genome.get("lowrank.rank_rule", "energy")),
-            eq_beta=float(genome.get("prune.eq_beta", 0.05)),
-            eq_gamma=float(genome.get("prune.eq_gamma", 0.0)),
-        )
+        recipe = cls(**{d.field: d.cast(genome[d.name]) for d in DECLARED.values()
+                        if d.name in genome})
+        recipe.static = {k[len("quant."):]: genome[k] for k in STATIC_GENES if k in genome}
+        recipe.params = {k: v for k, v in genome.items() if k not in DECLARED
+                         and k not in STATIC_GENES and not k.startswith(("layers.", "blocks."))}
         recipe.skip = tuple(sorted(skipped_blocks(genome)))
         automatic = recipe.sparsity_rule != "fixed"
         for key, method in genome.items():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.gates import ChannelGates, out_channel_members
+from petra.compress.gates import ChannelGates, EquilibriumGates, out_channel_members
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
@@ -95,6 +95,13 @@ def equilibrium_genes(space_cfg: Any) -> list[Any]:
             Float("prune.eq_gamma", g_lo, g_hi, g_lo, step=0.001)]
 
 
+def equilibrium_gates(members: Any, n: int, params: Any) -> EquilibriumGates:
+    """The equilibrium gates of one channel group, with the candidate's ``prune.eq_beta`` and
+    ``prune.eq_gamma`` (0.05 and 0, where the space fixes them)."""
+    return EquilibriumGates(members, n, beta=float(params.get("prune.eq_beta", 0.05)),
+                            gamma=float(params.get("prune.eq_gamma", 0.0)))
+
+
 @PRUNING.register(
     "equilibrium",
     description="structured: participation gates trained in the fine-tune by projected gradient "
@@ -102,6 +109,7 @@ def equilibrium_genes(space_cfg: Any) -> list[Any]:
                 "removed",
     kind="structured",
     trained=True,
+    gates=lambda members, n, params: equilibrium_gates(members, n, params),
     uses_sparsity=False,
     genes=lambda space_cfg: equilibrium_genes(space_cfg),
     example_genes={"prune.eq_beta": 1.0, "prune.eq_gamma": 0.05},

@@ -26,7 +26,7 @@ class RegContext:
     strength: float = 0.0
     teacher: nn.Module | None = None
     loss: Callable[[Any, Any], torch.Tensor] | None = None
-    params: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)  # the genes it declares, by name
 
 
 def weighted_modules(model: nn.Module) -> list[nn.Module]:
@@ -95,8 +95,8 @@ def kd(ctx: RegContext) -> Any:
     if ctx.teacher is None:
         raise ValueError("kd needs the dense teacher in its context")
     teacher = ctx.teacher.eval()
-    alpha = float(ctx.params.get("kd_alpha", 0.5))
-    temperature = float(ctx.params.get("kd_temperature", 4.0))
+    alpha = float(ctx.params.get("reg.kd_alpha", 0.5))
+    temperature = float(ctx.params.get("reg.kd_temperature", 4.0))
 
     def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
         with torch.no_grad():

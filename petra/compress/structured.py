@@ -140,8 +140,9 @@ def prune_channels(
             :class:`petra.compress.sparsity.SparsityRule` that sets it from the criterion's
             scores (EMP), per group or pooled over the groups.
         gate: for groups whose criterion is trained during the fine-tune (``trained=True``,
-            e.g. ``equilibrium``): called as ``gate(name, members, n)`` and the group is left
-            whole for now. None skips such groups.
+            e.g. ``equilibrium``): called as ``gate(name, method, members, n)`` and the group is
+            left whole for now (the criterion's ``gates`` metadata builds its gates). None skips
+            such groups.
 
     Returns:
         group root name → (channels before, channels after), for every pruned group.
@@ -195,7 +196,7 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         entry = PRUNING.get(method)
         if entry.meta.get("trained"):
             if gate is not None:
-                gate(names[root], out_channel_members(group), n)
+                gate(names[root], method, out_channel_members(group), n)
             continue
         sparsity = sum(plan[v][1] for v in voters) / len(voters)
         step = channel_step(group, round_to)
