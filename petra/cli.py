@@ -25,7 +25,18 @@ import json
 import sys
 from collections.abc import Sequence
 
-from petra.errors import COMPLETE
+from petra.candidate.baseline import prepare_baseline
+from petra.candidate.evaluate import Evaluator
+from petra.candidate.export import export_candidate, write_bundle
+from petra.engine.loop import cache_dir, resume, search
+from petra.errors import COMPLETE, ConfigError
+from petra.registry import REGISTRIES
+from petra.space import model_space, summarize
+from petra.tasks import load_task
+from petra.tracking import compare
+from petra.tracking.progress import ConsoleProgress
+from petra.tracking.runs import open_search, open_searches, split_store
+from petra.tracking.ui import serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +97,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from petra.config import load_config
-    from petra.errors import ConfigError
 
     try:
         if args.command == "methods":
@@ -107,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _methods(as_json: bool) -> int:
-    from petra.registry import REGISTRIES
 
     registries = REGISTRIES
     table = {kind: reg.describe() for kind, reg in registries.items()}
@@ -123,9 +132,6 @@ def _methods(as_json: bool) -> int:
 
 
 def _space(cfg: object, as_json: bool) -> int:
-    from petra.engine.loop import cache_dir
-    from petra.space import model_space
-    from petra.tasks import load_task
 
     task = load_task(cfg.task.name, cfg.task.params)
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
@@ -146,7 +152,6 @@ def _space(cfg: object, as_json: bool) -> int:
 def _read_genome(source: str) -> dict:
     import yaml
 
-    from petra.errors import ConfigError
 
     try:
         text = sys.stdin.read() if source == "-" else open(source).read()
@@ -164,12 +169,6 @@ def _read_genome(source: str) -> dict:
 def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) -> int:
     import torch
 
-    from petra.candidate.baseline import prepare_baseline
-    from petra.candidate.evaluate import Evaluator
-    from petra.engine.loop import cache_dir
-    from petra.errors import ConfigError
-    from petra.space import model_space
-    from petra.tasks import load_task
 
     genome = _read_genome(source)
     task = load_task(cfg.task.name, cfg.task.params)
@@ -200,7 +199,6 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
         "baseline": baseline.metrics,
     }
     if export and result.artifact:
-        from petra.candidate.export import write_bundle
         from petra.tasks.contract import feed
 
         write_bundle(export, artifact_bytes=result.artifact, genome=result.genome,
@@ -223,9 +221,6 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
 
 
 def _resume(run_id: str, overrides: list[str]) -> int:
-    from petra.engine.loop import resume
-    from petra.tracking.progress import ConsoleProgress
-    from petra.tracking.runs import split_store
 
     uri, rest = split_store(overrides)
     progress = ConsoleProgress()
@@ -237,8 +232,6 @@ def _resume(run_id: str, overrides: list[str]) -> int:
 
 
 def _search(cfg: object) -> int:
-    from petra.engine.loop import search
-    from petra.tracking.progress import ConsoleProgress
 
     progress = ConsoleProgress()
     try:
@@ -261,7 +254,6 @@ def _report(result: object, uri: str) -> int:
 
 def front_table(members: Sequence[dict], knee: str | None) -> str:
     """The front as fixed-width text: run, accuracies, size, latency, bytes and the recipe."""
-    from petra.space import summarize
 
     def num(m: dict, key: str, width: int, digits: int) -> str:
         v = m.get(key)
@@ -285,11 +277,9 @@ def front_table(members: Sequence[dict], knee: str | None) -> str:
 
 def _runs_command(args: argparse.Namespace) -> int:
     """front, compare, export and ui: the commands that read existing runs."""
-    from petra.tracking.runs import split_store
 
     uri, rest = split_store(args.overrides)
     if rest:
-        from petra.errors import ConfigError
 
         raise ConfigError("--set", rest[0], "", f"petra {args.command} takes only "
                           f"--set tracking.uri=URI; got {rest[0]!r}")
@@ -298,20 +288,17 @@ def _runs_command(args: argparse.Namespace) -> int:
     if args.command == "compare":
         return _compare(uri, args.run_ids, out=args.out, log=not args.no_log)
     if args.command == "export":
-        from petra.candidate.export import export_candidate
 
         out = export_candidate(uri, args.run_id, args.candidate, args.out)
         print(f"exported to {out}: model.petra, load_petra.py, example.py, example.npz, "
               "MODEL_CARD.md")
         print(f"try it:     cd {out} && python example.py   (needs numpy, onnx, onnxruntime)")
         return 0
-    from petra.tracking.ui import serve
 
     return serve(uri, args.port, say=_say)
 
 
 def _front(uri: str, run_id: str, *, as_json: bool) -> int:
-    from petra.tracking.runs import open_search
 
     search = open_search(uri, run_id)
     snap = search.front()
@@ -334,8 +321,6 @@ def _front(uri: str, run_id: str, *, as_json: bool) -> int:
 def _compare(uri: str, run_ids: list[str], *, out: str | None, log: bool) -> int:
     from pathlib import Path
 
-    from petra.tracking import compare
-    from petra.tracking.runs import open_searches
 
     comparison = compare.compare(open_searches(uri, run_ids))
     folder = Path(out) if out else Path("runs") / "compare" / "-".join(r[:8] for r in run_ids)

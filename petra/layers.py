@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from petra.candidate import artifact
+from petra.errors import ConfigError
+from petra.registry import PRUNING
+
 if TYPE_CHECKING:
     from petra.space import SearchSpace
 
@@ -212,7 +216,6 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
     Raises:
         petra.config.ConfigError: naming the glob's field, the glob and the model's layers.
     """
-    from petra.errors import ConfigError
 
     names = [layer.name for layer in layers]
     for key, globs in (("include", include), ("exclude", exclude)):
@@ -286,7 +289,6 @@ def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[L
         verify_schemes,
         verify_structure,
     )
-    from petra.registry import PRUNING
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
     selected = {layer.name for layer in select_layers(
@@ -320,7 +322,6 @@ def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[L
         for member in selected.intersection(unit.members):
             out["layers"][member] = reason
     if schemes:
-        from petra.candidate import artifact
         from petra.tasks.contract import feed
 
         proto = artifact.export_onnx(model, tuple(example_input))

@@ -40,6 +40,7 @@ from petra.layers import (
     select_layers,
     unit_kind,
 )
+from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
 
 # PETRA's low-rank energy thresholds (METHODS.md).
 LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
@@ -142,7 +143,6 @@ class SearchSpace:
 
         Two genomes with the same effective form build the same model, so they share a hash.
         """
-        from petra.registry import PRUNING
 
         out = self.complete(genome)
         kinds, methods = set(), set()
@@ -208,7 +208,6 @@ STATIC_GENES = ("quant.calibration", "quant.smooth_alpha", "quant.fallback")
 
 
 def _is_static(scheme: str) -> bool:
-    from petra.registry import QUANTIZATION
 
     return scheme in QUANTIZATION and bool(QUANTIZATION.get(scheme).meta.get("static"))
 
@@ -265,7 +264,6 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
         blocks: the blocks the model may skip (:func:`petra.compress.blocks.skippable_blocks`);
             each gets a ``blocks.<name>.skip`` gene.
     """
-    from petra.registry import PRUNING, QUANTIZATION
 
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
@@ -312,7 +310,6 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
 def rule_genes(space_cfg: Any) -> list[Gene]:
     """``prune.sparsity_rule`` and EMP's ``prune.emp_beta`` and ``prune.emp_scope``, when the
     config offers a rule beyond ``fixed`` and a criterion uses the sparsity gene."""
-    from petra.registry import PRUNING
 
     rules = list(getattr(space_cfg, "sparsity_rules", ["fixed"]))
     uses_sparsity = any(
@@ -328,7 +325,6 @@ def rule_genes(space_cfg: Any) -> list[Gene]:
 def finetune_genes(space_cfg: Any, owners: dict[str, tuple[str, str]]) -> list[Gene]:
     """``finetune.epochs`` and ``finetune.lr`` when the fine-tune may run, then ``reg.kind``,
     ``reg.strength`` and the genes the regularizers declare (recorded in ``owners``)."""
-    from petra.registry import REGULARIZERS
 
     e_lo, e_hi = space_cfg.finetune.epochs
     if e_hi <= 0:
@@ -364,7 +360,6 @@ def width_genes(space_cfg: Any, selected: Sequence[LayerInfo]) -> list[Gene]:
     """``prune.width`` (the share of the residual stream's channels removed, in
     ``space.width``) and ``prune.width_method`` (its structured criterion), when a selected
     layer writes a verified residual stream and the space allows a structured criterion."""
-    from petra.registry import PRUNING
 
     lo, hi = getattr(space_cfg, "width", (0.0, 0.0))
     methods = tuple(m for m in space_cfg.pruning if m != "none"

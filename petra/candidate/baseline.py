@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petra.candidate import artifact
+from petra.candidate.measure import macs_and_params, median_latency_ms, session_accuracy
+from petra.errors import ConfigError
+
 # Bump when the baseline recipe changes, so stale caches are not reused.
 RECIPE_VERSION = 2
 
@@ -48,10 +52,7 @@ def prepare_baseline(
     """
     import torch
 
-    from petra.candidate import artifact
-    from petra.candidate.measure import macs_and_params, median_latency_ms, session_accuracy
     from petra.candidate.train import train
-    from petra.errors import ConfigError
     from petra.tasks.contract import TaskError, check
 
     try:

@@ -27,9 +27,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from petra.candidate import artifact
+from petra.candidate.limits import memory_limit, peak_rss_mb, reset_peak_rss
+from petra.candidate.measure import InterleavedTimer, macs_and_params, session_accuracy
 from petra.candidate.recipes import Recipe
-from petra.engine.fidelity import ALL_ROUNDS, FIRST_ROUNDS
+from petra.engine.fidelity import ALL_ROUNDS, FIRST_ROUNDS, PROBE_BLOCK_S, PROBE_ROUNDS
 from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
+from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+from petra.space import protected, prunable_layers
+from petra.tasks import load_task
 
 if TYPE_CHECKING:
     from petra.engine.fidelity import Rung
@@ -92,12 +98,9 @@ class Evaluator:
     ) -> None:
         import torch
 
-        from petra.candidate import artifact
         from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks
         from petra.compress.recurrent import gru_layers
-        from petra.space import protected, prunable_layers
-        from petra.tasks import load_task
         from petra.tasks.contract import feed
 
         self.core = pin_to_core(core) if core is not None and threads == 1 else None
@@ -150,7 +153,6 @@ class Evaluator:
             rung: the multi-fidelity rule (see :mod:`petra.engine.fidelity`); None measures every
                 candidate in full.
         """
-        from petra.candidate.limits import memory_limit, peak_rss_mb, reset_peak_rss
 
         start = time.perf_counter()
         reset_peak_rss()
@@ -176,7 +178,6 @@ class Evaluator:
         import torch
 
         from petra.compress.gates import remove_gated
-        from petra.engine.fidelity import PROBE_BLOCK_S, PROBE_ROUNDS
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
@@ -234,7 +235,6 @@ class Evaluator:
         from petra.compress.prune import PruneContext, unstructured_masks
         from petra.compress.recurrent import gru_layers, prune_recurrent
         from petra.compress.structured import prune_channels
-        from petra.registry import PRUNING
 
         skipped = skip_blocks(model, recipe.skip, self.blocks)
         ctx = PruneContext(
@@ -273,7 +273,6 @@ class Evaluator:
         holds ``val_accuracy`` and ``reason``."""
         from petra.candidate.train import evaluate_metric, train
         from petra.compress.regularize import RegContext
-        from petra.registry import QUANTIZATION, REGULARIZERS
 
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
             strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
@@ -300,9 +299,7 @@ class Evaluator:
 
     def _artifact(self, model: Any, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
-        from petra.candidate import artifact
         from petra.compress.quantize import QuantContext, StaticOptions
-        from petra.registry import QUANTIZATION
 
         proto = artifact.export_onnx(model, self.example)
         proto = QUANTIZATION.get(recipe.quant).fn(
@@ -321,8 +318,6 @@ class Evaluator:
         are read before the rest: a candidate the front dominates even so stops there, and the
         reason is returned with what was measured. Otherwise the reason is None.
         """
-        from petra.candidate import artifact
-        from petra.candidate.measure import InterleavedTimer, macs_and_params, session_accuracy
 
         session = artifact.load(data, threads=self.threads)
         metrics: dict[str, float] = {}
@@ -361,8 +356,6 @@ class Evaluator:
 
     def test_accuracy(self, artifact_bytes: bytes) -> float:
         """The task metric of an artifact on the held-out test split."""
-        from petra.candidate import artifact
-        from petra.candidate.measure import session_accuracy
 
         session = artifact.load(artifact_bytes, threads=self.threads)
         return session_accuracy(session, self.task.test, self.task.metric)

@@ -19,6 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from petra.candidate import artifact
+from petra.candidate.artifact import loader_source
+from petra.candidate.measure import session_accuracy
+from petra.errors import ConfigError
+from petra.space import summarize
+from petra.tasks import load_task
+from petra.tracking.runs import open_search
+from petra.tracking.store import Tracker
+
 _CARD = """# {name}
 
 A model compressed by petra. It runs with numpy, onnx and onnxruntime only; petra and torch are
@@ -97,8 +106,6 @@ def write_bundle(
     """
     import numpy as np
 
-    from petra.candidate.artifact import loader_source
-    from petra.space import summarize
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,12 +141,6 @@ def export_candidate(uri: str, search_run_id: str, candidate_run_id: str,
         petra.config.ConfigError: an unknown run, a candidate of another search, or one without
             an artifact (failed or pruned).
     """
-    from petra.candidate import artifact
-    from petra.candidate.measure import session_accuracy
-    from petra.errors import ConfigError
-    from petra.tasks import load_task
-    from petra.tracking.runs import open_search
-    from petra.tracking.store import Tracker
 
     search = open_search(uri, search_run_id)
     record = search.record(candidate_run_id)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
 from petra.tasks.contract import args
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
@@ -97,7 +98,6 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 def _is_attention(module: nn.Module) -> bool:
     """A multi-head attention itself (torch's, or a Hugging Face self-attention)."""
-    from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
 
     return isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention) or \
         _is_hf_attention(module)

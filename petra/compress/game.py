@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.gates import ChannelGates, EquilibriumGates, out_channel_members
+from petra.compress.gates import ChannelGates, EquilibriumGates
+from petra.compress.structured import out_channel_members
+from petra.genes import Float, geomean
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
@@ -87,7 +89,6 @@ def shapley(group: Any, ctx: Any) -> torch.Tensor:
 def equilibrium_genes(space_cfg: Any) -> list[Any]:
     """``prune.eq_beta`` (log-uniform in ``space.eq_beta``) and ``prune.eq_gamma`` (in
     ``space.eq_gamma``): the utility weights of the equilibrium gates."""
-    from petra.genes import Float, geomean
 
     q_lo, q_hi = space_cfg.eq_beta
     g_lo, g_hi = space_cfg.eq_gamma

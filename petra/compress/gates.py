@@ -21,22 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+from petra.compress.structured import (
+    GATED_LAYERS,
+    GATED_NORMS,
+    kept_channels,
+    remove_gated_channels,
+)
+from petra.tasks.contract import args
 
-
-def out_channel_members(group: Any) -> list[nn.Module]:
-    """The modules whose output channels a torch-pruning group prunes, in group order."""
-    out, seen = [], set()
-    for dep, _ in group:
-        module = dep.target.module
-        handler = dep.handler
-        name = getattr(handler, "__name__", "")
-        if name == "prune_out_channels" and id(module) not in seen and isinstance(
-                module, _BN + _LAYERS):
-            seen.add(id(module))
-            out.append(module)
-    return out
+_BN, _LAYERS = GATED_NORMS, GATED_LAYERS
 
 
 def _channel_dim(module: nn.Module, output: torch.Tensor) -> int:
@@ -47,7 +40,7 @@ class ChannelGates:
     """A gate vector on a group's channels (see the module docstring).
 
     Args:
-        members: the group's out-channel modules (:func:`out_channel_members`).
+        members: the group's out-channel modules (:func:`petra.compress.structured.out_channel_members`).
         n: the number of channels.
         init: the gates' initial value.
         trainable: whether ``s`` gets gradients.
@@ -166,7 +159,6 @@ def remove_gated(model: nn.Module, example_input: Sequence[Any], gated: Mapping[
     """Fold the trained gates into the weights, remove the channels under 0.01 (the kept count
     rounded to ``round_to``, as for every structured criterion), then re-estimate the
     BatchNorm statistics on ``batches``; returns group root → (channels before, after)."""
-    from petra.compress.structured import kept_channels, remove_gated_channels
 
     removals = {}
     for name, gates in gated.items():
@@ -185,7 +177,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any]) -> None:
     The gates moved during the fine-tune, faster than the running statistics' momentum follows;
     without this, the model that was trained is not the model that is measured.
     """
-    from petra.tasks.contract import args
 
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:

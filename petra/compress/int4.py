@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from petra.candidate.artifact import INT4_KEY
 from petra.compress.quantize import INT4_QMAX, QuantContext
 from petra.compress.tables import embedding_tables, symmetric_grid
 from petra.registry import QUANTIZATION
@@ -180,7 +181,6 @@ def int4_weight(proto: Any, ctx: QuantContext) -> Any:
     import onnx
     from onnx import numpy_helper
 
-    from petra.candidate.artifact import INT4_KEY
 
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph

@@ -69,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from petra.candidate.artifact import quiet_output
 from petra.compress.calibrate import most_sensitive, smooth_quant, weight_nodes
 from petra.compress.tables import (  # noqa: F401  (re-exported)
     INT8_QMAX,
@@ -189,7 +190,6 @@ def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from petra.candidate.artifact import quiet_output
 
     _quiet_ort_quantization()
     with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp, quiet_output():

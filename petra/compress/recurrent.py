@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from petra.compress.structured import kept_channels
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
@@ -278,7 +279,6 @@ def prune_recurrent(model: nn.Module, plan: Mapping[str, tuple[str, float]],
     Raises:
         ValueError: when a layer of ``plan`` is not among ``infos``.
     """
-    from petra.compress.structured import kept_channels
 
     by_name = {i.name: i for i in infos}
     changes = {}

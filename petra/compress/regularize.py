@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.genes import Categorical, Float
 from petra.registry import REGULARIZERS
 from petra.tasks.contract import args
 
@@ -73,7 +74,6 @@ def hoyer(ctx: RegContext) -> Any:
 
 def kd_genes(space_cfg: Any) -> list[Any]:
     """``reg.kd_alpha`` (the distillation term's weight) and ``reg.kd_temperature``."""
-    from petra.genes import Categorical, Float
 
     return [Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05),
             Categorical("reg.kd_temperature", (1.0, 2.0, 4.0, 8.0), 4.0)]

@@ -24,6 +24,24 @@ from torch import nn
 
 from petra.registry import PRUNING
 
+#: The modules whose output channels carry gates: the norms, else the layers.
+GATED_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+GATED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def out_channel_members(group: Any) -> list[nn.Module]:
+    """The modules whose output channels a torch-pruning group prunes, in group order."""
+    out, seen = [], set()
+    for dep, _ in group:
+        module = dep.target.module
+        handler = dep.handler
+        name = getattr(handler, "__name__", "")
+        if name == "prune_out_channels" and id(module) not in seen and isinstance(
+                module, GATED_NORMS + GATED_LAYERS):
+            seen.add(id(module))
+            out.append(module)
+    return out
+
 
 def channel_step(group: Any, round_to: int) -> int:
     """``round_to``, made a multiple of the head count of every ``nn.MultiheadAttention`` in
@@ -180,7 +198,6 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
     votes on, scored on the unpruned model as MetaPruner does. Groups of a trained criterion go
     to ``gate`` instead; with ``keep_whole``, groups whose vote keeps every channel are left
     out."""
-    from petra.compress.gates import out_channel_members
 
     order = list(plan)
     scored = []

@@ -24,7 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from petra.candidate import artifact
+from petra.compress.attention import kept_heads, prune_heads
+from petra.compress.blocks import skip_blocks
+from petra.compress.quantize import QuantContext
+from petra.compress.recurrent import prune_units
+from petra.compress.structured import channel_groups, channel_step, kept_channels, remove_channels
 from petra.errors import first_line
+from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
+from petra.registry import QUANTIZATION
 from petra.tasks.contract import args
 
 #: How a verdict reads when a set fails though each half of it runs.
@@ -66,11 +74,9 @@ def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[
     (torch-pruning DepGraph), the ``attention`` layers and the ``recurrent`` ones."""
     import torch_pruning as tp
 
-    from petra.compress.structured import channel_groups
 
     units = [Unit("heads", a.name, (a.name,)) for a in attention]
     units += [Unit("units", r.name, (r.name,)) for r in recurrent]
-    from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 
     # Channel groups decide the genes of Linear and Conv layers only: an attention or a
     # recurrent layer in a group (torch-pruning follows MHA's embed_dim) has units of its own.
@@ -101,10 +107,6 @@ def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, s
     units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator` does)."""
     import torch_pruning as tp
 
-    from petra.compress.attention import kept_heads, prune_heads
-    from petra.compress.blocks import skip_blocks
-    from petra.compress.recurrent import prune_units
-    from petra.compress.structured import channel_step, kept_channels, remove_channels
 
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
@@ -149,7 +151,6 @@ def verify_structure(model: Any, example_input: Sequence[Any], units: Sequence[U
     """
     import torch
 
-    from petra.candidate import artifact
 
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
@@ -190,9 +191,6 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
     graph), each with the reason."""
     import numpy as np
 
-    from petra.candidate import artifact
-    from petra.compress.quantize import QuantContext
-    from petra.registry import QUANTIZATION
 
     failed = {}
     for scheme in schemes:

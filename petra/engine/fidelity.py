@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from petra.engine import pareto
+from petra.engine.pareto import to_minimization, violation
 from petra.errors import COMPLETE
 
 #: Added to the best final accuracy in evidence, so a candidate like the best is not stopped.
@@ -128,7 +130,6 @@ class Rung:
                 the first rounds of the final latency (``stage="measured"``).
             stage: one of ``probe``, ``rung``, ``measured``.
         """
-        from petra.engine.pareto import to_minimization, violation
 
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}; got {stage!r}")
@@ -186,7 +187,6 @@ def rung_for_generation(
         epochs: the rung's short fine-tune.
         headroom: a fixed accuracy gain after the rung; None learns it.
     """
-    from petra.engine import pareto
 
     earlier = [r for r in records if int(r.get("generation", 0)) < generation]
     snap = pareto.snapshot(earlier, objectives, baseline, generation, constraints)

@@ -14,10 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from petra.candidate.baseline import prepare_baseline
 from petra.candidate.evaluate import Evaluator, objective_values
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
-from petra.errors import COMPLETE, FAILED, PRUNED
+from petra.engine import pareto
+from petra.engine.executor import Job, make_executor
+from petra.engine.fidelity import rung_for_generation
+from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
+from petra.space import model_space
+from petra.tasks import load_task
+from petra.tracking.journal import Journal
+from petra.tracking.progress import Status, as_reporter, duration, short_name
+from petra.tracking.recorder import PENDING, Recorder
+from petra.tracking.store import Tracker
 
 #: A :class:`petra.tracking.progress.Reporter`, or a callable taking message lines.
 Progress = Any
@@ -87,11 +97,9 @@ def resume(
     import yaml
 
     from petra.config import load_config
-    from petra.tracking.store import Tracker
 
     text = Tracker.read_text(uri, run_id, "config.yaml")
     if text is None:
-        from petra.errors import ConfigError
 
         raise ConfigError("run_id", run_id, "", f"no petra search run {run_id!r} in {uri}")
     cfg = load_config(yaml.safe_load(text), [f"tracking.uri={uri}", *overrides])
@@ -102,12 +110,7 @@ class _Search:
     """One search's state: everything a checkpoint holds, and what it is rebuilt from."""
 
     def __init__(self, cfg: Any, progress: Progress | None) -> None:
-        from petra.candidate.baseline import prepare_baseline
         from petra.engine.strategies import make_strategy
-        from petra.space import model_space
-        from petra.tasks import load_task
-        from petra.tracking.progress import as_reporter
-        from petra.tracking.store import Tracker
 
         self.cfg = cfg
         self.reporter = as_reporter(progress)
@@ -167,8 +170,6 @@ class _Search:
         return self
 
     def _open_recorder(self, run_id: str) -> None:
-        from petra.tracking.journal import Journal
-        from petra.tracking.recorder import Recorder
 
         self.journal = Journal(run_id)
         self.recorder = Recorder(self.tracker, self.journal, executor=self.cfg.execution.executor,
@@ -179,7 +180,6 @@ class _Search:
 
         import yaml
 
-        from petra.tracking.recorder import PENDING
 
         self.tracker.attach(run_id, driver_pid=os.getpid())
         self._open_recorder(run_id)
@@ -246,7 +246,6 @@ class _Search:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        from petra.engine.executor import make_executor
 
         cfg = self.cfg
         executor = make_executor(
@@ -269,7 +268,6 @@ class _Search:
 
     def _rung(self) -> Any:
         """This generation's multi-fidelity rung (None when multi-fidelity is off)."""
-        from petra.engine.fidelity import rung_for_generation
 
         mf = self.cfg.search.multi_fidelity
         if not mf.enabled:
@@ -281,8 +279,6 @@ class _Search:
 
     def _status(self, *, running: int) -> Any:
         """The progress after the latest result (see petra.tracking.progress)."""
-        from petra.engine import pareto
-        from petra.tracking.progress import Status
 
         cfg = self.cfg
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
@@ -313,8 +309,6 @@ class _Search:
         return bool(budget) and self.elapsed() > budget
 
     def _generations(self, executor: Any) -> None:
-        from petra.engine import pareto
-        from petra.engine.executor import Job
         from petra.engine.strategies import Told, candidate_seed
 
         cfg, space = self.cfg, self.space
@@ -369,7 +363,6 @@ class _Search:
 
     def _generation_front(self, generation: int, count: int) -> tuple[Any, list[Any], Any]:
         """The front after ``generation`` (its first ``count`` records), built when logged."""
-        from petra.engine import pareto
 
         records = self.records[:count]
         snap = pareto.snapshot(records, self.objectives, self.baseline.metrics, generation,
@@ -377,7 +370,6 @@ class _Search:
         return snap, records, self.baseline.metrics
 
     def _finish(self, executor: Any, interrupted: bool) -> SearchResult:
-        from petra.engine import pareto
 
         b = self.baseline.metrics
         self.recorder.drain(self.records)  # every record has its child run id from here on
@@ -404,7 +396,6 @@ class _Search:
 
 def _generation_line(snap: Any, status: Any) -> str:
     """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
-    from petra.tracking.progress import duration, short_name
 
     best = ", ".join(f"{'best' if k == 'val_accuracy' else 'min'} {short_name(k)} {v:.4g}"
                      for k, v in status.best.items())

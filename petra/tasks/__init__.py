@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from petra.errors import first_line
+from petra.errors import ConfigError, first_line
 from petra.registry import TASKS
 
 
@@ -71,7 +71,6 @@ class Task:
 
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     """Build a task from a built-in name or a ``"package.module:function"`` import string."""
-    from petra.errors import ConfigError
 
     params = dict(params or {})
     if ":" in name:

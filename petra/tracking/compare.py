@@ -31,6 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from petra.engine.pareto import ACCURACY_MARGIN, hypervolume, non_dominated_ranks, normalize
+from petra.errors import ConfigError
+from petra.space import summarize
+from petra.tracking import plots
+from petra.tracking.store import Tracker
+
 #: Band edges of size ratio and latency ratio.
 BANDS = {"size_ratio": (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0),
          "latency_ratio": (0.0, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)}
@@ -104,7 +110,6 @@ class Comparison:
 def common_reference(objectives: Sequence[tuple[str, str]],
                      baselines: Sequence[Mapping[str, float]]) -> tuple[float, ...]:
     """The reference point every search is measured against (see the module docstring)."""
-    from petra.engine.pareto import ACCURACY_MARGIN
 
     ref = []
     for metric, direction in objectives:
@@ -117,7 +122,6 @@ def common_reference(objectives: Sequence[tuple[str, str]],
 
 def _normalised(front: Any, objectives: Sequence[tuple[str, str]],
                 baseline: Mapping[str, float]) -> np.ndarray:
-    from petra.engine.pareto import normalize
 
     points = [normalize(m["metrics"], objectives, baseline) for m in front.members]
     return np.array(points, dtype=float).reshape(-1, len(objectives))
@@ -136,8 +140,6 @@ def compare(searches: Sequence[Any]) -> Comparison:
     Raises:
         petra.config.ConfigError: fewer than two searches, or different objectives.
     """
-    from petra.engine.pareto import hypervolume, non_dominated_ranks
-    from petra.errors import ConfigError
 
     if len(searches) < 2:
         raise ConfigError("run_ids", [s.run_id for s in searches], "",
@@ -211,7 +213,6 @@ def write(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """``compare.html``, ``compare.png``, ``compare.csv``, ``compare.md`` and ``compare.json``."""
     import html
 
-    from petra.tracking import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,6 @@ def _csv(comparison: Comparison) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     keys = ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio", "latency_ratio")
     writer.writerow(["search", "search_run_id", "candidate_run_id", *keys, "recipe"])
-    from petra.space import summarize
 
     for label, run_id, front in zip(comparison.labels, comparison.run_ids, comparison.fronts,
                                     strict=True):
@@ -263,7 +263,6 @@ def log_comparison(comparison: Comparison, uri: str, files: Mapping[str, Path],
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from petra.tracking.store import Tracker
 
     tracker = Tracker(uri=uri, experiment=experiment)
     client: MlflowClient = tracker.client

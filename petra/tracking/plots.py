@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from petra.errors import COMPLETE
+from petra.space import summarize
 
 #: (metric, axis label) of the plots.
 AXES = {"acc": ("val_accuracy", "validation accuracy"),
@@ -57,7 +58,6 @@ def plottable(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def point(record: Mapping[str, Any], *, front: bool, search: str = "") -> dict[str, Any]:
     """A record as a plotted point, its hover label holding its recipe and metrics."""
-    from petra.space import summarize
 
     m = record["metrics"]
     lines = [f"{search + ' · ' if search else ''}{str(record['id'])[:8]}"
@@ -115,7 +115,6 @@ def compare_html(fronts: Sequence[tuple[str, Any]], baseline: Mapping[str, float
 
 
 def _row(search: str, member: Mapping[str, Any]) -> list[str]:
-    from petra.space import summarize
 
     m = member["metrics"]
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from petra.candidate.evaluate import Result
 from petra.tracking.store import transient_errors
 
 #: How long the end of a search waits for an unreachable store before giving up.
@@ -124,7 +125,6 @@ class Recorder:
         return True
 
     def _log(self, entry: dict[str, Any]) -> str:
-        from petra.candidate.evaluate import Result
 
         result = Result(genome=entry["genome"], genome_hash=entry["genome_hash"],
                         status=entry["status"], metrics=dict(entry["metrics"]),

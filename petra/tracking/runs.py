@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from petra.engine import pareto
+from petra.errors import ConfigError
+from petra.tracking.store import Tracker, open_client
+
 #: Where every command that reads existing runs looks, unless ``--set tracking.uri=URI``.
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 
@@ -41,7 +45,6 @@ class SearchRun:
 
     def front(self) -> Any:
         """The front of every candidate logged, feasible under the search's constraints."""
-        from petra.engine import pareto
 
         generation = max((r["generation"] for r in self.records), default=0)
         return pareto.snapshot(self.records, self.objectives, self.baseline, generation,
@@ -49,7 +52,6 @@ class SearchRun:
 
     def record(self, candidate_id: str) -> dict[str, Any]:
         """The record of one candidate run of this search, by id or unique id prefix."""
-        from petra.errors import ConfigError
 
         found = [r for r in self.records if r["id"] == candidate_id]
         if not found and len(candidate_id) >= 4:
@@ -74,8 +76,6 @@ def open_search(uri: str, run_id: str) -> SearchRun:
     from mlflow.exceptions import MlflowException
 
     from petra.config import load_config
-    from petra.errors import ConfigError
-    from petra.tracking.store import Tracker, open_client
 
     client = open_client(uri)
     try:

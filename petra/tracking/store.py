@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from petra.tracking import plots
+
 # MLflow 3 sends usage telemetry unless told not to; petra sends nothing anywhere.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -279,7 +281,6 @@ class Tracker:
         self, snap: Any, records: list[Mapping[str, Any]], baseline: Mapping[str, float],
         folder: str | None,
     ) -> None:
-        from petra.tracking import plots
 
         def path(name: str) -> str:
             return f"{folder}/{name}" if folder else name

@@ -20,6 +20,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from petra.errors import ConfigError
+from petra.tracking.store import artifact_root, open_client
+
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 #: What to paste into the runs table's search box.
@@ -50,7 +53,6 @@ def free_port(host: str = HOST) -> int:
 
 def server_command(uri: str, port: int) -> list[str]:
     """The ``mlflow server`` command line for the store at ``uri``, bound to 127.0.0.1."""
-    from petra.tracking.store import artifact_root
 
     uri = absolute_store(uri)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
@@ -67,7 +69,6 @@ def start(uri: str, port: int, *, log: Path | None = None) -> subprocess.Popen:
     A sqlite store is created or migrated here first, under petra's store lock, so the server
     never races a search doing the same.
     """
-    from petra.tracking.store import open_client
 
     open_client(absolute_store(uri))
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
@@ -106,7 +107,6 @@ def stop(process: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
 def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
     """``(experiment id, name, petra search runs, front members' run ids)`` of every
     experiment in the store."""
-    from petra.tracking.store import open_client
 
     client = open_client(uri)
     out = []
@@ -129,7 +129,6 @@ def compare_url(url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
 
 def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> int:
     """Run the UI until Ctrl-C; returns the exit code."""
-    from petra.errors import ConfigError
 
     if uri.startswith(("http://", "https://")):
         say(f"the store {uri} is an MLflow server: open {uri} (its UI)")

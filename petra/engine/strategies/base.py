@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from petra.engine.pareto import check_objectives
 from petra.errors import STATUSES
 from petra.registry import STRATEGIES  # noqa: F401  (re-exported)
 from petra.space import Genome, SearchSpace
@@ -159,7 +160,6 @@ class StrategyBase:
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-        from petra.engine.pareto import check_objectives
 
         check_sizes(population, generations)
         self.space = space
