@@ -117,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _methods(as_json: bool) -> int:
-
     registries = REGISTRIES
     table = {kind: reg.describe() for kind, reg in registries.items()}
     if as_json:
@@ -132,7 +131,6 @@ def _methods(as_json: bool) -> int:
 
 
 def _space(cfg: object, as_json: bool) -> int:
-
     task = load_task(cfg.task.name, cfg.task.params)
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     if as_json:
@@ -152,7 +150,6 @@ def _space(cfg: object, as_json: bool) -> int:
 def _read_genome(source: str) -> dict:
     import yaml
 
-
     try:
         text = sys.stdin.read() if source == "-" else open(source).read()
     except OSError as exc:
@@ -168,7 +165,6 @@ def _read_genome(source: str) -> dict:
 
 def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) -> int:
     import torch
-
 
     genome = _read_genome(source)
     task = load_task(cfg.task.name, cfg.task.params)
@@ -221,7 +217,6 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
 
 
 def _resume(run_id: str, overrides: list[str]) -> int:
-
     uri, rest = split_store(overrides)
     progress = ConsoleProgress()
     try:
@@ -232,7 +227,6 @@ def _resume(run_id: str, overrides: list[str]) -> int:
 
 
 def _search(cfg: object) -> int:
-
     progress = ConsoleProgress()
     try:
         result = search(cfg, progress=progress)
@@ -280,7 +274,6 @@ def _runs_command(args: argparse.Namespace) -> int:
 
     uri, rest = split_store(args.overrides)
     if rest:
-
         raise ConfigError("--set", rest[0], "", f"petra {args.command} takes only "
                           f"--set tracking.uri=URI; got {rest[0]!r}")
     if args.command == "front":
@@ -288,7 +281,6 @@ def _runs_command(args: argparse.Namespace) -> int:
     if args.command == "compare":
         return _compare(uri, args.run_ids, out=args.out, log=not args.no_log)
     if args.command == "export":
-
         out = export_candidate(uri, args.run_id, args.candidate, args.out)
         print(f"exported to {out}: model.petra, load_petra.py, example.py, example.npz, "
               "MODEL_CARD.md")
@@ -299,7 +291,6 @@ def _runs_command(args: argparse.Namespace) -> int:
 
 
 def _front(uri: str, run_id: str, *, as_json: bool) -> int:
-
     search = open_search(uri, run_id)
     snap = search.front()
     if as_json:
@@ -320,7 +311,6 @@ def _front(uri: str, run_id: str, *, as_json: bool) -> int:
 
 def _compare(uri: str, run_ids: list[str], *, out: str | None, log: bool) -> int:
     from pathlib import Path
-
 
     comparison = compare.compare(open_searches(uri, run_ids))
     folder = Path(out) if out else Path("runs") / "compare" / "-".join(r[:8] for r in run_ids)

@@ -22,6 +22,9 @@ from petra.errors import ConfigError
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from petra.schema import SpaceConfig
     from petra.space import SearchSpace
 
 
@@ -47,7 +50,7 @@ RECURRENT_TYPE_NAMES = ("GRU", "LSTM")
 ATTENTION_TYPE_NAMES = ("Attention", "MultiheadAttention")
 
 
-def prunable_layers(model: Any, example_input: Any, *, attention: Sequence[Any] | None = None,
+def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence[Any] | None = None,
                     recurrent: Sequence[Any] | None = None) -> list[LayerInfo]:
     """The model's prunable layers in execution order.
 
@@ -127,7 +130,7 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
     )
 
 
-def _traced_outputs(model: Any, example_input: Any, watch: Any
+def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
                     ) -> tuple[list[str], dict[str, Any], Any]:
     """Run ``model`` on its example once (eval mode, no grad) with hooks on the modules
     ``watch(name, module)`` selects: their names in call order, each one's (first) output, and
@@ -142,7 +145,6 @@ def _traced_outputs(model: Any, example_input: Any, watch: Any
     hooks = []
     for module in model.modules():
         if watch(names[module], module):
-
             def hook(mod: Any, _inp: Any, out: Any) -> None:
                 order.append(names[mod])
                 outputs[names[mod]] = out[0] if isinstance(out, tuple) else out  # a GRU's
@@ -231,7 +233,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 VERIFY_VERSION = 2
 
 
-def model_space(space_cfg: Any, model: Any, example_input: Any, *,
+def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
                 cache: str | Path | None = None) -> SearchSpace:
     """The search space of ``model``: its prunable layers, the structured genes and the
     quantization schemes that were verified on it (:mod:`petra.compress.verify`), and, when
@@ -277,7 +279,7 @@ def model_space(space_cfg: Any, model: Any, example_input: Any, *,
     return space
 
 
-def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[LayerInfo],
+def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, layers: Sequence[LayerInfo],
               attention: Sequence[Any], recurrent: Sequence[Any], blocks: Sequence[Any],
               cache: str | Path | None) -> dict[str, dict[str, str]]:
     """``{"layers": {layer: reason}, "blocks": {block: reason}, "schemes": {scheme: reason}}``
@@ -335,7 +337,7 @@ def _verdicts(space_cfg: Any, model: Any, example_input: Any, layers: Sequence[L
     return out
 
 
-def _model_key(model: Any, example_input: Any, extra: Mapping[str, Any]) -> str:
+def _model_key(model: nn.Module, example_input: Any, extra: Mapping[str, Any]) -> str:
     """A hash of the model's architecture (its repr and parameter shapes), its example inputs'
     shapes and dtypes, the library versions, and ``extra``."""
     import onnxruntime

@@ -1,7 +1,6 @@
 """Name → function registries: every extension point of petra, in one map (:data:`REGISTRIES`).
 
 Every extension point is a function registered by name with a decorator, timm-style:
-
     @PRUNING.register("magnitude", description="...", structured=False)
     def magnitude(...): ...
 

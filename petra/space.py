@@ -1,7 +1,6 @@
 """Gene types, and the search space decoded against a model's own prunable layers.
 
 A genome is a plain ``dict`` from stable dotted gene names to values:
-
     layers.<module>.method    categorical, the pruning criterion of that layer
     layers.<module>.sparsity  float, the fraction of weights (or output channels) removed
     blocks.<block>.skip       bool, the block is removed and its input passed on
@@ -21,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,7 +39,12 @@ from petra.layers import (
     select_layers,
     unit_kind,
 )
-from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
+from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS, Registry
+
+if TYPE_CHECKING:
+    from petra.compress.blocks import BlockInfo
+    from petra.schema import SpaceConfig, StaticQuantConfig
+
 
 # PETRA's low-rank energy thresholds (METHODS.md).
 LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
@@ -61,7 +65,7 @@ class SearchSpace:
     """An ordered set of genes, with the layers they were decoded from."""
 
     def __init__(self, genes: Sequence[Gene], *, layers: Sequence[LayerInfo] = (),
-                 blocks: Sequence[Any] = (),
+                 blocks: Sequence[BlockInfo] = (),
                  owners: Mapping[str, tuple[str, str]] | None = None,
                  structured: Mapping[str, tuple[str, ...]] | None = None) -> None:
         names = [g.name for g in genes]
@@ -208,7 +212,6 @@ STATIC_GENES = ("quant.calibration", "quant.smooth_alpha", "quant.fallback")
 
 
 def _is_static(scheme: str) -> bool:
-
     return scheme in QUANTIZATION and bool(QUANTIZATION.get(scheme).meta.get("static"))
 
 
@@ -254,7 +257,7 @@ def summarize(genome: Mapping[str, Any]) -> str:
     return " ".join(parts) or "dense"
 
 
-def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[Any] = ()
+def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Sequence[BlockInfo] = ()
                 ) -> SearchSpace:
     """Decode the config's ``space`` section against the model's prunable layers.
 
@@ -307,7 +310,7 @@ def build_space(space_cfg: Any, layers: Sequence[LayerInfo], blocks: Sequence[An
                        structured=structured)
 
 
-def rule_genes(space_cfg: Any) -> list[Gene]:
+def rule_genes(space_cfg: SpaceConfig) -> list[Gene]:
     """``prune.sparsity_rule`` and EMP's ``prune.emp_beta`` and ``prune.emp_scope``, when the
     config offers a rule beyond ``fixed`` and a criterion uses the sparsity gene."""
 
@@ -322,7 +325,7 @@ def rule_genes(space_cfg: Any) -> list[Gene]:
             Categorical("prune.emp_scope", tuple(space_cfg.emp_scope), space_cfg.emp_scope[0])]
 
 
-def finetune_genes(space_cfg: Any, owners: dict[str, tuple[str, str]]) -> list[Gene]:
+def finetune_genes(space_cfg: SpaceConfig, owners: dict[str, tuple[str, str]]) -> list[Gene]:
     """``finetune.epochs`` and ``finetune.lr`` when the fine-tune may run, then ``reg.kind``,
     ``reg.strength`` and the genes the regularizers declare (recorded in ``owners``)."""
 
@@ -341,7 +344,7 @@ def finetune_genes(space_cfg: Any, owners: dict[str, tuple[str, str]]) -> list[G
     return genes
 
 
-def declared_genes(registry: Any, kind: str, names: Sequence[str], space_cfg: Any,
+def declared_genes(registry: Registry, kind: str, names: Sequence[str], space_cfg: SpaceConfig,
                    owners: dict[str, tuple[str, str]]) -> list[Gene]:
     """The genes the entries ``names`` of ``registry`` declare (registry metadata ``genes``),
     each once; ``owners`` records gene name → (``kind``, entry) for
@@ -356,7 +359,7 @@ def declared_genes(registry: Any, kind: str, names: Sequence[str], space_cfg: An
     return out
 
 
-def width_genes(space_cfg: Any, selected: Sequence[LayerInfo]) -> list[Gene]:
+def width_genes(space_cfg: SpaceConfig, selected: Sequence[LayerInfo]) -> list[Gene]:
     """``prune.width`` (the share of the residual stream's channels removed, in
     ``space.width``) and ``prune.width_method`` (its structured criterion), when a selected
     layer writes a verified residual stream and the space allows a structured criterion."""
@@ -371,7 +374,7 @@ def width_genes(space_cfg: Any, selected: Sequence[LayerInfo]) -> list[Gene]:
             Categorical("prune.width_method", methods, methods[0])]
 
 
-def static_genes(static_cfg: Any) -> list[Gene]:
+def static_genes(static_cfg: StaticQuantConfig) -> list[Gene]:
     """The genes of the static int8 schemes (:class:`petra.compress.quantize.StaticOptions`)
     that the config's ``space.static`` ranges leave open; a single value is no gene."""
     genes: list[Gene] = []

@@ -12,6 +12,7 @@ from typing import Any
 from petra.candidate import artifact
 from petra.candidate.measure import macs_and_params, median_latency_ms, session_accuracy
 from petra.errors import ConfigError
+from petra.tasks import Task
 
 # Bump when the baseline recipe changes, so stale caches are not reused.
 RECIPE_VERSION = 2
@@ -41,7 +42,7 @@ def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0) -> 
 
 
 def prepare_baseline(
-    task: Any, *, task_name: str, task_params: dict[str, Any], cache_dir: str | Path,
+    task: Task, *, task_name: str, task_params: dict[str, Any], cache_dir: str | Path,
     seed: int = 0, threads: int = 1,
 ) -> Baseline:
     """Train the task's model (or take it as trained), export it, and measure it.

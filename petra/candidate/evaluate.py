@@ -38,7 +38,11 @@ from petra.space import protected, prunable_layers
 from petra.tasks import load_task
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from petra.candidate.baseline import Baseline
     from petra.engine.fidelity import Rung
+    from petra.schema import SearchConfig
 
 
 # A compression is "effective" on bytes or latency only when it beats the baseline by more than
@@ -126,7 +130,7 @@ class Evaluator:
         ]
 
     @staticmethod
-    def options(cfg: Any, baseline: Any) -> dict[str, Any]:
+    def options(cfg: SearchConfig, baseline: Baseline) -> dict[str, Any]:
         """The keyword arguments of an Evaluator for config ``cfg`` (a
         :class:`petra.config.SearchConfig`) and its :class:`petra.candidate.baseline.Baseline`: plain
         data, so executors can send them to workers."""
@@ -136,7 +140,7 @@ class Evaluator:
                 "shapley_permutations": cfg.space.shapley_permutations}
 
     @classmethod
-    def from_config(cls, cfg: Any, baseline: Any, **overrides: Any) -> Evaluator:
+    def from_config(cls, cfg: SearchConfig, baseline: Baseline, **overrides: Any) -> Evaluator:
         """The Evaluator of :meth:`options`, with ``overrides`` (``threads``, ``core``)."""
         return cls(**{**cls.options(cfg, baseline), **overrides})
 
@@ -221,7 +225,7 @@ class Evaluator:
         return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
                       artifact=data, info=info)
 
-    def _compress(self, model: Any, recipe: Recipe, seed: int
+    def _compress(self, model: nn.Module, recipe: Recipe, seed: int
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Apply the recipe's structure to ``model`` in place: skipped blocks, heads, recurrent
         units, channel groups (trained gates are attached, not yet decided), low-rank factors,
@@ -264,7 +268,7 @@ class Evaluator:
         info = {"channels": channels, "heads": heads, "ranks": ranks, "skipped": skipped}
         return info, masks, gated
 
-    def _finetune(self, model: Any, recipe: Recipe, seed: int, masks: Mapping[str, Any],
+    def _finetune(self, model: nn.Module, recipe: Recipe, seed: int, masks: Mapping[str, Any],
                   gated: Mapping[str, Any], rung: Rung | None,
                   probe: Mapping[str, float]) -> dict[str, Any]:
         """The recipe's fine-tune of ``model`` (its regularizer, a QAT scheme's preparation,
@@ -297,7 +301,7 @@ class Evaluator:
             finalize()
         return at_rung
 
-    def _artifact(self, model: Any, recipe: Recipe) -> bytes:
+    def _artifact(self, model: nn.Module, recipe: Recipe) -> bytes:
         """The deployable artifact of ``model``: ONNX, the recipe's quantization, packed."""
         from petra.compress.quantize import QuantContext, StaticOptions
 
@@ -309,7 +313,7 @@ class Evaluator:
         return artifact.pack(proto)
 
     def _measure(
-        self, data: bytes, model: Any, *, accuracy: bool = True, rounds: int = ALL_ROUNDS,
+        self, data: bytes, model: nn.Module, *, accuracy: bool = True, rounds: int = ALL_ROUNDS,
         block_s: float = 0.03, rung: Rung | None = None,
     ) -> tuple[dict[str, float], str | None]:
         """Bytes, MACs, (if ``accuracy``) val accuracy and latency against the baseline.
@@ -361,7 +365,7 @@ class Evaluator:
         return session_accuracy(session, self.task.test, self.task.metric)
 
 
-def layer_sparsity(recipe: Recipe, model: Any, dense: Any,
+def layer_sparsity(recipe: Recipe, model: nn.Module, dense: nn.Module,
                    masks: Mapping[str, Any]) -> dict[str, float]:
     """The sparsity each layer of the recipe ended with, whatever rule chose it: the share of
     output channels it lost (structured, coupled layers included), or of weights its mask

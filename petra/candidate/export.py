@@ -106,7 +106,6 @@ def write_bundle(
     """
     import numpy as np
 
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.petra").write_bytes(artifact_bytes)

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,11 @@ from petra.compress.structured import out_channel_members
 from petra.genes import Float, geomean
 from petra.registry import PRUNING
 from petra.tasks.contract import args
+
+if TYPE_CHECKING:
+    from petra.compress.prune import PruneContext
+    from petra.schema import SpaceConfig
+
 
 #: Truncate a permutation once its coalition is this close (relative) to the full value.
 TRUNCATION = 0.01
@@ -46,7 +51,7 @@ def _group_channels(group: Any) -> int:
     kind="structured",
 )
 @torch.no_grad()
-def shapley(group: Any, ctx: Any) -> torch.Tensor:
+def shapley(group: Any, ctx: PruneContext) -> torch.Tensor:
     """Monte-Carlo Shapley values of the group's channels (see the module docstring).
 
     Raises:
@@ -86,7 +91,7 @@ def shapley(group: Any, ctx: Any) -> torch.Tensor:
         model.train(was_training)
 
 
-def equilibrium_genes(space_cfg: Any) -> list[Any]:
+def equilibrium_genes(space_cfg: SpaceConfig) -> list[Any]:
     """``prune.eq_beta`` (log-uniform in ``space.eq_beta``) and ``prune.eq_gamma`` (in
     ``space.eq_gamma``): the utility weights of the equilibrium gates."""
 
@@ -115,6 +120,6 @@ def equilibrium_gates(members: Any, n: int, params: Any) -> EquilibriumGates:
     genes=lambda space_cfg: equilibrium_genes(space_cfg),
     example_genes={"prune.eq_beta": 1.0, "prune.eq_gamma": 0.05},
 )
-def equilibrium(group: Any, ctx: Any) -> torch.Tensor:
+def equilibrium(group: Any, ctx: PruneContext) -> torch.Tensor:
     raise ValueError("equilibrium gates are trained during the fine-tune; the evaluator sets "
                      "them up, nothing scores them beforehand")

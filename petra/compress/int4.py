@@ -181,7 +181,6 @@ def int4_weight(proto: Any, ctx: QuantContext) -> Any:
     import onnx
     from onnx import numpy_helper
 
-
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}

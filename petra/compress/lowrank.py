@@ -21,13 +21,17 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from petra.registry import PRUNING, RANK_RULES
+
+if TYPE_CHECKING:
+    from petra.compress.prune import PruneContext
+
 
 #: The largest L∞ distance between the bulk's empirical CDF and the fitted MP CDF for which the
 #: bulk still counts as MP noise.
@@ -164,7 +168,7 @@ def _factorized(module: nn.Module, energy: float, rule: str = "energy") -> nn.Mo
 
 def factorize(
     model: nn.Module, plan: Mapping[str, str], *, energy: float, rule: str = "energy",
-    ctx: Any = None,
+    ctx: PruneContext | None = None,
 ) -> dict[str, tuple[int, int]]:
     """Replace each layer of ``plan`` (name → low-rank method) in place by its factorization.
 
@@ -199,7 +203,7 @@ def factorize(
                 "gene (energy or mp)",
     kind="lowrank", uses_sparsity=False,
 )
-def svd(module: nn.Module, energy: float, ctx: Any = None, *, rule: str = "energy") -> nn.Module | None:
+def svd(module: nn.Module, energy: float, ctx: PruneContext | None = None, *, rule: str = "energy") -> nn.Module | None:
     """The factorized replacement of ``module``, or None when it would not save parameters
     (or the rank rule leaves it alone)."""
     return _factorized(module, energy, rule)

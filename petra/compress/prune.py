@@ -24,12 +24,16 @@ alone. Data-aware criteria (``taylor``, ``activation_aware``) take what they nee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from petra.registry import PRUNING
 from petra.tasks.contract import args
+
+if TYPE_CHECKING:
+    from petra.compress.sparsity import SparsityRule
+
 
 
 @dataclass
@@ -76,14 +80,13 @@ class PruneContext:
             raise ValueError(f"no input activations recorded for layer {name!r}") from None
 
 
-def _collect_input_norms(model: Any, batches: Any) -> dict[str, torch.Tensor]:
+def _collect_input_norms(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tensor]:
     from torch import nn
 
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
-
             def hook(mod: Any, inputs: Any, _out: Any, name: str = name) -> None:
                 x = inputs[0].detach()
                 dims = [
@@ -373,8 +376,8 @@ def bn_scale(group: Any, ctx: PruneContext) -> torch.Tensor:
 
 
 def unstructured_masks(
-    model: Any, plan: dict[str, tuple[str, float]], ctx: PruneContext,
-    sparsity_rule: Any = None,
+    model: torch.nn.Module, plan: dict[str, tuple[str, float]], ctx: PruneContext,
+    sparsity_rule: SparsityRule | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute and apply the masks of ``plan`` (layer → (unstructured method, sparsity)).
 

@@ -10,7 +10,6 @@ A scheme maps the fp32 ONNX graph of a (pruned, fine-tuned) model to its deploya
 
 Artifact bytes and ONNX Runtime latency as ratios to fp32, measured on digits_cnn (int8_dynamic
 also on a 64-256-256-10 MLP):
-
     scheme        what it does                                              bytes  latency
     none          fp32 weights and compute                                  1.0    1.0
     fp16          fp16 weight storage, fp32 compute (casts folded at load)  0.50   ~1.0
@@ -38,7 +37,6 @@ calibration batches of 8 x 32; cosine of the mean-pooled ``last_hidden_state`` t
 random sequences. "random": BertModel's own init (std 0.02), whose output is mostly its
 embeddings (cosine 0.85 to them); "stress": init std 0.05 (the layers make the output) and
 LayerNorm gains x20 on 4 hidden dims, the outlier channels of trained BERTs:
-
     scheme               bytes  latency  cosine random  cosine stress (min)
     fp16                 0.50   1.0      1.0000         1.0000
     int4_weight          0.11   1.0      0.9875         0.9857 (0.978)
@@ -65,7 +63,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -78,6 +76,9 @@ from petra.compress.tables import (  # noqa: F401  (re-exported)
     symmetric_grid,
 )
 from petra.registry import QUANTIZATION
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # The int8 weight grid of ONNX Runtime's reduce_range=True (quant_utils.ONNX_INT_TYPE_REDUCED_RANGE):
 # symmetric per channel, q in [-64, 64], scale = max|w| / 64. QAT trains on exactly this grid, so
@@ -189,7 +190,6 @@ def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
     graph optimizations), then ``quantize(pre_path, out_path)``; returns the quantized graph."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
 
     _quiet_ort_quantization()
     with tempfile.TemporaryDirectory(prefix="petra-q-") as tmp, quiet_output():
@@ -383,7 +383,7 @@ def fake_quantize(weight: Any, qmax: int = INT8_REDUCED_QMAX) -> Any:
     return weight + (quantized - weight.detach()).detach()
 
 
-def qat_prepare(model: Any) -> Callable[[], None]:
+def qat_prepare(model: nn.Module) -> Callable[[], None]:
     """Fake-quantize every Conv/Linear weight of ``model`` in its forward until ``finalize()``.
 
     Each layer's forward is replaced on the instance (parameter names stay ``<layer>.weight``, so

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +16,10 @@ from torch import nn
 from petra.genes import Categorical, Float
 from petra.registry import REGULARIZERS
 from petra.tasks.contract import args
+
+if TYPE_CHECKING:
+    from petra.schema import SpaceConfig
+
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -72,7 +76,7 @@ def hoyer(ctx: RegContext) -> Any:
     return weight_penalty(ctx, lambda w: w.abs().sum() / w.norm().clamp_min(1e-12))
 
 
-def kd_genes(space_cfg: Any) -> list[Any]:
+def kd_genes(space_cfg: SpaceConfig) -> list[Any]:
     """``reg.kd_alpha`` (the distillation term's weight) and ``reg.kd_temperature``."""
 
     return [Float("reg.kd_alpha", 0.1, 0.9, 0.5, step=0.05),

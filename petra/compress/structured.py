@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from petra.registry import PRUNING
+
+if TYPE_CHECKING:
+    from petra.compress.prune import PruneContext
+    from petra.compress.sparsity import SparsityRule
+
 
 #: The modules whose output channels carry gates: the norms, else the layers.
 GATED_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -141,8 +146,8 @@ def prune_channels(
     *,
     round_to: int = 1,
     protected: Sequence[str] = (),
-    ctx: Any = None,
-    sparsity_rule: Any = None,
+    ctx: PruneContext | None = None,
+    sparsity_rule: SparsityRule | None = None,
     gate: Any = None,
 ) -> dict[str, tuple[int, int]]:
     """Remove output channels in place, following ``plan``.
@@ -192,7 +197,7 @@ def prune_channels(
 
 
 def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence[nn.Module],
-                   plan: Mapping[str, tuple[str, float]], *, round_to: int, ctx: Any,
+                   plan: Mapping[str, tuple[str, float]], *, round_to: int, ctx: PruneContext | None,
                    gate: Any, keep_whole: bool) -> list[tuple[Any, int, float, Any, int]]:
     """``(root, channels, voted sparsity, scores, rounding step)`` of each group that ``plan``
     votes on, scored on the unpruned model as MetaPruner does. Groups of a trained criterion go

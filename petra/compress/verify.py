@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
 from petra.compress.attention import kept_heads, prune_heads
@@ -34,6 +34,10 @@ from petra.errors import first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.registry import QUANTIZATION
 from petra.tasks.contract import args
+
+if TYPE_CHECKING:
+    from torch import nn
+
 
 #: How a verdict reads when a set fails though each half of it runs.
 COMBINATION = "fails only in combination with other pruned layers"
@@ -68,12 +72,11 @@ def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -
     return bad or {item: f"{COMBINATION} ({reason})" for item in items}
 
 
-def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[Any],
+def structured_units(model: nn.Module, example_input: Sequence[Any], layers: Sequence[Any],
                      attention: Sequence[Any], recurrent: Sequence[Any]) -> list[Unit]:
     """The units to verify: the channel groups that hold a structured layer of ``layers``
     (torch-pruning DepGraph), the ``attention`` layers and the ``recurrent`` ones."""
     import torch_pruning as tp
-
 
     units = [Unit("heads", a.name, (a.name,)) for a in attention]
     units += [Unit("units", r.name, (r.name,)) for r in recurrent]
@@ -100,13 +103,12 @@ def structured_units(model: Any, example_input: Sequence[Any], layers: Sequence[
     return units
 
 
-def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, sparsity: float,
+def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *, sparsity: float,
            round_to: int, attention: Mapping[str, Any],
            recurrent: Mapping[str, Any], blocks: Sequence[Any]) -> None:
     """Remove, in place, the most each unit may lose: skipped blocks, then heads and recurrent
     units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator` does)."""
     import torch_pruning as tp
-
 
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
@@ -134,7 +136,7 @@ def _apply(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *, s
             remove_channels(graph, root, list(range(keep, n)))
 
 
-def verify_structure(model: Any, example_input: Sequence[Any], units: Sequence[Unit], *,
+def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
                      sparsity: float, round_to: int,
                      attention: Sequence[Any] = (), recurrent: Sequence[Any] = (),
                      blocks: Sequence[Any] = ()) -> dict[Unit, str]:
@@ -150,7 +152,6 @@ def verify_structure(model: Any, example_input: Sequence[Any], units: Sequence[U
             units.
     """
     import torch
-
 
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
@@ -190,7 +191,6 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
     """The quantization schemes that fail to quantize, pack, load or run ``proto`` (the fp32
     graph), each with the reason."""
     import numpy as np
-
 
     failed = {}
     for scheme in schemes:

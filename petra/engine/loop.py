@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petra.candidate.baseline import prepare_baseline
 from petra.candidate.evaluate import Evaluator, objective_values
@@ -29,6 +29,11 @@ from petra.tracking.progress import Status, as_reporter, duration, short_name
 from petra.tracking.recorder import PENDING, Recorder
 from petra.tracking.store import Tracker
 
+if TYPE_CHECKING:
+    from petra.engine.executor import LocalExecutor, RayExecutor
+    from petra.schema import SearchConfig
+
+
 #: A :class:`petra.tracking.progress.Reporter`, or a callable taking message lines.
 Progress = Any
 
@@ -38,7 +43,7 @@ class SearchResult:
     """The outcome of a search: its MLflow run, final front, knee and every record."""
 
     run_id: str
-    front: Any  # petra.engine.pareto.FrontSnapshot
+    front: pareto.FrontSnapshot
     knee: str | None
     baseline: dict[str, float]
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -79,7 +84,7 @@ def _ctrl_c_noted(search: Any) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def search(cfg: Any, *, progress: Progress | None = None) -> SearchResult:
+def search(cfg: SearchConfig, *, progress: Progress | None = None) -> SearchResult:
     """Run the search described by a validated :class:`petra.config.SearchConfig`."""
     return _Search(cfg, progress).start().run()
 
@@ -100,7 +105,6 @@ def resume(
 
     text = Tracker.read_text(uri, run_id, "config.yaml")
     if text is None:
-
         raise ConfigError("run_id", run_id, "", f"no petra search run {run_id!r} in {uri}")
     cfg = load_config(yaml.safe_load(text), [f"tracking.uri={uri}", *overrides])
     return _Search(cfg, progress).attach(run_id).run()
@@ -109,7 +113,7 @@ def resume(
 class _Search:
     """One search's state: everything a checkpoint holds, and what it is rebuilt from."""
 
-    def __init__(self, cfg: Any, progress: Progress | None) -> None:
+    def __init__(self, cfg: SearchConfig, progress: Progress | None) -> None:
         from petra.engine.strategies import make_strategy
 
         self.cfg = cfg
@@ -142,7 +146,7 @@ class _Search:
         self.records: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, Any]] = {}  # genome hash → record (the genome cache)
         self.artifacts: dict[str, bytes] = {}  # genome hash → artifact, evaluated here
-        self.recorder: Any = None  # petra.tracking.recorder.Recorder, once the search run exists
+        self.recorder: Recorder | None = None  # once the search run exists
         self.generation = 0
         self.elapsed_before = 0.0
         self.logged_generations: set[int] = set()
@@ -170,7 +174,6 @@ class _Search:
         return self
 
     def _open_recorder(self, run_id: str) -> None:
-
         self.journal = Journal(run_id)
         self.recorder = Recorder(self.tracker, self.journal, executor=self.cfg.execution.executor,
                                  say=self.say)
@@ -179,7 +182,6 @@ class _Search:
         import json
 
         import yaml
-
 
         self.tracker.attach(run_id, driver_pid=os.getpid())
         self._open_recorder(run_id)
@@ -246,7 +248,6 @@ class _Search:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> SearchResult:
-
         cfg = self.cfg
         executor = make_executor(
             cfg.execution.executor,
@@ -308,7 +309,7 @@ class _Search:
         budget = self.cfg.search.time_budget_s
         return bool(budget) and self.elapsed() > budget
 
-    def _generations(self, executor: Any) -> None:
+    def _generations(self, executor: LocalExecutor | RayExecutor) -> None:
         from petra.engine.strategies import Told, candidate_seed
 
         cfg, space = self.cfg, self.space
@@ -369,8 +370,7 @@ class _Search:
                                self.cfg.constraints)
         return snap, records, self.baseline.metrics
 
-    def _finish(self, executor: Any, interrupted: bool) -> SearchResult:
-
+    def _finish(self, executor: LocalExecutor | RayExecutor, interrupted: bool) -> SearchResult:
         b = self.baseline.metrics
         self.recorder.drain(self.records)  # every record has its child run id from here on
         snap = pareto.snapshot(self.records, self.objectives, b,
@@ -394,7 +394,7 @@ class _Search:
                             interrupted=interrupted)
 
 
-def _generation_line(snap: Any, status: Any) -> str:
+def _generation_line(snap: pareto.FrontSnapshot, status: Any) -> str:
     """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
 
     best = ", ".join(f"{'best' if k == 'val_accuracy' else 'min'} {short_name(k)} {v:.4g}"

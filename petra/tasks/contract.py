@@ -19,13 +19,17 @@ Runtime output converted with ``torch.from_numpy``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from petra.errors import first_line
+
+if TYPE_CHECKING:
+    from petra.tasks import Task
+
 
 #: The names :func:`first_tensor` prefers in a dict or ``ModelOutput``, in order.
 OUTPUT_KEYS = ("logits", "last_hidden_state")
@@ -167,7 +171,7 @@ class SizedCanonicalBatches(CanonicalBatches):
         return len(self.source)  # type: ignore[arg-type]
 
 
-def adapt(task: Any) -> Any:
+def adapt(task: Task) -> Any:
     """Put ``task`` (a :class:`petra.Task`) in canonical form, in place; returns it.
 
     Raises:
@@ -192,7 +196,7 @@ class TaskError(ValueError):
     """A task function that raised on the task's own data, named with its error in one line."""
 
 
-def check(task: Any, name: str) -> None:
+def check(task: Task, name: str) -> None:
     """Run the task's model, loss and metric once, in torch, on its own batches.
 
     Raises:

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from petra.errors import ConfigError
 from petra.space import summarize
 from petra.tracking import plots
 from petra.tracking.store import Tracker
+
+if TYPE_CHECKING:
+    from petra.engine.pareto import FrontSnapshot
+
 
 #: Band edges of size ratio and latency ratio.
 BANDS = {"size_ratio": (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0),
@@ -120,7 +124,7 @@ def common_reference(objectives: Sequence[tuple[str, str]],
     return tuple(ref)
 
 
-def _normalised(front: Any, objectives: Sequence[tuple[str, str]],
+def _normalised(front: FrontSnapshot, objectives: Sequence[tuple[str, str]],
                 baseline: Mapping[str, float]) -> np.ndarray:
 
     points = [normalize(m["metrics"], objectives, baseline) for m in front.members]
@@ -213,7 +217,6 @@ def write(comparison: Comparison, out_dir: str | Path) -> dict[str, Path]:
     """``compare.html``, ``compare.png``, ``compare.csv``, ``compare.md`` and ``compare.json``."""
     import html
 
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / f"compare.{name}" for name in ("html", "png", "csv", "md", "json")}
@@ -262,7 +265,6 @@ def log_comparison(comparison: Comparison, uri: str, files: Mapping[str, Path],
     """Record the comparison as an MLflow run linked to its searches; returns its run id."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
-
 
     tracker = Tracker(uri=uri, experiment=experiment)
     client: MlflowClient = tracker.client

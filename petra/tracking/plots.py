@@ -20,10 +20,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petra.errors import COMPLETE
 from petra.space import summarize
+
+if TYPE_CHECKING:
+    from petra.engine.pareto import FrontSnapshot
+
 
 #: (metric, axis label) of the plots.
 AXES = {"acc": ("val_accuracy", "validation accuracy"),
@@ -74,7 +78,7 @@ def point(record: Mapping[str, Any], *, front: bool, search: str = "") -> dict[s
             "front": bool(front), "label": "\n".join(lines)}
 
 
-def front_series(snap: Any, records: Sequence[Mapping[str, Any]], *, name: str = "front",
+def front_series(snap: FrontSnapshot, records: Sequence[Mapping[str, Any]], *, name: str = "front",
                  color: str = PALETTE[0], with_rest: bool = True) -> list[Series]:
     """The front of ``snap`` as one series, and (``with_rest``) the other evaluated points."""
     on_front = set(snap.ids)
@@ -88,7 +92,7 @@ def front_series(snap: Any, records: Sequence[Mapping[str, Any]], *, name: str =
     return out
 
 
-def front_html(snap: Any, records: Sequence[Mapping[str, Any]],
+def front_html(snap: FrontSnapshot, records: Sequence[Mapping[str, Any]],
                baseline: Mapping[str, float]) -> str:
     """One search's page: its front (and every other evaluated candidate) after a generation."""
     title = (f"petra front, generation {snap.generation}: hypervolume {snap.hypervolume:.4f}, "
@@ -115,7 +119,6 @@ def compare_html(fronts: Sequence[tuple[str, Any]], baseline: Mapping[str, float
 
 
 def _row(search: str, member: Mapping[str, Any]) -> list[str]:
-
     m = member["metrics"]
 
     def f(key: str, fmt: str) -> str:
@@ -259,7 +262,7 @@ legend(); draw();
 """
 
 
-def front_png(snap: Any, records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
+def front_png(snap: FrontSnapshot, records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],
               path: str | Path) -> None:
     """Accuracy against size ratio and against latency ratio; the front highlighted."""
     title = (f"petra front — generation {snap.generation}, "

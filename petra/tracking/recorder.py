@@ -17,10 +17,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petra.candidate.evaluate import Result
 from petra.tracking.store import transient_errors
+
+if TYPE_CHECKING:
+    from petra.tracking.journal import Journal
+    from petra.tracking.store import Tracker
+
 
 #: How long the end of a search waits for an unreachable store before giving up.
 DRAIN_TIMEOUT_S = 600.0
@@ -34,7 +39,7 @@ class StoreUnavailable(RuntimeError):
 class Recorder:
     """Durable, buffered logging of one search (see the module docstring)."""
 
-    def __init__(self, tracker: Any, journal: Any, *, executor: str,
+    def __init__(self, tracker: Tracker, journal: Journal, *, executor: str,
                  say: Callable[[str], None]) -> None:
         self.tracker = tracker
         self.journal = journal
@@ -125,7 +130,6 @@ class Recorder:
         return True
 
     def _log(self, entry: dict[str, Any]) -> str:
-
         result = Result(genome=entry["genome"], genome_hash=entry["genome_hash"],
                         status=entry["status"], metrics=dict(entry["metrics"]),
                         error=entry.get("error"),

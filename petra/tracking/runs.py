@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petra.engine import pareto
 from petra.errors import ConfigError
 from petra.tracking.store import Tracker, open_client
+
+if TYPE_CHECKING:
+    from petra.schema import SearchConfig
+
 
 #: Where every command that reads existing runs looks, unless ``--set tracking.uri=URI``.
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
@@ -29,7 +33,7 @@ class SearchRun:
     name: str
     experiment_id: str
     status: str
-    config: Any  # petra.config.SearchConfig
+    config: SearchConfig
     baseline: dict[str, float]
     records: list[dict[str, Any]] = field(default_factory=list)
     knee: str | None = None

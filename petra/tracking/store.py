@@ -24,9 +24,14 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from petra.tracking import plots
+
+if TYPE_CHECKING:
+    from petra.candidate.evaluate import Result
+    from petra.engine.pareto import FrontSnapshot
+
 
 # MLflow 3 sends usage telemetry unless told not to; petra sends nothing anywhere.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -220,7 +225,7 @@ class Tracker:
 
     # -- candidates -----------------------------------------------------------------------
     def log_candidate(
-        self, result: Any, *, generation: int, index: int, executor: str
+        self, result: Result, *, generation: int, index: int, executor: str
     ) -> str:
         """One child run for one evaluated candidate; returns its run id."""
         from mlflow.entities import Param, RunTag
@@ -264,7 +269,7 @@ class Tracker:
 
     # -- fronts ---------------------------------------------------------------------------
     def log_generation(
-        self, snap: Any, records: list[Mapping[str, Any]], baseline: Mapping[str, float]
+        self, snap: FrontSnapshot, records: list[Mapping[str, Any]], baseline: Mapping[str, float]
     ) -> None:
         """Generation metrics (step = generation) and that generation's front, as
         ``fronts/gen_NNN/front.{json,csv,html,png}``."""
@@ -278,10 +283,9 @@ class Tracker:
         self._log_front(snap, records, baseline, f"fronts/gen_{snap.generation:03d}")
 
     def _log_front(
-        self, snap: Any, records: list[Mapping[str, Any]], baseline: Mapping[str, float],
+        self, snap: FrontSnapshot, records: list[Mapping[str, Any]], baseline: Mapping[str, float],
         folder: str | None,
     ) -> None:
-
         def path(name: str) -> str:
             return f"{folder}/{name}" if folder else name
 
@@ -295,7 +299,7 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(png), folder)
 
     def finish(
-        self, snap: Any, *, test_accuracy: Mapping[str, float], knee: str | None,
+        self, snap: FrontSnapshot, *, test_accuracy: Mapping[str, float], knee: str | None,
         records: list[Mapping[str, Any]], baseline: Mapping[str, float], status: str = "FINISHED",
     ) -> None:
         """Mark the final front on its candidate runs and log the front artifacts."""

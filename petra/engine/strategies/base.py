@@ -160,7 +160,6 @@ class StrategyBase:
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
     ) -> None:
-
         check_sizes(population, generations)
         self.space = space
         self.objectives = check_objectives(objectives)
