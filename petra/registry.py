@@ -178,6 +178,8 @@ PRUNING = Registry("pruning method", builtin="petra.compress", schema={
 QUANTIZATION = Registry("quantization scheme", builtin="petra.compress", schema={
     "int8": Meta(False, _is(bool), "true or false (it runs int8 kernels)"),
     "static": Meta(False, _is(bool), "true or false (it takes the static int8 genes)"),
+    # how the weights it applies to are stored: tier 0 rounds them so and counts their bytes
+    "weights": _one_of("fp32", "fp16", "int8", "int4"),
     "applies_to": Meta(None, lambda v: v is None or _is(tuple)(v), "None or a tuple of types"),
     "prepare": _OPTIONAL_FN,
     "tolerance": Meta(0.1, _is(int, float), "a number"),

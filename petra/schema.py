@@ -241,6 +241,16 @@ class MultiFidelityConfig(_Model):
     )
 
 
+class RacingConfig(_Model):
+    """Screening many offspring at tier 0 and measuring only the promising ones
+    (:mod:`petra.engine.racing`)."""
+
+    enabled: StrictBool = Field(False, description="true or false")
+    factor: StrictInt = Field(
+        4, ge=1, le=64,
+        description="an integer in [1, 64]: offspring screened per generation, in populations")
+
+
 class SearchSettings(_Model):
     """The search strategy and its budget."""
 
@@ -251,6 +261,7 @@ class SearchSettings(_Model):
     generations: StrictInt = Field(6, ge=1, description="an integer >= 1")
     time_budget_s: float | None = Field(None, gt=0.0, description="null or a number of seconds > 0")
     multi_fidelity: MultiFidelityConfig = MultiFidelityConfig()
+    racing: RacingConfig = RacingConfig()
 
 
 class ExecutionConfig(_Model):

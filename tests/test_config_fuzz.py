@@ -32,6 +32,8 @@ FIELDS = {
     "search.multi_fidelity.enabled": [3, "maybe", [True]],
     "search.multi_fidelity.rung_epochs": [0, -1, "one", 2.5],
     "search.multi_fidelity.headroom": [-0.1, 1.5, "lots"],
+    "search.racing.enabled": [3, "maybe"],
+    "search.racing.factor": [0, 65, 2.5, "four"],
     "space.pruning": ["magnitude", [], ["foo"], [1], None, ["none", "l3_channel"]],
     "space.sparsity": [[0.5, 0.2], [-0.1, 0.5], [0.0, 1.5], [0.1], "0.5", [None, 0.5]],
     "space.quantization": [["int9"], [], "int8_static", [None]],

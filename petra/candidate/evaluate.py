@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
-from petra.candidate.limits import memory_limit, peak_rss_mb, reset_peak_rss
+from petra.candidate.limits import memory_limit, peak_rss_mb, pin_to_core, reset_peak_rss
 from petra.candidate.measure import InterleavedTimer, macs_and_params, session_accuracy
 from petra.candidate.recipes import Recipe
 from petra.engine.fidelity import ALL_ROUNDS, FIRST_ROUNDS, PROBE_BLOCK_S, PROBE_ROUNDS
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from petra.candidate.baseline import Baseline
+    from petra.candidate.screen import Screen
     from petra.engine.fidelity import Rung
     from petra.schema import SearchConfig
 
@@ -125,6 +126,7 @@ class Evaluator:
         self.protected = protected(layers)
         self.residual = [layer.name for layer in layers if layer.residual]
         self.blocks = skippable_blocks(self.task.model, self.example)
+        self._screen: Screen | None = None  # built on the first screen
         self.calibration = [
             feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)
         ]
@@ -358,6 +360,27 @@ class Evaluator:
         return Result(genome=genome, genome_hash=genome_hash, status=PRUNED, metrics=metrics,
                       info=info)
 
+    def screen(self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0
+               ) -> Result:
+        """The tier-0 reading of a genome (:mod:`petra.candidate.screen`): compressed in
+        torch, not fine-tuned, exported or timed; never raises (a failure is a failed Result)."""
+        from petra.candidate.screen import Screen
+
+        start = time.perf_counter()
+        try:
+            if self._screen is None:
+                self._screen = Screen.build(self.task)
+            recipe = Recipe.from_genome(genome)
+            model = copy.deepcopy(self.task.model)
+            self._compress(model, recipe, seed)
+            pruned = bool(recipe.layers or recipe.skip or recipe.width)
+            metrics = self._screen.read(model, recipe.quant, pruned=pruned).as_metrics()
+            result = Result(dict(genome), genome_hash, COMPLETE, metrics=metrics)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
+            result = Result(dict(genome), genome_hash, FAILED, error=describe_error(exc))
+        result.metrics["tier0_time_s"] = time.perf_counter() - start
+        return result
+
     def test_accuracy(self, artifact_bytes: bytes) -> float:
         """The task metric of an artifact on the held-out test split."""
 
@@ -403,19 +426,6 @@ def _effective(metrics: Mapping[str, float]) -> dict[str, bool]:
         "latency": metrics["latency_ratio"]
         < 1 - max(LATENCY_MARGIN, metrics["latency_ratio_iqr"]),
     }
-
-
-def pin_to_core(index: int) -> int | None:
-    """Pin this process to one of the CPUs it may use; returns that CPU (None if unsupported).
-
-    Called before torch and ONNX Runtime create thread pools, so their threads inherit it.
-    """
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cpus = sorted(os.sched_getaffinity(0))
-    cpu = cpus[index % len(cpus)]
-    os.sched_setaffinity(0, {cpu})
-    return cpu
 
 
 def _take(batches: Any, n: int) -> list[Any]:

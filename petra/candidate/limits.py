@@ -1,4 +1,5 @@
-"""A per-candidate memory limit, and the candidate's peak memory.
+"""The evaluating process's resources: a per-candidate memory limit, the candidate's peak
+memory, and the CPU it is pinned to (:func:`pin_to_core`).
 
 :func:`memory_limit` caps the address space of the evaluating process at what it uses now plus
 ``execution.memory_limit_mb``, for the duration of one candidate (``RLIMIT_AS``, Linux and
@@ -103,3 +104,16 @@ def peak_rss_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def pin_to_core(index: int) -> int | None:
+    """Pin this process to one of the CPUs it may use; returns that CPU (None if unsupported).
+
+    Called before torch and ONNX Runtime create thread pools, so their threads inherit it.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    return cpu

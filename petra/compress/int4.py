@@ -166,6 +166,7 @@ def _correct_bias(graph: Any, target: _Int4Target, shift: np.ndarray,
     description="int4 weight storage (per-channel, 2 weights/byte, biases corrected on "
     "calibration data), fp32 weights rebuilt at load: ~0.15x bytes, latency as dense",
     int8=False,
+    weights="int4",
     # 15 levels per channel are coarser than int8's: logits move more (a stated tolerance, as a
     # fraction of the logits' spread; the contract checks it, and that argmax mostly holds).
     tolerance=0.25,

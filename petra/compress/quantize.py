@@ -143,6 +143,7 @@ _FP16_MAX = 65504.0
     "fp16",
     description="fp16 weight storage, cast to fp32 at load: ~0.5x bytes, latency as dense",
     int8=False,
+    weights="fp16",
 )
 def fp16(proto: Any, ctx: QuantContext) -> Any:
     # Weights become float16 initializers, each followed by Cast(to=FLOAT): the graph still
@@ -315,6 +316,7 @@ def _float_for_other_readers(proto: Any) -> Any:
     "float fallback are genes",
     int8=True,
     static=True,
+    weights="int8",
 )
 def int8_static(proto: Any, ctx: QuantContext) -> Any:
     return _ort_static_qdq(proto, ctx, "int8_static")
@@ -332,6 +334,7 @@ def int8_static(proto: Any, ctx: QuantContext) -> Any:
     "Softmax, GELU and residuals stay float; per-row int8 embeddings",
     int8=True,
     static=True,
+    weights="int8",
     applies_to=("Linear", "Embedding"),
 )
 def int8_static_linear(proto: Any, ctx: QuantContext) -> Any:
@@ -348,6 +351,7 @@ DYNAMIC_OP_TYPES = ("MatMul", "Gemm", "LSTM", "Attention")
     description="dynamic int8: per-channel int8 weights of Linear (MatMul/Gemm) and LSTM layers "
     "and per-row int8 embedding tables; convs and GRUs stay fp32, so a CNN barely shrinks",
     int8=False,
+    weights="int8",
     applies_to=("Linear", "LSTM", "Embedding"),
 )
 def int8_dynamic(proto: Any, ctx: QuantContext) -> Any:
@@ -424,6 +428,7 @@ def qat_prepare(model: nn.Module) -> Callable[[], None]:
     "7-bit grid (plain int8_static when there is no fine-tune)",
     int8=True,
     static=True,
+    weights="int8",
     prepare=qat_prepare,
 )
 def qat(proto: Any, ctx: QuantContext) -> Any:

@@ -36,13 +36,23 @@ WORKER_RETRIES = 1
 
 @dataclass(frozen=True)
 class Job:
-    """One evaluation to run: a genome with its hash, seed, a caller-chosen key and its rung."""
+    """One evaluation to run: a genome with its hash, seed, a caller-chosen key and its rung;
+    ``tier`` 0 screens it (:meth:`Evaluator.screen`), 2 measures it in full."""
 
     key: Any
     genome: dict[str, Any]
     genome_hash: str
     seed: int
     rung: Rung | None = None
+    tier: int = 2
+    tier0: Mapping[str, float] | None = None  # the reading that let it through racing
+
+
+def _run(evaluator: Evaluator, genome: dict[str, Any], genome_hash: str, seed: int,
+         rung: Rung | None, tier: int) -> Result:
+    if tier == 0:
+        return evaluator.screen(genome, genome_hash=genome_hash, seed=seed)
+    return evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed, rung=rung)
 
 
 class LocalExecutor:
@@ -56,8 +66,8 @@ class LocalExecutor:
 
     def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Result]]:
         for job in jobs:
-            yield job, self._evaluator.evaluate(job.genome, genome_hash=job.genome_hash,
-                                                seed=job.seed, rung=job.rung)
+            yield job, _run(self._evaluator, job.genome, job.genome_hash, job.seed, job.rung,
+                            job.tier)
 
     def test_accuracy(self, artifacts: list[bytes]) -> list[float]:
         return [self._evaluator.test_accuracy(a) for a in artifacts]
@@ -73,9 +83,10 @@ class _Worker:
         self._evaluator = Evaluator(**kwargs)
 
     def evaluate(
-        self, genome: dict[str, Any], genome_hash: str, seed: int, rung: Rung | None
+        self, genome: dict[str, Any], genome_hash: str, seed: int, rung: Rung | None,
+        tier: int = 2,
     ) -> Result:
-        return self._evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed, rung=rung)
+        return _run(self._evaluator, genome, genome_hash, seed, rung, tier)
 
     def test_accuracy(self, artifact: bytes) -> float:
         return self._evaluator.test_accuracy(artifact)
@@ -154,7 +165,8 @@ class RayExecutor:
         def dispatch() -> None:
             while queue and idle:
                 actor, job = idle.pop(), queue.popleft()
-                ref = actor.evaluate.remote(job.genome, job.genome_hash, job.seed, job.rung)
+                ref = actor.evaluate.remote(job.genome, job.genome_hash, job.seed, job.rung,
+                                            job.tier)
                 pending[ref] = (job, actor)
 
         dispatch()

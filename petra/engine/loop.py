@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate.baseline import prepare_baseline
-from petra.candidate.evaluate import Evaluator, objective_values
+from petra.candidate.evaluate import Evaluator, Result, objective_values
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
 from petra.engine import pareto
 from petra.engine.executor import Job, make_executor
 from petra.engine.fidelity import rung_for_generation
+from petra.engine.racing import Calibration, race
 from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
 from petra.space import model_space
@@ -135,12 +136,16 @@ class _Search:
         self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers")
         # Every strategy but the baselines (random search, the uniform grid: registry meta
         # baseline=True) starts from a few hand-style recipes.
-        initial = ([] if STRATEGIES.get(cfg.search.strategy).meta.get("baseline")
-                   else seed_recipes(self.space))
+        baseline_strategy = STRATEGIES.get(cfg.search.strategy).meta.get("baseline")
+        initial = [] if baseline_strategy else seed_recipes(self.space)
+        # Racing (petra.engine.racing) asks for more offspring than it measures.
+        self.racing = cfg.search.racing.enabled and not baseline_strategy
+        self.calibration = Calibration()
         self.strategy = make_strategy(
             cfg.search.strategy, space=self.space, objectives=self.objectives,
             population=cfg.search.population, generations=cfg.search.generations,
             seed=cfg.seed, initial=initial[: int(cfg.search.population * SEED_SHARE)],
+            offspring=cfg.search.population * (cfg.search.racing.factor if self.racing else 1),
         )
         self.tracker = Tracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
         self.records: list[dict[str, Any]] = []
@@ -197,6 +202,7 @@ class _Search:
             self.generation = state["generation"]
             self.elapsed_before = state["elapsed_s"]
         self.results = {r["genome_hash"]: r for r in self.records}
+        self.calibration = Calibration.from_records(self.records)
         recovered = dropped = relogged = 0
         for child in self.tracker.children():
             tags = child.data.tags
@@ -323,16 +329,15 @@ class _Search:
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
                                 candidate_seed(cfg.seed, self.generation, index), rung))
+            if self.racing:
+                jobs = self._race(executor, jobs)
             parallel = getattr(executor, "workers", 1)
             for finished, (job, result) in enumerate(executor.run(jobs), start=1):
-                entry = {"genome_hash": job.genome_hash, "generation": self.generation,
-                         "index": job.key, "genome": result.genome, "metrics": result.metrics,
-                         "status": result.status, "error": result.error, "info": result.info}
-                record = self.recorder.record(entry, result.artifact, self.records)
-                self.results[job.genome_hash] = record
-                if result.artifact:
-                    self.artifacts[job.genome_hash] = result.artifact
-                self._checkpoint()
+                if job.tier0:
+                    result.metrics.update(job.tier0)
+                    if result.status == COMPLETE:
+                        self.calibration.observe(result.genome, job.tier0, result.metrics)
+                self._record(job, result)
                 self.reporter.update(self._status(running=min(parallel, len(jobs) - finished)))
                 if self.ctrl_c:
                     raise KeyboardInterrupt  # one a library swallowed: stop all the same
@@ -361,6 +366,31 @@ class _Search:
             self.strategy.tell(told)
             self.generation += 1
             self._checkpoint()
+
+    def _record(self, job: Job, result: Result) -> None:
+        """Make one finished candidate durable, log it and checkpoint the search."""
+        entry = {"genome_hash": job.genome_hash, "generation": self.generation,
+                 "index": job.key, "genome": result.genome, "metrics": result.metrics,
+                 "status": result.status, "error": result.error, "info": result.info}
+        record = self.recorder.record(entry, result.artifact, self.records)
+        self.results[job.genome_hash] = record
+        if result.artifact:
+            self.artifacts[job.genome_hash] = result.artifact
+        self._checkpoint()
+
+    def _race(self, executor: LocalExecutor | RayExecutor, jobs: list[Job]) -> list[Job]:
+        """Screen this generation's ``jobs`` at tier 0; record those screened out and return
+        the ones to measure (all of them in the first generation: it feeds the calibration)."""
+        snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
+                               self.generation, self.cfg.constraints.model_dump())
+        keep = self.cfg.search.population if self.generation else len(jobs)
+        measured, out = race(executor, jobs, self.calibration,
+                             [m["metrics"] for m in snap.members], keep)
+        for job, result in out:
+            self._record(job, result)
+        if out:
+            self.say(f"racing: {len(jobs)} screened at tier 0, {len(measured)} to measure")
+        return measured
 
     def _generation_front(self, generation: int, count: int) -> tuple[Any, list[Any], Any]:
         """The front after ``generation`` (its first ``count`` records), built when logged."""

@@ -239,6 +239,8 @@ class Tracker:
             "petra.on_front": "false",
             "petra.engine.executor": executor,
             "petra.worker_pid": str(result.info.get("worker_pid", "")),
+            # 2: measured in full; 0: screened out by racing (petra.engine.racing)
+            "petra.tier": str(result.info.get("tier", 2)),
         }
         if result.error:
             tags["petra.error"] = result.error[:5000]

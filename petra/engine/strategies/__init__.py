@@ -34,6 +34,7 @@ def make_strategy(
     generations: int,
     seed: int,
     initial: Iterable[Mapping[str, Any]] = (),
+    offspring: int | None = None,
 ) -> Strategy:
     """Build the strategy registered as ``name``.
 
@@ -47,9 +48,12 @@ def make_strategy(
         seed: the search's seed; the same seed gives the same proposals.
         initial: genomes (possibly partial) that take the place of random ones in the first
             batch; at most ``population`` of them are used.
+        offspring: the size of every batch after the first (default ``population``); racing
+            asks for more than it measures (:mod:`petra.engine.racing`).
     """
     return STRATEGIES.get(name).fn(space=space, objectives=objectives, population=population,
-                                   generations=generations, seed=seed, initial=initial)
+                                   generations=generations, seed=seed, initial=initial,
+                                   offspring=offspring)
 
 
 __all__ = ["STRATEGIES", "Strategy", "Told", "candidate_seed", "make_strategy"]

@@ -159,11 +159,15 @@ class StrategyBase:
         generations: int,
         seed: int,
         initial: Iterable[Mapping[str, Any]] = (),
+        offspring: int | None = None,
     ) -> None:
         check_sizes(population, generations)
+        check_sizes(population if offspring is None else offspring, generations)
         self.space = space
         self.objectives = check_objectives(objectives)
         self.population = int(population)
+        # The size of every batch after the first (racing screens more than it keeps).
+        self.offspring = self.population if offspring is None else int(offspring)
         self.generations = int(generations)
         self.seed = int(seed)
         self._initial = [dict(g) for g in initial]
@@ -224,7 +228,7 @@ class StrategyBase:
         if self._generation == 0:
             return first_batch(self.space, self._rng, self.population, self._initial,
                                self._seen)
-        return sample_unique(self.space, self._rng, self.population, self._seen)
+        return sample_unique(self.space, self._rng, self.offspring, self._seen)
 
     def _learn(self, results: Sequence[Told]) -> None:
         """Take in a told batch (any order, failed results included)."""

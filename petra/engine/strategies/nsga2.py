@@ -199,12 +199,12 @@ class NSGA2(StrategyBase):
         self._calls = 0
         batch: list[Genome] = []
         batch_hashes: set[str] = set()
-        while len(batch) < self.population:
+        while len(batch) < self.offspring:
             c1, c2 = list(self._tournament()), list(self._tournament())
             if self._rng.random() < CROSSOVER_PROB:
                 self._crossover(c1, c2)
             for child in (c1, c2):
-                if len(batch) == self.population:
+                if len(batch) == self.offspring:
                     break
                 self._mutate(child)
                 h = self.space.genome_hash(self._genome(child))

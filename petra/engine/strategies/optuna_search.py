@@ -199,7 +199,7 @@ class OptunaSearch(StrategyBase):
         self._pending_trials = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", self._optuna.exceptions.ExperimentalWarning)
-            for _ in range(self.population):
+            for _ in range(self.population if self._generation == 0 else self.offspring):
                 for attempt in range(MAX_TRIES + 1):
                     trial = self._study.ask(self._distributions)
                     genome = {g.name: g.clip(trial.params[g.name]) for g in self.space.genes}

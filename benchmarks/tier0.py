@@ -1,0 +1,123 @@
+"""How well tier 0 (petra.candidate.screen) ranks candidates before their measured evaluation.
+
+For one config, ``--n`` genomes (the seed recipes, then random ones from the space, seeded) are
+each screened at tier 0 and then evaluated in full, in one process. The script reports the
+Spearman rank correlation between each tier-0 number and its measured counterpart:
+
+- the divergence from the dense model against the final validation accuracy (negated, so a
+  good proxy correlates positively);
+- the estimated size ratio against the artifact's measured size ratio;
+- the MACs ratio against the measured latency ratio;
+
+and the time of a screen against the time of a full evaluation.
+
+    python benchmarks/tier0.py search_spaces/digits_cnn.yaml --n 40 --seed 0
+
+Writes ``benchmarks/results/tier0_<config name>.json`` with the commit, the machine and the
+command. Seeds 0-2 are tuning seeds; report held-out ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho with average ranks for ties (numpy only)."""
+
+    def ranks(x: list[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--out", default=None)
+    opts = parser.parse_args()
+
+    import torch
+
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
+    from petra.candidate.recipes import seed_recipes
+    from petra.config import load_config
+    from petra.engine.loop import cache_dir
+    from petra.space import model_space
+    from petra.tasks import load_task
+
+    cfg = load_config(opts.config, [f"seed={opts.seed}"])
+    task = load_task(cfg.task.name, cfg.task.params)
+    space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
+    baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
+                                cache_dir=cache_dir(), seed=cfg.seed, threads=1)
+    evaluator = Evaluator.from_config(cfg, baseline, threads=1, core=0)
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(opts.seed)
+    genomes = space.distinct(seed_recipes(space), limit=opts.n)
+    while len(genomes) < opts.n:
+        genomes += space.distinct([space.sample(rng)], {space.genome_hash(g) for g in genomes})
+    rows = []
+    for i, genome in enumerate(genomes):
+        key = space.genome_hash(genome)
+        screened = evaluator.screen(genome, genome_hash=key, seed=opts.seed + i)
+        full = evaluator.evaluate(genome, genome_hash=key, seed=opts.seed + i)
+        rows.append({"genome_hash": key, "genome": genome, "status": full.status,
+                     "tier0": screened.metrics,
+                     "tier0_status": screened.status,
+                     "measured": {k: full.metrics.get(k) for k in (
+                         "val_accuracy", "size_ratio", "latency_ratio", "eval_time_s")}})
+        print(f"{i + 1}/{len(genomes)} {screened.metrics.get('tier0_divergence', float('nan')):.4f}"
+              f" -> val {full.metrics.get('val_accuracy', float('nan')):.4f}", flush=True)
+    ok = [r for r in rows if r["status"] == "complete" and r["tier0_status"] == "complete"]
+
+    def rho(t0: str, measured: str, sign: float = 1.0) -> float:
+        return spearman([sign * r["tier0"][t0] for r in ok], [r["measured"][measured] for r in ok])
+
+    summary = {
+        "candidates": len(ok),
+        "spearman_tier0_vs_val": rho("tier0_divergence", "val_accuracy", -1.0),
+        "spearman_size": rho("tier0_size_ratio", "size_ratio"),
+        "spearman_macs_vs_latency": rho("tier0_macs_ratio", "latency_ratio"),
+        "median_tier0_s": float(np.median([r["tier0"]["tier0_time_s"] for r in ok])),
+        "median_full_s": float(np.median([r["measured"]["eval_time_s"] for r in ok])),
+        "size_median_rel_error": float(np.median([
+            abs(r["tier0"]["tier0_size_ratio"] / r["measured"]["size_ratio"] - 1) for r in ok])),
+    }
+    print(json.dumps(summary, indent=2))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    out = Path(opts.out or ROOT / "benchmarks" / "results" / f"tier0_{cfg.name}.json")
+    out.write_text(json.dumps({
+        "commit": commit, "machine": f"{platform.node()} {platform.processor()} "
+        f"{platform.machine()}", "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, "rows": rows,
+    }, indent=1, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Racing: many offspring read at tier 0, only the promising ones measured.
+
+Each generation with racing on (``search.racing``), the strategy proposes ``factor`` times the
+population. Every offspring is screened at tier 0 (:mod:`petra.candidate.screen`: milliseconds
+to seconds, in torch), and :class:`Calibration` turns its reading into predicted objectives,
+learned from the search's own measured (tier-2) candidates:
+
+- **validation accuracy**: the distance-weighted mean of the ``K`` measured candidates nearest
+  in (tier-0 divergence, fine-tune epochs, MACs ratio), standardized;
+- **size ratio**: the tier-0 estimate times the median measured/estimated ratio of the measured
+  candidates with the same weight format;
+- **latency ratio**: ``a + b * macs_ratio``, least squares over the measured candidates of the
+  same quantization scheme (all schemes pooled while a scheme has fewer than three).
+
+A candidate goes on to the measured evaluation only when no member of the measured front
+dominates its optimistic prediction (accuracy plus the calibration's own error, sizes and
+latencies less theirs), and then at most ``population`` of them, in non-dominated order of
+their predictions. Nothing predicted stands on a front: the front, and every objective it
+shows, come from measured candidates only. Screened-out candidates are recorded with status
+``pruned`` and tag ``petra.tier=0``, with their tier-0 reading and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from petra.engine.pareto import non_dominated_ranks
+
+#: Neighbours of the accuracy prediction.
+K = 5
+#: Measured candidates needed before any is screened out.
+MIN_OBSERVED = 8
+#: Each prediction's error is taken as at least this (accuracy points; relative for ratios).
+MIN_MARGIN = 0.01
+
+
+@dataclass
+class Calibration:
+    """Tier-0 readings mapped to measured objectives, learned as measurements arrive."""
+
+    observed: list[dict[str, Any]] = field(default_factory=list)
+
+    def observe(self, genome: Mapping[str, Any], tier0: Mapping[str, float],
+                measured: Mapping[str, float]) -> None:
+        """Take in one measured candidate with the tier-0 reading it had."""
+        needed = ("val_accuracy", "size_ratio", "latency_ratio")
+        if all(math.isfinite(float(measured.get(k, math.nan))) for k in needed):
+            self.observed.append({"features": features(genome, tier0),
+                                  "scheme": str(genome.get("quant.scheme", "none")),
+                                  "tier0": dict(tier0),
+                                  **{k: float(measured[k]) for k in needed}})
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> Calibration:
+        """The calibration a search's measured records teach (for resume): those that carry
+        their tier-0 reading, in order."""
+        out = cls()
+        for r in records:
+            if r["status"] == "complete" and "tier0_divergence" in r["metrics"]:
+                out.observe(r["genome"], r["metrics"], r["metrics"])
+        return out
+
+    @property
+    def ready(self) -> bool:
+        return len(self.observed) >= MIN_OBSERVED
+
+    def predict(self, genome: Mapping[str, Any], tier0: Mapping[str, float]
+                ) -> dict[str, float]:
+        """Predicted val_accuracy, size_ratio and latency_ratio of a screened candidate."""
+        return _predict(self.observed, str(genome.get("quant.scheme", "none")),
+                        features(genome, tier0), tier0)
+
+    def errors(self) -> dict[str, float]:
+        """The leave-one-out median absolute error of each prediction (accuracy in points,
+        ratios relative), at least :data:`MIN_MARGIN`."""
+        out: dict[str, list[float]] = {"val_accuracy": [], "size_ratio": [],
+                                       "latency_ratio": []}
+        for i, o in enumerate(self.observed):
+            rest = self.observed[:i] + self.observed[i + 1:]
+            guess = _predict(rest, o["scheme"], o["features"], o["tier0"])
+            out["val_accuracy"].append(abs(guess["val_accuracy"] - o["val_accuracy"]))
+            for k in ("size_ratio", "latency_ratio"):
+                out[k].append(abs(guess[k] / o[k] - 1))
+        return {k: max(MIN_MARGIN, float(np.median(v))) if v else math.inf
+                for k, v in out.items()}
+
+
+def _predict(rows: Sequence[Mapping[str, Any]], scheme: str, x: Sequence[float],
+             tier0: Mapping[str, float]) -> dict[str, float]:
+    return {"val_accuracy": _knn(rows, x), "size_ratio": _size(rows, scheme, tier0),
+            "latency_ratio": _latency(rows, scheme, tier0)}
+
+
+def features(genome: Mapping[str, Any], tier0: Mapping[str, float]) -> tuple[float, ...]:
+    """What the accuracy prediction compares: the damage before the fine-tune, how long the
+    fine-tune is to repair it, and how much of the model is left."""
+    return (math.log1p(max(float(tier0["tier0_divergence"]), 0.0)),
+            float(genome.get("finetune.epochs", 0) or 0),
+            float(tier0["tier0_macs_ratio"]))
+
+
+def _knn(rows: Sequence[Mapping[str, Any]], x: Sequence[float]) -> float:
+    if not rows:
+        return math.nan
+    data = np.array([r["features"] for r in rows], dtype=float)
+    scale = data.std(axis=0)
+    scale[scale == 0] = 1.0
+    dist = np.sqrt((((data - np.asarray(x)) / scale) ** 2).sum(axis=1))
+    near = np.argsort(dist, kind="stable")[:K]
+    weights = 1.0 / (dist[near] + 1e-6)
+    values = np.array([rows[i]["val_accuracy"] for i in near])
+    return float((weights * values).sum() / weights.sum())
+
+
+def _size(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping[str, float]) -> float:
+    same = [r for r in rows if r["scheme"] == scheme] or list(rows)
+    factor = float(np.median([r["size_ratio"] / r["tier0"]["tier0_size_ratio"] for r in same])) \
+        if same else 1.0
+    return float(tier0["tier0_size_ratio"]) * factor
+
+
+def _latency(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping[str, float]
+             ) -> float:
+    same = [r for r in rows if r["scheme"] == scheme]
+    use = same if len(same) >= 3 else list(rows)
+    macs = float(tier0["tier0_macs_ratio"])
+    if len(use) < 2:
+        return macs
+    x = np.array([r["tier0"]["tier0_macs_ratio"] for r in use])
+    y = np.array([r["latency_ratio"] for r in use])
+    if np.ptp(x) == 0:
+        return float(np.median(y))
+    b, a = np.polyfit(x, y, 1)
+    return float(max(a + b * macs, 0.01))
+
+
+def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mapping[str, float]],
+              errors: Mapping[str, float], keep: int) -> tuple[list[int], dict[int, str]]:
+    """Which screened candidates go on to be measured: the indices kept, in order, and the
+    reason each other one was screened out.
+
+    Objectives are val_accuracy (max), size_ratio and latency_ratio (min). A candidate whose
+    optimistic prediction a measured ``front`` member dominates is out; of the rest, at most
+    ``keep`` in non-dominated order of their predictions (ties in input order).
+    """
+    reasons: dict[int, str] = {}
+    open_: list[int] = []
+    for i, p in enumerate(predictions):
+        hope = (p["val_accuracy"] + errors["val_accuracy"],
+                p["size_ratio"] * (1 - errors["size_ratio"]),
+                p["latency_ratio"] * (1 - errors["latency_ratio"]))
+        beaten = next((m for m in front if _dominates(m, hope)), None)
+        if beaten is not None:
+            reasons[i] = (f"tier 0: predicted val {p['val_accuracy']:.3f}, size "
+                          f"{p['size_ratio']:.3f}, latency {p['latency_ratio']:.3f} is "
+                          "dominated by the front even with the calibration's error")
+        else:
+            open_.append(i)
+    if len(open_) > keep:
+        points = np.array([[-predictions[i]["val_accuracy"], predictions[i]["size_ratio"],
+                            predictions[i]["latency_ratio"]] for i in open_])
+        ranks = non_dominated_ranks(points)
+        order = sorted(range(len(open_)), key=lambda j: (ranks[j], j))
+        for j in order[keep:]:
+            reasons[open_[j]] = (f"tier 0: not among the {keep} best predictions of this "
+                                 "generation")
+        open_ = [open_[j] for j in sorted(order[:keep])]
+    return open_, reasons
+
+
+def _dominates(member: Mapping[str, float], hope: tuple[float, float, float]) -> bool:
+    mine = (member["val_accuracy"], member["size_ratio"], member["latency_ratio"])
+    at_least = mine[0] >= hope[0] and mine[1] <= hope[1] and mine[2] <= hope[2]
+    return at_least and mine != hope
+
+
+def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
+         front: Sequence[Mapping[str, float]], keep: int) -> tuple[list[Any], list[Any]]:
+    """Screen ``jobs`` at tier 0 on ``executor``; returns the jobs to measure (each with its
+    tier-0 reading in ``tier0``) and the ``(job, result)`` pairs screened out, whose results are
+    ``pruned`` with the reason. Before the calibration is :attr:`~Calibration.ready`, the tier-0
+    numbers themselves are ranked (divergence for accuracy, the estimates for size and MACs for
+    latency) and nothing is compared with the front."""
+    from dataclasses import replace
+
+    from petra.errors import COMPLETE, PRUNED
+
+    readings = {job.genome_hash: result
+                for job, result in executor.run([replace(job, tier=0) for job in jobs])}
+    ok = [job for job in jobs if readings[job.genome_hash].status == COMPLETE]
+    if calibration.ready:
+        predictions = [calibration.predict(job.genome, readings[job.genome_hash].metrics)
+                       for job in ok]
+        errors = calibration.errors()
+    else:
+        predictions = [{"val_accuracy": -r["tier0_divergence"],
+                        "size_ratio": r["tier0_size_ratio"], "latency_ratio": r["tier0_macs_ratio"]}
+                       for r in (readings[job.genome_hash].metrics for job in ok)]
+        errors, front = {"val_accuracy": 0.0, "size_ratio": 0.0, "latency_ratio": 0.0}, ()
+    kept, reasons = survivors(predictions, front, errors, keep)
+    measured = [replace(ok[i], tier0=readings[ok[i].genome_hash].metrics) for i in kept]
+    # A job whose screen failed is measured all the same: the evaluation records its failure.
+    measured += [job for job in jobs if readings[job.genome_hash].status != COMPLETE]
+    out = []
+    for i, reason in reasons.items():
+        result = readings[ok[i].genome_hash]
+        result.status = PRUNED
+        result.info.update({"pruned": reason, "tier": 0})
+        if calibration.ready:
+            result.metrics.update({f"tier0_predicted_{k}": v for k, v in predictions[i].items()})
+        out.append((ok[i], result))
+    return measured, out

@@ -1,0 +1,96 @@
+"""Racing (petra.engine.racing): tier-0 screening, the calibration that maps it to measured
+objectives, and a real search with racing on, whose front holds only measured candidates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from petra.engine.racing import MIN_OBSERVED, Calibration, survivors
+from tests.conftest import TINY_TASK
+from tests.test_search_integration import read_runs, run_cli
+
+
+def reading(divergence: float, size: float, macs: float) -> dict[str, float]:
+    return {"tier0_divergence": divergence, "tier0_size_ratio": size, "tier0_macs_ratio": macs}
+
+
+def test_the_calibration_learns_linear_latency_and_a_size_factor():
+    cal = Calibration()
+    for i in range(10):
+        macs = 0.1 + 0.08 * i
+        cal.observe({"quant.scheme": "int8_static", "finetune.epochs": i % 3},
+                    reading(0.1 * i, 0.5 * macs, macs),
+                    {"val_accuracy": 1 - 0.05 * i, "size_ratio": 0.55 * macs,
+                     "latency_ratio": 0.1 + 0.6 * macs})
+    assert cal.ready
+    guess = cal.predict({"quant.scheme": "int8_static", "finetune.epochs": 1},
+                        reading(0.35, 0.25, 0.5))
+    assert guess["latency_ratio"] == pytest.approx(0.1 + 0.6 * 0.5)
+    assert guess["size_ratio"] == pytest.approx(0.25 * 1.1)
+    assert 0.7 < guess["val_accuracy"] < 0.95  # between its neighbours'
+    errors = cal.errors()
+    assert errors["latency_ratio"] == pytest.approx(0.01)  # exact fit: the floor
+    assert errors["val_accuracy"] > 0.01
+
+
+def test_incomplete_measurements_teach_nothing():
+    cal = Calibration()
+    cal.observe({}, reading(0.1, 0.5, 0.5), {"val_accuracy": math.nan, "size_ratio": 0.5,
+                                              "latency_ratio": 0.5})
+    assert cal.observed == [] and not cal.ready
+
+
+def test_survivors_drop_what_the_front_dominates_and_cap_the_rest():
+    front = [{"val_accuracy": 0.95, "size_ratio": 0.2, "latency_ratio": 0.3}]
+    errors = {"val_accuracy": 0.01, "size_ratio": 0.1, "latency_ratio": 0.1}
+    predictions = [
+        {"val_accuracy": 0.90, "size_ratio": 0.5, "latency_ratio": 0.6},   # dominated
+        {"val_accuracy": 0.97, "size_ratio": 0.5, "latency_ratio": 0.6},   # more accurate
+        {"val_accuracy": 0.90, "size_ratio": 0.1, "latency_ratio": 0.6},   # smaller
+        {"val_accuracy": 0.945, "size_ratio": 0.21, "latency_ratio": 0.31},  # within error
+        {"val_accuracy": 0.96, "size_ratio": 0.6, "latency_ratio": 0.7},   # dominated by 1
+    ]
+    kept, reasons = survivors(predictions, front, errors, keep=5)
+    assert kept == [1, 2, 3, 4] and "dominated by the front" in reasons[0]
+    kept, reasons = survivors(predictions, front, errors, keep=2)
+    assert len(kept) == 2 and 4 not in kept  # the 1st rank goes first
+    assert all("not among the 2 best" in reasons[i] for i in set(range(1, 5)) - set(kept))
+
+
+def test_a_racing_search_measures_every_front_member(tmp_path):
+    """Racing on: the later generations screen three times the population at tier 0; the
+    screened-out candidates are child runs tagged petra.tier=0 with their reading and reason,
+    and every front member was measured in full (tier 2)."""
+    config = {
+        "name": "racing", "seed": 5, "task": TINY_TASK,
+        "space": {"pruning": ["none", "magnitude", "l2_channel"], "sparsity": [0.0, 0.8],
+                  "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
+                  "finetune": {"epochs": [0, 1]}},
+        "search": {"strategy": "nsga2", "population": 4, "generations": 4,
+                   "racing": {"enabled": True, "factor": 3}},
+        "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "racing"},
+    }
+    path = tmp_path / "racing.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_cli("search", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _client, _parents, children = read_runs(tmp_path, "racing")
+    screened = [c for c in children if c.data.tags["petra.tier"] == "0"]
+    measured = [c for c in children if c.data.tags["petra.tier"] == "2"]
+    assert len(measured) >= MIN_OBSERVED and screened
+    assert len(screened) + len(measured) == len(children)
+    for run in screened:
+        assert run.data.tags["petra.status"] == "pruned"
+        assert run.data.tags["petra.pruned_reason"].startswith("tier 0")
+        assert "tier0_divergence" in run.data.metrics and "latency_ms" not in run.data.metrics
+    front = [c for c in children if c.data.tags["petra.on_front"] == "true"]
+    assert front
+    for run in front:
+        assert run.data.tags["petra.tier"] == "2"
+        assert {"val_accuracy", "artifact_bytes", "latency_ms", "latency_ratio",
+                "tier0_divergence"} <= set(run.data.metrics)
+    assert "racing:" in proc.stdout
