@@ -9,7 +9,10 @@ Spearman rank correlation between each tier-0 number and its measured counterpar
 - the estimated size ratio against the artifact's measured size ratio;
 - the MACs ratio against the measured latency ratio;
 
-and the time of a screen against the time of a full evaluation.
+and the time of a screen against the time of a full evaluation. Then it replays the candidates
+in order through racing's calibration (petra.engine.racing.Calibration), each predicted from the
+ones measured before it, as in a search: the Spearman correlation of the predicted and measured
+validation accuracy, and the median relative error of the latency and size predictions.
 
     python benchmarks/tier0.py search_spaces/digits_cnn.yaml --n 40 --seed 0
 
@@ -49,6 +52,30 @@ def spearman(a: list[float], b: list[float]) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def replay(rows: list[dict]) -> dict[str, float]:
+    """Racing's calibration, fed the measured candidates in order: each is predicted from those
+    before it once the calibration is ready."""
+    from petra.engine.racing import Calibration
+
+    cal = Calibration()
+    predicted, measured = [], []
+    for r in rows:
+        if cal.ready:
+            predicted.append(cal.predict(r["genome"], r["tier0"]))
+            measured.append(r["measured"])
+        cal.observe(r["genome"], r["tier0"], r["measured"])
+
+    def error(key: str) -> float:
+        return float(np.median([abs(p[key] / m[key] - 1)
+                                for p, m in zip(predicted, measured, strict=True)]))
+
+    return {"predicted": len(predicted),
+            "spearman_calibrated_vs_val": spearman([p["val_accuracy"] for p in predicted],
+                                                   [m["val_accuracy"] for m in measured]),
+            "latency_model_median_rel_error": error("latency_ratio"),
+            "size_model_median_rel_error": error("size_ratio")}
 
 
 def main() -> None:
@@ -107,6 +134,7 @@ def main() -> None:
         "size_median_rel_error": float(np.median([
             abs(r["tier0"]["tier0_size_ratio"] / r["measured"]["size_ratio"] - 1) for r in ok])),
     }
+    summary.update(replay(ok))
     print(json.dumps(summary, indent=2))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()

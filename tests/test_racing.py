@@ -17,18 +17,18 @@ def reading(divergence: float, size: float, macs: float) -> dict[str, float]:
     return {"tier0_divergence": divergence, "tier0_size_ratio": size, "tier0_macs_ratio": macs}
 
 
-def test_the_calibration_learns_linear_latency_and_a_size_factor():
+def test_the_calibration_learns_a_latency_power_law_and_a_size_factor():
     cal = Calibration()
     for i in range(10):
         macs = 0.1 + 0.08 * i
         cal.observe({"quant.scheme": "int8_static", "finetune.epochs": i % 3},
                     reading(0.1 * i, 0.5 * macs, macs),
                     {"val_accuracy": 1 - 0.05 * i, "size_ratio": 0.55 * macs,
-                     "latency_ratio": 0.1 + 0.6 * macs})
+                     "latency_ratio": 0.8 * macs ** 0.6})
     assert cal.ready
     guess = cal.predict({"quant.scheme": "int8_static", "finetune.epochs": 1},
                         reading(0.35, 0.25, 0.5))
-    assert guess["latency_ratio"] == pytest.approx(0.1 + 0.6 * 0.5)
+    assert guess["latency_ratio"] == pytest.approx(0.8 * 0.5 ** 0.6)
     assert guess["size_ratio"] == pytest.approx(0.25 * 1.1)
     assert 0.7 < guess["val_accuracy"] < 0.95  # between its neighbours'
     errors = cal.errors()

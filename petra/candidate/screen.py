@@ -13,7 +13,8 @@ the weights to the scheme's storage format, and reads three numbers:
   two; BatchNorms fold into the layer before them; each formatted tensor adds its
   :data:`LAYER_OVERHEAD`), over the dense model's estimate. The zip's deflate is left out: it
   takes 5-7% off trained fp32 weights, on both sides of the ratio;
-- **MACs ratio**: the per-sample MACs of the compressed model over the dense model's.
+- **MACs ratio**: the per-sample MACs of the compressed model over the dense model's, and the
+  **layers ratio**, its weight layers over the dense model's (skipped blocks take theirs away).
 
 Only the scheme's *weight* rounding is simulated (registry metadata ``weights``): the activation
 grid of static int8 and the runtime's kernels are left to the measured tiers. Nothing a screen
@@ -62,10 +63,11 @@ class Reading:
     divergence: float
     size_ratio: float
     macs_ratio: float
+    layers_ratio: float  # weight layers left: each is a node, and a node costs time of its own
 
     def as_metrics(self) -> dict[str, float]:
         return {"tier0_divergence": self.divergence, "tier0_size_ratio": self.size_ratio,
-                "tier0_macs_ratio": self.macs_ratio}
+                "tier0_macs_ratio": self.macs_ratio, "tier0_layers_ratio": self.layers_ratio}
 
 
 def stored_bytes(model: nn.Module, weights: str = "fp32",
@@ -89,6 +91,14 @@ def stored_bytes(model: nn.Module, weights: str = "fp32",
         sparse = math.ceil(n / 8) + nonzero * element
         total += sparse if n >= MIN_SPARSE_SIZE and sparse < dense else dense
     return total
+
+
+def weight_layers(model: nn.Module) -> int:
+    """The modules that hold a weight matrix of their own (convs, linears, attention, LSTMs,
+    embeddings)."""
+    return sum(1 for m in model.modules()
+               if any(n.startswith("weight") and p.dim() >= 2
+                      for n, p in m.named_parameters(recurse=False)))
 
 
 def _stored_weights(model: nn.Module, applies_to: Iterable[str] | None) -> list[torch.Tensor]:
@@ -148,6 +158,7 @@ class Screen:
     dense_outputs: torch.Tensor
     dense_bytes: float
     dense_macs: int
+    dense_layers: int
 
     @classmethod
     def build(cls, task: Task, *, bn_batches: int = 4) -> Screen:
@@ -159,7 +170,8 @@ class Screen:
         with torch.no_grad():
             dense = task.model(*args(batch[0]))
         macs, _, _ = macs_and_params(task.model, task.example_input)
-        return cls(task, batch, [batch, *extra], dense, stored_bytes(task.model), max(macs, 1))
+        return cls(task, batch, [batch, *extra], dense, stored_bytes(task.model), max(macs, 1),
+                   max(weight_layers(task.model), 1))
 
     def read(self, model: nn.Module, scheme: str, *, pruned: bool = True) -> Reading:
         """The tier-0 reading of ``model`` (compressed, not fine-tuned) under ``scheme``. A
@@ -176,4 +188,5 @@ class Screen:
         with torch.no_grad():
             outputs = model(*args(self.batch[0]))
         return Reading(divergence(self.task, self.dense_outputs, outputs, self.batch[1]),
-                       size / self.dense_bytes, macs / self.dense_macs)
+                       size / self.dense_bytes, macs / self.dense_macs,
+                       weight_layers(model) / self.dense_layers)
