@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from petra.engine.pareto import non_dominated_ranks
+from petra.errors import COMPLETE, PRUNED
 
 #: Neighbours of the accuracy prediction (3 and 5 tried on tuning seeds 0 and 1: 3 ranked better).
 K = 3
@@ -64,7 +65,7 @@ class Calibration:
         their tier-0 reading, in order."""
         out = cls()
         for r in records:
-            if r["status"] == "complete" and "tier0_divergence" in r["metrics"]:
+            if r["status"] == COMPLETE and "tier0_divergence" in r["metrics"]:
                 out.observe(r["genome"], r["metrics"], r["metrics"])
         return out
 
@@ -191,10 +192,6 @@ def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
     ``pruned`` with the reason. Before the calibration is :attr:`~Calibration.ready`, the tier-0
     numbers themselves are ranked (divergence for accuracy, the estimates for size and MACs for
     latency) and nothing is compared with the front."""
-    from dataclasses import replace
-
-    from petra.errors import COMPLETE, PRUNED
-
     readings = {job.genome_hash: result
                 for job, result in executor.run([replace(job, tier=0) for job in jobs])}
     ok = [job for job in jobs if readings[job.genome_hash].status == COMPLETE]
