@@ -16,6 +16,7 @@ from typing import Any
 
 from petra.engine.strategies import (  # noqa: F401  (fill the registry)
     grid,
+    level_switch,
     nsga2,
     nsga3,
     optuna_search,

@@ -132,3 +132,29 @@ def binary_tournament(population: Sequence[Individual], rng: np.random.Generator
         if da != db:
             return a if da > db else b
     return a if rng.random() < 0.5 else b
+
+
+def level_switch(values: list[float], weights: Sequence[float], low: Sequence[float],
+                 high: Sequence[float], rng: np.random.Generator, *, step: float = 0.05
+                 ) -> bool:
+    """EvoPress's budget-preserving mutation, in place: raise one level by up to ``step`` and
+    lower another so that ``sum(weights * values)`` (the parameters removed) is unchanged.
+
+    ``values`` are the sparsities of the layers that are pruned, ``weights`` their parameter
+    counts. Returns False (nothing changed) when no pair can move."""
+    up = [i for i in range(len(values)) if values[i] < high[i]]
+    if len(values) < 2 or not up:
+        return False
+    i = int(up[int(rng.integers(len(up)))])
+    down = [j for j in range(len(values)) if j != i and values[j] > low[j]]
+    if not down:
+        return False
+    j = int(down[int(rng.integers(len(down)))])
+    raise_i = min(step * float(rng.uniform(0.2, 1.0)), high[i] - values[i])
+    lower_j = raise_i * weights[i] / weights[j]
+    if values[j] - lower_j < low[j]:
+        lower_j = values[j] - low[j]
+        raise_i = lower_j * weights[j] / weights[i]
+    values[i] += raise_i
+    values[j] -= lower_j
+    return True
