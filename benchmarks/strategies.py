@@ -9,7 +9,7 @@ hypervolume, the worker-seconds spent evaluating, and the candidates pruned and 
 
     .venv/bin/python benchmarks/strategies.py [--seeds 0 1 2] [--population 16] [--generations 6]
 
-Writes benchmarks/results/strategies.json (rewritten after every search, so a partial run
+Writes benchmarks/results/strategies.json (``--name`` for another stem; rewritten after every search, so a partial run
 keeps what it measured), strategies.md (the README table) and strategies.png (hypervolume
 against evaluations, mean over seeds). The searches themselves stay in an MLflow store under
 runs/benchmarks/, named in the JSON, for a look in the UI.
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +36,7 @@ ARMS = [
     ("optuna_nsga2", "optuna_nsga2", True),
     ("optuna_tpe", "optuna_tpe", True),
     ("random", "random", True),
+    ("nsga2_level_switch", "nsga2_level_switch", True),
 ]
 
 
@@ -89,7 +92,7 @@ def mean_curve(runs: list[dict]) -> list[float]:
 
 def write_outputs(report: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "strategies.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{report['name']}.json").write_text(json.dumps(report, indent=2))
     lines = [
         "| strategy | hypervolume (mean, min–max) | evaluations | to 95% of final HV | "
         "worker-seconds | pruned | failed |",
@@ -105,7 +108,7 @@ def write_outputs(report: dict) -> None:
             f"| {label} | {h['mean']:.4f} ({h['min']:.4f}–{h['max']:.4f}) | "
             f"{s['evaluations']['mean']:.0f} | {to95} | {s['eval_seconds']['mean']:.0f} | "
             f"{s['pruned']['mean']:.1f} | {s['failed']['mean']:.1f} |")
-    (RESULTS / "strategies.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{report['name']}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -125,7 +128,7 @@ def write_outputs(report: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "strategies.png", dpi=120)
+    fig.savefig(RESULTS / f"{report['name']}.png", dpi=120)
     plt.close(fig)
 
 
@@ -137,8 +140,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--arms", nargs="+", default=[a[0] for a in ARMS],
                         help="a subset of the arms, by label")
+    parser.add_argument("--name", default="strategies",
+                        help="the results' file stem under benchmarks/results/")
     args = parser.parse_args()
     report = {
+        "name": args.name, "command": " ".join(["python", *sys.argv]),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+            text=True).stdout.strip(),
         "task": "digits_cnn", "config": str(CONFIG.relative_to(ROOT)),
         "population": args.population, "generations": args.generations,
         "workers": args.workers, "seeds": args.seeds,
@@ -164,7 +173,7 @@ def main() -> None:
             print(f"seed {seed} {label:<28} hypervolume {run['hypervolume']:.4f}, "
                   f"{run['evaluations']} evaluations ({run['pruned']} pruned), "
                   f"{run['eval_seconds']:.0f} worker-s, {run['wall_s']:.0f} s", flush=True)
-    print(f"wrote {RESULTS.relative_to(ROOT)}/strategies.{{json,md,png}}")
+    print(f"wrote {RESULTS.relative_to(ROOT)}/{args.name}.{{json,md,png}}")
 
 
 if __name__ == "__main__":
