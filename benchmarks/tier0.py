@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -140,8 +141,8 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     out = Path(opts.out or ROOT / "benchmarks" / "results" / f"tier0_{cfg.name}.json")
     out.write_text(json.dumps({
-        "commit": commit, "machine": f"{platform.node()} {platform.processor()} "
-        f"{platform.machine()}", "command": " ".join(["python", *sys.argv]),
+        "commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores", "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, "rows": rows,
     }, indent=1, default=str))
     print(f"wrote {out}")

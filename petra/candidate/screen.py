@@ -50,8 +50,9 @@ LAYER_OVERHEAD = {"fp32": 0.0, "fp16": 150.0, "int8": 450.0, "int4": 400.0}
 QMAX = {"int8": 127, "int4": 7}
 #: Tensors below this size are stored dense (``artifact._MIN_SPARSE_SIZE``).
 MIN_SPARSE_SIZE = 64
-#: Layer types whose weights a scheme with ``applies_to=None`` stores in its format.
-WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+#: A scheme's ``applies_to`` names layer classes; an attention's projections are MatMuls in the
+#: exported graph, so a scheme that applies to ``Linear`` takes them too.
+_LINEAR_LIKE = ("MultiheadAttention",)
 #: Exported in eval mode, a BatchNorm is folded into the conv or linear before it.
 _BATCH_NORMS = nn.modules.batchnorm._BatchNorm
 
@@ -97,21 +98,23 @@ def weight_layers(model: nn.Module) -> int:
     """The modules that hold a weight matrix of their own (convs, linears, attention, LSTMs,
     embeddings)."""
     return sum(1 for m in model.modules()
-               if any(n.startswith("weight") and p.dim() >= 2
+               if any("weight" in n and p.dim() >= 2
                       for n, p in m.named_parameters(recurse=False)))
 
 
 def _stored_weights(model: nn.Module, applies_to: Iterable[str] | None) -> list[torch.Tensor]:
-    """The weight matrices (``weight*`` parameters of 2 or more dimensions) of the layers whose
-    class name is in ``applies_to`` (None: convs and linears)."""
-    kinds = tuple(applies_to) if applies_to is not None else None
+    """The weight matrices (parameters of 2 or more dimensions whose name holds ``weight``:
+    ``weight``, ``in_proj_weight``, ``weight_ih_l0``) of the layers a scheme applies to: those
+    with a class (or base class) named in ``applies_to``; None: every layer (convs, linears,
+    attention projections, recurrent layers and embedding tables)."""
+    kinds = set(applies_to) if applies_to is not None else None
+    if kinds is not None and "Linear" in kinds:
+        kinds |= set(_LINEAR_LIKE)
     out = []
     for module in model.modules():
-        chosen = type(module).__name__ in kinds if kinds is not None else isinstance(
-            module, WEIGHT_LAYERS)
-        if chosen:
+        if kinds is None or any(c.__name__ in kinds for c in type(module).__mro__):
             out += [p for n, p in module.named_parameters(recurse=False)
-                    if n.startswith("weight") and p.dim() >= 2]
+                    if "weight" in n and p.dim() >= 2]
     return out
 
 
