@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
+    cores = len(os.sched_getaffinity(0))  # before the evaluator pins this process to one
 
     import torch
 
@@ -142,7 +143,7 @@ def main() -> None:
     out = Path(opts.out or ROOT / "benchmarks" / "results" / f"tier0_{cfg.name}.json")
     out.write_text(json.dumps({
         "commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
-        f"{len(os.sched_getaffinity(0))} cores", "command": " ".join(["python", *sys.argv]),
+        f"{cores} cores (the measurements pinned to one)", "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, "rows": rows,
     }, indent=1, default=str))
     print(f"wrote {out}")
