@@ -13,7 +13,7 @@ from typing import Any
 
 from petra.engine.strategies.base import STRATEGIES
 from petra.engine.strategies.nsga2 import NSGA2
-from petra.engine.strategies.operators import level_switch, polynomial_mutation
+from petra.engine.strategies.operators import level_switch
 
 #: How far one level switch may raise a layer's sparsity.
 STEP = 0.1
@@ -33,14 +33,7 @@ class NSGA2LevelSwitch(NSGA2):
         self._others = [n for n in self._numeric if n.gene.name not in self._params]
 
     def _mutate(self, child: list[Any]) -> None:
-        if self._others:
-            x = [n.encode(child[n.index]) for n in self._others]
-            polynomial_mutation(x, low=[n.low for n in self._others],
-                                up=[n.high for n in self._others], indpb=self._indpb,
-                                seed=self._deap_seed())
-            for n, v in zip(self._others, x, strict=True):
-                if v != n.encode(child[n.index]):
-                    child[n.index] = n.decode(v)
+        self._mutate_numeric(child, self._others)
         names = [g.name for g in self.space.genes]
         pruned = [n for n in self._levels
                   if child[names.index(n.gene.name.replace(".sparsity", ".method"))] != "none"]
@@ -50,6 +43,4 @@ class NSGA2LevelSwitch(NSGA2):
                         step=STEP):
             for n, v in zip(pruned, values, strict=True):
                 child[n.index] = n.gene.clip(v)
-        for i, gene in self._categorical:
-            if self._rng.random() < self._indpb:
-                child[i] = gene.sample(self._rng)
+        self._mutate_categorical(child)

@@ -179,19 +179,26 @@ class NSGA2(StrategyBase):
             self._write_back(c2, x2)
 
     def _mutate(self, child: list[Any]) -> None:
-        if self._numeric:
-            x = [n.encode(child[n.index]) for n in self._numeric]
-            polynomial_mutation(x, low=[n.low for n in self._numeric],
-                                up=[n.high for n in self._numeric], indpb=self._indpb,
-                                seed=self._deap_seed())
-            self._write_back(child, x)
+        self._mutate_numeric(child, self._numeric)
+        self._mutate_categorical(child)
+
+    def _mutate_numeric(self, child: list[Any], numeric: Sequence[_Numeric]) -> None:
+        """Polynomial mutation of the ``numeric`` genes of ``child``."""
+        if numeric:
+            x = [n.encode(child[n.index]) for n in numeric]
+            polynomial_mutation(x, low=[n.low for n in numeric], up=[n.high for n in numeric],
+                                indpb=self._indpb, seed=self._deap_seed())
+            self._write_back(child, x, numeric)
+
+    def _mutate_categorical(self, child: list[Any]) -> None:
         for i, gene in self._categorical:
             if self._rng.random() < self._indpb:
                 child[i] = gene.sample(self._rng)
 
-    def _write_back(self, child: list[Any], x: Sequence[float]) -> None:
+    def _write_back(self, child: list[Any], x: Sequence[float],
+                    numeric: Sequence[_Numeric] | None = None) -> None:
         """Decode the numeric values that an operator changed back into ``child``."""
-        for n, v in zip(self._numeric, x, strict=True):
+        for n, v in zip(self._numeric if numeric is None else numeric, x, strict=True):
             if v != n.encode(child[n.index]):
                 child[n.index] = n.decode(v)
 
