@@ -159,7 +159,8 @@ def test_multi_fidelity_stops_dominated_candidates_at_their_rung(tmp_path: Path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random", "grid"])
+@pytest.mark.parametrize("strategy", ["nsga2", "nsga3", "nsga2_level_switch", "optuna_nsga2",
+                                      "optuna_tpe", "random", "grid"])
 def test_every_strategy_completes_a_tiny_search_from_the_cli(tmp_path: Path, strategy: str):
     from petra.engine.strategies import STRATEGIES
 
@@ -178,4 +179,5 @@ def test_the_strategy_list_of_the_cli_test_is_the_registry():
     from petra.engine.strategies import STRATEGIES
 
     assert sorted(STRATEGIES.names()) == sorted(
-        ["nsga2", "nsga3", "optuna_nsga2", "optuna_tpe", "random", "grid"])
+        ["nsga2", "nsga3", "nsga2_level_switch", "optuna_nsga2", "optuna_tpe", "random",
+         "grid"])
