@@ -31,12 +31,14 @@ class NSGA2LevelSwitch(NSGA2):
                         for layer in self.space.layers}
         self._levels = [n for n in self._numeric if n.gene.name in self._params]
         self._others = [n for n in self._numeric if n.gene.name not in self._params]
+        index = {g.name: i for i, g in enumerate(self.space.genes)}
+        # each level's method gene: a layer whose method is "none" has no level to switch
+        self._method_of = {n.gene.name: index[n.gene.name.replace(".sparsity", ".method")]
+                           for n in self._levels}
 
     def _mutate(self, child: list[Any]) -> None:
         self._mutate_numeric(child, self._others)
-        names = [g.name for g in self.space.genes]
-        pruned = [n for n in self._levels
-                  if child[names.index(n.gene.name.replace(".sparsity", ".method"))] != "none"]
+        pruned = [n for n in self._levels if child[self._method_of[n.gene.name]] != "none"]
         values = [float(child[n.index]) for n in pruned]
         if level_switch(values, [self._params[n.gene.name] for n in pruned],
                         [n.gene.low for n in pruned], [n.gene.high for n in pruned], self._rng,
