@@ -274,10 +274,26 @@ class ExecutionConfig(_Model):
     )
     workers: StrictInt = Field(2, ge=1, description="an integer >= 1")
     cpus_per_candidate: StrictInt = Field(1, ge=1, description="an integer >= 1")
+    gpus_per_candidate: float = Field(
+        0.0, ge=0.0, le=64.0,
+        description="a number in [0, 64]: Ray's num_gpus per worker (fractions share a GPU)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="one of auto, cpu, cuda: where fine-tunes and tier-0 screens run "
+        "(auto: cuda when the worker has a GPU)")
     executor: Literal["ray", "local"] = Field("ray", description="one of ray, local")
     memory_limit_mb: StrictInt | None = Field(
         None, ge=64, description="null (no limit) or an integer number of MiB >= 64"
     )
+
+
+class MeasureConfig(_Model):
+    """The deployment runtime that latency is measured on."""
+
+    providers: list[Annotated[str, Field(pattern=r"^[A-Za-z]+ExecutionProvider$")]] = Field(
+        ["CPUExecutionProvider"], min_length=1,
+        description="a non-empty list of ONNX Runtime execution providers (names ending in "
+        "ExecutionProvider) in order of preference, e.g. [CUDAExecutionProvider, "
+        "CPUExecutionProvider]")
 
 
 class TrackingConfig(_Model):
@@ -304,6 +320,7 @@ class SearchConfig(_Model):
     constraints: ConstraintsConfig = ConstraintsConfig()
     search: SearchSettings = SearchSettings()
     execution: ExecutionConfig = ExecutionConfig()
+    measure: MeasureConfig = MeasureConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")

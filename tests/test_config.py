@@ -107,9 +107,12 @@ def test_empty_mapping_gives_the_documented_defaults():
         "address": None,
         "workers": 2,
         "cpus_per_candidate": 1,
+        "gpus_per_candidate": 0.0,
+        "device": "auto",
         "executor": "ray",
         "memory_limit_mb": None,
     }
+    assert cfg.measure.providers == ["CPUExecutionProvider"]
     assert (cfg.tracking.uri, cfg.tracking.experiment) == ("sqlite:///runs/mlflow.db", "petra")
     assert load_config({}) == SearchConfig()
 
@@ -250,6 +253,11 @@ def test_task_hash_is_short_stable_and_depends_on_name_and_params():
         ({"search": {"strategy": "cmaes"}}, "search.strategy: unknown search strategy 'cmaes'; choose from "),
         ({"execution": {"executor": "dask"}}, "execution.executor: must be one of ray, local"),
         ({"execution": {"address": "localhost"}}, "execution.address: must be null (a local"),
+        ({"execution": {"device": "gpu"}}, "execution.device: must be one of auto, cpu, cuda"),
+        ({"execution": {"gpus_per_candidate": -1}}, "execution.gpus_per_candidate: must be a "
+                                                    "number in [0, 64]"),
+        ({"measure": {"providers": ["cuda"]}}, "measure.providers[0]: must be a non-empty list of ONNX"),
+        ({"measure": {"providers": []}}, "measure.providers: must be a non-empty list of ONNX"),
         # objectives
         (
             {"objectives": ["val_accuracy:max", "flops:min"]},

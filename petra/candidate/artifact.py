@@ -333,11 +333,12 @@ def _decode_int4(arrays: Any, entry: dict[str, Any]) -> np.ndarray:
     return q.reshape(shape).astype(np.float32) * arrays[key + ".scale"].reshape(scale_shape)
 
 
-def load(source: str | Path | bytes, *, threads: int = 1) -> Any:
+def load(source: str | Path | bytes, *, threads: int = 1,
+         providers: Any = ("CPUExecutionProvider",)) -> Any:
     """An ``onnxruntime.InferenceSession`` for an artifact (a path or its bytes).
 
     Runs with ``threads`` intra-op threads, one inter-op thread, sequential execution and all
-    graph optimizations.
+    graph optimizations, on the execution ``providers`` in order of preference.
     """
     import onnxruntime as ort
 
@@ -350,7 +351,7 @@ def load(source: str | Path | bytes, *, threads: int = 1) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     return ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        proto.SerializeToString(), options, providers=list(providers)
     )
 
 

@@ -23,14 +23,14 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
 from petra.candidate.limits import memory_limit, peak_rss_mb, pin_to_core, reset_peak_rss
 from petra.candidate.measure import InterleavedTimer, macs_and_params, session_accuracy
-from petra.candidate.recipes import Recipe
+from petra.candidate.recipes import Recipe, layer_sparsity
 from petra.engine.fidelity import ALL_ROUNDS, FIRST_ROUNDS, PROBE_BLOCK_S, PROBE_ROUNDS
 from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
@@ -93,16 +93,21 @@ class Evaluator:
         memory_limit_mb: the most memory one candidate may add to this process
             (:func:`petra.candidate.limits.memory_limit`); None for no limit.
         shapley_permutations: the permutations a ``shapley`` criterion may sample per group.
+        device: where fine-tunes and screens run (:func:`petra.candidate.device.resolve`).
+        providers: the ONNX Runtime execution providers every candidate and the baseline are
+            measured with.
     """
 
     def __init__(
         self, *, task_name: str, task_params: Mapping[str, Any], baseline_state: bytes,
         baseline_artifact: bytes, threads: int = 1, calibration_batches: int = 4,
         core: int | None = None, memory_limit_mb: int | None = None,
-        shapley_permutations: int = 4,
+        shapley_permutations: int = 4, device: str = "auto",
+        providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
         import torch
 
+        from petra.candidate.device import check_providers, resolve
         from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks
         from petra.compress.recurrent import gru_layers
@@ -111,6 +116,8 @@ class Evaluator:
         self.core = pin_to_core(core) if core is not None and threads == 1 else None
         torch.set_num_threads(threads)
         self.threads = threads
+        self.device = resolve(device)
+        self.providers = check_providers(providers)
         self.memory_limit_mb = memory_limit_mb
         self.shapley_permutations = int(shapley_permutations)
         self.task = load_task(task_name, task_params)
@@ -118,7 +125,7 @@ class Evaluator:
         self.task.model.eval()
         self.example = self.task.example_input
         self.baseline_bytes = len(baseline_artifact)
-        self.baseline_session = artifact.load(baseline_artifact, threads=threads)
+        self.baseline_session = self._session(baseline_artifact)
         self.attention = attention_layers(self.task.model, self.example)
         self.recurrent = gru_layers(self.task.model, self.example)
         layers = prunable_layers(self.task.model, self.example, attention=self.attention,
@@ -127,6 +134,7 @@ class Evaluator:
         self.residual = [layer.name for layer in layers if layer.residual]
         self.blocks = skippable_blocks(self.task.model, self.example)
         self._screen: Screen | None = None  # built on the first screen
+        self._teacher: nn.Module | None = None  # the dense model on the device, for kd
         self.calibration = [
             feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)
         ]
@@ -139,12 +147,24 @@ class Evaluator:
         return {"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
                 "baseline_state": baseline.state, "baseline_artifact": baseline.artifact,
                 "memory_limit_mb": cfg.execution.memory_limit_mb,
-                "shapley_permutations": cfg.space.shapley_permutations}
+                "shapley_permutations": cfg.space.shapley_permutations,
+                "device": cfg.execution.device, "providers": list(cfg.measure.providers)}
 
     @classmethod
     def from_config(cls, cfg: SearchConfig, baseline: Baseline, **overrides: Any) -> Evaluator:
         """The Evaluator of :meth:`options`, with ``overrides`` (``threads``, ``core``)."""
         return cls(**{**cls.options(cfg, baseline), **overrides})
+
+    def _session(self, data: bytes) -> Any:
+        return artifact.load(data, threads=self.threads, providers=self.providers)
+
+    def teacher(self) -> nn.Module:
+        """The dense model on :attr:`device` (itself on the CPU)."""
+        if self._teacher is None:
+            on_cpu = self.device.type == "cpu"
+            self._teacher = self.task.model if on_cpu else \
+                copy.deepcopy(self.task.model).to(self.device)
+        return self._teacher
 
     def evaluate(
         self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0,
@@ -174,8 +194,7 @@ class Evaluator:
         peak = peak_rss_mb()
         if peak is not None:
             result.metrics["peak_rss_mb"] = peak
-        result.info["worker_pid"] = os.getpid()
-        result.info["core"] = self.core
+        result.info.update(worker_pid=os.getpid(), core=self.core, device=self.device.type)
         return result
 
     def _evaluate(
@@ -277,13 +296,17 @@ class Evaluator:
         the masks kept, trained gates stepped). With a ``rung``, validation accuracy is read
         after its epochs and the fine-tune stops if the rung says so: the returned dict then
         holds ``val_accuracy`` and ``reason``."""
+        from petra.candidate.device import OnDevice
         from petra.candidate.train import evaluate_metric, train
         from petra.compress.regularize import RegContext
 
+        if recipe.epochs <= 0:
+            return {}
         penalty = REGULARIZERS.get(recipe.reg).fn(RegContext(
-            strength=recipe.reg_strength, teacher=self.task.model, loss=self.task.loss,
+            strength=recipe.reg_strength, teacher=self.teacher(), loss=self.task.loss,
             params=recipe.params,
         ))
+        model.to(self.device)  # masks follow their parameters in train
         prepare = QUANTIZATION.get(recipe.quant).meta.get("prepare")
         finalize = prepare(model) if prepare is not None and recipe.epochs > 0 else None
         at_rung: dict[str, Any] = {}
@@ -291,16 +314,17 @@ class Evaluator:
         def report(epoch: int, _loss: float) -> bool:
             if rung is None or epoch + 1 != rung.epochs:
                 return False
-            acc = evaluate_metric(model, self.task.val, self.task.metric)
+            acc = evaluate_metric(model, OnDevice(self.task.val, self.device), self.task.metric)
             at_rung["val_accuracy"] = acc
             at_rung["reason"] = rung.stop_reason({**probe, "val_accuracy": acc}, "rung")
             return at_rung["reason"] is not None
 
-        train(model, self.task.train, epochs=recipe.epochs, lr=recipe.lr,
+        train(model, OnDevice(self.task.train, self.device), epochs=recipe.epochs, lr=recipe.lr,
               loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report,
               after_step=(lambda: [g.step() for g in gated.values()]) if gated else None)
         if at_rung.get("reason") is None and finalize is not None:
             finalize()
+        model.to("cpu")
         return at_rung
 
     def _artifact(self, model: nn.Module, recipe: Recipe) -> bytes:
@@ -325,7 +349,7 @@ class Evaluator:
         reason is returned with what was measured. Otherwise the reason is None.
         """
 
-        session = artifact.load(data, threads=self.threads)
+        session = self._session(data)
         metrics: dict[str, float] = {}
         if accuracy:
             metrics["val_accuracy"] = session_accuracy(session, self.task.val, self.task.metric)
@@ -374,7 +398,8 @@ class Evaluator:
             model = copy.deepcopy(self.task.model)
             self._compress(model, recipe, seed)
             pruned = bool(recipe.layers or recipe.skip or recipe.width)
-            metrics = self._screen.read(model, recipe.quant, pruned=pruned).as_metrics()
+            metrics = self._screen.read(model, recipe.quant, pruned=pruned,
+                                        device=self.device).as_metrics()
             result = Result(dict(genome), genome_hash, COMPLETE, metrics=metrics)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
             result = Result(dict(genome), genome_hash, FAILED, error=describe_error(exc))
@@ -384,29 +409,7 @@ class Evaluator:
     def test_accuracy(self, artifact_bytes: bytes) -> float:
         """The task metric of an artifact on the held-out test split."""
 
-        session = artifact.load(artifact_bytes, threads=self.threads)
-        return session_accuracy(session, self.task.test, self.task.metric)
-
-
-def layer_sparsity(recipe: Recipe, model: nn.Module, dense: nn.Module,
-                   masks: Mapping[str, Any]) -> dict[str, float]:
-    """The sparsity each layer of the recipe ended with, whatever rule chose it: the share of
-    output channels it lost (structured, coupled layers included), or of weights its mask
-    zeroes (unstructured)."""
-    out = {}
-    modules, before = dict(model.named_modules()), dict(dense.named_modules())
-    def width(module: Any) -> int | None:
-        if hasattr(module, "hidden_size"):
-            return int(module.hidden_size)
-        return int(module.weight.shape[0]) if hasattr(module, "weight") else None
-
-    for name in {**recipe.of_kind("structured"), **recipe.of_kind("recurrent")}:
-        layer, original = modules.get(name), before.get(name)
-        if layer is not None and original is not None and width(layer) and width(original):
-            out[name] = 1.0 - width(layer) / width(original)
-    for key, mask in masks.items():
-        out[key[: -len(".weight")]] = float(1.0 - mask.float().mean())
-    return {k: round(v, 6) for k, v in sorted(out.items())}
+        return session_accuracy(self._session(artifact_bytes), self.task.test, self.task.metric)
 
 
 def _latency_metrics(latency: Any) -> dict[str, float]:

@@ -219,3 +219,23 @@ def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
     return space.distinct(points())
 
 
+def layer_sparsity(recipe: Recipe, model: Any, dense: Any,
+                   masks: Mapping[str, Any]) -> dict[str, float]:
+    """The sparsity each layer of the recipe ended with, whatever rule chose it: the share of
+    output channels it lost (structured, coupled layers included), or of weights its mask
+    zeroes (unstructured)."""
+    out = {}
+    modules, before = dict(model.named_modules()), dict(dense.named_modules())
+
+    def width(module: Any) -> int | None:
+        if hasattr(module, "hidden_size"):
+            return int(module.hidden_size)
+        return int(module.weight.shape[0]) if hasattr(module, "weight") else None
+
+    for name in {**recipe.of_kind("structured"), **recipe.of_kind("recurrent")}:
+        layer, original = modules.get(name), before.get(name)
+        if layer is not None and original is not None and width(layer) and width(original):
+            out[name] = 1.0 - width(layer) / width(original)
+    for key, mask in masks.items():
+        out[key[: -len(".weight")]] = float(1.0 - mask.float().mean())
+    return {k: round(v, 6) for k, v in sorted(out.items())}

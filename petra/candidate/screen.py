@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from petra.candidate.device import OnDevice, to_device
 from petra.candidate.measure import macs_and_params
 from petra.compress.gates import recalibrate_batchnorm
 from petra.registry import QUANTIZATION
@@ -176,20 +177,24 @@ class Screen:
         return cls(task, batch, [batch, *extra], dense, stored_bytes(task.model), max(macs, 1),
                    max(weight_layers(task.model), 1))
 
-    def read(self, model: nn.Module, scheme: str, *, pruned: bool = True) -> Reading:
+    def read(self, model: nn.Module, scheme: str, *, pruned: bool = True,
+             device: torch.device | None = None) -> Reading:
         """The tier-0 reading of ``model`` (compressed, not fine-tuned) under ``scheme``. A
         ``pruned`` model's BatchNorm statistics are re-estimated; its weights are rounded to
-        the scheme's format. Both in place."""
+        the scheme's format. Both in place; the forward passes run on ``device`` (the CPU by
+        default)."""
         meta: Mapping[str, Any] = QUANTIZATION.get(scheme).meta
         weights, applies_to = meta["weights"], meta["applies_to"]
-        if pruned:
-            recalibrate_batchnorm(model, self.bn_batches)
         size = stored_bytes(model, weights, applies_to)
         macs, _, _ = macs_and_params(model, self.task.example_input)
+        device = device or torch.device("cpu")
+        model.to(device)
+        if pruned:
+            recalibrate_batchnorm(model, OnDevice(self.bn_batches, device))
         round_weights(model, weights, applies_to)
         model.eval()
         with torch.no_grad():
-            outputs = model(*args(self.batch[0]))
+            outputs = model(*args(to_device(self.batch[0], device))).cpu()
         return Reading(divergence(self.task, self.dense_outputs, outputs, self.batch[1]),
                        size / self.dense_bytes, macs / self.dense_macs,
                        weight_layers(model) / self.dense_layers)

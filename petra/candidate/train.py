@@ -46,8 +46,8 @@ def train(
         return model
     torch.manual_seed(seed)
     params = dict(model.named_parameters())
-    masks = {k: v.to(params[k].dtype) for k, v in (masks or {}).items()}
-    steps = epochs * max(1, len(batches) if hasattr(batches, "__len__") else 1)
+    masks = {k: v.to(params[k].device, params[k].dtype) for k, v in (masks or {}).items()}
+    steps = epochs * max(1, _length(batches))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
                                                    pct_start=0.25)
@@ -73,6 +73,14 @@ def train(
             model.train()
     model.eval()
     return model
+
+
+def _length(batches: Iterable[Any]) -> int:
+    """Batches per epoch; 1 for an iterable that cannot say."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return 1
 
 
 @torch.no_grad()

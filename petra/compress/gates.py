@@ -62,7 +62,7 @@ class ChannelGates:
         dim = _channel_dim(module, output)
         shape = [1] * output.dim()
         shape[dim] = self.n
-        return output * self.s.view(shape).to(output.dtype)
+        return output * self.s.view(shape).to(output.device, output.dtype)  # s stays on the CPU
 
     def set(self, values: torch.Tensor) -> None:
         with torch.no_grad():
@@ -81,9 +81,9 @@ class ChannelGates:
         s = self.s.detach()
         for module in self.gated:
             shape = [-1] + [1] * (module.weight.dim() - 1)
-            module.weight.mul_(s.view(shape).to(module.weight.dtype))
+            module.weight.mul_(s.view(shape).to(module.weight.device, module.weight.dtype))
             if module.bias is not None:
-                module.bias.mul_(s.to(module.bias.dtype))
+                module.bias.mul_(s.to(module.bias.device, module.bias.dtype))
         self.remove()
 
     def channel_sq_norms(self) -> torch.Tensor:
@@ -93,7 +93,7 @@ class ChannelGates:
         for module in self.members:
             for param in (module.weight, getattr(module, "bias", None)):
                 if param is not None and param.shape[0] == self.n:
-                    total += param.detach().float().pow(2).reshape(self.n, -1).sum(1)
+                    total += param.detach().float().pow(2).reshape(self.n, -1).sum(1).cpu()
         return total
 
 

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from petra.candidate.device import check_providers
 from petra.candidate.evaluate import Evaluator, Result
 from petra.engine.fidelity import Rung
-from petra.errors import FAILED
+from petra.errors import FAILED, ConfigError
 
 # Ray 2.60 binds to the machine's network address and turns on token auth unless told
 # otherwise; with these every listener is on 127.0.0.1 (see STACK.md). Usage stats are off so
@@ -102,13 +103,15 @@ class RayExecutor:
             127.0.0.1 with ``workers * cpus_per_candidate`` CPUs.
         workers: number of actors.
         cpus_per_candidate: CPUs reserved per actor, and its torch / ONNX Runtime threads.
+        gpus_per_candidate: GPUs reserved per actor (Ray's ``num_gpus``; a fraction shares one).
+            The cluster must hold ``workers * gpus_per_candidate`` of them.
     """
 
     kind = "ray"
 
     def __init__(
         self, *, evaluator_kwargs: Mapping[str, Any], address: str | None = None,
-        workers: int = 2, cpus_per_candidate: int = 1,
+        workers: int = 2, cpus_per_candidate: int = 1, gpus_per_candidate: float = 0.0,
     ) -> None:
         for key, value in LOOPBACK_ENV.items():
             os.environ.setdefault(key, value)
@@ -129,13 +132,24 @@ class RayExecutor:
                     object_store_memory=256 * 1024**2,
                 )
                 self._owns_cluster = True
+        try:
+            _check_gpus(ray, workers, gpus_per_candidate)
+        except ConfigError:
+            if self._owns_cluster:
+                ray.shutdown()
+            raise
         kwargs = dict(evaluator_kwargs)
         kwargs["threads"] = cpus_per_candidate
         self._kwargs = {
             k: ray.put(v) if isinstance(v, bytes) and len(v) > 100_000 else v
             for k, v in kwargs.items()
         }
-        self._actor_cls = ray.remote(num_cpus=cpus_per_candidate)(_Worker)
+        # Ray shows a worker only the GPUs it reserved: ``auto`` means CUDA exactly when it
+        # reserved some.
+        if kwargs.get("device", "auto") == "auto":
+            kwargs["device"] = "cuda" if gpus_per_candidate else "cpu"
+        self._actor_cls = ray.remote(num_cpus=cpus_per_candidate,
+                                     num_gpus=gpus_per_candidate)(_Worker)
         # On a local cluster each single-threaded actor gets a core of its own, so that its
         # interleaved latency measurements do not share a core with another actor's.
         self.workers = workers
@@ -217,6 +231,17 @@ class RayExecutor:
             self._ray.shutdown()
 
 
+def _check_gpus(ray: Any, workers: int, gpus_per_candidate: float) -> None:
+    """Fail at once, not wait forever, when the cluster cannot place every GPU worker."""
+    have = float(ray.cluster_resources().get("GPU", 0.0)) if gpus_per_candidate else 0.0
+    need = workers * gpus_per_candidate
+    if have < need:
+        raise ConfigError(
+            "execution.gpus_per_candidate", gpus_per_candidate,
+            f"needs workers * gpus_per_candidate = {need:g} GPUs and this Ray cluster has "
+            f"{have:g}; lower it (0 runs on CPUs) or the number of workers")
+
+
 def _brief(exc: BaseException, limit: int = 500) -> str:
     """The first line of an error, shortened."""
     text = str(exc).strip().splitlines()
@@ -229,13 +254,20 @@ def _failed(job: Job, error: str) -> Result:
 
 def make_executor(
     kind: str, *, evaluator_kwargs: Mapping[str, Any], address: str | None = None,
-    workers: int = 2, cpus_per_candidate: int = 1,
+    workers: int = 2, cpus_per_candidate: int = 1, gpus_per_candidate: float = 0.0,
 ) -> LocalExecutor | RayExecutor:
     """The executor named by ``execution.executor`` (``ray`` or ``local``)."""
+    if kind == "ray" and evaluator_kwargs.get("device") == "cuda" and not gpus_per_candidate:
+        raise ConfigError("execution.device", "cuda",
+                          "needs execution.gpus_per_candidate > 0 under the ray executor (Ray "
+                          "shows a worker only the GPUs it reserves)")
+    if kind == "ray" and address is None and "providers" in evaluator_kwargs:
+        check_providers(evaluator_kwargs["providers"])  # the workers share this machine
     if kind == "local":
         kwargs = {**evaluator_kwargs, "threads": cpus_per_candidate}
         return LocalExecutor(evaluator_kwargs=kwargs)
     if kind == "ray":
         return RayExecutor(evaluator_kwargs=evaluator_kwargs, address=address, workers=workers,
-                           cpus_per_candidate=cpus_per_candidate)
+                           cpus_per_candidate=cpus_per_candidate,
+                           gpus_per_candidate=gpus_per_candidate)
     raise ValueError(f"unknown executor {kind!r}; choose from ray, local")

@@ -260,6 +260,7 @@ class _Search:
             evaluator_kwargs=Evaluator.options(cfg, self.baseline),
             address=cfg.execution.address, workers=cfg.execution.workers,
             cpus_per_candidate=cfg.execution.cpus_per_candidate,
+            gpus_per_candidate=cfg.execution.gpus_per_candidate,
         )
         interrupted = False
         try:

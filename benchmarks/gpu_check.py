@@ -1,0 +1,119 @@
+"""Checks the GPU path end to end on a machine that has one: fine-tunes and tier-0 screens on
+CUDA, Ray workers that reserve a GPU each, and latency on the ONNX Runtime providers asked for.
+
+    python benchmarks/gpu_check.py                      # on a GPU machine: device cuda
+    python benchmarks/gpu_check.py --device cpu         # the same checks on CPUs (a dry run)
+
+Writes ``benchmarks/results/gpu_check_<device>.json`` with the commit, the machine and the
+command, and exits non-zero when a check fails. Nothing here is timed for a claim: the
+fine-tune's wall time per device is recorded for information only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASK = {"name": "digits_cnn", "params": {"width": 16, "epochs": 4}}
+CONVS = ["stem", "layer1.conv1", "layer2.conv1", "layer3.conv1"]
+
+
+def genome(epochs: int) -> dict:
+    return {"finetune.epochs": epochs, "finetune.lr": 5e-3, "reg.kind": "kd", "reg.strength": 1.0,
+            "quant.scheme": "int8_static",
+            **{f"layers.{n}.method": "l2_channel" for n in CONVS},
+            **{f"layers.{n}.sparsity": 0.5 for n in CONVS}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--providers", default="",
+                        help="comma-separated ORT providers (default: CUDA's when the device is "
+                             "cuda and onnxruntime offers it, else the CPU's)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", default="")
+    opts = parser.parse_args()
+    for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PETRA_CACHE", str(ROOT / "runs" / "cache"))
+
+    import onnxruntime as ort
+    import torch
+
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
+    from petra.engine.executor import Job, RayExecutor
+    from petra.engine.loop import cache_dir
+    from petra.tasks import load_task
+
+    providers = [p for p in opts.providers.split(",") if p] or (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if opts.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        else ["CPUExecutionProvider"])
+    task = load_task(TASK["name"], TASK["params"])
+    baseline = prepare_baseline(task, task_name=TASK["name"], task_params=TASK["params"],
+                                cache_dir=cache_dir(), seed=0, threads=2)
+    kwargs = {"task_name": TASK["name"], "task_params": TASK["params"],
+              "baseline_state": baseline.state, "baseline_artifact": baseline.artifact,
+              "device": opts.device, "providers": providers}
+    checks: dict[str, dict] = {}
+
+    evaluator = Evaluator(**kwargs, threads=2)
+    for device in dict.fromkeys([opts.device, "cpu"]):
+        evaluator.device = torch.device(device)
+        evaluator._teacher = None
+        start = time.perf_counter()
+        result = evaluator.evaluate(genome(opts.epochs), seed=0)
+        checks[f"evaluate_on_{device}"] = {
+            "ok": result.status == "complete", "error": result.error,
+            "wall_s": round(time.perf_counter() - start, 2),
+            **{k: result.metrics.get(k) for k in ("val_accuracy", "size_ratio", "latency_ratio")}}
+    evaluator.device = torch.device(opts.device)
+    screen = evaluator.screen(genome(0), seed=0)
+    checks["screen"] = {"ok": screen.status == "complete", "error": screen.error,
+                        "divergence": screen.metrics.get("tier0_divergence")}
+    session = evaluator.baseline_session
+    checks["providers"] = {"ok": session.get_providers()[0] == providers[0],
+                           "asked": providers, "session": session.get_providers()}
+
+    gpus = 0.5 if opts.device == "cuda" else 0.0
+    executor = RayExecutor(evaluator_kwargs={**kwargs, "device": "auto"}, workers=2,
+                           cpus_per_candidate=1, gpus_per_candidate=gpus)
+    try:
+        jobs = [Job(i, genome(1), f"h{i}", i) for i in range(2)]
+        results = [r for _, r in executor.run(jobs)]
+    finally:
+        executor.close()
+    checks["ray_workers"] = {
+        "ok": all(r.status == "complete" and r.info.get("device") == opts.device
+                  for r in results),
+        "gpus_per_candidate": gpus, "devices": [r.info.get("device") for r in results],
+        "errors": [r.error for r in results if r.error]}
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    payload = {"commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
+               f"{os.cpu_count()} cores, GPU: {gpu}", "versions": {
+                   "torch": torch.__version__, "onnxruntime": ort.__version__},
+               "command": " ".join(["python", *sys.argv]), "device": opts.device,
+               "ok": all(c["ok"] for c in checks.values()), "checks": checks}
+    out = Path(opts.out or ROOT / "benchmarks" / "results" / f"gpu_check_{opts.device}.json")
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(json.dumps(payload, indent=1))
+    return 0 if payload["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
