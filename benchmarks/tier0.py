@@ -7,7 +7,8 @@ Spearman rank correlation between each tier-0 number and its measured counterpar
 - the divergence from the dense model against the final validation accuracy (negated, so a
   good proxy correlates positively);
 - the estimated size ratio against the artifact's measured size ratio;
-- the MACs ratio against the measured latency ratio;
+- the MACs ratio, and the per-layer latency table's estimate, against the measured latency
+  ratio (and the table's own median relative error);
 
 and the time of a screen against the time of a full evaluation. Then it replays the candidates
 in order through racing's calibration (petra.engine.racing.Calibration), each predicted from the
@@ -131,6 +132,10 @@ def main() -> None:
         "spearman_tier0_vs_val": rho("tier0_divergence", "val_accuracy", -1.0),
         "spearman_size": rho("tier0_size_ratio", "size_ratio"),
         "spearman_macs_vs_latency": rho("tier0_macs_ratio", "latency_ratio"),
+        "spearman_table_vs_latency": rho("tier0_latency_ratio", "latency_ratio"),
+        "latency_table_median_rel_error": float(np.median([
+            abs(r["tier0"]["tier0_latency_ratio"] / r["measured"]["latency_ratio"] - 1)
+            for r in ok])),
         "median_tier0_s": float(np.median([r["tier0"]["tier0_time_s"] for r in ok])),
         "median_full_s": float(np.median([r["measured"]["eval_time_s"] for r in ok])),
         "size_median_rel_error": float(np.median([

@@ -94,3 +94,23 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
         assert {"val_accuracy", "artifact_bytes", "latency_ms", "latency_ratio",
                 "tier0_divergence"} <= set(run.data.metrics)
     assert "racing:" in proc.stdout
+
+
+def test_the_latency_table_is_corrected_per_scheme_once_two_are_measured():
+    cal = Calibration()
+    for i in range(MIN_OBSERVED):
+        table = 0.2 + 0.05 * i
+        scheme = "int8_dynamic" if i % 2 else "none"
+        factor = 1.5 if scheme == "int8_dynamic" else 1.0
+        cal.observe({"quant.scheme": scheme}, {**reading(0.1, 0.5, 0.9),
+                                               "tier0_latency_ratio": table},
+                    {"val_accuracy": 0.9, "size_ratio": 0.5, "latency_ratio": factor * table})
+    seen = {**reading(0.1, 0.5, 0.9), "tier0_latency_ratio": 0.3}
+    assert cal.predict({"quant.scheme": "int8_dynamic"}, seen)["latency_ratio"] == \
+        pytest.approx(0.45)
+    assert cal.predict({"quant.scheme": "none"}, seen)["latency_ratio"] == pytest.approx(0.3)
+    # a scheme not measured yet: the table as it is, not another scheme's correction
+    assert cal.predict({"quant.scheme": "fp16"}, seen)["latency_ratio"] == pytest.approx(0.3)
+    # no table (a layer could not be timed alone): the MACs model of the measured candidates
+    unseen = {**reading(0.1, 0.5, 0.9), "tier0_latency_ratio": math.nan}
+    assert math.isfinite(cal.predict({"quant.scheme": "none"}, unseen)["latency_ratio"])

@@ -388,12 +388,14 @@ class Evaluator:
                ) -> Result:
         """The tier-0 reading of a genome (:mod:`petra.candidate.screen`): compressed in
         torch, not fine-tuned, exported or timed; never raises (a failure is a failed Result)."""
+        from petra.candidate.latency_table import LatencyTable
         from petra.candidate.screen import Screen
 
         start = time.perf_counter()
         try:
             if self._screen is None:
-                self._screen = Screen.build(self.task)
+                self._screen = Screen.build(self.task, table=LatencyTable(
+                    threads=self.threads, providers=self.providers))
             recipe = Recipe.from_genome(genome)
             model = copy.deepcopy(self.task.model)
             self._compress(model, recipe, seed)

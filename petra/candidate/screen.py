@@ -1,8 +1,9 @@
-"""Tier 0: a candidate read in torch in well under a second, with no export and no fine-tune.
+"""Tier 0: a candidate read in torch in well under a second, with no fine-tune and no export of
+the whole model.
 
 A screen compresses the dense model as the candidate's recipe says (pruning, skipped blocks,
 low-rank factors, masks), re-estimates BatchNorm statistics on a few training batches, rounds
-the weights to the scheme's storage format, and reads three numbers:
+the weights to the scheme's storage format, and reads these numbers:
 
 - **divergence** from the dense model on a fixed calibration batch (lower is better): the KL
   divergence of the output distributions for a classifier (2-D float outputs, integer targets),
@@ -14,9 +15,12 @@ the weights to the scheme's storage format, and reads three numbers:
   :data:`LAYER_OVERHEAD`), over the dense model's estimate. The zip's deflate is left out: it
   takes 5-7% off trained fp32 weights, on both sides of the ratio;
 - **MACs ratio**: the per-sample MACs of the compressed model over the dense model's, and the
-  **layers ratio**, its weight layers over the dense model's (skipped blocks take theirs away).
+  **layers ratio**, its weight layers over the dense model's (skipped blocks take theirs away);
+- **latency ratio**: the summed times of its weight layers, each timed alone on the deployment
+  runtime with the candidate's scheme and cached by shape, over the dense model's
+  (:mod:`petra.candidate.latency_table`).
 
-Only the scheme's *weight* rounding is simulated (registry metadata ``weights``): the activation
+Only the scheme's *weight* rounding is simulated in torch (registry metadata ``weights``): the activation
 grid of static int8 and the runtime's kernels are left to the measured tiers. Nothing a screen
 returns ever stands on a front: it ranks candidates before the measured evaluation, and
 :class:`petra.engine.racing.Calibration` maps it to the measured objectives as they arrive.
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from petra.candidate.device import OnDevice, to_device
+from petra.candidate.latency_table import LatencyTable, weight_layers
 from petra.candidate.measure import macs_and_params
 from petra.compress.gates import recalibrate_batchnorm
 from petra.registry import QUANTIZATION
@@ -66,10 +71,12 @@ class Reading:
     size_ratio: float
     macs_ratio: float
     layers_ratio: float  # weight layers left: each is a node, and a node costs time of its own
+    latency_ratio: float = math.nan  # the per-layer latency table's estimate
 
     def as_metrics(self) -> dict[str, float]:
         return {"tier0_divergence": self.divergence, "tier0_size_ratio": self.size_ratio,
-                "tier0_macs_ratio": self.macs_ratio, "tier0_layers_ratio": self.layers_ratio}
+                "tier0_macs_ratio": self.macs_ratio, "tier0_layers_ratio": self.layers_ratio,
+                "tier0_latency_ratio": self.latency_ratio}
 
 
 def stored_bytes(model: nn.Module, weights: str = "fp32",
@@ -93,14 +100,6 @@ def stored_bytes(model: nn.Module, weights: str = "fp32",
         sparse = math.ceil(n / 8) + nonzero * element
         total += sparse if n >= MIN_SPARSE_SIZE and sparse < dense else dense
     return total
-
-
-def weight_layers(model: nn.Module) -> int:
-    """The modules that hold a weight matrix of their own (convs, linears, attention, LSTMs,
-    embeddings)."""
-    return sum(1 for m in model.modules()
-               if any("weight" in n and p.dim() >= 2
-                      for n, p in m.named_parameters(recurse=False)))
 
 
 def _stored_weights(model: nn.Module, applies_to: Iterable[str] | None) -> list[torch.Tensor]:
@@ -163,10 +162,14 @@ class Screen:
     dense_bytes: float
     dense_macs: int
     dense_layers: int
+    table: LatencyTable | None = None
+    dense_latency: float = math.nan
 
     @classmethod
-    def build(cls, task: Task, *, bn_batches: int = 4) -> Screen:
-        """Calibration data from the training split: never the validation or test data."""
+    def build(cls, task: Task, *, bn_batches: int = 4, table: LatencyTable | None = None
+              ) -> Screen:
+        """Calibration data from the training split: never the validation or test data. With
+        a ``table``, latency is estimated per layer (:mod:`petra.candidate.latency_table`)."""
         train = iter(task.train)
         batch = next(train)
         extra = [b for _, b in zip(range(bn_batches - 1), train, strict=False)]
@@ -174,8 +177,10 @@ class Screen:
         with torch.no_grad():
             dense = task.model(*args(batch[0]))
         macs, _, _ = macs_and_params(task.model, task.example_input)
+        dense_latency = table.estimate(task.model, task.example_input, "none") if table \
+            else math.nan
         return cls(task, batch, [batch, *extra], dense, stored_bytes(task.model), max(macs, 1),
-                   max(weight_layers(task.model), 1))
+                   max(len(weight_layers(task.model)), 1), table, dense_latency)
 
     def read(self, model: nn.Module, scheme: str, *, pruned: bool = True,
              device: torch.device | None = None) -> Reading:
@@ -187,6 +192,8 @@ class Screen:
         weights, applies_to = meta["weights"], meta["applies_to"]
         size = stored_bytes(model, weights, applies_to)
         macs, _, _ = macs_and_params(model, self.task.example_input)
+        latency = self.table.estimate(model, self.task.example_input, scheme) / \
+            self.dense_latency if self.table is not None else math.nan
         device = device or torch.device("cpu")
         model.to(device)
         if pruned:
@@ -197,4 +204,4 @@ class Screen:
             outputs = model(*args(to_device(self.batch[0], device))).cpu()
         return Reading(divergence(self.task, self.dense_outputs, outputs, self.batch[1]),
                        size / self.dense_bytes, macs / self.dense_macs,
-                       weight_layers(model) / self.dense_layers)
+                       len(weight_layers(model)) / self.dense_layers, latency)

@@ -9,11 +9,13 @@ learned from the search's own measured (tier-2) candidates:
   in (tier-0 divergence, fine-tune epochs, MACs ratio), on log scales, standardized;
 - **size ratio**: the tier-0 estimate times the median measured/estimated ratio of the measured
   candidates with the same weight format;
-- **latency ratio**: ``exp(a) * macs_ratio ** b``, least squares in logs over the measured
-  candidates of the same quantization scheme (all schemes pooled while a scheme has fewer
-  than four). On digits_cnn (tuning seed 0) this had a median error of 16% where a linear fit
-  in MACs, or in MACs and layers, had 17-18%: a small model's latency follows its MACs only
-  loosely, and the scaling issue's per-layer latency table is the next step.
+- **latency ratio**: the per-layer latency table's estimate
+  (:mod:`petra.candidate.latency_table`) times the median measured/estimated ratio of the
+  measured candidates with the same quantization scheme, once there are
+  :data:`TABLE_SAME_SCHEME` of them (the table's own estimate until then: schemes differ too
+  much to pool). What the table leaves out, activations and the graph's overhead, is in that
+  ratio. Where a layer could not be timed alone, ``exp(a) * macs_ratio ** b``, least squares in
+  logs over the measured candidates of the scheme (pooled while it has fewer than four).
 
 A candidate goes on to the measured evaluation only when no member of the measured front
 dominates its optimistic prediction (accuracy plus the calibration's own error, sizes and
@@ -39,6 +41,9 @@ from petra.errors import COMPLETE, PRUNED
 K = 3
 #: Measured candidates needed before any is screened out.
 MIN_OBSERVED = 8
+#: Measured candidates of a scheme before the latency table's estimates for it are corrected by
+#: their median measured/estimated ratio (the raw estimate until then).
+TABLE_SAME_SCHEME = 2
 #: Each prediction's error is taken as at least this (accuracy points; relative for ratios).
 MIN_MARGIN = 0.01
 
@@ -132,6 +137,17 @@ def _size(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping[str, fl
 
 def _latency(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping[str, float]
              ) -> float:
+    table = float(tier0.get("tier0_latency_ratio", math.nan))
+    if math.isfinite(table) and table > 0:
+        same = [r["latency_ratio"] / r["tier0"]["tier0_latency_ratio"] for r in rows
+                if r["scheme"] == scheme
+                and math.isfinite(r["tier0"].get("tier0_latency_ratio", math.nan))]
+        return table * (float(np.median(same)) if len(same) >= TABLE_SAME_SCHEME else 1.0)
+    return _macs_latency(rows, scheme, tier0)
+
+
+def _macs_latency(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping[str, float]
+                  ) -> float:
     same = [r for r in rows if r["scheme"] == scheme]
     use = same if len(same) >= 4 else list(rows)
     macs = max(float(tier0["tier0_macs_ratio"]), 1e-6)

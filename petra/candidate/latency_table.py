@@ -1,0 +1,117 @@
+"""Tier 0's latency: a per-layer table timed on the deployment runtime, once per shape.
+
+A candidate's latency is estimated as the sum of its weight layers' times, each layer timed
+alone: exported to ONNX with the input it receives in the candidate (recorded by a forward pass
+on the task's example input), quantized by the candidate's scheme, and run in ONNX Runtime with
+the search's threads and providers. The times are cached by the layer's exact shape (its
+``repr``, its parameters' and inputs' shapes) and scheme, so each shape is timed once per worker
+however many candidates share it; pruning in steps of ``round_to`` keeps the shapes few.
+
+The ratio of that sum to the dense model's (in float32) is ``tier0_latency_ratio``. What the
+table leaves out (activations, normalizations, the graph's own overhead, and fusions across
+layers) :class:`petra.engine.racing.Calibration` learns from every measured candidate.
+A layer that cannot be exported alone makes the estimate NaN, and racing falls back to its
+MACs model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from petra.candidate import artifact
+from petra.registry import QUANTIZATION
+from petra.tasks.contract import args
+
+#: Each timing: warm-up runs, then runs until both counts and time are reached.
+WARMUP, MIN_RUNS, MAX_RUNS, MIN_SECONDS = 3, 15, 200, 0.03
+
+
+class _Alone(nn.Module):
+    """One layer as a model: its first output only (an LSTM's sequence, not its state)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *inputs: Any) -> Any:
+        out = self.layer(*inputs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def weight_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold a weight matrix of their own (convs, linears, attention, LSTMs,
+    embeddings)."""
+    return [m for m in model.modules()
+            if any("weight" in n and p.dim() >= 2 for n, p in m.named_parameters(recurse=False))]
+
+
+def layer_inputs(model: nn.Module, example: Any) -> list[tuple[nn.Module, tuple[Any, ...]]]:
+    """Each weight layer of ``model`` with the tensors it receives on ``example`` (its first
+    call), in call order."""
+    seen: dict[int, tuple[nn.Module, tuple[Any, ...]]] = {}
+
+    def hook(module: nn.Module, inputs: Any, _output: Any) -> None:
+        seen.setdefault(id(module), (module, tuple(
+            x.detach() for x in inputs if isinstance(x, torch.Tensor))))
+
+    hooks = [m.register_forward_hook(hook) for m in weight_layers(model)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args(example))
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(seen.values())
+
+
+class LatencyTable:
+    """Layer times in seconds, keyed by shape and scheme, for one worker."""
+
+    def __init__(self, *, threads: int = 1,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        self.threads, self.providers = threads, list(providers)
+        self.times: dict[tuple[Any, ...], float] = {}
+
+    def estimate(self, model: nn.Module, example: Any, scheme: str) -> float:
+        """The summed layer times of ``model`` (on the CPU) under ``scheme``; NaN when a layer
+        cannot be timed alone."""
+        return float(sum(self.layer(m, x, scheme) for m, x in layer_inputs(model, example)))
+
+    def layer(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
+        own = tuple(tuple(p.shape) for p in module.parameters(recurse=False))
+        key = (type(module).__qualname__, repr(module), own,
+               tuple(tuple(x.shape) for x in inputs), scheme)
+        if key not in self.times:
+            try:
+                self.times[key] = self._time(module, inputs, scheme)
+            except Exception:  # noqa: BLE001 - a layer that cannot stand alone has no time
+                self.times[key] = math.nan
+        return self.times[key]
+
+    def _time(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
+        from petra.compress.quantize import QuantContext
+
+        proto = artifact.export_onnx(_Alone(copy.deepcopy(module)), inputs)
+        names = [i.name for i in proto.graph.input]
+        feed = {n: x.cpu().numpy() for n, x in zip(names, inputs, strict=True)}
+        proto = QUANTIZATION.get(scheme).fn(proto, QuantContext(calibration=[feed]))
+        session = artifact.load(artifact.pack(proto), threads=self.threads,
+                                providers=self.providers)
+        for _ in range(WARMUP):
+            session.run(None, feed)
+        times: list[float] = []
+        deadline = time.perf_counter() + MIN_SECONDS
+        while len(times) < MAX_RUNS and (len(times) < MIN_RUNS or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))

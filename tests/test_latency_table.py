@@ -1,0 +1,80 @@
+"""The per-layer latency table of tier 0 (petra.candidate.latency_table): layers timed alone on
+ONNX Runtime, once per shape and scheme."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from petra.candidate.latency_table import LatencyTable, layer_inputs
+
+
+class Tower(nn.Module):
+    """Two linears of the same shape, then a narrower one, and a recurrent layer."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.c = nn.Linear(width, 16)
+        self.rnn = nn.LSTM(16, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.rnn(y.unsqueeze(1))[0].squeeze(1)
+
+
+def test_each_weight_layer_is_recorded_once_with_its_input_in_call_order():
+    model = Tower()
+    found = layer_inputs(model, torch.randn(4, 256))
+    assert [m for m, _ in found] == [model.a, model.b, model.c, model.rnn]
+    assert [tuple(x[0].shape) for _, x in found] == [(4, 256), (4, 256), (4, 256), (4, 1, 16)]
+
+
+def test_layers_of_one_shape_are_timed_once_and_every_layer_kind_alone():
+    table = LatencyTable()
+    model = Tower()
+    estimate = table.estimate(model, torch.randn(4, 256), "none")
+    assert math.isfinite(estimate) and estimate > 0
+    assert len(table.times) == 3  # a and b share a shape; c; the LSTM
+    assert all(math.isfinite(t) and t > 0 for t in table.times.values())
+    table.estimate(model, torch.randn(4, 256), "none")
+    assert len(table.times) == 3  # nothing timed again
+    table.estimate(model, torch.randn(4, 256), "int8_dynamic")
+    assert len(table.times) == 6  # another scheme, other times
+
+
+def test_a_layer_that_cannot_stand_alone_makes_the_estimate_nan():
+    class Unexportable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+                raise RuntimeError("this layer has no export")
+            return x @ self.weight
+
+    table = LatencyTable()
+    model = nn.Sequential(nn.Linear(4, 4), Unexportable())
+    assert math.isnan(table.estimate(model, torch.ones(2, 4), "none"))
+    assert sum(math.isnan(t) for t in table.times.values()) == 1  # the linear has its time
+
+
+def test_a_much_narrower_model_is_estimated_much_faster():
+    table = LatencyTable()
+    x = torch.randn(64, 512)
+    wide = table.estimate(nn.Sequential(nn.Linear(512, 1024), nn.Linear(1024, 512)), x, "none")
+    narrow = table.estimate(nn.Sequential(nn.Linear(512, 128), nn.Linear(128, 512)), x, "none")
+    assert narrow < 0.6 * wide  # an eighth of the MACs
+
+
+def test_the_screen_reads_a_latency_estimate_for_pruned_candidates(evaluator):
+    from tests.test_screen import every_conv
+
+    dense = evaluator.screen({}).metrics["tier0_latency_ratio"]
+    assert dense == pytest.approx(1.0)
+    pruned = evaluator.screen(every_conv("l2_channel", 0.5)).metrics["tier0_latency_ratio"]
+    assert 0 < pruned < 1
