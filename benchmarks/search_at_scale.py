@@ -1,13 +1,24 @@
-"""Racing on against racing off, at equal wall-clock (the scaling issue's benchmark, first part).
+"""Racing on against racing off, at equal wall-clock (the scaling issue's benchmark).
 
 For each task config and seed, two searches run with the same ``search.time_budget_s`` and
 enough generations that the budget, not the generation count, ends them: one with
 ``search.racing.enabled`` and one without. Each reports its final front's hypervolume (the
-same reference for both arms: the task's dense baseline), the candidates screened at tier 0
-and those measured in full per hour, and how many front members lack a full measurement
-(always 0: the front holds measured candidates only).
+same reference for both arms: the task's dense baseline) and its hypervolume against
+wall-clock seconds (each generation's, from MLflow), the candidates screened at tier 0 and
+those measured in full per hour, and how many front members lack a full measurement (always
+0: the front holds measured candidates only). The racing arm also reports, over its measured
+candidates, the Spearman correlation of the tier-0 divergence (negated) and of the calibrated
+prediction with the final validation accuracy, and the latency model's median relative error
+(each candidate's prediction was made before it was measured).
 
-    python benchmarks/search_at_scale.py --task digits_cnn --seeds 100 101 --budget 240
+Per seed, the reference recipe is measured too, as a candidate is: ONNX Runtime's one call of
+``quantize_dynamic`` (per-channel int8 weights, MatMul, Gemm and Gather, so the embeddings
+too) on the dense model's ONNX, and whether the racing arm's front dominates it.
+
+    python benchmarks/search_at_scale.py --task digits_cnn:180 --task text_bert --seeds 100 101
+
+``--task NAME:SECONDS`` gives that task's searches their budget; a bare ``NAME`` keeps the
+config's own ``time_budget_s`` (text_bert's default config: 780 s).
 
 Writes ``benchmarks/results/search_at_scale.json`` with the commit, the machine and the
 command; per task, means over seeds, with ``spread`` holding each figure's min and max.
@@ -31,17 +42,39 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "search_at_scale.json"
 
 
+STORE = ROOT / "runs" / "benchmarks" / "search_at_scale"
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = (np.argsort(np.argsort(x, kind="stable")).astype(float) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def anytime(run_id: str, uri: str) -> list[list[float]]:
+    """Each generation's hypervolume against the seconds since the search run started."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    start = client.get_run(run_id).info.start_time
+    return [[(m.timestamp - start) / 1000.0, m.value]
+            for m in sorted(client.get_metric_history(run_id, "hypervolume"),
+                            key=lambda m: m.step)]
+
+
 def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> dict:
     from petra.config import load_config
     from petra.engine.loop import search
 
-    store = ROOT / "runs" / "benchmarks" / "search_at_scale"
-    store.mkdir(parents=True, exist_ok=True)
+    STORE.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{STORE / 'mlflow.db'}"
+    keep_budget = [] if budget <= 0 else [f"search.time_budget_s={budget}"]
     cfg = load_config(ROOT / "search_spaces" / f"{task}.yaml", [
-        f"seed={seed}", f"search.time_budget_s={budget}", "search.generations=100",
+        f"seed={seed}", *keep_budget, "search.generations=100",
         f"search.racing.enabled={'true' if racing else 'false'}",
         f"search.racing.factor={factor}",
-        f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+        f"tracking.uri={uri}",
         f"tracking.experiment=scale-{task}-{seed}-{'racing' if racing else 'plain'}",
     ])
     start = time.monotonic()
@@ -50,8 +83,23 @@ def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> d
     screened = sum(1 for r in result.records if "tier0_divergence" in r["metrics"])
     measured = sum(1 for r in result.records if "latency_ms" in r["metrics"])
     members = result.front.members
+    tier2 = [r["metrics"] for r in result.records
+             if r["status"] == "complete" and "tier0_divergence" in r["metrics"]]
+    predicted = [m for m in tier2 if "tier0_predicted_latency_ratio" in m]
     return {
         "racing": racing, "seed": seed, "search_wall_s": wall,
+        "budget_s": cfg.search.time_budget_s, "anytime": anytime(result.run_id, uri),
+        "front": [{k: m["metrics"].get(k) for k in ("val_accuracy", "size_ratio",
+                                                     "latency_ratio")} for m in members],
+        "spearman_tier0_vs_val": spearman([-m["tier0_divergence"] for m in tier2],
+                                          [m["val_accuracy"] for m in tier2]),
+        "spearman_predicted_vs_val": spearman(
+            [m["tier0_predicted_val_accuracy"] for m in predicted],
+            [m["val_accuracy"] for m in predicted]),
+        "latency_model_median_rel_error": float(np.median([
+            abs(m["tier0_predicted_latency_ratio"] / m["latency_ratio"] - 1)
+            for m in predicted])) if predicted else float("nan"),
+        "latency_predictions": len(predicted),
         "hypervolume": result.front.hypervolume, "candidates": len(result.records),
         "screened": screened, "measured": measured,
         "screened_per_hour": screened / wall * 3600, "fully_evaluated_per_hour":
@@ -60,6 +108,41 @@ def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> d
         "front_members_without_tier2": sum(1 for m in members
                                            if "latency_ms" not in m["metrics"]),
     }
+
+
+def one_call_int8(task: str, seed: int) -> dict:
+    """ONNX Runtime's one-call dynamic int8 of the dense model, measured as a candidate is."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from petra.candidate import artifact
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
+    from petra.config import load_config
+    from petra.engine.loop import cache_dir
+    from petra.tasks import load_task
+
+    cfg = load_config(ROOT / "search_spaces" / f"{task}.yaml", [f"seed={seed}"])
+    model = load_task(cfg.task.name, cfg.task.params)
+    baseline = prepare_baseline(model, task_name=cfg.task.name, task_params=cfg.task.params,
+                                cache_dir=cache_dir(), seed=seed, threads=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(artifact.unpack(baseline.artifact), src)
+        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+        data = artifact.pack(onnx.load(dst))
+    evaluator = Evaluator.from_config(cfg, baseline, threads=1, core=0)
+    metrics = evaluator.measure(data)
+    return {k: metrics[k] for k in ("val_accuracy", "size_ratio", "latency_ratio")}
+
+
+def dominates(front: list[dict], point: dict) -> bool:
+    keys = (("val_accuracy", 1), ("size_ratio", -1), ("latency_ratio", -1))
+    return any(all(sign * m[k] >= sign * point[k] for k, sign in keys)
+               and any(sign * m[k] > sign * point[k] for k, sign in keys) for m in front)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -75,23 +158,45 @@ def summarize(rows: list[dict]) -> dict:
     ratios = [a / b for a, b in zip(stat("hypervolume", True), stat("hypervolume", False),
                                     strict=True) if b > 0]
     out["hypervolume_ratio"] = float(np.mean(ratios)) if ratios else float("nan")
+    racing = [r for r in rows if r["racing"]]
+    for key in ("spearman_tier0_vs_val", "spearman_predicted_vs_val",
+                "latency_model_median_rel_error"):
+        out[key] = float(np.nanmean([r[key] for r in racing]))
+    refs = [r["one_call_int8_dynamic"] for r in racing]
+    out["one_call_int8_dynamic"] = {k: float(np.mean([x[k] for x in refs])) for k in refs[0]}
+    out["dominated_by_front"] = all(r["dominated_by_front"] for r in racing)
     out["spread"] = {"hypervolume_ratio": [min(ratios), max(ratios)] if ratios else []}
+    for key in ("spearman_tier0_vs_val", "spearman_predicted_vs_val",
+                "latency_model_median_rel_error", "screened_per_hour",
+                "fully_evaluated_per_hour", "search_wall_s"):
+        values = [r[key] for r in racing]
+        out["spread"][key] = [float(np.nanmin(values)), float(np.nanmax(values))]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", action="append", default=None)
+    parser.add_argument("--task", action="append", default=None,
+                        help="NAME or NAME:SECONDS (the budget of its searches)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
-    parser.add_argument("--budget", type=float, default=240.0)
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--out", default=str(OUT))
     opts = parser.parse_args()
-    tasks = opts.task or ["digits_cnn"]
+    tasks = opts.task or ["digits_cnn:180"]
     report: dict = {}
-    for task in tasks:
-        rows = [run_arm(task, seed, racing, opts.budget, opts.factor)
-                for seed in opts.seeds for racing in (False, True)]
+    for spec in tasks:
+        task, _, seconds = spec.partition(":")
+        budget = float(seconds or 0)
+        rows = []
+        for seed in opts.seeds:
+            reference = one_call_int8(task, seed)
+            for racing in (False, True):
+                row = run_arm(task, seed, racing, budget, opts.factor)
+                row["one_call_int8_dynamic"] = reference
+                row["dominated_by_front"] = dominates(row["front"], reference)
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("anytime", "front")}),
+                      flush=True)
         report[task] = {**summarize(rows), "runs": rows}
         print(json.dumps(report[task], indent=1), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
@@ -100,7 +205,7 @@ def main() -> None:
         "commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
         f"{len(__import__('os').sched_getaffinity(0))} cores",
         "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "budget_s": opts.budget, "factor": opts.factor, "seeds": opts.seeds, "tasks": report,
+        "factor": opts.factor, "seeds": opts.seeds, "tasks": report,
     }, indent=1, default=str))
     print(f"wrote {opts.out}")
 

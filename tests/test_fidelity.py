@@ -152,6 +152,7 @@ def test_a_dominated_candidate_stops_at_its_rung_without_an_artifact(evaluator):
     assert 0 < result.metrics["size_ratio"] < 1 and result.metrics["latency_ratio"] > 0
     assert result.metrics["latency_rounds"] == 3  # the probe's
     assert result.info["pruned"].startswith("rung: dominated")
+    assert result.info["tier"] == 1  # stopped after its short fine-tune
 
 
 def test_a_survivor_is_measured_in_full_and_records_its_rung(evaluator):
@@ -172,6 +173,7 @@ def test_a_bytes_constraint_stops_before_any_fine_tune(evaluator):
     assert result.status == PRUNED and result.metrics["fidelity_epochs"] == 0
     assert "val_accuracy" not in result.metrics
     assert result.info["pruned"].startswith("probe: cannot meet the constraints")
+    assert result.info["tier"] == 1
 
 
 def test_a_short_fine_tune_has_no_rung_but_its_measurement_can_stop(evaluator):
@@ -179,6 +181,7 @@ def test_a_short_fine_tune_has_no_rung_but_its_measurement_can_stop(evaluator):
     result = evaluator.evaluate(genome(0.5, 1), seed=0, rung=rung(front=front))
     assert result.status == PRUNED and "rung_val_accuracy" not in result.metrics
     assert result.info["pruned"].startswith("measured: dominated")
+    assert result.info["tier"] == 2  # fine-tuned in full, its latency cut short
     # the fine-tune ran in full; the latency stopped after its first rounds
     assert result.metrics["fidelity_epochs"] == 1
     assert result.metrics["latency_rounds"] == 4

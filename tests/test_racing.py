@@ -58,6 +58,14 @@ def test_survivors_drop_what_the_front_dominates_and_cap_the_rest():
     kept, reasons = survivors(predictions, front, errors, keep=2)
     assert len(kept) == 2 and 4 not in kept  # the 1st rank goes first
     assert all("not among the 2 best" in reasons[i] for i in set(range(1, 5)) - set(kept))
+    # only the search's objectives count: without size, the smaller one is dominated too
+    kept, reasons = survivors(predictions, front, errors, keep=5,
+                              objectives=[("val_accuracy", "max"), ("latency_ms", "min")])
+    assert kept == [1, 3, 4] and 2 in reasons
+    # an objective racing cannot predict: nothing is screened out by the front
+    kept, _ = survivors(predictions, front, errors, keep=5,
+                        objectives=[("val_accuracy", "max"), ("params", "min")])
+    assert kept == [0, 1, 2, 3, 4]
 
 
 def test_a_racing_search_measures_every_front_member(tmp_path):
@@ -92,7 +100,9 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
     for run in front:
         assert run.data.tags["petra.tier"] == "2"
         assert {"val_accuracy", "artifact_bytes", "latency_ms", "latency_ratio",
-                "tier0_divergence"} <= set(run.data.metrics)
+                "tier0_divergence", "tier0_latency_ratio"} <= set(run.data.metrics)
+    # measured after the calibration was ready, a candidate carries what it was predicted to be
+    assert any("tier0_predicted_latency_ratio" in r.data.metrics for r in measured)
     assert "racing:" in proc.stdout
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 import os
 import time
@@ -376,11 +377,14 @@ class Evaluator:
         self, genome: dict[str, Any], genome_hash: str, metrics: dict[str, float], reason: str,
         epochs: int, rung_accuracy: float | None, info: dict[str, Any],
     ) -> Result:
-        """A candidate that multi-fidelity stopped: what it measured up to there, no artifact."""
+        """A candidate that multi-fidelity stopped: what it measured up to there, no artifact.
+        Stopped before its whole fine-tune it is a tier-1 result (``petra.tier``), after it a
+        tier-2 one whose latency was cut short."""
         metrics = {**metrics, "fidelity_epochs": float(epochs)}
         if rung_accuracy is not None:
             metrics["rung_val_accuracy"] = rung_accuracy
-        info = {**info, "effective": _effective(metrics), "pruned": reason}
+        info = {**info, "effective": _effective(metrics), "pruned": reason,
+                "tier": 2 if epochs >= Recipe.from_genome(genome).epochs else 1}
         return Result(genome=genome, genome_hash=genome_hash, status=PRUNED, metrics=metrics,
                       info=info)
 
@@ -408,6 +412,11 @@ class Evaluator:
         result.metrics["tier0_time_s"] = time.perf_counter() - start
         return result
 
+    def measure(self, data: bytes) -> dict[str, float]:
+        """An artifact made elsewhere (a reference recipe), measured as a candidate is: val
+        accuracy, bytes against the baseline's, latency interleaved with the baseline's."""
+        return self._measure(data, self.task.model)[0]
+
     def test_accuracy(self, artifact_bytes: bytes) -> float:
         """The task metric of an artifact on the held-out test split."""
 
@@ -434,9 +443,4 @@ def _effective(metrics: Mapping[str, float]) -> dict[str, bool]:
 
 
 def _take(batches: Any, n: int) -> list[Any]:
-    out = []
-    for batch in batches:
-        out.append(batch)
-        if len(out) >= n:
-            break
-    return out
+    return list(itertools.islice(batches, n))

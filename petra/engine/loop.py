@@ -386,7 +386,7 @@ class _Search:
                                self.generation, self.cfg.constraints.model_dump())
         keep = self.cfg.search.population if self.generation else len(jobs)
         measured, out = race(executor, jobs, self.calibration,
-                             [m["metrics"] for m in snap.members], keep)
+                             [m["metrics"] for m in snap.members], keep, self.objectives)
         for job, result in out:
             self._record(job, result)
         if out:

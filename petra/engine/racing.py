@@ -18,9 +18,9 @@ learned from the search's own measured (tier-2) candidates:
   logs over the measured candidates of the scheme (pooled while it has fewer than four).
 
 A candidate goes on to the measured evaluation only when no member of the measured front
-dominates its optimistic prediction (accuracy plus the calibration's own error, sizes and
-latencies less theirs), and then at most ``population`` of them, in non-dominated order of
-their predictions. Nothing predicted stands on a front: the front, and every objective it
+dominates its optimistic prediction on the search's objectives (accuracy plus the
+calibration's own error, sizes and latencies less theirs), and then at most ``population`` of
+them, in non-dominated order of their predictions. Nothing predicted stands on a front: the front, and every objective it
 shows, come from measured candidates only. Screened-out candidates are recorded with status
 ``pruned`` and tag ``petra.tier=0``, with their tier-0 reading and the reason.
 """
@@ -161,32 +161,46 @@ def _macs_latency(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping
     return float(np.exp(a + b * math.log(macs)))
 
 
+#: The objective metrics racing predicts, and the prediction each is ranked by: bytes and
+#: milliseconds order candidates as their ratios to the same baseline do.
+PREDICTED = {"val_accuracy": "val_accuracy", "size_ratio": "size_ratio",
+             "artifact_bytes": "size_ratio", "latency_ratio": "latency_ratio",
+             "latency_ms": "latency_ratio"}
+#: The search's objectives when none are given.
+DEFAULT_OBJECTIVES = (("val_accuracy", "max"), ("artifact_bytes", "min"),
+                      ("latency_ratio", "min"))
+
+
 def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mapping[str, float]],
-              errors: Mapping[str, float], keep: int) -> tuple[list[int], dict[int, str]]:
+              errors: Mapping[str, float], keep: int,
+              objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
+              ) -> tuple[list[int], dict[int, str]]:
     """Which screened candidates go on to be measured: the indices kept, in order, and the
     reason each other one was screened out.
 
-    Objectives are val_accuracy (max), size_ratio and latency_ratio (min). A candidate whose
-    optimistic prediction a measured ``front`` member dominates is out; of the rest, at most
-    ``keep`` in non-dominated order of their predictions (ties in input order).
+    A candidate whose optimistic prediction a measured ``front`` member dominates, on the
+    search's ``objectives``, is out. Where an objective is one racing does not predict
+    (``params``, ``macs``), nothing is screened out that way. Of the rest, at most ``keep`` go
+    on, in non-dominated order of their predictions on the predicted objectives (ties in input
+    order).
     """
+    keys = [(PREDICTED[m], d) for m, d in objectives if m in PREDICTED]
+    comparable = len(keys) == len(objectives)
     reasons: dict[int, str] = {}
     open_: list[int] = []
     for i, p in enumerate(predictions):
-        hope = (p["val_accuracy"] + errors["val_accuracy"],
-                p["size_ratio"] * (1 - errors["size_ratio"]),
-                p["latency_ratio"] * (1 - errors["latency_ratio"]))
-        beaten = next((m for m in front if _dominates(m, hope)), None)
-        if beaten is not None:
+        hope = [_optimistic(p[k], errors[k], k, d) for k, d in keys]
+        beaten = comparable and any(
+            _dominates([_minimized(m[k], d) for k, d in keys], hope) for m in front)
+        if beaten:
             reasons[i] = (f"tier 0: predicted val {p['val_accuracy']:.3f}, size "
                           f"{p['size_ratio']:.3f}, latency {p['latency_ratio']:.3f} is "
                           "dominated by the front even with the calibration's error")
         else:
             open_.append(i)
     if len(open_) > keep:
-        points = np.array([[-predictions[i]["val_accuracy"], predictions[i]["size_ratio"],
-                            predictions[i]["latency_ratio"]] for i in open_])
-        ranks = non_dominated_ranks(points)
+        points = np.array([[_minimized(predictions[i][k], d) for k, d in keys] for i in open_])
+        ranks = non_dominated_ranks(points) if keys else [0] * len(open_)
         order = sorted(range(len(open_)), key=lambda j: (ranks[j], j))
         for j in order[keep:]:
             reasons[open_[j]] = (f"tier 0: not among the {keep} best predictions of this "
@@ -195,14 +209,27 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
     return open_, reasons
 
 
-def _dominates(member: Mapping[str, float], hope: tuple[float, float, float]) -> bool:
-    mine = (member["val_accuracy"], member["size_ratio"], member["latency_ratio"])
-    at_least = mine[0] >= hope[0] and mine[1] <= hope[1] and mine[2] <= hope[2]
-    return at_least and mine != hope
+def _minimized(value: float, direction: str) -> float:
+    return -value if direction == "max" else value
+
+
+def _optimistic(value: float, error: float, key: str, direction: str) -> float:
+    """The prediction moved by its error in the objective's favour (accuracy in points, the
+    ratios relatively), as a value to minimize."""
+    better = +1 if direction == "max" else -1
+    moved = value + better * error if key == "val_accuracy" else value * (1 + better * error)
+    return _minimized(moved, direction)
+
+
+def _dominates(member: Sequence[float], hope: Sequence[float]) -> bool:
+    """Whether ``member`` dominates ``hope`` (both minimized)."""
+    return all(a <= b for a, b in zip(member, hope, strict=True)) and list(member) != list(hope)
 
 
 def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
-         front: Sequence[Mapping[str, float]], keep: int) -> tuple[list[Any], list[Any]]:
+         front: Sequence[Mapping[str, float]], keep: int,
+         objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
+         ) -> tuple[list[Any], list[Any]]:
     """Screen ``jobs`` at tier 0 on ``executor``; returns the jobs to measure (each with its
     tier-0 reading in ``tier0``) and the ``(job, result)`` pairs screened out, whose results are
     ``pruned`` with the reason. Before the calibration is :attr:`~Calibration.ready`, the tier-0
@@ -220,8 +247,13 @@ def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
                         "size_ratio": r["tier0_size_ratio"], "latency_ratio": r["tier0_macs_ratio"]}
                        for r in (readings[job.genome_hash].metrics for job in ok)]
         errors, front = {"val_accuracy": 0.0, "size_ratio": 0.0, "latency_ratio": 0.0}, ()
-    kept, reasons = survivors(predictions, front, errors, keep)
-    measured = [replace(ok[i], tier0=readings[ok[i].genome_hash].metrics) for i in kept]
+    kept, reasons = survivors(predictions, front, errors, keep, objectives)
+    predicted = [{f"tier0_predicted_{k}": v for k, v in p.items()} if calibration.ready else {}
+                 for p in predictions]
+    # what a measured candidate was predicted to be travels with it, so the predictions'
+    # errors can be read off the measured records
+    measured = [replace(ok[i], tier0={**readings[ok[i].genome_hash].metrics, **predicted[i]})
+                for i in kept]
     # A job whose screen failed is measured all the same: the evaluation records its failure.
     measured += [job for job in jobs if readings[job.genome_hash].status != COMPLETE]
     out = []
@@ -229,7 +261,6 @@ def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
         result = readings[ok[i].genome_hash]
         result.status = PRUNED
         result.info.update({"pruned": reason, "tier": 0})
-        if calibration.ready:
-            result.metrics.update({f"tier0_predicted_{k}": v for k, v in predictions[i].items()})
+        result.metrics.update(predicted[i])
         out.append((ok[i], result))
     return measured, out
