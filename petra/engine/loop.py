@@ -292,7 +292,9 @@ class _Search:
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                self.generation, cfg.constraints.model_dump())
         done = len(self.records)
-        planned = max(done, cfg.search.population * cfg.search.generations)
+        # with racing, each generation after the first records factor x population candidates
+        per_generation = cfg.search.population * (cfg.search.racing.factor if self.racing else 1)
+        planned = max(done, cfg.search.population + per_generation * (cfg.search.generations - 1))
         here = done - self.done_at_start
         spent = time.monotonic() - self.started
         complete = [r["metrics"] for r in self.records if r["status"] == COMPLETE]
