@@ -309,7 +309,7 @@ class Evaluator:
         ))
         model.to(self.device)  # masks follow their parameters in train
         prepare = QUANTIZATION.get(recipe.quant).meta.get("prepare")
-        finalize = prepare(model) if prepare is not None and recipe.epochs > 0 else None
+        finalize = prepare(model) if prepare is not None else None
         at_rung: dict[str, Any] = {}
 
         def report(epoch: int, _loss: float) -> bool:
@@ -391,7 +391,8 @@ class Evaluator:
     def screen(self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0
                ) -> Result:
         """The tier-0 reading of a genome (:mod:`petra.candidate.screen`): compressed in
-        torch, not fine-tuned, exported or timed; never raises (a failure is a failed Result)."""
+        torch and not fine-tuned, its latency from the per-layer table; never raises (a
+        failure is a failed Result)."""
         from petra.candidate.latency_table import LatencyTable
         from petra.candidate.screen import Screen
 
