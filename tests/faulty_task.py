@@ -8,7 +8,8 @@ names for that width (a key is a width, ``"12"``, or a range of widths, ``"4-7"`
 - ``nan``: makes the hidden activations NaN;
 - ``memory``: allocates 8 GiB (past any sensible ``execution.memory_limit_mb``);
 - ``die``: ends its process at once, as a crash or the OOM killer would;
-- ``die_once``: the same the first time only (a file in ``marker_dir`` remembers it).
+- ``die_once``: the same the first time only (a file in ``marker_dir`` remembers it);
+- ``hang``: sleeps for an hour, as a deadlocked kernel would.
 
 The dense model (every hidden neuron kept) never misbehaves, so its baseline trains normally.
 """
@@ -16,6 +17,7 @@ The dense model (every hidden neuron kept) never misbehaves, so its baseline tra
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ def faulty_mlp(*, faults: dict[str, str] | None = None, marker_dir: str | None =
             if fault == "memory":
                 block = torch.empty(8 * 1024**3, dtype=torch.uint8)
                 h = h + float(block[:1].zero_().sum())
+            if fault == "hang":
+                time.sleep(3600)
             if fault == "die" or (fault == "die_once" and marker_dir is not None
                                   and _first_time(Path(marker_dir) / f"died-{h.shape[-1]}")):
                 os._exit(3)

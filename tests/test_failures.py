@@ -104,3 +104,47 @@ def test_a_dead_worker_is_retried_once_then_failed(faulty):
         assert all(r.status == COMPLETE for _, r in again)
     finally:
         executor.close()
+
+
+@pytest.mark.integration
+def test_a_hung_candidate_is_stopped_at_the_time_budget(tmp_path):
+    """Candidates that prune fc1 below 26 neurons sleep for an hour. The budget must stop them:
+    the search ends, logs its front (whose test accuracy needs the workers) and finishes its
+    run, instead of waiting for the hung workers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    config = {
+        "name": "hang", "seed": 1,
+        "task": {"name": TASK, "params": {"faults": {"6-25": "hang"}}},
+        "space": {"pruning": ["none", "l2_channel"], "sparsity": [0.0, 0.9], "layers": {},
+                  "quantization": ["none"], "finetune": {"epochs": [0, 0]}, "round_to": [1]},
+        "objectives": ["val_accuracy:max", "artifact_bytes:min"],
+        "search": {"strategy": "random", "population": 6, "generations": 50,
+                   "time_budget_s": 20, "multi_fidelity": {"enabled": False}},
+        "execution": {"executor": "ray", "workers": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "hang"},
+    }
+    path = tmp_path / "hang.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # Without the budget's stop the search would wait an hour for the hung workers.
+    root = str(Path(__file__).resolve().parents[1])  # where tests.faulty_task imports from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get(
+        "PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "petra.cli", "search", str(path)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "time budget of 20 s reached" in proc.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hang")
+    found = client.search_runs([exp.experiment_id], max_results=1000)
+    [parent] = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    front = [c for c in children if c.data.tags.get("petra.on_front") == "true"]
+    assert front and all("test_accuracy" in c.data.metrics for c in front)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -65,8 +66,13 @@ class LocalExecutor:
     def __init__(self, *, evaluator_kwargs: Mapping[str, Any]) -> None:
         self._evaluator = Evaluator(**evaluator_kwargs)
 
-    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Result]]:
+    def run(self, jobs: Iterable[Job], deadline: float | None = None
+            ) -> Iterator[tuple[Job, Result]]:
+        """Yield ``(job, result)`` one by one; none is started after ``deadline`` (a
+        :func:`time.monotonic` time): an evaluation in this process cannot be stopped."""
         for job in jobs:
+            if _past(deadline):
+                return
             yield job, _run(self._evaluator, job.genome, job.genome_hash, job.seed, job.rung,
                             job.tier)
 
@@ -162,30 +168,49 @@ class RayExecutor:
         self._cores[actor] = core
         return actor
 
-    def run(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, Result]]:
+    def run(self, jobs: Iterable[Job], deadline: float | None = None
+            ) -> Iterator[tuple[Job, Result]]:
         """Yield ``(job, result)`` as results complete.
 
         A worker that finishes is given its next job before its result is yielded, so the
         caller's logging overlaps the workers' evaluations. A job whose worker dies is run again
         on a fresh worker, :data:`WORKER_RETRIES` times, then failed; the dead worker is
         replaced either way.
+
+        At ``deadline`` (a :func:`time.monotonic` time), or when the caller stops iterating,
+        nothing more is started and the workers still evaluating are killed and replaced by
+        fresh ones, so that nothing left running delays what the caller asks next (the front's
+        test accuracy). Those jobs are not yielded.
         """
-        ray = self._ray
         queue = deque(jobs)
         idle = list(self._actors)
         pending: dict[Any, tuple[Job, Any]] = {}
         attempts: dict[int, int] = {}
 
         def dispatch() -> None:
-            while queue and idle:
+            while queue and idle and not _past(deadline):
                 actor, job = idle.pop(), queue.popleft()
                 ref = actor.evaluate.remote(job.genome, job.genome_hash, job.seed, job.rung,
                                             job.tier)
                 pending[ref] = (job, actor)
 
-        dispatch()
+        try:
+            dispatch()
+            yield from self._collect(pending, queue, idle, attempts, dispatch, deadline)
+        finally:
+            for _, actor in pending.values():
+                self._replace(actor)
+
+    def _collect(self, pending: dict[Any, tuple[Job, Any]], queue: deque[Job], idle: list[Any],
+                 attempts: dict[int, int], dispatch: Any, deadline: float | None,
+                 ) -> Iterator[tuple[Job, Result]]:
+        """The results of :meth:`run` as they complete, until none is pending or ``deadline``."""
+        ray = self._ray
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:
+                return  # the deadline passed: run() replaces the workers still busy
             job, actor = pending.pop(ready[0])
             tries = attempts.get(id(job), 0) + 1
             try:
@@ -208,7 +233,7 @@ class RayExecutor:
             yield job, result
 
     def _replace(self, actor: Any) -> Any:
-        """A fresh worker in place of a dead one, on the same core."""
+        """A fresh worker, on the same core, in place of one that died or is killed."""
         self._actors.remove(actor)
         with contextlib.suppress(Exception):
             self._ray.kill(actor)
@@ -240,6 +265,10 @@ def _check_gpus(ray: Any, workers: int, gpus_per_candidate: float) -> None:
             "execution.gpus_per_candidate", gpus_per_candidate,
             f"needs workers * gpus_per_candidate = {need:g} GPUs and this Ray cluster has "
             f"{have:g}; lower it (0 runs on CPUs) or the number of workers")
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _brief(exc: BaseException, limit: int = 500) -> str:

@@ -318,6 +318,11 @@ class _Search:
         budget = self.cfg.search.time_budget_s
         return bool(budget) and self.elapsed() > budget
 
+    def _deadline(self) -> float | None:
+        """When the time budget runs out, as a :func:`time.monotonic` time (None: no budget)."""
+        budget = self.cfg.search.time_budget_s
+        return time.monotonic() + budget - self.elapsed() if budget else None
+
     def _generations(self, executor: LocalExecutor | RayExecutor) -> None:
         from petra.engine.strategies import Told, candidate_seed
 
@@ -335,7 +340,8 @@ class _Search:
             if self.racing:
                 jobs = self._race(executor, jobs)
             parallel = getattr(executor, "workers", 1)
-            for finished, (job, result) in enumerate(executor.run(jobs), start=1):
+            results = executor.run(jobs, deadline=self._deadline())
+            for finished, (job, result) in enumerate(results, start=1):
                 if job.tier0:
                     result.metrics.update(job.tier0)
                     if result.status == COMPLETE:
@@ -346,6 +352,7 @@ class _Search:
                     raise KeyboardInterrupt  # one a library swallowed: stop all the same
                 if self._over_budget():
                     break
+            results.close()  # the candidates still running at the deadline are stopped
             snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                    self.generation, cfg.constraints)
             if self.generation not in self.logged_generations:
@@ -388,7 +395,8 @@ class _Search:
                                self.generation, self.cfg.constraints.model_dump())
         keep = self.cfg.search.population if self.generation else len(jobs)
         measured, out = race(executor, jobs, self.calibration,
-                             [m["metrics"] for m in snap.members], keep, self.objectives)
+                             [m["metrics"] for m in snap.members], keep, self.objectives,
+                             deadline=self._deadline())
         for job, result in out:
             self._record(job, result)
         if out:

@@ -229,14 +229,16 @@ def _dominates(member: Sequence[float], hope: Sequence[float]) -> bool:
 def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
          front: Sequence[Mapping[str, float]], keep: int,
          objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
-         ) -> tuple[list[Any], list[Any]]:
+         deadline: float | None = None) -> tuple[list[Any], list[Any]]:
     """Screen ``jobs`` at tier 0 on ``executor``; returns the jobs to measure (each with its
     tier-0 reading in ``tier0``) and the ``(job, result)`` pairs screened out, whose results are
     ``pruned`` with the reason. Before the calibration is :attr:`~Calibration.ready`, the tier-0
     numbers themselves are ranked (divergence for accuracy, the estimates for size and MACs for
-    latency) and nothing is compared with the front."""
-    readings = {job.genome_hash: result
-                for job, result in executor.run([replace(job, tier=0) for job in jobs])}
+    latency) and nothing is compared with the front. Jobs not screened by ``deadline`` (a
+    :func:`time.monotonic` time) are left out of both lists."""
+    readings = {job.genome_hash: result for job, result in
+                executor.run([replace(job, tier=0) for job in jobs], deadline=deadline)}
+    jobs = [job for job in jobs if job.genome_hash in readings]
     ok = [job for job in jobs if readings[job.genome_hash].status == COMPLETE]
     if calibration.ready:
         predictions = [calibration.predict(job.genome, readings[job.genome_hash].metrics)
