@@ -284,6 +284,9 @@ class ExecutionConfig(_Model):
     memory_limit_mb: StrictInt | None = Field(
         None, ge=64, description="null (no limit) or an integer number of MiB >= 64"
     )
+    layer_cache_mb: float = Field(
+        256.0, ge=0.0, description="a number of MiB >= 0: each worker's cache of sorted pruning "
+        "scores, shared through Ray's object store (0 turns it off)")
 
 
 class MeasureConfig(_Model):

@@ -111,6 +111,7 @@ def test_empty_mapping_gives_the_documented_defaults():
         "device": "auto",
         "executor": "ray",
         "memory_limit_mb": None,
+        "layer_cache_mb": 256.0,
     }
     assert cfg.measure.providers == ["CPUExecutionProvider"]
     assert (cfg.tracking.uri, cfg.tracking.experiment) == ("sqlite:///runs/mlflow.db", "petra")

@@ -61,6 +61,7 @@ FIELDS = {
     "execution.executor": ["gpu", 1],
     "execution.address": ["127.0.0.1", "http://x:1", 6379, "a b:12"],
     "execution.memory_limit_mb": [10, -1, "1G"],
+    "execution.layer_cache_mb": [-1, "256M", None],
     "tracking.uri": ["", 5],
     "tracking.experiment": ["", []],
     "task.name": ["nodigits", "", "has space", "a:b:c", 3],

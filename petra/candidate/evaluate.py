@@ -104,13 +104,15 @@ class Evaluator:
         baseline_artifact: bytes, threads: int = 1, calibration_batches: int = 4,
         core: int | None = None, memory_limit_mb: int | None = None,
         shapley_permutations: int = 4, device: str = "auto",
-        providers: Sequence[str] = ("CPUExecutionProvider",),
+        providers: Sequence[str] = ("CPUExecutionProvider",), layer_cache_mb: float = 256.0,
+        layer_cache: Any = None,
     ) -> None:
         import torch
 
         from petra.candidate.device import check_providers, resolve
         from petra.compress.attention import attention_layers
         from petra.compress.blocks import skippable_blocks
+        from petra.compress.layer_cache import configure
         from petra.compress.recurrent import gru_layers
         from petra.tasks.contract import feed
 
@@ -119,6 +121,7 @@ class Evaluator:
         self.threads = threads
         self.device = resolve(device)
         self.providers = check_providers(providers)
+        self.layer_cache = configure(layer_cache_mb, layer_cache)  # a Directory actor, or None
         self.memory_limit_mb = memory_limit_mb
         self.shapley_permutations = int(shapley_permutations)
         self.task = load_task(task_name, task_params)
@@ -142,14 +145,14 @@ class Evaluator:
 
     @staticmethod
     def options(cfg: SearchConfig, baseline: Baseline) -> dict[str, Any]:
-        """The keyword arguments of an Evaluator for config ``cfg`` (a
-        :class:`petra.config.SearchConfig`) and its :class:`petra.candidate.baseline.Baseline`: plain
+        """The keyword arguments of an Evaluator for config ``cfg`` and its baseline: plain
         data, so executors can send them to workers."""
         return {"task_name": cfg.task.name, "task_params": dict(cfg.task.params),
                 "baseline_state": baseline.state, "baseline_artifact": baseline.artifact,
                 "memory_limit_mb": cfg.execution.memory_limit_mb,
                 "shapley_permutations": cfg.space.shapley_permutations,
-                "device": cfg.execution.device, "providers": list(cfg.measure.providers)}
+                "device": cfg.execution.device, "providers": list(cfg.measure.providers),
+                "layer_cache_mb": cfg.execution.layer_cache_mb}
 
     @classmethod
     def from_config(cls, cfg: SearchConfig, baseline: Baseline, **overrides: Any) -> Evaluator:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from petra.compress import layer_cache
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
@@ -124,8 +125,7 @@ def keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     n_prune = min(int(round(sparsity * n)), n - 1)
     mask = torch.ones(n, dtype=torch.bool)
     if n_prune > 0:
-        order = torch.argsort(scores.flatten(), stable=True)
-        mask[order[:n_prune]] = False
+        mask[layer_cache.CACHE.ascending_order(scores)[:n_prune]] = False
     return mask.view_as(scores)
 
 
@@ -178,7 +178,7 @@ def global_magnitude(
     n_prune = min(int(round(sparsity * total)), total - len(names))
     keep = torch.ones(total, dtype=torch.bool)
     if n_prune > 0:
-        keep[torch.argsort(flat, stable=True)[:n_prune]] = False
+        keep[layer_cache.CACHE.ascending_order(flat)[:n_prune]] = False
     masks, start = {}, 0
     for name in names:
         size = weights[name].numel()

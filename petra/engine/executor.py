@@ -125,6 +125,7 @@ class RayExecutor:
 
         self._ray = ray
         self._owns_cluster = False
+        self._directory = None
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -146,14 +147,21 @@ class RayExecutor:
             raise
         kwargs = dict(evaluator_kwargs)
         kwargs["threads"] = cpus_per_candidate
-        self._kwargs = {
-            k: ray.put(v) if isinstance(v, bytes) and len(v) > 100_000 else v
-            for k, v in kwargs.items()
-        }
+        if kwargs.get("layer_cache_mb", 256.0) > 0:
+            from petra.compress.layer_cache import Directory
+
+            # the workers' sorted scores, shared through the object store (on no CPU of its own)
+            self._directory = ray.remote(num_cpus=0)(Directory).remote(
+                kwargs.get("layer_cache_mb", 256.0))
+            kwargs["layer_cache"] = self._directory
         # Ray shows a worker only the GPUs it reserved: ``auto`` means CUDA exactly when it
         # reserved some.
         if kwargs.get("device", "auto") == "auto":
             kwargs["device"] = "cuda" if gpus_per_candidate else "cpu"
+        self._kwargs = {
+            k: ray.put(v) if isinstance(v, bytes) and len(v) > 100_000 else v
+            for k, v in kwargs.items()
+        }
         self._actor_cls = ray.remote(num_cpus=cpus_per_candidate,
                                      num_gpus=gpus_per_candidate)(_Worker)
         # On a local cluster each single-threaded actor gets a core of its own, so that its
@@ -249,9 +257,9 @@ class RayExecutor:
         return [float(x) for x in self._ray.get(refs)]
 
     def close(self) -> None:
-        for actor in self._actors:
+        for actor in [*self._actors, *([self._directory] if self._directory else [])]:
             self._ray.kill(actor)
-        self._actors = []
+        self._actors, self._directory = [], None
         if self._owns_cluster:
             self._ray.shutdown()
 
