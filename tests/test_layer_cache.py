@@ -5,8 +5,30 @@ from __future__ import annotations
 import pytest
 import torch
 
-from petra.compress.layer_cache import MIN_SIZE, Directory, LayerCache, content_key
+from petra.compress.layer_cache import (
+    MIN_SIZE,
+    Directory,
+    LayerCache,
+    content_key,
+    threshold_mask,
+)
 from petra.compress.prune import keep_top
+
+
+def reference(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask[torch.argsort(scores.flatten(), stable=True)[:n_prune]] = False
+    return mask
+
+
+@pytest.mark.parametrize("n_prune", [1, 7, 500, 999])
+def test_the_threshold_mask_is_the_stable_sort_s_with_ties_and_nan(n_prune) -> None:
+    ties = torch.randint(0, 5, (1000,)).float()
+    ties[::97] = torch.inf
+    assert torch.equal(threshold_mask(ties, n_prune), reference(ties, n_prune))
+    nan = torch.rand(1000)
+    nan[::13] = torch.nan
+    assert torch.equal(threshold_mask(nan, n_prune), reference(nan, n_prune))
 
 
 def test_a_cached_order_is_argsort_s_and_is_sorted_once() -> None:
@@ -51,16 +73,20 @@ def test_the_content_key_covers_dtype_and_shape() -> None:
     assert content_key(t) != content_key(t.double())
 
 
-def test_magnitude_masks_read_every_sparsity_off_one_sort() -> None:
+def test_a_layer_is_thresholded_once_sorted_the_second_time_then_sliced() -> None:
     from petra.compress import layer_cache
 
-    weight = torch.randn(128, 64)
-    before = layer_cache.CACHE.misses
-    masks = [keep_top(weight.abs(), s) for s in (0.3, 0.5, 0.7)]
-    assert layer_cache.CACHE.misses == before + 1  # sorted once, then sliced
-    for mask, s in zip(masks, (0.3, 0.5, 0.7), strict=True):
-        assert int((~mask).sum()) == round(s * weight.numel())
-        assert weight.abs()[~mask].max() <= weight.abs()[mask].min()
+    weight = torch.randn(128, 64).round(decimals=1)  # ties
+    before = layer_cache.CACHE.stats()
+    levels = (0.3, 0.5, 0.7, 0.9)
+    masks = [keep_top(weight.abs(), s) for s in levels]
+    after = layer_cache.CACHE.stats()
+    # the first level by threshold, the second by the one sort, the rest off the cache
+    assert after["first_seen"] - before["first_seen"] == 1
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 2
+    for mask, s in zip(masks, levels, strict=True):
+        n_prune = round(s * weight.numel())
+        assert torch.equal(mask.flatten(), reference(weight.abs(), n_prune))
 
 
 class _Holder:

@@ -123,10 +123,7 @@ def keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """A 0/1 mask that zeroes the ``round(sparsity * n)`` lowest scores (ties by position)."""
     n = scores.numel()
     n_prune = min(int(round(sparsity * n)), n - 1)
-    mask = torch.ones(n, dtype=torch.bool)
-    if n_prune > 0:
-        mask[layer_cache.CACHE.ascending_order(scores)[:n_prune]] = False
-    return mask.view_as(scores)
+    return layer_cache.CACHE.keep_mask(scores, n_prune).view_as(scores)
 
 
 def magnitude_scores(weight: torch.Tensor, ctx: PruneContext) -> torch.Tensor:
@@ -176,9 +173,7 @@ def global_magnitude(
     flat = torch.cat(scores)
     total = flat.numel()
     n_prune = min(int(round(sparsity * total)), total - len(names))
-    keep = torch.ones(total, dtype=torch.bool)
-    if n_prune > 0:
-        keep[layer_cache.CACHE.ascending_order(flat)[:n_prune]] = False
+    keep = layer_cache.CACHE.keep_mask(flat, n_prune)
     masks, start = {}, 0
     for name in names:
         size = weights[name].numel()
