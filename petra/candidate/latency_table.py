@@ -46,11 +46,16 @@ class _Alone(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+def own_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices a module holds itself: parameters of 2 or more dimensions whose name
+    holds ``weight`` (``weight``, ``in_proj_weight``, ``weight_ih_l0``)."""
+    return [p for n, p in module.named_parameters(recurse=False) if "weight" in n and p.dim() >= 2]
+
+
 def weight_layers(model: nn.Module) -> list[nn.Module]:
     """The modules that hold a weight matrix of their own (convs, linears, attention, LSTMs,
     embeddings)."""
-    return [m for m in model.modules()
-            if any("weight" in n and p.dim() >= 2 for n, p in m.named_parameters(recurse=False))]
+    return [m for m in model.modules() if own_weights(m)]
 
 
 def layer_inputs(model: nn.Module, example: Any) -> list[tuple[nn.Module, tuple[Any, ...]]]:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from petra.candidate.device import OnDevice, to_device
-from petra.candidate.latency_table import LatencyTable, weight_layers
+from petra.candidate.latency_table import LatencyTable, own_weights, weight_layers
 from petra.candidate.measure import macs_and_params
 from petra.compress.gates import recalibrate_batchnorm
 from petra.registry import QUANTIZATION
@@ -103,18 +103,16 @@ def stored_bytes(model: nn.Module, weights: str = "fp32",
 
 
 def _stored_weights(model: nn.Module, applies_to: Iterable[str] | None) -> list[torch.Tensor]:
-    """The weight matrices (parameters of 2 or more dimensions whose name holds ``weight``:
-    ``weight``, ``in_proj_weight``, ``weight_ih_l0``) of the layers a scheme applies to: those
-    with a class (or base class) named in ``applies_to``; None: every layer (convs, linears,
-    attention projections, recurrent layers and embedding tables)."""
+    """The weight matrices (:func:`~petra.candidate.latency_table.own_weights`) of the layers a
+    scheme applies to: those with a class (or base class) named in ``applies_to``; None: every
+    layer (convs, linears, attention projections, recurrent layers and embedding tables)."""
     kinds = set(applies_to) if applies_to is not None else None
     if kinds is not None and "Linear" in kinds:
         kinds |= set(_LINEAR_LIKE)
     out = []
     for module in model.modules():
         if kinds is None or any(c.__name__ in kinds for c in type(module).__mro__):
-            out += [p for n, p in module.named_parameters(recurse=False)
-                    if "weight" in n and p.dim() >= 2]
+            out += own_weights(module)
     return out
 
 
