@@ -80,13 +80,70 @@ def replay(rows: list[dict]) -> dict[str, float]:
             "size_model_median_rel_error": error("size_ratio")}
 
 
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """The figures of the module docstring, over the rows screened and measured without
+    failure; the accuracy proxy's correlation also apart for the candidates without a fine-tune
+    (which tier 0 reads as they are) and with one (whose outcome the fine-tune decides)."""
+    ok = [r for r in rows if r["status"] == "complete" and r["tier0_status"] == "complete"]
+
+    def rho(t0: str, measured: str, sign: float = 1.0, among: list[dict] = ok) -> float:
+        return spearman([sign * r["tier0"][t0] for r in among],
+                        [r["measured"][measured] for r in among])
+
+    tuned = [r for r in ok if int(r["genome"].get("finetune.epochs", 0)) > 0]
+    untuned = [r for r in ok if int(r["genome"].get("finetune.epochs", 0)) == 0]
+    summary = {
+        "candidates": len(ok),
+        "spearman_tier0_vs_val": rho("tier0_divergence", "val_accuracy", -1.0),
+        "spearman_tier0_vs_val_without_finetune": rho("tier0_divergence", "val_accuracy", -1.0,
+                                                      untuned),
+        "spearman_tier0_vs_val_with_finetune": rho("tier0_divergence", "val_accuracy", -1.0,
+                                                   tuned),
+        "candidates_without_finetune": len(untuned),
+        "spearman_size": rho("tier0_size_ratio", "size_ratio"),
+        "spearman_macs_vs_latency": rho("tier0_macs_ratio", "latency_ratio"),
+        "spearman_table_vs_latency": rho("tier0_latency_ratio", "latency_ratio"),
+        "latency_table_median_rel_error": float(np.median([
+            abs(r["tier0"]["tier0_latency_ratio"] / r["measured"]["latency_ratio"] - 1)
+            for r in ok])),
+        "median_tier0_s": float(np.median([r["tier0"]["tier0_time_s"] for r in ok])),
+        "median_full_s": float(np.median([r["measured"]["eval_time_s"] for r in ok])),
+        "size_median_rel_error": float(np.median([
+            abs(r["tier0"]["tier0_size_ratio"] / r["measured"]["size_ratio"] - 1) for r in ok])),
+    }
+    summary.update(replay(ok))
+    return summary
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def resummarize(path: Path) -> None:
+    """Replace a results file's summary by this commit's, from its rows, recording when, by
+    which commit and command (the measurements keep their own provenance)."""
+    data = json.loads(path.read_text())
+    data["summary"] = summarize(data["rows"])
+    data["summarized"] = {"commit": _commit(), "command": " ".join(["python", *sys.argv]),
+                          "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path.write_text(json.dumps(data, indent=1, default=str))
+    print(json.dumps(data["summary"], indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("config")
+    parser.add_argument("config", help="a search config, or with --summarize a results file")
+    parser.add_argument("--summarize", action="store_true",
+                        help="recompute the summary of a results file from its stored rows "
+                        "(what this commit's summary adds, with no new measurement)")
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
+    if opts.summarize:
+        resummarize(Path(opts.config))
+        return
     cores = len(os.sched_getaffinity(0))  # before the evaluator pins this process to one
 
     import torch
@@ -122,29 +179,9 @@ def main() -> None:
                          "val_accuracy", "size_ratio", "latency_ratio", "eval_time_s")}})
         print(f"{i + 1}/{len(genomes)} {screened.metrics.get('tier0_divergence', float('nan')):.4f}"
               f" -> val {full.metrics.get('val_accuracy', float('nan')):.4f}", flush=True)
-    ok = [r for r in rows if r["status"] == "complete" and r["tier0_status"] == "complete"]
-
-    def rho(t0: str, measured: str, sign: float = 1.0) -> float:
-        return spearman([sign * r["tier0"][t0] for r in ok], [r["measured"][measured] for r in ok])
-
-    summary = {
-        "candidates": len(ok),
-        "spearman_tier0_vs_val": rho("tier0_divergence", "val_accuracy", -1.0),
-        "spearman_size": rho("tier0_size_ratio", "size_ratio"),
-        "spearman_macs_vs_latency": rho("tier0_macs_ratio", "latency_ratio"),
-        "spearman_table_vs_latency": rho("tier0_latency_ratio", "latency_ratio"),
-        "latency_table_median_rel_error": float(np.median([
-            abs(r["tier0"]["tier0_latency_ratio"] / r["measured"]["latency_ratio"] - 1)
-            for r in ok])),
-        "median_tier0_s": float(np.median([r["tier0"]["tier0_time_s"] for r in ok])),
-        "median_full_s": float(np.median([r["measured"]["eval_time_s"] for r in ok])),
-        "size_median_rel_error": float(np.median([
-            abs(r["tier0"]["tier0_size_ratio"] / r["measured"]["size_ratio"] - 1) for r in ok])),
-    }
-    summary.update(replay(ok))
+    summary = summarize(rows)
     print(json.dumps(summary, indent=2))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
+    commit = _commit()
     out = Path(opts.out or ROOT / "benchmarks" / "results" / f"tier0_{cfg.name}.json")
     out.write_text(json.dumps({
         "commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
