@@ -1,5 +1,6 @@
 """The uniform grid: the by-hand baseline of benchmarks/front_quality.py."""
 
+from petra.candidate.recipes import seed_recipes
 from petra.config import load_config
 from petra.engine.strategies import Told, make_strategy
 from petra.engine.strategies.grid import grid_points
@@ -29,6 +30,10 @@ def test_every_grid_point_is_one_ratio_on_every_layer_with_or_without_int8():
         assert genome["quant.scheme"] in ("none", "int8_static")
         assert genome["finetune.epochs"] == space.gene("finetune.epochs").high
         assert genome["reg.kind"] == "kd" and genome["prune.round_to"] == 8
+        # exactly the seed recipes' fine-tune: the two arms differ only in compression
+        for key in ("finetune.epochs", "finetune.lr", "reg.kind", "reg.kd_alpha",
+                    "reg.kd_temperature"):
+            assert genome[key] == seed_recipes(space)[0][key], key
     assert sorted(ratios) == [0.0, 0.18, 0.36, 0.54, 0.72, 0.9]
     assert sum(g["quant.scheme"] == "int8_static" for g in points) == 6
 

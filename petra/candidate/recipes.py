@@ -125,11 +125,7 @@ def seed_recipes(space: SearchSpace) -> list[dict[str, Any]]:
     def offered(genes: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in genes.items() if space.offers(k, v)}
 
-    fine_tune = offered({"reg.kind": "kd", "reg.kd_alpha": 0.5, "reg.kd_temperature": 4.0})
-    if "finetune.epochs" in space:
-        fine_tune["finetune.epochs"] = space.gene("finetune.epochs").high
-    if "finetune.lr" in space:
-        fine_tune["finetune.lr"] = space.gene("finetune.lr").clip(5e-3)
+    fine_tune = seed_finetune(space)
     blocks = [b.name for b in getattr(space, "blocks", ())]
     alternate = tuple(b for b in blocks[0::2] if f"blocks.{b}.skip" in space)
 
@@ -183,9 +179,22 @@ def structured_method(space: SearchSpace, layer: str) -> str | None:
     return next((m for m in PREFERRED if m in choices), choices[0] if choices else None)
 
 
+def seed_finetune(space: SearchSpace) -> dict[str, Any]:
+    """The fine-tune of the seed recipes, and of the by-hand grid, so that the two differ only
+    in their compression: the space's longest fine-tune, at lr 5e-3 (clipped to the space's
+    range), with distillation (alpha 0.5, temperature 4) where the space offers it."""
+    genes = {k: v for k, v in {"reg.kind": "kd", "reg.kd_alpha": 0.5,
+                                "reg.kd_temperature": 4.0}.items() if space.offers(k, v)}
+    if "finetune.epochs" in space:
+        genes["finetune.epochs"] = space.gene("finetune.epochs").high
+    if "finetune.lr" in space:
+        genes["finetune.lr"] = space.gene("finetune.lr").clip(5e-3)
+    return genes
+
+
 def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
     """The by-hand baseline's recipes (:mod:`petra.engine.strategies.grid`): one structured ratio on
-    every layer × {fp32, int8_static}, the longest fine-tune, distillation where offered,
+    every layer × {fp32, int8_static}, the seed recipes' fine-tune (:func:`seed_finetune`),
     channels rounded to 8, about ``budget`` points over the space's sparsity range."""
     quants = [q for q in QUANT if space.offers("quant.scheme", q)] or [None]
     methods: dict[str, str] = {}
@@ -195,11 +204,7 @@ def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
         if method is not None:
             methods[layer.name] = method
             high = max(high, getattr(space.gene(f"layers.{layer.name}.sparsity"), "high", 0.0))
-    extra: dict[str, Any] = {}
-    if "finetune.epochs" in space:
-        extra["finetune.epochs"] = space.gene("finetune.epochs").high
-    if space.offers("reg.kind", "kd"):
-        extra["reg.kind"] = "kd"
+    extra = seed_finetune(space)
     if space.offers("prune.round_to", 8):
         extra["prune.round_to"] = 8
     n_ratios = max(1, math.ceil(budget / len(quants))) if methods else 1
