@@ -87,12 +87,22 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
     assert [m.step for m in history] == [0, 1]
     assert history[1].value >= history[0].value
 
+    # MLflow's UI shows the experiment as model training, not GenAI
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    from petra.space import summarize
+
     for child in children:
         assert CANDIDATE_TAGS <= set(child.data.tags)
         assert child.data.tags["petra.engine.executor"] == "ray"
+        # the description is the recipe, and the run lasts as long as its evaluation did
+        note = child.data.tags["mlflow.note.content"]
+        assert note and "\n" not in note
+        duration = (child.info.end_time - child.info.start_time) / 1000
         if child.data.tags["petra.status"] == "complete":
             assert CANDIDATE_METRICS <= set(child.data.metrics)
             assert any(p.startswith("layers.") for p in child.data.params)
+            assert duration >= child.data.metrics["eval_time_s"] - 0.01, duration
     # candidates ran in Ray worker processes, not in the driver
     pids = {c.data.tags["petra.worker_pid"] for c in children}
     assert pids and str(os.getpid()) not in pids
@@ -104,9 +114,10 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"front.json", "front.csv", "front.html", "front.png", "config.yaml"} <= names
     front_json = client.download_artifacts(parent.info.run_id, "front.json", str(tmp_path))
-    assert {c.info.run_id for c in front} == {
-        m["id"] for m in yaml.safe_load(Path(front_json).read_text())["members"]
-    }
+    members = yaml.safe_load(Path(front_json).read_text())["members"]
+    assert {c.info.run_id for c in front} == {m["id"] for m in members}
+    notes = {c.info.run_id: c.data.tags["mlflow.note.content"] for c in front}
+    assert all(notes[m["id"]] == summarize(m["genome"]) for m in members)
 
 
 def test_search_in_process_executor(tmp_path: Path) -> None:

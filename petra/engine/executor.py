@@ -52,9 +52,15 @@ class Job:
 
 def _run(evaluator: Evaluator, genome: dict[str, Any], genome_hash: str, seed: int,
          rung: Rung | None, tier: int) -> Result:
+    """One job on ``evaluator``, with its wall-clock start and end (``started_at``,
+    ``ended_at``: the child run's real times)."""
+    started = time.time()
     if tier == 0:
-        return evaluator.screen(genome, genome_hash=genome_hash, seed=seed)
-    return evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed, rung=rung)
+        result = evaluator.screen(genome, genome_hash=genome_hash, seed=seed)
+    else:
+        result = evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed, rung=rung)
+    result.info.update(started_at=started, ended_at=time.time())
+    return result
 
 
 class LocalExecutor:

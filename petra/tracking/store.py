@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from petra.space import summarize
 from petra.tracking import plots
 
 if TYPE_CHECKING:
@@ -43,6 +44,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+#: MLflow's UI shows an experiment as model training (not GenAI) by this tag and value.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def _millis(seconds: Any) -> int | None:
+    """A wall-clock time in seconds as MLflow's milliseconds (None stays None)."""
+    return None if seconds is None else int(float(seconds) * 1000)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -141,8 +151,11 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND) is None:
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
             return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=artifact_root(self.uri))
+        return self.client.create_experiment(name, artifact_location=artifact_root(self.uri),
+                                             tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
     # -- the search run -------------------------------------------------------------------
     def start_search(
@@ -241,6 +254,7 @@ class Tracker:
             "petra.worker_pid": str(result.info.get("worker_pid", "")),
             # 2: measured in full; 0: screened out by racing (petra.engine.racing)
             "petra.tier": str(result.info.get("tier", 2)),
+            "mlflow.note.content": summarize(result.genome),  # the run's description
         }
         if result.error:
             tags["petra.error"] = result.error[:5000]
@@ -250,9 +264,11 @@ class Tracker:
             tags["petra.attempts"] = str(result.info["attempts"])
         for key, value in result.info.get("effective", {}).items():
             tags[f"petra.effective_{key}"] = str(bool(value)).lower()
+        started, ended = (_millis(result.info.get(k)) for k in ("started_at", "ended_at"))
+        # the evaluation's own start, so that the UI shows its real duration, not the logging's
         run = self.client.create_run(
-            self.experiment_id, run_name=f"g{generation:02d}-c{index:02d}", tags=tags
-        )
+            self.experiment_id, run_name=f"g{generation:02d}-c{index:02d}", tags=tags,
+            start_time=started)
         run_id = run.info.run_id
         params = [Param(k, str(v)) for k, v in result.genome.items()]
         for start in range(0, len(params), 100):
@@ -266,7 +282,8 @@ class Tracker:
         if "traceback" in result.info:
             self.client.log_text(run_id, result.info["traceback"], "error.txt")
         self.client.log_batch(run_id, tags=[RunTag("petra.candidate_index", str(index))])
-        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED",
+                                   end_time=ended)
         return run_id
 
     # -- fronts ---------------------------------------------------------------------------
