@@ -7,6 +7,7 @@ and says so in the summary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -160,3 +161,48 @@ def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
         print(f"screenshots: {SCREENSHOTS}")
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_killed_petra_ui_stops_its_whole_server(two_searches, sig):
+    """`kill` (SIGTERM) or a closed terminal (SIGHUP) sent to `petra ui` alone, not to its
+    group: the MLflow server, its workers and its consumers must all go, and the port with
+    them."""
+    from petra.tracking.ui import free_port, port_free, wait_ready
+
+    folder, uri, _ids = two_searches
+    port = free_port()
+    log = folder / f"ui-{sig.name}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "petra.cli", "ui", "--port", str(port),
+                                 "--set", f"tracking.uri={uri}"], cwd=folder, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ))
+        try:
+            assert wait_ready(f"http://127.0.0.1:{port}", timeout_s=120,
+                              alive=lambda: proc.poll() is None), log.read_text()[-3000:]
+            tree = process_tree(proc.pid)
+            assert len(tree) > 1, "expected petra ui to have started the MLflow server"
+            proc.send_signal(sig)  # to petra ui only
+            assert proc.wait(timeout=60) == 128 + sig, log.read_text()[-3000:]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (alive(tree) or not port_free(port)):
+                time.sleep(0.2)
+            assert not alive(tree), f"left running: {sorted(alive(tree))}"
+            assert port_free(port)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The processes of ``pids`` still running (zombies count as gone)."""
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out

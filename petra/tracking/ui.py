@@ -1,8 +1,8 @@
 """``petra ui``: the MLflow UI over petra's store, listening on 127.0.0.1 only.
 
 It runs ``mlflow server`` on the configured store in a process group of its own, waits until it
-answers, prints the URL of each experiment and the filters to paste, and stops the whole group on
-Ctrl-C. A store that is already a server (``http://...``) is its own UI: its URL is printed.
+answers, prints the URL of each experiment and the filters to paste, and stops the whole group
+however ``petra ui`` ends: Ctrl-C, SIGTERM (``kill``) or SIGHUP (its terminal closed). A store that is already a server (``http://...``) is its own UI: its URL is printed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from petra.errors import ConfigError
 from petra.tracking.store import artifact_root, open_client
@@ -90,18 +91,63 @@ def wait_ready(url: str, *, timeout_s: float = 90.0,
     return False
 
 
+class Signalled(BaseException):
+    """``petra ui`` was sent a signal that ends it: a BaseException, as KeyboardInterrupt is,
+    so that no library's ``except Exception`` wraps or swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def ending_signals() -> Any:
+    """SIGTERM and SIGHUP raise :class:`Signalled` inside this block (so that ``finally``
+    clauses run, as they do on Ctrl-C), once: a second signal does not interrupt the cleanup.
+    Their handlers are restored after the block."""
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Signalled(signum)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def stop(process: subprocess.Popen, *, timeout_s: float = 10.0) -> None:
-    """Stop the server's whole process group: SIGTERM, then SIGKILL."""
-    if process.poll() is not None:
+    """Stop the server's whole process group: SIGTERM, then SIGKILL. The group is signalled
+    even when its leader has already exited, since its workers may not have."""
+    if process.poll() is not None and not _group_alive(process.pid):
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=timeout_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(process.pid):
+                return
+            time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
@@ -145,20 +191,24 @@ def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> 
         raise ConfigError("--port", port, "", f"port {port} on {HOST} is in use; pick another "
                           f"with --port N")
     url = f"http://{HOST}:{port}"
-    process = start(uri, port)
-    try:
-        if not wait_ready(url, alive=lambda: process.poll() is None):
-            say(f"petra: the MLflow UI did not answer on {url}")
-            return 1
-        say(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
-        _guide(url, uri, say)
-        while process.poll() is None:
-            time.sleep(0.5)
-        return int(process.returncode or 0)
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop(process)
+    with ending_signals():
+        process = start(uri, port)
+        try:
+            if not wait_ready(url, alive=lambda: process.poll() is None):
+                say(f"petra: the MLflow UI did not answer on {url}")
+                return 1
+            say(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
+            _guide(url, uri, say)
+            while process.poll() is None:
+                time.sleep(0.5)
+            return int(process.returncode or 0)
+        except KeyboardInterrupt:
+            return 0
+        except Signalled as stopped:
+            say(f"petra ui: {stopped}; stopping the MLflow UI")
+            return 128 + stopped.signum
+        finally:
+            stop(process)
 
 
 def runs_url(url: str, experiment_id: str, search_filter: str | None = None) -> str:
