@@ -5,13 +5,15 @@
     petra front RUN_ID [--json]                  print a search's front
     petra compare RUN_ID RUN_ID ... [--out DIR]  overlay several searches' fronts; log the comparison
     petra export RUN_ID CANDIDATE --out DIR      write a candidate's deployable bundle
+    petra register RUN_ID CANDIDATE --name NAME [--alias ALIAS]
+                                                 a candidate (or `knee`) as a registered MLflow model
     petra ui [--port N]                          the MLflow UI over the store, on 127.0.0.1
     petra space CONFIG [--set ...] [--json]      print the genes decoded from the model's layers
     petra methods [--json]                       list the registered methods
     petra evaluate CONFIG --genome FILE|- [--json] [--export DIR]
                                                  evaluate one recipe (a hand-written genome)
 
-Commands that read existing runs (resume, front, compare, export, ui) use the store
+Commands that read existing runs (resume, front, compare, export, register, ui) use the store
 sqlite:///runs/mlflow.db unless given ``--set tracking.uri=URI``.
 
 A bad config or argument exits with code 2 and one line naming the field, the value and what is
@@ -87,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", metavar="DIR", required=True)
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=store_help)
+    g = sub.add_parser("register", help="register a candidate in MLflow's Model Registry")
+    g.add_argument("run_id", help="the search run's MLflow run id")
+    g.add_argument("candidate", help="the candidate's run id (or a unique prefix), or `knee`")
+    g.add_argument("--name", required=True, help="the registered model's name")
+    g.add_argument("--alias", default=None, help="an alias for the new version, e.g. knee")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=store_help)
     u = sub.add_parser("ui", help="start the MLflow UI over the store, on 127.0.0.1")
     u.add_argument("--port", type=int, default=None, help="default 5000, or a free port")
     u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -103,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _methods(args.json)
         if args.command == "resume":
             return _resume(args.run_id, args.overrides)
-        if args.command in ("front", "compare", "export", "ui"):
+        if args.command in ("front", "compare", "export", "register", "ui"):
             return _runs_command(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "space":
@@ -270,7 +279,7 @@ def front_table(members: Sequence[dict], knee: str | None) -> str:
 
 
 def _runs_command(args: argparse.Namespace) -> int:
-    """front, compare, export and ui: the commands that read existing runs."""
+    """front, compare, export, register and ui: the commands that read existing runs."""
 
     uri, rest = split_store(args.overrides)
     if rest:
@@ -285,6 +294,15 @@ def _runs_command(args: argparse.Namespace) -> int:
         print(f"exported to {out}: model.petra, load_petra.py, example.py, example.npz, "
               "MODEL_CARD.md")
         print(f"try it:     cd {out} && python example.py   (needs numpy, onnx, onnxruntime)")
+        return 0
+    if args.command == "register":
+        from petra.tracking.model_registry import register_candidate
+
+        done = register_candidate(uri, args.run_id, args.candidate, args.name, args.alias)
+        print(f"registered {done.name} version {done.version} in {uri}")
+        print(f"load it:    mlflow.pyfunc.load_model({done.uri!r})")
+        print(f"serve it:   MLFLOW_TRACKING_URI={uri} mlflow models serve -m {done.uri} "
+              "--env-manager local -h 127.0.0.1 -p 5001")
         return 0
 
     return serve(uri, args.port, say=_say)

@@ -1,0 +1,119 @@
+"""`petra register`: a search's knee in MLflow's Model Registry, loaded back through
+``models:/NAME@knee`` and served by ``mlflow models serve`` on 127.0.0.1, with the outputs of
+the artifact in ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.test_search_integration import run_cli
+
+pytestmark = pytest.mark.integration
+
+NAME = "digits-knee"
+
+
+@pytest.fixture(scope="module")
+def registered(two_searches):
+    folder, uri, run_ids = two_searches
+    proc = run_cli("register", run_ids[0], "knee", "--name", NAME, "--alias", "knee",
+                   "--set", f"tracking.uri={uri}", cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"registered {NAME} version 1" in proc.stdout
+    return folder, uri, run_ids[0]
+
+
+def knee_reference(uri: str, search_run_id: str):
+    """The knee's example batch and what its artifact answers in ONNX Runtime."""
+    from petra.candidate import artifact
+    from petra.tasks import load_task
+    from petra.tasks.contract import feed
+    from petra.tracking.runs import open_search
+    from petra.tracking.store import Tracker
+
+    search = open_search(uri, search_run_id)
+    data = Tracker.fetch(uri, search.knee, "model.petra")
+    task = load_task(search.config.task.name, search.config.task.params)
+    example = {k: np.asarray(v) for k, v in feed(task.example_input, task.input_names).items()}
+    return search, example, artifact.load(data, threads=1).run(None, example)[0]
+
+
+def test_the_registered_knee_loads_back_with_the_artifact_s_outputs(registered):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    _folder, uri, search_run_id = registered
+    search, example, expected = knee_reference(uri, search_run_id)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@knee")
+    [x] = example.values()
+    np.testing.assert_allclose(model.predict(x), expected, rtol=1e-6, atol=1e-6)
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        NAME, "knee")
+    tags = version.tags
+    assert tags["petra.search_run_id"] == search_run_id
+    assert tags["petra.candidate_run_id"] == search.knee
+    assert {"petra.val_accuracy", "petra.size_ratio", "petra.latency_ratio",
+            "petra.recipe"} <= set(tags)
+    knee = next(r for r in search.records if r["id"] == search.knee)
+    assert float(tags["petra.size_ratio"]) == pytest.approx(knee["metrics"]["size_ratio"],
+                                                            rel=1e-5)
+
+
+def test_a_candidate_without_an_artifact_is_a_one_line_error(two_searches):
+    folder, uri, run_ids = two_searches
+    proc = run_cli("register", run_ids[0], "nosuchrun", "--name", NAME,
+                   "--set", f"tracking.uri={uri}", cwd=folder)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("petra: config error: candidate")
+
+
+def test_mlflow_models_serve_answers_a_scoring_request_on_loopback(registered):
+    from petra.tracking.ui import free_port
+
+    folder, uri, search_run_id = registered
+    _search, example, expected = knee_reference(uri, search_run_id)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    log = open(folder / "serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@knee",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (folder / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (folder / "serve.log").read_text()[-3000:]
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            time.sleep(0.5)
+        [x] = example.values()
+        request = urllib.request.Request(
+            f"{url}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = np.asarray(json.loads(answer.read())["predictions"])
+        np.testing.assert_allclose(predictions, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
