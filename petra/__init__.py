@@ -1,8 +1,10 @@
 """petra: evolutionary multi-objective compression of trained PyTorch models.
 
     import petra
-    cfg = petra.load_config("search_spaces/quickstart.yaml", ["search.population=8"])
-    result = petra.search(cfg)          # a SearchResult: run id, front, knee, records
+    result = petra.search("search_spaces/quickstart.yaml", search__population=8)
+    result.front                        # a pandas DataFrame, the knee marked
+    result.plot()                       # a plotly figure of the front
+    again = petra.load(result.run_id)   # read back from the MLflow store
 
 Heavy dependencies (torch, ray, mlflow, optuna) are imported where they are used, so
 ``import petra`` is fast.
@@ -18,9 +20,11 @@ __all__ = [
     "PRUNING",
     "QUANTIZATION",
     "REGULARIZERS",
+    "Result",
     "SearchResult",
     "Task",
     "evaluate",
+    "load",
     "load_config",
     "search",
 ]
@@ -33,10 +37,14 @@ def __getattr__(name: str) -> Any:
         from petra.config import load_config
 
         return load_config
-    if name in ("search", "SearchResult"):
+    if name in ("search", "load", "Result"):
+        from petra import notebook
+
+        return getattr(notebook, name)
+    if name == "SearchResult":
         from petra.engine import loop
 
-        return getattr(loop, name)
+        return loop.SearchResult
     if name == "Task":
         from petra.tasks import Task
 

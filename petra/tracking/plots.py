@@ -306,3 +306,32 @@ def _png(series: Sequence[Series], baseline: Mapping[str, float], title: str,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def front_figure(front: Any, baseline: Mapping[str, float]) -> Any:
+    """A plotly figure of a front DataFrame (:attr:`petra.notebook.Result.front`): validation
+    accuracy against size ratio and against latency ratio, the knee as a star, the dense
+    baseline as a dashed line, each point's recipe on hover."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
+                        subplot_titles=(AXES["size"][1], AXES["lat"][1]))
+    hover = ("%{customdata[0]}<br>val %{y:.4f}, size %{customdata[1]:.3f}, "
+             "latency %{customdata[2]:.3f}<br>%{customdata[3]}<extra></extra>")
+    for col, key in enumerate(("size_ratio", "latency_ratio"), start=1):
+        for knee in (False, True):
+            part = front[front["knee"] == knee]
+            fig.add_trace(go.Scatter(
+                x=part[key], y=part["val_accuracy"], mode="markers",
+                name="knee" if knee else "front", showlegend=col == 1,
+                marker={"size": 14 if knee else 9, "symbol": "star" if knee else "circle",
+                        "color": PALETTE[1] if knee else PALETTE[0]},
+                customdata=part[["id", "size_ratio", "latency_ratio", "recipe"]].to_numpy(),
+                hovertemplate=hover), row=1, col=col)
+        if baseline.get("val_accuracy") is not None:
+            fig.add_hline(y=float(baseline["val_accuracy"]), line_dash="dash", row=1, col=col,
+                          annotation_text="dense baseline" if col == 1 else None)
+    fig.update_yaxes(title_text=AXES["acc"][1], row=1, col=1)
+    fig.update_layout(title="petra front", height=420, width=960)
+    return fig
