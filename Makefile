@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install quickstart test lint browser clean
+.PHONY: install quickstart test lint browser docs clean
 
 # torch first, pinned: it takes the local CPU wheel; a bare `torch` would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -22,9 +22,13 @@ lint: install
 	$(BIN)/ruff check petra tests benchmarks
 
 # The default run (not slow) stays under 15 minutes; CI then runs the slow tests too.
-test: install lint browser
+test: install lint browser docs
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m slow
+
+# The documentation site, built strict (a broken link or page fails it) into runs/site.
+docs: install
+	$(BIN)/mkdocs build --strict -q
 
 # The browser test drives Debian's chromium through chromedriver. Install them when missing and
 # root; otherwise say loudly that the browser test will be skipped.

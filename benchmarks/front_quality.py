@@ -28,7 +28,7 @@ seeds (100-104 by default) that nothing was tuned on.
 
 Writes benchmarks/results/front_quality.json with its provenance (benchmarks/provenance.py:
 commit, dirty tree, date, machine, versions, command), rewritten after every search so a partial
-run keeps what it measured; front_quality.md (the README table) and
+run keeps what it measured; front_quality.md (the table of docs/benchmarks.md) and
 docs/front_quality_<task>.png and .html (the fronts of the first seed, size and latency against
 test accuracy, and the anytime curves). ``--merge`` joins partial runs of one clean commit and
 refuses any other. The searches stay in an MLflow store under runs/benchmarks/.
@@ -259,7 +259,7 @@ def fmt(value, digits=3) -> str:
 
 
 def table(results: dict) -> str:
-    """The README table: per task and arm, the three operating points (picked on validation,
+    """The table of docs/benchmarks.md: per task and arm, the three operating points (picked on validation,
     read on test), the hypervolume at equal evaluations and at equal wall-clock, the wall time;
     then each task's goals."""
     lines = [f"Commit {results['provenance']['commit']}, held-out seeds "
@@ -399,7 +399,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "front_quality.json")
     parser.add_argument("--plots", type=Path, default=DOCS,
-                        help="where the plots go (docs/, which the README shows, by default)")
+                        help="where the plots go (docs/, which docs/benchmarks.md shows, by default)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="merge the runs of these JSON files (a run done in parts, on one "
                              "clean commit) into --out, and redraw the plots; no search runs")

@@ -9,7 +9,7 @@ For each task and each entry of the pruning, quantization and regularizer regist
 - regularizers: with 50% l2_channel, during the fine-tune.
 
 Pruning and regularizer genomes fine-tune 2 epochs at lr 3e-3. Writes
-benchmarks/results/methods.json and benchmarks/results/methods.md (the README's table).
+benchmarks/results/methods.json and benchmarks/results/methods.md (the table of docs/benchmarks.md).
 
     .venv/bin/python benchmarks/methods.py [--tasks digits_cnn events_gru]
 """

@@ -20,7 +20,7 @@ the same budget, with 3 seeds: the hypervolumes, and how many front members use 
 
     .venv/bin/python benchmarks/seed_methods.py [--tasks ...] [--steps 6] [--skip-search]
 
-Writes benchmarks/results/seed_methods.json and seed_methods.md (the README table).
+Writes benchmarks/results/seed_methods.json and seed_methods.md (the table of docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ hypervolume, the worker-seconds spent evaluating, and the candidates pruned and 
     .venv/bin/python benchmarks/strategies.py [--seeds 0 1 2] [--population 16] [--generations 6]
 
 Writes benchmarks/results/strategies.json (``--name`` for another stem; rewritten after every search, so a partial run
-keeps what it measured), strategies.md (the README table) and strategies.png (hypervolume
+keeps what it measured), strategies.md (the table of docs/benchmarks.md) and strategies.png (hypervolume
 against evaluations, mean over seeds). The searches themselves stay in an MLflow store under
 runs/benchmarks/, named in the JSON, for a look in the UI.
 """

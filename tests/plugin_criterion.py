@@ -2,7 +2,7 @@
 
 Loaded as a pytest plugin (``pytest -p tests.plugin_criterion``) it registers before the test
 modules are collected, so the contract suites parametrize over it like a built-in criterion.
-This is the README's worked example (*Adding a pruning criterion*), verbatim.
+This is the worked example of docs/criteria.md (*Adding a pruning criterion*), verbatim.
 """
 
 import torch

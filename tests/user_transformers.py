@@ -1,4 +1,4 @@
-"""User tasks written only against the README's task contract: models petra has never seen.
+"""User tasks written only against the documented task contract (docs/your-model.md): models petra has never seen.
 
 - :func:`bert_task`: a Hugging Face ``BertModel`` built from a config, dict inputs
   (``input_ids``, ``attention_mask``), a ``BaseModelOutput`` reduced by ``output``, and a metric
