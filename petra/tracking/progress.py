@@ -2,14 +2,13 @@
 
 The loop reports messages (baseline, generation lines, the end) and, after every result, a
 :class:`Status`: the generation, candidates done, running, failed and pruned, an ETA, the best
-value so far of each objective, and the hypervolume. :class:`ConsoleProgress` redraws one status
-line in place when its stream is a terminal; when it is not (a pipe, a CI log), it prints the
-messages only, one plain line each.
+value so far of each objective, and the hypervolume. :class:`ConsoleProgress` keeps one status
+line live under the messages with rich (``rich.live.Live``) when its stream is a terminal; when it
+is not (a pipe, a CI log), it prints the messages only, one plain line each.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,34 +46,41 @@ class Reporter(Protocol):
 
 
 class ConsoleProgress:
-    """Prints messages; on a terminal, also a status line redrawn after every result."""
+    """Prints messages; on a terminal, also a live status line (rich) redrawn after every
+    result, the messages printed above it."""
 
     def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
-        self._status: str | None = None
+        self._display: Any = None  # a started rich.live.Live, once there is a status
 
     def message(self, text: str) -> None:
-        if self.live and self._status is not None:
-            self.stream.write("\r\x1b[K")
+        if self._display is not None:
+            self._display.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            return
         self.stream.write(text + "\n")
-        if self.live and self._status is not None:
-            self.stream.write(self._status)
         self.stream.flush()
 
     def update(self, status: Status) -> None:
         if not self.live:
             return
-        width = shutil.get_terminal_size((120, 20)).columns
-        self._status = status.line()[: max(width - 1, 20)]
-        self.stream.write("\r\x1b[K" + self._status)
-        self.stream.flush()
+        from rich.text import Text
+
+        if self._display is None:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console(file=self.stream, force_terminal=True, highlight=False)
+            self._display = Live(console=console, auto_refresh=False, transient=True,
+                                 redirect_stdout=False, redirect_stderr=False)
+            self._display.start()
+        self._display.update(Text(status.line(), no_wrap=True, overflow="ellipsis"),
+                             refresh=True)
 
     def close(self) -> None:
-        if self.live and self._status is not None:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-        self._status = None
+        if self._display is not None:
+            self._display.stop()  # transient: the status line is cleared
+            self._display = None
 
 
 class _Messages:
