@@ -28,7 +28,7 @@ test: install lint browser docs
 
 # The documentation site, built strict (a broken link or page fails it) into runs/site.
 docs: install
-	$(BIN)/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 
 # The browser test drives Debian's chromium through chromedriver. Install them when missing and
 # root; otherwise say loudly that the browser test will be skipped.
