@@ -85,7 +85,9 @@ def test_mlflow_models_serve_answers_a_scoring_request_on_loopback(registered):
     folder, uri, search_run_id = registered
     _search, example, expected = knee_reference(uri, search_run_id)
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    # mlflow runs `uvicorn` from PATH: this environment's, as an activated venv would have it
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
     log = open(folder / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@knee",
