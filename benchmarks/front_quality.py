@@ -74,6 +74,7 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
     from petra.engine import pareto
     from petra.engine.loop import search
     from petra.engine.operating_points import operating_points
+    from petra.tracking.runs import hypervolume_history
 
     overrides = [f"seed={seed}", f"search.population={population}",
                  f"search.generations={generations}", f"execution.workers={workers}",
@@ -98,7 +99,7 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
         "evaluations": len(result.records),
         "evaluations_to_95": pareto.evaluations_to_reach(curve, 0.95),
         "wall_s": wall,
-        "anytime": anytime(result.run_id, f"sqlite:///{store}"),
+        "anytime": hypervolume_history(f"sqlite:///{store}", result.run_id),
         # picked on validation, read on test: test accuracy never takes part in the choice
         "points": operating_points(front, result.baseline),
         "failed": statuses.count("failed"), "pruned": statuses.count("pruned"),
@@ -106,17 +107,6 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
         "baseline_val_accuracy": result.baseline["val_accuracy"],
         "front": front,
     }
-
-
-def anytime(run_id: str, uri: str) -> list[list[float]]:
-    """Each generation's hypervolume against the seconds since the search run started."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    start = client.get_run(run_id).info.start_time
-    return [[(m.timestamp - start) / 1000.0, m.value]
-            for m in sorted(client.get_metric_history(run_id, "hypervolume"),
-                            key=lambda m: m.step)]
 
 
 def hypervolume_at(curve: list[list[float]], seconds: float) -> float:

@@ -53,20 +53,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def anytime(run_id: str, uri: str) -> list[list[float]]:
-    """Each generation's hypervolume against the seconds since the search run started."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    start = client.get_run(run_id).info.start_time
-    return [[(m.timestamp - start) / 1000.0, m.value]
-            for m in sorted(client.get_metric_history(run_id, "hypervolume"),
-                            key=lambda m: m.step)]
-
-
 def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> dict:
     from petra.config import load_config
     from petra.engine.loop import search
+    from petra.tracking.runs import hypervolume_history
 
     STORE.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{STORE / 'mlflow.db'}"
@@ -89,7 +79,7 @@ def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> d
     predicted = [m for m in tier2 if "tier0_predicted_latency_ratio" in m]
     return {
         "racing": racing, "seed": seed, "search_wall_s": wall,
-        "budget_s": cfg.search.time_budget_s, "anytime": anytime(result.run_id, uri),
+        "budget_s": cfg.search.time_budget_s, "anytime": hypervolume_history(uri, result.run_id),
         "front": [{k: m["metrics"].get(k) for k in ("val_accuracy", "size_ratio",
                                                      "latency_ratio")} for m in members],
         "spearman_tier0_vs_val": spearman([-m["tier0_divergence"] for m in tier2],

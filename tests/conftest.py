@@ -98,3 +98,19 @@ def two_searches(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-3000:]
         run_ids.append(re.search(r"search run: (\w+)", proc.stdout).group(1))
     return folder, f"sqlite:///{folder / 'mlflow.db'}", run_ids
+
+
+def stop_group(proc, sig: int, timeout_s: float = 30.0) -> None:
+    """Send ``sig`` to ``proc``'s process group, then SIGKILL if it has not ended in time."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

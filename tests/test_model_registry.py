@@ -16,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.conftest import stop_group
 from tests.test_search_integration import run_cli
 
 pytestmark = pytest.mark.integration
@@ -112,10 +113,5 @@ def test_mlflow_models_serve_answers_a_scoring_request_on_loopback(registered):
             predictions = np.asarray(json.loads(answer.read())["predictions"])
         np.testing.assert_allclose(predictions, expected, rtol=1e-5, atol=1e-5)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM)
         log.close()

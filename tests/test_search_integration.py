@@ -86,6 +86,11 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
                      key=lambda m: m.step)
     assert [m.step for m in history] == [0, 1]
     assert history[1].value >= history[0].value
+    from petra.tracking.runs import hypervolume_history
+
+    curve = hypervolume_history(f"sqlite:///{tmp_path / 'mlflow.db'}", parent.info.run_id)
+    assert [hv for _, hv in curve] == [m.value for m in history]
+    assert 0 < curve[0][0] <= curve[1][0]  # seconds since the search run started
 
     # MLflow's UI shows the experiment as model training, not GenAI
     experiment = client.get_experiment(parent.info.experiment_id)

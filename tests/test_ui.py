@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_group
 from tests.test_executor import LOOPBACK, listeners_of
 
 pytestmark = pytest.mark.integration
@@ -66,11 +67,7 @@ def ui(two_searches):
             time.sleep(0.2)
         yield url, proc, folder, uri, run_ids
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGINT)
         log.close()
 
 

@@ -124,6 +124,16 @@ def open_search(uri: str, run_id: str) -> SearchRun:
     return search
 
 
+def hypervolume_history(uri: str, run_id: str) -> list[list[float]]:
+    """A search's anytime curve: each logged generation's hypervolume against the seconds since
+    its run started, ``[[seconds, hypervolume], ...]`` in generation order."""
+    client = open_client(uri)
+    start = client.get_run(run_id).info.start_time
+    return [[(m.timestamp - start) / 1000.0, m.value]
+            for m in sorted(client.get_metric_history(run_id, "hypervolume"),
+                            key=lambda m: m.step)]
+
+
 def open_searches(uri: str, run_ids: Sequence[str]) -> list[SearchRun]:
     return [open_search(uri, run_id) for run_id in run_ids]
 
