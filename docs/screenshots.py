@@ -4,9 +4,11 @@
         [--set tracking.uri=sqlite:///runs/mlflow.db]
 
 It starts `petra ui`'s server on a free loopback port, opens headless Chromium (Debian's
-chromium and chromedriver, through selenium) and writes docs/ui-fronts.png (both searches'
-runs table, filtered to the fronts), docs/ui-search-front.png (a search's front.html in the
-artifact preview) and docs/ui-compare.png (the comparison run's compare.html).
+chromium and chromedriver, through selenium) and writes docs/ui-fronts.png (petra's fronts view
+of the experiment as a table: model training, durations, the objectives first),
+docs/ui-fronts-charts.png (the same view charted), docs/ui-search-front.png (a search's
+front.html in the artifact preview) and docs/ui-compare.png (the comparison run's
+compare.html).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def close_assistant(driver) -> None:
 def preview(driver, url: str, run, name: str, out: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    driver.get(f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts")
+    driver.get(f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts"
+               "?workflowType=machine_learning")
     wait_text(driver, [name])
     close_assistant(driver)
     driver.find_element(By.XPATH, f"//*[normalize-space(text())='{name}']").click()
@@ -67,8 +70,9 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from petra.runs import split_store
-    from petra.ui import FILTERS, free_port, runs_url, start, stop, wait_ready
+    from petra.tracking.runs import split_store
+    from petra.tracking.ui import experiments, free_port, start, stop, wait_ready
+    from petra.tracking.views import fronts_url
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("search_a")
@@ -88,25 +92,27 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as profile:
             driver = browser(Path(profile))
             try:
+                experiments(uri)  # an experiment logged by an older petra gets the view
                 experiment = a.info.experiment_id
-                driver.get(runs_url(url, experiment, FILTERS[0]))
-                wait_text(driver, [a.info.run_name, b.info.run_name])
+                charts = fronts_url(url, experiment)
+                driver.get(charts.replace("compareRunsMode=CHART", "compareRunsMode=TABLE"))
+                wait_text(driver, ["Duration", "val_accuracy", "matching runs"])
                 close_assistant(driver)
-                from selenium.webdriver.common.by import By
-
-                # expand both search runs: their candidates on the front are nested under them
-                for button in driver.find_elements(By.CSS_SELECTOR, "[role=row] button"):
-                    if "btn-link" in (button.get_attribute("class") or ""):
-                        button.click()
-                        time.sleep(1.5)
+                time.sleep(2)
                 driver.save_screenshot(str(docs / "ui-fronts.png"))
+                driver.get(charts)
+                wait_text(driver, ["size_ratio vs. val_accuracy"])
+                close_assistant(driver)
+                time.sleep(3)
+                driver.save_screenshot(str(docs / "ui-fronts-charts.png"))
                 preview(driver, url, a, "front.html", docs / "ui-search-front.png")
                 preview(driver, url, cmp, "compare.html", docs / "ui-compare.png")
             finally:
                 driver.quit()
     finally:
         stop(server)
-    print("wrote docs/ui-fronts.png, docs/ui-search-front.png, docs/ui-compare.png")
+    print("wrote docs/ui-fronts.png, docs/ui-fronts-charts.png, docs/ui-search-front.png, "
+          "docs/ui-compare.png")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,24 +108,35 @@ def test_write_gives_html_png_csv_markdown_and_json(tmp_path):
     assert "coverage C(row, column)" in page  # the summary table rides along
 
 
-def test_the_front_page_is_small_self_contained_and_safe():
+def test_the_front_page_is_plotly_self_contained_and_safe():
     from petra.tracking import plots
 
     s = search("a", 0.97, A)
     snap = s.front()
     snap.members[0]["genome"]["note"] = "</script><b>x</b>"
     page = plots.front_html(snap, s.records, s.baseline)
-    assert len(page) < 60_000
-    assert "http://" not in page and "https://" not in page  # nothing to fetch
-    assert page.count("</script>") == 1  # a label cannot close the script
-    data = json.loads(page.split("const D = ", 1)[1].split(";\n", 1)[0].replace("<\\/", "</"))
-    names = [series["name"] for series in data["series"]]
-    assert names == ["evaluated", "front"]
-    assert {p["id"] for p in data["series"][1]["points"]} == set(snap.ids)
-    assert len(data["series"][0]["points"]) == 1  # the dominated candidate
+    # plotly.js is inlined: no script or stylesheet is fetched from anywhere
+    assert "Plotly.newPlot" in page and len(page) > 1_000_000
+    assert not re.search(r"<script[^>]*\ssrc=|<link[^>]*\shref=", page)
+    assert "<b>x</b>" not in page  # a label cannot close the script or inject markup
+    fig = plots.front_figure_3d(plots.front_series(snap, s.records), s.baseline)
+    kinds = [(t.type, t.legendgroup) for t in fig.data]
+    # one 3-D view and three projections per series, and the dense baseline in each
+    assert kinds == [("scatter3d", "evaluated")] + [("scatter", "evaluated")] * 3 + [
+        ("scatter3d", "front")] + [("scatter", "front")] * 3 + [
+        ("scatter3d", "dense")] + [("scatter", "dense")] * 3
+    front = fig.data[4]
+    assert set(front.customdata) == set(snap.ids)
+    assert list(fig.data[0].customdata) == [r["id"] for r in s.records
+                                            if r["id"] not in set(snap.ids)]
+    assert list(front.z) == [m["metrics"]["val_accuracy"] for m in snap.members]
+    assert fig.data[8].z == (s.baseline["val_accuracy"],)
     # hovering a point shows its recipe and its genes
-    label = data["series"][1]["points"][0]["label"]
-    assert "l2_channelx1@0.50 int8_static" in label and "layers.stem.sparsity = 0.5" in label
+    assert "l2_channelx1@0.50 int8_static" in front.text[0]
+    assert "layers.stem.sparsity = 0.5" in front.text[0]
+    # the table of the front members
+    for run_id in snap.ids:
+        assert f"<td>{run_id[:8]}</td>" in page
 
 
 def test_the_ui_binds_loopback_and_links_the_runs_table_with_its_filter(tmp_path):
@@ -141,13 +153,42 @@ def test_the_ui_binds_loopback_and_links_the_runs_table_with_its_filter(tmp_path
                    "&searchFilter=tags.petra.on_front%20%3D%20%22true%22")
 
 
-def test_the_compare_link_names_the_runs_and_experiments():
-    import json
+def test_every_experiment_carries_the_fronts_view_and_its_link_opens_it(tmp_path):
+    """The view MLflow's runs page restores from ``viewStateShareKey``: the fronts only, the
+    objectives first among the columns, and scatter charts of metrics a candidate logs."""
     import urllib.parse
 
-    from petra.tracking.ui import compare_url
+    from mlflow.tracking import MlflowClient
 
-    url = compare_url("http://127.0.0.1:5000", ["a1", "b2"], ["4"])
+    from petra.tracking.store import EXPERIMENT_KIND, MODEL_TRAINING, Tracker
+    from petra.tracking.views import FRONTS_VIEW, SHARE_TAG_PREFIX, fronts_url, fronts_view
+
+    view = fronts_view()
+    assert view["searchFilter"] == 'tags.petra.on_front = "true"'
+    assert view["selectedColumns"][:3] == ["metrics.`val_accuracy`", "metrics.`test_accuracy`",
+                                           "metrics.`size_ratio`"]
+    assert view["columnOrder"][2:5] == ["duration", "metrics.`val_accuracy`",
+                                        "metrics.`test_accuracy`"]
+    logged = {"val_accuracy", "size_ratio", "latency_ratio", "test_accuracy", "artifact_bytes",
+              "latency_ms"}  # the candidate metrics of DESIGN.md's MLflow layout
+    axes = [(c["xaxis"]["key"], c["yaxis"]["key"]) for c in view["compareRunCharts"]]
+    assert ("size_ratio", "val_accuracy") in axes and ("latency_ratio", "val_accuracy") in axes
+    assert {k for pair in axes for k in pair} <= logged
+    assert {c["metricSectionId"] for c in view["compareRunCharts"]} == {
+        s["uuid"] for s in view["compareRunSections"]}
+    url = fronts_url("http://127.0.0.1:5000", "7")
     query = urllib.parse.parse_qs(url.split("?", 1)[1])
-    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?")
-    assert json.loads(query["runs"][0]) == ["a1", "b2"] and json.loads(query["experiments"][0]) == ["4"]
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/7/runs?")
+    assert query == {"workflowType": ["machine_learning"], "viewStateShareKey": [FRONTS_VIEW],
+                     "compareRunsMode": ["CHART"]}
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    old = client.create_experiment("old")  # logged by an older petra: no kind, no view
+    for name in ("new", "old"):
+        tags = client.get_experiment(Tracker(uri=uri, experiment=name).experiment_id).tags
+        assert tags[EXPERIMENT_KIND] == MODEL_TRAINING
+        assert json.loads(tags[SHARE_TAG_PREFIX + FRONTS_VIEW]) == view
+    assert client.get_experiment_by_name("old").experiment_id == old
+
+

@@ -8,6 +8,7 @@ and says so in the summary.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -116,6 +117,16 @@ def wait_for_text(driver, texts, timeout_s: float = 90.0) -> str:
                          f"{body[:3000]}")
 
 
+def close_assistant(driver) -> None:
+    """Close MLflow's assistant panel, when it opens, so that it does not cover the page."""
+    from selenium.webdriver.common.by import By
+
+    time.sleep(2)
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
+        with contextlib.suppress(Exception):
+            button.click()
+
+
 def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -126,6 +137,7 @@ def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
     from selenium.webdriver.common.by import By
 
     from petra.tracking.ui import FILTERS, runs_url
+    from petra.tracking.views import fronts_url
 
     driver = chrome(tmp_path)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -137,8 +149,43 @@ def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
 
+        # petra's fronts view, as a table: model training, the fronts only, each candidate's
+        # real duration (its evaluation's, not the milliseconds it took to log it)
+        front = client.search_runs([exp_id], filter_string=FILTERS[0])
+        for c in front:
+            seconds = (c.info.end_time - c.info.start_time) / 1000
+            assert seconds >= 0.9 * c.data.metrics["eval_time_s"], c.info.run_name
+            assert seconds > 0.1, c.info.run_name  # logged after the fact, it would be ~20 ms
+        driver.get(fronts_url(url, exp_id).replace("compareRunsMode=CHART",
+                                                    "compareRunsMode=TABLE"))
+        close_assistant(driver)
+        body = wait_for_text(driver, ["Model registry", "Duration", "val_accuracy",
+                                      "size_ratio", f"{len(front)} matching runs"])
+        for c in front:  # as MLflow writes a duration under a minute: 1.3s (either rounding)
+            tenths = (c.info.end_time - c.info.start_time) / 100
+            shown = {f"{math.floor(tenths) / 10:.1f}s", f"{math.ceil(tenths) / 10:.1f}s"}
+            assert any(text in body.split() for text in shown), (shown, body[-3000:])
+        assert "Evaluation runs" not in body and "Prompts" not in body  # not the GenAI sidebar
+        # the evaluation's duration, then the objectives, left to right, and no other metric
+        x = {h.text: h.location["x"]
+             for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]") if h.text}
+        order = ["Duration", "val_accuracy", "test_accuracy", "size_ratio", "latency_ratio",
+                 "artifact_bytes"]
+        assert sorted(order, key=lambda h: x.get(h, -1)) == order, x
+        assert not {"eval_time_s", "peak_rss_mb", "macs", "params"} & set(x), x
+        driver.save_screenshot(str(SCREENSHOTS / "ui-fronts-table.png"))
+
+        # ... and charted: size and latency against accuracy, one point per front member
+        driver.get(fronts_url(url, exp_id))
+        close_assistant(driver)
+        wait_for_text(driver, ["petra: the fronts", "size_ratio vs. val_accuracy",
+                               "latency_ratio vs. val_accuracy"])
+        time.sleep(2)
+        driver.save_screenshot(str(SCREENSHOTS / "ui-fronts-charts.png"))
+
         # a search run's artifacts: the front files, and its front.html rendered in the preview
-        driver.get(f"{url}/#/experiments/{exp_id}/runs/{run_ids[0]}/artifacts")
+        driver.get(f"{url}/#/experiments/{exp_id}/runs/{run_ids[0]}/artifacts"
+                   "?workflowType=machine_learning")
         wait_for_text(driver, ["front.html", "front.png", "fronts", "config.yaml"])
         driver.find_element(By.XPATH, "//*[normalize-space(text())='front.html']").click()
         deadline = time.monotonic() + 60
@@ -150,7 +197,9 @@ def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
         driver.save_screenshot(str(shot))
         driver.switch_to.frame(driver.find_elements(By.TAG_NAME, "iframe")[0])
         body = wait_for_text(driver, ["petra front", "recipe"])
-        assert len(driver.find_elements(By.TAG_NAME, "canvas")) == 4
+        # plotly drew the page: one figure, its 3-D view among its canvases
+        assert len(driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 1
+        assert driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .gl-container canvas")
         front = client.search_runs([exp_id], filter_string=(
             f"tags.mlflow.parentRunId = '{run_ids[0]}' and tags.petra.on_front = 'true'"))
         assert front and all(c.info.run_id[:8] in body for c in front)  # its front's table

@@ -1,11 +1,11 @@
 """Front plots: a self-contained interactive HTML page and a PNG (matplotlib).
 
 Both render fronts that :mod:`petra.engine.pareto` computed; nothing here computes a front. The page
-needs no network and no plotting library: a small inline script draws the 3-D front (accuracy,
-size ratio, latency ratio; drag to turn it) and its three 2-D projections on canvases, shows a
-candidate's recipe and metrics on hover, and lets each series be hidden. A table of the front
-members sits below, in plain HTML. A page is tens of kilobytes, so every generation can keep its
-own.
+is plotly's: the 3-D front (accuracy, size ratio, latency ratio; drag to turn it) and its three 2-D
+projections, a candidate's recipe and genes on hover, each series hidden by a click on its legend
+entry, and a table of the front members below in plain HTML. plotly.js is inlined, so the page
+fetches nothing and opens offline and in MLflow's artifact preview; that makes it about 5 MB, so
+only the final front and comparisons get one, and each generation keeps its JSON, CSV and PNG.
 
 One page serves one search (its evaluated candidates and its front) and a comparison of
 several searches (one series per search) alike: :func:`front_html` and :func:`compare_html`
@@ -15,7 +15,6 @@ build :class:`Series` and hand them to the same renderer.
 from __future__ import annotations
 
 import html
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +97,7 @@ def front_html(snap: FrontSnapshot, records: Sequence[Mapping[str, Any]],
     title = (f"petra front, generation {snap.generation}: hypervolume {snap.hypervolume:.4f}, "
              f"{len(snap.members)} on the front of {snap.evaluated} evaluated")
     subtitle = (f"dense baseline: val accuracy {baseline.get('val_accuracy', float('nan')):.4f}"
-                f", size ratio 1, latency ratio 1 (the star)")
+                f", size ratio 1, latency ratio 1 (the blue star)")
     rows = [_row("", m) for m in snap.members]
     return render_page(title, subtitle, front_series(snap, records), baseline, rows)
 
@@ -114,7 +113,7 @@ def compare_html(fronts: Sequence[tuple[str, Any]], baseline: Mapping[str, float
     title = "petra compare: " + ", ".join(
         f"{name} (hypervolume {snap.hypervolume:.4f})" for name, snap in fronts)
     subtitle = (f"dense baseline: val accuracy {baseline.get('val_accuracy', float('nan')):.4f}"
-                f", size ratio 1, latency ratio 1 (the star)")
+                f", size ratio 1, latency ratio 1 (the blue star)")
     return render_page(title, subtitle, series, baseline, rows, summary_html)
 
 
@@ -133,133 +132,84 @@ def _row(search: str, member: Mapping[str, Any]) -> list[str]:
 def render_page(title: str, subtitle: str, series: Sequence[Series],
                 baseline: Mapping[str, float], rows: Sequence[Sequence[str]],
                 summary_html: str = "") -> str:
-    """The HTML page: the canvases, the inline script, and the table of ``rows``."""
-    data = {
-        "series": [{"name": s.name, "color": s.color, "points": s.points} for s in series],
-        "baseline": {"acc": baseline.get("val_accuracy"), "size": 1.0, "lat": 1.0},
-        "axes": {k: label for k, (_, label) in AXES.items()},
-    }
+    """The HTML page: :func:`front_figure_3d` with plotly.js inlined, and the table of ``rows``."""
+    fig = front_figure_3d(series, baseline)
+    plot = fig.to_html(full_html=False, include_plotlyjs=True, default_width="100%",
+                       config={"displaylogo": False, "responsive": True})
     head = ["search", "run", "val acc", "test acc", "size", "latency", "bytes", "recipe"]
     keep = [i for i, h in enumerate(head) if h != "search" or any(r[0] for r in rows)]
     table = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r[i]))}</td>" for i in keep) + "</tr>"
         for r in rows)
     header = "".join(f"<th>{head[i]}</th>" for i in keep)
-    payload = json.dumps(data, allow_nan=False).replace("</", "<\\/")
-    return (_TEMPLATE.replace("%TITLE%", html.escape(title))
-            .replace("%SUBTITLE%", html.escape(subtitle))
-            .replace("%SUMMARY%", summary_html)
-            .replace("%HEADER%", header).replace("%ROWS%", table)
-            .replace("%DATA%", payload))
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><div class=\"sub\">{html.escape(subtitle)} · drag the "
+            f"3-D view to turn it; hover a point for its recipe; click a legend entry to hide "
+            f"its series</div>{plot}{summary_html}"
+            f"<table><thead><tr>{header}</tr></thead><tbody>{table}</tbody></table>"
+            f"</body></html>\n")
 
 
-_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>%TITLE%</title>
-<style>
-body{font:13px/1.4 system-ui,sans-serif;margin:16px;color:#222}
-h1{font-size:16px;margin:0 0 2px} .sub{color:#666;margin-bottom:8px}
-.plots{display:flex;flex-wrap:wrap;gap:8px} canvas{border:1px solid #ddd;background:#fff}
-#legend label{margin-right:14px;cursor:pointer} #legend span{display:inline-block;width:10px;
-height:10px;border-radius:5px;margin-right:4px}
-#tip{position:fixed;pointer-events:none;background:#fffff0;border:1px solid #999;padding:4px 6px;
-white-space:pre;font:12px monospace;display:none;max-width:640px;overflow:hidden;z-index:9}
-table{border-collapse:collapse;margin-top:12px} td,th{border:1px solid #ddd;padding:2px 6px;
-text-align:right} td:last-child,th:last-child{text-align:left}
-</style></head><body>
-<h1>%TITLE%</h1><div class="sub">%SUBTITLE% · drag the 3-D view to turn it;
-hover a point for its recipe</div>
-<div id="legend"></div>
-<div class="plots"><canvas id="c3" width="560" height="440"></canvas>
-<div><canvas id="p0" width="380" height="215"></canvas><br>
-<canvas id="p1" width="380" height="215"></canvas></div>
-<canvas id="p2" width="380" height="440"></canvas></div>
-%SUMMARY%
-<table><thead><tr>%HEADER%</tr></thead><tbody>%ROWS%</tbody></table>
-<div id="tip"></div>
-<script>
-const D = %DATA%;
-const hidden = new Set(); let az = -0.7, el = 0.45, drag = null; let hits = [];
-const tip = document.getElementById("tip");
-function visible() { const out = [];
-  D.series.forEach((s, i) => { if (!hidden.has(i)) s.points.forEach(p => out.push([p, s])); });
-  return out; }
-function range(key, pts) { let lo = Infinity, hi = -Infinity;
-  pts.forEach(([p]) => { lo = Math.min(lo, p[key]); hi = Math.max(hi, p[key]); });
-  const b = D.baseline[key]; if (b != null) { lo = Math.min(lo, b); hi = Math.max(hi, b); }
-  if (!isFinite(lo)) { lo = 0; hi = 1; } if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
-  const pad = (hi - lo) * 0.05; return [lo >= 0 ? Math.max(0, lo - pad) : lo - pad, hi + pad]; }
-function ticks(lo, hi, n) { const step0 = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
-  const step = [1, 2, 5, 10].map(m => m * mag).find(s => s >= step0);
-  const out = []; for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-12; v += step) out.push(v);
-  return out; }
-function fmt(v) { return Math.abs(v) >= 100 ? v.toFixed(0) : Number(v.toPrecision(3)).toString(); }
-function dot(g, x, y, color, front) { g.beginPath(); g.arc(x, y, front ? 4 : 2.5, 0, 7);
-  g.fillStyle = color; g.fill(); if (front) { g.strokeStyle = "#222"; g.lineWidth = 0.6; g.stroke(); } }
-function star(g, x, y) { g.fillStyle = "#1f77b4"; g.font = "16px sans-serif"; g.fillText("\\u2605", x - 6, y + 6); }
-function draw2d(id, kx, ky, pts) {
-  const c = document.getElementById(id), g = c.getContext("2d"); g.clearRect(0, 0, c.width, c.height);
-  const L = 58, R = 10, T = 10, B = 36, W = c.width - L - R, H = c.height - T - B;
-  const [x0, x1] = range(kx, pts), [y0, y1] = range(ky, pts);
-  const X = v => L + (v - x0) / (x1 - x0) * W, Y = v => T + H - (v - y0) / (y1 - y0) * H;
-  g.strokeStyle = "#eee"; g.fillStyle = "#555"; g.font = "10px sans-serif";
-  ticks(x0, x1, 5).forEach(v => { g.beginPath(); g.moveTo(X(v), T); g.lineTo(X(v), T + H); g.stroke();
-    g.fillText(fmt(v), X(v) - 10, T + H + 12); });
-  g.textAlign = "right";
-  ticks(y0, y1, 5).forEach(v => { g.beginPath(); g.moveTo(L, Y(v)); g.lineTo(L + W, Y(v)); g.stroke();
-    g.fillText(fmt(v), L - 4, Y(v) + 3); });
-  g.textAlign = "left";
-  g.strokeStyle = "#999"; g.strokeRect(L, T, W, H);
-  g.fillStyle = "#333"; g.textAlign = "center"; g.fillText(D.axes[kx], L + W / 2, c.height - 6);
-  g.textAlign = "left";
-  g.save(); g.translate(12, T + H / 2); g.rotate(-Math.PI / 2); g.textAlign = "center";
-  g.fillText(D.axes[ky].split(" (")[0], 0, 0); g.restore();
-  const b = D.baseline; if (b[kx] != null && b[ky] != null) star(g, X(b[kx]), Y(b[ky]));
-  pts.forEach(([p, s]) => { const x = X(p[kx]), y = Y(p[ky]); dot(g, x, y, s.color, p.front);
-    hits.push({c: id, x, y, p}); });
-}
-function draw3d(pts) {
-  const c = document.getElementById("c3"), g = c.getContext("2d"); g.clearRect(0, 0, c.width, c.height);
-  const r = {size: range("size", pts), lat: range("lat", pts), acc: range("acc", pts)};
-  const n = (k, v) => (v - r[k][0]) / (r[k][1] - r[k][0]) * 2 - 1;
-  const s = 128, cx = c.width / 2, cy = c.height / 2;
-  const P = (u, v, w) => { const x1 = u * Math.cos(az) - v * Math.sin(az), d = u * Math.sin(az) + v * Math.cos(az);
-    return [cx + s * x1, cy - s * (w * Math.cos(el) - d * Math.sin(el)), d * Math.cos(el) + w * Math.sin(el)]; };
-  g.strokeStyle = "#ccc"; g.lineWidth = 1;
-  const C = [-1, 1];
-  C.forEach(a => C.forEach(b => { [[[-1, a, b], [1, a, b]], [[a, -1, b], [a, 1, b]], [[a, b, -1], [a, b, 1]]]
-    .forEach(([p, q]) => { const A = P(...p), B2 = P(...q); g.beginPath(); g.moveTo(A[0], A[1]); g.lineTo(B2[0], B2[1]); g.stroke(); }); }));
-  g.fillStyle = "#333"; g.font = "11px sans-serif";
-  const lab = (txt, u, v, w) => { const q = P(u, v, w); g.fillText(txt, q[0] - 30, q[1]); };
-  const span = k => `${fmt(r[k][0])}\u2013${fmt(r[k][1])}`;
-  lab(`size ratio ${span("size")}`, 0, -1.3, -1.1); lab(`latency ${span("lat")}`, 1.3, 0, -1.1);
-  lab(`val acc ${span("acc")}`, -1.15, -1.15, 1.15);
-  const items = pts.map(([p, sr]) => [P(n("size", p.size), n("lat", p.lat), n("acc", p.acc)), p, sr]);
-  items.sort((a, b) => a[0][2] - b[0][2]);
-  items.forEach(([q, p, sr]) => { dot(g, q[0], q[1], sr.color, p.front); hits.push({c: "c3", x: q[0], y: q[1], p}); });
-  const b = D.baseline; if (b.acc != null) { const q = P(n("size", b.size), n("lat", b.lat), n("acc", b.acc)); star(g, q[0], q[1]); }
-}
-function draw() { hits = []; const pts = visible();
-  draw3d(pts); draw2d("p0", "size", "acc", pts); draw2d("p1", "lat", "acc", pts); draw2d("p2", "size", "lat", pts); }
-function legend() { const el2 = document.getElementById("legend");
-  D.series.forEach((s, i) => { const l = document.createElement("label");
-    l.innerHTML = `<input type="checkbox" checked><span style="background:${s.color}"></span>${s.name} (${s.points.length})`;
-    l.querySelector("input").onchange = e => { e.target.checked ? hidden.delete(i) : hidden.add(i); draw(); };
-    el2.appendChild(l); }); }
-document.querySelectorAll("canvas").forEach(c => {
-  c.addEventListener("mousemove", e => { const b = c.getBoundingClientRect(), x = e.clientX - b.left, y = e.clientY - b.top;
-    if (drag && c.id === "c3") { az += (e.clientX - drag[0]) * 0.01; el = Math.max(-1.5, Math.min(1.5, el + (e.clientY - drag[1]) * 0.01));
-      drag = [e.clientX, e.clientY]; draw(); return; }
-    let best = null, bd = 64; hits.forEach(h => { if (h.c !== c.id) return; const d = (h.x - x) ** 2 + (h.y - y) ** 2; if (d < bd) { bd = d; best = h; } });
-    if (best) { tip.textContent = best.p.label; tip.style.display = "block";
-      tip.style.left = (e.clientX + 14) + "px"; tip.style.top = (e.clientY + 10) + "px"; } else tip.style.display = "none"; });
-  c.addEventListener("mouseleave", () => { tip.style.display = "none"; drag = null; });
-});
-const c3 = document.getElementById("c3");
-c3.addEventListener("mousedown", e => { drag = [e.clientX, e.clientY]; });
-window.addEventListener("mouseup", () => { drag = null; });
-legend(); draw();
-</script></body></html>
-"""
+_STYLE = ("body{font:13px/1.4 system-ui,sans-serif;margin:16px;color:#222}"
+          "h1{font-size:16px;margin:0 0 2px}.sub{color:#666;margin-bottom:8px}"
+          "table{border-collapse:collapse;margin-top:12px}"
+          "td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}"
+          "td:last-child,th:last-child{text-align:left}")
+
+#: The three 2-D projections beside the 3-D view: (x, y) point keys.
+PROJECTIONS = (("size", "acc"), ("lat", "acc"), ("size", "lat"))
+
+
+def front_figure_3d(series: Sequence[Series], baseline: Mapping[str, float]) -> Any:
+    """A plotly figure: the 3-D front (size ratio, latency ratio, validation accuracy) and its
+    three 2-D projections, one legend group per series (so a click hides it everywhere), each
+    point's recipe and genes on hover, the dense baseline as a blue diamond or star."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=3, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.08,
+        vertical_spacing=0.09,
+        specs=[[{"type": "scene", "rowspan": 3}, {"type": "xy"}], [None, {"type": "xy"}],
+               [None, {"type": "xy"}]])
+    for s in series:
+        front = s.color != EVALUATED
+        pts = s.points
+        marker = {"color": s.color, "size": 5 if front else 3,
+                  "line": {"color": "#222", "width": 0.6 if front else 0}}
+        labels = [p["label"].replace("\n", "<br>") for p in pts]
+        common = {"name": f"{s.name} ({len(pts)})", "legendgroup": s.name, "mode": "markers",
+                  "text": labels, "customdata": [p["id"] for p in pts],
+                  "hovertemplate": "%{text}<extra></extra>"}
+        fig.add_trace(go.Scatter3d(x=[p["size"] for p in pts], y=[p["lat"] for p in pts],
+                                   z=[p["acc"] for p in pts], marker=marker, **common),
+                      row=1, col=1)
+        for row, (kx, ky) in enumerate(PROJECTIONS, start=1):
+            fig.add_trace(go.Scatter(x=[p[kx] for p in pts], y=[p[ky] for p in pts],
+                                     marker={**marker, "size": 8 if front else 5},
+                                     showlegend=False, **common), row=row, col=2)
+    acc = baseline.get("val_accuracy")
+    if acc is not None:
+        dense = {"size": 1.0, "lat": 1.0, "acc": float(acc)}
+        common = {"name": "dense baseline", "legendgroup": "dense", "mode": "markers",
+                  "hovertemplate": f"dense baseline<br>val {float(acc):.4f}, size 1, latency 1"
+                                   "<extra></extra>"}
+        fig.add_trace(go.Scatter3d(x=[1.0], y=[1.0], z=[dense["acc"]], marker={
+            "symbol": "diamond", "size": 7, "color": PALETTE[1]}, **common), row=1, col=1)
+        for row, (kx, ky) in enumerate(PROJECTIONS, start=1):
+            fig.add_trace(go.Scatter(x=[dense[kx]], y=[dense[ky]], showlegend=False, marker={
+                "symbol": "star", "size": 14, "color": PALETTE[1]}, **common), row=row, col=2)
+    short = {k: label.split(" (")[0] for k, (_, label) in AXES.items()}
+    for row, (kx, ky) in enumerate(PROJECTIONS, start=1):
+        fig.update_xaxes(title_text=short[kx], row=row, col=2)
+        fig.update_yaxes(title_text=short[ky], row=row, col=2)
+    fig.update_layout(
+        height=820, margin={"l": 10, "r": 10, "t": 30, "b": 40}, hovermode="closest",
+        legend={"orientation": "h", "y": 1.06, "x": 0},
+        scene={"xaxis_title": short["size"], "yaxis_title": short["lat"],
+               "zaxis_title": short["acc"]})
+    return fig
 
 
 def front_png(snap: FrontSnapshot, records: Sequence[Mapping[str, Any]], baseline: Mapping[str, float],

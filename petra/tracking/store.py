@@ -4,11 +4,11 @@ Only the driver talks to MLflow. The layout (names are a contract, see DESIGN.md
 
 - search run: params = the config flattened; metrics by step = generation: ``hypervolume``,
   ``front_size``, ``evaluated``, ``failed``, ``pruned``; baseline metrics; artifacts ``config.yaml``,
-  ``front.json``, ``front.csv``, ``front.html``, ``front.png``, and the same four for each
-  generation in ``fronts/gen_NNN/``.
+  ``front.json``, ``front.csv``, ``front.html``, ``front.png``, and for each generation
+  ``fronts/gen_NNN/front.{json,csv,png}``.
 - candidate run: a child tagged ``mlflow.parentRunId``; params = genes; metrics from the
-  Result; tags ``petra.status``, ``petra.generation``, ``petra.on_front``,
-  ``petra.genome_hash``, ``petra.engine.executor``, ``petra.worker_pid``, ``petra.error`` (failed),
+  Result; tags ``petra.search`` (the search run's name), ``petra.status``, ``petra.generation``,
+  ``petra.on_front``, ``petra.genome_hash``, ``petra.engine.executor``, ``petra.worker_pid``, ``petra.error`` (failed),
   ``petra.pruned_reason`` (pruned), ``petra.attempts`` (when a dead worker's candidate was run
   again); the artifact ``model.petra``.
 """
@@ -147,15 +147,24 @@ class Tracker:
         with store_lock(uri):
             self.experiment_id = retrying(lambda: self._experiment(experiment))
         self.run_id: str | None = None
+        self.run_name = ""
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id, created if need be; shown as model training, with petra's
+        fronts view (:mod:`petra.tracking.views`) saved on it."""
+        from petra.tracking.views import view_tag
+
+        view, state = view_tag()
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.tags.get(EXPERIMENT_KIND) is None:
-                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
-            return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=artifact_root(self.uri),
-                                             tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        if found is None:
+            return self.client.create_experiment(name, artifact_location=artifact_root(self.uri),
+                                                 tags={EXPERIMENT_KIND: MODEL_TRAINING,
+                                                       view: state})
+        if found.tags.get(EXPERIMENT_KIND) is None:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        if found.tags.get(view) != state:
+            self.client.set_experiment_tag(found.experiment_id, view, state)
+        return found.experiment_id
 
     # -- the search run -------------------------------------------------------------------
     def start_search(
@@ -166,7 +175,7 @@ class Tracker:
 
         run = retrying(lambda: self.client.create_run(
             self.experiment_id, run_name=name, tags={"petra.kind": "search", **tags}))
-        self.run_id = run.info.run_id
+        self.run_id, self.run_name = run.info.run_id, run.info.run_name
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
@@ -182,7 +191,7 @@ class Tracker:
         run = self.client.get_run(run_id)
         if run.data.tags.get("petra.kind") != "search":
             raise ValueError(f"run {run_id} is not a petra search run")
-        self.run_id = run_id
+        self.run_id, self.run_name = run_id, run.info.run_name
         self.experiment_id = run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.log_batch(run_id, tags=[RunTag("petra.status", "running"),
@@ -246,6 +255,7 @@ class Tracker:
         tags = {
             "mlflow.parentRunId": self.run_id,
             "petra.kind": "candidate",
+            "petra.search": self.run_name,  # its search run's name, a column of the fronts view
             "petra.status": result.status,
             "petra.generation": str(generation),
             "petra.genome_hash": result.genome_hash,
@@ -291,7 +301,7 @@ class Tracker:
         self, snap: FrontSnapshot, records: list[Mapping[str, Any]], baseline: Mapping[str, float]
     ) -> None:
         """Generation metrics (step = generation) and that generation's front, as
-        ``fronts/gen_NNN/front.{json,csv,html,png}``."""
+        ``fronts/gen_NNN/front.{json,csv,png}``."""
         self.log_metrics(self.run_id, {
             "hypervolume": snap.hypervolume,
             "front_size": len(snap.members),
@@ -310,8 +320,9 @@ class Tracker:
 
         self.client.log_text(self.run_id, snap.to_json(), path("front.json"))
         self.client.log_text(self.run_id, snap.to_csv(), path("front.csv"))
-        self.client.log_text(self.run_id, plots.front_html(snap, records, baseline),
-                             path("front.html"))
+        if folder is None:  # the interactive page inlines plotly.js (~5 MB): the final front's
+            self.client.log_text(self.run_id, plots.front_html(snap, records, baseline),
+                                 path("front.html"))
         with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
             png = Path(tmp) / "front.png"
             plots.front_png(snap, records, baseline, png)

@@ -23,11 +23,12 @@ from typing import Any
 
 from petra.errors import ConfigError
 from petra.tracking.store import artifact_root, open_client
+from petra.tracking.views import FRONT_FILTER, fronts_url
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 #: What to paste into the runs table's search box.
-FILTERS = ('tags.petra.on_front = "true"', 'tags.petra.kind = "search"')
+FILTERS = (FRONT_FILTER, 'tags.petra.kind = "search"')
 
 
 def absolute_store(uri: str) -> str:
@@ -152,25 +153,22 @@ def _group_alive(pgid: int) -> bool:
 
 def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
     """``(experiment id, name, petra search runs, front members' run ids)`` of every
-    experiment in the store."""
+    experiment in the store. An experiment that holds petra's runs but not yet its fronts view
+    (logged by an older petra) gets it here."""
+    from petra.tracking.views import view_tag
 
     client = open_client(uri)
+    view, state = view_tag()
     out = []
     for exp in client.search_experiments():
         runs = client.search_runs([exp.experiment_id], filter_string='tags.petra.kind = "search"',
                                   max_results=1000)
+        if runs and view not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, view, state)
         front = client.search_runs([exp.experiment_id], filter_string=FILTERS[0],
                                    max_results=200)
         out.append((exp.experiment_id, exp.name, len(runs), [r.info.run_id for r in front]))
     return out
-
-
-def compare_url(url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
-    """MLflow's compare view of ``run_ids`` (scatter plots of their metrics, side by side)."""
-    import json
-
-    return (f"{url}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
-            f"&experiments={urllib.parse.quote(json.dumps(experiment_ids))}")
 
 
 def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> int:
@@ -222,11 +220,10 @@ def runs_url(url: str, experiment_id: str, search_filter: str | None = None) -> 
 def _guide(url: str, uri: str, say: Callable[[str], None]) -> None:
     for exp_id, name, searches, front in experiments(uri):
         say(f"  experiment {name!r} ({searches} searches): {runs_url(url, exp_id)}")
-        if searches:
-            say(f"    its fronts only: {runs_url(url, exp_id, FILTERS[0])}")
         if front:
-            say(f"    its fronts compared (Scatter Plot: size_ratio against val_accuracy): "
-                f"{compare_url(url, front, [exp_id])}")
+            say(f"    its fronts, charted (accuracy against size and latency, objectives "
+                f"first): {fronts_url(url, exp_id)}")
+            say(f"    its fronts in the runs table: {runs_url(url, exp_id, FILTERS[0])}")
     say("To compare fronts, paste into the runs search box of the experiments you selected:")
     say(f"  {FILTERS[0]}")
     say("then expand the search runs, select their candidates, and Compare: a scatter plot of "
