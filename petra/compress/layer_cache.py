@@ -81,18 +81,14 @@ class LayerCache:
         flat = scores.detach().flatten()
         if n_prune <= 0:
             return torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        order = None
-        if self._cacheable(flat):
-            key = content_key(flat)
-            order = self._lookup(key)
-            if order is None and self._first_time(key):
-                return threshold_mask(flat, n_prune)
-            order = order if order is not None else self._sort(key, flat)
-        else:
+        if not self._cacheable(flat):
             return threshold_mask(flat, n_prune)
-        mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        mask[order[:n_prune].long()] = False
-        return mask
+        key = content_key(flat)
+        order = self._lookup(key)
+        if order is None and self._first_time(key):
+            return threshold_mask(flat, n_prune)
+        return mask_from_order(order if order is not None else self._sort(key, flat), n_prune,
+                               flat)
 
     def ascending_order(self, scores: torch.Tensor) -> torch.Tensor:
         """``torch.argsort(scores.flatten(), stable=True)``, from the cache when these exact
@@ -195,13 +191,18 @@ def threshold_mask(flat: torch.Tensor, n_prune: int) -> torch.Tensor:
     ``n_prune``-th smallest value goes, and of the values equal to it, the first by position.
     Scores with NaN (which a sort puts last) are sorted."""
     if torch.isnan(flat).any():
-        mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        mask[torch.argsort(flat, stable=True)[:n_prune]] = False
-        return mask
+        return mask_from_order(torch.argsort(flat, stable=True), n_prune, flat)
     cut = torch.kthvalue(flat.cpu(), n_prune).values.to(flat.device)
     mask = flat >= cut
     ties = torch.nonzero(flat == cut).flatten()
     mask[ties[: n_prune - int((~mask).sum())]] = False
+    return mask
+
+
+def mask_from_order(order: torch.Tensor, n_prune: int, flat: torch.Tensor) -> torch.Tensor:
+    """A flat 0/1 mask of ``flat`` that zeroes the first ``n_prune`` indices of ``order``."""
+    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[order[:n_prune].long()] = False
     return mask
 
 
