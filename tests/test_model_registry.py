@@ -70,6 +70,15 @@ def test_the_registered_knee_loads_back_with_the_artifact_s_outputs(registered):
     knee = next(r for r in search.records if r["id"] == search.knee)
     assert float(tags["petra.size_ratio"]) == pytest.approx(knee["metrics"]["size_ratio"],
                                                             rel=1e-5)
+    # logged in the search's experiment, from the knee's run, which is left as it was
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    [logged] = client.search_logged_models(experiment_ids=[search.experiment_id])
+    assert logged.source_run_id == search.knee
+    assert logged.model_id in version.source
+    run = client.get_run(search.knee)
+    assert run.info.status == "FINISHED"
+    assert (run.info.end_time - run.info.start_time) / 1000 == pytest.approx(
+        run.data.metrics["eval_time_s"], abs=0.01)
 
 
 def test_a_candidate_without_an_artifact_is_a_one_line_error(two_searches):

@@ -75,9 +75,10 @@ class Registered:
 
 def register_model(uri: str, name: str, *, artifact_bytes: bytes, example: Mapping[str, Any],
                    tags: Mapping[str, str], experiment_id: str, alias: str | None = None,
-                   ) -> Registered:
-    """Log ``artifact_bytes`` as a pyfunc model in ``experiment_id`` of the store at ``uri``,
-    register it as a version of ``name`` with ``tags`` and set ``alias`` on it."""
+                   source_run_id: str | None = None) -> Registered:
+    """Log ``artifact_bytes`` as a pyfunc model in ``experiment_id`` of the store at ``uri``
+    (from run ``source_run_id``, which is left as it is), register it as a version of ``name``
+    with ``tags`` and set ``alias`` on it."""
     import mlflow
     import numpy as np
     from mlflow.models import infer_signature
@@ -96,35 +97,20 @@ def register_model(uri: str, name: str, *, artifact_bytes: bytes, example: Mappi
         (folder / "model.petra").write_bytes(artifact_bytes)
         (folder / "load_petra.py").write_text(loader_source())
         (folder / "petra_pyfunc.py").write_text(MODEL_CODE)
-        with _experiment(mlflow, experiment_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(folder / "petra_pyfunc.py"),
-                code_paths=[str(folder / "load_petra.py")],
-                artifacts={"model": str(folder / "model.petra")},
-                signature=infer_signature(model_input, output), input_example=model_input,
-                pip_requirements=["mlflow", "numpy", "onnx", "onnxruntime"])
+        # a logged model created in the experiment, so that no global active experiment is set
+        logged = mlflow.initialize_logged_model(name="model", source_run_id=source_run_id,
+                                                experiment_id=experiment_id)
+        info = mlflow.pyfunc.log_model(
+            name="model", model_id=logged.model_id, python_model=str(folder / "petra_pyfunc.py"),
+            code_paths=[str(folder / "load_petra.py")],
+            artifacts={"model": str(folder / "model.petra")},
+            signature=infer_signature(model_input, output), input_example=model_input,
+            pip_requirements=["mlflow", "numpy", "onnx", "onnxruntime"])
     version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return Registered(name, str(version.version), alias)
-
-
-class _experiment:
-    """``mlflow.set_experiment`` by id for the block, the previous one restored after."""
-
-    def __init__(self, mlflow: Any, experiment_id: str) -> None:
-        self.mlflow, self.experiment_id = mlflow, experiment_id
-
-    def __enter__(self) -> None:
-        from mlflow.tracking.fluent import _get_experiment_id
-
-        self.previous = _get_experiment_id()
-        self.mlflow.set_experiment(experiment_id=self.experiment_id)
-
-    def __exit__(self, *_exc: Any) -> None:
-        if self.previous:
-            self.mlflow.set_experiment(experiment_id=self.previous)
 
 
 def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name: str,
@@ -158,4 +144,4 @@ def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name
                  "petra.on_front": str(bool(record.get("on_front"))).lower()})
     return register_model(uri, name, artifact_bytes=data, alias=alias, tags=tags,
                           example=feed(task.example_input, task.input_names),
-                          experiment_id=search.experiment_id)
+                          experiment_id=search.experiment_id, source_run_id=record["id"])
