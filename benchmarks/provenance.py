@@ -20,8 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "onnxruntime", "ray", "mlflow", "deap", "optuna", "petra")
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def _git(*args: str, where: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=where, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def petra_source() -> Path:
+    """The checkout whose ``petra`` this process imports: with an editable install, that can be
+    another clone than the one holding these scripts."""
+    import petra
+
+    return Path(petra.__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -45,10 +54,19 @@ def versions() -> dict[str, str | None]:
 
 
 def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """This run's provenance. ``dirty`` is whether tracked files differed from the commit."""
+    """This run's provenance. ``dirty`` is whether tracked files differed from the commit, in
+    the scripts' checkout or in the one petra is imported from, or whether those two checkouts
+    are at different commits."""
+    source = petra_source()
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if source != ROOT:
+        dirty = dirty or _git("rev-parse", "--short", "HEAD", where=source) != commit or bool(
+            _git("status", "--porcelain", "--untracked-files=no", where=source))
     return {
-        "commit": _git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit,
+        "dirty": dirty,
+        "petra_source": str(source),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"node": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(),
                     "usable_cores": len(os.sched_getaffinity(0)),

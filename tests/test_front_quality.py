@@ -119,3 +119,25 @@ def test_merge_refuses_results_of_different_or_dirty_commits():
         same_commit([clean, {"provenance": {"commit": "abc1234", "dirty": True}}], ["a", "b"])
     with pytest.raises(SystemExit):
         same_commit([clean, {"command": "no provenance"}], ["a", "b"])
+
+
+def test_provenance_flags_petra_imported_from_another_checkout(tmp_path, monkeypatch):
+    """With an editable install, the scripts of one clone can run the petra of another: the
+    run is then not clean, unless that checkout is clean and at the same commit."""
+    import subprocess
+
+    import provenance
+
+    other = tmp_path / "other"
+    other.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(other)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (other / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "other"], check=True)
+    monkeypatch.setattr(provenance, "petra_source", lambda: other)
+    record = provenance.provenance(["bench.py"])
+    assert record["petra_source"] == str(other)
+    assert record["dirty"]  # another commit than the scripts'
+    monkeypatch.setattr(provenance, "petra_source", lambda: provenance.ROOT)
+    assert provenance.provenance(["bench.py"])["petra_source"] == str(provenance.ROOT)
