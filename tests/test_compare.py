@@ -191,4 +191,14 @@ def test_every_experiment_carries_the_fronts_view_and_its_link_opens_it(tmp_path
         assert json.loads(tags[SHARE_TAG_PREFIX + FRONTS_VIEW]) == view
     assert client.get_experiment_by_name("old").experiment_id == old
 
+    # `petra ui` saves the same view on an experiment whose view is missing or stale
+    from petra.tracking.ui import experiments
+
+    stale = client.create_experiment("stale", tags={SHARE_TAG_PREFIX + FRONTS_VIEW: "{}"})
+    client.set_terminated(client.create_run(stale, tags={"petra.kind": "search"}).info.run_id)
+    bare = client.create_experiment("bare")  # no petra search in it: left alone
+    assert {e[1] for e in experiments(uri)} >= {"stale", "bare"}
+    assert json.loads(client.get_experiment(stale).tags[SHARE_TAG_PREFIX + FRONTS_VIEW]) == view
+    assert SHARE_TAG_PREFIX + FRONTS_VIEW not in client.get_experiment(bare).tags
+
 

@@ -152,18 +152,17 @@ class Tracker:
     def _experiment(self, name: str) -> str:
         """The experiment's id, created if need be; shown as model training, with petra's
         fronts view (:mod:`petra.tracking.views`) saved on it."""
-        from petra.tracking.views import view_tag
+        from petra.tracking.views import save_view, view_tag
 
-        view, state = view_tag()
         found = self.client.get_experiment_by_name(name)
         if found is None:
+            view, state = view_tag()
             return self.client.create_experiment(name, artifact_location=artifact_root(self.uri),
                                                  tags={EXPERIMENT_KIND: MODEL_TRAINING,
                                                        view: state})
         if found.tags.get(EXPERIMENT_KIND) is None:
             self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
-        if found.tags.get(view) != state:
-            self.client.set_experiment_tag(found.experiment_id, view, state)
+        save_view(self.client, found)
         return found.experiment_id
 
     # -- the search run -------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 from petra.errors import ConfigError
 from petra.tracking.store import artifact_root, open_client
-from petra.tracking.views import FRONT_FILTER, fronts_url
+from petra.tracking.views import FRONT_FILTER, fronts_url, runs_url, save_view
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -155,16 +155,13 @@ def experiments(uri: str) -> list[tuple[str, str, int, list[str]]]:
     """``(experiment id, name, petra search runs, front members' run ids)`` of every
     experiment in the store. An experiment that holds petra's runs but not yet its fronts view
     (logged by an older petra) gets it here."""
-    from petra.tracking.views import view_tag
-
     client = open_client(uri)
-    view, state = view_tag()
     out = []
     for exp in client.search_experiments():
         runs = client.search_runs([exp.experiment_id], filter_string='tags.petra.kind = "search"',
                                   max_results=1000)
-        if runs and view not in exp.tags:
-            client.set_experiment_tag(exp.experiment_id, view, state)
+        if runs:
+            save_view(client, exp)
         front = client.search_runs([exp.experiment_id], filter_string=FILTERS[0],
                                    max_results=200)
         out.append((exp.experiment_id, exp.name, len(runs), [r.info.run_id for r in front]))
@@ -209,14 +206,6 @@ def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> 
             stop(process)
 
 
-def runs_url(url: str, experiment_id: str, search_filter: str | None = None) -> str:
-    """The runs table of an experiment in the MLflow 3 UI, optionally filtered."""
-    out = f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if search_filter:
-        out += "&searchFilter=" + urllib.parse.quote(search_filter)
-    return out
-
-
 def _guide(url: str, uri: str, say: Callable[[str], None]) -> None:
     for exp_id, name, searches, front in experiments(uri):
         say(f"  experiment {name!r} ({searches} searches): {runs_url(url, exp_id)}")
@@ -224,8 +213,8 @@ def _guide(url: str, uri: str, say: Callable[[str], None]) -> None:
             say(f"    its fronts, charted (accuracy against size and latency, objectives "
                 f"first): {fronts_url(url, exp_id)}")
             say(f"    its fronts in the runs table: {runs_url(url, exp_id, FILTERS[0])}")
-    say("To compare fronts, paste into the runs search box of the experiments you selected:")
-    say(f"  {FILTERS[0]}")
-    say("then expand the search runs, select their candidates, and Compare: a scatter plot of "
-        "size_ratio or latency_ratio against val_accuracy shows the fronts side by side. "
-        "`petra compare RUN_ID RUN_ID` overlays them in one plot and logs the comparison here.")
+    say("To compare fronts: open the link \"its fronts, charted\" above; each scatter plot "
+        "shows every search's front members, one colour per run. Or paste into the runs "
+        f"search box: {FILTERS[0]}")
+    say("`petra compare RUN_ID RUN_ID` overlays the fronts of searches in one plot and logs "
+        "the comparison here.")

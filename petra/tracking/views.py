@@ -75,8 +75,26 @@ def view_tag() -> tuple[str, str]:
     return SHARE_TAG_PREFIX + FRONTS_VIEW, json.dumps(fronts_view(), sort_keys=True)
 
 
+def save_view(client: Any, experiment: Any) -> None:
+    """Save petra's fronts view on ``experiment`` (an MLflow ``Experiment``) unless it already
+    holds this petra's: an experiment logged by an older petra gets the current view."""
+    view, state = view_tag()
+    if experiment.tags.get(view) != state:
+        client.set_experiment_tag(experiment.experiment_id, view, state)
+
+
+def runs_url(url: str, experiment_id: str, search_filter: str | None = None,
+             **params: str) -> str:
+    """The runs page of an experiment in the MLflow 3 UI (model-training mode), optionally
+    filtered, with any further query ``params``."""
+    query = {"workflowType": "machine_learning", **params}
+    if search_filter:
+        query["searchFilter"] = search_filter
+    return f"{url}/#/experiments/{experiment_id}/runs?" + urllib.parse.urlencode(
+        query, quote_via=urllib.parse.quote)
+
+
 def fronts_url(url: str, experiment_id: str) -> str:
     """The runs page of ``experiment_id`` opened on petra's view, in chart mode."""
-    query = urllib.parse.urlencode({"workflowType": "machine_learning", SHARE_URL_PARAM: FRONTS_VIEW,
-                                    "compareRunsMode": "CHART"})
-    return f"{url}/#/experiments/{experiment_id}/runs?{query}"
+    return runs_url(url, experiment_id, **{SHARE_URL_PARAM: FRONTS_VIEW,
+                                           "compareRunsMode": "CHART"})
