@@ -14,8 +14,8 @@ For each task (search_spaces/<task>.yaml), these searches run at the same budget
 For each search it records the hypervolume (objectives normalised to the dense baseline,
 reference accuracy = baseline - 0.1, size_ratio = 1, latency_ratio = 1) at equal evaluations,
 and its anytime curve (each generation's hypervolume against the seconds since the search run
-started) for the hypervolume at equal wall-clock: each arm's at the grid's total time. It
-records the operating points of petra.engine.operating_points, **picked on validation** (among
+started, plus what the seed-lr probe of petra.candidate.lr_probe cost where the arm uses it)
+for the hypervolume at equal wall-clock: each arm's at the grid's total time. It records the operating points of petra.engine.operating_points, **picked on validation** (among
 front members within 1 point of the baseline's validation accuracy: the smallest, the fastest
 and the knee, each one model) and read on test. Latency ratios are timed on ONNX Runtime with
 1 thread, against the dense baseline in the same process.
@@ -70,6 +70,8 @@ POINT_KEYS = ("size_ratio", "latency_ratio", "val_accuracy", "test_accuracy", "t
 
 def run_one(task: str, arm: str, seed: int, *, population: int, generations: int,
             workers: int, store: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
     from petra.config import load_config
     from petra.engine import pareto
     from petra.engine.loop import search
@@ -84,6 +86,10 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
     started = time.perf_counter()
     result = search(cfg)
     wall = time.perf_counter() - started
+    # The seed-lr probe runs before the search run starts, once per model (then cached): its
+    # cost counts in the anytime curve of every arm that uses it.
+    probe_s = MlflowClient(f"sqlite:///{store}").get_run(result.run_id).data.metrics.get(
+        "lr_probe_s", 0.0)
     curve = pareto.hypervolume_curve(result.records, cfg.objective_list, result.baseline,
                                      cfg.constraints.model_dump())
     front = [{"id": m["id"], **{k: m["metrics"].get(k) for k in (
@@ -99,7 +105,9 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
         "evaluations": len(result.records),
         "evaluations_to_95": pareto.evaluations_to_reach(curve, 0.95),
         "wall_s": wall,
-        "anytime": hypervolume_history(f"sqlite:///{store}", result.run_id),
+        "anytime": [[t + probe_s, hv] for t, hv in hypervolume_history(
+            f"sqlite:///{store}", result.run_id)],
+        "lr_probe_s": probe_s,
         # picked on validation, read on test: test accuracy never takes part in the choice
         "points": operating_points(front, result.baseline),
         "failed": statuses.count("failed"), "pruned": statuses.count("pruned"),

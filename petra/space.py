@@ -83,6 +83,9 @@ class SearchSpace:
         #: Layer name → the methods its gene offers that remove units physically (channels,
         #: heads, hidden units), in the config's order: what a by-hand recipe picks from.
         self.structured: dict[str, tuple[str, ...]] = dict(structured or {})
+        #: The fine-tune lr of the seed recipes and the by-hand grid once a search has probed
+        #: it (:mod:`petra.candidate.lr_probe`); None: the default.
+        self.seed_lr: float | None = None
         self._by_name = {g.name: g for g in self.genes}
 
     def __iter__(self) -> Iterator[Gene]:

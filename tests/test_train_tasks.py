@@ -203,3 +203,15 @@ def test_prepare_baseline_trains_once_then_loads_from_the_cache(tmp_path):
     assert np.isfinite(logits).all()
     assert evaluate_metric(task.model, task.val, task.metric) == pytest.approx(
         first.metrics["val_accuracy"], abs=0.01)
+
+
+@pytest.mark.parametrize("batches, epochs", [(1, 1), (1, 2), (4, 1), (2, 3)])
+def test_a_run_too_short_for_the_one_cycle_schedule_trains_at_the_peak_lr(batches, epochs):
+    """OneCycleLR divides by zero under 5 steps: such a run keeps the peak lr, and learns."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(32, 4)
+    data = [(x, (x[:, 0] > 0).long())] * batches
+    before = float(nn.functional.cross_entropy(model(x), data[0][1]))
+    train(model, data, epochs=epochs, lr=0.1, loss_fn=nn.functional.cross_entropy)
+    assert float(nn.functional.cross_entropy(model(x), data[0][1])) < before

@@ -210,7 +210,7 @@ class Evaluator:
 
         recipe = Recipe.from_genome(genome)
         model = copy.deepcopy(self.task.model)
-        info, masks, gated = self._compress(model, recipe, seed)
+        info, masks, gated = self.compress(model, recipe, seed)
 
         # Multi-fidelity (petra.engine.fidelity): a probe and a rung for a long enough fine-tune, and
         # the first rounds of the final latency for every candidate. Trained gates decide the
@@ -224,8 +224,7 @@ class Evaluator:
             if reason:
                 return self._pruned(genome, genome_hash, probe, reason, 0, None, info)
 
-        at_rung = self._finetune(model, recipe, seed, masks, gated,
-                                 rung if short else None, probe)
+        at_rung = self.finetune(model, recipe, seed, masks, gated, rung if short else None, probe)
         rung_accuracy = at_rung.get("val_accuracy")
         if at_rung.get("reason"):
             return self._pruned(genome, genome_hash, {**probe, "val_accuracy": rung_accuracy},
@@ -250,8 +249,8 @@ class Evaluator:
         return Result(genome=genome, genome_hash=genome_hash, status=COMPLETE, metrics=metrics,
                       artifact=data, info=info)
 
-    def _compress(self, model: nn.Module, recipe: Recipe, seed: int
-                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def compress(self, model: nn.Module, recipe: Recipe, seed: int
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Apply the recipe's structure to ``model`` in place: skipped blocks, heads, recurrent
         units, channel groups (trained gates are attached, not yet decided), low-rank factors,
         then the unstructured masks. Returns ``(info, masks, gated)``."""
@@ -293,13 +292,13 @@ class Evaluator:
         info = {"channels": channels, "heads": heads, "ranks": ranks, "skipped": skipped}
         return info, masks, gated
 
-    def _finetune(self, model: nn.Module, recipe: Recipe, seed: int, masks: Mapping[str, Any],
-                  gated: Mapping[str, Any], rung: Rung | None,
-                  probe: Mapping[str, float]) -> dict[str, Any]:
+    def finetune(self, model: nn.Module, recipe: Recipe, seed: int, masks: Mapping[str, Any],
+                 gated: Mapping[str, Any], rung: Rung | None = None,
+                 probe: Mapping[str, float] | None = None, batches: Any = None) -> dict[str, Any]:
         """The recipe's fine-tune of ``model`` (its regularizer, a QAT scheme's preparation,
-        the masks kept, trained gates stepped). With a ``rung``, validation accuracy is read
-        after its epochs and the fine-tune stops if the rung says so: the returned dict then
-        holds ``val_accuracy`` and ``reason``."""
+        the masks kept, trained gates stepped) on the task's training batches, or ``batches``.
+        With a ``rung``, validation accuracy is read after its epochs and the fine-tune stops if
+        the rung says so: the returned dict then holds ``val_accuracy`` and ``reason``."""
         from petra.candidate.device import OnDevice
         from petra.candidate.train import evaluate_metric, train
         from petra.compress.regularize import RegContext
@@ -320,10 +319,11 @@ class Evaluator:
                 return False
             acc = evaluate_metric(model, OnDevice(self.task.val, self.device), self.task.metric)
             at_rung["val_accuracy"] = acc
-            at_rung["reason"] = rung.stop_reason({**probe, "val_accuracy": acc}, "rung")
+            at_rung["reason"] = rung.stop_reason({**(probe or {}), "val_accuracy": acc}, "rung")
             return at_rung["reason"] is not None
 
-        train(model, OnDevice(self.task.train, self.device), epochs=recipe.epochs, lr=recipe.lr,
+        batches = self.task.train if batches is None else batches
+        train(model, OnDevice(batches, self.device), epochs=recipe.epochs, lr=recipe.lr,
               loss_fn=self.task.loss, penalty=penalty, masks=masks, seed=seed, report=report,
               after_step=(lambda: [g.step() for g in gated.values()]) if gated else None)
         if at_rung.get("reason") is None and finalize is not None:
@@ -406,7 +406,7 @@ class Evaluator:
                     threads=self.threads, providers=self.providers))
             recipe = Recipe.from_genome(genome)
             model = copy.deepcopy(self.task.model)
-            self._compress(model, recipe, seed)
+            self.compress(model, recipe, seed)
             pruned = bool(recipe.layers or recipe.skip or recipe.width)
             metrics = self._screen.read(model, recipe.quant, pruned=pruned,
                                         device=self.device).as_metrics()

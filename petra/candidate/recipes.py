@@ -179,16 +179,23 @@ def structured_method(space: SearchSpace, layer: str) -> str | None:
     return next((m for m in PREFERRED if m in choices), choices[0] if choices else None)
 
 
+#: The seed recipes' fine-tune lr, clipped to the space's range, unless a search's probe
+#: (:mod:`petra.candidate.lr_probe`) found the model needs a lower one.
+DEFAULT_SEED_LR = 5e-3
+
+
 def seed_finetune(space: SearchSpace) -> dict[str, Any]:
     """The fine-tune of the seed recipes, and of the by-hand grid, so that the two differ only
-    in their compression: the space's longest fine-tune, at lr 5e-3 (clipped to the space's
-    range), with distillation (alpha 0.5, temperature 4) where the space offers it."""
+    in their compression: the space's longest fine-tune, at ``space.seed_lr`` where a probe set
+    it (:mod:`petra.candidate.lr_probe`), else :data:`DEFAULT_SEED_LR` (both clipped to the
+    space's range), with distillation (alpha 0.5, temperature 4) where the space offers it."""
     genes = {k: v for k, v in {"reg.kind": "kd", "reg.kd_alpha": 0.5,
                                 "reg.kd_temperature": 4.0}.items() if space.offers(k, v)}
     if "finetune.epochs" in space:
         genes["finetune.epochs"] = space.gene("finetune.epochs").high
     if "finetune.lr" in space:
-        genes["finetune.lr"] = space.gene("finetune.lr").clip(5e-3)
+        lr = space.seed_lr if space.seed_lr is not None else DEFAULT_SEED_LR
+        genes["finetune.lr"] = space.gene("finetune.lr").clip(lr)
     return genes
 
 

@@ -10,6 +10,9 @@ from torch import nn
 
 from petra.tasks.contract import args, batch_size
 
+#: Steps a run needs for the one-cycle schedule; a shorter one trains at the peak lr.
+MIN_SCHEDULED_STEPS = 8
+
 Penalty = Callable[[nn.Module, Any, Any, Any], torch.Tensor]
 
 
@@ -27,7 +30,8 @@ def train(
     report: Callable[[int, float], bool | None] | None = None,
     after_step: Callable[[], None] | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place with AdamW and a one-cycle LR schedule.
+    """Train ``model`` in place with AdamW and a one-cycle LR schedule (the peak lr throughout
+    for a run of fewer than :data:`MIN_SCHEDULED_STEPS` steps).
 
     Args:
         batches: re-iterable ``(inputs, targets)`` batches; one pass is one epoch.
@@ -49,8 +53,7 @@ def train(
     masks = {k: v.to(params[k].device, params[k].dtype) for k, v in (masks or {}).items()}
     steps = epochs * max(1, _length(batches))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
-                                                   pct_start=0.25)
+    schedule = _one_cycle(optimizer, lr, steps)
     _apply_masks(params, masks)
     model.train()
     step = 0
@@ -58,7 +61,7 @@ def train(
         total, count = 0.0, 0
         for inputs, targets in batches:
             loss = _step(model, inputs, targets, loss_fn, penalty, optimizer)
-            if step < steps - 1:
+            if schedule is not None and step < steps - 1:
                 schedule.step()
             step += 1
             _apply_masks(params, masks)
@@ -73,6 +76,15 @@ def train(
             model.train()
     model.eval()
     return model
+
+
+def _one_cycle(optimizer: Any, lr: float, steps: int) -> Any:
+    """The one-cycle schedule of a run of ``steps`` steps; None for a run too short for one
+    (OneCycleLR divides by zero below 5 steps), which keeps the peak lr throughout."""
+    if steps < MIN_SCHEDULED_STEPS:
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps,
+                                               pct_start=0.25)
 
 
 def _length(batches: Iterable[Any]) -> int:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import json
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate.baseline import prepare_baseline
 from petra.candidate.evaluate import Evaluator, Result, objective_values
+from petra.candidate.lr_probe import probe_seed_lr
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
 from petra.engine import pareto
 from petra.engine.executor import Job, make_executor
 from petra.engine.fidelity import rung_for_generation
+from petra.engine.interrupts import ctrl_c_noted
 from petra.engine.racing import Calibration, race
 from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
@@ -58,31 +57,6 @@ def cache_dir() -> Path:
 
 
 CHECKPOINT = "checkpoint.json"
-
-
-@contextlib.contextmanager
-def _ctrl_c_noted(search: Any) -> Iterator[None]:
-    """Note Ctrl-C (SIGINT) on ``search.ctrl_c`` as well as raising KeyboardInterrupt.
-
-    A KeyboardInterrupt raised inside library code can be swallowed (a callback or finalizer
-    that logs what it catches; with the local executor, candidates run in this process): the
-    loop then stops after the result in hand. Off the main thread, signals cannot be handled
-    here, and nothing changes.
-    """
-    search.ctrl_c = False
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def noted(signum: int, frame: Any) -> None:
-        search.ctrl_c = True
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, noted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def search(cfg: SearchConfig, *, progress: Progress | None = None) -> SearchResult:
@@ -136,7 +110,12 @@ class _Search:
         self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers")
         # Every strategy but the baselines (random search, the uniform grid: registry meta
         # baseline=True) starts from a few hand-style recipes.
-        baseline_strategy = STRATEGIES.get(cfg.search.strategy).meta.get("baseline")
+        meta = STRATEGIES.get(cfg.search.strategy).meta
+        baseline_strategy = meta.get("baseline")
+        # Their fine-tune lr (and the grid's), probed on this model (petra.candidate.lr_probe).
+        self.lr_probe = probe_seed_lr(cfg, self.space, self.baseline, cache=cache_dir(),
+                                      say=self.say) \
+            if meta.get("seed_finetune", not baseline_strategy) else None
         initial = [] if baseline_strategy else seed_recipes(self.space)
         # Racing (petra.engine.racing) asks for more offspring than it measures.
         self.racing = cfg.search.racing.enabled and not baseline_strategy
@@ -156,7 +135,7 @@ class _Search:
         self.elapsed_before = 0.0
         self.logged_generations: set[int] = set()
         self.started = time.monotonic()
-        self.ctrl_c = False  # set by Ctrl-C while the loop runs (see _ctrl_c_noted)
+        self.ctrl_c = False  # set by Ctrl-C while the loop runs (see ctrl_c_noted)
         self.done_at_start = 0
 
     # -- starting and resuming --------------------------------------------------------------
@@ -170,7 +149,10 @@ class _Search:
                 "params": b["params"], "macs": b["macs"],
             },
             tags={"petra.task": self.cfg.task.name, "petra.strategy": self.cfg.search.strategy,
-                  "petra.driver_pid": str(os.getpid())},
+                  "petra.driver_pid": str(os.getpid()),
+                  **({"petra.seed_lr": f"{self.lr_probe.chosen:.6g}"} if self.lr_probe else {})},
+            texts={"lr_probe.json": json.dumps(self.lr_probe.to_dict())} if self.lr_probe else {},
+            metrics={"lr_probe_s": self.lr_probe.seconds} if self.lr_probe else {},
         )
         self.say(f"search run {run_id} in {self.cfg.tracking.uri} "
                  f"(experiment {self.cfg.tracking.experiment!r})")
@@ -184,8 +166,6 @@ class _Search:
                                  say=self.say)
 
     def attach(self, run_id: str) -> _Search:
-        import json
-
         import yaml
 
         self.tracker.attach(run_id, driver_pid=os.getpid())
@@ -264,7 +244,7 @@ class _Search:
         )
         interrupted = False
         try:
-            with _ctrl_c_noted(self):
+            with ctrl_c_noted(self):
                 self._generations(executor)
         except KeyboardInterrupt:
             interrupted = True

@@ -169,7 +169,10 @@ class Tracker:
     def start_search(
         self, *, name: str, params: Mapping[str, str], config_yaml: str,
         baseline: Mapping[str, float], tags: Mapping[str, str] = {},
+        texts: Mapping[str, str] = {}, metrics: Mapping[str, float] = {},
     ) -> str:
+        """Create the search run: its params, config, baseline metrics (``baseline_*``),
+        ``tags``, and further text artifacts and metrics."""
         from mlflow.entities import Param, RunTag
 
         run = retrying(lambda: self.client.create_run(
@@ -178,8 +181,10 @@ class Tracker:
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
-        self.client.log_text(self.run_id, config_yaml, "config.yaml")
-        self.log_metrics(self.run_id, {f"baseline_{k}": v for k, v in baseline.items()})
+        for path, text in {"config.yaml": config_yaml, **texts}.items():
+            self.client.log_text(self.run_id, text, path)
+        self.log_metrics(self.run_id, {**{f"baseline_{k}": v for k, v in baseline.items()},
+                                       **metrics})
         self.client.log_batch(self.run_id, tags=[RunTag("petra.status", "running")])
         return self.run_id
 

@@ -3,8 +3,9 @@
 This is what a competent engineer without petra does first: remove the same fraction of
 channels from every prunable layer (the first structured criterion the space offers there,
 ``l2_channel`` by preference; ``l2_units`` on a GRU), with and without ``int8_static``, and fine-tune
-every point the same way (the seed recipes' fine-tune: the space's longest, at lr 5e-3 clipped to
-the space, distillation when the space offers it; channels rounded to 8). The ratios are spread evenly over the space's sparsity range so that
+every point the same way (the seed recipes' fine-tune: the space's longest, at the search's
+probed seed lr (:mod:`petra.candidate.lr_probe`), distillation when the space offers it;
+channels rounded to 8). The ratios are spread evenly over the space's sparsity range so that
 ``population × generations`` evaluations cover the grid; the seed only orders the points (and
 seeds each candidate's fine-tune). When the grid is exhausted, further points are random.
 """
@@ -22,7 +23,7 @@ from petra.space import Genome
 
 @STRATEGIES.register(
     "grid", description="by-hand baseline: one structured ratio on every layer x {fp32, int8}",
-    baseline=True,
+    baseline=True, seed_finetune=True,
 )
 class UniformGrid(RandomSearch):
     """Proposes the uniform grid of ``population × generations`` points, in a seeded order.
