@@ -241,6 +241,29 @@ def test_a_killed_petra_ui_stops_its_whole_server(two_searches, sig):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_a_port_is_free_once_its_server_has_gone_even_with_connections_in_time_wait():
+    """A stopped server leaves its closed connections in TIME_WAIT for a minute; a new server
+    (SO_REUSEADDR, as uvicorn binds) can listen at once, so `petra ui` must call the port free.
+    A live listener keeps it in use."""
+    import socket
+
+    from petra.tracking.ui import HOST, port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((HOST, 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection((HOST, port))
+    accepted, _ = server.accept()
+    assert not port_free(port)
+    accepted.close()  # the server closes first: its side waits in TIME_WAIT
+    client.recv(1)
+    client.close()
+    server.close()
+    assert port_free(port)
+
+
 def alive(pids: set[int]) -> set[int]:
     """The processes of ``pids`` still running (zombies count as gone)."""
     out = set()

@@ -39,9 +39,13 @@ def absolute_store(uri: str) -> str:
 
 
 def port_free(port: int, host: str = HOST) -> bool:
+    """Whether a server could listen on ``port`` now. Bound as servers bind (SO_REUSEADDR), so
+    the TIME_WAIT connections a stopped server leaves for a minute do not count as in use."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+            s.listen(1)
         except OSError:
             return False
     return True
