@@ -15,7 +15,8 @@ For each search it records the hypervolume (objectives normalised to the dense b
 reference accuracy = baseline - 0.1, size_ratio = 1, latency_ratio = 1) at equal evaluations,
 and its anytime curve (each generation's hypervolume against the seconds since the search run
 started, plus what the seed-lr probe of petra.candidate.lr_probe cost where the arm uses it)
-for the hypervolume at equal wall-clock: each arm's at the grid's total time. It records the operating points of petra.engine.operating_points, **picked on validation** (among
+for the hypervolume at equal wall-clock: each arm's at the grid's total time. It records the
+operating points of petra.engine.operating_points, **picked on validation** (among
 front members within 1 point of the baseline's validation accuracy: the smallest, the fastest
 and the knee, each one model) and read on test. Latency ratios are timed on ONNX Runtime with
 1 thread, against the dense baseline in the same process.
@@ -70,8 +71,6 @@ POINT_KEYS = ("size_ratio", "latency_ratio", "val_accuracy", "test_accuracy", "t
 
 def run_one(task: str, arm: str, seed: int, *, population: int, generations: int,
             workers: int, store: Path) -> dict:
-    from mlflow.tracking import MlflowClient
-
     from petra.config import load_config
     from petra.engine import pareto
     from petra.engine.loop import search
@@ -88,8 +87,7 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
     wall = time.perf_counter() - started
     # The seed-lr probe runs before the search run starts, once per model (then cached): its
     # cost counts in the anytime curve of every arm that uses it.
-    probe_s = MlflowClient(f"sqlite:///{store}").get_run(result.run_id).data.metrics.get(
-        "lr_probe_s", 0.0)
+    probe_s = result.lr_probe.seconds if result.lr_probe else 0.0
     curve = pareto.hypervolume_curve(result.records, cfg.objective_list, result.baseline,
                                      cfg.constraints.model_dump())
     front = [{"id": m["id"], **{k: m["metrics"].get(k) for k in (
@@ -375,8 +373,9 @@ def merge(paths: list[Path], out: Path, plots: Path = DOCS) -> None:
                                            "reference", "operating_points", "store")}
     results.update({
         "provenance": {**first["provenance"], "merged": provenance()},
-        "merged_from": [{"command": p["provenance"]["command"], "date": p["provenance"]["date"]}
-                        for p in parts],
+        # a part that is itself a merge brings the commands of its own parts
+        "merged_from": [entry for p in parts for entry in p.get("merged_from") or [
+            {"command": p["provenance"]["command"], "date": p["provenance"]["date"]}]],
         "seeds": sorted({s for p in parts for s in p["seeds"]}),
         "wall_s": sum(p["wall_s"] for p in parts),
     })

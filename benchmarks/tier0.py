@@ -1,7 +1,7 @@
 """How well tier 0 (petra.candidate.screen) ranks candidates before their measured evaluation.
 
-For one config, ``--n`` genomes (the seed recipes, then random ones from the space, seeded) are
-each screened at tier 0 and then evaluated in full, in one process. The script reports the
+For one config, ``--n`` genomes (the seed recipes, at the fine-tune lr a search probes for them,
+then random ones from the space, seeded) are each screened at tier 0 and then evaluated in full, in one process. The script reports the
 Spearman rank correlation between each tier-0 number and its measured counterpart:
 
 - the divergence from the dense model against the final validation accuracy (negated, so a
@@ -150,6 +150,7 @@ def main() -> None:
 
     from petra.candidate.baseline import prepare_baseline
     from petra.candidate.evaluate import Evaluator
+    from petra.candidate.lr_probe import probe_seed_lr
     from petra.candidate.recipes import seed_recipes
     from petra.config import load_config
     from petra.engine.loop import cache_dir
@@ -161,6 +162,8 @@ def main() -> None:
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=1)
+    # the seed recipes fine-tune at the lr a search would probe for them
+    probe_seed_lr(cfg, space, baseline, task, cache=cache_dir())
     evaluator = Evaluator.from_config(cfg, baseline, threads=1, core=0)
     torch.set_num_threads(1)
     rng = np.random.default_rng(opts.seed)

@@ -4,6 +4,7 @@ hypervolume reference, hypervolume at equal wall-clock, goals and the merge's pr
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -141,3 +142,31 @@ def test_provenance_flags_petra_imported_from_another_checkout(tmp_path, monkeyp
     assert record["dirty"]  # another commit than the scripts'
     monkeypatch.setattr(provenance, "petra_source", lambda: provenance.ROOT)
     assert provenance.provenance(["bench.py"])["petra_source"] == str(provenance.ROOT)
+
+
+def test_a_merged_result_merges_again_keeping_every_part_s_command(tmp_path):
+    """A run done in parts over several sessions: a merge of merges holds every run and the
+    commands of all the original parts, and still refuses another commit."""
+    knee = {"size_ratio": 0.08, "latency_ratio": 0.3, "val_accuracy": 0.95,
+            "test_accuracy": 0.955, "test_drop": 0.005}
+
+    def part(name, arm, commit="abc1234"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({
+            "population": 8, "generations": 4, "workers": 2, "reference": {},
+            "operating_points": {}, "store": "runs/benchmarks", "seeds": [100], "wall_s": 40.0,
+            "provenance": {"commit": commit, "dirty": False, "command": f"run {name}",
+                           "date": "2026-12-03"},
+            "runs": {"digits_cnn": {arm: [run(100, 0.3, [[10.0, 0.2], [40.0, 0.3]], knee)]}}}))
+        return path
+
+    first = tmp_path / "first.json"
+    fq.merge([part("a", "petra"), part("b", "grid")], first, tmp_path)
+    both = tmp_path / "both.json"
+    fq.merge([first, part("c", "random")], both, tmp_path)
+    merged = json.loads(both.read_text())
+    assert [m["command"] for m in merged["merged_from"]] == ["run a", "run b", "run c"]
+    assert set(merged["runs"]["digits_cnn"]) == {"petra", "grid", "random"}
+    assert merged["provenance"]["commit"] == "abc1234" and merged["wall_s"] == 120.0
+    with pytest.raises(SystemExit, match="different or unknown code"):
+        fq.merge([both, part("d", "grid_full", commit="def5678")], tmp_path / "no.json", tmp_path)

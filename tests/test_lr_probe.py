@@ -75,10 +75,10 @@ def test_the_seed_recipes_and_the_grid_use_the_probed_lr():
 
 @pytest.mark.parametrize("strategy, probed", [("nsga2", True), ("grid", True),
                                                ("random", False)])
-def test_a_search_logs_its_probe_and_reuses_it(tmp_path, strategy, probed):
+def test_a_search_logs_its_probe_and_reuses_it(tmp_path, monkeypatch, strategy, probed):
     from mlflow.tracking import MlflowClient
 
-    from petra.engine.loop import search
+    from petra.engine.loop import resume, search
     from petra.tracking.store import Tracker
 
     cfg = load_config({
@@ -110,3 +110,10 @@ def test_a_search_logs_its_probe_and_reuses_it(tmp_path, strategy, probed):
     search(cfg, progress=again.append)
     assert any("cached)" in line for line in again if line.startswith("fine-tune lr"))
     assert not any("probing" in line for line in again)
+    # a resumed search takes the lr its run recorded, never a new probe, even with the cache gone
+    monkeypatch.setenv("PETRA_CACHE", str(tmp_path / "emptied-cache"))
+    resumed: list[str] = []
+    resume(result.run_id, uri=cfg.tracking.uri, progress=resumed.append)
+    assert not any("probing" in line for line in resumed)
+    assert any(line.startswith(f"fine-tune lr: {logged['chosen']:.3g} ")
+               and "as the run recorded" in line for line in resumed), resumed

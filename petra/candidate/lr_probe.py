@@ -17,10 +17,11 @@ fine-tune did not (within 1.5x of the best loss), while on text_bert the loss at
 the best.
 
 Validation data only; the test split is never read. The outcome is cached under the search's
-cache folder (by the baseline, the probed recipe, the lrs and the steps), so a resumed search,
-or another search of the same model, reuses it; its own cost is kept with it. A space whose lr
-has one value, or no fine-tune, is not probed; nor is a failure fatal: the search then keeps
-the default lr, and says why.
+cache folder (by the baseline, the probed recipe, the lrs and the steps), so another search of
+the same model reuses it; its own cost is kept with it. The search run records it
+(:func:`run_logs`), and a resumed search takes the lr its run recorded (:func:`recorded_probe`),
+never a new probe. A space whose lr has one value, or no fine-tune, is not probed; nor is a
+failure fatal: the search then keeps the default lr, and says why.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from petra.candidate.baseline import Baseline
     from petra.schema import SearchConfig
     from petra.space import SearchSpace
+    from petra.tasks import Task
 
 #: The lrs probed below the default: each a factor sqrt(10) lower.
 STEPS_DOWN = 2
@@ -141,37 +143,63 @@ def _key(baseline_key: str, genome: Mapping[str, Any], lrs: Sequence[float], ste
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def probe_seed_lr(cfg: SearchConfig, space: SearchSpace, baseline: Baseline, *,
+def probe_seed_lr(cfg: SearchConfig, space: SearchSpace, baseline: Baseline, task: Task, *,
                   cache: str | Path, say: Callable[[str], None] = print) -> LrProbe | None:
     """Probe the seed lr for this search (see the module docstring) and set
-    ``space.seed_lr`` to it; returns the outcome, or None where nothing was probed."""
-    from petra.candidate.evaluate import Evaluator
-
+    ``space.seed_lr`` to it; returns the outcome, or None where nothing was probed. ``task`` is
+    the search's loaded task (its training set's length sets the steps); the model is only
+    compressed and trained on a cache miss."""
     lrs = candidate_lrs(space)
     if not lrs:
         return None
     recipes = seed_recipes(space)
     genome = recipes[0] if recipes else seed_finetune(space)
-    evaluator = Evaluator.from_config(cfg, baseline, threads=cfg.execution.cpus_per_candidate)
-    train = evaluator.task.train
+    train = task.train
     steps = probe_steps(len(train) if hasattr(train, "__len__") else None)
     path = Path(cache) / f"lr-probe-{_key(baseline.key, genome, lrs, steps, cfg.seed)}.json"
-    probe = None
     if path.exists():
-        probe = LrProbe(**json.loads(path.read_text()), cached=True)
-    else:
-        say(f"fine-tune lr: probing {', '.join(f'{lr:.3g}' for lr in lrs)} on the first seed "
-            f"recipe, {steps} batches each ...")
-        try:
-            probe = run_probe(evaluator, genome, lrs, steps=steps, seed=cfg.seed)
-        except Exception as exc:  # noqa: BLE001 - the search goes on with the default lr
-            say(f"fine-tune lr: the probe failed ({describe_error(exc)}); keeping {lrs[0]:.3g}")
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(probe.to_dict()))
+        return _use(LrProbe(**json.loads(path.read_text()), cached=True), space, say)
+    from petra.candidate.evaluate import Evaluator
+
+    say(f"fine-tune lr: probing {', '.join(f'{lr:.3g}' for lr in lrs)} on the first seed "
+        f"recipe, {steps} batches each ...")
+    try:
+        evaluator = Evaluator.from_config(cfg, baseline, threads=cfg.execution.cpus_per_candidate)
+        probe = run_probe(evaluator, genome, lrs, steps=steps, seed=cfg.seed)
+    except Exception as exc:  # noqa: BLE001 - the search goes on with the default lr
+        say(f"fine-tune lr: the probe failed ({describe_error(exc)}); keeping {lrs[0]:.3g}")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(probe.to_dict()))
+    return _use(probe, space, say)
+
+
+def recorded_probe(text: str | None, space: SearchSpace,
+                   say: Callable[[str], None] = print) -> LrProbe | None:
+    """The probe a search run recorded (its ``lr_probe.json``, ``text``) set on ``space``: a
+    resumed search fine-tunes its seeds and grid points as it did before, even where the cache
+    is gone. None, and the default lr, where the run recorded none (nothing was probed)."""
+    if text is None:
+        return None
+    return _use(LrProbe(**json.loads(text), cached=True), space, say, recorded=True)
+
+
+def _use(probe: LrProbe, space: SearchSpace, say: Callable[[str], None], *,
+         recorded: bool = False) -> LrProbe:
     space.seed_lr = probe.chosen
     losses = ", ".join(f"{lr:.3g}: {loss:.4f}" for lr, loss in zip(
         probe.lrs, probe.val_loss, strict=True))
+    how = ", as the run recorded" if recorded else ", cached" if probe.cached else ""
     say(f"fine-tune lr: {probe.chosen:.3g} for the seed recipes (val loss {losses}; "
-        f"{probe.seconds:.0f} s{', cached' if probe.cached else ''})")
+        f"{probe.seconds:.0f} s{how})")
     return probe
+
+
+def run_logs(probe: LrProbe | None) -> dict[str, dict[str, Any]]:
+    """What the search run logs of ``probe``: the tag ``petra.seed_lr``, the artifact
+    ``lr_probe.json`` and the metric ``lr_probe_s`` (its cost); all empty for None."""
+    if probe is None:
+        return {"tags": {}, "texts": {}, "metrics": {}}
+    return {"tags": {"petra.seed_lr": f"{probe.chosen:.6g}"},
+            "texts": {"lr_probe.json": json.dumps(probe.to_dict())},
+            "metrics": {"lr_probe_s": probe.seconds}}

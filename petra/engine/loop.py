@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from petra.candidate.baseline import prepare_baseline
 from petra.candidate.evaluate import Evaluator, Result, objective_values
-from petra.candidate.lr_probe import probe_seed_lr
+from petra.candidate.lr_probe import LrProbe, probe_seed_lr, recorded_probe, run_logs
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
 from petra.engine import pareto
 from petra.engine.executor import Job, make_executor
@@ -49,6 +49,8 @@ class SearchResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     test_accuracy: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
+    #: The seed-lr probe this search used (petra.candidate.lr_probe), or None.
+    lr_probe: LrProbe | None = None
 
 
 def cache_dir() -> Path:
@@ -82,13 +84,14 @@ def resume(
     if text is None:
         raise ConfigError("run_id", run_id, "", f"no petra search run {run_id!r} in {uri}")
     cfg = load_config(yaml.safe_load(text), [f"tracking.uri={uri}", *overrides])
-    return _Search(cfg, progress).attach(run_id).run()
+    return _Search(cfg, progress, resume_of=run_id).attach().run()
 
 
 class _Search:
     """One search's state: everything a checkpoint holds, and what it is rebuilt from."""
 
-    def __init__(self, cfg: SearchConfig, progress: Progress | None) -> None:
+    def __init__(self, cfg: SearchConfig, progress: Progress | None,
+                 resume_of: str | None = None) -> None:
         from petra.engine.strategies import make_strategy
 
         self.cfg = cfg
@@ -112,10 +115,16 @@ class _Search:
         # baseline=True) starts from a few hand-style recipes.
         meta = STRATEGIES.get(cfg.search.strategy).meta
         baseline_strategy = meta.get("baseline")
-        # Their fine-tune lr (and the grid's), probed on this model (petra.candidate.lr_probe).
-        self.lr_probe = probe_seed_lr(cfg, self.space, self.baseline, cache=cache_dir(),
-                                      say=self.say) \
-            if meta.get("seed_finetune", not baseline_strategy) else None
+        # Their fine-tune lr (and the grid's), probed on this model (petra.candidate.lr_probe);
+        # a resumed search keeps the one its run recorded.
+        self.resume_of = resume_of
+        self.lr_probe: LrProbe | None = None
+        if resume_of is not None:
+            self.lr_probe = recorded_probe(Tracker.read_text(
+                cfg.tracking.uri, resume_of, "lr_probe.json"), self.space, self.say)
+        elif meta.get("seed_finetune", not baseline_strategy):
+            self.lr_probe = probe_seed_lr(cfg, self.space, self.baseline, self.task,
+                                          cache=cache_dir(), say=self.say)
         initial = [] if baseline_strategy else seed_recipes(self.space)
         # Racing (petra.engine.racing) asks for more offspring than it measures.
         self.racing = cfg.search.racing.enabled and not baseline_strategy
@@ -141,6 +150,7 @@ class _Search:
     # -- starting and resuming --------------------------------------------------------------
     def start(self) -> _Search:
         b = self.baseline.metrics
+        probe = run_logs(self.lr_probe)
         run_id = self.tracker.start_search(
             name=self.cfg.name, params=self.cfg.flat(), config_yaml=self.cfg.to_yaml(),
             baseline={
@@ -149,10 +159,8 @@ class _Search:
                 "params": b["params"], "macs": b["macs"],
             },
             tags={"petra.task": self.cfg.task.name, "petra.strategy": self.cfg.search.strategy,
-                  "petra.driver_pid": str(os.getpid()),
-                  **({"petra.seed_lr": f"{self.lr_probe.chosen:.6g}"} if self.lr_probe else {})},
-            texts={"lr_probe.json": json.dumps(self.lr_probe.to_dict())} if self.lr_probe else {},
-            metrics={"lr_probe_s": self.lr_probe.seconds} if self.lr_probe else {},
+                  "petra.driver_pid": str(os.getpid()), **probe["tags"]},
+            texts=probe["texts"], metrics=probe["metrics"],
         )
         self.say(f"search run {run_id} in {self.cfg.tracking.uri} "
                  f"(experiment {self.cfg.tracking.experiment!r})")
@@ -165,9 +173,10 @@ class _Search:
         self.recorder = Recorder(self.tracker, self.journal, executor=self.cfg.execution.executor,
                                  say=self.say)
 
-    def attach(self, run_id: str) -> _Search:
+    def attach(self) -> _Search:
         import yaml
 
+        run_id = self.resume_of
         self.tracker.attach(run_id, driver_pid=os.getpid())
         self._open_recorder(run_id)
         # The newer of the two checkpoints: MLflow's, or the journal's (written even when
@@ -412,7 +421,7 @@ class _Search:
             status="KILLED" if interrupted else "FINISHED"), self.records)
         return SearchResult(run_id=self.tracker.run_id, front=snap, knee=knee, baseline=dict(b),
                             records=self.records, test_accuracy=test_acc,
-                            interrupted=interrupted)
+                            interrupted=interrupted, lr_probe=self.lr_probe)
 
 
 def _generation_line(snap: pareto.FrontSnapshot, status: Any) -> str:
