@@ -93,7 +93,7 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
     front = [{"id": m["id"], **{k: m["metrics"].get(k) for k in (
         "val_accuracy", "test_accuracy", "size_ratio", "latency_ratio", "artifact_bytes")},
         "quant": m["genome"].get("quant.scheme"),
-        "skipped": [k.split(".")[1] for k, v in m["genome"].items()
+        "skipped": [k[len("blocks."):] for k, v in m["genome"].items()
                     if k.startswith("blocks.") and v is True],
         "epochs": m["genome"].get("finetune.epochs")} for m in result.front.members]
     statuses = [r["status"] for r in result.records]
@@ -368,6 +368,9 @@ def merge(paths: list[Path], out: Path, plots: Path = DOCS) -> None:
     for arms in runs.values():
         for rs in arms.values():
             rs.sort(key=lambda r: r["seed"])
+    # tasks and arms in the script's order, whatever order the parts came in
+    runs = {t: {a: runs[t][a] for a in ARMS if a in runs[t]}
+            for t in sorted(runs, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS))}
     first = parts[0]
     results = {key: first[key] for key in ("population", "generations", "workers",
                                            "reference", "operating_points", "store")}

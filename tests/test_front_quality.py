@@ -161,12 +161,12 @@ def test_a_merged_result_merges_again_keeping_every_part_s_command(tmp_path):
         return path
 
     first = tmp_path / "first.json"
-    fq.merge([part("a", "petra"), part("b", "grid")], first, tmp_path)
+    fq.merge([part("b", "grid"), part("a", "petra")], first, tmp_path)
     both = tmp_path / "both.json"
     fq.merge([first, part("c", "random")], both, tmp_path)
     merged = json.loads(both.read_text())
-    assert [m["command"] for m in merged["merged_from"]] == ["run a", "run b", "run c"]
-    assert set(merged["runs"]["digits_cnn"]) == {"petra", "grid", "random"}
+    assert [m["command"] for m in merged["merged_from"]] == ["run b", "run a", "run c"]
+    assert list(merged["runs"]["digits_cnn"]) == ["petra", "grid", "random"]  # the script's order
     assert merged["provenance"]["commit"] == "abc1234" and merged["wall_s"] == 120.0
     with pytest.raises(SystemExit, match="different or unknown code"):
         fq.merge([both, part("d", "grid_full", commit="def5678")], tmp_path / "no.json", tmp_path)
