@@ -75,6 +75,7 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
     from petra.engine import pareto
     from petra.engine.loop import search
     from petra.engine.operating_points import operating_points
+    from petra.space import skipped_blocks
     from petra.tracking.runs import hypervolume_history
 
     overrides = [f"seed={seed}", f"search.population={population}",
@@ -93,8 +94,7 @@ def run_one(task: str, arm: str, seed: int, *, population: int, generations: int
     front = [{"id": m["id"], **{k: m["metrics"].get(k) for k in (
         "val_accuracy", "test_accuracy", "size_ratio", "latency_ratio", "artifact_bytes")},
         "quant": m["genome"].get("quant.scheme"),
-        "skipped": [k[len("blocks."):] for k, v in m["genome"].items()
-                    if k.startswith("blocks.") and v is True],
+        "skipped": skipped_blocks(m["genome"]),
         "epochs": m["genome"].get("finetune.epochs")} for m in result.front.members]
     statuses = [r["status"] for r in result.records]
     return {
