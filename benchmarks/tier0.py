@@ -1,8 +1,9 @@
 """How well tier 0 (petra.candidate.screen) ranks candidates before their measured evaluation.
 
 For one config, ``--n`` genomes (the seed recipes, at the fine-tune lr a search probes for them,
-then random ones from the space, seeded) are each screened at tier 0 and then evaluated in full, in one process. The script reports the
-Spearman rank correlation between each tier-0 number and its measured counterpart:
+then random ones from the space, seeded) are each screened at tier 0 and then evaluated in
+full, in one process. The script reports the Spearman rank correlation between each tier-0
+number and its measured counterpart:
 
 - the divergence from the dense model against the final validation accuracy (negated, so a
   good proxy correlates positively);
