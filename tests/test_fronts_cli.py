@@ -127,11 +127,12 @@ def test_an_exported_model_runs_in_a_fresh_environment_without_petra(two_searche
     py = env_dir / "bin" / "python"
     subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy", "onnx", "onnxruntime"],
                    check=True, timeout=600)
+    # the caller's PYTHONPATH (a checkout run without installing) must not leak petra in
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     probe = subprocess.run([str(py), "-c", "import importlib.util as u; "
                             "print(u.find_spec('petra'), u.find_spec('torch'))"],
-                           capture_output=True, text=True, check=True, cwd=out)
+                           capture_output=True, text=True, check=True, cwd=out, env=env)
     assert probe.stdout.split() == ["None", "None"]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     ran = subprocess.run([str(py), "example.py"], cwd=out, capture_output=True, text=True,
                          env=env, timeout=120)
     assert ran.returncode == 0, ran.stderr
