@@ -29,7 +29,8 @@ seeds (100-104 by default) that nothing was tuned on.
 
 Writes benchmarks/results/front_quality.json with its provenance (benchmarks/provenance.py:
 commit, dirty tree, date, machine, versions, command), rewritten after every search so a partial
-run keeps what it measured; front_quality.md (the table of docs/benchmarks.md) and
+run keeps what it measured; front_quality.md (the tables of docs/benchmarks.md: per task
+and arm, the per-seed ratios at equal wall-clock, the goals) and
 docs/front_quality_<task>.png and .html (the fronts of the first seed, size and latency against
 test accuracy, and the anytime curves). ``--merge`` joins partial runs of one clean commit and
 refuses any other. The searches stay in an MLflow store under runs/benchmarks/.
@@ -134,6 +135,25 @@ def equal_wallclock(runs: dict[str, list[dict]], against: str = "grid") -> dict[
     return out
 
 
+#: The ratios of hypervolume at equal wall-clock reported per seed: (numerator, denominator).
+RATIOS = (("petra", "grid"), ("petra", "random"), ("petra_racing", "petra"))
+
+
+def per_seed_ratios(runs: dict[str, list[dict]], at_wallclock: dict[str, list]) -> list[dict]:
+    """Per seed, each of ``RATIOS`` at equal wall-clock (``None`` where either arm did not run
+    that seed, or the denominator found nothing)."""
+    by_seed = {arm: dict(zip([r["seed"] for r in rs], at_wallclock.get(arm, []), strict=False))
+               for arm, rs in runs.items()}  # no grid: no ratios
+    rows = []
+    for seed in sorted({s for hv in by_seed.values() for s in hv}):
+        row: dict = {"seed": seed}
+        for a, b in RATIOS:
+            x, y = by_seed.get(a, {}).get(seed), by_seed.get(b, {}).get(seed)
+            row[f"{a}_vs_{b}"] = x / y if x is not None and y else None
+        rows.append(row)
+    return rows
+
+
 def _stat(values: list) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -218,6 +238,7 @@ def summarise(task: str, runs: dict[str, list[dict]]) -> dict:
            "arms": arms, "ceiling": ceiling({a: rs for a, rs in runs.items()
                                              if a in ("petra", "grid", "random")})}
     out["goals"] = goals(task, out)
+    out["per_seed_wallclock"] = per_seed_ratios(runs, at_wallclock)
     return out
 
 
@@ -279,6 +300,14 @@ def table(results: dict) -> str:
                 f"{fmt(fa['latency_ratio'])} / {fmt(fa['test_drop'], 4)} | "
                 f"{band('hypervolume_equal_evaluations')} | "
                 f"{band('hypervolume_equal_wallclock')} | {fmt(a['wall_s'], 0)} |")
+    lines += ["", "Per seed, hypervolume at equal wall-clock: "
+              + ", ".join(f"{a} / {b}" for a, b in RATIOS) + ".", "",
+              "| task | seed | " + " | ".join(f"{a} / {b}" for a, b in RATIOS) + " |",
+              "|---|---|" + "---|" * len(RATIOS)]
+    for task, s in results["tasks"].items():
+        for row in s.get("per_seed_wallclock", []):
+            lines.append(f"| {task} | {row['seed']} | "
+                         + " | ".join(fmt(row[f"{a}_vs_{b}"]) for a, b in RATIOS) + " |")
     lines += ["", "| task | goal | target | measured | met |", "|---|---|---|---|---|"]
     for task, s in results["tasks"].items():
         for name, g in s["goals"].items():

@@ -109,6 +109,23 @@ def test_goals_use_petra_s_validation_knee_and_equal_wallclock_hypervolume():
     assert summary["arms"]["grid"]["knee"]["found"] == 0
 
 
+def test_per_seed_ratios_pair_each_seed_and_leave_a_missing_arm_empty():
+    runs = {"petra": [run(100, 0.3, [[10.0, 0.2]], None), run(101, 0.3, [[10.0, 0.3]], None)],
+            "grid": [run(100, 0.2, [[20.0, 0.25]], None), run(101, 0.2, [[20.0, 0.2]], None)],
+            "random": [run(101, 0.1, [[5.0, 0.1], [30.0, 0.6]], None)],
+            "petra_racing": [run(100, 0.1, [[10.0, 0.0]], None)]}
+    rows = fq.summarise("digits_mlp", runs)["per_seed_wallclock"]
+    assert [r["seed"] for r in rows] == [100, 101]
+    assert rows[0]["petra_vs_grid"] == pytest.approx(0.8)
+    assert rows[1]["petra_vs_grid"] == pytest.approx(1.5)
+    assert rows[0]["petra_vs_random"] is None  # random did not run seed 100
+    assert rows[1]["petra_vs_random"] == pytest.approx(3.0)  # random read at the grid's 20 s
+    assert rows[0]["petra_racing_vs_petra"] == 0.0 and rows[1]["petra_racing_vs_petra"] is None
+    results = {"provenance": {"commit": "abc1234"}, "seeds": [100, 101],
+               "tasks": {"digits_mlp": fq.summarise("digits_mlp", runs)}}
+    assert "| digits_mlp | 101 | 1.500 | 3.000 | — |" in fq.table(results)
+
+
 def test_merge_refuses_results_of_different_or_dirty_commits():
     from provenance import same_commit
 
