@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,16 +39,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "search_at_scale.json"
-
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import provenance  # noqa: E402
+from ranks import spearman  # noqa: E402
 
 STORE = ROOT / "runs" / "benchmarks" / "search_at_scale"
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    if len(a) < 3:
-        return float("nan")
-    ra, rb = (np.argsort(np.argsort(x, kind="stable")).astype(float) for x in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> dict:
@@ -179,7 +172,7 @@ def main() -> None:
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--out", default=str(OUT))
     opts = parser.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    prov = provenance()  # before the evaluator pins this process to one core
     tasks = opts.task or ["digits_cnn:180"]
     report: dict = {}
     for spec in tasks:
@@ -197,13 +190,9 @@ def main() -> None:
                       flush=True)
         report[task] = {**summarize(rows), "runs": rows}
         print(json.dumps(report[task], indent=1), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
     Path(opts.out).write_text(json.dumps({
-        "commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
-        f"{cores} cores",
-        "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "factor": opts.factor, "seeds": opts.seeds, "tasks": report,
+        "commit": prov["commit"], "provenance": prov, "factor": opts.factor,
+        "seeds": opts.seeds, "tasks": report,
     }, indent=1, default=str))
     print(f"wrote {opts.out}")
 

@@ -36,25 +36,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rho with average ranks for ties (numpy only)."""
-
-    def ranks(x: list[float]) -> np.ndarray:
-        x = np.asarray(x, dtype=float)
-        order = np.argsort(x, kind="mergesort")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):
-            tie = x == v
-            r[tie] = r[tie].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ranks import spearman  # noqa: E402
 
 
 def replay(rows: list[dict]) -> dict[str, float]:
