@@ -15,13 +15,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from provenance import provenance  # noqa: E402
 
 TASK = {"name": "digits_cnn", "params": {"width": 16, "epochs": 4}}
 CONVS = ["stem", "layer1.conv1", "layer2.conv1", "layer3.conv1"]
@@ -47,6 +49,10 @@ def main() -> int:
                        "RAY_USAGE_STATS_ENABLED": "0"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PETRA_CACHE", str(ROOT / "runs" / "cache"))
+    prov = provenance()
+    if not prov["commit"]:  # a copy of the tree without .git (a lent GPU machine's)
+        prov["commit"] = os.environ.get("PETRA_COMMIT", "")
+        prov["dirty"] = os.environ.get("PETRA_TREE_DIRTY", "unknown")
 
     import onnxruntime as ort
     import torch
@@ -101,13 +107,12 @@ def main() -> int:
         "gpus_per_candidate": gpus, "devices": [r.info.get("device") for r in results],
         "errors": [r.error for r in results if r.error]}
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    payload = {"commit": commit, "machine": f"{platform.node()} {platform.machine()}, "
+    payload = {"commit": prov["commit"], "provenance": prov,
+               "machine": f"{platform.node()} {platform.machine()}, "
                f"{os.cpu_count()} cores, GPU: {gpu}", "versions": {
                    "torch": torch.__version__, "onnxruntime": ort.__version__},
-               "command": " ".join(["python", *sys.argv]), "device": opts.device,
+               "command": prov["command"], "device": opts.device,
                "ok": all(c["ok"] for c in checks.values()), "checks": checks}
     out = Path(opts.out or ROOT / "benchmarks" / "results" / f"gpu_check_{opts.device}.json")
     out.write_text(json.dumps(payload, indent=1) + "\n")
