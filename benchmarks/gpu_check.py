@@ -3,6 +3,7 @@ CUDA, Ray workers that reserve a GPU each, and latency on the ONNX Runtime provi
 
     python benchmarks/gpu_check.py                      # on a GPU machine: device cuda
     python benchmarks/gpu_check.py --device cpu         # the same checks on CPUs (a dry run)
+    python benchmarks/gpu_check.py --config search_spaces/text_bert.yaml   # and a real model
 
 Writes ``benchmarks/results/gpu_check_<device>.json`` with the commit, the machine and the
 command, and exits non-zero when a check fails. Nothing here is timed for a claim: the
@@ -36,6 +37,46 @@ def genome(epochs: int) -> dict:
             **{f"layers.{n}.sparsity": 0.5 for n in CONVS}}
 
 
+def model_checks(config: str, device: str, providers: list[str]) -> dict[str, dict]:
+    """A config's own model through the same path: one candidate (int8_dynamic, one epoch of
+    fine-tune with distillation) evaluated on ``device`` and on the CPU, and a tier-0 screen."""
+    import torch
+
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.evaluate import Evaluator
+    from petra.config import load_config
+    from petra.engine.loop import cache_dir
+    from petra.tasks import load_task
+
+    cfg = load_config(config)
+    threads = cfg.execution.cpus_per_candidate
+    task = load_task(cfg.task.name, cfg.task.params)
+    baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
+                                cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
+    genome = {"finetune.epochs": 1, "finetune.lr": 3e-4, "reg.kind": "kd",
+              "reg.strength": 1e-5, "quant.scheme": "int8_dynamic"}
+    evaluator = Evaluator.from_config(cfg, baseline, threads=threads, core=0,
+                                      device=device, providers=providers)
+    checks: dict[str, dict] = {}
+    for where in dict.fromkeys([device, "cpu"]):
+        evaluator.device = torch.device(where)
+        evaluator._teacher = None
+        start = time.perf_counter()
+        result = evaluator.evaluate(genome, seed=cfg.seed)
+        checks[f"{cfg.task.name}_evaluate_on_{where}"] = {
+            "ok": result.status == "complete", "error": result.error, "threads": threads,
+            "wall_s": round(time.perf_counter() - start, 2),
+            **{k: result.metrics.get(k) for k in ("val_accuracy", "size_ratio", "latency_ratio",
+                                                  "eval_time_s")}}
+    evaluator.device = torch.device(device)
+    screen = evaluator.screen({**genome, "finetune.epochs": 0}, seed=cfg.seed)
+    checks[f"{cfg.task.name}_screen"] = {
+        "ok": screen.status == "complete", "error": screen.error,
+        "divergence": screen.metrics.get("tier0_divergence"),
+        "tier0_time_s": screen.metrics.get("tier0_time_s")}
+    return checks
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -44,6 +85,10 @@ def main() -> int:
                              "cuda and onnxruntime offers it, else the CPU's)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", default="")
+    parser.add_argument("--config", default="",
+                        help="also fine-tune (1 epoch, with distillation) and screen this config's "
+                             "model on the device and on the CPU, e.g. "
+                             "search_spaces/text_bert.yaml")
     opts = parser.parse_args()
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                        "RAY_USAGE_STATS_ENABLED": "0"}.items():
@@ -92,6 +137,9 @@ def main() -> int:
     session = evaluator.baseline_session
     checks["providers"] = {"ok": session.get_providers()[0] == providers[0],
                            "asked": providers, "session": session.get_providers()}
+
+    if opts.config:
+        checks.update(model_checks(opts.config, opts.device, providers))
 
     gpus = 0.5 if opts.device == "cuda" else 0.0
     executor = RayExecutor(evaluator_kwargs={**kwargs, "device": "auto"}, workers=2,
