@@ -95,9 +95,11 @@ def main() -> int:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PETRA_CACHE", str(ROOT / "runs" / "cache"))
     prov = provenance()
-    if not prov["commit"]:  # a copy of the tree without .git (a lent GPU machine's)
-        prov["commit"] = os.environ.get("PETRA_COMMIT", "")
-        prov["dirty"] = os.environ.get("PETRA_TREE_DIRTY", "unknown")
+    if os.environ.get("PETRA_COMMIT"):
+        # A lent GPU machine gets a copy of the working tree whose .git may be older than the
+        # tree: the sender names the commit the tree is, and git's view there is kept beside it.
+        prov["git_on_machine"] = {"commit": prov["commit"], "dirty": prov["dirty"]}
+        prov["commit"], prov["dirty"] = os.environ["PETRA_COMMIT"], "as sent (PETRA_COMMIT)"
 
     import onnxruntime as ort
     import torch
