@@ -37,11 +37,35 @@ def genome(epochs: int) -> dict:
             **{f"layers.{n}.sparsity": 0.5 for n in CONVS}}
 
 
+def run_checks(evaluator, candidate: dict, device: str, *, seed: int,
+               prefix: str = "") -> dict[str, dict]:
+    """``candidate`` evaluated on ``device`` and on the CPU (the fine-tune, and its distillation
+    teacher, on each), then screened at tier 0 on ``device`` without its fine-tune."""
+    import torch
+
+    checks: dict[str, dict] = {}
+    for where in dict.fromkeys([device, "cpu"]):
+        evaluator.device = torch.device(where)
+        evaluator._teacher = None
+        start = time.perf_counter()
+        result = evaluator.evaluate(candidate, seed=seed)
+        checks[f"{prefix}evaluate_on_{where}"] = {
+            "ok": result.status == "complete", "error": result.error,
+            "threads": evaluator.threads, "wall_s": round(time.perf_counter() - start, 2),
+            **{k: result.metrics.get(k) for k in ("val_accuracy", "size_ratio", "latency_ratio",
+                                                  "eval_time_s")}}
+    evaluator.device = torch.device(device)
+    screen = evaluator.screen({**candidate, "finetune.epochs": 0}, seed=seed)
+    checks[f"{prefix}screen"] = {
+        "ok": screen.status == "complete", "error": screen.error,
+        "divergence": screen.metrics.get("tier0_divergence"),
+        "tier0_time_s": screen.metrics.get("tier0_time_s")}
+    return checks
+
+
 def model_checks(config: str, device: str, providers: list[str]) -> dict[str, dict]:
     """A config's own model through the same path: one candidate (int8_dynamic, one epoch of
     fine-tune with distillation) evaluated on ``device`` and on the CPU, and a tier-0 screen."""
-    import torch
-
     from petra.candidate.baseline import prepare_baseline
     from petra.candidate.evaluate import Evaluator
     from petra.config import load_config
@@ -53,28 +77,11 @@ def model_checks(config: str, device: str, providers: list[str]) -> dict[str, di
     task = load_task(cfg.task.name, cfg.task.params)
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
-    genome = {"finetune.epochs": 1, "finetune.lr": 3e-4, "reg.kind": "kd",
-              "reg.strength": 1e-5, "quant.scheme": "int8_dynamic"}
     evaluator = Evaluator.from_config(cfg, baseline, threads=threads, core=0,
                                       device=device, providers=providers)
-    checks: dict[str, dict] = {}
-    for where in dict.fromkeys([device, "cpu"]):
-        evaluator.device = torch.device(where)
-        evaluator._teacher = None
-        start = time.perf_counter()
-        result = evaluator.evaluate(genome, seed=cfg.seed)
-        checks[f"{cfg.task.name}_evaluate_on_{where}"] = {
-            "ok": result.status == "complete", "error": result.error, "threads": threads,
-            "wall_s": round(time.perf_counter() - start, 2),
-            **{k: result.metrics.get(k) for k in ("val_accuracy", "size_ratio", "latency_ratio",
-                                                  "eval_time_s")}}
-    evaluator.device = torch.device(device)
-    screen = evaluator.screen({**genome, "finetune.epochs": 0}, seed=cfg.seed)
-    checks[f"{cfg.task.name}_screen"] = {
-        "ok": screen.status == "complete", "error": screen.error,
-        "divergence": screen.metrics.get("tier0_divergence"),
-        "tier0_time_s": screen.metrics.get("tier0_time_s")}
-    return checks
+    return run_checks(evaluator, {"finetune.epochs": 1, "finetune.lr": 3e-4, "reg.kind": "kd",
+                                  "reg.strength": 1e-5, "quant.scheme": "int8_dynamic"},
+                      device, seed=cfg.seed, prefix=f"{cfg.task.name}_")
 
 
 def main() -> int:
@@ -120,22 +127,9 @@ def main() -> int:
     kwargs = {"task_name": TASK["name"], "task_params": TASK["params"],
               "baseline_state": baseline.state, "baseline_artifact": baseline.artifact,
               "device": opts.device, "providers": providers}
-    checks: dict[str, dict] = {}
 
     evaluator = Evaluator(**kwargs, threads=2)
-    for device in dict.fromkeys([opts.device, "cpu"]):
-        evaluator.device = torch.device(device)
-        evaluator._teacher = None
-        start = time.perf_counter()
-        result = evaluator.evaluate(genome(opts.epochs), seed=0)
-        checks[f"evaluate_on_{device}"] = {
-            "ok": result.status == "complete", "error": result.error,
-            "wall_s": round(time.perf_counter() - start, 2),
-            **{k: result.metrics.get(k) for k in ("val_accuracy", "size_ratio", "latency_ratio")}}
-    evaluator.device = torch.device(opts.device)
-    screen = evaluator.screen(genome(0), seed=0)
-    checks["screen"] = {"ok": screen.status == "complete", "error": screen.error,
-                        "divergence": screen.metrics.get("tier0_divergence")}
+    checks = run_checks(evaluator, genome(opts.epochs), opts.device, seed=0)
     session = evaluator.baseline_session
     checks["providers"] = {"ok": session.get_providers()[0] == providers[0],
                            "asked": providers, "session": session.get_providers()}
