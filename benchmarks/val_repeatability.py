@@ -43,8 +43,9 @@ RETEST = 7
 
 
 def measured_records(uri: str, experiment: str) -> list[dict]:
-    """The tier-2 records (complete, with a tier-0 reading) of the search run of
-    ``experiment``, from its checkpoint, in the order they were measured."""
+    """The tier-2 records (complete, with a tier-0 reading) of the newest finished search run
+    of ``experiment`` (an interrupted earlier one may sit beside it), from its checkpoint, in
+    the order they were measured."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -52,10 +53,11 @@ def measured_records(uri: str, experiment: str) -> list[dict]:
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r} in {uri}: run search_at_scale.py first")
     parents = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
-               if "mlflow.parentRunId" not in r.data.tags]
-    if len(parents) != 1:
-        raise SystemExit(f"{experiment!r} holds {len(parents)} search runs; expected one")
-    path = client.download_artifacts(parents[0].info.run_id, "checkpoint.json")
+               if "mlflow.parentRunId" not in r.data.tags and r.info.status == "FINISHED"]
+    if not parents:
+        raise SystemExit(f"{experiment!r} holds no finished search run")
+    newest = max(parents, key=lambda r: r.info.start_time)
+    path = client.download_artifacts(newest.info.run_id, "checkpoint.json")
     records = json.loads(Path(path).read_text())["records"]
     return [r for r in records
             if r["status"] == "complete" and "tier0_divergence" in r["metrics"]]
