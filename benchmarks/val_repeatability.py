@@ -16,9 +16,10 @@ store is evaluated again, in full, with the search's config and another seed, an
 
     python benchmarks/val_repeatability.py --task text_bert --seeds 100 101
 
-``--core`` pins the evaluations to one core (run a second task on the other). Writes
+``--core`` pins the evaluations to one core (run a second task, or seed, on the other);
+``--merge A.json B.json`` joins the seeds of files written so into one, summarized again. Writes
 ``benchmarks/results/val_repeatability_<task>.json`` with the commit, the machine and the
-command. The searches it reads are those search_at_scale.json names (their commit is recorded
+command (a merge keeps each part's). The searches it reads are those search_at_scale.json names (their commit is recorded
 too); the second evaluations run at this commit.
 """
 
@@ -124,27 +125,48 @@ def retest(task_name: str, seed: int, core: int, uri: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", required=True)
+    parser.add_argument("--task")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="join these results files of one task (each part keeps its "
+                        "provenance)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--core", type=int, default=0)
     parser.add_argument("--store", default=str(STORE))
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
+    if opts.merge:
+        parts = [json.loads(Path(f).read_text()) for f in opts.merge]
+        tasks = {p["task"] for p in parts}
+        if len(tasks) != 1:
+            raise SystemExit(f"--merge: the files hold tasks {sorted(tasks)}; join one task's")
+        write(Path(opts.out or ROOT / "benchmarks" / "results"
+                   / f"val_repeatability_{tasks.pop()}.json"), {
+            "task": parts[0]["task"], "searches_from": parts[0]["searches_from"],
+            "merged_from": [{"provenance": p["provenance"], "wall_s": p["wall_s"],
+                             "seeds": [s["seed"] for s in p["seeds"]]} for p in parts],
+            "seeds": sorted((s for p in parts for s in p["seeds"]), key=lambda s: s["seed"])})
+        return
+    if not opts.task:
+        parser.error("--task is required (or --merge)")
     searched = json.loads((ROOT / "benchmarks" / "results" / "search_at_scale.json").read_text())
     start = time.monotonic()
     per_seed = [retest(opts.task, s, opts.core, f"sqlite:///{opts.store}") for s in opts.seeds]
+    write(Path(opts.out or ROOT / "benchmarks" / "results"
+               / f"val_repeatability_{opts.task}.json"), {
+        "task": opts.task, "provenance": provenance(), "searches_from": {
+            "file": "benchmarks/results/search_at_scale.json",
+            "commit": searched.get("provenance", searched).get("commit")},
+        "wall_s": time.monotonic() - start, "seeds": per_seed})
+
+
+def write(out: Path, data: dict) -> None:
+    """``data`` with its summary over seeds (means, and ``spread``: min and max) to ``out``."""
+    per_seed = data["seeds"]
     keys = [k for k in per_seed[0] if k not in ("seed", "rows")]
     summary = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
     summary["spread"] = {k: [float(min(p[k] for p in per_seed)),
                              float(max(p[k] for p in per_seed))] for k in keys}
-    out = Path(opts.out or ROOT / "benchmarks" / "results"
-               / f"val_repeatability_{opts.task}.json")
-    out.write_text(json.dumps({
-        "provenance": provenance(), "searches_from": {
-            "file": "benchmarks/results/search_at_scale.json",
-            "commit": searched.get("provenance", searched).get("commit")},
-        "wall_s": time.monotonic() - start, "summary": summary, "seeds": per_seed,
-    }, indent=1, default=str))
+    out.write_text(json.dumps({**data, "summary": summary}, indent=1, default=str))
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 
