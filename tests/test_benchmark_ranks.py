@@ -69,3 +69,37 @@ def test_the_reference_is_dominated_only_by_a_member_at_least_as_good_everywhere
     assert sas.dominates([better], ref)
     assert not sas.dominates([smaller_but_worse], ref)
     assert not sas.dominates([dict(ref)], ref)
+
+
+_spec_vr = importlib.util.spec_from_file_location("val_repeatability",
+                                                  BENCH / "val_repeatability.py")
+vr = importlib.util.module_from_spec(_spec_vr)
+_spec_vr.loader.exec_module(vr)
+
+
+def _row(val, again, divergence, predicted=None):
+    return {"val": val, "val_again": again, "tier0_divergence": divergence,
+            "predicted_val": predicted}
+
+
+def test_the_repeatability_ceiling_is_the_rank_agreement_of_two_measurements():
+    rows = [_row(0.90, 0.91, 0.5, 0.90), _row(0.95, 0.985, 0.3, 0.94),
+            _row(0.99, 0.99, 0.1, 0.97), _row(0.97, 0.98, 0.2, None),
+            _row(0.80, None, 0.9, 0.85)]  # its second evaluation failed: left out
+    out = vr.correlations(rows)
+    assert out["candidates"] == 4 and out["predicted"] == 3
+    assert out["spearman_val_repeat"] == pytest.approx(0.8)  # one swap in four
+    assert out["spearman_tier0_vs_val"] == pytest.approx(1.0)  # negated divergence
+    assert out["spearman_tier0_vs_val_again"] == pytest.approx(0.8)
+    assert out["median_abs_val_change"] == pytest.approx(0.01)
+
+
+def test_merged_seeds_are_summarized_with_their_spread(tmp_path):
+    def seed(s, rho):
+        return {"seed": s, "candidates": 10, "spearman_val_repeat": rho, "rows": []}
+
+    out = tmp_path / "r.json"
+    vr.write(out, {"task": "t", "seeds": [seed(100, 0.4), seed(101, 0.8)]})
+    summary = __import__("json").loads(out.read_text())["summary"]
+    assert summary["spearman_val_repeat"] == pytest.approx(0.6)
+    assert summary["spread"]["spearman_val_repeat"] == [0.4, 0.8]
