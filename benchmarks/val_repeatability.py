@@ -19,8 +19,8 @@ store is evaluated again, in full, with the search's config and another seed, an
 ``--core`` pins the evaluations to one core (run a second task, or seed, on the other);
 ``--merge A.json B.json`` joins the seeds of files written so into one, summarized again. Writes
 ``benchmarks/results/val_repeatability_<task>.json`` with the commit, the machine and the
-command (a merge keeps each part's). The searches it reads are those search_at_scale.json names (their commit is recorded
-too); the second evaluations run at this commit.
+command (a merge keeps each part's). The searches it reads are those search_at_scale.json names
+(their commit is recorded too); the second evaluations run at this commit.
 """
 
 from __future__ import annotations
