@@ -19,7 +19,7 @@ store is evaluated again, in full, with the search's config and another seed, an
 ``--core`` pins the evaluations to one core (run a second task, or seed, on the other);
 ``--merge A.json B.json`` joins the seeds of files written so into one, summarized again. Writes
 ``benchmarks/results/val_repeatability_<task>.json`` with the commit, the machine and the
-command (a merge keeps each part's). The searches it reads are those search_at_scale.json names
+command (a merge records its own, and keeps each part's). The searches it reads are those search_at_scale.json names
 (their commit is recorded too); the second evaluations run at this commit.
 """
 
@@ -141,7 +141,8 @@ def main() -> None:
             raise SystemExit(f"--merge: the files hold tasks {sorted(tasks)}; join one task's")
         write(Path(opts.out or ROOT / "benchmarks" / "results"
                    / f"val_repeatability_{tasks.pop()}.json"), {
-            "task": parts[0]["task"], "searches_from": parts[0]["searches_from"],
+            "task": parts[0]["task"], "provenance": provenance(),  # the merge's own
+            "searches_from": parts[0]["searches_from"],
             "merged_from": [{"provenance": p["provenance"], "wall_s": p["wall_s"],
                              "seeds": [s["seed"] for s in p["seeds"]]} for p in parts],
             "seeds": sorted((s for p in parts for s in p["seeds"]), key=lambda s: s["seed"])})
