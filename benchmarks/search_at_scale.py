@@ -15,7 +15,12 @@ Per seed, the reference recipe is measured too, as a candidate is: ONNX Runtime'
 ``quantize_dynamic`` (per-channel int8 weights, MatMul, Gemm and Gather, so the embeddings
 too) on the dense model's ONNX, and whether the racing arm's front dominates it.
 
-    python benchmarks/search_at_scale.py --task digits_cnn:180 --task text_bert --seeds 100 101
+    python benchmarks/search_at_scale.py --task digits_cnn:180 --task text_bert --seeds 100 101 \
+        --factor 16
+
+``--factor`` is the most offspring screened per generation, in populations;
+``--screen-share`` overrides ``search.racing.screen_share``, which caps what screening may cost
+(the config's default unless given).
 
 ``--task NAME:SECONDS`` gives that task's searches their budget; a bare ``NAME`` keeps the
 config's own ``time_budget_s`` (text_bert's default config: 780 s).
@@ -46,7 +51,8 @@ from ranks import spearman  # noqa: E402
 STORE = ROOT / "runs" / "benchmarks" / "search_at_scale"
 
 
-def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> dict:
+def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int,
+            screen_share: str | None = None) -> dict:
     from petra.config import load_config
     from petra.engine.loop import search
     from petra.tracking.runs import hypervolume_history
@@ -58,6 +64,7 @@ def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int) -> d
         f"seed={seed}", *keep_budget, "search.generations=100",
         f"search.racing.enabled={'true' if racing else 'false'}",
         f"search.racing.factor={factor}",
+        *([] if screen_share is None else [f"search.racing.screen_share={screen_share}"]),
         f"tracking.uri={uri}",
         f"tracking.experiment=scale-{task}-{seed}-{'racing' if racing else 'plain'}",
     ])
@@ -170,6 +177,9 @@ def main() -> None:
                         help="NAME or NAME:SECONDS (the budget of its searches)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--screen-share", default=None,
+                        help="search.racing.screen_share (a number, or null); default: the "
+                        "config's")
     parser.add_argument("--out", default=str(OUT))
     opts = parser.parse_args()
     prov = provenance()  # before the evaluator pins this process to one core
@@ -182,7 +192,7 @@ def main() -> None:
         for seed in opts.seeds:
             reference = one_call_int8(task, seed)
             for racing in (False, True):
-                row = run_arm(task, seed, racing, budget, opts.factor)
+                row = run_arm(task, seed, racing, budget, opts.factor, opts.screen_share)
                 row["one_call_int8_dynamic"] = reference
                 row["dominated_by_front"] = dominates(row["front"], reference)
                 rows.append(row)
@@ -192,6 +202,7 @@ def main() -> None:
         print(json.dumps(report[task], indent=1), flush=True)
     Path(opts.out).write_text(json.dumps({
         "commit": prov["commit"], "provenance": prov, "factor": opts.factor,
+        "screen_share": opts.screen_share or "the config's",
         "seeds": opts.seeds, "tasks": report,
     }, indent=1, default=str))
     print(f"wrote {opts.out}")

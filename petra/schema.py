@@ -248,7 +248,13 @@ class RacingConfig(_Model):
     enabled: StrictBool = Field(False, description="true or false")
     factor: StrictInt = Field(
         4, ge=1, le=64,
-        description="an integer in [1, 64]: offspring screened per generation, in populations")
+        description="an integer in [1, 64]: the most offspring screened per generation, in "
+        "populations")
+    screen_share: float | None = Field(
+        0.25, gt=0.0, le=16.0,
+        description="null or a number in (0, 16]: screening may take at most this share of the "
+        "time measuring takes each generation (the count sized from the search's median screen "
+        "and evaluation times); null screens factor x population every generation")
 
 
 class SearchSettings(_Model):

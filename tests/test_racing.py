@@ -8,7 +8,8 @@ import math
 import pytest
 import yaml
 
-from petra.engine.racing import MIN_OBSERVED, Calibration, survivors
+from petra.engine.racing import MIN_OBSERVED, Calibration, screen_count, survivors
+from petra.errors import COMPLETE, PRUNED
 from tests.conftest import TINY_TASK
 from tests.test_search_integration import read_runs, run_cli
 
@@ -78,7 +79,7 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
                   "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
                   "finetune": {"epochs": [0, 1]}},
         "search": {"strategy": "nsga2", "population": 4, "generations": 4,
-                   "racing": {"enabled": True, "factor": 3}},
+                   "racing": {"enabled": True, "factor": 3, "screen_share": None}},
         "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "racing"},
     }
@@ -101,9 +102,57 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
         assert run.data.tags["petra.tier"] == "2"
         assert {"val_accuracy", "artifact_bytes", "latency_ms", "latency_ratio",
                 "tier0_divergence", "tier0_latency_ratio"} <= set(run.data.metrics)
+    # screen_share null: every later generation screens factor x population offspring
+    later = [c for c in children if c.data.tags["petra.generation"] != "0"]
+    assert len(later) > 4 * 3
     # measured after the calibration was ready, a candidate carries what it was predicted to be
     assert any("tier0_predicted_latency_ratio" in r.data.metrics for r in measured)
     assert "racing:" in proc.stdout
+
+
+def test_a_racing_search_screens_what_its_screen_share_affords(tmp_path):
+    """With a screen share far below what one screen costs against one evaluation, every
+    generation after the first screens only a population's worth of offspring (with
+    screen_share null it screens factor x population: the test above)."""
+    config = {
+        "name": "share", "seed": 6, "task": TINY_TASK,
+        "space": {"pruning": ["none", "l2_channel"], "sparsity": [0.0, 0.8],
+                  "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
+                  "finetune": {"epochs": [0, 1]}},
+        "search": {"strategy": "nsga2", "population": 4, "generations": 3,
+                   "racing": {"enabled": True, "factor": 3, "screen_share": 0.001}},
+        "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "share"},
+    }
+    path = tmp_path / "share.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_cli("search", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _client, _parents, children = read_runs(tmp_path, "share")
+    per_generation = {g: sum(c.data.tags["petra.generation"] == str(g) for c in children)
+                      for g in (1, 2)}
+    assert all(1 <= n <= 4 for n in per_generation.values()), per_generation
+
+
+def timed(status: str, **metrics: float) -> dict:
+    return {"status": status, "metrics": metrics}
+
+
+def test_the_screen_count_is_what_screening_may_cost_against_measuring():
+    measured = [timed(COMPLETE, eval_time_s=t, latency_ms=1.0, tier0_time_s=0.2)
+                for t in (3.0, 4.0, 5.0)]
+    screened = [timed(PRUNED, tier0_time_s=t) for t in (0.1, 0.2, 0.2, 0.3)]
+    records = measured + screened
+    # median screen 0.2 s of 7, median evaluation 4 s: 0.25 x 16 x 4 / 0.2 = 80 screens
+    assert screen_count(records, population=16, factor=16, share=0.25) == 80
+    assert screen_count(records, population=16, factor=4, share=0.25) == 64  # factor caps it
+    assert screen_count(records, population=16, factor=16, share=0.01) == 16  # never < population
+    assert screen_count(records, population=16, factor=16, share=None) == 256
+    # no times yet (or only screens, or only failed evaluations): factor x population
+    assert screen_count([], population=16, factor=16, share=0.25) == 256
+    assert screen_count(screened, population=16, factor=16, share=0.25) == 256
+    failed = [timed("failed", eval_time_s=30.0, tier0_time_s=0.2)]
+    assert screen_count(failed + screened, population=16, factor=16, share=0.25) == 256
 
 
 def test_the_latency_table_is_corrected_per_scheme_once_two_are_measured():

@@ -19,7 +19,7 @@ from petra.engine import pareto
 from petra.engine.executor import Job, make_executor
 from petra.engine.fidelity import rung_for_generation
 from petra.engine.interrupts import ctrl_c_noted
-from petra.engine.racing import Calibration, race
+from petra.engine.racing import Calibration, race, screen_count
 from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
 from petra.space import model_space
@@ -281,8 +281,8 @@ class _Search:
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                self.generation, cfg.constraints.model_dump())
         done = len(self.records)
-        # with racing, each generation after the first records factor x population candidates
-        per_generation = cfg.search.population * (cfg.search.racing.factor if self.racing else 1)
+        # with racing, each generation after the first records its offspring, all screened
+        per_generation = self.strategy.offspring
         planned = max(done, cfg.search.population + per_generation * (cfg.search.generations - 1))
         here = done - self.done_at_start
         spent = time.monotonic() - self.started
@@ -317,6 +317,12 @@ class _Search:
 
         cfg, space = self.cfg, self.space
         while not self.strategy.done:
+            if self.racing:
+                # offspring sized to what screening may cost (a batch already proposed, as on
+                # resume, is asked again as it was)
+                self.strategy.offspring = screen_count(
+                    self.records, cfg.search.population, cfg.search.racing.factor,
+                    cfg.search.racing.screen_share)
             genomes = self.strategy.ask()
             rung = self._rung()
             jobs: list[Job] = []

@@ -17,6 +17,12 @@ learned from the search's own measured (tier-2) candidates:
   ratio. Where a layer could not be timed alone, ``exp(a) * macs_ratio ** b``, least squares in
   logs over the measured candidates of the scheme (pooled while it has fewer than four).
 
+How many offspring are screened (:func:`screen_count`): ``factor`` times the population at
+most, and no more than screening in ``screen_share`` of the time measuring a population takes,
+at the search's median screen and evaluation times so far. Where a full evaluation costs a few
+screens (a small model, a short fine-tune), screening all ``factor`` x population would cost
+more measured candidates than it could pick well.
+
 A candidate goes on to the measured evaluation only when no member of the measured front
 dominates its optimistic prediction on the search's objectives (accuracy plus the
 calibration's own error, sizes and latencies less theirs), and then at most ``population`` of
@@ -97,6 +103,28 @@ class Calibration:
                 out[k].append(abs(guess[k] / o[k] - 1))
         return {k: max(MIN_MARGIN, float(np.median(v))) if v else math.inf
                 for k, v in out.items()}
+
+
+def screen_count(records: Sequence[Mapping[str, Any]], population: int, factor: int,
+                 share: float | None) -> int:
+    """How many offspring to screen this generation: ``factor * population``, less where
+    screening them would take more than ``share`` of the time that measuring ``population``
+    takes, at the median ``tier0_time_s`` and ``eval_time_s`` of the ``records`` so far; never
+    fewer than ``population``. ``share`` None, or no times yet, screens ``factor * population``.
+    """
+    most = population * factor
+    if share is None:
+        return most
+    screens = [float(r["metrics"]["tier0_time_s"]) for r in records
+               if math.isfinite(float(r["metrics"].get("tier0_time_s", math.nan)))]
+    evals = [float(r["metrics"]["eval_time_s"]) for r in records
+             if r["status"] == COMPLETE and "latency_ms" in r["metrics"]
+             and math.isfinite(float(r["metrics"].get("eval_time_s", math.nan)))]
+    if not screens or not evals:
+        return most
+    affordable = share * population * float(np.median(evals)) / max(float(np.median(screens)),
+                                                                    1e-6)
+    return int(min(most, max(population, math.floor(affordable))))
 
 
 def _predict(rows: Sequence[Mapping[str, Any]], scheme: str, x: Sequence[float],
