@@ -72,7 +72,11 @@ MEANINGS: dict[str, str] = {
                                       "null: learned from earlier generations",
     "search.racing.enabled": "screen many offspring at tier 0 and measure only the promising "
                              "ones",
-    "search.racing.factor": "offspring screened per generation, in populations",
+    "search.racing.factor": "the most offspring screened per generation, in populations",
+    "search.racing.screen_share": "screening may take at most this share of the time measuring "
+                                  "a population takes (sized each generation from the search's "
+                                  "median screen and evaluation times); null: always factor x "
+                                  "population",
     "execution.address": "null: a local Ray cluster on 127.0.0.1; or `host:port` of a running "
                          "cluster",
     "execution.workers": "candidates evaluated in parallel (Ray actors, kept warm)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -62,5 +63,18 @@ def test_ray_executor_runs_jobs_on_warm_loopback_workers(tiny_task) -> None:
             assert all(a.startswith(LOOPBACK) for a in addresses), addresses
         accs = executor.test_accuracy([int8[0].artifact])
         assert 0.0 <= accs[0] <= 1.0
+        # the workers start on the first jobs at the call, before the caller iterates (the
+        # loop logs what racing screened out meanwhile)
+        results = executor.run(jobs[:2])
+        time.sleep(3.0)
+        iterating = time.time()
+        started = [r.info["started_at"] for _, r in results]
+        assert len(started) == 2 and max(started) < iterating - 1.0
+        # closed before it was iterated, it stops the workers it started: the next run is not
+        # queued behind them, and it runs on fresh workers
+        before = set(executor._actors)
+        executor.run(jobs[:2]).close()
+        assert not before & set(executor._actors)
+        assert [r.status for _, r in executor.run(jobs[:1])] == ["complete"]
     finally:
         executor.close()

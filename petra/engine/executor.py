@@ -184,14 +184,15 @@ class RayExecutor:
 
     def run(self, jobs: Iterable[Job], deadline: float | None = None
             ) -> Iterator[tuple[Job, Result]]:
-        """Yield ``(job, result)`` as results complete.
+        """``(job, result)`` pairs, as results complete.
 
-        A worker that finishes is given its next job before its result is yielded, so the
-        caller's logging overlaps the workers' evaluations. A job whose worker dies is run again
-        on a fresh worker, :data:`WORKER_RETRIES` times, then failed; the dead worker is
-        replaced either way.
+        The first jobs go to the workers at this call, before the caller iterates, so what the
+        caller does first (logging what racing screened out) overlaps their evaluations; and a
+        worker that finishes is given its next job before its result is yielded. A job whose
+        worker dies is run again on a fresh worker, :data:`WORKER_RETRIES` times, then failed;
+        the dead worker is replaced either way.
 
-        At ``deadline`` (a :func:`time.monotonic` time), or when the caller stops iterating,
+        At ``deadline`` (a :func:`time.monotonic` time), or when the caller closes the iterator,
         nothing more is started and the workers still evaluating are killed and replaced by
         fresh ones, so that nothing left running delays what the caller asks next (the front's
         test accuracy). Those jobs are not yielded.
@@ -208,12 +209,18 @@ class RayExecutor:
                                             job.tier)
                 pending[ref] = (job, actor)
 
-        try:
-            dispatch()
-            yield from self._collect(pending, queue, idle, attempts, dispatch, deadline)
-        finally:
-            for _, actor in pending.values():
-                self._replace(actor)
+        def stop() -> None:
+            while pending:
+                self._replace(pending.popitem()[1][1])
+
+        def results() -> Iterator[tuple[Job, Result]]:
+            try:
+                yield from self._collect(pending, queue, idle, attempts, dispatch, deadline)
+            finally:
+                stop()
+
+        dispatch()
+        return _Results(results(), stop)
 
     def _collect(self, pending: dict[Any, tuple[Job, Any]], queue: deque[Job], idle: list[Any],
                  attempts: dict[int, int], dispatch: Any, deadline: float | None,
@@ -268,6 +275,24 @@ class RayExecutor:
         self._actors, self._directory = [], None
         if self._owns_cluster:
             self._ray.shutdown()
+
+
+class _Results:
+    """The iterator :meth:`RayExecutor.run` returns: its ``close`` stops the workers still
+    evaluating even when iteration never began (a generator's own ``close`` would not)."""
+
+    def __init__(self, results: Iterator[tuple[Job, Result]], stop: Any) -> None:
+        self._results, self._stop = results, stop
+
+    def __iter__(self) -> _Results:
+        return self
+
+    def __next__(self) -> tuple[Job, Result]:
+        return next(self._results)
+
+    def close(self) -> None:
+        self._results.close()
+        self._stop()
 
 
 def _check_gpus(ray: Any, workers: int, gpus_per_candidate: float) -> None:

@@ -332,10 +332,17 @@ class _Search:
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
                                 candidate_seed(cfg.seed, self.generation, index), rung))
+            screened_out: list[tuple[Job, Result]] = []
             if self.racing:
-                jobs = self._race(executor, jobs)
+                jobs, screened_out = self._race(executor, jobs)
             parallel = getattr(executor, "workers", 1)
             results = executor.run(jobs, deadline=self._deadline())
+            # Under Ray the workers have begun measuring: the screened-out ones are logged
+            # meanwhile (tens of milliseconds each), then checkpointed once.
+            for job, result in screened_out:
+                self._record(job, result, checkpoint=False)
+            if screened_out:
+                self._checkpoint()
             for finished, (job, result) in enumerate(results, start=1):
                 if job.tier0:
                     result.metrics.update(job.tier0)
@@ -372,8 +379,9 @@ class _Search:
             self.generation += 1
             self._checkpoint()
 
-    def _record(self, job: Job, result: Result) -> None:
-        """Make one finished candidate durable, log it and checkpoint the search."""
+    def _record(self, job: Job, result: Result, *, checkpoint: bool = True) -> None:
+        """Make one finished candidate durable (in the journal) and log it; checkpoint the
+        search unless told not to (a batch checkpoints once, after its last)."""
         entry = {"genome_hash": job.genome_hash, "generation": self.generation,
                  "index": job.key, "genome": result.genome, "metrics": result.metrics,
                  "status": result.status, "error": result.error, "info": result.info}
@@ -381,22 +389,23 @@ class _Search:
         self.results[job.genome_hash] = record
         if result.artifact:
             self.artifacts[job.genome_hash] = result.artifact
-        self._checkpoint()
+        if checkpoint:
+            self._checkpoint()
 
-    def _race(self, executor: LocalExecutor | RayExecutor, jobs: list[Job]) -> list[Job]:
-        """Screen this generation's ``jobs`` at tier 0; record those screened out and return
-        the ones to measure (all of them in the first generation: it feeds the calibration)."""
+    def _race(self, executor: LocalExecutor | RayExecutor, jobs: list[Job]
+              ) -> tuple[list[Job], list[tuple[Job, Result]]]:
+        """Screen this generation's ``jobs`` at tier 0; returns the ones to measure (all of
+        them in the first generation: it feeds the calibration) and those screened out, with
+        their results, to record."""
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                self.generation, self.cfg.constraints.model_dump())
         keep = self.cfg.search.population if self.generation else len(jobs)
         measured, out = race(executor, jobs, self.calibration,
                              [m["metrics"] for m in snap.members], keep, self.objectives,
                              deadline=self._deadline())
-        for job, result in out:
-            self._record(job, result)
         if out:
             self.say(f"racing: {len(jobs)} screened at tier 0, {len(measured)} to measure")
-        return measured
+        return measured, out
 
     def _generation_front(self, generation: int, count: int) -> tuple[Any, list[Any], Any]:
         """The front after ``generation`` (its first ``count`` records), built when logged."""

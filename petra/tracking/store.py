@@ -55,6 +55,15 @@ def _millis(seconds: Any) -> int | None:
     return None if seconds is None else int(float(seconds) * 1000)
 
 
+def _metrics(metrics: Mapping[str, float], step: int = 0) -> list[Any]:
+    """MLflow ``Metric`` entities of the finite values of ``metrics``, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))]
+
+
 def artifact_root(uri: str) -> str | None:
     """Where a new experiment keeps artifacts: beside a sqlite store, else the server's default."""
     if uri.startswith("sqlite:///"):
@@ -239,13 +248,7 @@ class Tracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [
-            Metric(k, float(v), now, step) for k, v in metrics.items()
-            if v is not None and math.isfinite(float(v))
-        ]
+        items = _metrics(metrics, step)
         if items:
             self.client.log_batch(run_id, metrics=items)
 
@@ -284,10 +287,12 @@ class Tracker:
             self.experiment_id, run_name=f"g{generation:02d}-c{index:02d}", tags=tags,
             start_time=started)
         run_id = run.info.run_id
+        # params, metrics and the index in one call (MLflow takes 100 params per call)
         params = [Param(k, str(v)) for k, v in result.genome.items()]
-        for start in range(0, len(params), 100):
+        self.client.log_batch(run_id, params=params[:100], metrics=_metrics(result.metrics),
+                              tags=[RunTag("petra.candidate_index", str(index))])
+        for start in range(100, len(params), 100):
             self.client.log_batch(run_id, params=params[start:start + 100])
-        self.log_metrics(run_id, result.metrics)
         if result.artifact:
             with tempfile.TemporaryDirectory(prefix="petra-") as tmp:
                 path = Path(tmp) / "model.petra"
@@ -295,7 +300,6 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path))
         if "traceback" in result.info:
             self.client.log_text(run_id, result.info["traceback"], "error.txt")
-        self.client.log_batch(run_id, tags=[RunTag("petra.candidate_index", str(index))])
         self.client.set_terminated(run_id, "FAILED" if result.status == "failed" else "FINISHED",
                                    end_time=ended)
         return run_id
