@@ -20,7 +20,7 @@ too) on the dense model's ONNX, and whether the racing arm's front dominates it.
 
 ``--factor`` is the most offspring screened per generation, in populations;
 ``--screen-share`` overrides ``search.racing.screen_share``, which caps what screening may cost
-(the config's default unless given).
+(the config's default unless given); ``--select`` overrides ``search.racing.select``.
 
 ``--task NAME:SECONDS`` gives that task's searches their budget; a bare ``NAME`` keeps the
 config's own ``time_budget_s`` (text_bert's default config: 780 s).
@@ -52,7 +52,7 @@ STORE = ROOT / "runs" / "benchmarks" / "search_at_scale"
 
 
 def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int,
-            screen_share: str | None = None) -> dict:
+            screen_share: str | None = None, select: str | None = None) -> dict:
     from petra.config import load_config
     from petra.engine.loop import search
     from petra.tracking.runs import hypervolume_history
@@ -65,6 +65,7 @@ def run_arm(task: str, seed: int, racing: bool, budget: float, factor: int,
         f"search.racing.enabled={'true' if racing else 'false'}",
         f"search.racing.factor={factor}",
         *([] if screen_share is None else [f"search.racing.screen_share={screen_share}"]),
+        *([] if select is None else [f"search.racing.select={select}"]),
         f"tracking.uri={uri}",
         f"tracking.experiment=scale-{task}-{seed}-{'racing' if racing else 'plain'}",
     ])
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--screen-share", default=None,
                         help="search.racing.screen_share (a number, or null); default: the "
                         "config's")
+    parser.add_argument("--select", default=None, choices=["rank", "hypervolume"],
+                        help="search.racing.select; default: the config's")
     parser.add_argument("--out", default=str(OUT))
     opts = parser.parse_args()
     prov = provenance()  # before the evaluator pins this process to one core
@@ -192,7 +195,8 @@ def main() -> None:
         for seed in opts.seeds:
             reference = one_call_int8(task, seed)
             for racing in (False, True):
-                row = run_arm(task, seed, racing, budget, opts.factor, opts.screen_share)
+                row = run_arm(task, seed, racing, budget, opts.factor, opts.screen_share,
+                              opts.select)
                 row["one_call_int8_dynamic"] = reference
                 row["dominated_by_front"] = dominates(row["front"], reference)
                 rows.append(row)
@@ -203,6 +207,7 @@ def main() -> None:
     Path(opts.out).write_text(json.dumps({
         "commit": prov["commit"], "provenance": prov, "factor": opts.factor,
         "screen_share": opts.screen_share or "the config's",
+        "select": opts.select or "the config's",
         "seeds": opts.seeds, "tasks": report,
     }, indent=1, default=str))
     print(f"wrote {opts.out}")

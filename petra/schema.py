@@ -255,6 +255,11 @@ class RacingConfig(_Model):
         description="null or a number in (0, 16]: screening may take at most this share of the "
         "time measuring takes each generation (the count sized from the search's median screen "
         "and evaluation times); null screens factor x population every generation")
+    select: Literal["rank", "hypervolume"] = Field(
+        "rank", description="one of rank, hypervolume: which of the candidates the front does "
+        "not dominate are measured, when more are left than a population (rank: in "
+        "non-dominated order of their predictions; hypervolume: greedily by the hypervolume "
+        "their optimistic predictions add to the front)")
 
 
 class SearchSettings(_Model):

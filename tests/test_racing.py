@@ -69,6 +69,33 @@ def test_survivors_drop_what_the_front_dominates_and_cap_the_rest():
     assert kept == [0, 1, 2, 3, 4]
 
 
+def test_the_hypervolume_selection_spreads_the_candidates_kept_over_the_front():
+    """With a hypervolume reference, the kept candidates are those whose optimistic predictions
+    add the most hypervolume, each counted after those taken before it: of three predicted at
+    one spot and one elsewhere, the one elsewhere goes second; a prediction below the
+    reference's accuracy adds nothing and goes last."""
+    front = [{"val_accuracy": 0.95, "size_ratio": 0.5, "latency_ratio": 0.5}]
+    errors = {"val_accuracy": 0.0, "size_ratio": 0.0, "latency_ratio": 0.0}
+    reference = (-(1.0 - 0.1), 1.0, 1.0)  # pareto.reference_point for a baseline at 1.0
+    predictions = [
+        {"val_accuracy": 0.80, "size_ratio": 0.01, "latency_ratio": 0.01},  # below the ref
+        {"val_accuracy": 0.97, "size_ratio": 0.2, "latency_ratio": 0.2},    # a spot ...
+        {"val_accuracy": 0.97, "size_ratio": 0.21, "latency_ratio": 0.2},   # ... the same
+        {"val_accuracy": 0.97, "size_ratio": 0.2, "latency_ratio": 0.21},   # ... the same
+        {"val_accuracy": 0.99, "size_ratio": 0.45, "latency_ratio": 0.45},  # elsewhere
+    ]
+    kept, reasons = survivors(predictions, front, errors, keep=2, reference=reference)
+    assert kept == [1, 4] and {0, 2, 3} == set(reasons)
+    # in non-dominated order (no reference), input order breaks the ties of the first rank
+    kept, _ = survivors(predictions, front, errors, keep=2)
+    assert kept == [0, 1]
+    # nothing adds hypervolume: the rank order decides
+    tiny = [{"val_accuracy": 0.5, "size_ratio": 0.9, "latency_ratio": 0.9 - 0.1 * i}
+            for i in range(3)]
+    kept, _ = survivors(tiny, [], errors, keep=1, reference=reference)
+    assert kept == [2]
+
+
 def test_a_racing_search_measures_every_front_member(tmp_path):
     """Racing on: the later generations screen three times the population at tier 0; the
     screened-out candidates are child runs tagged petra.tier=0 with their reading and reason,

@@ -400,9 +400,11 @@ class _Search:
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                self.generation, self.cfg.constraints.model_dump())
         keep = self.cfg.search.population if self.generation else len(jobs)
+        reference = pareto.reference_point(self.objectives, self.baseline.metrics) \
+            if self.cfg.search.racing.select == "hypervolume" else None
         measured, out = race(executor, jobs, self.calibration,
                              [m["metrics"] for m in snap.members], keep, self.objectives,
-                             deadline=self._deadline())
+                             deadline=self._deadline(), reference=reference)
         if out:
             self.say(f"racing: {len(jobs)} screened at tier 0, {len(measured)} to measure")
         return measured, out

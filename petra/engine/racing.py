@@ -202,6 +202,7 @@ DEFAULT_OBJECTIVES = (("val_accuracy", "max"), ("artifact_bytes", "min"),
 def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mapping[str, float]],
               errors: Mapping[str, float], keep: int,
               objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
+              reference: Sequence[float] | None = None,
               ) -> tuple[list[int], dict[int, str]]:
     """Which screened candidates go on to be measured: the indices kept, in order, and the
     reason each other one was screened out.
@@ -209,15 +210,18 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
     A candidate whose optimistic prediction a measured ``front`` member dominates, on the
     search's ``objectives``, is out. Where an objective is one racing does not predict
     (``params``, ``macs``), nothing is screened out that way. Of the rest, at most ``keep`` go
-    on, in non-dominated order of their predictions on the predicted objectives (ties in input
-    order).
+    on: in non-dominated order of their predictions on the predicted objectives (ties in input
+    order), or, given the hypervolume ``reference`` (:func:`petra.engine.pareto.reference_point`,
+    on the ratios racing predicts), greedily by the hypervolume each one's optimistic
+    prediction adds to the front and to those already taken (:func:`_by_hypervolume_gain`).
     """
     keys = [(PREDICTED[m], d) for m, d in objectives if m in PREDICTED]
     comparable = len(keys) == len(objectives)
     reasons: dict[int, str] = {}
     open_: list[int] = []
+    hopes: dict[int, list[float]] = {}
     for i, p in enumerate(predictions):
-        hope = [_optimistic(p[k], errors[k], k, d) for k, d in keys]
+        hope = hopes[i] = [_optimistic(p[k], errors[k], k, d) for k, d in keys]
         beaten = comparable and any(
             _dominates([_minimized(m[k], d) for k, d in keys], hope) for m in front)
         if beaten:
@@ -230,11 +234,39 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
         points = np.array([[_minimized(predictions[i][k], d) for k, d in keys] for i in open_])
         ranks = non_dominated_ranks(points) if keys else [0] * len(open_)
         order = sorted(range(len(open_)), key=lambda j: (ranks[j], j))
+        if reference is not None and comparable and keys:
+            members = [[_minimized(m[k], d) for k, d in keys] for m in front]
+            order = _by_hypervolume_gain([hopes[i] for i in open_], members, reference, order)
         for j in order[keep:]:
             reasons[open_[j]] = (f"tier 0: not among the {keep} best predictions of this "
                                  "generation")
         open_ = [open_[j] for j in sorted(order[:keep])]
     return open_, reasons
+
+
+def _by_hypervolume_gain(hopes: Sequence[Sequence[float]], front: Sequence[Sequence[float]],
+                         reference: Sequence[float], order: Sequence[int]) -> list[int]:
+    """``order`` (indices of ``hopes``) rearranged greedily: first the hope that adds the most
+    hypervolume to ``front`` (all minimized, bounded by ``reference``), then the one that adds
+    the most to the front and the first, and so on; once none adds any, the rest in ``order``.
+    Each pick's gain counts what the picks before it already cover, so a second candidate
+    predicted where a first was goes after one predicted elsewhere."""
+    from petra.engine.pareto import hypervolume
+
+    base = [list(m) for m in front]
+    left, picked = list(order), []
+    covered = hypervolume(np.array(base), reference) if base else 0.0
+    while left:
+        gains = [hypervolume(np.array([*base, list(hopes[j])]), reference) - covered
+                 for j in left]
+        best = int(np.argmax(gains))  # the first of equal gains, in ``order``
+        if gains[best] <= 0.0:
+            break
+        j = left.pop(best)
+        picked.append(j)
+        base.append(list(hopes[j]))
+        covered += gains[best]
+    return picked + left
 
 
 def _minimized(value: float, direction: str) -> float:
@@ -257,12 +289,15 @@ def _dominates(member: Sequence[float], hope: Sequence[float]) -> bool:
 def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
          front: Sequence[Mapping[str, float]], keep: int,
          objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
-         deadline: float | None = None) -> tuple[list[Any], list[Any]]:
+         deadline: float | None = None, reference: Sequence[float] | None = None,
+         ) -> tuple[list[Any], list[Any]]:
     """Screen ``jobs`` at tier 0 on ``executor``; returns the jobs to measure (each with its
     tier-0 reading in ``tier0``) and the ``(job, result)`` pairs screened out, whose results are
     ``pruned`` with the reason. Before the calibration is :attr:`~Calibration.ready`, the tier-0
     numbers themselves are ranked (divergence for accuracy, the estimates for size and MACs for
-    latency) and nothing is compared with the front. Jobs not screened by ``deadline`` (a
+    latency) and nothing is compared with the front; once it is, a hypervolume ``reference``
+    orders the candidates kept by the hypervolume they are predicted to add (see
+    :func:`survivors`). Jobs not screened by ``deadline`` (a
     :func:`time.monotonic` time) are left out of both lists."""
     readings = {job.genome_hash: result for job, result in
                 executor.run([replace(job, tier=0) for job in jobs], deadline=deadline)}
@@ -277,7 +312,8 @@ def race(executor: Any, jobs: Sequence[Any], calibration: Calibration,
                         "size_ratio": r["tier0_size_ratio"], "latency_ratio": r["tier0_macs_ratio"]}
                        for r in (readings[job.genome_hash].metrics for job in ok)]
         errors, front = {"val_accuracy": 0.0, "size_ratio": 0.0, "latency_ratio": 0.0}, ()
-    kept, reasons = survivors(predictions, front, errors, keep, objectives)
+        reference = None  # the raw tier-0 numbers are not the objectives' ratios
+    kept, reasons = survivors(predictions, front, errors, keep, objectives, reference)
     predicted = [{f"tier0_predicted_{k}": v for k, v in p.items()} if calibration.ready else {}
                  for p in predictions]
     # what a measured candidate was predicted to be travels with it, so the predictions'
