@@ -101,7 +101,8 @@ def test_empty_mapping_gives_the_documented_defaults():
         "generations": 6,
         "time_budget_s": None,
         "multi_fidelity": {"enabled": True, "rung_epochs": 1, "headroom": None},
-        "racing": {"enabled": False, "factor": 4, "screen_share": 0.25},
+        "racing": {"enabled": False, "factor": 4, "screen_share": 0.25,
+                   "select": "rank"},
     }
     assert cfg.execution.model_dump() == {
         "address": None,

@@ -35,6 +35,7 @@ FIELDS = {
     "search.racing.enabled": [3, "maybe"],
     "search.racing.factor": [0, 65, 2.5, "four"],
     "search.racing.screen_share": [0, -1, 17, "a quarter"],
+    "search.racing.select": ["best", 1, ["rank"]],
     "space.pruning": ["magnitude", [], ["foo"], [1], None, ["none", "l3_channel"]],
     "space.sparsity": [[0.5, 0.2], [-0.1, 0.5], [0.0, 1.5], [0.1], "0.5", [None, 0.5]],
     "space.quantization": [["int9"], [], "int8_static", [None]],
