@@ -97,16 +97,18 @@ def test_the_hypervolume_selection_spreads_the_candidates_kept_over_the_front():
 
 
 def test_a_racing_search_measures_every_front_member(tmp_path):
-    """Racing on: the later generations screen three times the population at tier 0; the
-    screened-out candidates are child runs tagged petra.tier=0 with their reading and reason,
-    and every front member was measured in full (tier 2)."""
+    """Racing on (keeping candidates by predicted hypervolume gain): the later generations
+    screen three times the population at tier 0; the screened-out candidates are child runs
+    tagged petra.tier=0 with their reading and reason, and every front member was measured in
+    full (tier 2)."""
     config = {
         "name": "racing", "seed": 5, "task": TINY_TASK,
         "space": {"pruning": ["none", "magnitude", "l2_channel"], "sparsity": [0.0, 0.8],
                   "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
                   "finetune": {"epochs": [0, 1]}},
         "search": {"strategy": "nsga2", "population": 4, "generations": 4,
-                   "racing": {"enabled": True, "factor": 3, "screen_share": None}},
+                   "racing": {"enabled": True, "factor": 3, "screen_share": None,
+                              "select": "hypervolume"}},
         "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "racing"},
     }
