@@ -4,6 +4,7 @@ objectives, and a real search with racing on, whose front holds only measured ca
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import yaml
@@ -96,27 +97,34 @@ def test_the_hypervolume_selection_spreads_the_candidates_kept_over_the_front():
     assert kept == [2]
 
 
+def racing_search(tmp_path, name: str, seed: int, pruning: list[str], generations: int,
+                  racing: dict) -> tuple[Any, list[Any]]:
+    """A search of the tiny task with racing on (``racing``: the rest of ``search.racing``),
+    one local worker, population 4: the CLI's process and the search's child runs."""
+    config = {
+        "name": name, "seed": seed, "task": TINY_TASK,
+        "space": {"pruning": pruning, "sparsity": [0.0, 0.8],
+                  "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
+                  "finetune": {"epochs": [0, 1]}},
+        "search": {"strategy": "nsga2", "population": 4, "generations": generations,
+                   "racing": {"enabled": True, "factor": 3, **racing}},
+        "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": name},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_cli("search", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, read_runs(tmp_path, name)[2]
+
+
 def test_a_racing_search_measures_every_front_member(tmp_path):
     """Racing on (keeping candidates by predicted hypervolume gain): the later generations
     screen three times the population at tier 0; the screened-out candidates are child runs
     tagged petra.tier=0 with their reading and reason, and every front member was measured in
     full (tier 2)."""
-    config = {
-        "name": "racing", "seed": 5, "task": TINY_TASK,
-        "space": {"pruning": ["none", "magnitude", "l2_channel"], "sparsity": [0.0, 0.8],
-                  "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
-                  "finetune": {"epochs": [0, 1]}},
-        "search": {"strategy": "nsga2", "population": 4, "generations": 4,
-                   "racing": {"enabled": True, "factor": 3, "screen_share": None,
-                              "select": "hypervolume"}},
-        "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "racing"},
-    }
-    path = tmp_path / "racing.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = run_cli("search", str(path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    _client, _parents, children = read_runs(tmp_path, "racing")
+    proc, children = racing_search(tmp_path, "racing", 5, ["none", "magnitude", "l2_channel"],
+                                   4, {"screen_share": None, "select": "hypervolume"})
     screened = [c for c in children if c.data.tags["petra.tier"] == "0"]
     measured = [c for c in children if c.data.tags["petra.tier"] == "2"]
     assert len(measured) >= MIN_OBSERVED and screened
@@ -143,21 +151,8 @@ def test_a_racing_search_screens_what_its_screen_share_affords(tmp_path):
     """With a screen share far below what one screen costs against one evaluation, every
     generation after the first screens only a population's worth of offspring (with
     screen_share null it screens factor x population: the test above)."""
-    config = {
-        "name": "share", "seed": 6, "task": TINY_TASK,
-        "space": {"pruning": ["none", "l2_channel"], "sparsity": [0.0, 0.8],
-                  "layers": {"exclude": ["fc"]}, "quantization": ["none", "int8_static"],
-                  "finetune": {"epochs": [0, 1]}},
-        "search": {"strategy": "nsga2", "population": 4, "generations": 3,
-                   "racing": {"enabled": True, "factor": 3, "screen_share": 0.001}},
-        "execution": {"executor": "local", "workers": 1, "cpus_per_candidate": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "share"},
-    }
-    path = tmp_path / "share.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = run_cli("search", str(path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    _client, _parents, children = read_runs(tmp_path, "share")
+    _proc, children = racing_search(tmp_path, "share", 6, ["none", "l2_channel"], 3,
+                                    {"screen_share": 0.001})
     per_generation = {g: sum(c.data.tags["petra.generation"] == str(g) for c in children)
                       for g in (1, 2)}
     assert all(1 <= n <= 4 for n in per_generation.values()), per_generation
