@@ -315,14 +315,11 @@ class _Search:
     def _generations(self, executor: LocalExecutor | RayExecutor) -> None:
         from petra.engine.strategies import Told, candidate_seed
 
-        cfg, space = self.cfg, self.space
+        cfg, space, racing = self.cfg, self.space, self.cfg.search.racing
         while not self.strategy.done:
-            if self.racing:
-                # offspring sized to what screening may cost (a batch already proposed, as on
-                # resume, is asked again as it was)
-                self.strategy.offspring = screen_count(
-                    self.records, cfg.search.population, cfg.search.racing.factor,
-                    cfg.search.racing.screen_share)
+            if self.racing:  # as many offspring as screening affords (a pending batch stays)
+                self.strategy.offspring = screen_count(self.records, cfg.search.population,
+                                                       racing.factor, racing.screen_share)
             genomes = self.strategy.ask()
             rung = self._rung()
             jobs: list[Job] = []
@@ -332,17 +329,12 @@ class _Search:
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
                                 candidate_seed(cfg.seed, self.generation, index), rung))
-            screened_out: list[tuple[Job, Result]] = []
-            if self.racing:
-                jobs, screened_out = self._race(executor, jobs)
+            jobs, screened_out = self._race(executor, jobs) if self.racing else (jobs, [])
             parallel = getattr(executor, "workers", 1)
             results = executor.run(jobs, deadline=self._deadline())
-            # Under Ray the workers have begun measuring: the screened-out ones are logged
-            # meanwhile (tens of milliseconds each), then checkpointed once.
-            for job, result in screened_out:
-                self._record(job, result, checkpoint=False)
-            if screened_out:
-                self._checkpoint()
+            # under Ray the workers measure already: the screened-out are logged meanwhile
+            for i, (job, result) in enumerate(screened_out, start=1):
+                self._record(job, result, checkpoint=i == len(screened_out))
             for finished, (job, result) in enumerate(results, start=1):
                 if job.tier0:
                     result.metrics.update(job.tier0)
