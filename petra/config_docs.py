@@ -80,8 +80,8 @@ MEANINGS: dict[str, str] = {
     "search.racing.select": "which of the candidates the front cannot dominate are measured "
                             "when more are left than a population: `rank` (non-dominated order "
                             "of their predictions, ties in proposal order) or `hypervolume` "
-                            "(greedily, by the hypervolume each optimistic prediction adds to "
-                            "the front and to those already taken; not yet benchmarked)",
+                            "(the default: greedily, by the hypervolume each optimistic "
+                            "prediction adds to the front and to those already taken)",
     "execution.address": "null: a local Ray cluster on 127.0.0.1; or `host:port` of a running "
                          "cluster",
     "execution.workers": "candidates evaluated in parallel (Ray actors, kept warm)",

@@ -256,7 +256,7 @@ class RacingConfig(_Model):
         "time measuring takes each generation (the count sized from the search's median screen "
         "and evaluation times); null screens factor x population every generation")
     select: Literal["rank", "hypervolume"] = Field(
-        "rank", description="one of rank, hypervolume: which of the candidates the front does "
+        "hypervolume", description="one of rank, hypervolume: which of the candidates the front does "
         "not dominate are measured, when more are left than a population (rank: in "
         "non-dominated order of their predictions; hypervolume: greedily by the hypervolume "
         "their optimistic predictions add to the front)")

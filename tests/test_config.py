@@ -102,7 +102,7 @@ def test_empty_mapping_gives_the_documented_defaults():
         "time_budget_s": None,
         "multi_fidelity": {"enabled": True, "rung_epochs": 1, "headroom": None},
         "racing": {"enabled": False, "factor": 4, "screen_share": 0.25,
-                   "select": "rank"},
+                   "select": "hypervolume"},
     }
     assert cfg.execution.model_dump() == {
         "address": None,

@@ -150,9 +150,10 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
 def test_a_racing_search_screens_what_its_screen_share_affords(tmp_path):
     """With a screen share far below what one screen costs against one evaluation, every
     generation after the first screens only a population's worth of offspring (with
-    screen_share null it screens factor x population: the test above)."""
+    screen_share null it screens factor x population: the test above). Candidates are kept in
+    rank order here, so the loop runs both selections."""
     _proc, children = racing_search(tmp_path, "share", 6, ["none", "l2_channel"], 3,
-                                    {"screen_share": 0.001})
+                                    {"screen_share": 0.001, "select": "rank"})
     per_generation = {g: sum(c.data.tags["petra.generation"] == str(g) for c in children)
                       for g in (1, 2)}
     assert all(1 <= n <= 4 for n in per_generation.values()), per_generation
