@@ -110,9 +110,16 @@ def test_bisect_finds_the_failing_items_in_few_trials():
     assert len(calls) == 1  # everything works: one trial
 
 
-def test_bisect_marks_a_combination_that_fails_only_together():
+def test_bisect_withholds_only_what_completes_a_combination_that_fails_together():
     bad = bisect([1, 2], lambda items: "both" if len(items) == 2 else None)
-    assert set(bad) == {1, 2} and all("combination" in r for r in bad.values())
+    assert set(bad) == {2} and "combination" in bad[2]
+    # 2 and 4 fail together, in different halves: 1, 2 and 3 are kept
+    bad = bisect([1, 2, 3, 4], lambda items: "2+4" if {2, 4} <= set(items) else None)
+    assert set(bad) == {4} and bad[4].endswith("(2+4)")
+    # a failure that does not come back: the set that failed is withheld, as before
+    calls = []
+    bad = bisect([1, 2], lambda items: calls.append(1) or ("once" if len(calls) == 1 else None))
+    assert set(bad) == {1, 2}
 
 
 def space_of(task, tmp_path, pruning=("none", "magnitude", "l2_channel", "l2_heads")):
@@ -280,3 +287,58 @@ def test_an_embedding_table_is_offered_low_rank_only_and_factorizes(task, tmp_pa
     assert len(data) < len(dense)
     got = artifact.load(data).run(None, feed(task.example_input, task.input_names))[0]
     np.testing.assert_allclose(got, after.numpy(), atol=1e-4, rtol=0)
+
+
+class SeparateInputs(torch.nn.Module):
+    """An attention block whose q, k and v are separate tensors (the stream normalized once
+    per input), as a user may write it: the pruned attention reaches its q/k/v weight by
+    chunks there, which torch-pruning cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch import nn
+
+        self.embed = nn.Linear(8, 32)
+        self.norm1 = nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.norm2 = nn.LayerNorm(32)
+        self.ff = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(self.norm1(h), self.norm1(h), self.norm1(h), need_weights=False)[0]
+        h = h + self.ff(self.norm2(h))
+        return self.head(h.mean(1))
+
+
+def test_heads_and_the_hidden_size_prune_together_when_q_k_v_are_separate_tensors(tmp_path):
+    """Heads, FFN channels and the hidden size are all offered on such a model (they were all
+    withheld, as failing together), and removed together the model runs, in ONNX Runtime
+    too, with the narrower stream feeding the pruned attention's q/k/v."""
+    from petra.candidate.evaluate import Recipe
+    from petra.compress.structured import prune_channels
+
+    torch.manual_seed(0)
+    model, x = SeparateInputs().eval(), torch.randn(4, 10, 8)
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel", "l2_heads"],
+                                 "sparsity": [0.0, 0.8], "quantization": ["none"]}})
+    space = model_space(cfg.space, model, x, cache=tmp_path)
+    assert not space.withheld
+    assert "l2_heads" in space.gene("layers.attn.method").choices
+    assert "l2_channel" in space.gene("layers.ff.0.method").choices and "prune.width" in space
+    recipe = Recipe.from_genome(space.complete({
+        "layers.attn.method": "l2_heads", "layers.attn.sparsity": 0.5,
+        "layers.ff.0.method": "l2_channel", "layers.ff.0.sparsity": 0.5,
+        "prune.width": 0.25, "prune.round_to": 1}))
+    infos = attention_layers(model, x)
+    assert prune_attention(model, recipe.of_kind("heads"), infos) == {"attn": (4, 2)}
+    writers = [layer.name for layer in space.layers if layer.residual]
+    changes = prune_channels(model, x, recipe.structured_plan(writers), protected=["head"])
+    assert changes and model.attn.qkv.in_features == model.norm1.normalized_shape[0] < 32
+    assert model.attn.out_proj.out_features == model.attn.qkv.in_features
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = artifact.load(artifact.pack(artifact.export_onnx(model, x))).run(
+        None, feed((x,), ["input"]))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)

@@ -239,6 +239,46 @@ class PrunedMultiheadAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
+def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
+    """torch-pruning's ``DependencyGraph`` of ``model``, built on ``example_inputs``, which
+    knows :class:`PrunedMultiheadAttention`: channels of the stream it reads are removed from
+    its ``qkv`` columns, and channels of what it writes from its ``out_proj`` rows. Traced
+    through, its separate q, k and v inputs (a model that normalizes the stream once per
+    input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow."""
+    import torch_pruning as tp
+
+    return tp.DependencyGraph().build_dependency(
+        model, example_inputs=example_inputs, verbose=False,
+        customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner()})
+
+
+def _pruned_attention_pruner() -> Any:
+    """torch-pruning's pruning functions for :class:`PrunedMultiheadAttention`: its input and
+    output widths are independent (q, k and v keep their heads), so there is no intra-layer
+    dependency."""
+    import torch_pruning as tp
+
+    class Pruner(tp.pruner.BasePruningFunc):
+        TARGET_MODULES = (PrunedMultiheadAttention,)
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            tp.prune_linear_in_channels(layer.qkv, list(idxs))
+            return layer
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            tp.prune_linear_out_channels(layer.out_proj, list(idxs))
+            layer.embed_dim = layer.out_proj.out_features
+            return layer
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return int(layer.qkv.in_features)
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return int(layer.out_proj.out_features)
+
+    return Pruner()
+
+
 def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -> None:
     """Remove heads ``remove`` of the attention ``info.name``, in place (at least one stays)."""
     import torch_pruning as tp

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from petra.compress.attention import dependency_graph
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
@@ -113,14 +114,12 @@ def channel_layers(model: nn.Module, example_input: Any) -> tuple[set[str], tupl
     with the most writers. Its members (embeddings, every block's output projections) share one
     width, so it is one model-wide gene (``prune.width``), never per-layer votes.
     """
-    import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_input, verbose=False)
+        graph = dependency_graph(model, example_input)
     except Exception:  # noqa: BLE001 - a model DepGraph cannot trace gets no structured genes
         return set(), ()
     finally:
@@ -170,14 +169,13 @@ def prune_channels(
     Returns:
         group root name → (channels before, channels after), for every pruned group.
     """
-    import torch_pruning as tp
 
     if not plan:
         return {}
     names = {m: n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    graph = dependency_graph(model, example_input)
     ignored = [modules[n] for n in protected if n in modules]
     scored = _scored_groups(graph, names, ignored, plan, round_to=round_to, ctx=ctx,
                             gate=gate, keep_whole=sparsity_rule is None)
@@ -242,13 +240,12 @@ def remove_gated_channels(
 ) -> dict[str, tuple[int, int]]:
     """Remove the channels ``removals`` names (group root name → channel indices), after a
     trained criterion chose them; returns root name → (channels before, after)."""
-    import torch_pruning as tp
 
     todo = {k: v for k, v in removals.items() if len(v)}
     if not todo:
         return {}
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    graph = dependency_graph(model, example_input)
     changes = {}
     for name, idxs in todo.items():
         root = model.get_submodule(name)

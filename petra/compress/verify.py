@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
-from petra.compress.attention import kept_heads, prune_heads
+from petra.compress.attention import dependency_graph, kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.quantize import QuantContext
 from petra.compress.recurrent import prune_units
@@ -57,8 +57,10 @@ class Unit:
 def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -> dict[Any, str]:
     """The items that fail ``trial`` (None means it ran), each with its reason.
 
-    ``trial`` runs on all items first, then on halves only where a set fails. A set that fails
-    though both its halves run marks all its items with :data:`COMBINATION`.
+    ``trial`` runs on all items first, then on halves only where a set fails. Where a set
+    fails though both its halves run, its items are taken back one at a time, in order, and
+    each one whose addition makes the set fail is marked with :data:`COMBINATION`: what is
+    left runs together, and no more is withheld than that.
     """
     if not items:
         return {}
@@ -69,6 +71,16 @@ def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -
         return {items[0]: reason}
     mid = len(items) // 2
     bad = {**bisect(items[:mid], trial), **bisect(items[mid:], trial)}
+    if bad:
+        return bad
+    kept: list[Any] = []
+    for item in items:
+        failed = trial([*kept, item])
+        if failed is None:
+            kept.append(item)
+        else:
+            bad[item] = f"{COMBINATION} ({failed})"
+    # all of them ran this time (a flaky failure): withhold the set, as it failed first
     return bad or {item: f"{COMBINATION} ({reason})" for item in items}
 
 
@@ -76,7 +88,6 @@ def structured_units(model: nn.Module, example_input: Sequence[Any], layers: Seq
                      attention: Sequence[Any], recurrent: Sequence[Any]) -> list[Unit]:
     """The units to verify: the channel groups that hold a structured layer of ``layers``
     (torch-pruning DepGraph), the ``attention`` layers and the ``recurrent`` ones."""
-    import torch_pruning as tp
 
     units = [Unit("heads", a.name, (a.name,)) for a in attention]
     units += [Unit("units", r.name, (r.name,)) for r in recurrent]
@@ -91,8 +102,7 @@ def structured_units(model: nn.Module, example_input: Sequence[Any], layers: Seq
     modules = dict(model.named_modules())
     ignored = [modules[name] for name in protected(layers) if name in modules]
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=args(example_input),
-                                                  verbose=False)
+    graph = dependency_graph(model, args(example_input))
     for group in channel_groups(graph, ignored):
         members = tuple(dict.fromkeys(
             names[dep.target.module] for dep, _ in group
@@ -108,7 +118,6 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
            recurrent: Mapping[str, Any], blocks: Sequence[Any]) -> None:
     """Remove, in place, the most each unit may lose: skipped blocks, then heads and recurrent
     units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator` does)."""
-    import torch_pruning as tp
 
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
@@ -124,8 +133,7 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     roots = [u.name for u in units if u.kind == "channels"]
     if not roots:
         return
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=args(example_input),
-                                                  verbose=False)
+    graph = dependency_graph(model, args(example_input))
     for name in roots:
         root = model.get_submodule(name)
         n = graph.get_out_channels(root)
