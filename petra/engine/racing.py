@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from petra.engine.pareto import non_dominated_ranks
+from petra.engine.pareto import hypervolume, non_dominated_ranks
 from petra.errors import COMPLETE, PRUNED
 
 #: Neighbours of the accuracy prediction (3 and 5 tried on tuning seeds 0 and 1: 3 ranked better).
@@ -220,10 +220,10 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
     reasons: dict[int, str] = {}
     open_: list[int] = []
     hopes: dict[int, list[float]] = {}
+    members = [[_minimized(m[k], d) for k, d in keys] for m in front]
     for i, p in enumerate(predictions):
         hope = hopes[i] = [_optimistic(p[k], errors[k], k, d) for k, d in keys]
-        beaten = comparable and any(
-            _dominates([_minimized(m[k], d) for k, d in keys], hope) for m in front)
+        beaten = comparable and any(_dominates(member, hope) for member in members)
         if beaten:
             reasons[i] = (f"tier 0: predicted val {p['val_accuracy']:.3f}, size "
                           f"{p['size_ratio']:.3f}, latency {p['latency_ratio']:.3f} is "
@@ -235,7 +235,6 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
         ranks = non_dominated_ranks(points) if keys else [0] * len(open_)
         order = sorted(range(len(open_)), key=lambda j: (ranks[j], j))
         if reference is not None and comparable and keys:
-            members = [[_minimized(m[k], d) for k, d in keys] for m in front]
             order = _by_hypervolume_gain([hopes[i] for i in open_], members, reference, order)
         for j in order[keep:]:
             reasons[open_[j]] = (f"tier 0: not among the {keep} best predictions of this "
@@ -251,8 +250,6 @@ def _by_hypervolume_gain(hopes: Sequence[Sequence[float]], front: Sequence[Seque
     the most to the front and the first, and so on; once none adds any, the rest in ``order``.
     Each pick's gain counts what the picks before it already cover, so a second candidate
     predicted where a first was goes after one predicted elsewhere."""
-    from petra.engine.pareto import hypervolume
-
     base = [list(m) for m in front]
     left, picked = list(order), []
     covered = hypervolume(np.array(base), reference) if base else 0.0
