@@ -114,7 +114,6 @@ def channel_layers(model: nn.Module, example_input: Any) -> tuple[set[str], tupl
     with the most writers. Its members (embeddings, every block's output projections) share one
     width, so it is one model-wide gene (``prune.width``), never per-layer votes.
     """
-
     names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     model.eval()
@@ -169,7 +168,6 @@ def prune_channels(
     Returns:
         group root name → (channels before, channels after), for every pruned group.
     """
-
     if not plan:
         return {}
     names = {m: n for n, m in model.named_modules()}
@@ -240,7 +238,6 @@ def remove_gated_channels(
 ) -> dict[str, tuple[int, int]]:
     """Remove the channels ``removals`` names (group root name → channel indices), after a
     trained criterion chose them; returns root name → (channels before, after)."""
-
     todo = {k: v for k, v in removals.items() if len(v)}
     if not todo:
         return {}

@@ -88,7 +88,6 @@ def structured_units(model: nn.Module, example_input: Sequence[Any], layers: Seq
                      attention: Sequence[Any], recurrent: Sequence[Any]) -> list[Unit]:
     """The units to verify: the channel groups that hold a structured layer of ``layers``
     (torch-pruning DepGraph), the ``attention`` layers and the ``recurrent`` ones."""
-
     units = [Unit("heads", a.name, (a.name,)) for a in attention]
     units += [Unit("units", r.name, (r.name,)) for r in recurrent]
 
