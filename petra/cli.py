@@ -143,7 +143,8 @@ def _space(cfg: object, as_json: bool) -> int:
     task = load_task(cfg.task.name, cfg.task.params)
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     if as_json:
-        print(json.dumps({"genes": space.describe(), "withheld": space.withheld}, indent=2))
+        print(json.dumps({"genes": space.describe(), "withheld": space.withheld,
+                          "kept_whole": space.kept_whole}, indent=2))
     else:
         for gene in space.describe():
             span = gene.get("choices") or f"[{gene['low']}, {gene['high']}]"
@@ -153,6 +154,10 @@ def _space(cfg: object, as_json: bool) -> int:
             for what, reason in space.withheld.items():
                 label = (f"{what}: structured removal" if what.startswith("layers.") else what)
                 print(f"  {label}: {reason}")
+        if space.kept_whole:
+            print("kept whole (no gene removes their units):")
+            for name, reason in space.kept_whole.items():
+                print(f"  layers.{name}: {reason}")
     return 0
 
 

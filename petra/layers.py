@@ -40,6 +40,9 @@ class LayerInfo:
     #: A writer of the residual stream (:func:`petra.compress.structured.channel_layers`): its
     #: output channels are the model's hidden size, searched by the one ``prune.width`` gene.
     residual: bool = False
+    #: Why no gene removes this layer's units ('' where one may, and for an embedding, whose
+    #: width is the residual stream's): a one-line reason, e.g. the model's output layer.
+    whole: str = ""
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
@@ -51,7 +54,8 @@ ATTENTION_TYPE_NAMES = ("Attention", "MultiheadAttention")
 
 
 def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence[Any] | None = None,
-                    recurrent: Sequence[Any] | None = None) -> list[LayerInfo]:
+                    recurrent: Sequence[Any] | None = None,
+                    recurrent_why: Mapping[str, str] | None = None) -> list[LayerInfo]:
     """The model's prunable layers in execution order.
 
     A layer whose output is the model's output (the classifier) keeps its output channels, and
@@ -65,6 +69,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         example_input: its canonical example inputs.
         attention, recurrent: the model's :func:`~petra.compress.attention.attention_layers`
             and :func:`~petra.compress.recurrent.recurrent_layers`, when already found.
+        recurrent_why: with ``recurrent``, the reasons ``recurrent_layers(..., why=)`` gave.
     """
     import torch
     from torch import nn
@@ -76,13 +81,15 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     if attention is None:
         attention = attention_layers(model, example_input)
     if recurrent is None:
-        recurrent = gru_layers(model, example_input)
+        recurrent_why = {}
+        recurrent = gru_layers(model, example_input, why=recurrent_why)
     heads = {a.name: a for a in attention}
     RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
     types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES)
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
-    capable, residual = channel_layers(model, example_input)
+    errors: list[str] = []
+    capable, residual = channel_layers(model, example_input, errors=errors)
     capable |= {g.name for g in recurrent} | set(heads)
     modules = dict(model.named_modules())
     seen = list(dict.fromkeys(order))
@@ -92,16 +99,23 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
             isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
             and name == seen[-1]
         )
+        whole = ("its output is the model's output" if is_output
+                 else (recurrent_why or {}).get(name) or (errors or [_UNFOLLOWED])[0])
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
-                                 and name in capable, residual=name in residual))
+                                 and name in capable, residual=name in residual, whole=whole))
     return infos
 
 
+#: Why a Linear or Conv torch-pruning traced keeps its channels when it is in no channel group.
+_UNFOLLOWED = ("torch-pruning puts its output channels in no channel group: it cannot follow "
+               "them to every layer that reads them")
+
+
 def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
-                residual: bool) -> LayerInfo:
-    """The :class:`LayerInfo` of one layer; ``attention`` is its AttentionInfo (or None), and
+                residual: bool, whole: str = "") -> LayerInfo:
+    """The :class:`LayerInfo` of one layer; ``attention`` is its AttentionInfo (or None),
     ``removable`` whether its units can go (not the model's output, followed by
-    torch-pruning or a unit remover of petra's)."""
+    torch-pruning or a unit remover of petra's), and ``whole`` why not, when not."""
     from torch import nn
 
     if attention is not None:
@@ -120,13 +134,19 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
     kind = type(module).__name__
     if attention is not None and kind not in ATTENTION_TYPE_NAMES:
         kind = "Attention"
+    if isinstance(module, nn.Embedding):
+        whole = ""
+    elif removable and grouped:
+        whole = f"a grouped convolution (groups={groups}) that is not depthwise"
+    elif removable:
+        whole = ""
     return LayerInfo(
         name=name, type=kind, out_channels=int(out_channels),
         params=sum(p.numel() for p in module.parameters()),
         # an embedding's width is the residual's: channel groups of the Linear layers that
         # share it decide it
         structured=removable and not grouped and not isinstance(module, nn.Embedding),
-        residual=residual,
+        residual=residual, whole=whole,
     )
 
 
@@ -230,7 +250,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 3
+VERIFY_VERSION = 4
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -256,8 +276,10 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     blocks = skippable_blocks(model, example_input) if getattr(
         space_cfg, "skip_blocks", False) else ()
     attention = attention_layers(model, example_input)
-    recurrent = gru_layers(model, example_input)
-    layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent)
+    recurrent_why: dict[str, str] = {}
+    recurrent = gru_layers(model, example_input, why=recurrent_why)
+    layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent,
+                             recurrent_why=recurrent_why)
     verdicts = _verdicts(space_cfg, model, example_input, layers, attention, recurrent, blocks,
                          cache)
     withheld = {f"blocks.{name}.skip": reason for name, reason in verdicts["blocks"].items()}
@@ -276,6 +298,7 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
     space = build_space(space_cfg, layers, blocks)
     space.withheld = withheld
+    space.kept_whole = {layer.name: layer.whole for layer in space.layers if layer.whole}
     return space
 
 

@@ -77,6 +77,9 @@ class SearchSpace:
         #: What :func:`model_space` withheld, with why: ``layers.<name>`` (its structured
         #: methods) or ``quant.scheme=<scheme>`` → the first line of the error.
         self.withheld: dict[str, str] = {}
+        #: Layers of the space whose units no gene removes, each with a one-line reason (the
+        #: model's output layer, a recurrent layer petra cannot follow, ...).
+        self.kept_whole: dict[str, str] = {}
         #: Genes a registry entry declared: gene name → ("pruning" | "regularizer", entry). They
         #: decide nothing unless a layer's method (or ``reg.kind``) is that entry.
         self.owners: dict[str, tuple[str, str]] = dict(owners or {})

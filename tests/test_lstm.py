@@ -119,13 +119,125 @@ def test_stacked_bidirectional_or_projected_lstms_are_not_offered(lstm):
     x = torch.randn(3, 7, 5)
     with torch.no_grad():
         assert model(x).shape == (3, 3)
-    assert recurrent_layers(model, (x,)) == []
+    why: dict[str, str] = {}
+    assert recurrent_layers(model, (x,), why=why) == []
+    shape = {"num_layers": "2 stacked layers", "bidirectional": "bidirectional",
+             "proj_size": "proj_size=4"}[next(iter(lstm))]
+    assert why == {"lstm": f"{shape}: only a single-layer, unidirectional nn.LSTM without "
+                           "projection loses units"}
 
 
 def test_an_lstm_read_by_nothing_prunable_is_not_offered():
     torch.manual_seed(0)
     model = nn.LSTM(5, 8, batch_first=True).eval()
-    assert recurrent_layers(model, (torch.randn(2, 4, 5),)) == []
+    why: dict[str, str] = {}
+    assert recurrent_layers(model, (torch.randn(2, 4, 5),), why=why) == []
+    assert why[""].startswith("no Linear or Conv1d reads its outputs")
+
+
+class ConcatNet(nn.Module):
+    """An LSTM whose last step reaches the head through ``torch.cat`` with a side branch:
+    ``order`` "first" (units at columns 0-11), "last" (after the side's 6 features), or
+    "twice" (the last output and ``h_n``, around the side)."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.order = order
+        self.lstm = nn.LSTM(5, 12, batch_first=True)
+        self.side = nn.Linear(4, 6)
+        self.head = nn.Linear(12 * (2 if order == "twice" else 1) + 6, 3)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        out, (h_n, _c_n) = self.lstm(x)
+        side = torch.relu(self.side(extra))
+        parts = {"first": [out[:, -1], side], "last": [side, torch.tanh(out[:, -1])],
+                 "twice": [out[:, -1], side, h_n[-1]]}[self.order]
+        return self.head(torch.cat(parts, dim=-1))
+
+
+@pytest.mark.parametrize("order, offsets", [("first", (0,)), ("last", (6,)),
+                                            ("twice", (0, 18))])
+def test_lstm_units_are_followed_through_a_concatenation(order, offsets):
+    """The units are a block of the head's input columns (two blocks when the head reads the
+    output and ``h_n``): dead units removed with their columns change nothing, and every
+    column of the side branch stays."""
+    torch.manual_seed(0)
+    model = ConcatNet(order).eval()
+    x, extra = torch.randn(3, 7, 5), torch.randn(3, 4)
+    dead, h = [0, 3, 4, 9], 12
+    with torch.no_grad():
+        for unit in dead:  # as in the zero-weights test above: a dead unit outputs 0
+            rows = [g * h + unit for g in range(4)]
+            for param in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
+                          model.lstm.bias_ih_l0, model.lstm.bias_hh_l0):
+                param[rows] = 0
+            model.lstm.weight_hh_l0[:, unit] = 0
+        reference = model(x, extra)
+    (info,) = recurrent_layers(model, (x, extra))
+    assert info.consumers == ("head",) and info.offsets == (offsets,)
+    scores = PRUNING.get("l2_units").fn(model, info)
+    assert set(torch.argsort(scores)[:4].tolist()) == set(dead)
+    original = copy.deepcopy(model)
+    prune_recurrent(model, {"lstm": ("l2_units", 4 / 12)}, [info])
+    keep = [k for k in range(h) if k not in dead]
+    dropped = {o + d for o in offsets for d in dead}
+    columns = [c for c in range(original.head.in_features) if c not in dropped]
+    assert model.lstm.hidden_size == 8 and model.head.in_features == len(columns)
+    assert torch.equal(model.head.weight, original.head.weight[:, columns])
+    assert torch.equal(model.lstm.weight_hh_l0,
+                       original.lstm.weight_hh_l0[[g * h + k for g in range(4) for k in keep]]
+                       [:, keep])
+    with torch.no_grad():
+        assert torch.allclose(model(x, extra), reference, atol=1e-6)
+
+
+def test_an_lstm_petra_cannot_follow_is_kept_whole_with_the_reason():
+    """Concatenated along time, the units are not followed (no reader); read by the head and
+    also scaled by a parameter of their width, the trial removal fails: either way, the reason
+    is given."""
+
+    class Net(nn.Module):
+        def __init__(self, read: str) -> None:
+            super().__init__()
+            self.read = read
+            self.lstm = nn.LSTM(5, 8, batch_first=True)
+            self.prefix = nn.Parameter(torch.zeros(1, 2, 8))
+            self.scale = nn.Parameter(torch.ones(8))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            if self.read == "time":
+                both = torch.cat([self.prefix.expand(len(x), -1, -1), out], dim=1)
+                return self.head(both).mean(dim=1)
+            last = out[:, -1]
+            return self.head(last) + (last * self.scale).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5)
+    why: dict[str, str] = {}
+    assert recurrent_layers(Net("time").eval(), (x,), why=why) == []
+    assert why["lstm"].startswith("no Linear or Conv1d reads its outputs directly")
+    assert recurrent_layers(Net("scaled").eval(), (x,), why=why) == []
+    assert why["lstm"].startswith("removing half its units breaks the model (RuntimeError: ")
+
+
+def test_petra_space_says_why_a_layer_is_kept_whole(tmp_path, capsys):
+    """``model_space`` gives every layer of the space that no gene can shrink its reason, and
+    ``petra space`` prints them: a stacked LSTM, and the model's output layer."""
+    from petra.config import load_config
+    from petra.space import model_space
+
+    torch.manual_seed(0)
+    model = LSTMNet(num_layers=2).eval()
+    cfg = load_config({"space": {"pruning": ["l2_channel", "l2_units"],
+                                 "quantization": ["none"]}})
+    space = model_space(cfg.space, model, (torch.randn(3, 7, 5),))
+    assert space.kept_whole == {
+        "lstm": "2 stacked layers: only a single-layer, unidirectional nn.LSTM without "
+                "projection loses units",
+        "head": "its output is the model's output"}
+    assert "layers.lstm.method" not in space
 
 
 def test_a_pruned_lstm_exports_and_int8_dynamic_quantizes_it():

@@ -14,8 +14,11 @@ with one of the recurrent layer's outputs is a reader. Those outputs are the seq
 (``out[:, -1]`` is a view of it) and the final states: a GRU's ``h_n``, an LSTM's ``h_n`` and
 ``c_n`` (``h_n[-1]`` is a view of ``h_n``, which shares no storage with ``out``). A layer that
 reads an output through elementwise activations (``relu(out)``: a skipped block between a
-recurrent layer and its reader leaves one) is a reader too, followed by :class:`_Elementwise`.
-The layer counts only if a trial pruning still runs the model.
+recurrent layer and its reader leaves one) or through ``torch.cat`` along the features
+(``cat([h[:, -1], side], -1)``: the units are a block of the reader's input columns, at an
+offset) is a reader too, followed by :class:`_Follow`. The layer counts only if a trial pruning
+still runs the model; a GRU or LSTM that does not count gets a one-line reason
+(``recurrent_layers(..., why=)``).
 
 Halving an LSTM's units (input 64, hidden 256, 50 steps, batch 16, ORT on 1 thread) measured
 0.33x the dense fp32 latency and 0.31x its artifact bytes; ``int8_dynamic`` turns the pruned
@@ -28,7 +31,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -51,6 +54,14 @@ class RecurrentInfo:
     name: str
     hidden: int
     consumers: tuple[str, ...]
+    #: Per consumer, the input column where each block of the layer's units starts (a reader
+    #: of ``cat([h, side], -1)`` reads them at 0, of ``cat([side, h], -1)`` after ``side``);
+    #: empty: every consumer reads them at column 0, and only them.
+    offsets: tuple[tuple[int, ...], ...] = ()
+
+    def blocks(self, consumer: int) -> tuple[int, ...]:
+        """The input columns where consumer ``consumer``'s blocks of units start."""
+        return self.offsets[consumer] if self.offsets else (0,)
 
 
 def _storage(t: Any) -> int | None:
@@ -87,49 +98,160 @@ _ELEMENTWISE = frozenset({
     F.leaky_relu, F.dropout, torch.clone, torch.Tensor.relu, torch.Tensor.tanh,
     torch.Tensor.sigmoid, torch.Tensor.contiguous, torch.Tensor.clone,
 })
+#: Functions that concatenate tensors: along the last dimension (the features), a recurrent
+#: output's units become a block of the result's features, at an offset.
+_CONCAT = frozenset({torch.cat, torch.concat, torch.concatenate})
+
+class _Feed(NamedTuple):
+    """A traced tensor that carries recurrent units."""
+
+    #: its last dimension: the hidden size for a recurrent output, the features for a concat
+    width: int
+    #: each block of units: the recurrent output's storage, and the feature where it starts
+    blocks: tuple[tuple[int, int], ...]
+    #: whether it came through a concatenation (its units are in the last dimension, at the
+    #: blocks' offsets), not a recurrent output or an elementwise copy of one (any layout)
+    concat: bool = False
 
 
-class _Elementwise(TorchFunctionMode):
-    """Maps the storage of an elementwise function's output to its input's, while active.
+class _Follow(TorchFunctionMode):
+    """Maps the storage of an elementwise function's output to its input's feed, and of a
+    concatenation along the features to its parts' blocks shifted by their offsets, while
+    active.
 
     Every output it maps is kept alive in :attr:`alive` until the trace ends, so that no later
     tensor can be given its freed storage and pass for an alias.
     """
 
-    def __init__(self, alias: dict[int, int], alive: list[torch.Tensor]) -> None:
+    def __init__(self, alias: dict[int, _Feed], alive: list[torch.Tensor]) -> None:
         super().__init__()
         self.alias = alias
         self.alive = alive
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if func in _ELEMENTWISE and args and isinstance(args[0], torch.Tensor) and isinstance(
-                out, torch.Tensor) and out.shape == args[0].shape:
-            source = _storage(args[0])
-            if source in self.alias:
-                self.alias[_storage(out)] = self.alias[source]
-                self.alive.append(out)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.dim() == 0:
+            return out
+        if func in _ELEMENTWISE and args and isinstance(args[0], torch.Tensor) and (
+                out.shape == args[0].shape):
+            feed = self.alias.get(_storage(args[0]))
+            if feed is not None:
+                self._map(out, feed)
+        elif func in _CONCAT:
+            parts = args[0] if args else kwargs.get("tensors", kwargs.get("arrays", ()))
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            if isinstance(dim, int) and dim % out.dim() == out.dim() - 1:
+                self._concat(out, parts)
         return out
+
+    def _concat(self, out: torch.Tensor, parts: Sequence[Any]) -> None:
+        blocks, start = [], 0
+        for part in parts:
+            if not isinstance(part, torch.Tensor) or part.dim() != out.dim():
+                return
+            feed = self.alias.get(_storage(part))
+            if feed is not None and feed.width == part.shape[-1]:
+                blocks.extend((root, start + offset) for root, offset in feed.blocks)
+            start += part.shape[-1]
+        if blocks:
+            self._map(out, _Feed(out.shape[-1], tuple(blocks), concat=True))
+
+    def _map(self, out: torch.Tensor, feed: _Feed) -> None:
+        self.alias[_storage(out)] = feed
+        self.alive.append(out)
+
+
+def _unfit(module: nn.Module) -> str | None:
+    """Why the units of a GRU or LSTM (or a subclass) cannot be removed by its shape, else
+    None."""
+    if _gates(module) is not None:
+        return None
+    base = next(t for t in _GATES if isinstance(module, t)).__name__
+    if type(module) not in _GATES:
+        return (f"a subclass of nn.{base} ({type(module).__name__}): its own forward would "
+                "be lost; only an exact nn.GRU or nn.LSTM loses units")
+    shape = []
+    if module.num_layers != 1:
+        shape.append(f"{module.num_layers} stacked layers")
+    if module.bidirectional:
+        shape.append("bidirectional")
+    if getattr(module, "proj_size", 0):
+        shape.append(f"proj_size={module.proj_size}")
+    return (f"{', '.join(shape)}: only a single-layer, unidirectional nn.{base} without "
+            "projection loses units")
 
 
 @torch.no_grad()
-def recurrent_layers(model: nn.Module, example_input: Sequence[Any]) -> list[RecurrentInfo]:
+def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
+                     why: dict[str, str] | None = None) -> list[RecurrentInfo]:
     """The GRUs and LSTMs of ``model`` whose hidden units can be removed.
 
     Args:
         model: the model, called as ``model(*example_input)``.
         example_input: the example batch, a tuple of tensors.
+        why: when given, filled with layer name → a one-line reason for each GRU or LSTM of
+            the model (subclasses too) whose units cannot be removed.
 
     Returns:
         One :class:`RecurrentInfo` per prunable layer (see the module docstring), in the
         order of ``model.named_modules()``.
     """
+    reasons: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, tuple(_GATES)) and (reason := _unfit(module)):
+            reasons[name] = reason
+    outputs, readers = _trace(model, example_input)
+    found = []
+    for name, module in model.named_modules():
+        if name in reasons or _gates(module) is None:
+            continue
+        if name not in outputs:
+            reasons[name] = "not called on the example batch"
+            continue
+        blocks: dict[str, set[int]] = {}
+        concat = False
+        for ptr in outputs[name]:
+            for consumer, offset, through in readers.get(ptr, []):
+                blocks.setdefault(consumer, set()).add(offset)
+                concat |= through
+        if not blocks:
+            reasons[name] = ("no Linear or Conv1d reads its outputs directly, through "
+                             "elementwise functions or through torch.cat along the features: "
+                             "petra cannot follow its units to their readers")
+            continue
+        if module.hidden_size < 2:
+            reasons[name] = f"hidden_size {module.hidden_size}: nothing to remove"
+            continue
+        offsets = tuple(tuple(sorted(o)) for o in blocks.values())
+        info = RecurrentInfo(name, module.hidden_size, tuple(blocks),
+                             offsets if concat else ())
+        trial = copy.deepcopy(model).eval()
+        try:
+            prune_units(trial, info, list(range(module.hidden_size // 2)))
+            trial(*args(example_input))
+        except (RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            reasons[name] = (f"removing half its units breaks the model "
+                             f"({type(exc).__name__}: {first[:200]})")
+            continue
+        found.append(info)
+    if why is not None:
+        why.update(reasons)
+    return found
+
+
+def _trace(model: nn.Module, example_input: Sequence[Any]
+           ) -> tuple[dict[str, set[int]], dict[int, list[tuple[str, int, bool]]]]:
+    """Run ``model`` on its example once: each recurrent layer's output storages, and for each
+    such storage who reads its units: (the Linear or Conv1d, the input column where they start,
+    whether through a concatenation)."""
     names = {m: n for n, m in model.named_modules()}
     outputs: dict[str, set[int]] = {}
-    readers: dict[int, list[str]] = {}
-    alias: dict[int, int] = {}  # storage -> the recurrent output storage it is elementwise of
-    # The recurrent outputs and their elementwise copies stay referenced until the trace ends:
+    readers: dict[int, list[tuple[str, int, bool]]] = {}
+    alias: dict[int, _Feed] = {}  # storage -> the recurrent units it carries
+    # The recurrent outputs and their followed copies stay referenced until the trace ends:
     # a freed one's storage could be handed to a later, unrelated tensor (a model that reads
     # ``self.lstm(x)[0][:, -1]`` drops ``h_n`` and ``c_n`` at once), which would then pass for
     # the recurrent layer's output. A guard: not seen to happen with the CPU allocator.
@@ -141,39 +263,28 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any]) -> list[Rec
                 tensors = _tensors(out)
                 alive.extend(tensors)
                 outputs[name] = {p for p in map(_storage, tensors) if p is not None}
-                alias.update({p: p for p in outputs[name]})
+                alias.update({p: _Feed(mod.hidden_size, ((p, 0),)) for p in outputs[name]})
             hooks.append(module.register_forward_hook(on_recurrent))
         elif isinstance(module, _CONSUMERS):
             def on_layer(mod: Any, inp: Any, _out: Any, name: str = name) -> None:
-                ptr = _storage(inp[0]) if inp else None
-                if ptr is not None:
-                    readers.setdefault(alias.get(ptr, ptr), []).append(name)
+                feed = alias.get(_storage(inp[0])) if inp else None
+                if feed is None or feed.concat and not (
+                        isinstance(mod, nn.Linear) and inp[0].shape[-1] == feed.width):
+                    return  # a concat read other than along a Linear's features
+                for root, offset in feed.blocks:
+                    readers.setdefault(root, []).append((name, offset, feed.concat))
             hooks.append(module.register_forward_hook(on_layer))
     was_training = model.training
     model.eval()
     try:
-        with _Elementwise(alias, alive):
+        with _Follow(alias, alive):
             model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     alive.clear()
-    found = []
-    for name, ptrs in outputs.items():
-        consumers = tuple(dict.fromkeys(c for p in ptrs for c in readers.get(p, [])))
-        layer = model.get_submodule(name)
-        if not consumers or layer.hidden_size < 2:
-            continue
-        info = RecurrentInfo(name, layer.hidden_size, consumers)
-        trial = copy.deepcopy(model).eval()
-        try:
-            prune_units(trial, info, list(range(layer.hidden_size // 2)))
-            trial(*args(example_input))
-        except (RuntimeError, ValueError):
-            continue
-        found.append(info)
-    return found
+    return outputs, readers
 
 
 #: The older name of :func:`recurrent_layers`, from when only GRUs were pruned.
@@ -199,9 +310,10 @@ def unit_scores(model: nn.Module, info: RecurrentInfo) -> torch.Tensor:
     for weight in (layer.weight_ih_l0, layer.weight_hh_l0):
         total += weight.detach().double().pow(2).reshape(gates, h, -1).sum(dim=(0, 2))
     total += layer.weight_hh_l0.detach().double().pow(2).sum(dim=0)
-    for consumer in info.consumers:
+    for i, consumer in enumerate(info.consumers):
         w = model.get_submodule(consumer).weight.detach().double()
-        total += w.pow(2).transpose(0, 1).reshape(h, -1).sum(dim=1)
+        for offset in info.blocks(i):
+            total += w.narrow(1, offset, h).pow(2).transpose(0, 1).reshape(h, -1).sum(dim=1)
     return total.sqrt().float()
 
 
@@ -211,7 +323,8 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
 
     The layer is rebuilt with ``len(keep)`` units (rows ``k + g * hidden`` of every gate ``g``
     for each kept unit ``k``, and the kept columns of the recurrent weights); each reader keeps
-    the input columns of the kept units.
+    the input columns of the kept units, in each of its blocks (:attr:`RecurrentInfo.offsets`),
+    and every column outside them.
 
     Args:
         model: the model that holds the layer; changed in place.
@@ -220,7 +333,7 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
 
     Raises:
         ValueError: when the layer cannot be pruned so, or a reader does not read
-            ``hidden`` features.
+            ``hidden`` features (at its offsets).
     """
     layer = model.get_submodule(info.name)
     gates = _gates(layer)
@@ -242,21 +355,26 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
     if layer.bias:
         new.bias_ih_l0.copy_(layer.bias_ih_l0[rows])
         new.bias_hh_l0.copy_(layer.bias_hh_l0[rows])
-    for consumer in info.consumers:
-        reader = model.get_submodule(consumer)
-        if reader.weight.shape[1] != h:
-            raise ValueError(f"{consumer} reads {reader.weight.shape[1]} features, not the "
-                             f"{info.name}'s {h}")
+    columns = []
+    for i, consumer in enumerate(info.consumers):
+        width = model.get_submodule(consumer).weight.shape[1]
+        offsets = info.blocks(i)
+        if width != h and not info.offsets or max(offsets) + h > width:
+            raise ValueError(f"{consumer} reads {width} features, not the {info.name}'s {h}"
+                             + (f" at columns {list(offsets)}" if info.offsets else ""))
+        dropped = {o + k for o in offsets for k in range(h)} - {o + k for o in offsets
+                                                                 for k in keep}
+        columns.append(torch.tensor([c for c in range(width) if c not in dropped]))
     parent_name, _, child = info.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-    for consumer in info.consumers:
+    for consumer, kept in zip(info.consumers, columns, strict=True):
         reader = model.get_submodule(consumer)
-        reader.weight = nn.Parameter(reader.weight[:, cols].clone())
+        reader.weight = nn.Parameter(reader.weight[:, kept].clone())
         if isinstance(reader, nn.Linear):
-            reader.in_features = len(keep)
+            reader.in_features = len(kept)
         else:
-            reader.in_channels = len(keep)
+            reader.in_channels = len(kept)
 
 
 #: The older name of :func:`prune_units`, from when only GRUs were pruned.

@@ -104,10 +104,12 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
 STREAM_NORMS = ("LayerNorm", "RMSNorm")
 
 
-def channel_layers(model: nn.Module, example_input: Any) -> tuple[set[str], tuple[str, ...]]:
+def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | None = None
+                   ) -> tuple[set[str], tuple[str, ...]]:
     """``(structured, residual)``: the layers whose output channels torch-pruning can remove
     with their group, and the writers of the residual stream (the hidden size), if the model
-    has one.
+    has one. A model torch-pruning cannot trace has none; the reason is appended to
+    ``errors``, when given.
 
     The residual stream is the channel group that at least two normalization layers
     (:data:`STREAM_NORMS`) follow and at least two layers write; where several qualify, the one
@@ -119,7 +121,10 @@ def channel_layers(model: nn.Module, example_input: Any) -> tuple[set[str], tupl
     model.eval()
     try:
         graph = dependency_graph(model, example_input)
-    except Exception:  # noqa: BLE001 - a model DepGraph cannot trace gets no structured genes
+    except Exception as exc:  # noqa: BLE001 - a model DepGraph cannot trace gets no channels
+        if errors is not None:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            errors.append(f"torch-pruning cannot trace the model ({type(exc).__name__}: {first})")
         return set(), ()
     finally:
         model.train(was_training)

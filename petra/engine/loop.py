@@ -110,7 +110,8 @@ class _Search:
         self.say(f"baseline: val {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}, "
                  f"{int(b['artifact_bytes'])} bytes, {b['latency_ms']:.2f} ms/batch"
                  f"{' (cached)' if self.baseline.cached else ''}")
-        self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers")
+        self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers; kept "
+                 f"whole: {', '.join(self.space.kept_whole) or 'none'} (`petra space` says why)")
         # Every strategy but the baselines (random search, the uniform grid: registry meta
         # baseline=True) starts from a few hand-style recipes.
         meta = STRATEGIES.get(cfg.search.strategy).meta
