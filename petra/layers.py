@@ -275,7 +275,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
     blocks = skippable_blocks(model, example_input) if getattr(
         space_cfg, "skip_blocks", False) else ()
-    attention = attention_layers(model, example_input)
+    attention_why: dict[str, str] = {}
+    attention = attention_layers(model, example_input, why=attention_why)
     recurrent_why: dict[str, str] = {}
     recurrent = gru_layers(model, example_input, why=recurrent_why)
     layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent,
@@ -298,7 +299,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
     space = build_space(space_cfg, layers, blocks)
     space.withheld = withheld
-    space.kept_whole = {layer.name: layer.whole for layer in space.layers if layer.whole}
+    space.kept_whole = {**attention_why,
+                        **{layer.name: layer.whole for layer in space.layers if layer.whole}}
     return space
 
 

@@ -11,6 +11,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
 import petra.registry
@@ -342,3 +343,45 @@ def test_heads_and_the_hidden_size_prune_together_when_q_k_v_are_separate_tensor
     got = artifact.load(artifact.pack(artifact.export_onnx(model, x))).run(
         None, feed((x,), ["input"]))[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+class HandWrittenAttention(nn.Module):
+    """Self-attention as users write it: ``q``, ``k``, ``v`` and ``proj`` Linears and a
+    ``heads`` count. ``fixed_width`` reshapes the heads back to the input's width (``d``, read
+    from ``x.shape``), which no head removal survives; else to ``-1``."""
+
+    def __init__(self, d: int = 16, heads: int = 4, *, fixed_width: bool = False) -> None:
+        super().__init__()
+        self.heads, self.dh, self.fixed_width = heads, d // heads, fixed_width
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, self.dh).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.dh ** 0.5, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, d if self.fixed_width else -1))
+
+
+@pytest.mark.parametrize("fixed_width", [False, True])
+def test_a_hand_written_attention_loses_heads_or_says_why_not(fixed_width):
+    from petra.compress.attention import prune_heads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(HandWrittenAttention(fixed_width=fixed_width), nn.Flatten(),
+                          nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    why: dict[str, str] = {}
+    infos = attention_layers(model, (x,), why=why)
+    if fixed_width:
+        assert infos == []
+        assert why["0"].startswith("removing half its heads breaks the model (RuntimeError: ")
+        assert "with -1, not from the input's width" in why["0"]
+        return
+    (info,) = infos
+    assert (info.name, info.heads, info.head_dim, info.output) == ("0", 4, 4, "0.proj")
+    assert why == {}
+    prune_heads(model, info, [1, 3])
+    assert model[0].heads == 2 and model[0].q.out_features == 8
+    assert model[0].proj.in_features == 8 and model(x).shape == (2, 3)

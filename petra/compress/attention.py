@@ -8,11 +8,12 @@ together, and the residual width stays as it is.
 
 Two families are found by :func:`attention_layers`:
 
-- **Hugging Face self-attention** (BERT, ViT, and their kin): a module with ``query``, ``key``
-  and ``value`` (or ``q_proj``, ``k_proj``, ``v_proj``) ``nn.Linear`` children of equal width
-  and a ``num_attention_heads`` (or ``num_heads``) attribute. Its output projection is its own
-  ``o_proj`` (or ``out_proj``) child where it has one (transformers 5's ViT), else the
-  ``nn.Linear`` that reads its output, found by tracing the example batch
+- **Hugging Face self-attention** (BERT, ViT, and their kin) and hand-written ones of the same
+  form: a module with ``query``, ``key`` and ``value`` (or ``q_proj``/``k_proj``/``v_proj``,
+  ``q_lin``/..., ``to_q``/..., ``q``/``k``/``v``) ``nn.Linear`` children of equal width and a
+  head count attribute (:data:`HEAD_COUNT_NAMES`). Its output projection is its own
+  ``o_proj`` (or another of :data:`OUTPUT_NAMES`) child where it has one (transformers 5's
+  ViT), else the ``nn.Linear`` that reads its output, found by tracing the example batch
   (``BertSelfOutput.dense``). The rows and columns are removed with torch-pruning's own pruning
   functions, and the head counts are updated. Grouped-query attention (fewer key/value heads)
   is not offered.
@@ -21,7 +22,8 @@ Two families are found by :func:`attention_layers`:
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
   projections of ``heads * head_dim`` rows.
 
-A layer counts only if a trial removal of half its heads still runs the model.
+A layer counts only if a trial removal of half its heads still runs the model; one that does
+not gets a one-line reason (a forward that reshapes to the input's width, for one).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ class AttentionInfo:
 
 #: The names of a Hugging Face attention's q, k and v projections, and of its own output
 #: projection (where the output projection sits inside the attention module).
-QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
-OUTPUT_NAMES = ("o_proj", "out_proj")
-HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads")
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
+             ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"))
+OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o")
+HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 
 
 def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
@@ -113,8 +116,13 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
     return AttentionInfo(name, heads, width // heads, out)
 
 
-def attention_layers(model: nn.Module, example_input: Sequence[Any]) -> list[AttentionInfo]:
-    """The attentions of ``model`` whose heads can be removed, in execution order."""
+def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
+                     why: dict[str, str] | None = None) -> list[AttentionInfo]:
+    """The attentions of ``model`` whose heads can be removed, in execution order.
+
+    ``why``, when given, is filled with attention name → a one-line reason for each attention
+    petra recognized (an ``nn.MultiheadAttention``, or a module with q, k and v projections
+    and a head count, by the names above) whose heads cannot be removed."""
     names = {m: n for n, m in model.named_modules()}
     found: dict[str, nn.Module] = {}
     order: list[str] = []
@@ -148,19 +156,30 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any]) -> list[Att
         for h in hooks:
             h.remove()
         model.train(was_training)
-    infos = []
+    infos, reasons = [], {}
     for name in order:
         info = _attention_info(name, found[name], readers.get(name))
         if info is None or info.heads < 2:
+            reasons[name] = ("one head: nothing to remove" if info is not None else
+                             "its form is not handled (separate key/value widths, learned "
+                             "key/value biases, heads that do not divide the width, or no "
+                             "output projection found)")
             continue
         heads = info.heads
         trial = copy.deepcopy(model).eval()
         try:
             prune_heads(trial, info, list(range(heads // 2, heads)))
             trial(*args(example_input))
-        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            hint = ("; its forward must size its reshapes from its head count attribute or "
+                    "with -1, not from the input's width" if "shape" in first else "")
+            reasons[name] = (f"removing half its heads breaks the model ({type(exc).__name__}: "
+                             f"{first}){hint}")
             continue
         infos.append(info)
+    if why is not None:
+        why.update(reasons)
     return infos
 
 
@@ -244,12 +263,19 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     knows :class:`PrunedMultiheadAttention`: channels of the stream it reads are removed from
     its ``qkv`` columns, and channels of what it writes from its ``out_proj`` rows. Traced
     through, its separate q, k and v inputs (a model that normalizes the stream once per
-    input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow."""
+    input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow.
+
+    It knows ``nn.GRU``'s output width too (:func:`petra.compress.recurrent.gru_pruner`),
+    which torch-pruning does not: without it, a GRU's output concatenated with another branch
+    fails the whole graph."""
     import torch_pruning as tp
+
+    from petra.compress.recurrent import gru_pruner
 
     return tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, verbose=False,
-        customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner()})
+        customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
+                            nn.GRU: gru_pruner()})
 
 
 def _pruned_attention_pruner() -> Any:
