@@ -165,22 +165,28 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
                              "key/value biases, heads that do not divide the width, or no "
                              "output projection found)")
             continue
-        heads = info.heads
-        trial = copy.deepcopy(model).eval()
-        try:
-            prune_heads(trial, info, list(range(heads // 2, heads)))
-            trial(*args(example_input))
-        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            hint = ("; its forward must size its reshapes from its head count attribute or "
-                    "with -1, not from the input's width" if "shape" in first else "")
-            reasons[name] = (f"removing half its heads breaks the model ({type(exc).__name__}: "
-                             f"{first}){hint}")
-            continue
-        infos.append(info)
+        reason = _trial(model, example_input, info)
+        if reason:
+            reasons[name] = reason
+        else:
+            infos.append(info)
     if why is not None:
         why.update(reasons)
     return infos
+
+
+def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) -> str:
+    """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''."""
+    trial = copy.deepcopy(model).eval()
+    try:
+        prune_heads(trial, info, list(range(info.heads // 2, info.heads)))
+        trial(*args(example_input))
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        hint = ("; its forward must size its reshapes from its head count attribute or with "
+                "-1, not from the input's width" if "shape" in first else "")
+        return f"removing half its heads breaks the model ({type(exc).__name__}: {first}){hint}"
+    return ""
 
 
 def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
@@ -265,17 +271,15 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     through, its separate q, k and v inputs (a model that normalizes the stream once per
     input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow.
 
-    It knows ``nn.GRU``'s output width too (:func:`petra.compress.recurrent.gru_pruner`),
+    It knows ``nn.GRU``'s output width too (:func:`_gru_pruner`),
     which torch-pruning does not: without it, a GRU's output concatenated with another branch
     fails the whole graph."""
     import torch_pruning as tp
 
-    from petra.compress.recurrent import gru_pruner
-
     return tp.DependencyGraph().build_dependency(
         model, example_inputs=example_inputs, verbose=False,
         customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
-                            nn.GRU: gru_pruner()})
+                            nn.GRU: _gru_pruner()})
 
 
 def _pruned_attention_pruner() -> Any:
@@ -301,6 +305,33 @@ def _pruned_attention_pruner() -> Any:
 
         def get_out_channels(self, layer: nn.Module) -> int:
             return int(layer.out_proj.out_features)
+
+    return Pruner()
+
+
+def _gru_pruner() -> Any:
+    """torch-pruning's pruning functions for ``nn.GRU``, which it has none of (it has them for
+    ``nn.LSTM``). What it needs is a GRU's output width, ``hidden_size`` times its directions:
+    without it, a GRU's output concatenated with another branch fails the whole graph. The
+    units are removed by ``l2_units`` (:func:`petra.compress.recurrent.prune_units`), never as a member of another
+    layer's channel group: that raises, and the verification withholds the group. (The layer
+    that feeds a GRU keeps its channels: torch-pruning traces the GRU's internal ops, where
+    the group breaks.)"""
+    import torch_pruning as tp
+
+    class Pruner(tp.pruner.BasePruningFunc):
+        TARGET_MODULES = (nn.GRU,)
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            raise ValueError("a GRU's units go with l2_units, not with another layer's channels")
+
+        prune_in_channels = prune_out_channels
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return int(layer.input_size)
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return int(layer.hidden_size) * (2 if layer.bidirectional else 1)
 
     return Pruner()
 

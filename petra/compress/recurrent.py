@@ -377,33 +377,6 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
             reader.in_channels = len(kept)
 
 
-def gru_pruner() -> Any:
-    """torch-pruning's pruning functions for ``nn.GRU``, which it has none of (it has them for
-    ``nn.LSTM``). What it needs is a GRU's output width, ``hidden_size`` times its directions:
-    without it, a GRU's output concatenated with another branch fails the whole graph. The
-    units are removed by ``l2_units`` (:func:`prune_units`), never as a member of another
-    layer's channel group: that raises, and the verification withholds the group. (The layer
-    that feeds a GRU keeps its channels: torch-pruning traces the GRU's internal ops, where
-    the group breaks.)"""
-    import torch_pruning as tp
-
-    class Pruner(tp.pruner.BasePruningFunc):
-        TARGET_MODULES = (nn.GRU,)
-
-        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            raise ValueError("a GRU's units go with l2_units, not with another layer's channels")
-
-        prune_in_channels = prune_out_channels
-
-        def get_in_channels(self, layer: nn.Module) -> int:
-            return int(layer.input_size)
-
-        def get_out_channels(self, layer: nn.Module) -> int:
-            return int(layer.hidden_size) * (2 if layer.bidirectional else 1)
-
-    return Pruner()
-
-
 #: The older name of :func:`prune_units`, from when only GRUs were pruned.
 prune_gru_units = prune_units
 
