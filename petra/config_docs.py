@@ -74,9 +74,8 @@ MEANINGS: dict[str, str] = {
                              "ones",
     "search.racing.factor": "the most offspring screened per generation, in populations",
     "search.racing.screen_share": "screening may take at most this share of the time measuring "
-                                  "a population takes (sized each generation from the latest "
-                                  "generation's median screen time and the search's median "
-                                  "evaluation time); null: always factor x "
+                                  "a population takes (sized each generation from the search's "
+                                  "median screen and evaluation times); null: always factor x "
                                   "population",
     "search.racing.select": "which of the candidates the front cannot dominate are measured "
                             "when more are left than a population: `rank` (non-dominated order "

@@ -180,16 +180,6 @@ def test_the_screen_count_is_what_screening_may_cost_against_measuring():
     assert screen_count(failed + screened, population=16, factor=16, share=0.25) == 256
 
 
-def test_the_screen_count_follows_the_latest_generations_screens():
-    first = [{**timed(COMPLETE, eval_time_s=4.0, latency_ms=1.0, tier0_time_s=0.4),
-              "generation": 0} for _ in range(8)]
-    later = [{**timed(PRUNED, tier0_time_s=0.1), "generation": 1} for _ in range(4)]
-    # generation 0's screens (0.4 s) are what generation 1 is sized by: 0.25 x 16 x 4 / 0.4
-    assert screen_count(first, population=16, factor=16, share=0.25) == 40
-    # then generation 1's, cheaper as the layer cache fills (0.1 s), not the median of all
-    assert screen_count(first + later, population=16, factor=16, share=0.25) == 160
-
-
 def test_the_latency_table_is_corrected_per_scheme_once_two_are_measured():
     cal = Calibration()
     for i in range(MIN_OBSERVED):

@@ -19,8 +19,7 @@ learned from the search's own measured (tier-2) candidates:
 
 How many offspring are screened (:func:`screen_count`): ``factor`` times the population at
 most, and no more than screening in ``screen_share`` of the time measuring a population takes,
-at the latest generation's median screen time (screens get cheaper as the layer cache fills)
-and the search's median evaluation time. Where a full evaluation costs a few
+at the search's median screen and evaluation times so far. Where a full evaluation costs a few
 screens (a small model, a short fine-tune), screening all ``factor`` x population would cost
 more measured candidates than it could pick well.
 
@@ -110,19 +109,14 @@ def screen_count(records: Sequence[Mapping[str, Any]], population: int, factor: 
                  share: float | None) -> int:
     """How many offspring to screen this generation: ``factor * population``, less where
     screening them would take more than ``share`` of the time that measuring ``population``
-    takes, at the median ``eval_time_s`` of the ``records`` so far and the median
-    ``tier0_time_s`` of the latest generation screened (screens get cheaper as the layer cache
-    fills: 0.30 s in digits_cnn's first generation, 0.04 s by its fourth); never fewer than
-    ``population``. ``share`` None, or no times yet, screens ``factor * population``.
+    takes, at the median ``tier0_time_s`` and ``eval_time_s`` of the ``records`` so far; never
+    fewer than ``population``. ``share`` None, or no times yet, screens ``factor * population``.
     """
     most = population * factor
     if share is None:
         return most
-    timed = [r for r in records
-             if math.isfinite(float(r["metrics"].get("tier0_time_s", math.nan)))]
-    latest = max((r.get("generation", 0) for r in timed), default=0)
-    screens = [float(r["metrics"]["tier0_time_s"]) for r in timed
-               if r.get("generation", 0) == latest]
+    screens = [float(r["metrics"]["tier0_time_s"]) for r in records
+               if math.isfinite(float(r["metrics"].get("tier0_time_s", math.nan)))]
     evals = [float(r["metrics"]["eval_time_s"]) for r in records
              if r["status"] == COMPLETE and "latency_ms" in r["metrics"]
              and math.isfinite(float(r["metrics"].get("eval_time_s", math.nan)))]
