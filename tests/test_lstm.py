@@ -332,3 +332,40 @@ def test_a_gru_concatenated_with_a_side_branch_leaves_both_prunable():
     assert model.head.in_features == 10
     with torch.no_grad():
         assert model(*x).shape == (3, 3)
+
+
+@pytest.mark.parametrize("pool", ["mean", "sum_keepdim", "amax"])
+def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
+    """``out.mean(1)`` and kin keep the units in the last dimension: the head is their reader,
+    and dead units removed with its columns change nothing."""
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(5, 12, batch_first=True)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            if pool == "mean":
+                return self.head(out.mean(dim=1))
+            if pool == "sum_keepdim":
+                return self.head(torch.sum(out, dim=(1,), keepdim=True)).squeeze(1)
+            return self.head(torch.amax(torch.relu(out), dim=1))
+
+    torch.manual_seed(0)
+    model, x, h, dead = Pooled().eval(), torch.randn(3, 7, 5), 12, [2, 5, 7]
+    with torch.no_grad():
+        for unit in dead:
+            rows = [g * h + unit for g in range(4)]
+            for param in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
+                          model.lstm.bias_ih_l0, model.lstm.bias_hh_l0):
+                param[rows] = 0
+            model.lstm.weight_hh_l0[:, unit] = 0
+        reference = model(x)
+    (info,) = recurrent_layers(model, (x,))
+    assert info.consumers == ("head",) and info.offsets == ()
+    prune_units(model, info, [k for k in range(h) if k not in dead])
+    assert model.head.in_features == 9
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-6)

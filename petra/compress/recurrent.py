@@ -14,7 +14,8 @@ with one of the recurrent layer's outputs is a reader. Those outputs are the seq
 (``out[:, -1]`` is a view of it) and the final states: a GRU's ``h_n``, an LSTM's ``h_n`` and
 ``c_n`` (``h_n[-1]`` is a view of ``h_n``, which shares no storage with ``out``). A layer that
 reads an output through elementwise activations (``relu(out)``: a skipped block between a
-recurrent layer and its reader leaves one) or through ``torch.cat`` along the features
+recurrent layer and its reader leaves one), through a mean, sum or max over time
+(``out.mean(1)``), or through ``torch.cat`` along the features
 (``cat([h[:, -1], side], -1)``: the units are a block of the reader's input columns, at an
 offset) is a reader too, followed by :class:`_Follow`. The layer counts only if a trial pruning
 still runs the model; a GRU or LSTM that does not count gets a one-line reason
@@ -101,6 +102,11 @@ _ELEMENTWISE = frozenset({
 #: Functions that concatenate tensors: along the last dimension (the features), a recurrent
 #: output's units become a block of the result's features, at an offset.
 _CONCAT = frozenset({torch.cat, torch.concat, torch.concatenate})
+#: Reductions: over dimensions other than the last (a mean over time), the units stay where
+#: they were in the last dimension.
+_REDUCE = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.Tensor.mean,
+                     torch.Tensor.sum, torch.Tensor.amax, torch.Tensor.amin})
+
 
 class _Feed(NamedTuple):
     """A traced tensor that carries recurrent units."""
@@ -115,9 +121,9 @@ class _Feed(NamedTuple):
 
 
 class _Follow(TorchFunctionMode):
-    """Maps the storage of an elementwise function's output to its input's feed, and of a
-    concatenation along the features to its parts' blocks shifted by their offsets, while
-    active.
+    """Maps the storage of an elementwise function's output, or of a reduction over dimensions
+    other than the features, to its input's feed, and of a concatenation along the features
+    to its parts' blocks shifted by their offsets, while active.
 
     Every output it maps is kept alive in :attr:`alive` until the trace ends, so that no later
     tensor can be given its freed storage and pass for an alias.
@@ -144,7 +150,20 @@ class _Follow(TorchFunctionMode):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
             if isinstance(dim, int) and dim % out.dim() == out.dim() - 1:
                 self._concat(out, parts)
+        elif func in _REDUCE and args and isinstance(args[0], torch.Tensor):
+            self._reduce(out, args[0], args[1] if len(args) > 1 else kwargs.get("dim"))
         return out
+
+    def _reduce(self, out: torch.Tensor, source: torch.Tensor, dim: Any) -> None:
+        feed = self.alias.get(_storage(source))
+        dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(
+            dim, tuple | list) else None
+        if feed is None or dims is None or not all(isinstance(d, int) for d in dims):
+            return
+        last = source.dim() - 1
+        if feed.width == source.shape[-1] == out.shape[-1] and all(
+                d % source.dim() != last for d in dims):
+            self._map(out, feed)
 
     def _concat(self, out: torch.Tensor, parts: Sequence[Any]) -> None:
         blocks, start = [], 0
@@ -218,8 +237,8 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
                 concat |= through
         if not blocks:
             reasons[name] = ("no Linear or Conv1d reads its outputs directly, through "
-                             "elementwise functions or through torch.cat along the features: "
-                             "petra cannot follow its units to their readers")
+                             "elementwise functions, reductions over time or torch.cat along "
+                             "the features: petra cannot follow its units to their readers")
             continue
         if module.hidden_size < 2:
             reasons[name] = f"hidden_size {module.hidden_size}: nothing to remove"
