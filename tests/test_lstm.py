@@ -369,3 +369,30 @@ def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
     assert model.head.in_features == 9
     with torch.no_grad():
         assert torch.allclose(model(x), reference, atol=1e-6)
+
+
+def test_a_layernorm_between_a_gru_and_its_reader_loses_the_removed_units_too():
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(5, 12, batch_first=True)
+            self.norm = nn.LayerNorm(12)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.gru(x)[0])[:, -1])
+
+    torch.manual_seed(0)
+    model, x = Normed().eval(), torch.randn(3, 7, 5)
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.linspace(0.5, 1.5, 12))
+    original = copy.deepcopy(model)
+    (info,) = recurrent_layers(model, (x,))
+    assert info.consumers == ("head",) and info.norms == ("norm",)
+    keep = [0, 1, 4, 6, 8, 11]
+    prune_units(model, info, keep)
+    assert model.norm.normalized_shape == (6,) and model.head.in_features == 6
+    assert torch.equal(model.norm.weight, original.norm.weight[keep])
+    assert torch.equal(model.norm.bias, original.norm.bias[keep])
+    with torch.no_grad():
+        assert model(x).shape == (3, 3)

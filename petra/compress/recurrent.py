@@ -15,11 +15,12 @@ with one of the recurrent layer's outputs is a reader. Those outputs are the seq
 ``c_n`` (``h_n[-1]`` is a view of ``h_n``, which shares no storage with ``out``). A layer that
 reads an output through elementwise activations (``relu(out)``: a skipped block between a
 recurrent layer and its reader leaves one), through a mean, sum or max over time
-(``out.mean(1)``), or through ``torch.cat`` along the features
+(``out.mean(1)``), through an ``nn.LayerNorm`` over its units (whose weights lose the
+removed units' entries too), or through ``torch.cat`` along the features
 (``cat([h[:, -1], side], -1)``: the units are a block of the reader's input columns, at an
-offset) is a reader too, followed by :class:`_Follow`. The layer counts only if a trial pruning
-still runs the model; a GRU or LSTM that does not count gets a one-line reason
-(``recurrent_layers(..., why=)``).
+offset) is a reader too (the tracing is :mod:`petra.compress.readers`). The layer counts only
+if a trial pruning still runs the model; a GRU or LSTM that does not count gets a one-line
+reason (``recurrent_layers(..., why=)``).
 
 Halving an LSTM's units (input 64, hidden 256, 50 steps, batch 16, ORT on 1 thread) measured
 0.33x the dense fp32 latency and 0.31x its artifact bytes; ``int8_dynamic`` turns the pruned
@@ -32,18 +33,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
+from petra.compress.readers import trace_readers
 from petra.compress.structured import kept_channels
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
-_CONSUMERS = (nn.Linear, nn.Conv1d)
 #: The recurrent layer types whose units can be removed, and their gates per unit.
 _GATES: dict[type[nn.Module], int] = {nn.GRU: 3, nn.LSTM: 4}
 
@@ -59,23 +58,13 @@ class RecurrentInfo:
     #: of ``cat([h, side], -1)`` reads them at 0, of ``cat([side, h], -1)`` after ``side``);
     #: empty: every consumer reads them at column 0, and only them.
     offsets: tuple[tuple[int, ...], ...] = ()
+    #: The ``nn.LayerNorm`` layers between the layer and its readers (over its ``hidden``
+    #: features): their weights and biases lose the removed units' entries too.
+    norms: tuple[str, ...] = ()
 
     def blocks(self, consumer: int) -> tuple[int, ...]:
         """The input columns where consumer ``consumer``'s blocks of units start."""
         return self.offsets[consumer] if self.offsets else (0,)
-
-
-def _storage(t: Any) -> int | None:
-    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a recurrent layer's output: ``(out, h_n)`` or ``(out, (h_n, c_n))``."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
 
 
 def _gates(module: nn.Module) -> int | None:
@@ -91,95 +80,6 @@ def _gates(module: nn.Module) -> int | None:
     if getattr(module, "proj_size", 0):
         return None
     return gates
-
-
-#: Functions whose output keeps its input's units where they were.
-_ELEMENTWISE = frozenset({
-    torch.relu, F.relu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.gelu, F.silu, F.elu,
-    F.leaky_relu, F.dropout, torch.clone, torch.Tensor.relu, torch.Tensor.tanh,
-    torch.Tensor.sigmoid, torch.Tensor.contiguous, torch.Tensor.clone,
-})
-#: Functions that concatenate tensors: along the last dimension (the features), a recurrent
-#: output's units become a block of the result's features, at an offset.
-_CONCAT = frozenset({torch.cat, torch.concat, torch.concatenate})
-#: Reductions: over dimensions other than the last (a mean over time), the units stay where
-#: they were in the last dimension.
-_REDUCE = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.Tensor.mean,
-                     torch.Tensor.sum, torch.Tensor.amax, torch.Tensor.amin})
-
-
-class _Feed(NamedTuple):
-    """A traced tensor that carries recurrent units."""
-
-    #: its last dimension: the hidden size for a recurrent output, the features for a concat
-    width: int
-    #: each block of units: the recurrent output's storage, and the feature where it starts
-    blocks: tuple[tuple[int, int], ...]
-    #: whether it came through a concatenation (its units are in the last dimension, at the
-    #: blocks' offsets), not a recurrent output or an elementwise copy of one (any layout)
-    concat: bool = False
-
-
-class _Follow(TorchFunctionMode):
-    """Maps the storage of an elementwise function's output, or of a reduction over dimensions
-    other than the features, to its input's feed, and of a concatenation along the features
-    to its parts' blocks shifted by their offsets, while active.
-
-    Every output it maps is kept alive in :attr:`alive` until the trace ends, so that no later
-    tensor can be given its freed storage and pass for an alias.
-    """
-
-    def __init__(self, alias: dict[int, _Feed], alive: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.alias = alias
-        self.alive = alive
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-                           ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or out.dim() == 0:
-            return out
-        if func in _ELEMENTWISE and args and isinstance(args[0], torch.Tensor) and (
-                out.shape == args[0].shape):
-            feed = self.alias.get(_storage(args[0]))
-            if feed is not None:
-                self._map(out, feed)
-        elif func in _CONCAT:
-            parts = args[0] if args else kwargs.get("tensors", kwargs.get("arrays", ()))
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
-            if isinstance(dim, int) and dim % out.dim() == out.dim() - 1:
-                self._concat(out, parts)
-        elif func in _REDUCE and args and isinstance(args[0], torch.Tensor):
-            self._reduce(out, args[0], args[1] if len(args) > 1 else kwargs.get("dim"))
-        return out
-
-    def _reduce(self, out: torch.Tensor, source: torch.Tensor, dim: Any) -> None:
-        feed = self.alias.get(_storage(source))
-        dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(
-            dim, tuple | list) else None
-        if feed is None or dims is None or not all(isinstance(d, int) for d in dims):
-            return
-        last = source.dim() - 1
-        if feed.width == source.shape[-1] == out.shape[-1] and all(
-                d % source.dim() != last for d in dims):
-            self._map(out, feed)
-
-    def _concat(self, out: torch.Tensor, parts: Sequence[Any]) -> None:
-        blocks, start = [], 0
-        for part in parts:
-            if not isinstance(part, torch.Tensor) or part.dim() != out.dim():
-                return
-            feed = self.alias.get(_storage(part))
-            if feed is not None and feed.width == part.shape[-1]:
-                blocks.extend((root, start + offset) for root, offset in feed.blocks)
-            start += part.shape[-1]
-        if blocks:
-            self._map(out, _Feed(out.shape[-1], tuple(blocks), concat=True))
-
-    def _map(self, out: torch.Tensor, feed: _Feed) -> None:
-        self.alias[_storage(out)] = feed
-        self.alive.append(out)
 
 
 def _unfit(module: nn.Module) -> str | None:
@@ -221,7 +121,8 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
     for name, module in model.named_modules():
         if isinstance(module, tuple(_GATES)) and (reason := _unfit(module)):
             reasons[name] = reason
-    outputs, readers = _trace(model, example_input)
+    outputs, readers, norms = trace_readers(model, example_input,
+                                            lambda m: _gates(m) is not None)
     found = []
     for name, module in model.named_modules():
         if name in reasons or _gates(module) is None:
@@ -245,7 +146,8 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
             continue
         offsets = tuple(tuple(sorted(o)) for o in blocks.values())
         info = RecurrentInfo(name, module.hidden_size, tuple(blocks),
-                             offsets if concat else ())
+                             offsets if concat else (), tuple(dict.fromkeys(
+                                 n for p in outputs[name] for n in norms.get(p, []))))
         trial = copy.deepcopy(model).eval()
         try:
             prune_units(trial, info, list(range(module.hidden_size // 2)))
@@ -259,51 +161,6 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
     if why is not None:
         why.update(reasons)
     return found
-
-
-def _trace(model: nn.Module, example_input: Sequence[Any]
-           ) -> tuple[dict[str, set[int]], dict[int, list[tuple[str, int, bool]]]]:
-    """Run ``model`` on its example once: each recurrent layer's output storages, and for each
-    such storage who reads its units: (the Linear or Conv1d, the input column where they start,
-    whether through a concatenation)."""
-    names = {m: n for n, m in model.named_modules()}
-    outputs: dict[str, set[int]] = {}
-    readers: dict[int, list[tuple[str, int, bool]]] = {}
-    alias: dict[int, _Feed] = {}  # storage -> the recurrent units it carries
-    # The recurrent outputs and their followed copies stay referenced until the trace ends:
-    # a freed one's storage could be handed to a later, unrelated tensor (a model that reads
-    # ``self.lstm(x)[0][:, -1]`` drops ``h_n`` and ``c_n`` at once), which would then pass for
-    # the recurrent layer's output. A guard: not seen to happen with the CPU allocator.
-    alive: list[torch.Tensor] = []
-    hooks = []
-    for module, name in names.items():
-        if _gates(module) is not None:
-            def on_recurrent(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
-                tensors = _tensors(out)
-                alive.extend(tensors)
-                outputs[name] = {p for p in map(_storage, tensors) if p is not None}
-                alias.update({p: _Feed(mod.hidden_size, ((p, 0),)) for p in outputs[name]})
-            hooks.append(module.register_forward_hook(on_recurrent))
-        elif isinstance(module, _CONSUMERS):
-            def on_layer(mod: Any, inp: Any, _out: Any, name: str = name) -> None:
-                feed = alias.get(_storage(inp[0])) if inp else None
-                if feed is None or feed.concat and not (
-                        isinstance(mod, nn.Linear) and inp[0].shape[-1] == feed.width):
-                    return  # a concat read other than along a Linear's features
-                for root, offset in feed.blocks:
-                    readers.setdefault(root, []).append((name, offset, feed.concat))
-            hooks.append(module.register_forward_hook(on_layer))
-    was_training = model.training
-    model.eval()
-    try:
-        with _Follow(alias, alive):
-            model(*args(example_input))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    alive.clear()
-    return outputs, readers
 
 
 #: The older name of :func:`recurrent_layers`, from when only GRUs were pruned.
@@ -384,9 +241,15 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
         dropped = {o + k for o in offsets for k in range(h)} - {o + k for o in offsets
                                                                  for k in keep}
         columns.append(torch.tensor([c for c in range(width) if c not in dropped]))
+    for norm in info.norms:
+        if tuple(model.get_submodule(norm).normalized_shape) != (h,):
+            raise ValueError(f"{norm} normalizes {model.get_submodule(norm).normalized_shape}, "
+                             f"not the {info.name}'s {h} units")
     parent_name, _, child = info.name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    for norm in info.norms:
+        _keep_features(model.get_submodule(norm), cols)
     for consumer, kept in zip(info.consumers, columns, strict=True):
         reader = model.get_submodule(consumer)
         reader.weight = nn.Parameter(reader.weight[:, kept].clone())
@@ -398,6 +261,15 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
 
 #: The older name of :func:`prune_units`, from when only GRUs were pruned.
 prune_gru_units = prune_units
+
+
+def _keep_features(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
+    """Keep only features ``keep`` of a LayerNorm over one dimension, in place."""
+    for attr in ("weight", "bias"):
+        param = getattr(norm, attr, None)
+        if param is not None:
+            setattr(norm, attr, nn.Parameter(param.detach()[keep].clone()))
+    norm.normalized_shape = (len(keep),)
 
 
 def prune_recurrent(model: nn.Module, plan: Mapping[str, tuple[str, float]],
