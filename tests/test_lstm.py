@@ -70,20 +70,24 @@ def test_gru_layers_is_the_old_name_and_finds_lstms_too():
     assert [i.name for i in gru_layers(model, (x,))] == ["lstm"]
 
 
+@torch.no_grad()
+def kill(lstm: nn.LSTM, units: list[int]) -> None:
+    """Zero every weight of ``units``. A unit whose gate rows and biases are all zero has
+    g = tanh(0) = 0, so its cell state stays at its initial 0 and its output o * tanh(c) is 0:
+    it reads nothing and writes nothing, whatever its reader's column holds."""
+    h = lstm.hidden_size
+    for unit in units:
+        rows = [g * h + unit for g in range(4)]
+        for param in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0):
+            param[rows] = 0
+        lstm.weight_hh_l0[:, unit] = 0
+
+
 def test_lstm_units_whose_weights_are_zero_change_nothing_when_removed():
     model, x = example(read="h_n")
     dead = [1, 2, 5, 6, 7, 8, 10]
-    h = 12
+    kill(model.lstm, dead)
     with torch.no_grad():
-        # A unit whose gate rows and biases are all zero has g = tanh(0) = 0, so its cell
-        # state stays at its initial 0 and its output o * tanh(c) is 0: it reads nothing and
-        # writes nothing, whatever its reader's column holds.
-        for unit in dead:
-            rows = [g * h + unit for g in range(4)]
-            for param in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
-                          model.lstm.bias_ih_l0, model.lstm.bias_hh_l0):
-                param[rows] = 0
-            model.lstm.weight_hh_l0[:, unit] = 0
         reference = model(x)
     (info,) = recurrent_layers(model, (x,))
     scores = PRUNING.get("l2_units").fn(model, info)
@@ -165,13 +169,8 @@ def test_lstm_units_are_followed_through_a_concatenation(order, offsets):
     model = ConcatNet(order).eval()
     x, extra = torch.randn(3, 7, 5), torch.randn(3, 4)
     dead, h = [0, 3, 4, 9], 12
+    kill(model.lstm, dead)
     with torch.no_grad():
-        for unit in dead:  # as in the zero-weights test above: a dead unit outputs 0
-            rows = [g * h + unit for g in range(4)]
-            for param in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
-                          model.lstm.bias_ih_l0, model.lstm.bias_hh_l0):
-                param[rows] = 0
-            model.lstm.weight_hh_l0[:, unit] = 0
         reference = model(x, extra)
     (info,) = recurrent_layers(model, (x, extra))
     assert info.consumers == ("head",) and info.offsets == (offsets,)
@@ -355,13 +354,8 @@ def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
 
     torch.manual_seed(0)
     model, x, h, dead = Pooled().eval(), torch.randn(3, 7, 5), 12, [2, 5, 7]
+    kill(model.lstm, dead)
     with torch.no_grad():
-        for unit in dead:
-            rows = [g * h + unit for g in range(4)]
-            for param in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
-                          model.lstm.bias_ih_l0, model.lstm.bias_hh_l0):
-                param[rows] = 0
-            model.lstm.weight_hh_l0[:, unit] = 0
         reference = model(x)
     (info,) = recurrent_layers(model, (x,))
     assert info.consumers == ("head",) and info.offsets == ()
