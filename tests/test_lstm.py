@@ -112,9 +112,8 @@ def test_l2_units_scores_one_entry_per_lstm_unit():
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
-@pytest.mark.parametrize("lstm", [{"num_layers": 2}, {"bidirectional": True},
-                                  {"proj_size": 4}])
-def test_stacked_bidirectional_or_projected_lstms_are_not_offered(lstm):
+@pytest.mark.parametrize("lstm", [{"num_layers": 2}, {"proj_size": 4}])
+def test_stacked_or_projected_lstms_are_not_offered(lstm):
     torch.manual_seed(0)
     hidden = 12
     model = LSTMNet(hidden=hidden, **lstm).eval()
@@ -125,10 +124,9 @@ def test_stacked_bidirectional_or_projected_lstms_are_not_offered(lstm):
         assert model(x).shape == (3, 3)
     why: dict[str, str] = {}
     assert recurrent_layers(model, (x,), why=why) == []
-    shape = {"num_layers": "2 stacked layers", "bidirectional": "bidirectional",
-             "proj_size": "proj_size=4"}[next(iter(lstm))]
-    assert why == {"lstm": f"{shape}: only a single-layer, unidirectional nn.LSTM without "
-                           "projection loses units"}
+    shape = {"num_layers": "2 stacked layers", "proj_size": "proj_size=4"}[next(iter(lstm))]
+    assert why == {"lstm": f"{shape}: only a single-layer nn.LSTM without projection loses "
+                           "units"}
 
 
 def test_an_lstm_read_by_nothing_prunable_is_not_offered():
@@ -233,8 +231,8 @@ def test_petra_space_says_why_a_layer_is_kept_whole(tmp_path, capsys):
                                  "quantization": ["none"]}})
     space = model_space(cfg.space, model, (torch.randn(3, 7, 5),))
     assert space.kept_whole == {
-        "lstm": "2 stacked layers: only a single-layer, unidirectional nn.LSTM without "
-                "projection loses units",
+        "lstm": "2 stacked layers: only a single-layer nn.LSTM without projection loses "
+                "units",
         "head": "its output is the model's output"}
     assert "layers.lstm.method" not in space
 
@@ -390,3 +388,45 @@ def test_a_layernorm_between_a_gru_and_its_reader_loses_the_removed_units_too():
     assert torch.equal(model.norm.bias, original.norm.bias[keep])
     with torch.no_grad():
         assert model(x).shape == (3, 3)
+
+
+@pytest.mark.parametrize("cell, read", [(nn.LSTM, "output"), (nn.GRU, "output"),
+                                        (nn.GRU, "h_n")])
+def test_a_bidirectional_layer_loses_the_same_units_in_both_directions(cell, read):
+    """The sequence output holds the units twice, forward then backward: the head loses both
+    blocks of columns. A reader of ``h_n[-1]`` (the backward state) loses one. The rebuilt
+    layer is bidirectional, with each direction's kept rows, and exports to ONNX Runtime."""
+
+    class BiNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = cell(5, 8, batch_first=True, bidirectional=True)
+            self.head = nn.Linear(16 if read == "output" else 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, state = self.rnn(x)
+            h_n = state[0] if isinstance(state, tuple) else state
+            return self.head(out[:, -1] if read == "output" else h_n[-1])
+
+    torch.manual_seed(0)
+    model, x = BiNet().eval(), torch.randn(3, 7, 5)
+    original = copy.deepcopy(model)
+    (info,) = recurrent_layers(model, (x,))
+    assert info.offsets == (((0, 8),) if read == "output" else ())
+    keep = [1, 2, 5, 7]
+    prune_units(model, info, keep)
+    rnn, gates = model.rnn, 4 if cell is nn.LSTM else 3
+    assert rnn.bidirectional and rnn.hidden_size == 4
+    rows = [g * 8 + k for g in range(gates) for k in keep]
+    for suffix in ("", "_reverse"):
+        assert torch.equal(getattr(rnn, f"weight_ih_l0{suffix}"),
+                           getattr(original.rnn, f"weight_ih_l0{suffix}")[rows])
+        assert torch.equal(getattr(rnn, f"weight_hh_l0{suffix}"),
+                           getattr(original.rnn, f"weight_hh_l0{suffix}")[rows][:, keep])
+    columns = keep + [8 + k for k in keep] if read == "output" else keep
+    assert torch.equal(model.head.weight, original.head.weight[:, columns])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    proto = artifact.export_onnx(model, (x,))
+    out = artifact.load(artifact.pack(proto)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, reference, atol=1e-5)

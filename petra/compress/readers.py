@@ -152,7 +152,11 @@ def trace_readers(model: nn.Module, example_input: Sequence[Any], is_recurrent: 
                 tensors = _tensors(out)
                 alive.extend(tensors)
                 outputs[name] = {p for p in map(_storage, tensors) if p is not None}
-                alias.update({p: _Feed(mod.hidden_size, ((p, 0),)) for p in outputs[name]})
+                h = mod.hidden_size
+                alias.update({p: _Feed(h, ((p, 0),)) for p in outputs[name]})
+                if mod.bidirectional and tensors:  # the sequence output: forward, then backward
+                    p = _storage(tensors[0])
+                    alias[p] = _Feed(2 * h, ((p, 0), (p, h)), concat=True)
             hooks.append(module.register_forward_hook(on_recurrent))
         elif isinstance(module, _CONSUMERS):
             def on_layer(mod: Any, inp: Any, _out: Any, name: str = name) -> None:

@@ -2,11 +2,13 @@
 (``l2_units``).
 
 torch-pruning cannot follow channels into a GRU or LSTM, so a recurrent model kept its
-recurrence whole, and the recurrence is where its time goes. Here a single-layer,
-unidirectional ``nn.GRU`` or ``nn.LSTM`` (without projection, ``proj_size == 0``) loses hidden
-units: the kept units' rows of every gate (GRU: reset, update, new; LSTM: input, forget, cell,
-output) in the input and recurrent weights and biases, their columns of the recurrent weights,
-and the matching input columns of each layer that reads the layer's outputs.
+recurrence whole, and the recurrence is where its time goes. Here a single-layer
+``nn.GRU`` or ``nn.LSTM`` (without projection, ``proj_size == 0``) loses hidden units: the kept
+units' rows of every gate (GRU: reset, update, new; LSTM: input, forget, cell, output) in the
+input and recurrent weights and biases, their columns of the recurrent weights, and the
+matching input columns of each layer that reads the layer's outputs. A bidirectional one loses
+the same units in both directions: its sequence output holds them twice (forward, then
+backward), two blocks of its readers' columns.
 
 :func:`recurrent_layers` (also :func:`gru_layers`, its older name) finds the layers that can be
 pruned so, by tracing the example batch: every Conv or Linear layer whose input shares storage
@@ -70,12 +72,12 @@ class RecurrentInfo:
 def _gates(module: nn.Module) -> int | None:
     """The gates per hidden unit of a recurrent layer whose units can be removed, else None.
 
-    Only the exact ``nn.GRU`` and ``nn.LSTM`` count, single-layer and unidirectional, without an
-    LSTM projection: a subclass may have a forward of its own, which the rebuilt layer would
+    Only the exact ``nn.GRU`` and ``nn.LSTM`` count, single-layer (bidirectional too), without
+    an LSTM projection: a subclass may have a forward of its own, which the rebuilt layer would
     drop.
     """
     gates = _GATES.get(type(module))
-    if gates is None or module.num_layers != 1 or module.bidirectional:
+    if gates is None or module.num_layers != 1:
         return None
     if getattr(module, "proj_size", 0):
         return None
@@ -94,12 +96,10 @@ def _unfit(module: nn.Module) -> str | None:
     shape = []
     if module.num_layers != 1:
         shape.append(f"{module.num_layers} stacked layers")
-    if module.bidirectional:
-        shape.append("bidirectional")
     if getattr(module, "proj_size", 0):
         shape.append(f"proj_size={module.proj_size}")
     proj = " without projection" if base == "LSTM" else ""
-    return f"{', '.join(shape)}: only a single-layer, unidirectional nn.{base}{proj} loses units"
+    return f"{', '.join(shape)}: only a single-layer nn.{base}{proj} loses units"
 
 
 @torch.no_grad()
@@ -183,9 +183,11 @@ def unit_scores(model: nn.Module, info: RecurrentInfo) -> torch.Tensor:
     layer = model.get_submodule(info.name)
     h, gates = layer.hidden_size, _GATES[type(layer)]
     total = torch.zeros(h, dtype=torch.float64)
-    for weight in (layer.weight_ih_l0, layer.weight_hh_l0):
-        total += weight.detach().double().pow(2).reshape(gates, h, -1).sum(dim=(0, 2))
-    total += layer.weight_hh_l0.detach().double().pow(2).sum(dim=0)
+    for suffix in _directions(layer):
+        hh = getattr(layer, f"weight_hh_l0{suffix}").detach().double()
+        for weight in (getattr(layer, f"weight_ih_l0{suffix}").detach().double(), hh):
+            total += weight.pow(2).reshape(gates, h, -1).sum(dim=(0, 2))
+        total += hh.pow(2).sum(dim=0)
     for i, consumer in enumerate(info.consumers):
         w = model.get_submodule(consumer).weight.detach().double()
         for offset in info.blocks(i):
@@ -214,8 +216,7 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
     layer = model.get_submodule(info.name)
     gates = _gates(layer)
     if gates is None:
-        raise ValueError(f"{info.name} is not a single-layer, unidirectional GRU or LSTM "
-                         "without projection")
+        raise ValueError(f"{info.name} is not a single-layer GRU or LSTM without projection")
     h = layer.hidden_size
     keep = sorted(int(k) for k in keep)
     if not keep or keep[0] < 0 or keep[-1] >= h:
@@ -223,14 +224,15 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
     rows = torch.tensor([g * h + k for g in range(gates) for k in keep])
     cols = torch.tensor(keep)
     new = type(layer)(layer.input_size, len(keep), num_layers=1, bias=layer.bias,
-                      batch_first=layer.batch_first)
+                      batch_first=layer.batch_first, bidirectional=layer.bidirectional)
     new = new.to(device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
     new.train(layer.training)
-    new.weight_ih_l0.copy_(layer.weight_ih_l0[rows])
-    new.weight_hh_l0.copy_(layer.weight_hh_l0[rows][:, cols])
-    if layer.bias:
-        new.bias_ih_l0.copy_(layer.bias_ih_l0[rows])
-        new.bias_hh_l0.copy_(layer.bias_hh_l0[rows])
+    for suffix in _directions(layer):
+        getattr(new, f"weight_ih_l0{suffix}").copy_(getattr(layer, f"weight_ih_l0{suffix}")[rows])
+        getattr(new, f"weight_hh_l0{suffix}").copy_(
+            getattr(layer, f"weight_hh_l0{suffix}")[rows][:, cols])
+        for bias in (f"bias_ih_l0{suffix}", f"bias_hh_l0{suffix}") if layer.bias else ():
+            getattr(new, bias).copy_(getattr(layer, bias)[rows])
     columns = []
     for i, consumer in enumerate(info.consumers):
         width = model.get_submodule(consumer).weight.shape[1]
@@ -261,6 +263,12 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
 
 #: The older name of :func:`prune_units`, from when only GRUs were pruned.
 prune_gru_units = prune_units
+
+
+def _directions(layer: nn.Module) -> tuple[str, ...]:
+    """The suffixes of a layer's per-direction weights: ``""``, and ``"_reverse"`` when it is
+    bidirectional."""
+    return ("", "_reverse") if layer.bidirectional else ("",)
 
 
 def _keep_features(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
