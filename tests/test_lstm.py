@@ -112,21 +112,16 @@ def test_l2_units_scores_one_entry_per_lstm_unit():
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
-@pytest.mark.parametrize("lstm", [{"num_layers": 2}, {"proj_size": 4}])
-def test_stacked_or_projected_lstms_are_not_offered(lstm):
+def test_a_projected_lstm_is_not_offered():
     torch.manual_seed(0)
-    hidden = 12
-    model = LSTMNet(hidden=hidden, **lstm).eval()
-    if lstm.get("proj_size"):
-        model.head = nn.Linear(lstm["proj_size"], 3)
+    model = LSTMNet(hidden=12, proj_size=4).eval()
+    model.head = nn.Linear(4, 3)
     x = torch.randn(3, 7, 5)
     with torch.no_grad():
         assert model(x).shape == (3, 3)
     why: dict[str, str] = {}
     assert recurrent_layers(model, (x,), why=why) == []
-    shape = {"num_layers": "2 stacked layers", "proj_size": "proj_size=4"}[next(iter(lstm))]
-    assert why == {"lstm": f"{shape}: only a single-layer nn.LSTM without projection loses "
-                           "units"}
+    assert why == {"lstm": "proj_size=4: only an nn.LSTM without projection loses units"}
 
 
 def test_an_lstm_read_by_nothing_prunable_is_not_offered():
@@ -220,20 +215,28 @@ def test_an_lstm_petra_cannot_follow_is_kept_whole_with_the_reason():
 
 
 def test_petra_space_says_why_a_layer_is_kept_whole(tmp_path, capsys):
-    """``model_space`` gives every layer of the space that no gene can shrink its reason, and
-    ``petra space`` prints them: a stacked LSTM, and the model's output layer."""
+    """``model_space`` gives every layer of the space that no gene can shrink its reason: an
+    LSTM read only through a parameter of its width, and the model's output layer."""
     from petra.config import load_config
     from petra.space import model_space
 
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(5, 8, batch_first=True)
+            self.scale = nn.Parameter(torch.ones(8))
+            self.head = nn.Linear(1, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((self.lstm(x)[0][:, -1] * self.scale).sum(-1, keepdim=True))
+
     torch.manual_seed(0)
-    model = LSTMNet(num_layers=2).eval()
     cfg = load_config({"space": {"pruning": ["l2_channel", "l2_units"],
                                  "quantization": ["none"]}})
-    space = model_space(cfg.space, model, (torch.randn(3, 7, 5),))
-    assert space.kept_whole == {
-        "lstm": "2 stacked layers: only a single-layer nn.LSTM without projection loses "
-                "units",
-        "head": "its output is the model's output"}
+    space = model_space(cfg.space, Scaled().eval(), (torch.randn(3, 7, 5),))
+    assert set(space.kept_whole) == {"lstm", "head"}
+    assert space.kept_whole["lstm"].startswith("no Linear or Conv1d reads its outputs")
+    assert space.kept_whole["head"] == "its output is the model's output"
     assert "layers.lstm.method" not in space
 
 
@@ -430,3 +433,43 @@ def test_a_bidirectional_layer_loses_the_same_units_in_both_directions(cell, rea
     proto = artifact.export_onnx(model, (x,))
     out = artifact.load(artifact.pack(proto)).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell, bidirectional", [(nn.LSTM, False), (nn.GRU, True)])
+def test_a_stacked_layer_loses_the_same_units_in_every_layer(cell, bidirectional):
+    """Each layer keeps the same units; a layer above the first keeps the input columns of the
+    units it reads (each direction's block). Dead units everywhere change nothing."""
+    torch.manual_seed(0)
+    dirs, h, dead = 2 if bidirectional else 1, 8, [1, 4, 6]
+
+    class Stacked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = cell(5, h, num_layers=3, batch_first=True, bidirectional=bidirectional)
+            self.head = nn.Linear(dirs * h, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    model, x = Stacked().eval(), torch.randn(3, 7, 5)
+    gates = 4 if cell is nn.LSTM else 3
+    # A unit whose every weight is 0 outputs 0 from h0 = 0 (an LSTM: o * tanh(0); a GRU:
+    # (1 - z) * tanh(0) + z * 0); the layer above reads it with columns zeroed too.
+    with torch.no_grad():
+        for name, param in model.rnn.named_parameters():
+            param[[g * h + u for g in range(gates) for u in dead]] = 0
+            if name.startswith("weight_hh"):
+                param[:, dead] = 0
+            elif name.startswith("weight_ih") and not name.startswith("weight_ih_l0"):
+                param[:, [d * h + u for d in range(dirs) for u in dead]] = 0
+        reference = model(x)
+    (info,) = recurrent_layers(model, (x,))
+    scores = PRUNING.get("l2_units").fn(model, info)
+    assert set(torch.argsort(scores)[:3].tolist()) == set(dead)
+    prune_recurrent(model, {"rnn": ("l2_units", 3 / 8)}, [info])
+    rnn = model.rnn
+    assert (rnn.num_layers, rnn.hidden_size, rnn.bidirectional) == (3, 5, bidirectional)
+    assert rnn.weight_ih_l1.shape == (gates * 5, dirs * 5)
+    assert model.head.in_features == dirs * 5
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-6)

@@ -2,13 +2,15 @@
 (``l2_units``).
 
 torch-pruning cannot follow channels into a GRU or LSTM, so a recurrent model kept its
-recurrence whole, and the recurrence is where its time goes. Here a single-layer
-``nn.GRU`` or ``nn.LSTM`` (without projection, ``proj_size == 0``) loses hidden units: the kept
-units' rows of every gate (GRU: reset, update, new; LSTM: input, forget, cell, output) in the
-input and recurrent weights and biases, their columns of the recurrent weights, and the
-matching input columns of each layer that reads the layer's outputs. A bidirectional one loses
-the same units in both directions: its sequence output holds them twice (forward, then
-backward), two blocks of its readers' columns.
+recurrence whole, and the recurrence is where its time goes. Here an ``nn.GRU``
+or ``nn.LSTM`` (without projection, ``proj_size == 0``) loses hidden units: the kept units'
+rows of every gate (GRU: reset, update, new; LSTM: input, forget, cell, output) in the input
+and recurrent weights and biases, their columns of the recurrent weights, and the matching
+input columns of each layer that reads the layer's outputs. A bidirectional one loses the same
+units in both directions: its sequence output holds them twice (forward, then backward), two
+blocks of its readers' columns. A stacked one loses the same units in every layer (one
+sparsity gene; ``h_n[i]`` of any layer stays readable), and each layer above the first keeps
+the input columns of the units it reads.
 
 :func:`recurrent_layers` (also :func:`gru_layers`, its older name) finds the layers that can be
 pruned so, by tracing the example batch: every Conv or Linear layer whose input shares storage
@@ -72,12 +74,12 @@ class RecurrentInfo:
 def _gates(module: nn.Module) -> int | None:
     """The gates per hidden unit of a recurrent layer whose units can be removed, else None.
 
-    Only the exact ``nn.GRU`` and ``nn.LSTM`` count, single-layer (bidirectional too), without
-    an LSTM projection: a subclass may have a forward of its own, which the rebuilt layer would
+    Only the exact ``nn.GRU`` and ``nn.LSTM`` count (stacked and bidirectional too), without an
+    LSTM projection: a subclass may have a forward of its own, which the rebuilt layer would
     drop.
     """
     gates = _GATES.get(type(module))
-    if gates is None or module.num_layers != 1:
+    if gates is None:
         return None
     if getattr(module, "proj_size", 0):
         return None
@@ -93,13 +95,8 @@ def _unfit(module: nn.Module) -> str | None:
     if type(module) not in _GATES:
         return (f"a subclass of nn.{base} ({type(module).__name__}): its own forward would "
                 "be lost; only an exact nn.GRU or nn.LSTM loses units")
-    shape = []
-    if module.num_layers != 1:
-        shape.append(f"{module.num_layers} stacked layers")
-    if getattr(module, "proj_size", 0):
-        shape.append(f"proj_size={module.proj_size}")
-    proj = " without projection" if base == "LSTM" else ""
-    return f"{', '.join(shape)}: only a single-layer nn.{base}{proj} loses units"
+    return (f"proj_size={module.proj_size}: only an nn.{base} without projection loses "
+            "units")
 
 
 @torch.no_grad()
@@ -183,11 +180,14 @@ def unit_scores(model: nn.Module, info: RecurrentInfo) -> torch.Tensor:
     layer = model.get_submodule(info.name)
     h, gates = layer.hidden_size, _GATES[type(layer)]
     total = torch.zeros(h, dtype=torch.float64)
-    for suffix in _directions(layer):
-        hh = getattr(layer, f"weight_hh_l0{suffix}").detach().double()
-        for weight in (getattr(layer, f"weight_ih_l0{suffix}").detach().double(), hh):
+    for name in _weights(layer):
+        hh = getattr(layer, f"weight_hh_{name}").detach().double()
+        ih = getattr(layer, f"weight_ih_{name}").detach().double()
+        for weight in (ih, hh):
             total += weight.pow(2).reshape(gates, h, -1).sum(dim=(0, 2))
         total += hh.pow(2).sum(dim=0)
+        if not name.startswith("l0"):  # its input columns: the layer below's units
+            total += ih.pow(2).reshape(ih.shape[0], -1, h).sum(dim=(0, 1))
     for i, consumer in enumerate(info.consumers):
         w = model.get_submodule(consumer).weight.detach().double()
         for offset in info.blocks(i):
@@ -216,22 +216,25 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
     layer = model.get_submodule(info.name)
     gates = _gates(layer)
     if gates is None:
-        raise ValueError(f"{info.name} is not a single-layer GRU or LSTM without projection")
+        raise ValueError(f"{info.name} is not a GRU or an LSTM without projection")
     h = layer.hidden_size
     keep = sorted(int(k) for k in keep)
     if not keep or keep[0] < 0 or keep[-1] >= h:
         raise ValueError(f"{info.name}: cannot keep units {keep} of {h}")
     rows = torch.tensor([g * h + k for g in range(gates) for k in keep])
     cols = torch.tensor(keep)
-    new = type(layer)(layer.input_size, len(keep), num_layers=1, bias=layer.bias,
-                      batch_first=layer.batch_first, bidirectional=layer.bidirectional)
+    # a layer above the first reads the units of the one below, each direction's in turn
+    below = torch.tensor([d * h + k for d in range(len(_directions(layer))) for k in keep])
+    new = type(layer)(layer.input_size, len(keep), num_layers=layer.num_layers, bias=layer.bias,
+                      batch_first=layer.batch_first, dropout=layer.dropout,
+                      bidirectional=layer.bidirectional)
     new = new.to(device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
     new.train(layer.training)
-    for suffix in _directions(layer):
-        getattr(new, f"weight_ih_l0{suffix}").copy_(getattr(layer, f"weight_ih_l0{suffix}")[rows])
-        getattr(new, f"weight_hh_l0{suffix}").copy_(
-            getattr(layer, f"weight_hh_l0{suffix}")[rows][:, cols])
-        for bias in (f"bias_ih_l0{suffix}", f"bias_hh_l0{suffix}") if layer.bias else ():
+    for name in _weights(layer):
+        ih = getattr(layer, f"weight_ih_{name}")[rows]
+        getattr(new, f"weight_ih_{name}").copy_(ih if name.startswith("l0") else ih[:, below])
+        getattr(new, f"weight_hh_{name}").copy_(getattr(layer, f"weight_hh_{name}")[rows][:, cols])
+        for bias in (f"bias_ih_{name}", f"bias_hh_{name}") if layer.bias else ():
             getattr(new, bias).copy_(getattr(layer, bias)[rows])
     columns = []
     for i, consumer in enumerate(info.consumers):
@@ -269,6 +272,12 @@ def _directions(layer: nn.Module) -> tuple[str, ...]:
     """The suffixes of a layer's per-direction weights: ``""``, and ``"_reverse"`` when it is
     bidirectional."""
     return ("", "_reverse") if layer.bidirectional else ("",)
+
+
+def _weights(layer: nn.Module) -> list[str]:
+    """The names that follow ``weight_ih_`` of each of a recurrent layer's layers and
+    directions: ``l0``, ``l0_reverse``, ``l1``, ..."""
+    return [f"l{i}{suffix}" for i in range(layer.num_layers) for suffix in _directions(layer)]
 
 
 def _keep_features(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
