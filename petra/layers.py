@@ -89,7 +89,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
     errors: list[str] = []
-    capable, residual = channel_layers(model, example_input, errors=errors)
+    channel_why: dict[str, str] = {}
+    capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why)
     capable |= {g.name for g in recurrent} | set(heads)
     modules = dict(model.named_modules())
     seen = list(dict.fromkeys(order))
@@ -100,7 +101,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
             and name == seen[-1]
         )
         whole = ("its output is the model's output" if is_output
-                 else (recurrent_why or {}).get(name) or (errors or [_UNFOLLOWED])[0])
+                 else (recurrent_why or {}).get(name) or channel_why.get(name)
+                 or (errors or [_UNFOLLOWED])[0])
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
                                  and name in capable, residual=name in residual, whole=whole))
     return infos

@@ -385,3 +385,38 @@ def test_a_hand_written_attention_loses_heads_or_says_why_not(fixed_width):
     prune_heads(model, info, [1, 3])
     assert model[0].heads == 2 and model[0].q.out_features == 8
     assert model[0].proj.in_features == 8 and model(x).shape == (2, 3)
+
+
+class DistilAttention(nn.Module):
+    """DistilBERT's form: ``q_lin``, ``k_lin``, ``v_lin``, ``out_lin``, ``n_heads`` and ``dim``,
+    the head width computed in the forward as ``dim // n_heads``."""
+
+    def __init__(self, dim: int = 16, n_heads: int = 4) -> None:
+        super().__init__()
+        self.dim, self.n_heads = dim, n_heads
+        self.q_lin, self.k_lin, self.v_lin = (nn.Linear(dim, dim) for _ in range(3))
+        self.out_lin = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs, dim_per_head = x.shape[0], self.dim // self.n_heads
+        q, k, v = (f(x).view(bs, -1, self.n_heads, dim_per_head).transpose(1, 2)
+                   for f in (self.q_lin, self.k_lin, self.v_lin))
+        att = torch.softmax(q @ k.transpose(-2, -1) / dim_per_head ** 0.5, dim=-1)
+        context = (att @ v).transpose(1, 2).reshape(bs, -1, self.n_heads * dim_per_head)
+        return self.out_lin(context)
+
+
+def test_a_distilbert_style_attention_loses_heads_with_its_width_attribute():
+    """petra lowers ``n_heads`` and, with it, ``dim`` (the q, k and v width): left at 16, the
+    head width would come out 16 // 2 = 8 and the pruned projections would not fit."""
+    from petra.compress.attention import prune_heads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DistilAttention(), nn.Flatten(), nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    why: dict[str, str] = {}
+    (info,) = attention_layers(model, (x,), why=why)
+    assert (info.heads, info.head_dim, info.output) == (4, 4, "0.out_lin") and why == {}
+    prune_heads(model, info, [0, 2])
+    assert (model[0].n_heads, model[0].dim, model[0].q_lin.out_features) == (2, 8, 8)
+    assert model(x).shape == (2, 3)

@@ -296,20 +296,23 @@ def test_events_lstm_loses_units_in_the_evaluator(tmp_path):
 
 
 class GRUWithSide(nn.Module):
-    """A GRU's last step concatenated with a side branch (``dim=1``), as a user writes it."""
+    """A GRU's (or an LSTM's) last step concatenated with a side branch (``dim=1``), as a user
+    writes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, cell: type[nn.Module] = nn.GRU, bidirectional: bool = False) -> None:
         super().__init__()
-        self.gru = nn.GRU(5, 12, batch_first=True)
+        self.gru = cell(5, 12, batch_first=True, bidirectional=bidirectional)
         self.side = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-        self.head = nn.Linear(12 + 8, 3)
+        self.head = nn.Linear(12 * (2 if bidirectional else 1) + 8, 3)
 
     def forward(self, seq: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru(seq)
         return self.head(torch.cat([out[:, -1], self.side(tab)], dim=1))
 
 
-def test_a_gru_concatenated_with_a_side_branch_leaves_both_prunable():
+@pytest.mark.parametrize("cell, bidirectional", [(nn.GRU, False), (nn.GRU, True),
+                                                 (nn.LSTM, False)])
+def test_a_gru_concatenated_with_a_side_branch_leaves_both_prunable(cell, bidirectional):
     """torch-pruning has no pruner for ``nn.GRU``, so the concatenation failed the whole graph
     (``TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'``) and the side
     branch kept its channels; the GRU was not followed through the concatenation either. Both
@@ -318,18 +321,19 @@ def test_a_gru_concatenated_with_a_side_branch_leaves_both_prunable():
     from petra.layers import protected, prunable_layers
 
     torch.manual_seed(0)
-    model = GRUWithSide().eval()
+    model = GRUWithSide(cell, bidirectional).eval()
     x = (torch.randn(3, 7, 5), torch.randn(3, 4))
     layers = {layer.name: layer for layer in prunable_layers(model, x)}
     assert layers["gru"].structured and layers["side.0"].structured
     assert not layers["head"].structured
     (info,) = recurrent_layers(model, x)
-    assert info.consumers == ("head",) and info.offsets == ((0,),)
+    assert info.consumers == ("head",)
+    assert info.offsets == (((0, 12),) if bidirectional else ((0,),))
     prune_recurrent(model, {"gru": ("l2_units", 0.5)}, [info])
     prune_channels(model, x, {"side.0": ("l2_channel", 0.5)},
                    protected=protected(layers.values()))
     assert model.gru.hidden_size == 6 and model.side[0].out_features == 4
-    assert model.head.in_features == 10
+    assert model.head.in_features == (16 if bidirectional else 10)
     with torch.no_grad():
         assert model(*x).shape == (3, 3)
 

@@ -65,6 +65,8 @@ QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
              ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"))
 OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
+#: Attributes of an attention that hold its q, k and v width, updated with its heads.
+WIDTH_NAMES = ("all_head_size", "dim", "inner_dim")
 
 
 def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
@@ -183,8 +185,10 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
         trial(*args(example_input))
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        hint = ("; its forward must size its reshapes from its head count attribute or with "
-                "-1, not from the input's width" if "shape" in first else "")
+        hint = ("; its forward must size the heads from its head count or head width "
+                f"attributes ({', '.join(HEAD_COUNT_NAMES + WIDTH_NAMES)}, which petra "
+                "updates) or with -1, not from the input's width" if "shape" in first
+                or "mat1" in first else "")
         return f"removing half its heads breaks the model ({type(exc).__name__}: {first}){hint}"
     return ""
 
@@ -271,9 +275,10 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     through, its separate q, k and v inputs (a model that normalizes the stream once per
     input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow.
 
-    It knows ``nn.GRU``'s output width too (:func:`_gru_pruner`),
-    which torch-pruning does not: without it, a GRU's output concatenated with another branch
-    fails the whole graph."""
+    It knows ``nn.GRU``'s output width too (:func:`_gru_pruner`), which torch-pruning does
+    not: without it, a GRU's output concatenated with another branch fails the whole graph. (A
+    bidirectional ``nn.LSTM`` concatenated so still fails it: torch-pruning traces it in
+    pieces; the model's channel groups are then kept whole, with the error as the reason.)"""
     import torch_pruning as tp
 
     return tp.DependencyGraph().build_dependency(
@@ -313,10 +318,10 @@ def _gru_pruner() -> Any:
     """torch-pruning's pruning functions for ``nn.GRU``, which it has none of (it has them for
     ``nn.LSTM``). What it needs is a GRU's output width, ``hidden_size`` times its directions:
     without it, a GRU's output concatenated with another branch fails the whole graph. The
-    units are removed by ``l2_units`` (:func:`petra.compress.recurrent.prune_units`), never as a member of another
-    layer's channel group: that raises, and the verification withholds the group. (The layer
-    that feeds a GRU keeps its channels: torch-pruning traces the GRU's internal ops, where
-    the group breaks.)"""
+    units are removed by ``l2_units`` (:func:`petra.compress.recurrent.prune_units`), never as
+    a member of another layer's channel group: that raises, and the verification withholds
+    the group. (The layer that feeds a GRU keeps its channels: torch-pruning traces the GRU's
+    internal ops, where the group breaks.)"""
     import torch_pruning as tp
 
     class Pruner(tp.pruner.BasePruningFunc):
@@ -369,8 +374,9 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
     for attr in HEAD_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, len(keep))
-    if hasattr(module, "all_head_size"):
-        module.all_head_size = len(keep) * info.head_dim
+    for attr in WIDTH_NAMES:  # the q, k and v width (DistilBERT: head_dim = dim // n_heads)
+        if getattr(module, attr, None) == heads * info.head_dim:
+            setattr(module, attr, len(keep) * info.head_dim)
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "num_attention_heads"):
         # A shared config would tell every other layer the new count: give this one its own.

@@ -70,12 +70,16 @@ def kept_channels(n: int, sparsity: float, round_to: int) -> int:
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
-def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
+def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
+                   skipped: dict[nn.Module, str] | None = None) -> Any:
     """The dependency groups of a torch-pruning graph, rooted at Conv/Linear output channels.
 
     Like ``DependencyGraph.get_all_groups``, but a group that torch-pruning cannot build (a
     channel dimension shared with a layer it does not support, such as ``nn.GRU``) is skipped
-    instead of failing the whole model, and its layers stay unpruned.
+    instead of failing the whole model, and its layers stay unpruned. So is a group whose
+    channels a grouped convolution reads (not a depthwise one): torch-pruning narrows its
+    input by the first kept indices, not per group, which fails or misreads most removals.
+    ``skipped``, when given, gets each writer of such a group, with why.
     """
     ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
     visited: set[nn.Module] = set()
@@ -94,8 +98,23 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
+        grouped = next((dep.target.module for dep, _ in group
+                        if graph.is_in_channel_pruning_fn(dep.handler)
+                        and _grouped_conv(dep.target.module)), None)
+        if grouped is not None:
+            if skipped is not None:
+                skipped.update({m: f"its channels feed a grouped convolution (groups="
+                                   f"{grouped.groups}), whose input torch-pruning cannot "
+                                   "narrow group by group" for m in members})
+            continue
         if not any(m in ignored for m in members):
             yield group
+
+
+def _grouped_conv(module: Any) -> bool:
+    """Whether ``module`` is a grouped convolution that is not depthwise."""
+    return isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups > 1 and not (
+        module.groups == module.in_channels == module.out_channels)
 
 
 #: Normalization layers whose presence marks a channel group as the residual stream: a
@@ -104,12 +123,13 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = ()) -> Any:
 STREAM_NORMS = ("LayerNorm", "RMSNorm")
 
 
-def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | None = None
-                   ) -> tuple[set[str], tuple[str, ...]]:
+def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | None = None,
+                   why: dict[str, str] | None = None) -> tuple[set[str], tuple[str, ...]]:
     """``(structured, residual)``: the layers whose output channels torch-pruning can remove
     with their group, and the writers of the residual stream (the hidden size), if the model
     has one. A model torch-pruning cannot trace has none; the reason is appended to
-    ``errors``, when given.
+    ``errors``, when given. ``why``, when given, gets the writers of the groups
+    :func:`channel_groups` skips, with why.
 
     The residual stream is the channel group that at least two normalization layers
     (:data:`STREAM_NORMS`) follow and at least two layers write; where several qualify, the one
@@ -130,7 +150,8 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
         model.train(was_training)
     found: set[str] = set()
     residual: tuple[str, ...] = ()
-    for group in channel_groups(graph):
+    skipped: dict[nn.Module, str] = {}
+    for group in channel_groups(graph, skipped=skipped):
         writers = tuple(dict.fromkeys(
             names[dep.target.module] for dep, _ in group
             if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names))
@@ -139,6 +160,8 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
                  if type(dep.target.module).__name__.endswith(STREAM_NORMS)}
         if len(norms) >= 2 and len(writers) >= 2 and len(writers) > len(residual):
             residual = writers
+    if why is not None:
+        why.update({names[m]: reason for m, reason in skipped.items() if m in names})
     return found, residual
 
 
