@@ -10,6 +10,7 @@ concatenations along the features are followed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -135,56 +136,66 @@ def trace_readers(model: nn.Module, example_input: Sequence[Any], is_recurrent: 
 
     ``is_recurrent(module)`` says which modules' outputs are traced: their ``hidden_size``
     is the units' width."""
-    names = {m: n for n, m in model.named_modules()}
-    outputs: dict[str, set[int]] = {}
-    readers: dict[int, list[tuple[str, int, bool]]] = {}
-    norms: dict[int, list[str]] = {}
-    alias: dict[int, _Feed] = {}  # storage -> the recurrent units it carries
-    # The recurrent outputs and their followed copies stay referenced until the trace ends:
-    # a freed one's storage could be handed to a later, unrelated tensor (a model that reads
-    # ``self.lstm(x)[0][:, -1]`` drops ``h_n`` and ``c_n`` at once), which would then pass for
-    # the recurrent layer's output. A guard: not seen to happen with the CPU allocator.
-    alive: list[torch.Tensor] = []
+    trace = _Trace()
     hooks = []
-    for module, name in names.items():
-        if is_recurrent(module):
-            def on_recurrent(mod: Any, _inp: Any, out: Any, name: str = name) -> None:
-                tensors = _tensors(out)
-                alive.extend(tensors)
-                outputs[name] = {p for p in map(_storage, tensors) if p is not None}
-                h = mod.hidden_size
-                alias.update({p: _Feed(h, ((p, 0),)) for p in outputs[name]})
-                if mod.bidirectional and tensors:  # the sequence output: forward, then backward
-                    p = _storage(tensors[0])
-                    alias[p] = _Feed(2 * h, ((p, 0), (p, h)), concat=True)
-            hooks.append(module.register_forward_hook(on_recurrent))
-        elif isinstance(module, _CONSUMERS):
-            def on_layer(mod: Any, inp: Any, _out: Any, name: str = name) -> None:
-                feed = alias.get(_storage(inp[0])) if inp else None
-                if feed is None or feed.concat and not (
-                        isinstance(mod, nn.Linear) and inp[0].shape[-1] == feed.width):
-                    return  # a concat read other than along a Linear's features
-                for root, offset in feed.blocks:
-                    readers.setdefault(root, []).append((name, offset, feed.concat))
-            hooks.append(module.register_forward_hook(on_layer))
-        elif isinstance(module, nn.LayerNorm):
-            def on_norm(mod: Any, inp: Any, out: Any, name: str = name) -> None:
-                feed = alias.get(_storage(inp[0])) if inp else None
-                if feed is not None and not feed.concat and isinstance(out, torch.Tensor) and (
-                        tuple(mod.normalized_shape) == (feed.width,) == (out.shape[-1],)):
-                    alias[_storage(out)] = feed
-                    alive.append(out)
-                    for root, _offset in feed.blocks:
-                        norms.setdefault(root, []).append(name)
-            hooks.append(module.register_forward_hook(on_norm))
+    for name, module in model.named_modules():
+        hook = (trace.recurrent if is_recurrent(module) else trace.reader
+                if isinstance(module, _CONSUMERS) else trace.norm
+                if isinstance(module, nn.LayerNorm) else None)
+        if hook is not None:
+            hooks.append(module.register_forward_hook(functools.partial(hook, name)))
     was_training = model.training
     model.eval()
     try:
-        with _Follow(alias, alive):
+        with _Follow(trace.alias, trace.alive):
             model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    alive.clear()
-    return outputs, readers, norms
+    trace.alive.clear()
+    return trace.outputs, trace.readers, trace.norms
+
+
+class _Trace:
+    """What one :func:`trace_readers` pass finds, and its forward hooks (each called with the
+    module's name first)."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, set[int]] = {}
+        self.readers: dict[int, list[tuple[str, int, bool]]] = {}
+        self.norms: dict[int, list[str]] = {}
+        self.alias: dict[int, _Feed] = {}  # storage -> the recurrent units it carries
+        # The recurrent outputs and their followed copies stay referenced until the trace
+        # ends: a freed one's storage could be handed to a later, unrelated tensor (a model
+        # that reads ``self.lstm(x)[0][:, -1]`` drops ``h_n`` and ``c_n`` at once), which would
+        # then pass for the recurrent layer's output. A guard: not seen to happen with the CPU
+        # allocator.
+        self.alive: list[torch.Tensor] = []
+
+    def recurrent(self, name: str, mod: Any, _inp: Any, out: Any) -> None:
+        tensors = _tensors(out)
+        self.alive.extend(tensors)
+        self.outputs[name] = {p for p in map(_storage, tensors) if p is not None}
+        h = mod.hidden_size
+        self.alias.update({p: _Feed(h, ((p, 0),)) for p in self.outputs[name]})
+        if mod.bidirectional and tensors:  # the sequence output: forward, then backward
+            p = _storage(tensors[0])
+            self.alias[p] = _Feed(2 * h, ((p, 0), (p, h)), concat=True)
+
+    def reader(self, name: str, mod: Any, inp: Any, _out: Any) -> None:
+        feed = self.alias.get(_storage(inp[0])) if inp else None
+        if feed is None or feed.concat and not (
+                isinstance(mod, nn.Linear) and inp[0].shape[-1] == feed.width):
+            return  # a concat read other than along a Linear's features
+        for root, offset in feed.blocks:
+            self.readers.setdefault(root, []).append((name, offset, feed.concat))
+
+    def norm(self, name: str, mod: Any, inp: Any, out: Any) -> None:
+        feed = self.alias.get(_storage(inp[0])) if inp else None
+        if feed is not None and not feed.concat and isinstance(out, torch.Tensor) and (
+                tuple(mod.normalized_shape) == (feed.width,) == (out.shape[-1],)):
+            self.alias[_storage(out)] = feed
+            self.alive.append(out)
+            for root, _offset in feed.blocks:
+                self.norms.setdefault(root, []).append(name)

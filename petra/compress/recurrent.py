@@ -221,21 +221,8 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
     keep = sorted(int(k) for k in keep)
     if not keep or keep[0] < 0 or keep[-1] >= h:
         raise ValueError(f"{info.name}: cannot keep units {keep} of {h}")
-    rows = torch.tensor([g * h + k for g in range(gates) for k in keep])
     cols = torch.tensor(keep)
-    # a layer above the first reads the units of the one below, each direction's in turn
-    below = torch.tensor([d * h + k for d in range(len(_directions(layer))) for k in keep])
-    new = type(layer)(layer.input_size, len(keep), num_layers=layer.num_layers, bias=layer.bias,
-                      batch_first=layer.batch_first, dropout=layer.dropout,
-                      bidirectional=layer.bidirectional)
-    new = new.to(device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
-    new.train(layer.training)
-    for name in _weights(layer):
-        ih = getattr(layer, f"weight_ih_{name}")[rows]
-        getattr(new, f"weight_ih_{name}").copy_(ih if name.startswith("l0") else ih[:, below])
-        getattr(new, f"weight_hh_{name}").copy_(getattr(layer, f"weight_hh_{name}")[rows][:, cols])
-        for bias in (f"bias_ih_{name}", f"bias_hh_{name}") if layer.bias else ():
-            getattr(new, bias).copy_(getattr(layer, bias)[rows])
+    new = _rebuilt(layer, gates, keep)
     columns = []
     for i, consumer in enumerate(info.consumers):
         width = model.get_submodule(consumer).weight.shape[1]
@@ -266,6 +253,28 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
 
 #: The older name of :func:`prune_units`, from when only GRUs were pruned.
 prune_gru_units = prune_units
+
+
+def _rebuilt(layer: nn.Module, gates: int, keep: Sequence[int]) -> nn.Module:
+    """A copy of the GRU or LSTM ``layer`` with only units ``keep`` (sorted), in every layer
+    and direction."""
+    h = layer.hidden_size
+    rows = torch.tensor([g * h + k for g in range(gates) for k in keep])
+    cols = torch.tensor(keep)
+    # a layer above the first reads the units of the one below, each direction's in turn
+    below = torch.tensor([d * h + k for d in range(len(_directions(layer))) for k in keep])
+    new = type(layer)(layer.input_size, len(keep), num_layers=layer.num_layers, bias=layer.bias,
+                      batch_first=layer.batch_first, dropout=layer.dropout,
+                      bidirectional=layer.bidirectional)
+    new = new.to(device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
+    new.train(layer.training)
+    for name in _weights(layer):
+        ih = getattr(layer, f"weight_ih_{name}")[rows]
+        getattr(new, f"weight_ih_{name}").copy_(ih if name.startswith("l0") else ih[:, below])
+        getattr(new, f"weight_hh_{name}").copy_(getattr(layer, f"weight_hh_{name}")[rows][:, cols])
+        for bias in (f"bias_ih_{name}", f"bias_hh_{name}") if layer.bias else ():
+            getattr(new, bias).copy_(getattr(layer, bias)[rows])
+    return new
 
 
 def _directions(layer: nn.Module) -> tuple[str, ...]:
