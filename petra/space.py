@@ -104,9 +104,14 @@ class SearchSpace:
         try:
             return self._by_name[name]
         except KeyError:
-            raise ValueError(
-                f"unknown gene {name!r}; the space has {', '.join(self._by_name)}"
-            ) from None
+            raise ValueError(self._unknown(name)) from None
+
+    def _unknown(self, name: str) -> str:
+        """Why gene ``name`` is not in the space: its layer's reason where it is kept whole."""
+        layer = name.removeprefix("layers.").rpartition(".")[0]
+        if name.startswith("layers.") and layer in self.kept_whole:
+            return f"unknown gene {name!r}: layer {layer} is kept whole ({self.kept_whole[layer]})"
+        return f"unknown gene {name!r}; the space has {', '.join(self._by_name)}"
 
     def offers(self, name: str, value: Any) -> bool:
         """Whether gene ``name`` exists and may take ``value`` (any value, for a range gene)."""
@@ -143,9 +148,7 @@ class SearchSpace:
         """Validate ``partial`` and fill the genes it leaves out with their defaults."""
         unknown = [k for k in partial if k not in self._by_name]
         if unknown:
-            raise ValueError(
-                f"unknown gene {unknown[0]!r}; the space has {', '.join(self._by_name)}"
-            )
+            raise ValueError(self._unknown(unknown[0]))
         return {g.name: g.clip(partial.get(g.name, g.default)) for g in self.genes}
 
     def effective(self, genome: Mapping[str, Any]) -> Genome:

@@ -238,6 +238,9 @@ def test_petra_space_says_why_a_layer_is_kept_whole(tmp_path, capsys):
     assert space.kept_whole["lstm"].startswith("no Linear or Conv1d reads its outputs")
     assert space.kept_whole["head"] == "its output is the model's output"
     assert "layers.lstm.method" not in space
+    # a genome that names it is told why (``petra evaluate``), not the whole gene list
+    with pytest.raises(ValueError, match=r"layer lstm is kept whole \(no Linear or Conv1d"):
+        space.complete({"layers.lstm.method": "l2_units"})
 
 
 def test_a_pruned_lstm_exports_and_int8_dynamic_quantizes_it():
