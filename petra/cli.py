@@ -154,6 +154,9 @@ def _space(cfg: object, as_json: bool) -> int:
             for what, reason in space.withheld.items():
                 label = (f"{what}: structured removal" if what.startswith("layers.") else what)
                 print(f"  {label}: {reason}")
+        residual = [layer.name for layer in space.layers if layer.residual]
+        if residual and "prune.width" in space:
+            print(f"prune.width removes the hidden size, written by: {', '.join(residual)}")
         if space.kept_whole:
             print("kept whole (no gene removes their units):")
             for name, reason in space.kept_whole.items():
