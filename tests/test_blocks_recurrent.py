@@ -257,3 +257,27 @@ def test_a_gru_whose_reader_is_skipped_loses_units_from_the_next_reader(tmp_path
                                  "finetune.epochs": 0})
     assert result.status == "complete", result.error
     assert result.metrics["size_ratio"] < 0.25
+
+
+def test_the_first_layer_of_a_transformer_encoder_can_be_skipped():
+    """``nn.TransformerEncoder`` reads ``self.layers[0].self_attn.batch_first`` before it runs
+    its layers: with the first layer skipped, that was an AttributeError, and the verification
+    withheld the gene. The skipped model runs, and exports to ONNX Runtime."""
+    import numpy as np
+
+    from petra.candidate import artifact
+    from petra.compress.blocks import skip_blocks, skippable_blocks
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 3), nn.Flatten(), nn.Linear(5 * 16, 3))
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    blocks = skippable_blocks(model, (x,))
+    assert "0.layers.0" in [b.name for b in blocks]
+    skip_blocks(model, ["0.layers.0"], blocks)
+    with torch.no_grad():
+        reference = model(x).numpy()
+    proto = artifact.export_onnx(model, (x,))
+    out = artifact.load(artifact.pack(proto)).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, reference, atol=1e-5)

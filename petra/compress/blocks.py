@@ -88,6 +88,14 @@ class ReluIdentity(nn.Module):
         return _as_returned(torch.relu(x) if self.relu else x, self.outputs)
 
 
+class _BatchFirst:
+    """What ``nn.TransformerEncoder`` reads of its first layer's attention when that layer was
+    skipped: whether it is batch-first."""
+
+    def __init__(self, batch_first: bool) -> None:
+        self.batch_first = batch_first
+
+
 def _first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
@@ -185,6 +193,13 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
                                                   info.outputs)
         else:
             replacement = ReluIdentity(info.relu, info.outputs)
+        if isinstance(module, nn.TransformerEncoderLayer):
+            # nn.TransformerEncoder reads its first layer's self_attn.batch_first, and its fast
+            # path the rest: the replacement answers the first, the encoder skips the second.
+            replacement.self_attn = _BatchFirst(module.self_attn.batch_first)
+            for owner in model.modules():
+                if isinstance(owner, nn.TransformerEncoder):
+                    owner.use_nested_tensor = False
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)
