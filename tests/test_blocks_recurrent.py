@@ -263,11 +263,6 @@ def test_the_first_layer_of_a_transformer_encoder_can_be_skipped():
     """``nn.TransformerEncoder`` reads ``self.layers[0].self_attn.batch_first`` before it runs
     its layers: with the first layer skipped, that was an AttributeError, and the verification
     withheld the gene. The skipped model runs, and exports to ONNX Runtime."""
-    import numpy as np
-
-    from petra.candidate import artifact
-    from petra.compress.blocks import skip_blocks, skippable_blocks
-
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
     model = nn.Sequential(nn.TransformerEncoder(layer, 3), nn.Flatten(), nn.Linear(5 * 16, 3))
