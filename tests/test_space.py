@@ -424,3 +424,36 @@ def test_bad_static_ranges_name_the_field(field, value):
 
     with pytest.raises(ConfigError, match=rf"space\.static\.{field}"):
         load_config({"space": {"static": {field: value}}})
+
+
+@pytest.mark.parametrize("reshape", ["permute", "squeeze"])
+def test_a_head_whose_output_is_reshaped_keeps_its_channels(reshape):
+    """The output layer was found by comparing its output's shape with the model's: a head
+    whose logits come back channels-last (``permute``) or squeezed was offered channel
+    pruning, and removing its channels removed classes. torch-pruning's graph reaches the
+    model's output from it, so its channels stay, with the reason."""
+    import torch
+    from torch import nn
+
+    from petra.layers import prunable_layers
+    from petra.space import model_space
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(1, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 3 if reshape == "permute" else 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.head(torch.relu(self.body(x)))
+            return out.permute(0, 2, 3, 1) if reshape == "permute" else out.squeeze(1)
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 1, 6, 6)
+    layers = {layer.name: layer for layer in prunable_layers(model, (x,))}
+    assert layers["body"].structured and not layers["head"].structured
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, (x,))
+    assert space.kept_whole == {"head": "its output channels are the model's output"}
+    assert "l2_channel" not in space.gene("layers.head.method").choices

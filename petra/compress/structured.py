@@ -77,10 +77,13 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
     Like ``DependencyGraph.get_all_groups``, but a group that torch-pruning cannot build (a
     channel dimension shared with a layer it does not support, such as ``nn.GRU``) is skipped
     instead of failing the whole model, and its layers stay unpruned. So is a group whose
+    channels are the model's output, however it is reshaped on the way, and a group whose
     channels a grouped convolution reads (not a depthwise one): torch-pruning narrows its
     input by the first kept indices, not per group, which fails or misreads most removals.
     ``skipped``, when given, gets each writer of such a group, with why.
     """
+    from torch_pruning.ops import OPTYPE
+
     ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
     visited: set[nn.Module] = set()
     for module in list(graph.module2node):
@@ -98,6 +101,12 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
+        if any(dep.target.type == OPTYPE.OUTPUT for dep, _ in group):
+            # the model's output (a head whose logits are permuted, squeezed or reshaped
+            # before they are returned): removing its channels would remove outputs
+            if skipped is not None:
+                skipped.update({m: "its output channels are the model's output" for m in members})
+            continue
         grouped = next((dep.target.module for dep, _ in group
                         if graph.is_in_channel_pruning_fn(dep.handler)
                         and _grouped_conv(dep.target.module)), None)
