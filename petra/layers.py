@@ -85,7 +85,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         recurrent = gru_layers(model, example_input, why=recurrent_why)
     heads = {a.name: a for a in attention}
     RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
-    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES)
+    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES, *transposed)
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
     errors: list[str] = []
@@ -101,6 +102,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
             and name == seen[-1]
         )
         whole = ("its output is the model's output" if is_output
+                 else _TRANSPOSED if isinstance(modules[name], transposed)
                  else (recurrent_why or {}).get(name) or channel_why.get(name)
                  or (errors or [_UNFOLLOWED])[0])
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
@@ -108,6 +110,9 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     return infos
 
 
+#: Why a transposed convolution gets no gene (it is listed, with this reason, and quantized).
+_TRANSPOSED = ("a transposed convolution: no gene of its own (its input channels go with the "
+               "layer that feeds it)")
 #: Why a Linear or Conv torch-pruning traced keeps its channels when it is in no channel group.
 _UNFOLLOWED = ("torch-pruning puts its output channels in no channel group: it cannot follow "
                "them to every layer that reads them")
@@ -187,10 +192,11 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
 def protected(layers: Iterable[LayerInfo]) -> list[str]:
     """The layers whose output channels must stay (the classifier, grouped convs that are not
     depthwise, layers torch-pruning cannot follow): channel pruning leaves every group that
-    holds one. An
-    embedding is not among them: its width is the residual's, which the channel groups of the
-    Linear layers that share it decide."""
-    return [layer.name for layer in layers if not layer.structured and layer.type != "Embedding"]
+    holds one. An embedding is not among them (its width is the residual's, which the channel
+    groups of the Linear layers that share it decide), nor a transposed convolution (torch-
+    pruning removes its channels with the layers they are coupled to)."""
+    return [layer.name for layer in layers if not layer.structured and layer.type != "Embedding"
+            and not layer.type.startswith("ConvTranspose")]
 
 
 def unit_kind(layer: LayerInfo) -> str | None:
@@ -210,6 +216,8 @@ def offered(layer: LayerInfo, entry: Any) -> bool:
     low-rank or trained criterion on Linear and Conv layers."""
     kind = entry.meta.get("kind", "unstructured")
     own = unit_kind(layer)
+    if layer.type.startswith("ConvTranspose"):
+        return False
     if layer.type in RECURRENT_TYPE_NAMES + ATTENTION_TYPE_NAMES:
         return kind == own
     if layer.type == "Embedding":

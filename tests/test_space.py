@@ -457,3 +457,36 @@ def test_a_head_whose_output_is_reshaped_keeps_its_channels(reshape):
     space = model_space(cfg, model, (x,))
     assert space.kept_whole == {"head": "its output channels are the model's output"}
     assert "l2_channel" not in space.gene("layers.head.method").choices
+
+
+def test_a_transposed_conv_is_listed_with_its_reason_and_the_conv_before_it_shrinks():
+    """A ``ConvTranspose2d`` was invisible: no gene, no reason. It is listed as kept whole, the
+    conv that feeds it still loses channels (torch-pruning narrows the transposed conv's
+    input), and the model runs."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from petra.compress.structured import prune_channels
+    from petra.layers import protected, prunable_layers
+    from petra.space import model_space
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, stride=2), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(),
+                          nn.Conv2d(4, 1, 1)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    layers = prunable_layers(model, (x,))
+    assert [(layer.name, layer.type, layer.structured) for layer in layers] == [
+        ("0", "Conv2d", True), ("2", "ConvTranspose2d", False), ("4", "Conv2d", False)]
+    assert "2" not in protected(layers)
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, (x,))
+    assert space.kept_whole["2"].startswith("a transposed convolution: no gene of its own")
+    assert "layers.2.method" not in space
+    pruned = copy.deepcopy(model)
+    prune_channels(pruned, (x,), {"0": ("l2_channel", 0.5)}, protected=protected(layers))
+    assert pruned[0].out_channels == pruned[2].in_channels == 4
+    assert pruned(x).shape == (2, 1, 8, 8)
