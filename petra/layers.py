@@ -92,8 +92,11 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     errors: list[str] = []
     channel_why: dict[str, str] = {}
     capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why)
-    capable |= {g.name for g in recurrent} | set(heads)
     modules = dict(model.named_modules())
+    # a GRU or LSTM loses units only as petra's recurrent pruning found it, whatever
+    # torch-pruning's groups say (its LSTM pruner takes a stacked one for a single layer)
+    capable = {n for n in capable if not isinstance(modules.get(n), RECURRENT_TYPES)}
+    capable |= {g.name for g in recurrent} | set(heads)
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:

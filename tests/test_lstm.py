@@ -480,3 +480,28 @@ def test_a_stacked_layer_loses_the_same_units_in_every_layer(cell, bidirectional
     assert model.head.in_features == dirs * 5
     with torch.no_grad():
         assert torch.allclose(model(x), reference, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
+def test_an_lstm_petra_cannot_prune_is_not_offered_units_on_torch_prunings_word():
+    """torch-pruning's LSTM pruner counts a projected LSTM's output as ``hidden_size`` wide:
+    concatenated with a side branch, the LSTM came out of its groups as a channel writer, and
+    was offered ``l2_units`` that no candidate could apply. Only petra's own finding counts."""
+    from petra.layers import prunable_layers
+
+    class Projected(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(5, 8, batch_first=True, proj_size=4)
+            self.side = nn.Linear(4, 6)
+            self.head = nn.Linear(4 + 6, 3)
+
+        def forward(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+            out, _ = self.lstm(x)
+            return self.head(torch.cat([out[:, -1], torch.relu(self.side(extra))], -1))
+
+    torch.manual_seed(0)
+    layers = {layer.name: layer for layer in prunable_layers(
+        Projected().eval(), (torch.randn(2, 7, 5), torch.randn(2, 4)))}
+    assert not layers["lstm"].structured and layers["side"].structured
+    assert layers["lstm"].whole == "proj_size=4: only an nn.LSTM without projection loses units"
