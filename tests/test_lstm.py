@@ -341,7 +341,7 @@ def test_a_gru_concatenated_with_a_side_branch_leaves_both_prunable(cell, bidire
         assert model(*x).shape == (3, 3)
 
 
-@pytest.mark.parametrize("pool", ["mean", "sum_keepdim", "amax"])
+@pytest.mark.parametrize("pool", ["mean", "sum_keepdim", "amax", "max_values"])
 def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
     """``out.mean(1)`` and kin keep the units in the last dimension: the head is their reader,
     and dead units removed with its columns change nothing."""
@@ -358,6 +358,8 @@ def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
                 return self.head(out.mean(dim=1))
             if pool == "sum_keepdim":
                 return self.head(torch.sum(out, dim=(1,), keepdim=True)).squeeze(1)
+            if pool == "max_values":
+                return self.head(out.max(dim=1)[0])
             return self.head(torch.amax(torch.relu(out), dim=1))
 
     torch.manual_seed(0)

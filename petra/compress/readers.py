@@ -50,6 +50,8 @@ _CONCAT = frozenset({torch.cat, torch.concat, torch.concatenate})
 #: they were in the last dimension.
 _REDUCE = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.Tensor.mean,
                      torch.Tensor.sum, torch.Tensor.amax, torch.Tensor.amin})
+#: Reductions that return (values, indices) when given a dimension.
+_MAX = frozenset({torch.max, torch.min, torch.Tensor.max, torch.Tensor.min})
 
 
 class _Feed(NamedTuple):
@@ -82,6 +84,10 @@ class _Follow(TorchFunctionMode):
                            ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func in _MAX and isinstance(out, tuple) and args and isinstance(args[0], torch.Tensor):
+            # ``out.max(dim=1)``: (values, indices); the values keep the units
+            self._reduce(out[0], args[0], args[1] if len(args) > 1 else kwargs.get("dim"))
+            return out
         if not isinstance(out, torch.Tensor) or out.dim() == 0:
             return out
         if func in _ELEMENTWISE and args and isinstance(args[0], torch.Tensor) and (
@@ -124,7 +130,6 @@ class _Follow(TorchFunctionMode):
     def _map(self, out: torch.Tensor, feed: _Feed) -> None:
         self.alias[_storage(out)] = feed
         self.alive.append(out)
-
 
 
 def trace_readers(model: nn.Module, example_input: Sequence[Any], is_recurrent: Any
