@@ -144,18 +144,16 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
     kind = type(module).__name__
     if attention is not None and kind not in ATTENTION_TYPE_NAMES:
         kind = "Attention"
-    if isinstance(module, nn.Embedding):
+    # an embedding's width is the residual's: channel groups of the Linear layers that share
+    # it decide it
+    structured = removable and not grouped and not isinstance(module, nn.Embedding)
+    if structured or isinstance(module, nn.Embedding):
         whole = ""
-    elif removable and grouped:
-        whole = f"a grouped convolution (groups={groups}) that is not depthwise"
     elif removable:
-        whole = ""
+        whole = f"a grouped convolution (groups={groups}) that is not depthwise"
     return LayerInfo(
         name=name, type=kind, out_channels=int(out_channels),
-        params=sum(p.numel() for p in module.parameters()),
-        # an embedding's width is the residual's: channel groups of the Linear layers that
-        # share it decide it
-        structured=removable and not grouped and not isinstance(module, nn.Embedding),
+        params=sum(p.numel() for p in module.parameters()), structured=structured,
         residual=residual, whole=whole,
     )
 

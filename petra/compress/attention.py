@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
@@ -184,12 +185,12 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
         prune_heads(trial, info, list(range(info.heads // 2, info.heads)))
         trial(*args(example_input))
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         hint = ("; its forward must size the heads from its head count or head width "
                 f"attributes ({', '.join(HEAD_COUNT_NAMES + WIDTH_NAMES)}, which petra "
                 "updates) or with -1, not from the input's width" if "shape" in first
                 or "mat1" in first else "")
-        return f"removing half its heads breaks the model ({type(exc).__name__}: {first}){hint}"
+        return f"removing half its heads breaks the model ({first}){hint}"
     return ""
 
 
@@ -341,6 +342,14 @@ def _gru_pruner() -> Any:
     return Pruner()
 
 
+def no_fast_path(model: nn.Module) -> None:
+    """Turn off the nested-tensor fast path of every ``nn.TransformerEncoder`` in ``model``: it
+    needs each of its layers as torch built it."""
+    for owner in model.modules():
+        if isinstance(owner, nn.TransformerEncoder):
+            owner.use_nested_tensor = False
+
+
 def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -> None:
     """Remove heads ``remove`` of the attention ``info.name``, in place (at least one stays)."""
     import torch_pruning as tp
@@ -357,9 +366,7 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         parent, _, attr = info.name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr,
                 PrunedMultiheadAttention(module, keep))
-        for owner in model.modules():  # its fused fast path needs every layer unpruned
-            if isinstance(owner, nn.TransformerEncoder):
-                owner.use_nested_tensor = False
+        no_fast_path(model)  # its fused fast path needs every layer unpruned
         return
     rows = _rows(remove, info.head_dim)
     if isinstance(module, PrunedMultiheadAttention):

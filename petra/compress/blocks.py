@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
+from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention, no_fast_path
 from petra.tasks.contract import args
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
@@ -197,9 +197,7 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
             # nn.TransformerEncoder reads its first layer's self_attn.batch_first, and its fast
             # path the rest: the replacement answers the first, the encoder skips the second.
             replacement.self_attn = _BatchFirst(module.self_attn.batch_first)
-            for owner in model.modules():
-                if isinstance(owner, nn.TransformerEncoder):
-                    owner.use_nested_tensor = False
+            no_fast_path(model)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)

@@ -44,6 +44,7 @@ from torch import nn
 
 from petra.compress.readers import trace_readers
 from petra.compress.structured import kept_channels
+from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args
 
@@ -150,9 +151,7 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
             prune_units(trial, info, list(range(module.hidden_size // 2)))
             trial(*args(example_input))
         except (RuntimeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            reasons[name] = (f"removing half its units breaks the model "
-                             f"({type(exc).__name__}: {first[:200]})")
+            reasons[name] = f"removing half its units breaks the model ({first_line(exc, 200)})"
             continue
         found.append(info)
     if why is not None:

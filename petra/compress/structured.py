@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from petra.compress.attention import dependency_graph
+from petra.errors import first_line
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
@@ -152,8 +153,7 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
         graph = dependency_graph(model, example_input)
     except Exception as exc:  # noqa: BLE001 - a model DepGraph cannot trace gets no channels
         if errors is not None:
-            first = (str(exc).strip().splitlines() or [""])[0][:200]
-            errors.append(f"torch-pruning cannot trace the model ({type(exc).__name__}: {first})")
+            errors.append(f"torch-pruning cannot trace the model ({first_line(exc, 200)})")
         return set(), ()
     finally:
         model.train(was_training)
