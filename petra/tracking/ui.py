@@ -105,16 +105,30 @@ class Signalled(BaseException):
         self.signum = signum
 
 
+class EndingSignals:
+    """The signal that ended ``petra ui``, if one came. The handler raises :class:`Signalled`
+    where the main thread happens to be, and that can be inside a weakref callback or a
+    library's ``except BaseException``, which swallows it; :meth:`check` raises it again where
+    the caller polls, so a swallowed signal still ends the command."""
+
+    def __init__(self) -> None:
+        self.fired: list[int] = []
+
+    def check(self) -> None:
+        if self.fired:
+            raise Signalled(self.fired[0])
+
+
 @contextlib.contextmanager
 def ending_signals() -> Any:
     """SIGTERM and SIGHUP raise :class:`Signalled` inside this block (so that ``finally``
     clauses run, as they do on Ctrl-C), once: a second signal does not interrupt the cleanup.
-    Their handlers are restored after the block."""
-    fired: list[int] = []
+    Yields an :class:`EndingSignals` to poll. Their handlers are restored after the block."""
+    signals = EndingSignals()
 
     def handler(signum: int, _frame: Any) -> None:
-        if not fired:
-            fired.append(signum)
+        if not signals.fired:
+            signals.fired.append(signum)
             raise Signalled(signum)
 
     previous = {}
@@ -124,7 +138,7 @@ def ending_signals() -> Any:
     except ValueError:  # not the main thread: signals cannot be handled here
         pass
     try:
-        yield
+        yield signals
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -190,15 +204,20 @@ def serve(uri: str, port: int | None, *, say: Callable[[str], None] = print) -> 
         raise ConfigError("--port", port, "", f"port {port} on {HOST} is in use; pick another "
                           f"with --port N")
     url = f"http://{HOST}:{port}"
-    with ending_signals():
+    with ending_signals() as signals:
         process = start(uri, port)
+
+        def running() -> bool:
+            signals.check()
+            return process.poll() is None
+
         try:
-            if not wait_ready(url, alive=lambda: process.poll() is None):
+            if not wait_ready(url, alive=running):
                 say(f"petra: the MLflow UI did not answer on {url}")
                 return 1
             say(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)")
             _guide(url, uri, say)
-            while process.poll() is None:
+            while running():
                 time.sleep(0.5)
             return int(process.returncode or 0)
         except KeyboardInterrupt:
