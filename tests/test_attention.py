@@ -420,3 +420,59 @@ def test_a_distilbert_style_attention_loses_heads_with_its_width_attribute():
     prune_heads(model, info, [0, 2])
     assert (model[0].n_heads, model[0].dim, model[0].q_lin.out_features) == (2, 8, 8)
     assert model(x).shape == (2, 3)
+
+
+class TokenEncoder(nn.Module):
+    """Embedding → ``nn.TransformerEncoder`` of two layers → mean → head, in either layout."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(60, 32)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first), 2,
+            enable_nested_tensor=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        h = self.enc(h if self.batch_first else h.transpose(0, 1))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("method", ["l2_channel", "l1_channel", "fpgm"])
+def test_the_width_gene_scores_and_prunes_an_encoder_where_one_attention_lost_heads(
+        batch_first, method):
+    """With one attention of a ``batch_first`` encoder pruned to fewer heads, torch-pruning
+    traced the other attention's internal ops and gave the stream group 96 indices for 32
+    channels: every criterion failed with an IndexError. Each attention is one node of the
+    graph now: the stream narrows everywhere, once, and the model runs in ONNX Runtime."""
+    from petra.compress.graph import dependency_graph
+    from petra.compress.structured import (
+        channel_groups,
+        channel_layers,
+        check_indices,
+        prune_channels,
+    )
+
+    torch.manual_seed(0)
+    model, x = TokenEncoder(batch_first).eval(), torch.randint(0, 60, (4, 10))
+    infos = {i.name: i for i in attention_layers(model, (x,))}
+    assert prune_attention(model, {"enc.layers.1.self_attn": ("l2_heads", 0.5)},
+                           list(infos.values())) == {"enc.layers.1.self_attn": (4, 2)}
+    graph = dependency_graph(model, (x,))
+    for group in channel_groups(graph, [model.head]):
+        check_indices(graph, group)
+    _, residual = channel_layers(model, (x,))
+    assert "emb" in residual
+    changes = prune_channels(model, (x,), {residual[0]: (method, 0.25)}, protected=["head"])
+    assert list(changes.values()) == [(32, 24)]
+    pruned = model.enc.layers[1].self_attn
+    assert pruned.qkv.in_features == pruned.out_proj.out_features == 24  # narrowed once
+    assert model.enc.layers[0].self_attn.embed_dim == model.emb.embedding_dim == 24
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
+        None, feed((x,), ["input"]))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petra.compress.attention import dependency_graph
+from petra.compress.graph import dependency_graph
 from petra.errors import first_line
 from petra.registry import PRUNING
 
@@ -262,6 +262,22 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
             raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
         scored.append((root, n, sparsity, scores, step))
     return scored
+
+
+def check_indices(graph: Any, group: Any) -> None:
+    """Raise if torch-pruning maps a group's channels past a member's width: a graph traced
+    through ops that it follows wrongly (an attention's packed projection, three times as wide)
+    gives such indices, and a criterion that scores the group then fails."""
+    for dep, idxs in group:
+        module = dep.target.module
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or not isinstance(module, nn.Module) or not idxs:
+            continue
+        width = (pruner.get_out_channels(module) if graph.is_out_channel_pruning_fn(dep.handler)
+                 else pruner.get_in_channels(module))
+        if width is not None and max(idxs) >= width:
+            raise IndexError(f"torch-pruning maps this group to index {max(idxs)} of "
+                             f"{type(module).__name__} with {width} channels")
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:

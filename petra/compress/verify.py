@@ -25,11 +25,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
-from petra.compress.attention import dependency_graph, kept_heads, prune_heads
+from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
+from petra.compress.graph import dependency_graph
 from petra.compress.quantize import QuantContext
 from petra.compress.recurrent import prune_units
-from petra.compress.structured import channel_groups, channel_step, kept_channels, remove_channels
+from petra.compress.structured import (
+    channel_groups,
+    channel_step,
+    check_indices,
+    kept_channels,
+    remove_channels,
+)
 from petra.errors import first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.registry import QUANTIZATION
@@ -138,6 +145,7 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         n = graph.get_out_channels(root)
         whole = graph.get_pruning_group(
             root, graph.get_pruner_of_module(root).prune_out_channels, list(range(n)))
+        check_indices(graph, whole)
         keep = kept_channels(n, sparsity, channel_step(whole, round_to))
         if keep < n:
             remove_channels(graph, root, list(range(keep, n)))

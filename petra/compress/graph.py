@@ -1,0 +1,136 @@
+"""torch-pruning's dependency graph, as petra builds it: it knows the layers petra adds or
+torch-pruning lacks (:class:`~petra.compress.attention.PrunedMultiheadAttention`, ``nn.GRU``),
+and it sees a multi-head attention as one node, not as its internal ops."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from petra.compress.attention import PrunedMultiheadAttention
+
+
+def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
+    """torch-pruning's ``DependencyGraph`` of ``model``, built on ``example_inputs``, which
+    knows :class:`PrunedMultiheadAttention`: channels of the stream it reads are removed from
+    its ``qkv`` columns, and channels of what it writes from its ``out_proj`` rows. Traced
+    through, its separate q, k and v inputs (a model that normalizes the stream once per
+    input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow.
+
+    It knows ``nn.GRU``'s output width too (:func:`_gru_pruner`), which torch-pruning does
+    not: without it, a GRU's output concatenated with another branch fails the whole graph. (A
+    bidirectional ``nn.LSTM`` concatenated so still fails it: torch-pruning traces it in
+    pieces; the model's channel groups are then kept whole, with the error as the reason.)"""
+    import torch_pruning as tp
+
+    with _attentions_as_leaves(model):
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, verbose=False,
+            customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
+                                nn.GRU: _gru_pruner()})
+
+
+@contextlib.contextmanager
+def _attentions_as_leaves(model: nn.Module) -> Iterator[None]:
+    """While the graph is traced, each ``nn.MultiheadAttention`` and
+    :class:`PrunedMultiheadAttention` of ``model`` runs a stand-in whose output is its query
+    (plus its key and value, pooled over their sequence, when they are other tensors), so
+    torch-pruning sees the attention as one node between the streams it reads and the stream
+    it writes, and not its internal ops.
+
+    Traced through, those ops link the output to the input through the packed q, k, v
+    projection, three times as wide: a stream group then got 96 indices for 32 channels
+    (``IndexError`` in the channel scores) once one attention of a ``batch_first`` encoder
+    had lost heads, and a pruned attention's ``qkv`` columns were narrowed twice, by its own
+    pruner and as a traced ``nn.Linear``. An attention whose input and output widths differ is
+    traced as it is."""
+    patched = []
+    for module in model.modules():
+        if isinstance(module, PrunedMultiheadAttention):
+            same = module.qkv.in_features == module.out_proj.out_features
+        elif isinstance(module, nn.MultiheadAttention):
+            same = bool(module._qkv_same_embed_dim)
+        else:
+            continue
+        if same:
+            module.forward = _leaf_forward(module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _leaf_forward(module: nn.Module) -> Any:
+    def forward(query: torch.Tensor, key: torch.Tensor | None = None,
+                value: torch.Tensor | None = None, *_args: Any,
+                **_kwargs: Any) -> tuple[torch.Tensor, None]:
+        scale = torch.ones(query.shape[-1], dtype=query.dtype, device=query.device,
+                           requires_grad=True)
+        out = query * scale
+        time = 1 if getattr(module, "batch_first", False) and query.dim() == 3 else 0
+        others = {id(t): t for t in (key, value) if t is not None and t is not query}
+        for other in others.values():  # cross-attention: q, k and v share the input columns
+            out = out + other.mean(dim=time, keepdim=True)
+        return out, None
+
+    return forward
+
+
+def _pruned_attention_pruner() -> Any:
+    """torch-pruning's pruning functions for :class:`PrunedMultiheadAttention`: its input and
+    output widths are independent (q, k and v keep their heads), so there is no intra-layer
+    dependency."""
+    import torch_pruning as tp
+
+    class Pruner(tp.pruner.BasePruningFunc):
+        TARGET_MODULES = (PrunedMultiheadAttention,)
+
+        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            tp.prune_linear_in_channels(layer.qkv, list(idxs))
+            return layer
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            tp.prune_linear_out_channels(layer.out_proj, list(idxs))
+            layer.embed_dim = layer.out_proj.out_features
+            return layer
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return int(layer.qkv.in_features)
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return int(layer.out_proj.out_features)
+
+    return Pruner()
+
+
+def _gru_pruner() -> Any:
+    """torch-pruning's pruning functions for ``nn.GRU``, which it has none of (it has them for
+    ``nn.LSTM``). What it needs is a GRU's output width, ``hidden_size`` times its directions:
+    without it, a GRU's output concatenated with another branch fails the whole graph. The
+    units are removed by ``l2_units`` (:func:`petra.compress.recurrent.prune_units`), never as
+    a member of another layer's channel group: that raises, and the verification withholds
+    the group. (The layer that feeds a GRU keeps its channels: torch-pruning traces the GRU's
+    internal ops, where the group breaks.)"""
+    import torch_pruning as tp
+
+    class Pruner(tp.pruner.BasePruningFunc):
+        TARGET_MODULES = (nn.GRU,)
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            raise ValueError("a GRU's units go with l2_units, not with another layer's channels")
+
+        prune_in_channels = prune_out_channels
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return int(layer.input_size)
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return int(layer.hidden_size) * (2 if layer.bidirectional else 1)
+
+    return Pruner()
