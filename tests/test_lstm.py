@@ -507,3 +507,51 @@ def test_an_lstm_petra_cannot_prune_is_not_offered_units_on_torch_prunings_word(
         Projected().eval(), (torch.randn(2, 7, 5), torch.randn(2, 4)))}
     assert not layers["lstm"].structured and layers["side"].structured
     assert layers["lstm"].whole == "proj_size=4: only an nn.LSTM without projection loses units"
+
+
+@pytest.mark.parametrize("bidirectional, layers, read", [
+    (False, 1, "output"), (True, 2, "output"), (False, 2, "h_n"), (True, 1, "h_n")])
+def test_the_layer_that_feeds_a_gru_loses_channels_with_the_gru_s_input_columns(
+        bidirectional, layers, read):
+    """torch runs a GRU on CPU as ops per time step, where torch-pruning's group of the layer
+    that feeds it broke: that layer got no structured gene, and no reason. The GRU is one node
+    of the graph now, and its input columns (every direction of its first layer) go with the
+    removed channels: dead channels removed change nothing, in ONNX Runtime too."""
+    from petra.compress.structured import channel_layers, prune_channels
+
+    dirs, dead = 2 if bidirectional else 1, [1, 4, 6, 9]
+
+    class Fed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Sequential(nn.Linear(5, 12), nn.ReLU())
+            self.gru = nn.GRU(12, 8, num_layers=layers, batch_first=True,
+                              bidirectional=bidirectional)
+            self.head = nn.Linear(8 * (dirs if read == "output" else 1), 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, h_n = self.gru(self.pre(x))
+            return self.head(out[:, -1] if read == "output" else h_n[-1])
+
+    torch.manual_seed(0)
+    model, x = Fed().eval(), torch.randn(3, 7, 5)
+    with torch.no_grad():
+        model.pre[0].weight[dead] = 0
+        model.pre[0].bias[dead] = 0
+        reference = model(x)
+    structured, _ = channel_layers(model, (x,))
+    assert "pre.0" in structured
+    assert prune_channels(model, (x,), {"pre.0": ("l2_channel", len(dead) / 12)},
+                          protected=["head"]) == {"pre.0": (12, 8)}
+    gru = model.gru
+    assert gru.input_size == 8 and gru.weight_ih_l0.shape == (24, 8)
+    if bidirectional:
+        assert gru.weight_ih_l0_reverse.shape == (24, 8)
+    if layers > 1:
+        assert gru.weight_ih_l1.shape == (24, 8 * dirs)  # reads the units, not the input
+    with torch.no_grad():
+        got = model(x)
+    assert torch.allclose(got, reference, atol=1e-6)
+    out = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
+        None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, got.numpy(), atol=1e-5)

@@ -21,13 +21,14 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     through, its separate q, k and v inputs (a model that normalizes the stream once per
     input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow.
 
-    It knows ``nn.GRU``'s output width too (:func:`_gru_pruner`), which torch-pruning does
-    not: without it, a GRU's output concatenated with another branch fails the whole graph. (A
-    bidirectional ``nn.LSTM`` concatenated so still fails it: torch-pruning traces it in
-    pieces; the model's channel groups are then kept whole, with the error as the reason.)"""
+    It knows ``nn.GRU`` too (:func:`_gru_pruner`), which torch-pruning does not: without its
+    output width, a GRU's output concatenated with another branch fails the whole graph, and
+    without its input columns the layer that feeds it cannot lose channels. (A bidirectional
+    ``nn.LSTM`` concatenated so still fails it: torch-pruning traces it in pieces; the model's
+    channel groups are then kept whole, with the error as the reason.)"""
     import torch_pruning as tp
 
-    with _attentions_as_leaves(model):
+    with _as_leaves(model):
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, verbose=False,
             customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
@@ -35,7 +36,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _attentions_as_leaves(model: nn.Module) -> Iterator[None]:
+def _as_leaves(model: nn.Module) -> Iterator[None]:
     """While the graph is traced, each ``nn.MultiheadAttention`` and
     :class:`PrunedMultiheadAttention` of ``model`` runs a stand-in whose output is its query
     (plus its key and value, pooled over their sequence, when they are other tensors), so
@@ -47,9 +48,16 @@ def _attentions_as_leaves(model: nn.Module) -> Iterator[None]:
     (``IndexError`` in the channel scores) once one attention of a ``batch_first`` encoder
     had lost heads, and a pruned attention's ``qkv`` columns were narrowed twice, by its own
     pruner and as a traced ``nn.Linear``. An attention whose input and output widths differ is
-    traced as it is."""
+    traced as it is.
+
+    An ``nn.GRU`` runs a stand-in too (:func:`_gru_stand_in`): torch runs a GRU on CPU as ops
+    per time step, where torch-pruning's groups break."""
     patched = []
     for module in model.modules():
+        if isinstance(module, nn.GRU):
+            module.forward = _gru_stand_in(module)
+            patched.append(module)
+            continue
         if isinstance(module, PrunedMultiheadAttention):
             same = module.qkv.in_features == module.out_proj.out_features
         elif isinstance(module, nn.MultiheadAttention):
@@ -57,7 +65,7 @@ def _attentions_as_leaves(model: nn.Module) -> Iterator[None]:
         else:
             continue
         if same:
-            module.forward = _leaf_forward(module)
+            module.forward = _attention_stand_in(module)
             patched.append(module)
     try:
         yield
@@ -66,7 +74,7 @@ def _attentions_as_leaves(model: nn.Module) -> Iterator[None]:
             del module.forward
 
 
-def _leaf_forward(module: nn.Module) -> Any:
+def _attention_stand_in(module: nn.Module) -> Any:
     def forward(query: torch.Tensor, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None, *_args: Any,
                 **_kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -78,6 +86,26 @@ def _leaf_forward(module: nn.Module) -> Any:
         for other in others.values():  # cross-attention: q, k and v share the input columns
             out = out + other.mean(dim=time, keepdim=True)
         return out, None
+
+    return forward
+
+
+def _gru_stand_in(module: nn.GRU) -> Any:
+    """A GRU's forward for tracing: an output of its width whose every channel reads every
+    input channel (a mean, which torch-pruning passes indices through), and ``h_n`` stacked
+    from the output's last step, as the real ``h_n`` is. A packed sequence runs the GRU."""
+    original = type(module).forward
+
+    def forward(input: Any, hx: torch.Tensor | None = None) -> Any:
+        if not isinstance(input, torch.Tensor):
+            return original(module, input, hx)
+        directions = 2 if module.bidirectional else 1
+        width = module.hidden_size * directions
+        scale = torch.ones(width, dtype=input.dtype, device=input.device, requires_grad=True)
+        out = input.mean(-1, keepdim=True) * scale
+        last = out[:, -1] if input.dim() == 3 and module.batch_first else out[-1]
+        h_n = torch.stack([last[..., :module.hidden_size]] * (module.num_layers * directions))
+        return out, h_n
 
     return forward
 
@@ -112,11 +140,11 @@ def _pruned_attention_pruner() -> Any:
 def _gru_pruner() -> Any:
     """torch-pruning's pruning functions for ``nn.GRU``, which it has none of (it has them for
     ``nn.LSTM``). What it needs is a GRU's output width, ``hidden_size`` times its directions:
-    without it, a GRU's output concatenated with another branch fails the whole graph. The
-    units are removed by ``l2_units`` (:func:`petra.compress.recurrent.prune_units`), never as
-    a member of another layer's channel group: that raises, and the verification withholds
-    the group. (The layer that feeds a GRU keeps its channels: torch-pruning traces the GRU's
-    internal ops, where the group breaks.)"""
+    without it, a GRU's output concatenated with another branch fails the whole graph. Its
+    input columns go with the channels of the layer that feeds it (every direction of its
+    first layer reads the input). Its units are removed by ``l2_units``
+    (:func:`petra.compress.recurrent.prune_units`), never as a member of another layer's
+    channel group: that raises, and the verification withholds the group."""
     import torch_pruning as tp
 
     class Pruner(tp.pruner.BasePruningFunc):
@@ -125,7 +153,17 @@ def _gru_pruner() -> Any:
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
             raise ValueError("a GRU's units go with l2_units, not with another layer's channels")
 
-        prune_in_channels = prune_out_channels
+        def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+            drop = set(int(i) for i in idxs)
+            keep = [i for i in range(layer.input_size) if i not in drop]
+            for suffix in ("", "_reverse") if layer.bidirectional else ("",):
+                name = f"weight_ih_l0{suffix}"
+                weight = getattr(layer, name)
+                setattr(layer, name, nn.Parameter(weight.data[:, keep].clone(),
+                                                  requires_grad=weight.requires_grad))
+            layer.input_size = len(keep)
+            layer._init_flat_weights()
+            return layer
 
         def get_in_channels(self, layer: nn.Module) -> int:
             return int(layer.input_size)
