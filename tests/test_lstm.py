@@ -555,3 +555,42 @@ def test_the_layer_that_feeds_a_gru_loses_channels_with_the_gru_s_input_columns(
     out = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
         None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, got.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("read", ["output", "h_n"])
+def test_a_side_branch_beside_a_gru_s_final_state_keeps_its_own_columns(bidirectional, read):
+    """A GRU's final state (``h_n[-1]``, one direction's width) or last output step,
+    concatenated with a side branch: the GRU's stand-in in the graph must give torch-pruning
+    each width, or the side's channels map onto the wrong columns of the head. Dead channels
+    of the side and of the layer that feeds the GRU removed change nothing."""
+    from petra.compress.structured import prune_channels
+
+    dirs = 2 if bidirectional else 1
+
+    class Beside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Sequential(nn.Linear(5, 12), nn.ReLU())
+            self.gru = nn.GRU(12, 8, batch_first=True, bidirectional=bidirectional)
+            self.side = nn.Sequential(nn.Linear(4, 10), nn.ReLU())
+            self.head = nn.Linear((8 * dirs if read == "output" else 8) + 10, 3)
+
+        def forward(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+            out, h_n = self.gru(self.pre(x))
+            state = out[:, -1] if read == "output" else h_n[-1]
+            return self.head(torch.cat([state, self.side(tab)], dim=1))
+
+    torch.manual_seed(0)
+    model, x = Beside().eval(), (torch.randn(3, 7, 5), torch.randn(3, 4))
+    with torch.no_grad():
+        for layer, dead in ((model.side[0], [0, 3, 7]), (model.pre[0], [2, 5])):
+            layer.weight[dead] = 0
+            layer.bias[dead] = 0
+        reference = model(*x)
+    assert prune_channels(model, x, {"side.0": ("l2_channel", 0.3)},
+                          protected=["head"]) == {"side.0": (10, 7)}
+    assert prune_channels(model, x, {"pre.0": ("l2_channel", 2 / 12)},
+                          protected=["head"]) == {"pre.0": (12, 10)}
+    with torch.no_grad():
+        assert torch.allclose(model(*x), reference, atol=1e-6)

@@ -93,7 +93,7 @@ def _attention_stand_in(module: nn.Module) -> Any:
 def _gru_stand_in(module: nn.GRU) -> Any:
     """A GRU's forward for tracing: an output of its width whose every channel reads every
     input channel (a mean, which torch-pruning passes indices through), and ``h_n`` stacked
-    from the output's last step, as the real ``h_n`` is. A packed sequence runs the GRU."""
+    from each direction's block of the output's last step. A packed sequence runs the GRU."""
     original = type(module).forward
 
     def forward(input: Any, hx: torch.Tensor | None = None) -> Any:
@@ -104,8 +104,10 @@ def _gru_stand_in(module: nn.GRU) -> Any:
         scale = torch.ones(width, dtype=input.dtype, device=input.device, requires_grad=True)
         out = input.mean(-1, keepdim=True) * scale
         last = out[:, -1] if input.dim() == 3 and module.batch_first else out[-1]
-        h_n = torch.stack([last[..., :module.hidden_size]] * (module.num_layers * directions))
-        return out, h_n
+        # one block per direction, split along dim 1 so that torch-pruning knows each width
+        # (the real h_n[-1] of a bidirectional GRU is hidden_size wide, not its output's width)
+        directions_last = last.split(module.hidden_size, dim=last.dim() - 1)
+        return out, torch.stack(list(directions_last) * module.num_layers)
 
     return forward
 
