@@ -557,13 +557,17 @@ def test_the_layer_that_feeds_a_gru_loses_channels_with_the_gru_s_input_columns(
     np.testing.assert_allclose(out, got.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("read", ["output", "h_n"])
-def test_a_side_branch_beside_a_gru_s_final_state_keeps_its_own_columns(bidirectional, read):
-    """A GRU's final state (``h_n[-1]``, one direction's width) or last output step,
-    concatenated with a side branch: the GRU's stand-in in the graph must give torch-pruning
-    each width, or the side's channels map onto the wrong columns of the head. Dead channels
-    of the side and of the layer that feeds the GRU removed change nothing."""
+def test_a_side_branch_beside_a_recurrent_final_state_keeps_its_own_columns(
+        cell, bidirectional, read):
+    """A GRU's or LSTM's final state (``h_n[-1]``, one direction's width) or last output
+    step, concatenated with a side branch: the layer's stand-in in the graph must give
+    torch-pruning each width, or the side's channels map onto the wrong columns of the head
+    (an LSTM read through ``h_n`` had its input columns removed with the side's channels; a
+    bidirectional one failed the group). Dead channels of the side and of the layer that
+    feeds the recurrent layer removed change nothing."""
     from petra.compress.structured import prune_channels
 
     dirs = 2 if bidirectional else 1
@@ -572,12 +576,13 @@ def test_a_side_branch_beside_a_gru_s_final_state_keeps_its_own_columns(bidirect
         def __init__(self) -> None:
             super().__init__()
             self.pre = nn.Sequential(nn.Linear(5, 12), nn.ReLU())
-            self.gru = nn.GRU(12, 8, batch_first=True, bidirectional=bidirectional)
+            self.rnn = cell(12, 8, batch_first=True, bidirectional=bidirectional)
             self.side = nn.Sequential(nn.Linear(4, 10), nn.ReLU())
             self.head = nn.Linear((8 * dirs if read == "output" else 8) + 10, 3)
 
         def forward(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
-            out, h_n = self.gru(self.pre(x))
+            out, h_n = self.rnn(self.pre(x))
+            h_n = h_n[0] if isinstance(h_n, tuple) else h_n
             state = out[:, -1] if read == "output" else h_n[-1]
             return self.head(torch.cat([state, self.side(tab)], dim=1))
 

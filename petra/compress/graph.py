@@ -21,18 +21,18 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     through, its separate q, k and v inputs (a model that normalizes the stream once per
     input) reach ``qkv`` by ``F.linear`` on chunks, which torch-pruning cannot follow.
 
-    It knows ``nn.GRU`` too (:func:`_gru_pruner`), which torch-pruning does not: without its
-    output width, a GRU's output concatenated with another branch fails the whole graph, and
-    without its input columns the layer that feeds it cannot lose channels. (A bidirectional
-    ``nn.LSTM`` concatenated so still fails it: torch-pruning traces it in pieces; the model's
-    channel groups are then kept whole, with the error as the reason.)"""
+    It knows ``nn.GRU`` and ``nn.LSTM`` as petra prunes them (:func:`_recurrent_pruner`):
+    torch-pruning has no GRU pruner, so a GRU's output concatenated with another branch failed
+    the whole graph; it traces a bidirectional LSTM in pieces, and its LSTM pruner lets another
+    layer's channel group remove an LSTM's input columns or units through ``h_n``."""
     import torch_pruning as tp
 
     with _as_leaves(model):
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, verbose=False,
             customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
-                                nn.GRU: _gru_pruner()})
+                                nn.GRU: _recurrent_pruner(nn.GRU),
+                                nn.LSTM: _recurrent_pruner(nn.LSTM)})
 
 
 @contextlib.contextmanager
@@ -50,12 +50,13 @@ def _as_leaves(model: nn.Module) -> Iterator[None]:
     pruner and as a traced ``nn.Linear``. An attention whose input and output widths differ is
     traced as it is.
 
-    An ``nn.GRU`` runs a stand-in too (:func:`_gru_stand_in`): torch runs a GRU on CPU as ops
-    per time step, where torch-pruning's groups break."""
+    An ``nn.GRU`` and an ``nn.LSTM`` (not a subclass) run a stand-in too
+    (:func:`_recurrent_stand_in`): torch runs a GRU on CPU as ops per time step, and a
+    bidirectional LSTM as one op per direction, where torch-pruning's groups break."""
     patched = []
     for module in model.modules():
-        if isinstance(module, nn.GRU):
-            module.forward = _gru_stand_in(module)
+        if type(module) in (nn.GRU, nn.LSTM):
+            module.forward = _recurrent_stand_in(module)
             patched.append(module)
             continue
         if isinstance(module, PrunedMultiheadAttention):
@@ -90,24 +91,30 @@ def _attention_stand_in(module: nn.Module) -> Any:
     return forward
 
 
-def _gru_stand_in(module: nn.GRU) -> Any:
-    """A GRU's forward for tracing: an output of its width whose every channel reads every
-    input channel (a mean, which torch-pruning passes indices through), and ``h_n`` stacked
-    from each direction's block of the output's last step. A packed sequence runs the GRU."""
+def _recurrent_stand_in(module: nn.Module) -> Any:
+    """A GRU's or an LSTM's forward for tracing: an output of its width whose every channel
+    reads every input channel (a mean, which torch-pruning passes indices through), and
+    ``h_n`` stacked from each direction's block of the output's last step (an LSTM's ``c_n``
+    too, unless it is projected: then ``c_n`` links to nothing). A packed sequence runs the
+    layer itself."""
     original = type(module).forward
 
-    def forward(input: Any, hx: torch.Tensor | None = None) -> Any:
+    def forward(input: Any, hx: Any = None) -> Any:
         if not isinstance(input, torch.Tensor):
             return original(module, input, hx)
-        directions = 2 if module.bidirectional else 1
-        width = module.hidden_size * directions
+        units = getattr(module, "proj_size", 0) or module.hidden_size
+        width = units * (2 if module.bidirectional else 1)
         scale = torch.ones(width, dtype=input.dtype, device=input.device, requires_grad=True)
         out = input.mean(-1, keepdim=True) * scale
         last = out[:, -1] if input.dim() == 3 and module.batch_first else out[-1]
         # one block per direction, split along dim 1 so that torch-pruning knows each width
-        # (the real h_n[-1] of a bidirectional GRU is hidden_size wide, not its output's width)
-        directions_last = last.split(module.hidden_size, dim=last.dim() - 1)
-        return out, torch.stack(list(directions_last) * module.num_layers)
+        # (the real h_n[-1] of a bidirectional layer is one direction wide, not its output)
+        h_n = torch.stack(list(last.split(units, dim=last.dim() - 1)) * module.num_layers)
+        if isinstance(module, nn.GRU):
+            return out, h_n
+        c_n = h_n if units == module.hidden_size else h_n.new_zeros(
+            *h_n.shape[:-1], module.hidden_size)
+        return out, (h_n, c_n)
 
     return forward
 
@@ -139,21 +146,24 @@ def _pruned_attention_pruner() -> Any:
     return Pruner()
 
 
-def _gru_pruner() -> Any:
-    """torch-pruning's pruning functions for ``nn.GRU``, which it has none of (it has them for
-    ``nn.LSTM``). What it needs is a GRU's output width, ``hidden_size`` times its directions:
-    without it, a GRU's output concatenated with another branch fails the whole graph. Its
-    input columns go with the channels of the layer that feeds it (every direction of its
-    first layer reads the input). Its units are removed by ``l2_units``
+def _recurrent_pruner(cell: type[nn.Module]) -> Any:
+    """torch-pruning's pruning functions for ``nn.GRU`` (it has none) or ``nn.LSTM`` (in place
+    of its own). Its output width is its units times its directions. Its input columns go with
+    the channels of the layer that feeds it (every direction of its first layer reads the
+    input). Its units are removed by ``l2_units``
     (:func:`petra.compress.recurrent.prune_units`), never as a member of another layer's
     channel group: that raises, and the verification withholds the group."""
     import torch_pruning as tp
 
+    kind = cell.__name__
+    article = "an" if kind == "LSTM" else "a"
+
     class Pruner(tp.pruner.BasePruningFunc):
-        TARGET_MODULES = (nn.GRU,)
+        TARGET_MODULES = (cell,)
 
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            raise ValueError("a GRU's units go with l2_units, not with another layer's channels")
+            raise ValueError(f"{article} {kind}'s units go with l2_units, not with another "
+                             "layer's channels")
 
         def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
             drop = set(int(i) for i in idxs)
@@ -171,6 +181,7 @@ def _gru_pruner() -> Any:
             return int(layer.input_size)
 
         def get_out_channels(self, layer: nn.Module) -> int:
-            return int(layer.hidden_size) * (2 if layer.bidirectional else 1)
+            units = getattr(layer, "proj_size", 0) or layer.hidden_size
+            return int(units) * (2 if layer.bidirectional else 1)
 
     return Pruner()
