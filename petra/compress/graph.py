@@ -76,9 +76,16 @@ def _as_leaves(model: nn.Module) -> Iterator[None]:
 
 
 def _attention_stand_in(module: nn.Module) -> Any:
+    """An attention's forward for tracing, with ``nn.MultiheadAttention``'s arguments. Where
+    the real one returns attention weights (``need_weights``), so does this, of their shape
+    and linked to nothing (they hold no channels), so a model that reads them still runs."""
+    real_weights = isinstance(module, nn.MultiheadAttention)
+
     def forward(query: torch.Tensor, key: torch.Tensor | None = None,
-                value: torch.Tensor | None = None, *_args: Any,
-                **_kwargs: Any) -> tuple[torch.Tensor, None]:
+                value: torch.Tensor | None = None, key_padding_mask: Any = None,
+                need_weights: bool = True, attn_mask: Any = None,
+                average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         scale = torch.ones(query.shape[-1], dtype=query.dtype, device=query.device,
                            requires_grad=True)
         out = query * scale
@@ -86,7 +93,13 @@ def _attention_stand_in(module: nn.Module) -> Any:
         others = {id(t): t for t in (key, value) if t is not None and t is not query}
         for other in others.values():  # cross-attention: q, k and v share the input columns
             out = out + other.mean(dim=time, keepdim=True)
-        return out, None
+        if not (real_weights and need_weights):
+            return out, None
+        lq = query.shape[time]
+        lk = (key if key is not None else query).shape[time]
+        batch = () if query.dim() == 2 else (query.shape[1 - time],)
+        heads = () if average_attn_weights else (module.num_heads,)
+        return out, query.new_full((*batch, *heads, lq, lk), 1.0 / lk)
 
     return forward
 
