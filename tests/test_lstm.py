@@ -558,8 +558,8 @@ def test_the_layer_that_feeds_a_gru_loses_channels_with_the_gru_s_input_columns(
 
 
 @pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
-@pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("read", ["output", "h_n"])
+@pytest.mark.parametrize("bidirectional, read", [
+    (False, "output"), (True, "output"), (False, "h_n"), (True, "h_n"), (True, "both")])
 def test_a_side_branch_beside_a_recurrent_final_state_keeps_its_own_columns(
         cell, bidirectional, read):
     """A GRU's or LSTM's final state (``h_n[-1]``, one direction's width) or last output
@@ -567,7 +567,9 @@ def test_a_side_branch_beside_a_recurrent_final_state_keeps_its_own_columns(
     torch-pruning each width, or the side's channels map onto the wrong columns of the head
     (an LSTM read through ``h_n`` had its input columns removed with the side's channels; a
     bidirectional one failed the group). Dead channels of the side and of the layer that
-    feeds the recurrent layer removed change nothing."""
+    feeds the recurrent layer removed change nothing. ``both`` reads both directions' final
+    states, ``torch.cat([h_n[-2], h_n[-1]], 1)`` as the PyTorch tutorials write it, which
+    torch-pruning could not trace at all (every layer kept its channels)."""
     from petra.compress.structured import prune_channels
 
     dirs = 2 if bidirectional else 1
@@ -578,12 +580,15 @@ def test_a_side_branch_beside_a_recurrent_final_state_keeps_its_own_columns(
             self.pre = nn.Sequential(nn.Linear(5, 12), nn.ReLU())
             self.rnn = cell(12, 8, batch_first=True, bidirectional=bidirectional)
             self.side = nn.Sequential(nn.Linear(4, 10), nn.ReLU())
-            self.head = nn.Linear((8 * dirs if read == "output" else 8) + 10, 3)
+            self.head = nn.Linear((8 if read == "h_n" else 8 * dirs) + 10, 3)
 
         def forward(self, x: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
             out, h_n = self.rnn(self.pre(x))
             h_n = h_n[0] if isinstance(h_n, tuple) else h_n
-            state = out[:, -1] if read == "output" else h_n[-1]
+            if read == "both":
+                state = torch.cat([h_n[-2], h_n[-1]], 1)
+            else:
+                state = out[:, -1] if read == "output" else h_n[-1]
             return self.head(torch.cat([state, self.side(tab)], dim=1))
 
     torch.manual_seed(0)

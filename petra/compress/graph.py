@@ -116,13 +116,16 @@ def _recurrent_stand_in(module: nn.Module) -> Any:
         if not isinstance(input, torch.Tensor):
             return original(module, input, hx)
         units = getattr(module, "proj_size", 0) or module.hidden_size
-        width = units * (2 if module.bidirectional else 1)
-        scale = torch.ones(width, dtype=input.dtype, device=input.device, requires_grad=True)
+        directions = 2 if module.bidirectional else 1
+        scale = torch.ones(units * directions, dtype=input.dtype, device=input.device,
+                           requires_grad=True)
         out = input.mean(-1, keepdim=True) * scale
         last = out[:, -1] if input.dim() == 3 and module.batch_first else out[-1]
-        # one block per direction, split along dim 1 so that torch-pruning knows each width
-        # (the real h_n[-1] of a bidirectional layer is one direction wide, not its output)
-        h_n = torch.stack(list(last.split(units, dim=last.dim() - 1)) * module.num_layers)
+        # One block per direction, split along dim 1 with explicit sizes, which torch-pruning
+        # reads (it cannot read an int split's): the real h_n[-1] of a bidirectional layer is
+        # one direction wide, and torch.cat([h_n[-2], h_n[-1]]) must add up to its reader.
+        blocks = last.split([units] * directions, dim=last.dim() - 1)
+        h_n = torch.stack(list(blocks) * module.num_layers)
         if isinstance(module, nn.GRU):
             return out, h_n
         c_n = h_n if units == module.hidden_size else h_n.new_zeros(
