@@ -1,6 +1,7 @@
 """torch-pruning's dependency graph, as petra builds it: it knows the layers petra adds or
-torch-pruning lacks (:class:`~petra.compress.attention.PrunedMultiheadAttention`, ``nn.GRU``),
-and it sees a multi-head attention as one node, not as its internal ops."""
+prunes its own way (:class:`~petra.compress.attention.PrunedMultiheadAttention`, ``nn.GRU``,
+``nn.LSTM``), and it sees each multi-head attention and recurrent layer as one node, not as
+its internal ops."""
 
 from __future__ import annotations
 
@@ -115,17 +116,16 @@ def _recurrent_stand_in(module: nn.Module) -> Any:
     def forward(input: Any, hx: Any = None) -> Any:
         if not isinstance(input, torch.Tensor):
             return original(module, input, hx)
-        units = getattr(module, "proj_size", 0) or module.hidden_size
-        directions = 2 if module.bidirectional else 1
-        scale = torch.ones(units * directions, dtype=input.dtype, device=input.device,
+        units, blocks = _units(module), len(directions(module))
+        scale = torch.ones(units * blocks, dtype=input.dtype, device=input.device,
                            requires_grad=True)
         out = input.mean(-1, keepdim=True) * scale
         last = out[:, -1] if input.dim() == 3 and module.batch_first else out[-1]
         # One block per direction, split along dim 1 with explicit sizes, which torch-pruning
         # reads (it cannot read an int split's): the real h_n[-1] of a bidirectional layer is
         # one direction wide, and torch.cat([h_n[-2], h_n[-1]]) must add up to its reader.
-        blocks = last.split([units] * directions, dim=last.dim() - 1)
-        h_n = torch.stack(list(blocks) * module.num_layers)
+        h_n = torch.stack(list(last.split([units] * blocks, dim=last.dim() - 1))
+                          * module.num_layers)
         if isinstance(module, nn.GRU):
             return out, h_n
         c_n = h_n if units == module.hidden_size else h_n.new_zeros(
@@ -184,7 +184,7 @@ def _recurrent_pruner(cell: type[nn.Module]) -> Any:
         def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
             drop = set(int(i) for i in idxs)
             keep = [i for i in range(layer.input_size) if i not in drop]
-            for suffix in ("", "_reverse") if layer.bidirectional else ("",):
+            for suffix in directions(layer):
                 name = f"weight_ih_l0{suffix}"
                 weight = getattr(layer, name)
                 setattr(layer, name, nn.Parameter(weight.data[:, keep].clone(),
@@ -197,7 +197,18 @@ def _recurrent_pruner(cell: type[nn.Module]) -> Any:
             return int(layer.input_size)
 
         def get_out_channels(self, layer: nn.Module) -> int:
-            units = getattr(layer, "proj_size", 0) or layer.hidden_size
-            return int(units) * (2 if layer.bidirectional else 1)
+            return int(_units(layer)) * len(directions(layer))
 
     return Pruner()
+
+
+def directions(layer: nn.Module) -> tuple[str, ...]:
+    """The suffixes of a recurrent layer's per-direction weights: ``""``, and ``"_reverse"``
+    when it is bidirectional."""
+    return ("", "_reverse") if layer.bidirectional else ("",)
+
+
+def _units(layer: nn.Module) -> int:
+    """How wide one direction of a recurrent layer's output is: its ``proj_size`` if it has
+    one, else its ``hidden_size``."""
+    return getattr(layer, "proj_size", 0) or layer.hidden_size

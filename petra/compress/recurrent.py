@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.graph import directions
 from petra.compress.readers import trace_readers
 from petra.compress.structured import kept_channels
 from petra.errors import first_line
@@ -261,7 +262,7 @@ def _rebuilt(layer: nn.Module, gates: int, keep: Sequence[int]) -> nn.Module:
     rows = torch.tensor([g * h + k for g in range(gates) for k in keep])
     cols = torch.tensor(keep)
     # a layer above the first reads the units of the one below, each direction's in turn
-    below = torch.tensor([d * h + k for d in range(len(_directions(layer))) for k in keep])
+    below = torch.tensor([d * h + k for d in range(len(directions(layer))) for k in keep])
     new = type(layer)(layer.input_size, len(keep), num_layers=layer.num_layers, bias=layer.bias,
                       batch_first=layer.batch_first, dropout=layer.dropout,
                       bidirectional=layer.bidirectional)
@@ -276,16 +277,10 @@ def _rebuilt(layer: nn.Module, gates: int, keep: Sequence[int]) -> nn.Module:
     return new
 
 
-def _directions(layer: nn.Module) -> tuple[str, ...]:
-    """The suffixes of a layer's per-direction weights: ``""``, and ``"_reverse"`` when it is
-    bidirectional."""
-    return ("", "_reverse") if layer.bidirectional else ("",)
-
-
 def _weights(layer: nn.Module) -> list[str]:
     """The names that follow ``weight_ih_`` of each of a recurrent layer's layers and
     directions: ``l0``, ``l0_reverse``, ``l1``, ..."""
-    return [f"l{i}{suffix}" for i in range(layer.num_layers) for suffix in _directions(layer)]
+    return [f"l{i}{suffix}" for i in range(layer.num_layers) for suffix in directions(layer)]
 
 
 def _keep_features(norm: nn.LayerNorm, keep: torch.Tensor) -> None:
