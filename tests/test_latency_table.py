@@ -93,3 +93,45 @@ def test_a_burst_of_load_over_some_blocks_does_not_count():
 
     seconds = fastest_block(run)
     assert seconds < 0.002  # a median over every call would read the burst's 4 ms
+
+
+class _Screener:
+    """A Ray actor with a latency table of its own, shared through a directory."""
+
+    def __init__(self, directory) -> None:
+        self.table = LatencyTable(directory=directory)
+
+    def estimate(self, width: int) -> tuple[float, int, int]:
+        model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 64))
+        estimate = self.table.estimate(model, torch.randn(8, 64), "none")
+        return estimate, self.table.timed, self.table.shared
+
+
+@pytest.mark.integration
+def test_workers_time_each_shape_once_through_the_shared_directory() -> None:
+    import os
+    import time
+
+    import ray
+
+    from petra.compress.layer_cache import Directory
+    from petra.engine.executor import LOOPBACK_ENV
+
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        directory = ray.remote(num_cpus=0)(Directory).remote(0)  # no orders: times only
+        screener = ray.remote(num_cpus=1)(_Screener)
+        a, b = screener.remote(directory), screener.remote(directory)
+        first, timed_a, shared_a = ray.get(a.estimate.remote(32))
+        assert (timed_a, shared_a) == (2, 0) and first > 0
+        deadline = time.monotonic() + 30
+        while ray.get(directory.time_count.remote()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # A's registration is on its way
+        again, timed_b, shared_b = ray.get(b.estimate.remote(32))
+        assert (timed_b, shared_b) == (0, 2) and again == first  # A's times, none timed again
+        _, timed_b, shared_b = ray.get(b.estimate.remote(16))  # two new shapes: timed by B
+        assert (timed_b, shared_b) == (2, 2)
+    finally:
+        ray.shutdown()

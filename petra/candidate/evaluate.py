@@ -121,7 +121,8 @@ class Evaluator:
         self.threads = threads
         self.device = resolve(device)
         self.providers = check_providers(providers)
-        self.layer_cache = configure(layer_cache_mb, layer_cache)  # a Directory actor, or None
+        self.layer_cache = configure(layer_cache_mb, layer_cache)
+        self.directory = layer_cache  # the workers' shared Directory actor (under Ray), or None
         self.memory_limit_mb = memory_limit_mb
         self.shapley_permutations = int(shapley_permutations)
         self.task = load_task(task_name, task_params)
@@ -403,7 +404,7 @@ class Evaluator:
         try:
             if self._screen is None:
                 self._screen = Screen.build(self.task, table=LatencyTable(
-                    threads=self.threads, providers=self.providers))
+                    threads=self.threads, providers=self.providers, directory=self.directory))
             recipe = Recipe.from_genome(genome)
             model = copy.deepcopy(self.task.model)
             self.compress(model, recipe, seed)

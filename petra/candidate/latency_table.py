@@ -5,7 +5,12 @@ alone: exported to ONNX with the input it receives in the candidate (recorded by
 on the task's example input), quantized by the candidate's scheme, and run in ONNX Runtime with
 the search's threads and providers. The times are cached by the layer's exact shape (its
 ``repr``, its parameters' and inputs' shapes) and scheme, so each shape is timed once per worker
-however many candidates share it; pruning in steps of ``round_to`` keeps the shapes few.
+however many candidates share it; pruning in steps of ``round_to`` keeps the shapes few. Under
+Ray the workers share their times through the executor's
+:class:`~petra.compress.layer_cache.Directory` actor: a worker asks it for the shapes it has not
+timed (one call per candidate) and registers the ones it times, so a shape is timed once per
+search, not once per worker. On digits_cnn a shape's first timing (export, quantization,
+session, timed runs) takes about 34 ms, most of a cold screen.
 
 The ratio of that sum to the dense model's (in float32) is ``tier0_latency_ratio``. What the
 table leaves out (activations, normalizations, the graph's own overhead, and fusions across
@@ -84,25 +89,59 @@ class LatencyTable:
     """Layer times in seconds, keyed by shape and scheme, for one worker."""
 
     def __init__(self, *, threads: int = 1,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+                 providers: Sequence[str] = ("CPUExecutionProvider",),
+                 directory: Any = None) -> None:
         self.threads, self.providers = threads, list(providers)
         self.times: dict[tuple[Any, ...], float] = {}
+        self.directory = directory  # a Directory actor handle shared with other workers, or None
+        self.timed = self.shared = 0  # shapes timed here, and shapes another worker timed
 
     def estimate(self, model: nn.Module, example: Any, scheme: str) -> float:
         """The summed layer times of ``model`` (on the CPU) under ``scheme``; NaN when a layer
         cannot be timed alone."""
-        return float(sum(self.layer(m, x, scheme) for m, x in layer_inputs(model, example)))
+        layers = [(_key(m, x, scheme), m, x) for m, x in layer_inputs(model, example)]
+        self._fetch({key for key, _, _ in layers if key not in self.times})
+        new = {}
+        for key, module, inputs in layers:
+            if key not in self.times:
+                self.times[key] = new[key] = self._safe_time(module, inputs, scheme)
+        self._publish(new)
+        return float(sum(self.times[key] for key, _, _ in layers))
 
     def layer(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
-        own = tuple(tuple(p.shape) for p in module.parameters(recurse=False))
-        key = (type(module).__qualname__, repr(module), own,
-               tuple(tuple(x.shape) for x in inputs), scheme)
+        """One layer's time with ``inputs`` under ``scheme``: timed here unless known."""
+        key = _key(module, inputs, scheme)
         if key not in self.times:
-            try:
-                self.times[key] = self._time(module, inputs, scheme)
-            except Exception:  # noqa: BLE001 - a layer that cannot stand alone has no time
-                self.times[key] = math.nan
+            self.times[key] = self._safe_time(module, inputs, scheme)
         return self.times[key]
+
+    def _safe_time(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
+        self.timed += 1
+        try:
+            return self._time(module, inputs, scheme)
+        except Exception:  # noqa: BLE001 - a layer that cannot stand alone has no time
+            return math.nan
+
+    def _fetch(self, keys: set[tuple[Any, ...]]) -> None:
+        """The times of ``keys`` another worker registered, taken into this table."""
+        if self.directory is None or not keys:
+            return
+        import ray
+
+        try:
+            found = ray.get(self.directory.times.remote(sorted(keys, key=repr)))
+        except Exception:  # noqa: BLE001 - sharing is an optimization: time them here
+            return
+        self.times.update(found)
+        self.shared += len(found)
+
+    def _publish(self, times: dict[tuple[Any, ...], float]) -> None:
+        if self.directory is None or not times:
+            return
+        try:
+            self.directory.add_times.remote(times)
+        except Exception:  # noqa: BLE001 - sharing is an optimization, never a failure
+            return
 
     def _time(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
         from petra.compress.quantize import QuantContext
@@ -114,6 +153,14 @@ class LatencyTable:
         session = artifact.load(artifact.pack(proto), threads=self.threads,
                                 providers=self.providers)
         return fastest_block(lambda: session.run(None, feed))
+
+
+def _key(module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> tuple[Any, ...]:
+    """What a layer's time depends on: its class, its ``repr``, its own parameters' shapes, its
+    inputs' shapes and the scheme."""
+    own = tuple(tuple(p.shape) for p in module.parameters(recurse=False))
+    return (type(module).__qualname__, repr(module), own,
+            tuple(tuple(x.shape) for x in inputs), scheme)
 
 
 def fastest_block(run: Callable[[], Any]) -> float:

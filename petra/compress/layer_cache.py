@@ -40,6 +40,8 @@ import torch
 MIN_SIZE = 4096
 #: The default bound of each process's entries, in MiB.
 DEFAULT_MB = 256
+#: The most latency times the directory holds (a key and a float each: a few hundred bytes).
+MAX_TIMES = 200_000
 
 
 class LayerCache:
@@ -168,11 +170,26 @@ class LayerCache:
 
 class Directory:
     """The Ray actor that maps content keys to object references of score orders, up to
-    ``max_mb`` of them (later registrations are dropped: the object store is bounded too)."""
+    ``max_mb`` of them (later registrations are dropped: the object store is bounded too).
+    It also holds the workers' per-layer latency times
+    (:class:`petra.candidate.latency_table.LatencyTable`), up to :data:`MAX_TIMES` of them."""
 
     def __init__(self, max_mb: float = DEFAULT_MB) -> None:
         self._refs: dict[str, list[Any]] = {}
         self._left = int(max_mb * 1024**2)
+        self._times: dict[Any, float] = {}
+
+    def times(self, keys: list[Any]) -> dict[Any, float]:
+        """The latency times registered for any of ``keys``."""
+        return {k: self._times[k] for k in keys if k in self._times}
+
+    def add_times(self, times: dict[Any, float]) -> None:
+        for key, seconds in times.items():
+            if len(self._times) < MAX_TIMES:
+                self._times.setdefault(key, seconds)
+
+    def time_count(self) -> int:
+        return len(self._times)
 
     def lookup(self, key: str) -> list[Any] | None:
         return self._refs.get(key)

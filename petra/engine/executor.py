@@ -153,13 +153,13 @@ class RayExecutor:
             raise
         kwargs = dict(evaluator_kwargs)
         kwargs["threads"] = cpus_per_candidate
-        if kwargs.get("layer_cache_mb", 256.0) > 0:
-            from petra.compress.layer_cache import Directory
+        from petra.compress.layer_cache import Directory
 
-            # the workers' sorted scores, shared through the object store (on no CPU of its own)
-            self._directory = ray.remote(num_cpus=0)(Directory).remote(
-                kwargs.get("layer_cache_mb", 256.0))
-            kwargs["layer_cache"] = self._directory
+        # the workers' sorted scores (shared through the object store, none with a zero
+        # layer_cache_mb) and layer latency times, on no CPU of its own
+        self._directory = ray.remote(num_cpus=0)(Directory).remote(
+            kwargs.get("layer_cache_mb", 256.0))
+        kwargs["layer_cache"] = self._directory
         # Ray shows a worker only the GPUs it reserved: ``auto`` means CUDA exactly when it
         # reserved some.
         if kwargs.get("device", "auto") == "auto":
