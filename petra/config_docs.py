@@ -75,8 +75,9 @@ MEANINGS: dict[str, str] = {
     "search.racing.factor": "the most offspring screened per generation, in populations",
     "search.racing.screen_share": "screening may take at most this share of the time measuring "
                                   "a population takes (sized each generation from the search's "
-                                  "median screen and evaluation times); null: always factor x "
-                                  "population",
+                                  "median screen and evaluation times; a screen's first timings "
+                                  "of new layer shapes, paid once per search, do not count); "
+                                  "null: always factor x population",
     "search.racing.select": "which of the candidates the front cannot dominate are measured "
                             "when more are left than a population: `rank` (non-dominated order "
                             "of their predictions, ties in proposal order) or `hypervolume` "

@@ -254,7 +254,8 @@ class RacingConfig(_Model):
         0.25, gt=0.0, le=16.0,
         description="null or a number in (0, 16]: screening may take at most this share of the "
         "time measuring takes each generation (the count sized from the search's median screen "
-        "and evaluation times); null screens factor x population every generation")
+        "and evaluation times; a screen's first timings of new layer shapes, paid once per "
+        "search, do not count); null screens factor x population every generation")
     select: Literal["rank", "hypervolume"] = Field(
         "hypervolume", description="one of rank, hypervolume: which of the candidates the front does "
         "not dominate are measured, when more are left than a population (rank: in "

@@ -135,3 +135,13 @@ def test_workers_time_each_shape_once_through_the_shared_directory() -> None:
         assert (timed_b, shared_b) == (2, 2)
     finally:
         ray.shutdown()
+
+
+def test_a_screen_reports_what_timing_new_shapes_took_of_it(evaluator):
+    from tests.test_screen import every_conv
+
+    genome = every_conv("l2_channel", 0.375)
+    first = evaluator.screen(genome).metrics
+    assert 0 < first["tier0_table_s"] <= first["tier0_time_s"]
+    again = evaluator.screen(genome).metrics  # every shape known: nothing timed
+    assert again["tier0_table_s"] == 0.0 and again["tier0_time_s"] > 0

@@ -180,6 +180,19 @@ def test_the_screen_count_is_what_screening_may_cost_against_measuring():
     assert screen_count(failed + screened, population=16, factor=16, share=0.25) == 256
 
 
+def test_the_latency_table_s_first_timings_do_not_count_against_screening():
+    measured = [timed(COMPLETE, eval_time_s=4.0, latency_ms=1.0, tier0_time_s=0.3,
+                      tier0_table_s=0.25) for _ in range(3)]
+    cold = [timed(PRUNED, tier0_time_s=0.3, tier0_table_s=0.25) for _ in range(4)]
+    # what a screen costs once its shapes are timed: 0.05 s; 0.25 x 16 x 4 / 0.05 = 320
+    assert screen_count(measured + cold, population=16, factor=16, share=0.25) == 256
+    assert screen_count(measured + cold, population=16, factor=4, share=0.1) == 64
+    assert screen_count(measured + cold, population=16, factor=16, share=0.05) == 64
+    warm = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "tier0_table_s"}}
+            for r in measured + cold]  # no table times recorded: the whole screen counts
+    assert screen_count(warm, population=16, factor=16, share=0.05) == 16
+
+
 def test_the_latency_table_is_corrected_per_scheme_once_two_are_measured():
     cal = Calibration()
     for i in range(MIN_OBSERVED):

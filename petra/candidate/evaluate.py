@@ -401,6 +401,7 @@ class Evaluator:
         from petra.candidate.screen import Screen
 
         start = time.perf_counter()
+        filled = self._screen.table.seconds if self._screen and self._screen.table else 0.0
         try:
             if self._screen is None:
                 self._screen = Screen.build(self.task, table=LatencyTable(
@@ -415,6 +416,9 @@ class Evaluator:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
             result = Result(dict(genome), genome_hash, FAILED, error=describe_error(exc))
         result.metrics["tier0_time_s"] = time.perf_counter() - start
+        table = self._screen.table if self._screen is not None else None
+        if table is not None:  # what timing new layer shapes took of it: paid once per shape
+            result.metrics["tier0_table_s"] = table.seconds - filled
         return result
 
     def measure(self, data: bytes) -> dict[str, float]:

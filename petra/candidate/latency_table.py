@@ -95,6 +95,7 @@ class LatencyTable:
         self.times: dict[tuple[Any, ...], float] = {}
         self.directory = directory  # a Directory actor handle shared with other workers, or None
         self.timed = self.shared = 0  # shapes timed here, and shapes another worker timed
+        self.seconds = 0.0  # spent timing shapes here: the table's one-off cost
 
     def estimate(self, model: nn.Module, example: Any, scheme: str) -> float:
         """The summed layer times of ``model`` (on the CPU) under ``scheme``; NaN when a layer
@@ -117,10 +118,13 @@ class LatencyTable:
 
     def _safe_time(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
         self.timed += 1
+        start = time.perf_counter()
         try:
             return self._time(module, inputs, scheme)
         except Exception:  # noqa: BLE001 - a layer that cannot stand alone has no time
             return math.nan
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def _fetch(self, keys: set[tuple[Any, ...]]) -> None:
         """The times of ``keys`` another worker registered, taken into this table."""
