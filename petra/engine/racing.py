@@ -19,7 +19,8 @@ learned from the search's own measured (tier-2) candidates:
 
 How many offspring are screened (:func:`screen_count`): ``factor`` times the population at
 most, and no more than screening in ``screen_share`` of the time measuring a population takes,
-at the search's median screen and evaluation times so far. Where a full evaluation costs a few
+at the search's median screen and evaluation times so far (a screen's first timings of new
+layer shapes left out: each shape is timed once per search). Where a full evaluation costs a few
 screens (a small model, a short fine-tune), screening all ``factor`` x population would cost
 more measured candidates than it could pick well.
 
