@@ -122,7 +122,6 @@ class Evaluator:
         self.device = resolve(device)
         self.providers = check_providers(providers)
         self.layer_cache = configure(layer_cache_mb, layer_cache)
-        self.directory = layer_cache  # the workers' shared Directory actor (under Ray), or None
         self.memory_limit_mb = memory_limit_mb
         self.shapley_permutations = int(shapley_permutations)
         self.task = load_task(task_name, task_params)
@@ -401,24 +400,20 @@ class Evaluator:
         from petra.candidate.screen import Screen
 
         start = time.perf_counter()
-        filled = self._screen.table.seconds if self._screen and self._screen.table else 0.0
         try:
             if self._screen is None:
                 self._screen = Screen.build(self.task, table=LatencyTable(
-                    threads=self.threads, providers=self.providers, directory=self.directory))
+                    threads=self.threads, providers=self.providers,
+                    directory=self.layer_cache.directory))
             recipe = Recipe.from_genome(genome)
             model = copy.deepcopy(self.task.model)
             self.compress(model, recipe, seed)
-            pruned = bool(recipe.layers or recipe.skip or recipe.width)
-            metrics = self._screen.read(model, recipe.quant, pruned=pruned,
-                                        device=self.device).as_metrics()
+            metrics = self._screen.read(model, recipe.quant, device=self.device, pruned=bool(
+                recipe.layers or recipe.skip or recipe.width)).as_metrics()
             result = Result(dict(genome), genome_hash, COMPLETE, metrics=metrics)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
             result = Result(dict(genome), genome_hash, FAILED, error=describe_error(exc))
         result.metrics["tier0_time_s"] = time.perf_counter() - start
-        table = self._screen.table if self._screen is not None else None
-        if table is not None:  # what timing new layer shapes took of it: paid once per shape
-            result.metrics["tier0_table_s"] = table.seconds - filled
         return result
 
     def measure(self, data: bytes) -> dict[str, float]:

@@ -72,11 +72,12 @@ class Reading:
     macs_ratio: float
     layers_ratio: float  # weight layers left: each is a node, and a node costs time of its own
     latency_ratio: float = math.nan  # the per-layer latency table's estimate
+    table_s: float = 0.0  # what timing new layer shapes for the table took: once per shape
 
     def as_metrics(self) -> dict[str, float]:
         return {"tier0_divergence": self.divergence, "tier0_size_ratio": self.size_ratio,
                 "tier0_macs_ratio": self.macs_ratio, "tier0_layers_ratio": self.layers_ratio,
-                "tier0_latency_ratio": self.latency_ratio}
+                "tier0_latency_ratio": self.latency_ratio, "tier0_table_s": self.table_s}
 
 
 def stored_bytes(model: nn.Module, weights: str = "fp32",
@@ -190,8 +191,10 @@ class Screen:
         weights, applies_to = meta["weights"], meta["applies_to"]
         size = stored_bytes(model, weights, applies_to)
         macs, _, _ = macs_and_params(model, self.task.example_input)
+        filled = self.table.seconds if self.table is not None else 0.0
         latency = self.table.estimate(model, self.task.example_input, scheme) / \
             self.dense_latency if self.table is not None else math.nan
+        table_s = self.table.seconds - filled if self.table is not None else 0.0
         device = device or torch.device("cpu")
         model.to(device)
         if pruned:
@@ -202,4 +205,4 @@ class Screen:
             outputs = model(*args(to_device(self.batch[0], device))).cpu()
         return Reading(divergence(self.task, self.dense_outputs, outputs, self.batch[1]),
                        size / self.dense_bytes, macs / self.dense_macs,
-                       len(weight_layers(model)) / self.dense_layers, latency)
+                       len(weight_layers(model)) / self.dense_layers, latency, table_s)

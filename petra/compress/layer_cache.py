@@ -56,6 +56,11 @@ class LayerCache:
         self._seen: OrderedDict[str, None] = OrderedDict()  # keys met once, not yet sorted
         self.hits = self.shared_hits = self.misses = self.first = 0
 
+    @property
+    def directory(self) -> Any:
+        """The :class:`Directory` actor handle entries are shared through, or None."""
+        return self._directory
+
     def share(self, directory: Any) -> None:
         """Share entries with the other workers through ``directory`` (a :class:`Directory`
         actor handle; None stops sharing)."""
