@@ -114,3 +114,19 @@ def stop_group(proc, sig: int, timeout_s: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray cluster of 2 CPUs bound to loopback, shut down after the test; yields ray."""
+    import ray
+
+    from petra.engine.executor import LOOPBACK_ENV
+
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -108,33 +108,24 @@ class _Screener:
 
 
 @pytest.mark.integration
-def test_workers_time_each_shape_once_through_the_shared_directory() -> None:
-    import os
+def test_workers_time_each_shape_once_through_the_shared_directory(local_ray) -> None:
     import time
 
-    import ray
-
     from petra.compress.layer_cache import Directory
-    from petra.engine.executor import LOOPBACK_ENV
 
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        directory = ray.remote(num_cpus=0)(Directory).remote(0)  # no orders: times only
-        screener = ray.remote(num_cpus=1)(_Screener)
-        a, b = screener.remote(directory), screener.remote(directory)
-        first, timed_a, shared_a = ray.get(a.estimate.remote(32))
-        assert (timed_a, shared_a) == (2, 0) and first > 0
-        deadline = time.monotonic() + 30
-        while ray.get(directory.time_count.remote()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)  # A's registration is on its way
-        again, timed_b, shared_b = ray.get(b.estimate.remote(32))
-        assert (timed_b, shared_b) == (0, 2) and again == first  # A's times, none timed again
-        _, timed_b, shared_b = ray.get(b.estimate.remote(16))  # two new shapes: timed by B
-        assert (timed_b, shared_b) == (2, 2)
-    finally:
-        ray.shutdown()
+    ray = local_ray
+    directory = ray.remote(num_cpus=0)(Directory).remote(0)  # no orders: times only
+    screener = ray.remote(num_cpus=1)(_Screener)
+    a, b = screener.remote(directory), screener.remote(directory)
+    first, timed_a, shared_a = ray.get(a.estimate.remote(32))
+    assert (timed_a, shared_a) == (2, 0) and first > 0
+    deadline = time.monotonic() + 30
+    while ray.get(directory.time_count.remote()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # A's registration is on its way
+    again, timed_b, shared_b = ray.get(b.estimate.remote(32))
+    assert (timed_b, shared_b) == (0, 2) and again == first  # A's times, none timed again
+    _, timed_b, shared_b = ray.get(b.estimate.remote(16))  # two new shapes: timed by B
+    assert (timed_b, shared_b) == (2, 2)
 
 
 def test_a_screen_reports_what_timing_new_shapes_took_of_it(evaluator):

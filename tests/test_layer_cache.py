@@ -102,31 +102,21 @@ class _Holder:
 
 
 @pytest.mark.integration
-def test_workers_share_orders_through_the_object_store_and_survive_a_dead_owner() -> None:
-    import os
+def test_workers_share_orders_through_the_object_store_and_survive_a_dead_owner(local_ray) -> None:
     import time
 
-    import ray
-
-    from petra.engine.executor import LOOPBACK_ENV
-
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        directory = ray.remote(num_cpus=0)(Directory).remote(16)
-        holder = ray.remote(num_cpus=1)(_Holder)
-        a, b = holder.remote(directory), holder.remote(directory)
-        order_a, stats_a = ray.get(a.order.remote(7))
-        assert stats_a["misses"] == 1
-        deadline = time.monotonic() + 30
-        while ray.get(directory.size.remote()) < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)  # A's registration is on its way
-        order_b, stats_b = ray.get(b.order.remote(7))
-        assert order_b == order_a and stats_b["shared_hits"] == 1 and stats_b["misses"] == 0
-        ray.kill(a)  # the owner of the shared entry dies: the next worker sorts again
-        c = holder.remote(directory)
-        order_c, stats_c = ray.get(c.order.remote(7))
-        assert order_c == order_a and stats_c["misses"] == 1
-    finally:
-        ray.shutdown()
+    ray = local_ray
+    directory = ray.remote(num_cpus=0)(Directory).remote(16)
+    holder = ray.remote(num_cpus=1)(_Holder)
+    a, b = holder.remote(directory), holder.remote(directory)
+    order_a, stats_a = ray.get(a.order.remote(7))
+    assert stats_a["misses"] == 1
+    deadline = time.monotonic() + 30
+    while ray.get(directory.size.remote()) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)  # A's registration is on its way
+    order_b, stats_b = ray.get(b.order.remote(7))
+    assert order_b == order_a and stats_b["shared_hits"] == 1 and stats_b["misses"] == 0
+    ray.kill(a)  # the owner of the shared entry dies: the next worker sorts again
+    c = holder.remote(directory)
+    order_c, stats_c = ray.get(c.order.remote(7))
+    assert order_c == order_a and stats_c["misses"] == 1
