@@ -109,13 +109,6 @@ class LatencyTable:
         self._publish(new)
         return float(sum(self.times[key] for key, _, _ in layers))
 
-    def layer(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
-        """One layer's time with ``inputs`` under ``scheme``: timed here unless known."""
-        key = _key(module, inputs, scheme)
-        if key not in self.times:
-            self.times[key] = self._safe_time(module, inputs, scheme)
-        return self.times[key]
-
     def _safe_time(self, module: nn.Module, inputs: tuple[Any, ...], scheme: str) -> float:
         self.timed += 1
         start = time.perf_counter()
@@ -133,7 +126,7 @@ class LatencyTable:
         import ray
 
         try:
-            found = ray.get(self.directory.times.remote(sorted(keys, key=repr)))
+            found = ray.get(self.directory.times.remote(list(keys)))
         except Exception:  # noqa: BLE001 - sharing is an optimization: time them here
             return
         self.times.update(found)

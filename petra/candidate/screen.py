@@ -191,10 +191,12 @@ class Screen:
         weights, applies_to = meta["weights"], meta["applies_to"]
         size = stored_bytes(model, weights, applies_to)
         macs, _, _ = macs_and_params(model, self.task.example_input)
-        filled = self.table.seconds if self.table is not None else 0.0
-        latency = self.table.estimate(model, self.task.example_input, scheme) / \
-            self.dense_latency if self.table is not None else math.nan
-        table_s = self.table.seconds - filled if self.table is not None else 0.0
+        latency, table_s = math.nan, 0.0
+        if self.table is not None:
+            filled = self.table.seconds
+            latency = self.table.estimate(model, self.task.example_input, scheme) / \
+                self.dense_latency
+            table_s = self.table.seconds - filled
         device = device or torch.device("cpu")
         model.to(device)
         if pruned:
