@@ -4,6 +4,7 @@ objectives, and a real search with racing on, whose front holds only measured ca
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -67,7 +68,7 @@ def test_survivors_drop_what_the_front_dominates_and_cap_the_rest():
     # an objective racing cannot predict: nothing is screened out by the front
     kept, _ = survivors(predictions, front, errors, keep=5,
                         objectives=[("val_accuracy", "max"), ("params", "min")])
-    assert kept == [0, 1, 2, 3, 4]
+    assert kept == [1, 4, 3, 0, 2]  # all of them, the best predicted accuracy first
 
 
 def test_the_hypervolume_selection_spreads_the_candidates_kept_over_the_front():
@@ -95,6 +96,9 @@ def test_the_hypervolume_selection_spreads_the_candidates_kept_over_the_front():
             for i in range(3)]
     kept, _ = survivors(tiny, [], errors, keep=1, reference=reference)
     assert kept == [2]
+    # the kept go best first, so that a generation the budget cuts short measures its best
+    kept, _ = survivors(tiny, [], errors, keep=2, reference=reference)
+    assert kept == [2, 1]
 
 
 def racing_search(tmp_path, name: str, seed: int, pruning: list[str], generations: int,
@@ -163,21 +167,27 @@ def timed(status: str, **metrics: float) -> dict:
     return {"status": status, "metrics": metrics}
 
 
+def screens(*args, **kwargs) -> int:
+    count, measured = screen_count(*args, **kwargs)
+    assert measured == kwargs["population"]  # no budget: the whole population is measured
+    return count
+
+
 def test_the_screen_count_is_what_screening_may_cost_against_measuring():
     measured = [timed(COMPLETE, eval_time_s=t, latency_ms=1.0, tier0_time_s=0.2)
                 for t in (3.0, 4.0, 5.0)]
     screened = [timed(PRUNED, tier0_time_s=t) for t in (0.1, 0.2, 0.2, 0.3)]
     records = measured + screened
     # median screen 0.2 s of 7, median evaluation 4 s: 0.25 x 16 x 4 / 0.2 = 80 screens
-    assert screen_count(records, population=16, factor=16, share=0.25) == 80
-    assert screen_count(records, population=16, factor=4, share=0.25) == 64  # factor caps it
-    assert screen_count(records, population=16, factor=16, share=0.01) == 16  # never < population
-    assert screen_count(records, population=16, factor=16, share=None) == 256
+    assert screens(records, population=16, factor=16, share=0.25) == 80
+    assert screens(records, population=16, factor=4, share=0.25) == 64  # factor caps it
+    assert screens(records, population=16, factor=16, share=0.01) == 16  # never < population
+    assert screens(records, population=16, factor=16, share=None) == 256
     # no times yet (or only screens, or only failed evaluations): factor x population
-    assert screen_count([], population=16, factor=16, share=0.25) == 256
-    assert screen_count(screened, population=16, factor=16, share=0.25) == 256
+    assert screens([], population=16, factor=16, share=0.25) == 256
+    assert screens(screened, population=16, factor=16, share=0.25) == 256
     failed = [timed("failed", eval_time_s=30.0, tier0_time_s=0.2)]
-    assert screen_count(failed + screened, population=16, factor=16, share=0.25) == 256
+    assert screens(failed + screened, population=16, factor=16, share=0.25) == 256
 
 
 def test_the_latency_table_s_first_timings_do_not_count_against_screening():
@@ -185,12 +195,27 @@ def test_the_latency_table_s_first_timings_do_not_count_against_screening():
                       tier0_table_s=0.25) for _ in range(3)]
     cold = [timed(PRUNED, tier0_time_s=0.3, tier0_table_s=0.25) for _ in range(4)]
     # what a screen costs once its shapes are timed: 0.05 s; 0.25 x 16 x 4 / 0.05 = 320
-    assert screen_count(measured + cold, population=16, factor=16, share=0.25) == 256
-    assert screen_count(measured + cold, population=16, factor=4, share=0.1) == 64
-    assert screen_count(measured + cold, population=16, factor=16, share=0.05) == 64
+    assert screens(measured + cold, population=16, factor=16, share=0.25) == 256
+    assert screens(measured + cold, population=16, factor=4, share=0.1) == 64
+    assert screens(measured + cold, population=16, factor=16, share=0.05) == 64
     warm = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "tier0_table_s"}}
             for r in measured + cold]  # no table times recorded: the whole screen counts
-    assert screen_count(warm, population=16, factor=16, share=0.05) == 16
+    assert screens(warm, population=16, factor=16, share=0.05) == 16
+
+
+def test_the_budget_s_last_generation_measures_only_what_the_time_left_affords():
+    measured = [timed(COMPLETE, eval_time_s=4.0, latency_ms=1.0, tier0_time_s=0.05)
+                for _ in range(3)]
+    # 10.5 s left on 2 workers, an evaluation 4 s plus a quarter for its screening: 4 measured,
+    # and 0.25 x 4 x 4 / 0.05 = 80 screened
+    soon = time.monotonic() + 10.5
+    assert screen_count(measured, 16, 16, 0.25, deadline=soon, workers=2) == (80, 4)
+    assert screen_count(measured, 16, 16, None, deadline=soon, workers=2) == (256, 5)
+    # time for a whole generation: the population; past the deadline: one, never none
+    assert screen_count(measured, 16, 16, 0.25, time.monotonic() + 1e4, 2) == (256, 16)
+    assert screen_count(measured, 16, 16, 0.25, time.monotonic() - 1.0, 2) == (20, 1)
+    # no evaluation timed yet: nothing to size by
+    assert screen_count([], 16, 16, 0.25, soon, 2) == (256, 16)
 
 
 def test_the_latency_table_is_corrected_per_scheme_once_two_are_measured():

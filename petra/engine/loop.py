@@ -129,7 +129,7 @@ class _Search:
         initial = [] if baseline_strategy else seed_recipes(self.space)
         # Racing (petra.engine.racing) asks for more offspring than it measures.
         self.racing = cfg.search.racing.enabled and not baseline_strategy
-        self.calibration = Calibration()
+        self.calibration, self.measured = Calibration(), cfg.search.population
         self.strategy = make_strategy(
             cfg.search.strategy, space=self.space, objectives=self.objectives,
             population=cfg.search.population, generations=cfg.search.generations,
@@ -318,9 +318,10 @@ class _Search:
 
         cfg, space, racing = self.cfg, self.space, self.cfg.search.racing
         while not self.strategy.done:
-            if self.racing:  # as many offspring as screening affords (a pending batch stays)
-                self.strategy.offspring = screen_count(self.records, cfg.search.population,
-                                                       racing.factor, racing.screen_share)
+            if self.racing:  # as many screened and measured as time affords (a batch stays)
+                self.strategy.offspring, self.measured = screen_count(
+                    self.records, cfg.search.population, racing.factor, racing.screen_share,
+                    self._deadline(), getattr(executor, "workers", 1))
             genomes = self.strategy.ask()
             rung = self._rung()
             jobs: list[Job] = []
@@ -392,7 +393,7 @@ class _Search:
         their results, to record."""
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                self.generation, self.cfg.constraints.model_dump())
-        keep = self.cfg.search.population if self.generation else len(jobs)
+        keep = self.measured if self.generation else len(jobs)
         reference = pareto.reference_point(self.objectives, self.baseline.metrics) \
             if self.cfg.search.racing.select == "hypervolume" else None
         measured, out = race(executor, jobs, self.calibration,

@@ -22,19 +22,21 @@ most, and no more than screening in ``screen_share`` of the time measuring a pop
 at the search's median screen and evaluation times so far (a screen's first timings of new
 layer shapes left out: each shape is timed once per search). Where a full evaluation costs a few
 screens (a small model, a short fine-tune), screening all ``factor`` x population would cost
-more measured candidates than it could pick well.
+more measured candidates than it could pick well. Under a time budget, the generation it would
+cut short is sized to the time left: fewer measured, and their screening to match.
 
 A candidate goes on to the measured evaluation only when no member of the measured front
 dominates its optimistic prediction on the search's objectives (accuracy plus the
 calibration's own error, sizes and latencies less theirs), and then at most ``population`` of
-them, in non-dominated order of their predictions. Nothing predicted stands on a front: the front, and every objective it
-shows, come from measured candidates only. Screened-out candidates are recorded with status
+them, in non-dominated order of their predictions, and measured best first. Nothing predicted
+stands on a front: the front, and every objective it shows, come from measured candidates only. Screened-out candidates are recorded with status
 ``pruned`` and tag ``petra.tier=0``, with their tier-0 reading and the reason.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -110,32 +112,45 @@ class Calibration:
 
 
 def screen_count(records: Sequence[Mapping[str, Any]], population: int, factor: int,
-                 share: float | None) -> int:
-    """How many offspring to screen this generation: ``factor * population``, less where
-    screening them would take more than ``share`` of the time that measuring ``population``
-    takes, at the median screen and ``eval_time_s`` of the ``records`` so far; never fewer than
-    ``population``. ``share`` None, or no times yet, screens ``factor * population``.
+                 share: float | None, deadline: float | None = None, workers: int = 1,
+                 ) -> tuple[int, int]:
+    """How many offspring to screen this generation, and how many of them to measure.
 
-    A screen's cost is its ``tier0_time_s`` less its ``tier0_table_s``: the first timing of a
-    layer shape for the latency table is paid once per search, however many screens follow,
-    and on digits_cnn it made the first generation's screens 5-7 times as slow as the third's
-    (median 0.24 s against 0.04 s), which sized the second generation's screening to a third of
-    what its own screens then cost.
+    Measured: ``population``, or, before a budget's ``deadline`` (a :func:`time.monotonic`
+    time), only as many as the time left on ``workers`` can measure (at least one) together
+    with their screening, at the median ``eval_time_s`` so far. Screened: ``factor * population``, less where screening
+    them would take more than ``share`` of the time that measuring those takes, at the median
+    screen and evaluation times of the ``records`` so far; never fewer than are measured.
+    ``share`` None, or no times yet, screens ``factor * population``.
+
+    The budget's last generation is sized to the time left: at 180 s on digits_cnn, racing's
+    last generation had screened 125 or 240 offspring when the budget ran out, and measured
+    none (:func:`survivors` hands them over best first, so a generation cut short still
+    measures its most promising). A screen's cost is its ``tier0_time_s`` less its
+    ``tier0_table_s``: the first timing of a layer shape for the latency table is paid once
+    per search, however many screens follow, and on digits_cnn it made the first generation's
+    screens 5-7 times as slow as the third's (median 0.24 s against 0.04 s), which sized the
+    second generation's screening to a third of what its own screens then cost.
     """
     most = population * factor
-    if share is None:
-        return most
     screens = [max(float(r["metrics"]["tier0_time_s"])
                    - float(r["metrics"].get("tier0_table_s", 0.0)), 0.0) for r in records
                if math.isfinite(float(r["metrics"].get("tier0_time_s", math.nan)))]
     evals = [float(r["metrics"]["eval_time_s"]) for r in records
              if r["status"] == COMPLETE and "latency_ms" in r["metrics"]
              and math.isfinite(float(r["metrics"].get("eval_time_s", math.nan)))]
-    if not screens or not evals:
-        return most
-    affordable = share * population * float(np.median(evals)) / max(float(np.median(screens)),
-                                                                    1e-6)
-    return int(min(most, max(population, math.floor(affordable))))
+    if not evals:
+        return most, population
+    evaluation = float(np.median(evals))
+    measured = population
+    if deadline is not None:
+        left = max(deadline - time.monotonic(), 0.0)
+        fits = left * workers / (evaluation * (1 + (share or 0.0)))
+        measured = int(min(population, max(1, math.floor(fits))))
+    if share is None or not screens:
+        return most, measured
+    affordable = share * measured * evaluation / max(float(np.median(screens)), 1e-6)
+    return int(min(most, max(measured, math.floor(affordable)))), measured
 
 
 def _predict(rows: Sequence[Mapping[str, Any]], scheme: str, x: Sequence[float],
@@ -215,7 +230,7 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
               objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES,
               reference: Sequence[float] | None = None,
               ) -> tuple[list[int], dict[int, str]]:
-    """Which screened candidates go on to be measured: the indices kept, in order, and the
+    """Which screened candidates go on to be measured: the indices kept, best first, and the
     reason each other one was screened out.
 
     A candidate whose optimistic prediction a measured ``front`` member dominates, on the
@@ -241,7 +256,7 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
                           "dominated by the front even with the calibration's error")
         else:
             open_.append(i)
-    if len(open_) > keep:
+    if open_:  # best first, so that a generation the budget cuts short measures its best
         points = np.array([[_minimized(predictions[i][k], d) for k, d in keys] for i in open_])
         ranks = non_dominated_ranks(points) if keys else [0] * len(open_)
         order = sorted(range(len(open_)), key=lambda j: (ranks[j], j))
@@ -250,7 +265,7 @@ def survivors(predictions: Sequence[Mapping[str, float]], front: Sequence[Mappin
         for j in order[keep:]:
             reasons[open_[j]] = (f"tier 0: not among the {keep} best predictions of this "
                                  "generation")
-        open_ = [open_[j] for j in sorted(order[:keep])]
+        open_ = [open_[j] for j in order[:keep]]
     return open_, reasons
 
 
