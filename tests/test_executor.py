@@ -70,6 +70,13 @@ def test_ray_executor_runs_jobs_on_warm_loopback_workers(tiny_task) -> None:
         iterating = time.time()
         started = [r.info["started_at"] for _, r in results]
         assert len(started) == 2 and max(started) < iterating - 1.0
+        # the caller's ``meanwhile`` tasks run while the workers evaluate, and a worker that
+        # finishes in the meantime is given its next job at once, not when the caller iterates
+        ended: list[float] = []
+        results = executor.run(jobs, meanwhile=[lambda: time.sleep(0.25)] * 40
+                               + [lambda: ended.append(time.time())])
+        started = sorted(r.info["started_at"] for _, r in results)
+        assert len(started) == 4 and started[-1] < ended[0], (started, ended)
         # closed before it was iterated, it stops the workers it started: the next run is not
         # queued behind them, and it runs on fresh workers
         before = set(executor._actors)

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +72,17 @@ class LocalExecutor:
     def __init__(self, *, evaluator_kwargs: Mapping[str, Any]) -> None:
         self._evaluator = Evaluator(**evaluator_kwargs)
 
-    def run(self, jobs: Iterable[Job], deadline: float | None = None
-            ) -> Iterator[tuple[Job, Result]]:
-        """Yield ``(job, result)`` one by one; none is started after ``deadline`` (a
-        :func:`time.monotonic` time): an evaluation in this process cannot be stopped."""
+    def run(self, jobs: Iterable[Job], deadline: float | None = None,
+            meanwhile: Iterable[Callable[[], Any]] = ()) -> Iterator[tuple[Job, Result]]:
+        """Run the ``meanwhile`` tasks, then yield ``(job, result)`` one by one; none is started
+        after ``deadline`` (a :func:`time.monotonic` time): an evaluation in this process cannot
+        be stopped."""
+        for task in meanwhile:
+            task()
+        return self._results(jobs, deadline)
+
+    def _results(self, jobs: Iterable[Job], deadline: float | None
+                 ) -> Iterator[tuple[Job, Result]]:
         for job in jobs:
             if _past(deadline):
                 return
@@ -182,15 +189,17 @@ class RayExecutor:
         self._cores[actor] = core
         return actor
 
-    def run(self, jobs: Iterable[Job], deadline: float | None = None
-            ) -> Iterator[tuple[Job, Result]]:
+    def run(self, jobs: Iterable[Job], deadline: float | None = None,
+            meanwhile: Iterable[Callable[[], Any]] = ()) -> Iterator[tuple[Job, Result]]:
         """``(job, result)`` pairs, as results complete.
 
-        The first jobs go to the workers at this call, before the caller iterates, so what the
-        caller does first (logging what racing screened out) overlaps their evaluations; and a
-        worker that finishes is given its next job before its result is yielded. A job whose
-        worker dies is run again on a fresh worker, :data:`WORKER_RETRIES` times, then failed;
-        the dead worker is replaced either way.
+        The first jobs go to the workers at this call. The caller's ``meanwhile`` tasks (logging
+        what racing screened out) then run here, while the workers evaluate; after each, a
+        worker that has finished is given its next job, so that none waits on them (at 240
+        screened-out candidates, ~7 s of logging, each worker waited 1-3 s per generation
+        before). Otherwise a worker that finishes is given its next job before its result is
+        yielded. A job whose worker dies is run again on a fresh worker,
+        :data:`WORKER_RETRIES` times, then failed; the dead worker is replaced either way.
 
         At ``deadline`` (a :func:`time.monotonic` time), or when the caller closes the iterator,
         nothing more is started and the workers still evaluating are killed and replaced by
@@ -213,25 +222,38 @@ class RayExecutor:
             while pending:
                 self._replace(pending.popitem()[1][1])
 
+        early: deque[tuple[Job, Result]] = deque()  # finished while ``meanwhile`` ran
+
         def results() -> Iterator[tuple[Job, Result]]:
             try:
+                while early:
+                    yield early.popleft()
                 yield from self._collect(pending, queue, idle, attempts, dispatch, deadline)
             finally:
                 stop()
 
         dispatch()
+        try:
+            for task in meanwhile:
+                task()
+                early.extend(self._collect(pending, queue, idle, attempts, dispatch, deadline,
+                                           wait=False))
+        except BaseException:
+            stop()
+            raise
         return _Results(results(), stop)
 
     def _collect(self, pending: dict[Any, tuple[Job, Any]], queue: deque[Job], idle: list[Any],
                  attempts: dict[int, int], dispatch: Any, deadline: float | None,
-                 ) -> Iterator[tuple[Job, Result]]:
-        """The results of :meth:`run` as they complete, until none is pending or ``deadline``."""
+                 wait: bool = True) -> Iterator[tuple[Job, Result]]:
+        """The results of :meth:`run` as they complete, until none is pending or ``deadline``
+        (without ``wait``: those complete already)."""
         ray = self._ray
         while pending:
             timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
-            if not ready:
-                return  # the deadline passed: run() replaces the workers still busy
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout if wait else 0)
+            if not ready:  # the deadline passed (run() replaces the workers still busy),
+                return  # or, without ``wait``, nothing more is complete
             job, actor = pending.pop(ready[0])
             tries = attempts.get(id(job), 0) + 1
             try:

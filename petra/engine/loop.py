@@ -333,10 +333,10 @@ class _Search:
                                 candidate_seed(cfg.seed, self.generation, index), rung))
             jobs, screened_out = self._race(executor, jobs) if self.racing else (jobs, [])
             parallel = getattr(executor, "workers", 1)
-            results = executor.run(jobs, deadline=self._deadline())
-            # under Ray the workers measure already: the screened-out are logged meanwhile
-            for i, (job, result) in enumerate(screened_out, start=1):
-                self._record(job, result, checkpoint=i == len(screened_out))
+            # the screened-out are logged while the workers measure (and fed in between)
+            results = executor.run(jobs, deadline=self._deadline(), meanwhile=[
+                functools.partial(self._record, job, result, checkpoint=i == len(screened_out))
+                for i, (job, result) in enumerate(screened_out, start=1)])
             for finished, (job, result) in enumerate(results, start=1):
                 if job.tier0:
                     result.metrics.update(job.tier0)
