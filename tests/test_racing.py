@@ -137,6 +137,7 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
         assert run.data.tags["petra.status"] == "pruned"
         assert run.data.tags["petra.pruned_reason"].startswith("tier 0")
         assert "tier0_divergence" in run.data.metrics and "latency_ms" not in run.data.metrics
+        assert run.data.tags["petra.worker_pid"].isdigit()  # which worker screened it
     front = [c for c in children if c.data.tags["petra.on_front"] == "true"]
     assert front
     for run in front:

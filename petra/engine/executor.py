@@ -53,13 +53,14 @@ class Job:
 def _run(evaluator: Evaluator, genome: dict[str, Any], genome_hash: str, seed: int,
          rung: Rung | None, tier: int) -> Result:
     """One job on ``evaluator``, with its wall-clock start and end (``started_at``,
-    ``ended_at``: the child run's real times)."""
+    ``ended_at``: the child run's real times) and the process that ran it (``worker_pid``, a
+    screen's too)."""
     started = time.time()
     if tier == 0:
         result = evaluator.screen(genome, genome_hash=genome_hash, seed=seed)
     else:
         result = evaluator.evaluate(genome, genome_hash=genome_hash, seed=seed, rung=rung)
-    result.info.update(started_at=started, ended_at=time.time())
+    result.info.update(started_at=started, ended_at=time.time(), worker_pid=os.getpid())
     return result
 
 
