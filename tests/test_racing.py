@@ -212,9 +212,12 @@ def test_the_budget_s_last_generation_measures_only_what_the_time_left_affords()
     soon = time.monotonic() + 10.5
     assert screen_count(measured, 16, 16, 0.25, deadline=soon, workers=2) == (80, 4)
     assert screen_count(measured, 16, 16, None, deadline=soon, workers=2) == (256, 5)
-    # time for a whole generation: the population; past the deadline: one, never none
+    # time for a whole generation: the population; past the deadline: one per worker, so that
+    # none waits while the generation runs (never more than the population)
     assert screen_count(measured, 16, 16, 0.25, time.monotonic() + 1e4, 2) == (256, 16)
-    assert screen_count(measured, 16, 16, 0.25, time.monotonic() - 1.0, 2) == (20, 1)
+    assert screen_count(measured, 16, 16, 0.25, time.monotonic() - 1.0, 2) == (40, 2)
+    assert screen_count(measured, 16, 16, 0.25, time.monotonic() - 1.0, 1) == (20, 1)
+    assert screen_count(measured, 2, 16, 0.25, time.monotonic() - 1.0, 4) == (32, 2)
     # no evaluation timed yet: nothing to size by
     assert screen_count([], 16, 16, 0.25, soon, 2) == (256, 16)
 
