@@ -129,7 +129,7 @@ class _Search:
         initial = [] if baseline_strategy else seed_recipes(self.space)
         # Racing (petra.engine.racing) asks for more offspring than it measures.
         self.racing = cfg.search.racing.enabled and not baseline_strategy
-        self.calibration, self.measured = Calibration(), cfg.search.population
+        self.calibration = Calibration()
         self.strategy = make_strategy(
             cfg.search.strategy, space=self.space, objectives=self.objectives,
             population=cfg.search.population, generations=cfg.search.generations,
@@ -317,11 +317,12 @@ class _Search:
         from petra.engine.strategies import Told, candidate_seed
 
         cfg, space, racing = self.cfg, self.space, self.cfg.search.racing
+        parallel = getattr(executor, "workers", 1)
         while not self.strategy.done:
             if self.racing:  # as many screened and measured as time affords (a batch stays)
-                self.strategy.offspring, self.measured = screen_count(
+                self.strategy.offspring, keep = screen_count(
                     self.records, cfg.search.population, racing.factor, racing.screen_share,
-                    self._deadline(), getattr(executor, "workers", 1))
+                    self._deadline(), parallel)
             genomes = self.strategy.ask()
             rung = self._rung()
             jobs: list[Job] = []
@@ -331,8 +332,7 @@ class _Search:
                     continue  # identical recipes are evaluated once
                 jobs.append(Job(index, space.complete(genome), key,
                                 candidate_seed(cfg.seed, self.generation, index), rung))
-            jobs, screened_out = self._race(executor, jobs) if self.racing else (jobs, [])
-            parallel = getattr(executor, "workers", 1)
+            jobs, screened_out = self._race(executor, jobs, keep) if self.racing else (jobs, [])
             # the screened-out are logged while the workers measure (and fed in between)
             results = executor.run(jobs, deadline=self._deadline(), meanwhile=[
                 functools.partial(self._record, job, result, checkpoint=i == len(screened_out))
@@ -386,14 +386,14 @@ class _Search:
         if checkpoint:
             self._checkpoint()
 
-    def _race(self, executor: LocalExecutor | RayExecutor, jobs: list[Job]
+    def _race(self, executor: LocalExecutor | RayExecutor, jobs: list[Job], keep: int
               ) -> tuple[list[Job], list[tuple[Job, Result]]]:
-        """Screen this generation's ``jobs`` at tier 0; returns the ones to measure (all of
-        them in the first generation: it feeds the calibration) and those screened out, with
-        their results, to record."""
+        """Screen this generation's ``jobs`` at tier 0; returns the ones to measure (at most
+        ``keep``; all of them in the first generation: it feeds the calibration) and those
+        screened out, with their results, to record."""
         snap = pareto.snapshot(self.records, self.objectives, self.baseline.metrics,
                                self.generation, self.cfg.constraints.model_dump())
-        keep = self.measured if self.generation else len(jobs)
+        keep = keep if self.generation else len(jobs)
         reference = pareto.reference_point(self.objectives, self.baseline.metrics) \
             if self.cfg.search.racing.select == "hypervolume" else None
         measured, out = race(executor, jobs, self.calibration,

@@ -29,8 +29,9 @@ A candidate goes on to the measured evaluation only when no member of the measur
 dominates its optimistic prediction on the search's objectives (accuracy plus the
 calibration's own error, sizes and latencies less theirs), and then at most ``population`` of
 them, in non-dominated order of their predictions, and measured best first. Nothing predicted
-stands on a front: the front, and every objective it shows, come from measured candidates only. Screened-out candidates are recorded with status
-``pruned`` and tag ``petra.tier=0``, with their tier-0 reading and the reason.
+stands on a front: the front, and every objective it shows, come from measured candidates
+only. Screened-out candidates are recorded with status ``pruned`` and tag ``petra.tier=0``,
+with their tier-0 reading and the reason.
 """
 
 from __future__ import annotations
