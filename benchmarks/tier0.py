@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, as petra search's --set")
+    parser.add_argument("--core", type=int, default=0, help="the core the measurements run on")
     opts = parser.parse_args()
     if opts.summarize:
         resummarize(Path(opts.config))
@@ -141,14 +144,14 @@ def main() -> None:
     from petra.space import model_space
     from petra.tasks import load_task
 
-    cfg = load_config(opts.config, [f"seed={opts.seed}"])
+    cfg = load_config(opts.config, [f"seed={opts.seed}", *opts.set])
     task = load_task(cfg.task.name, cfg.task.params)
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=1)
     # the seed recipes fine-tune at the lr a search would probe for them
     probe_seed_lr(cfg, space, baseline, task, cache=cache_dir())
-    evaluator = Evaluator.from_config(cfg, baseline, threads=1, core=0)
+    evaluator = Evaluator.from_config(cfg, baseline, threads=1, core=opts.core)
     torch.set_num_threads(1)
     rng = np.random.default_rng(opts.seed)
     genomes = space.distinct(seed_recipes(space), limit=opts.n)

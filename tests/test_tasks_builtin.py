@@ -227,6 +227,18 @@ def test_text_bert_takes_a_dict_of_ids_and_mask():
             full.intermediate_size) == (6, 384, 12, 1536)  # MiniLM-L6's shape
 
 
+def test_text_bert_val_samples_grows_the_val_split_and_leaves_train_and_test_alone():
+    small, large = build("text_bert"), build("text_bert", val_samples=500)
+    assert len(digests(small.val)) == 90 and len(digests(large.val)) == 500
+    for split in ("train", "test"):
+        assert digests(getattr(small, split)) == digests(getattr(large, split))
+    assert digests(small.val) < digests(large.val)  # the default split, and more after it
+    assert not digests(large.val) & (digests(large.train) | digests(large.test))
+    assert len(digests(build("text_bert", val_samples=40).val)) == 40
+    with pytest.raises(ValueError, match="val_samples must be at least 1; got 0"):
+        TASKS.get("text_bert").fn(num_samples=100, val_samples=0)
+
+
 def test_text_bert_without_transformers_says_how_to_install(monkeypatch):
     import sys
 

@@ -215,3 +215,27 @@ def test_a_run_too_short_for_the_one_cycle_schedule_trains_at_the_peak_lr(batche
     before = float(nn.functional.cross_entropy(model(x), data[0][1]))
     train(model, data, epochs=epochs, lr=0.1, loss_fn=nn.functional.cross_entropy)
     assert float(nn.functional.cross_entropy(model(x), data[0][1])) < before
+
+
+def test_the_baseline_counts_its_val_examples_and_warns_when_too_few_errors_to_rank(tmp_path):
+    from petra.candidate.baseline import FEW_VAL_ERRORS, Baseline, describe
+
+    task = load_task(TINY_TASK["name"], TINY_TASK["params"])
+    baseline = prepare_baseline(task, task_name=TINY_TASK["name"],
+                                task_params=TINY_TASK["params"], cache_dir=tmp_path)
+    n = sum(len(y) for _, y in task.val)
+    assert baseline.metrics["val_examples"] == n
+    assert describe(baseline).startswith(f"baseline: val {baseline.metrics['val_accuracy']:.4f}"
+                                         f" of {n} examples, test ")
+
+    def line(val_accuracy, examples=300, metric=None):
+        b = Baseline(state=b"", artifact=b"", metrics={
+            "val_accuracy": val_accuracy, "val_examples": examples, "test_accuracy": 0.9,
+            "artifact_bytes": 1000.0, "latency_ms": 1.0})
+        return describe(b) if metric is None else describe(b, metric)
+
+    few = (FEW_VAL_ERRORS - 1) / 300
+    assert "warning: the dense model errs on 9 of 300 validation examples" in line(1 - few)
+    assert "(0.0033 each)" in line(1 - few)
+    assert "warning" not in line(1 - (FEW_VAL_ERRORS + 1) / 300)  # enough errors to rank
+    assert "warning" not in line(1 - few, metric=lambda out, y: 0.0)  # not an accuracy

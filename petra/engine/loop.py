@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petra.candidate.baseline import prepare_baseline
+from petra.candidate.baseline import describe, prepare_baseline
 from petra.candidate.evaluate import Evaluator, Result, objective_values
 from petra.candidate.lr_probe import LrProbe, probe_seed_lr, recorded_probe, run_logs
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
@@ -106,10 +106,7 @@ class _Search:
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
             cache_dir=cache_dir(), seed=cfg.seed, threads=cfg.execution.cpus_per_candidate)
-        b = self.baseline.metrics
-        self.say(f"baseline: val {b['val_accuracy']:.4f}, test {b['test_accuracy']:.4f}, "
-                 f"{int(b['artifact_bytes'])} bytes, {b['latency_ms']:.2f} ms/batch"
-                 f"{' (cached)' if self.baseline.cached else ''}")
+        self.say(describe(self.baseline, self.task.metric))
         self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers; kept "
                  f"whole: {', '.join(self.space.kept_whole) or 'none'} (`petra space` says why)")
         # Every strategy but the baselines (random search, the uniform grid: registry meta

@@ -80,6 +80,23 @@ def make_sentences(
     return ids, mask, y
 
 
+def split_sentences(num_samples: int, val_samples: int | None = None, **generate: Any
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Train, val and test splits of :func:`make_sentences`: 70/15/15 of ``num_samples``, the
+    val split grown (or cut) to ``val_samples`` with sentences generated after them."""
+    n_train, n_val = int(0.7 * num_samples), int(0.15 * num_samples)
+    if val_samples is not None and val_samples < 1:
+        raise ValueError(f"val_samples must be at least 1; got {val_samples}")
+    extra = max((val_samples or n_val) - n_val, 0)
+    # each sentence's draws follow the previous one's: the first num_samples do not depend on
+    # how many more are generated
+    ids, mask, y = make_sentences(num_samples + extra, **generate)
+    val = np.r_[n_train:n_train + n_val, num_samples:num_samples + extra][:val_samples or n_val]
+    parts = {"train": np.arange(n_train), "val": val,
+             "test": np.arange(n_train + n_val, num_samples)}
+    return {k: (ids[s], mask[s], y[s]) for k, s in parts.items()}
+
+
 class TextBatches:
     """Re-iterable ``({"input_ids", "attention_mask"}, labels)`` batches of tensors.
 
@@ -140,7 +157,7 @@ def _bert_classifier(config: Any, num_classes: int) -> Any:
 def text_bert(
     *, seed: int = 0, num_samples: int = 2000, vocab_size: int = 4096, max_length: int = 24,
     width: int = 384, layers: int = 6, heads: int = 12, batch_size: int = 16,
-    latency_batch: int = 16, epochs: int = 1, lr: float = 5e-4,
+    latency_batch: int = 16, epochs: int = 1, lr: float = 5e-4, val_samples: int | None = None,
 ) -> Task:
     """Generated topic classification with a BERT encoder, 70/15/15 splits.
 
@@ -155,6 +172,9 @@ def text_bert(
         batch_size: the training batch size.
         latency_batch: the example batch (tracing, export, latency).
         epochs, lr: the baseline's training recipe.
+        val_samples: the validation split's size (default: 15% of ``num_samples``). More
+            sentences are generated after the ``num_samples`` for it, so the train and test
+            splits are the same whatever it is.
 
     Raises:
         ImportError: when ``transformers`` is not installed.
@@ -168,12 +188,8 @@ def text_bert(
                           "pip install petra[transformers]") from exc
     if width % heads:
         raise ValueError(f"heads ({heads}) must divide width ({width})")
-    ids, mask, y = make_sentences(num_samples, vocab_size=vocab_size, max_length=max_length,
-                                  seed=seed)
-    n_train, n_val = int(0.7 * num_samples), int(0.15 * num_samples)
-    parts = {"train": slice(0, n_train), "val": slice(n_train, n_train + n_val),
-             "test": slice(n_train + n_val, num_samples)}
-    splits = {k: (ids[s], mask[s], y[s]) for k, s in parts.items()}
+    splits = split_sentences(num_samples, val_samples, vocab_size=vocab_size,
+                             max_length=max_length, seed=seed)
     train = TextBatches(*splits["train"], batch_size=batch_size, shuffle=True)
     val = TextBatches(*splits["val"], batch_size=100)
     test = TextBatches(*splits["test"], batch_size=100)
