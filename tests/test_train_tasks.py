@@ -236,6 +236,6 @@ def test_the_baseline_counts_its_val_examples_and_warns_when_too_few_errors_to_r
 
     few = (FEW_VAL_ERRORS - 1) / 300
     assert "warning: the dense model errs on 9 of 300 validation examples" in line(1 - few)
-    assert "(0.0033 each)" in line(1 - few)
+    assert "a few examples (0.0033 each) apart" in line(1 - few)
     assert "warning" not in line(1 - (FEW_VAL_ERRORS + 1) / 300)  # enough errors to rank
     assert "warning" not in line(1 - few, metric=lambda out, y: 0.0)  # not an accuracy

@@ -108,7 +108,7 @@ def describe(baseline: Baseline, metric: Any = accuracy) -> str:
             f"{b['latency_ms']:.2f} ms/batch{' (cached)' if baseline.cached else ''}")
     errors = round((1 - b["val_accuracy"]) * n)
     if metric is accuracy and n and errors < FEW_VAL_ERRORS:
-        line += (f"\nwarning: the dense model errs on {errors} of {n} validation examples, so "
-                 f"candidates a few examples apart ({1 / n:.4f} each) are ranked by noise; "
-                 "a larger validation split ranks them better")
+        line += (f"\nwarning: the dense model errs on {errors} of {n} validation examples: "
+                 f"candidates a few examples ({1 / n:.4f} each) apart are within noise of each "
+                 "other; a larger validation split ranks them better")
     return line
