@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from petra.candidate import artifact
-from petra.candidate.measure import macs_and_params, median_latency_ms, session_accuracy
+from petra.candidate.measure import (
+    macs_and_params,
+    median_latency_ms,
+    session_accuracy,
+    session_metric,
+)
 from petra.errors import ConfigError
 from petra.tasks import Task, accuracy
 
@@ -58,7 +63,7 @@ def prepare_baseline(
     import torch
 
     from petra.candidate.train import train
-    from petra.tasks.contract import TaskError, batch_size, check
+    from petra.tasks.contract import TaskError, check
 
     try:
         check(task, task_name)
@@ -84,8 +89,10 @@ def prepare_baseline(
     torch.save(task.model.state_dict(), buffer)
     data = artifact.pack(artifact.export_onnx(task.model, task.example_input))
     session = artifact.load(data, threads=threads)
+    val_accuracy, val_examples = session_metric(session, task.val, task.metric)
     metrics = {
-        "val_accuracy": session_accuracy(session, task.val, task.metric),
+        "val_accuracy": val_accuracy,
+        "val_examples": float(val_examples),
         "test_accuracy": session_accuracy(session, task.test, task.metric),
         "artifact_bytes": float(len(data)),
         "size_ratio": 1.0,
@@ -93,8 +100,7 @@ def prepare_baseline(
         "latency_ms": median_latency_ms(session, task.example_input),
     }
     macs, params, _ = macs_and_params(task.model, task.example_input)
-    metrics.update(macs=float(macs), params=float(params), val_examples=float(sum(
-        batch_size(targets) for _, targets in task.val)))
+    metrics.update(macs=float(macs), params=float(params))
     return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached)
 
 

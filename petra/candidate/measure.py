@@ -47,6 +47,13 @@ def session_accuracy(
     The metric receives torch tensors, as it does in the fine-tune: the session's output is
     converted with ``torch.from_numpy``.
     """
+    return session_metric(session, batches, metric)[0]
+
+
+def session_metric(
+    session: Any, batches: Iterable[tuple[Any, Any]], metric: Callable[[Any, Any], float]
+) -> tuple[float, int]:
+    """:func:`session_accuracy`, and the number of examples it was averaged over."""
     from petra.tasks.contract import batch_size, to_torch
 
     total, count = 0.0, 0
@@ -57,7 +64,7 @@ def session_accuracy(
         n = batch_size(targets)
         total += float(metric(to_torch(outputs), targets)) * n
         count += n
-    return total / max(count, 1)
+    return total / max(count, 1), count
 
 
 def _runner(session: Any, x: Any) -> Callable[[], Any]:
