@@ -20,7 +20,8 @@ too) on the dense model's ONNX, and whether the racing arm's front dominates it.
 
 ``--factor`` is the most offspring screened per generation, in populations;
 ``--screen-share`` overrides ``search.racing.screen_share``, which caps what screening may cost
-(the config's default unless given); ``--select`` overrides ``search.racing.select``.
+(the config's default unless given); ``--select`` overrides ``search.racing.select``; ``--arms racing`` (or ``plain``) runs one arm
+only, for tuning runs of the racing arm's own models.
 
 ``--task NAME:SECONDS`` gives that task's searches their budget; a bare ``NAME`` keeps the
 config's own ``time_budget_s`` (text_bert's default config: 780 s).
@@ -147,16 +148,20 @@ def summarize(rows: list[dict]) -> dict:
     def stat(key: str, racing: bool) -> list[float]:
         return [r[key] for r in rows if r["racing"] == racing]
 
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
     out = {"hypervolume_equal_wallclock": {
-        "racing": float(np.mean(stat("hypervolume", True))),
-        "no_racing": float(np.mean(stat("hypervolume", False)))}}
+        "racing": mean(stat("hypervolume", True)),
+        "no_racing": mean(stat("hypervolume", False))}}
+    racing = [r for r in rows if r["racing"]] or rows  # one arm run: its own figures
     for key in ("screened_per_hour", "fully_evaluated_per_hour", "search_wall_s"):
-        out[key] = float(np.mean(stat(key, True)))
+        out[key] = mean([r[key] for r in racing])
     out["front_members_without_tier2"] = int(sum(r["front_members_without_tier2"] for r in rows))
-    ratios = [a / b for a, b in zip(stat("hypervolume", True), stat("hypervolume", False),
-                                    strict=True) if b > 0]
-    out["hypervolume_ratio"] = float(np.mean(ratios)) if ratios else float("nan")
-    racing = [r for r in rows if r["racing"]]
+    plain = {r["seed"]: r["hypervolume"] for r in rows if not r["racing"]}
+    ratios = [r["hypervolume"] / plain[r["seed"]] for r in rows
+              if r["racing"] and plain.get(r["seed"], 0) > 0]
+    out["hypervolume_ratio"] = mean(ratios)
     for key in ("spearman_tier0_vs_val", "spearman_predicted_vs_val",
                 "latency_model_median_rel_error"):
         out[key] = float(np.nanmean([r[key] for r in racing]))
@@ -183,6 +188,9 @@ def main() -> None:
                         "config's")
     parser.add_argument("--select", default=None, choices=["rank", "hypervolume"],
                         help="search.racing.select; default: the config's")
+    parser.add_argument("--arms", default="both", choices=["both", "racing", "plain"],
+                        help="which searches run per seed (tuning runs of the racing arm's "
+                        "models need only the racing arm)")
     parser.add_argument("--out", default=str(OUT))
     opts = parser.parse_args()
     prov = provenance()  # before the evaluator pins this process to one core
@@ -194,7 +202,8 @@ def main() -> None:
         rows = []
         for seed in opts.seeds:
             reference = one_call_int8(task, seed)
-            for racing in (False, True):
+            for racing in {"both": (False, True), "racing": (True,),
+                           "plain": (False,)}[opts.arms]:
                 row = run_arm(task, seed, racing, budget, opts.factor, opts.screen_share,
                               opts.select)
                 row["one_call_int8_dynamic"] = reference
@@ -208,7 +217,7 @@ def main() -> None:
         "commit": prov["commit"], "provenance": prov, "factor": opts.factor,
         "screen_share": opts.screen_share or "the config's",
         "select": opts.select or "the config's",
-        "seeds": opts.seeds, "tasks": report,
+        "seeds": opts.seeds, "arms": opts.arms, "tasks": report,
     }, indent=1, default=str))
     print(f"wrote {opts.out}")
 
