@@ -43,6 +43,9 @@ class LayerInfo:
     #: Why no gene removes this layer's units ('' where one may, and for an embedding, whose
     #: width is the residual stream's): a one-line reason, e.g. the model's output layer.
     whole: str = ""
+    #: Whether its channel group holds an affine BatchNorm (None: not known, as for a layer
+    #: given by hand): ``bn_scale`` is offered only where one does.
+    batchnorm: bool | None = None
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
@@ -91,7 +94,9 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
     errors: list[str] = []
     channel_why: dict[str, str] = {}
-    capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why)
+    normed: set[str] = set()
+    capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why,
+                                       batchnorm=normed)
     modules = dict(model.named_modules())
     # a GRU or LSTM loses units only as petra's recurrent pruning found it, whatever
     # torch-pruning's groups say (its LSTM pruner takes a stacked one for a single layer)
@@ -109,7 +114,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
                  else (recurrent_why or {}).get(name) or channel_why.get(name)
                  or (errors or [_UNFOLLOWED])[0])
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
-                                 and name in capable, residual=name in residual, whole=whole))
+                                 and name in capable, residual=name in residual, whole=whole,
+                                 batchnorm=name in normed))
     return infos
 
 
@@ -122,7 +128,7 @@ _UNFOLLOWED = ("torch-pruning puts its output channels in no channel group: it c
 
 
 def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
-                residual: bool, whole: str = "") -> LayerInfo:
+                residual: bool, whole: str = "", batchnorm: bool | None = None) -> LayerInfo:
     """The :class:`LayerInfo` of one layer; ``attention`` is its AttentionInfo (or None),
     ``removable`` whether its units can go (not the model's output, followed by
     torch-pruning or a unit remover of petra's), and ``whole`` why not, when not."""
@@ -154,7 +160,7 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
     return LayerInfo(
         name=name, type=kind, out_channels=int(out_channels),
         params=sum(p.numel() for p in module.parameters()), structured=structured,
-        residual=residual, whole=whole,
+        residual=residual, whole=whole, batchnorm=batchnorm,
     )
 
 
@@ -213,8 +219,9 @@ def unit_kind(layer: LayerInfo) -> str | None:
 
 def offered(layer: LayerInfo, entry: Any) -> bool:
     """Whether the pruning method ``entry`` (a registry entry) is offered for ``layer``: a
-    structured kind only where it is the layer's own :func:`unit_kind`; an unstructured,
-    low-rank or trained criterion on Linear and Conv layers."""
+    structured kind only where it is the layer's own :func:`unit_kind` (and one that ranks by
+    BatchNorm scales only where the layer's group holds a BatchNorm); an unstructured, low-rank
+    or trained criterion on Linear and Conv layers."""
     kind = entry.meta.get("kind", "unstructured")
     own = unit_kind(layer)
     if layer.type.startswith("ConvTranspose"):
@@ -227,6 +234,8 @@ def offered(layer: LayerInfo, entry: Any) -> bool:
         return False
     if layer.residual and kind == "structured":
         return False  # the hidden size is the one prune.width gene
+    if entry.meta.get("batchnorm") and layer.batchnorm is False:
+        return False  # it would fall back to another criterion: a duplicate choice
     return not entry.meta.get("structured") or own == "structured"
 
 

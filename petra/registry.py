@@ -173,6 +173,8 @@ PRUNING = Registry("pruning method", builtin="petra.compress", schema={
     "fixed_sparsity": Meta(None, lambda v: v is None or _is(int, float)(v), "None or a number"),
     "genes": _GENES,
     "example_genes": Meta({}, _is(dict), "a dict of gene values"),
+    # ranks channels by their BatchNorm's scales: offered only where the group holds one
+    "batchnorm": Meta(False, _is(bool), "true or false"),
     "structured": Meta(None, lambda v: v is None, "left out: it follows from kind"),
 }, check=_check_pruning)
 QUANTIZATION = Registry("quantization scheme", builtin="petra.compress", schema={

@@ -179,3 +179,26 @@ def test_structured_criterion_end_to_end(name, evaluator):
     result = evaluator.evaluate(genome)
     assert result.status == COMPLETE, result.error
     assert result.metrics["size_ratio"] < 0.6
+
+
+def test_bn_scale_is_offered_only_where_the_layers_group_holds_a_batchnorm():
+    from petra.layers import offered, prunable_layers
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.normed = nn.Conv2d(1, 8, 3)
+            self.bn = nn.BatchNorm2d(8)
+            self.bare = nn.Conv2d(8, 8, 3)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.bare(torch.relu(self.bn(self.normed(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    layers = {layer.name: layer for layer in prunable_layers(Net().eval(),
+                                                             (torch.randn(2, 1, 8, 8),))}
+    assert layers["normed"].batchnorm is True and layers["bare"].batchnorm is False
+    bn, l1 = PRUNING.get("bn_scale"), PRUNING.get("l1_channel")
+    assert offered(layers["normed"], bn) and offered(layers["normed"], l1)
+    assert not offered(layers["bare"], bn) and offered(layers["bare"], l1)

@@ -356,11 +356,14 @@ def taylor(group: Any, ctx: PruneContext) -> torch.Tensor:
     "bn_scale",
     description="structured: network slimming, remove channels with the smallest BN |gamma|",
     kind="structured",
+    batchnorm=True,
 )
 def bn_scale(group: Any, ctx: PruneContext) -> torch.Tensor:
     """Network slimming (Liu et al., 2017): the mean |gamma| of the group's BatchNorms.
 
-    A group with no affine BatchNorm falls back to the group L1 norm (as ``l1_channel``).
+    Offered only for layers whose group holds an affine BatchNorm
+    (:func:`petra.layers.offered`); a group with none, given by hand, falls back to the group
+    L1 norm (as ``l1_channel``).
     """
     import torch_pruning as tp
 

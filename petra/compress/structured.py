@@ -134,12 +134,14 @@ STREAM_NORMS = ("LayerNorm", "RMSNorm")
 
 
 def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | None = None,
-                   why: dict[str, str] | None = None) -> tuple[set[str], tuple[str, ...]]:
+                   why: dict[str, str] | None = None, batchnorm: set[str] | None = None
+                   ) -> tuple[set[str], tuple[str, ...]]:
     """``(structured, residual)``: the layers whose output channels torch-pruning can remove
     with their group, and the writers of the residual stream (the hidden size), if the model
     has one. A model torch-pruning cannot trace has none; the reason is appended to
     ``errors``, when given. ``why``, when given, gets the writers of the groups
-    :func:`channel_groups` skips, with why.
+    :func:`channel_groups` skips, with why. ``batchnorm``, when given, gets the layers whose
+    group holds an affine BatchNorm (what ``bn_scale`` ranks channels by).
 
     The residual stream is the channel group that at least two normalization layers
     (:data:`STREAM_NORMS`) follow and at least two layers write; where several qualify, the one
@@ -165,6 +167,10 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
             names[dep.target.module] for dep, _ in group
             if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names))
         found.update(writers)
+        if batchnorm is not None and any(
+                isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm)
+                and dep.target.module.affine for dep, _ in group):
+            batchnorm.update(writers)
         norms = {dep.target.module for dep, _ in group
                  if type(dep.target.module).__name__.endswith(STREAM_NORMS)}
         if len(norms) >= 2 and len(writers) >= 2 and len(writers) > len(residual):
