@@ -92,9 +92,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES, *transposed)
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
-    errors: list[str] = []
-    channel_why: dict[str, str] = {}
-    normed: set[str] = set()
+    errors, channel_why, normed = [], {}, set()
     capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why,
                                        batchnorm=normed)
     modules = dict(model.named_modules())
