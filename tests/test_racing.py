@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from petra.engine.racing import MIN_OBSERVED, Calibration, screen_count, survivors
+from petra.engine.racing import (
+    MIN_OBSERVED,
+    Calibration,
+    screen_count,
+    survivors,
+    table_latency,
+)
 from petra.errors import COMPLETE, PRUNED
 from tests.conftest import TINY_TASK
 from tests.test_search_integration import read_runs, run_cli
@@ -240,3 +246,38 @@ def test_the_latency_table_is_corrected_per_scheme_once_two_are_measured():
     # no table (a layer could not be timed alone): the MACs model of the measured candidates
     unseen = {**reading(0.1, 0.5, 0.9), "tier0_latency_ratio": math.nan}
     assert math.isfinite(cal.predict({"quant.scheme": "none"}, unseen)["latency_ratio"])
+
+
+def test_the_table_correction_fits_what_a_ratio_scales_away_once_it_has_enough_candidates():
+    # measured = 0.02 (the runtime's cost per call, small ops) + 1.5 * table
+    seen = [("int8", t, 0.02 + 1.5 * t) for t in (0.01, 0.1, 0.3, 0.5)]
+    assert table_latency(seen[:1], "int8", 0.2, "affine", 3) == 0.2  # too few: the table
+    ratio = table_latency(seen[:2], "int8", 0.2, "affine", 3)  # the median ratio
+    assert ratio == pytest.approx(0.2 * (3.5 + 1.7) / 2)
+    assert table_latency(seen, "int8", 0.2, "ratio", 3) == pytest.approx(
+        0.2 * (1.7 + 1.5667) / 2, rel=1e-3)
+    assert table_latency(seen, "int8", 0.2, "affine", 3) == pytest.approx(0.32)
+    # a near-empty candidate: a ratio alone scales the fixed cost away
+    assert table_latency(seen, "int8", 0.001, "affine", 3) == pytest.approx(0.0215)
+    assert table_latency(seen, "int8", 0.001, "ratio", 3) < 0.01
+    # another scheme's candidates are no evidence for this one's
+    assert table_latency(seen, "fp16", 0.2, "affine", 3) == 0.2
+    # pairs that show no fixed cost (a < 0 fits best) keep the line through the origin
+    slower = [("int8", t, 1.5 * t - 0.01) for t in (0.1, 0.3, 0.5, 0.7)]
+    assert 1.3 < table_latency(slower, "int8", 1.0, "affine", 3) < 1.5
+    # measured = 2 * table ** 0.8: the power form recovers it, and extrapolates to small tables
+    curved = [("int8", t, 2 * t ** 0.8) for t in (0.02, 0.05, 0.2, 0.4)]
+    assert table_latency(curved, "int8", 0.002, "power", 3) == pytest.approx(2 * 0.002 ** 0.8)
+    assert table_latency(curved, "int8", 0.002, "ratio", 3) < 0.5 * 2 * 0.002 ** 0.8
+    # every pair at one table reading shows no slope: the ratio
+    flat = [("int8", 0.1, 0.2), ("int8", 0.1, 0.22), ("int8", 0.1, 0.21)]
+    assert table_latency(flat, "int8", 0.05, "power", 3) == pytest.approx(0.05 * 2.1)
+
+
+def test_the_shared_form_learns_one_fixed_cost_from_every_scheme():
+    # the runtime's fixed cost (0.005) is the same whatever the scheme; the slopes are not
+    seen = [("int4", t, 0.005 + 1.2 * t) for t in (0.01, 0.05, 0.1)] + \
+        [("none", t, 0.005 + 1.1 * t) for t in (0.2, 0.3)]
+    # "none" holds no small candidate to show the fixed cost; with int4's it is exact
+    assert table_latency(seen, "none", 0.001, "shared", 2) == pytest.approx(0.0061)
+    assert table_latency(seen, "int4", 0.2, "shared", 2) == pytest.approx(0.245)
