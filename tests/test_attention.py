@@ -16,7 +16,7 @@ from torch import nn
 import petra.compress  # noqa: F401  (fills the registries)
 import petra.registry
 from petra.candidate import artifact
-from petra.compress.attention import _qkv, attention_layers, prune_attention
+from petra.compress.attention import _qkv, attention_layers, prune_attention, prune_heads
 from petra.compress.verify import bisect
 from petra.config import load_config
 from petra.registry import PRUNING
@@ -499,3 +499,49 @@ def test_a_model_that_reads_the_attention_weights_is_still_traced():
     errors: list[str] = []
     structured, _ = channel_layers(Pooled().eval(), (torch.randn(2, 5, 6),), errors=errors)
     assert not errors and "pre" in structured
+
+
+def test_a_pruned_attention_returns_its_weights_as_multihead_attention_does():
+    from petra.compress.attention import PrunedMultiheadAttention
+
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        source = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        whole = PrunedMultiheadAttention(source, keep=range(4)).eval()
+        x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        with torch.no_grad():
+            for average in (True, False):
+                want, want_w = source(x, x, x, average_attn_weights=average)
+                got, got_w = whole(x, x, x, average_attn_weights=average)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-4)
+            assert whole(x, x, x, need_weights=False)[1] is None
+    fewer = PrunedMultiheadAttention(source, keep=[0, 2]).eval()
+    with torch.no_grad():
+        _, weights = fewer(x, x, x, average_attn_weights=False)
+    assert weights.shape == (2, 2, 5, 5)  # (batch, heads kept, queries, keys)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 5))
+
+
+def test_a_model_that_reads_the_attention_weights_runs_and_exports_with_heads_removed():
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre = nn.Linear(6, 16)
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.pre(x))
+            out, weights = self.attn(h, h, h, average_attn_weights=False)
+            return self.head((weights.mean(1) @ out).mean(1))
+
+    model, x = Pooled().eval(), torch.randn(2, 5, 6)
+    [info] = attention_layers(model, (x,))
+    prune_heads(model, info, [1, 3])
+    assert model.attn.num_heads == 2
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
+        None, feed((x,), ["input"]))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)

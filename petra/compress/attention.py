@@ -203,7 +203,9 @@ class PrunedMultiheadAttention(nn.Module):
     v of ``heads * head_dim`` each (one MatMul, as the original's ``in_proj``), and
     ``out_proj`` back to ``embed_dim``.
 
-    It takes ``nn.MultiheadAttention``'s arguments and returns ``(output, None)``. Its
+    It takes ``nn.MultiheadAttention``'s arguments and returns ``(output, weights)`` as it does
+    (batched inputs): the attention weights of the heads kept, averaged over them with
+    ``average_attn_weights``, or None without ``need_weights``. Its
     ``in_proj_bias`` is None, which keeps ``nn.TransformerEncoderLayer`` off its fused fast
     path (that path needs the original's fused parameters).
     """
@@ -236,7 +238,7 @@ class PrunedMultiheadAttention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, lq, _ = query.shape
@@ -266,7 +268,10 @@ class PrunedMultiheadAttention(nn.Module):
         weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
         out = (weights @ v).transpose(1, 2).reshape(b, lq, h * d)
         out = self.out_proj(out)
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        out = out if self.batch_first else out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(dim=1) if average_attn_weights else weights)
 
 
 def no_fast_path(model: nn.Module) -> None:
