@@ -478,23 +478,26 @@ def test_the_width_gene_scores_and_prunes_an_encoder_where_one_attention_lost_he
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
 
 
+class Pooled(nn.Module):
+    """Pools its sequence with the attention weights it asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.pre(x))
+        out, weights = self.attn(h, h, h, average_attn_weights=False)
+        return self.head((weights.mean(1) @ out).mean(1))
+
+
 def test_a_model_that_reads_the_attention_weights_is_still_traced():
     """The attention's stand-in in torch-pruning's graph returns weights of the real shape
     where ``need_weights`` asks for them: a model that pools with them would otherwise fail
     the trace, and every layer would keep its channels."""
     from petra.compress.structured import channel_layers
-
-    class Pooled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pre = nn.Linear(6, 16)
-            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.pre(x))
-            out, weights = self.attn(h, h, h, average_attn_weights=False)
-            return self.head((weights.mean(1) @ out).mean(1))
 
     errors: list[str] = []
     structured, _ = channel_layers(Pooled().eval(), (torch.randn(2, 5, 6),), errors=errors)
@@ -524,18 +527,6 @@ def test_a_pruned_attention_returns_its_weights_as_multihead_attention_does():
 
 
 def test_a_model_that_reads_the_attention_weights_runs_and_exports_with_heads_removed():
-    class Pooled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pre = nn.Linear(6, 16)
-            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.pre(x))
-            out, weights = self.attn(h, h, h, average_attn_weights=False)
-            return self.head((weights.mean(1) @ out).mean(1))
-
     model, x = Pooled().eval(), torch.randn(2, 5, 6)
     [info] = attention_layers(model, (x,))
     prune_heads(model, info, [1, 3])
