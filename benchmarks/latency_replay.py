@@ -1,12 +1,14 @@
 """Replay racing's latency model over measured candidates, one variant against another.
 
 Racing predicts a screened candidate's latency ratio from its per-layer table estimate
-(``tier0_latency_ratio``), corrected by the measured candidates of its quantization scheme
-(:func:`petra.engine.racing.table_latency`): by their median measured/table ratio, and from
-``affine_from`` of them on by a fixed cost plus a ratio. This replays each variant over a
-search's measured candidates in the order they finished, each predicted from those before it
-(as a search predicts it), and reports the median absolute relative error of each: the issue's
-latency-model figure.
+(``tier0_latency_ratio``), corrected by the measured candidates
+(:func:`petra.engine.racing.table_latency`): from a scheme's second on, by their median
+measured/table ratio, and from ``FIT_FROM`` of them on by the ``FORM`` fitted to them (``ratio``,
+``affine``, ``shared`` or ``power``; the search's default is ``racing.TABLE_FORM``). This
+replays each variant (``--variants FORM[:FIT_FROM]``) over a search's measured candidates in the
+order they finished, each predicted from those before it (as a search predicts it), and reports
+the median absolute relative error of each: the issue's latency-model figure. A search counts
+only the candidates it screened once its calibration was ready, so its own figure can differ.
 
 Sources: the racing searches of an MLflow store (``--store``, ``--experiment``: each
 experiment's latest search run) and ``benchmarks/tier0.py`` results files (``--tier0``: random
@@ -38,7 +40,7 @@ Sequence = list[tuple[str, float, float]]  # (scheme, table estimate, measured r
 
 
 def replay(seq: Sequence, form: str, fit_from: float) -> list[float]:
-    """Each candidate's relative error, predicted from the same-scheme candidates before it."""
+    """Each candidate's relative error, predicted from the candidates measured before it."""
     from petra.engine.racing import table_latency
 
     seen: list[tuple[str, float, float]] = []
@@ -82,8 +84,8 @@ def main() -> None:
     parser.add_argument("--experiment", action="append", default=[])
     parser.add_argument("--tier0", action="append", default=[])
     parser.add_argument("--variants", nargs="+",
-                        default=["ratio", "affine:2", "affine:4", "power:3", "power:4",
-                                 "power:6"],
+                        default=["ratio", "affine:2", "affine:4", "shared:2", "shared:3",
+                                 "power:3"],
                         help="FORM[:FIT_FROM], as table_latency takes them")
     parser.add_argument("--out", required=True)
     opts = parser.parse_args()

@@ -20,8 +20,9 @@ too) on the dense model's ONNX, and whether the racing arm's front dominates it.
 
 ``--factor`` is the most offspring screened per generation, in populations;
 ``--screen-share`` overrides ``search.racing.screen_share``, which caps what screening may cost
-(the config's default unless given); ``--select`` overrides ``search.racing.select``; ``--arms racing`` (or ``plain``) runs one arm
-only, for tuning runs of the racing arm's own models.
+(the config's default unless given); ``--select`` overrides ``search.racing.select``;
+``--arms racing`` (or ``plain``) runs one arm only, for tuning runs of the racing arm's own
+models.
 
 ``--task NAME:SECONDS`` gives that task's searches their budget; a bare ``NAME`` keeps the
 config's own ``time_budget_s`` (text_bert's default config: 780 s).

@@ -236,12 +236,9 @@ def table_latency(seen: Sequence[tuple[str, float, float]], scheme: str, table: 
     if form == "ratio" or len(pairs) < fit_from:
         return ratio
     if form == "power":
-        x, y = np.log([t for t, _ in pairs]), np.log([m for _, m in pairs])
-        if np.ptp(x) == 0:
-            return ratio
-        b, a = np.polyfit(x, y, 1)
-        return float(np.exp(a + b * math.log(table)))
-    fit = _relative_affine(seen if form == "shared" else [(scheme, t, m) for t, m in pairs])
+        fitted = _power_law([t for t, _ in pairs], [m for _, m in pairs], table)
+        return ratio if fitted is None else fitted
+    fit = _relative_affine(seen if form == "shared" else [x for x in seen if x[0] == scheme])
     if fit is None or not fit[1].get(scheme, 0.0) > 0:
         return ratio
     return float(fit[0] + fit[1][scheme] * table)
@@ -273,12 +270,19 @@ def _macs_latency(rows: Sequence[Mapping[str, Any]], scheme: str, tier0: Mapping
     macs = max(float(tier0["tier0_macs_ratio"]), 1e-6)
     if len(use) < 3:
         return macs
-    x = np.log([max(r["tier0"]["tier0_macs_ratio"], 1e-6) for r in use])
-    y = np.log([r["latency_ratio"] for r in use])
+    ys = [r["latency_ratio"] for r in use]
+    fitted = _power_law([max(r["tier0"]["tier0_macs_ratio"], 1e-6) for r in use], ys, macs)
+    return float(np.exp(np.median(np.log(ys)))) if fitted is None else fitted
+
+
+def _power_law(xs: Sequence[float], ys: Sequence[float], at: float) -> float | None:
+    """``c * at ** b``, with ``c`` and ``b`` fitted by least squares in logs to the points
+    (``xs``, ``ys``); None where the ``xs`` are all equal (no slope to fit)."""
+    x, y = np.log(xs), np.log(ys)
     if np.ptp(x) == 0:
-        return float(np.exp(np.median(y)))
+        return None
     b, a = np.polyfit(x, y, 1)
-    return float(np.exp(a + b * math.log(macs)))
+    return float(np.exp(a + b * math.log(at)))
 
 
 #: The objective metrics racing predicts, and the prediction each is ranked by: bytes and
