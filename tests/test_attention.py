@@ -536,3 +536,37 @@ def test_a_model_that_reads_the_attention_weights_runs_and_exports_with_heads_re
     got = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
         None, feed((x,), ["input"]))[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_a_pruned_attention_whose_weights_are_read_is_still_traced():
+    """Once its heads are pruned, the attention's stand-in returns weights too: a model that
+    pools with them traced only while the attention was whole, so channel groups elsewhere in
+    it were withheld as failing 'in combination' with the head removal."""
+    from petra.compress.graph import dependency_graph
+    from petra.compress.structured import remove_channels
+
+    model, x = Pooled().eval(), torch.randn(2, 5, 6)
+    [info] = attention_layers(model, (x,))
+    prune_heads(model, info, [1, 3])
+    graph = dependency_graph(model, (x,))
+    remove_channels(graph, model.pre, [0, 1, 2, 3])
+    assert model.pre.out_features == 12
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+
+
+def test_a_failing_forward_is_reported_as_itself_not_as_torch_prunings_retry():
+    """torch-pruning calls ``model(inputs)`` when ``model(*inputs)`` fails: its error (a
+    wrong argument count) used to hide the model's own."""
+    from petra.compress.graph import dependency_graph
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("the model's own failure")
+
+    with pytest.raises(RuntimeError, match="the model's own failure"):
+        dependency_graph(Broken(), (torch.randn(2, 4), torch.randn(2, 4)))

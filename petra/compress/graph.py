@@ -29,11 +29,18 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     import torch_pruning as tp
 
     with _as_leaves(model):
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example_inputs, verbose=False,
-            customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
-                                nn.GRU: _recurrent_pruner(nn.GRU),
-                                nn.LSTM: _recurrent_pruner(nn.LSTM)})
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, verbose=False,
+                customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
+                                    nn.GRU: _recurrent_pruner(nn.GRU),
+                                    nn.LSTM: _recurrent_pruner(nn.LSTM)})
+        except Exception:
+            # torch-pruning retries a failed ``model(*inputs)`` as ``model(inputs)``, and
+            # raises what the retry raised (a wrong argument count): raise the first failure
+            if isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            raise
 
 
 @contextlib.contextmanager
@@ -80,7 +87,7 @@ def _attention_stand_in(module: nn.Module) -> Any:
     """An attention's forward for tracing, with ``nn.MultiheadAttention``'s arguments. Where
     the real one returns attention weights (``need_weights``), so does this, of their shape
     and linked to nothing (they hold no channels), so a model that reads them still runs."""
-    real_weights = isinstance(module, nn.MultiheadAttention)
+    real_weights = isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention))
 
     def forward(query: torch.Tensor, key: torch.Tensor | None = None,
                 value: torch.Tensor | None = None, key_padding_mask: Any = None,
