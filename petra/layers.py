@@ -318,8 +318,31 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     space = build_space(space_cfg, layers, blocks)
     space.withheld = withheld
     space.kept_whole = {**attention_why,
-                        **{layer.name: layer.whole for layer in space.layers if layer.whole}}
+                        **{layer.name: layer.whole for layer in space.layers if layer.whole},
+                        **unhandled_layers(model, layers, attention_why)}
     return space
+
+
+#: What ``petra space`` says of a weight layer of a type no gene handles.
+_UNHANDLED = ("a {kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, "
+              "embeddings, GRU, LSTM and attention heads); it is exported and quantized as it is")
+
+
+def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
+                     known: Iterable[str] = ()) -> dict[str, str]:
+    """The modules of ``model`` with a weight matrix of their own (a 2-D or larger ``weight``)
+    that are none of ``layers``, nor inside one of them or of ``known`` (attentions already
+    kept whole with their reason), each with why no gene takes it: a Hugging Face ``Conv1D``
+    (GPT-2's projections), an ``nn.Conv3d``, a hand-written layer."""
+    handled = [layer.name for layer in layers] + list(known)
+    out = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if not name or weight is None or weight.dim() < 2 or any(
+                name == h or name.startswith(f"{h}.") for h in handled):
+            continue
+        out[name] = _UNHANDLED.format(kind=type(module).__name__)
+    return out
 
 
 def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, layers: Sequence[LayerInfo],

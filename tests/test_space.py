@@ -490,3 +490,42 @@ def test_a_transposed_conv_is_listed_with_its_reason_and_the_conv_before_it_shri
     prune_channels(pruned, (x,), {"0": ("l2_channel", 0.5)}, protected=protected(layers))
     assert pruned[0].out_channels == pruned[2].in_channels == 4
     assert pruned(x).shape == (2, 1, 8, 8)
+
+
+def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
+    """A layer type petra does not prune (Hugging Face GPT-2's ``Conv1D``, a Conv3d, a
+    hand-written layer) is listed as kept whole with why, not left out of ``petra space``
+    unmentioned; a parameter that is no layer's weight (a positional table) is not."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class TransposedLinear(nn.Module):  # GPT-2's Conv1D: weight (in, out)
+        def __init__(self, n_in: int, n_out: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.1)
+            self.bias = nn.Parameter(torch.zeros(n_out))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight + self.bias
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(4, 8))
+            self.fc = nn.Linear(8, 8)
+            self.proj = TransposedLinear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.proj(torch.relu(self.fc(x + self.pos)))).mean(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8)
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, Net().eval(), (x,))
+    assert space.kept_whole["proj"].startswith("a TransposedLinear: no gene prunes this type")
+    assert "layers.fc.method" in space and "layers.proj.method" not in space
+    assert set(space.kept_whole) == {"proj", "head"}
