@@ -332,8 +332,9 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
                      known: Iterable[str] = ()) -> dict[str, str]:
     """The modules of ``model`` with a weight matrix of their own (a 2-D or larger ``weight``)
     that are none of ``layers``, nor inside one of them or of ``known`` (attentions already
-    kept whole with their reason), each with why no gene takes it: a Hugging Face ``Conv1D``
-    (GPT-2's projections), an ``nn.Conv3d``, a hand-written layer."""
+    kept whole with their reason), each with why no gene takes it: an ``nn.Conv3d``, a
+    hand-written layer (a Hugging Face ``Conv1D`` is an ``nn.Linear`` by then:
+    :func:`petra.tasks.contract.linear_stand_ins`)."""
     handled = [layer.name for layer in layers] + list(known)
     out = {}
     for name, module in model.named_modules():

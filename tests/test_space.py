@@ -493,15 +493,15 @@ def test_a_transposed_conv_is_listed_with_its_reason_and_the_conv_before_it_shri
 
 
 def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
-    """A layer type petra does not prune (Hugging Face GPT-2's ``Conv1D``, a Conv3d, a
-    hand-written layer) is listed as kept whole with why, not left out of ``petra space``
-    unmentioned; a parameter that is no layer's weight (a positional table) is not."""
+    """A layer type petra does not prune (a Conv3d, a hand-written layer) is listed as kept
+    whole with why, not left out of ``petra space`` unmentioned; a parameter that is no
+    layer's weight (a positional table) is not."""
     import torch
     from torch import nn
 
     from petra.space import model_space
 
-    class TransposedLinear(nn.Module):  # GPT-2's Conv1D: weight (in, out)
+    class TransposedLinear(nn.Module):  # weight (in, out), as GPT-2's Conv1D
         def __init__(self, n_in: int, n_out: int) -> None:
             super().__init__()
             self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.1)

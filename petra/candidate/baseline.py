@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,15 @@ class Baseline:
         return len(self.artifact)
 
 
-def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0) -> str:
-    payload = json.dumps(
-        {"name": task_name, "params": task_params, "seed": seed, "recipe": RECIPE_VERSION},
-        sort_keys=True, default=str,
-    )
+def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
+                 stand_ins: Sequence[str] = ()) -> str:
+    """The baseline cache's key; ``stand_ins``, the layers the task contract replaced
+    (:func:`petra.tasks.contract.linear_stand_ins`), change the weights' shapes."""
+    config: dict[str, Any] = {"name": task_name, "params": task_params, "seed": seed,
+                              "recipe": RECIPE_VERSION}
+    if stand_ins:
+        config["linear_stand_ins"] = sorted(stand_ins)
+    payload = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -69,7 +74,7 @@ def prepare_baseline(
         check(task, task_name)
     except TaskError as exc:
         raise ConfigError("task.name", task_name, "", str(exc)) from exc
-    key = baseline_key(task_name, task_params, seed)
+    key = baseline_key(task_name, task_params, seed, getattr(task, "linear_stand_ins", ()))
     path = Path(cache_dir) / f"baseline-{key}.pt"
     cached = False
     if not task.trained and path.exists():

@@ -62,6 +62,12 @@ def _as_leaves(model: nn.Module) -> Iterator[None]:
     (:func:`_recurrent_stand_in`): torch runs a GRU on CPU as ops per time step, and a
     bidirectional LSTM as one op per direction, where torch-pruning's groups break."""
     patched = []
+    # A Hugging Face decoder builds a key/value cache by default (GPT-2's ``use_cache``): its
+    # concatenations hold no channels of the model's, and torch-pruning cannot size them
+    configs = {id(c): c for m in model.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
     for module in model.modules():
         if type(module) in (nn.GRU, nn.LSTM):
             module.forward = _recurrent_stand_in(module)
@@ -81,6 +87,8 @@ def _as_leaves(model: nn.Module) -> Iterator[None]:
     finally:
         for module in patched:
             del module.forward
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _attention_stand_in(module: nn.Module) -> Any:

@@ -67,6 +67,8 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
     #: The ONNX input names, set by :func:`petra.tasks.contract.adapt`.
     input_names: tuple[str, ...] = ()
+    #: The layers :func:`petra.tasks.contract.linear_stand_ins` replaced by an ``nn.Linear``.
+    linear_stand_ins: tuple[str, ...] = ()
 
 
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:

@@ -11,6 +11,9 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
   tensors, in the order of :attr:`TaskModel.input_names`.
 - ``task.input_names`` names them: the dict's keys, or ``input`` (``input_0``, ``input_1``... for
   a tuple). These are the artifact's ONNX input names, each with a dynamic batch axis.
+- A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear that stores its weight transposed)
+  is replaced by the ``nn.Linear`` it computes (:func:`linear_stand_ins`), so every gene that
+  takes a Linear takes it; ``task.linear_stand_ins`` names them.
 
 ``metric`` and ``loss`` always receive torch tensors: a model's output in torch, and an ONNX
 Runtime output converted with ``torch.from_numpy``.
@@ -182,6 +185,7 @@ def adapt(task: Task) -> Any:
     example = task.example_input
     names = input_names(example)
     keyword = isinstance(example, Mapping)
+    task.linear_stand_ins = linear_stand_ins(task.model, example)
     task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
     task.example_input = as_tuple(example, names)
     task.input_names = names
@@ -190,6 +194,57 @@ def adapt(task: Task) -> Any:
         wrap = SizedCanonicalBatches if hasattr(source, "__len__") else CanonicalBatches
         setattr(task, split, wrap(source, names))
     return task
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D``: ``x @ weight + bias``, ``weight`` of shape ``(nx, nf)``."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and weight is not None and weight.dim() == 2 and weight.shape[1] == module.nf
+            and (bias is None or tuple(bias.shape) == (module.nf,)) and not module._modules)
+
+
+def linear_stand_ins(model: nn.Module, example: Any) -> tuple[str, ...]:
+    """Replace, in place, each Hugging Face ``Conv1D`` of ``model`` by the ``nn.Linear`` that
+    computes the same (its weight transposed), and return their names.
+
+    The model's outputs on ``example`` must not change: where they do (a ``Conv1D`` that is not
+    the plain transposed Linear), every layer is put back and nothing is replaced.
+    """
+    found = [(name, module) for name, module in model.named_modules()
+             if name and _is_transposed_linear(module)]
+    if not found:
+        return ()
+    names = input_names(example)
+    inputs = as_tuple(example, names)
+
+    def run() -> Any:
+        with torch.no_grad():
+            out = model(**dict(zip(names, inputs, strict=True))) if isinstance(
+                example, Mapping) else model(*inputs)
+        return first_tensor(out)
+
+    was_training = model.training
+    model.eval()
+    before = run()
+    for name, module in found:
+        parent, _, child = name.rpartition(".")
+        weight, bias = module.weight, module.bias
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.T)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linear.train(module.training)
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    same = torch.allclose(run(), before, rtol=1e-4, atol=1e-5)
+    if not same:
+        for name, module in found:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+    model.train(was_training)
+    return tuple(name for name, _ in found) if same else ()
 
 
 class TaskError(ValueError):
