@@ -17,6 +17,12 @@ Two families are found by :func:`attention_layers`:
   (``BertSelfOutput.dense``). The rows and columns are removed with torch-pruning's own pruning
   functions, and the head counts are updated. Grouped-query attention (fewer key/value heads)
   is not offered.
+- **fused q, k, v** (GPT-2's ``c_attn``, timm's ``qkv``): a module with a head count and one
+  ``nn.Linear`` child named in :data:`FUSED_QKV_NAMES` that projects to q, k and v stacked
+  (``[q | k | v]``, each ``heads * head_dim`` wide), with an output projection child that reads
+  that width. A layout that interleaves them by head (GPT-NeoX's ``query_key_value``) is
+  refused: the trial removal must give what the whole attention gives with the removed heads'
+  output columns zeroed. Its ``split_size`` (GPT-2) is updated with the head count.
 - **torch's** ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``): its fused
   ``in_proj_weight`` cannot hold fewer heads than ``embed_dim`` allows, so a pruned one is
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
@@ -52,22 +58,26 @@ class AttentionInfo:
         heads: its number of heads.
         head_dim: the width of one head.
         output: the output projection's module name (HF), or ``""`` (MHA: its ``out_proj``).
+        fused: the fused q, k, v projection's module name, or ``""`` (separate ones).
     """
 
     name: str
     heads: int
     head_dim: int
     output: str = ""
+    fused: str = ""
 
 
 #: The names of a Hugging Face attention's q, k and v projections, and of its own output
 #: projection (where the output projection sits inside the attention module).
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
              ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"))
-OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o")
+OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj")
+#: The names of a fused q, k, v projection (GPT-2's, after its Conv1D became a Linear).
+FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 #: Attributes of an attention that hold its q, k and v width, updated with its heads.
-WIDTH_NAMES = ("all_head_size", "dim", "inner_dim")
+WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size")
 
 
 def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
@@ -80,8 +90,25 @@ def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
     return None
 
 
+def _fused(module: nn.Module) -> tuple[str, str] | None:
+    """The names of a fused attention's q, k, v projection and output projection: a Linear
+    of 3 x width outputs, and one that reads width (the width a multiple of the heads)."""
+    heads = next((getattr(module, n) for n in HEAD_COUNT_NAMES
+                  if isinstance(getattr(module, n, None), int)), 0)
+    for name in FUSED_QKV_NAMES:
+        qkv = getattr(module, name, None)
+        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or heads < 1:
+            continue
+        width = qkv.out_features // 3
+        out = next((n for n in OUTPUT_NAMES if isinstance(getattr(module, n, None), nn.Linear)
+                    and getattr(module, n).in_features == width), None)
+        if out is not None and width % heads == 0:
+            return name, out
+    return None
+
+
 def _is_hf_attention(module: nn.Module) -> bool:
-    return _qkv(module) is not None and any(
+    return (_qkv(module) is not None or _fused(module) is not None) and any(
         isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES)
 
 
@@ -109,6 +136,10 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
         return AttentionInfo(name, heads, module.head_dim)
     if isinstance(module, PrunedMultiheadAttention):
         return AttentionInfo(name, heads, module.head_dim)
+    if _qkv(module) is None:
+        fused, out = _fused(module)  # type: ignore[misc]
+        width = module.get_submodule(out).in_features
+        return AttentionInfo(name, heads, width // heads, f"{name}.{out}", f"{name}.{fused}")
     width = _qkv(module)[0].out_features
     inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
                   if isinstance(getattr(module, n, None), nn.Linear)
@@ -179,11 +210,18 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
 
 
 def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) -> str:
-    """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''."""
+    """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''. A
+    fused q, k, v projection must also compute what the whole attention computes with the
+    removed heads' output-projection columns zeroed (its layout is ``[q | k | v]``)."""
     trial = copy.deepcopy(model).eval()
+    remove = list(range(info.heads // 2, info.heads))
     try:
-        prune_heads(trial, info, list(range(info.heads // 2, info.heads)))
-        trial(*args(example_input))
+        prune_heads(trial, info, remove)
+        with torch.no_grad():
+            got = trial(*args(example_input))
+        if info.fused and not _same_as_masked(model, example_input, info, remove, got):
+            return ("removing heads changes what the kept heads compute: its fused q, k, v "
+                    "projection is not laid out as [q | k | v]")
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         first = first_line(exc, 200)
         hint = ("; its forward must size the heads from its head count or head width "
@@ -192,6 +230,16 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
                 or "mat1" in first else "")
         return f"removing half its heads breaks the model ({first}){hint}"
     return ""
+
+
+def _same_as_masked(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo,
+                    remove: Sequence[int], got: torch.Tensor) -> bool:
+    masked = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        masked.get_submodule(info.output).weight[:, _rows(remove, info.head_dim)] = 0.0
+        want = masked(*args(example_input))
+    scale = float(want.abs().max()) or 1.0
+    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale))
 
 
 def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
@@ -301,13 +349,16 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         no_fast_path(model)  # its fused fast path needs every layer unpruned
         return
     rows = _rows(remove, info.head_dim)
+    width = heads * info.head_dim
     if isinstance(module, PrunedMultiheadAttention):
-        width = heads * info.head_dim
         tp.prune_linear_out_channels(module.qkv, [r + i * width for i in range(3) for r in rows])
         tp.prune_linear_in_channels(module.out_proj, rows)
         module.num_heads = len(keep)
         return
-    for proj in _qkv(module):
+    if info.fused:
+        tp.prune_linear_out_channels(model.get_submodule(info.fused),
+                                     [r + i * width for i in range(3) for r in rows])
+    for proj in _qkv(module) or ():
         tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
     for attr in HEAD_COUNT_NAMES:
@@ -332,7 +383,9 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
         return [w[:e], w[e:2 * e], w[2 * e:]], module.out_proj.weight
     if isinstance(module, PrunedMultiheadAttention):
         return list(module.qkv.weight.chunk(3)), module.out_proj.weight
-    return [p.weight for p in _qkv(module)], model.get_submodule(info.output).weight
+    qkv = list(model.get_submodule(info.fused).weight.chunk(3)) if info.fused else \
+        [p.weight for p in _qkv(module)]
+    return qkv, model.get_submodule(info.output).weight
 
 
 @PRUNING.register(

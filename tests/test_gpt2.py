@@ -1,0 +1,170 @@
+"""GPT-2 as a user model: its ``Conv1D`` projections are taken as the ``nn.Linear`` they compute
+(``petra.tasks.contract.linear_stand_ins``), so every gene that takes a Linear takes them, and
+its fused q, k, v projection loses whole heads (``petra.compress.attention``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from petra import Task
+from petra.candidate.baseline import baseline_key
+from petra.config import load_config
+from petra.tasks.contract import adapt, linear_stand_ins
+
+pytest.importorskip("transformers")
+
+
+class LM(nn.Module):
+    """A tiny GPT-2 (built from a config: nothing downloaded), its logits out."""
+
+    def __init__(self) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.gpt = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=32,
+                                              n_layer=2, n_head=4, attn_implementation="eager"))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids=input_ids).logits
+
+
+def test_gpt2s_conv1d_layers_become_linears_that_compute_the_same():
+    model, ids = LM().eval(), torch.randint(0, 32, (2, 8))
+    with torch.no_grad():
+        want = model(ids)
+    names = linear_stand_ins(model, ids)
+    assert len(names) == 8 and "gpt.transformer.h.0.mlp.c_fc" in names
+    fc = model.gpt.transformer.h[0].mlp.c_fc
+    assert type(fc) is nn.Linear and (fc.in_features, fc.out_features) == (32, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want)
+
+
+def test_a_conv1d_that_computes_something_else_is_left_as_it_is():
+    class Conv1D(nn.Module):  # named as Hugging Face's, but it scales what it computes
+        def __init__(self) -> None:
+            super().__init__()
+            self.nf = 4
+            self.weight = nn.Parameter(torch.randn(4, 4))
+            self.bias = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * (x @ self.weight + self.bias)
+
+    model = nn.Sequential(Conv1D(), nn.Linear(4, 2))
+    assert linear_stand_ins(model, torch.randn(3, 4)) == ()
+    assert type(model[0]).__name__ == "Conv1D"
+
+
+def test_gpt2s_space_offers_its_ffn_channels_width_and_blocks():
+    """Before, GPT-2's projections got no gene at all, and torch-pruning could not trace it
+    while it built its key/value cache (``use_cache``, on by default)."""
+    from petra.space import model_space
+
+    ids = torch.randint(0, 32, (4, 8))
+    task = adapt(Task(model=LM(), train=[(ids, ids)], val=[(ids, ids)], test=[(ids, ids)],
+                      example_input=ids, trained=True))
+    assert len(task.linear_stand_ins) == 8
+    cfg = load_config({"space": {"pruning": ["none", "magnitude", "l2_channel", "l2_heads"],
+                                 "quantization": ["none"], "skip_blocks": True,
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, task.model, task.example_input)
+    h0 = "layers.gpt.transformer.h.0"
+    assert space.offers(f"{h0}.mlp.c_fc.method", "l2_channel")
+    assert space.offers(f"{h0}.attn.c_attn.method", "magnitude")
+    assert f"{h0}.attn.c_attn" in space.withheld  # its q, k, v columns fail the head split
+    assert space.offers(f"{h0}.attn.method", "l2_heads")  # whole heads do not
+    assert "prune.width" in space and "blocks.gpt.transformer.h.1.skip" in space
+    assert task.model.gpt.config.use_cache  # the trace's switch is put back
+
+
+def test_the_baseline_cache_key_tells_stand_ins_apart():
+    """A baseline cached before the stand-ins holds Conv1D-shaped (transposed) weights: a
+    square one would load into the Linear without an error, and compute something else."""
+    assert baseline_key("t", {}, 0) != baseline_key("t", {}, 0, ("fc",))
+    assert baseline_key("t", {}, 0) == baseline_key("t", {}, 0, ())
+
+
+def test_gpt2s_fused_attention_loses_whole_heads_as_the_masked_model_computes():
+    """Removing heads from the fused ``c_attn`` (``[q | k | v]``) and ``c_proj`` gives what the
+    whole model gives with those heads' ``c_proj`` columns zeroed, in torch and in ONNX
+    Runtime; the attention's ``split_size`` follows."""
+    import numpy as np
+
+    from petra.candidate import artifact
+    from petra.compress.attention import attention_layers, prune_heads
+
+    model, ids = LM().eval(), torch.randint(0, 32, (2, 8))
+    linear_stand_ins(model, ids)
+    infos = attention_layers(model, (ids,))
+    assert [(i.name, i.heads, i.head_dim, i.fused) for i in infos] == [
+        (f"gpt.transformer.h.{b}.attn", 4, 8, f"gpt.transformer.h.{b}.attn.c_attn")
+        for b in (0, 1)]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.gpt.transformer.h[0].attn.c_proj.weight[:, 8:24] = 0.0
+        want = masked(ids)
+    prune_heads(model, infos[0], [1, 2])
+    attn = model.gpt.transformer.h[0].attn
+    assert (attn.c_attn.out_features, attn.c_proj.in_features, attn.split_size) == (48, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
+    got = artifact.load(artifact.pack(artifact.export_onnx(model, (ids,)))).run(
+        None, {"input": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-3)
+
+
+class Interleaved(nn.Module):
+    """A fused attention laid out by head (``[q_h k_h v_h]`` per head, as GPT-NeoX's
+    ``query_key_value``): removing heads as ``[q | k | v]`` rows would still run, and compute
+    something else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = 4, 8
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, self.num_heads, 3, self.head_dim).unbind(3)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1) @ v
+        return self.proj(att.transpose(1, 2).reshape(b, t, -1))
+
+
+class Stacked(Interleaved):
+    """The same attention laid out as ``[q | k | v]`` (timm's ``qkv``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1) @ v
+        return self.proj(att.transpose(1, 2).reshape(b, t, -1))
+
+
+class Classifier(nn.Module):
+    def __init__(self, attention: type[nn.Module]) -> None:
+        super().__init__()
+        self.attn, self.head = attention(), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x).mean(1))
+
+
+def test_a_fused_attention_laid_out_by_head_is_refused_with_the_reason():
+    from petra.compress.attention import attention_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    why: dict[str, str] = {}
+    assert attention_layers(Classifier(Interleaved).eval(), (x,), why=why) == []
+    assert "not laid out as [q | k | v]" in why["attn"]
+    [info] = attention_layers(Classifier(Stacked).eval(), (x,))
+    assert (info.name, info.heads, info.fused, info.output) == ("attn", 4, "attn.qkv", "attn.proj")
