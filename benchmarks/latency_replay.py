@@ -53,8 +53,8 @@ def replay(seq: Sequence, form: str, fit_from: float) -> list[float]:
     return errors
 
 
-def from_store(uri: str, experiment: str) -> Sequence:
-    """The measured candidates of the experiment's latest search run, in finishing order."""
+def latest_search(uri: str, experiment: str) -> tuple[str, list]:
+    """The id of the experiment's latest search run, and every run of the experiment."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -63,7 +63,12 @@ def from_store(uri: str, experiment: str) -> Sequence:
         raise SystemExit(f"--experiment: no experiment {experiment!r} in {uri}")
     runs = client.search_runs([exp.experiment_id], max_results=50000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    latest = max(parents, key=lambda r: r.info.start_time).info.run_id
+    return max(parents, key=lambda r: r.info.start_time).info.run_id, runs
+
+
+def from_store(uri: str, experiment: str) -> Sequence:
+    """The measured candidates of the experiment's latest search run, in finishing order."""
+    latest, runs = latest_search(uri, experiment)
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest
             and "latency_ratio" in r.data.metrics and "tier0_latency_ratio" in r.data.metrics]
     kids.sort(key=lambda r: r.info.end_time or 0)

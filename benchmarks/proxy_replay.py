@@ -41,6 +41,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from latency_replay import latest_search  # noqa: E402
 from provenance import provenance  # noqa: E402
 from ranks import spearman  # noqa: E402
 
@@ -71,15 +72,7 @@ def _feature_sets() -> None:
 def measured_records(store: str, experiment: str) -> list[dict]:
     """The measured candidates (with a tier-0 reading) of the experiment's latest search run,
     from its journal, in finishing order."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(store)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"--experiment: no experiment {experiment!r} in {store}")
-    runs = client.search_runs([exp.experiment_id], max_results=50000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    latest = max(parents, key=lambda r: r.info.start_time).info.run_id
+    latest, _ = latest_search(store, experiment)
     journal = ROOT / "runs" / "journal" / latest / "results.jsonl"
     if not journal.exists():
         raise SystemExit(f"--experiment {experiment}: no journal at {journal}")
