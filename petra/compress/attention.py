@@ -6,23 +6,22 @@ follow channels through it. A head is the unit that keeps a multi-head attention
 ``head_dim`` rows of q, k and v and its ``head_dim`` input columns of the output projection go
 together, and the residual width stays as it is.
 
-Two families are found by :func:`attention_layers`:
+Three families are found by :func:`attention_layers`:
 
 - **Hugging Face self-attention** (BERT, ViT, and their kin) and hand-written ones of the same
   form: a module with ``query``, ``key`` and ``value`` (or ``q_proj``/``k_proj``/``v_proj``,
   ``q_lin``/..., ``to_q``/..., ``q``/``k``/``v``) ``nn.Linear`` children of equal width and a
-  head count attribute (:data:`HEAD_COUNT_NAMES`). Its output projection is its own
-  ``o_proj`` (or another of :data:`OUTPUT_NAMES`) child where it has one (transformers 5's
-  ViT), else the ``nn.Linear`` that reads its output, found by tracing the example batch
-  (``BertSelfOutput.dense``). The rows and columns are removed with torch-pruning's own pruning
+  head count attribute (:data:`HEAD_COUNT_NAMES`; else the config's, as Llama's). Its output
+  projection is its own ``o_proj`` (or another of :data:`OUTPUT_NAMES`) child where it has one
+  (transformers 5's ViT), else the ``nn.Linear`` that reads its output, found by tracing the
+  example batch (``BertSelfOutput.dense``). The rows and columns are removed with torch-pruning's own pruning
   functions, and the head counts are updated. Grouped-query attention (fewer key/value heads)
   is not offered.
 - **fused q, k, v** (GPT-2's ``c_attn``, timm's ``qkv``): a module with a head count and one
   ``nn.Linear`` child named in :data:`FUSED_QKV_NAMES` that projects to q, k and v stacked
   (``[q | k | v]``, each ``heads * head_dim`` wide), with an output projection child that reads
-  that width. A layout that interleaves them by head (GPT-NeoX's ``query_key_value``) is
-  refused: the trial removal must give what the whole attention gives with the removed heads'
-  output columns zeroed. Its ``split_size`` (GPT-2) is updated with the head count.
+  that width (``split_size`` follows). A layout interleaved by head (GPT-NeoX) is refused: a
+  trial removal must give what the whole attention gives with those heads' outputs zeroed.
 - **torch's** ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``): its fused
   ``in_proj_weight`` cannot hold fewer heads than ``embed_dim`` allows, so a pruned one is
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
@@ -90,11 +89,24 @@ def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
     return None
 
 
+def _declared_heads(module: nn.Module) -> int | None:
+    """A module's head count: an attribute of :data:`HEAD_COUNT_NAMES`, else its config's
+    ``num_attention_heads`` (Llama's attention), with as many key/value heads (not GQA)."""
+    count = next((getattr(module, n) for n in HEAD_COUNT_NAMES
+                  if isinstance(getattr(module, n, None), int)), None)
+    if count is not None:
+        return int(count)
+    config = getattr(module, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", heads)
+    return heads if isinstance(heads, int) and kv == heads and isinstance(
+        getattr(module, "head_dim", None), int) else None
+
+
 def _fused(module: nn.Module) -> tuple[str, str] | None:
     """The names of a fused attention's q, k, v projection and output projection: a Linear
     of 3 x width outputs, and one that reads width (the width a multiple of the heads)."""
-    heads = next((getattr(module, n) for n in HEAD_COUNT_NAMES
-                  if isinstance(getattr(module, n, None), int)), 0)
+    heads = _declared_heads(module) or 0
     for name in FUSED_QKV_NAMES:
         qkv = getattr(module, name, None)
         if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or heads < 1:
@@ -108,15 +120,14 @@ def _fused(module: nn.Module) -> tuple[str, str] | None:
 
 
 def _is_hf_attention(module: nn.Module) -> bool:
-    return (_qkv(module) is not None or _fused(module) is not None) and any(
-        isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES)
+    return (_qkv(module) is not None or _fused(module) is not None) and \
+        _declared_heads(module) is not None
 
 
 def _head_count(module: nn.Module) -> int:
     if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
         return int(module.num_heads)
-    return int(next(getattr(module, n) for n in HEAD_COUNT_NAMES
-                    if isinstance(getattr(module, n, None), int)))
+    return int(_declared_heads(module))  # type: ignore[arg-type]
 
 
 def _storage(t: Any) -> int | None:
@@ -232,14 +243,13 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
     return ""
 
 
+@torch.no_grad()
 def _same_as_masked(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo,
                     remove: Sequence[int], got: torch.Tensor) -> bool:
     masked = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        masked.get_submodule(info.output).weight[:, _rows(remove, info.head_dim)] = 0.0
-        want = masked(*args(example_input))
-    scale = float(want.abs().max()) or 1.0
-    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4 * scale))
+    masked.get_submodule(info.output).weight[:, _rows(remove, info.head_dim)] = 0.0
+    want = masked(*args(example_input))
+    return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4 * (float(want.abs().max()) or 1)))
 
 
 def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
@@ -369,8 +379,14 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
             setattr(module, attr, len(keep) * info.head_dim)
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "num_attention_heads"):
-        # A shared config would tell every other layer the new count: give this one its own.
+        # A shared config would tell every other layer the new count: give this one its own,
+        # which holds the count where the module has none of its own (Llama's attention)
         module.config = copy.copy(config)
+        if config.num_attention_heads == heads and not any(
+                isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES):
+            module.config.num_attention_heads = len(keep)
+            if getattr(config, "num_key_value_heads", None) == heads:
+                module.config.num_key_value_heads = len(keep)
 
 
 def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petra.compress.graph import dependency_graph
+from petra.compress.graph import dependency_graph, pruning_group
 from petra.errors import first_line
 from petra.registry import PRUNING
 
@@ -94,10 +94,13 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         try:
-            group = graph.get_pruning_group(
-                module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
-            )
-        except (IndexError, KeyError, RuntimeError, TypeError):
+            group = pruning_group(graph, module, pruner.prune_out_channels,
+                                  range(pruner.get_out_channels(module)))
+        except (IndexError, KeyError, RuntimeError, TypeError) as exc:
+            if skipped is not None and "did not close" in str(exc):
+                skipped[module] = ("torch-pruning's channel group from it never closes (its "
+                                   "index mappings go round a cycle, as through Llama's "
+                                   "grouped key/value heads)")
             continue
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
@@ -289,7 +292,7 @@ def check_indices(graph: Any, group: Any) -> None:
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it."""
     pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
-    graph.get_pruning_group(root, pruning_fn, list(idxs)).prune()
+    pruning_group(graph, root, pruning_fn, idxs).prune()
 
 
 def remove_gated_channels(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from petra.candidate import artifact
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
-from petra.compress.graph import dependency_graph
+from petra.compress.graph import dependency_graph, pruning_group
 from petra.compress.quantize import QuantContext
 from petra.compress.recurrent import prune_units
 from petra.compress.structured import (
@@ -143,8 +143,8 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     for name in roots:
         root = model.get_submodule(name)
         n = graph.get_out_channels(root)
-        whole = graph.get_pruning_group(
-            root, graph.get_pruner_of_module(root).prune_out_channels, list(range(n)))
+        whole = pruning_group(graph, root, graph.get_pruner_of_module(root).prune_out_channels,
+                              range(n))
         check_indices(graph, whole)
         keep = kept_channels(n, sparsity, channel_step(whole, round_to))
         if keep < n:

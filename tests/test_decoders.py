@@ -1,6 +1,8 @@
-"""GPT-2 as a user model: its ``Conv1D`` projections are taken as the ``nn.Linear`` they compute
-(``petra.tasks.contract.linear_stand_ins``), so every gene that takes a Linear takes them, and
-its fused q, k, v projection loses whole heads (``petra.compress.attention``)."""
+"""Hugging Face decoders as user models. GPT-2: its ``Conv1D`` projections are taken as the
+``nn.Linear`` they compute (``petra.tasks.contract.linear_stand_ins``), so every gene that takes a
+Linear takes them, and its fused q, k, v projection loses whole heads
+(``petra.compress.attention``). Llama: its attention's head count is its config's, and a
+grouped key/value attention, which torch-pruning follows round a cycle forever, is named."""
 
 from __future__ import annotations
 
@@ -168,3 +170,58 @@ def test_a_fused_attention_laid_out_by_head_is_refused_with_the_reason():
     assert "not laid out as [q | k | v]" in why["attn"]
     [info] = attention_layers(Classifier(Stacked).eval(), (x,))
     assert (info.name, info.heads, info.fused, info.output) == ("attn", 4, "attn.qkv", "attn.proj")
+
+
+class Llama(nn.Module):
+    """A tiny Llama (RMSNorm, rotary positions, SwiGLU), ``kv`` key/value heads of 4."""
+
+    def __init__(self, kv: int) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.llm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=8,
+            attn_implementation="eager", tie_word_embeddings=False))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm(input_ids=input_ids).logits
+
+
+def test_llamas_attention_takes_its_head_count_from_its_config():
+    """Llama's attention has no head-count attribute of its own: its heads were not offered.
+    Removing two gives what the whole model gives with their output columns zeroed, and its
+    own copy of the config holds the new count."""
+    from petra.compress.attention import attention_layers, prune_heads
+
+    model, ids = Llama(kv=4).eval(), torch.randint(0, 32, (2, 8))
+    infos = attention_layers(model, (ids,))
+    assert [(i.name, i.heads, i.head_dim) for i in infos] == [
+        (f"llm.model.layers.{b}.self_attn", 4, 8) for b in (0, 1)]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.llm.model.layers[0].self_attn.o_proj.weight[:, 0:16] = 0.0
+        want = masked(ids)
+    prune_heads(model, infos[0], [0, 1])
+    attn = model.llm.model.layers[0].self_attn
+    assert attn.config.num_attention_heads == 2 and attn.q_proj.out_features == 16
+    assert model.llm.model.layers[1].self_attn.config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_grouped_key_value_attention_is_traced_in_bounded_time_and_named():
+    """With fewer key/value heads, torch-pruning's channel group from q_proj or k_proj never
+    closed (``petra space`` ran for more than ten minutes); the group is now given up with the
+    reason, and the MLP's channels are still found."""
+    from petra.compress.attention import attention_layers
+    from petra.compress.structured import channel_layers
+
+    model, ids = Llama(kv=2).eval(), torch.randint(0, 32, (2, 8))
+    why: dict[str, str] = {}
+    found, _ = channel_layers(model, (ids,), why=why)
+    assert "llm.model.layers.0.mlp.gate_proj" in found
+    assert why["llm.model.layers.0.self_attn.k_proj"].startswith(
+        "torch-pruning's channel group from it never closes")
+    assert attention_layers(model, (ids,)) == []  # grouped-query attention: not handled
