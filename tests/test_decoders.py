@@ -35,6 +35,15 @@ class LM(nn.Module):
         return self.gpt(input_ids=input_ids).logits
 
 
+@torch.no_grad()
+def zeroed(model: nn.Module, ids: torch.Tensor, output: str, columns: slice) -> torch.Tensor:
+    """What ``model`` gives with ``columns`` of the output projection ``output`` zeroed: the
+    heads they belong to removed, as a head removal must compute."""
+    masked = copy.deepcopy(model)
+    masked.get_submodule(output).weight[:, columns] = 0.0
+    return masked(ids)
+
+
 def test_gpt2s_conv1d_layers_become_linears_that_compute_the_same():
     model, ids = LM().eval(), torch.randint(0, 32, (2, 8))
     with torch.no_grad():
@@ -107,10 +116,7 @@ def test_gpt2s_fused_attention_loses_whole_heads_as_the_masked_model_computes():
     assert [(i.name, i.heads, i.head_dim, i.fused) for i in infos] == [
         (f"gpt.transformer.h.{b}.attn", 4, 8, f"gpt.transformer.h.{b}.attn.c_attn")
         for b in (0, 1)]
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        masked.gpt.transformer.h[0].attn.c_proj.weight[:, 8:24] = 0.0
-        want = masked(ids)
+    want = zeroed(model, ids, "gpt.transformer.h.0.attn.c_proj", slice(8, 24))
     prune_heads(model, infos[0], [1, 2])
     attn = model.gpt.transformer.h[0].attn
     assert (attn.c_attn.out_features, attn.c_proj.in_features, attn.split_size) == (48, 16, 16)
@@ -199,10 +205,7 @@ def test_llamas_attention_takes_its_head_count_from_its_config():
     infos = attention_layers(model, (ids,))
     assert [(i.name, i.heads, i.head_dim) for i in infos] == [
         (f"llm.model.layers.{b}.self_attn", 4, 8) for b in (0, 1)]
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        masked.llm.model.layers[0].self_attn.o_proj.weight[:, 0:16] = 0.0
-        want = masked(ids)
+    want = zeroed(model, ids, "llm.model.layers.0.self_attn.o_proj", slice(0, 16))
     prune_heads(model, infos[0], [0, 1])
     attn = model.llm.model.layers[0].self_attn
     assert attn.config.num_attention_heads == 2 and attn.q_proj.out_features == 16
