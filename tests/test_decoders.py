@@ -1,8 +1,9 @@
 """Hugging Face decoders as user models. GPT-2: its ``Conv1D`` projections are taken as the
 ``nn.Linear`` they compute (``petra.tasks.contract.linear_stand_ins``), so every gene that takes a
 Linear takes them, and its fused q, k, v projection loses whole heads
-(``petra.compress.attention``). Llama: its attention's head count is its config's, and a
-grouped key/value attention, which torch-pruning follows round a cycle forever, is named."""
+(``petra.compress.attention``). Llama: its attention's head count is its config's; a grouped
+key/value attention loses a key/value head with its query heads, and torch-pruning, which
+follows its channels round a cycle forever, is stopped with the reason."""
 
 from __future__ import annotations
 
@@ -218,7 +219,6 @@ def test_a_grouped_key_value_attention_is_traced_in_bounded_time_and_named():
     """With fewer key/value heads, torch-pruning's channel group from q_proj or k_proj never
     closed (``petra space`` ran for more than ten minutes); the group is now given up with the
     reason, and the MLP's channels are still found."""
-    from petra.compress.attention import attention_layers
     from petra.compress.structured import channel_layers
 
     model, ids = Llama(kv=2).eval(), torch.randint(0, 32, (2, 8))
@@ -227,4 +227,23 @@ def test_a_grouped_key_value_attention_is_traced_in_bounded_time_and_named():
     assert "llm.model.layers.0.mlp.gate_proj" in found
     assert why["llm.model.layers.0.self_attn.k_proj"].startswith(
         "torch-pruning's channel group from it never closes")
-    assert attention_layers(model, (ids,)) == []  # grouped-query attention: not handled
+
+
+def test_a_grouped_key_value_attention_loses_a_key_value_head_with_its_query_heads():
+    """Grouped-query attention (2 key/value heads, each read by 2 query heads): a unit is one
+    key/value head with the query heads that read it, and its removal computes what the whole
+    model does with those query heads' output columns zeroed."""
+    from petra.compress.attention import attention_layers, l2_heads, prune_heads
+
+    model, ids = Llama(kv=2).eval(), torch.randint(0, 32, (2, 8))
+    infos = attention_layers(model, (ids,))
+    assert [(i.heads, i.head_dim, i.group) for i in infos] == [(2, 16, 2)] * 2
+    assert l2_heads(model, infos[0]).shape == (2,)
+    want = zeroed(model, ids, "llm.model.layers.0.self_attn.o_proj", slice(0, 16))
+    prune_heads(model, infos[0], [0])  # key/value head 0 and query heads 0 and 1
+    attn = model.llm.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.o_proj.in_features) == (
+        16, 8, 16)
+    assert (attn.config.num_attention_heads, attn.config.num_key_value_heads) == (2, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)

@@ -14,9 +14,10 @@ Three families are found by :func:`attention_layers`:
   head count attribute (:data:`HEAD_COUNT_NAMES`; else the config's, as Llama's). Its output
   projection is its own ``o_proj`` (or another of :data:`OUTPUT_NAMES`) child where it has one
   (transformers 5's ViT), else the ``nn.Linear`` that reads its output, found by tracing the
-  example batch (``BertSelfOutput.dense``). The rows and columns are removed with torch-pruning's own pruning
-  functions, and the head counts are updated. Grouped-query attention (fewer key/value heads)
-  is not offered.
+  example batch (``BertSelfOutput.dense``). The rows and columns are removed with
+  torch-pruning's own pruning functions, and the head counts are updated. With grouped-query
+  attention (Llama's fewer key/value heads, counted by its config), a unit is a key/value head
+  with the query heads that read it (:attr:`AttentionInfo.group`).
 - **fused q, k, v** (GPT-2's ``c_attn``, timm's ``qkv``): a module with a head count and one
   ``nn.Linear`` child named in :data:`FUSED_QKV_NAMES` that projects to q, k and v stacked
   (``[q | k | v]``, each ``heads * head_dim`` wide), with an output projection child that reads
@@ -57,6 +58,9 @@ class AttentionInfo:
         head_dim: the width of one head.
         output: the output projection's module name (HF), or ``""`` (MHA: its ``out_proj``).
         fused: the fused q, k, v projection's module name, or ``""`` (separate ones).
+        group: query heads per key/value head (grouped-query attention): a unit is a
+            key/value head with its query heads, ``head_dim`` query rows and
+            ``head_dim // group`` key and value rows.
     """
 
     name: str
@@ -64,6 +68,7 @@ class AttentionInfo:
     head_dim: int
     output: str = ""
     fused: str = ""
+    group: int = 1
 
 
 #: The names of a Hugging Face attention's q, k and v projections, and of its own output
@@ -79,27 +84,31 @@ WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size")
 
 
 def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
-    """A Hugging Face attention's q, k and v projections, or None (equal widths only)."""
+    """A Hugging Face attention's q, k and v projections, or None: k and v of one width, q of
+    that width or (grouped-query attention) a multiple of it."""
     for names in QKV_NAMES:
-        layers = [getattr(module, n, None) for n in names]
-        if all(isinstance(layer, nn.Linear) for layer in layers) and \
-                len({layer.out_features for layer in layers}) == 1:
-            return tuple(layers)  # type: ignore[return-value]
+        q, k, v = (getattr(module, n, None) for n in names)
+        if all(isinstance(layer, nn.Linear) for layer in (q, k, v)) and \
+                k.out_features == v.out_features and q.out_features % k.out_features == 0:
+            return q, k, v
     return None
 
 
 def _declared_heads(module: nn.Module) -> int | None:
     """A module's head count: an attribute of :data:`HEAD_COUNT_NAMES`, else its config's
-    ``num_attention_heads`` (Llama's attention), with as many key/value heads (not GQA)."""
+    (Llama's attention): its key/value heads, each one unit with its query heads (grouped-query
+    attention, where ``num_key_value_groups`` repeats each key/value head that many times)."""
     count = next((getattr(module, n) for n in HEAD_COUNT_NAMES
                   if isinstance(getattr(module, n, None), int)), None)
     if count is not None:
         return int(count)
     config = getattr(module, "config", None)
     heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", heads)
-    return heads if isinstance(heads, int) and kv == heads and isinstance(
-        getattr(module, "head_dim", None), int) else None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if not (isinstance(heads, int) and isinstance(getattr(module, "head_dim", None), int)):
+        return None
+    grouped = heads % kv == 0 and getattr(module, "num_key_value_groups", 1) == heads // kv
+    return kv if grouped else None
 
 
 def _fused(module: nn.Module) -> tuple[str, str] | None:
@@ -150,14 +159,16 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
         fused, out = _fused(module)  # type: ignore[misc]
         width = module.get_submodule(out).in_features
         return AttentionInfo(name, heads, width // heads, f"{name}.{out}", f"{name}.{fused}")
-    width = _qkv(module)[0].out_features
+    q, k, _ = _qkv(module)  # type: ignore[misc]
+    width, group = q.out_features, q.out_features // k.out_features
     inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
                   if isinstance(getattr(module, n, None), nn.Linear)
                   and getattr(module, n).in_features == width), None)
     out = inner or reader
-    if out is None or width % heads:
-        return None
-    return AttentionInfo(name, heads, width // heads, out)
+    counted = any(isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES)
+    if out is None or width % heads or (group > 1 and counted):
+        return None  # a grouped attention is counted by its config's key/value heads only
+    return AttentionInfo(name, heads, width // heads, out, group=group)
 
 
 def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
@@ -229,9 +240,11 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
         prune_heads(trial, info, remove)
         with torch.no_grad():
             got = trial(*args(example_input))
-        if info.fused and not _same_as_masked(model, example_input, info, remove, got):
+        if (info.fused or info.group > 1) and not _same_as_masked(
+                model, example_input, info, remove, got):
             return ("removing heads changes what the kept heads compute: its fused q, k, v "
-                    "projection is not laid out as [q | k | v]")
+                    "projection is not laid out as [q | k | v], or its query heads are not "
+                    "grouped by key/value head")
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         first = first_line(exc, 200)
         hint = ("; its forward must size the heads from its head count or head width "
@@ -279,8 +292,8 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
     if info.fused:
         tp.prune_linear_out_channels(model.get_submodule(info.fused),
                                      [r + i * width for i in range(3) for r in rows])
-    for proj in _qkv(module) or ():
-        tp.prune_linear_out_channels(proj, rows)
+    for proj, per_unit in zip(_qkv(module) or (), (1, info.group, info.group), strict=False):
+        tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
     for attr in HEAD_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
@@ -293,10 +306,9 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         # A shared config would tell every other layer the new count: give this one its own,
         # which holds the count where the module has none of its own (Llama's attention)
         module.config = copy.copy(config)
-        if config.num_attention_heads == heads and not any(
-                isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES):
-            module.config.num_attention_heads = len(keep)
-            if getattr(config, "num_key_value_heads", None) == heads:
+        if not any(isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES):
+            module.config.num_attention_heads = len(keep) * info.group
+            if getattr(config, "num_key_value_heads", None):
                 module.config.num_key_value_heads = len(keep)
 
 
@@ -324,11 +336,11 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
 def l2_heads(model: nn.Module, info: AttentionInfo) -> torch.Tensor:
     """One score per head: the L2 norm of every weight that belongs to it."""
     qkv, out = _projections(model, info)
-    heads, d = _head_count(model.get_submodule(info.name)), info.head_dim
+    heads = _head_count(model.get_submodule(info.name))
     total = torch.zeros(heads)
-    for w in qkv:
-        total += w.detach().reshape(heads, d, -1).pow(2).sum(dim=(1, 2))
-    total += out.detach().reshape(out.shape[0], heads, d).pow(2).sum(dim=(0, 2))
+    for w in qkv:  # a unit's rows are contiguous: head_dim of q, head_dim // group of k and v
+        total += w.detach().reshape(heads, -1).pow(2).sum(dim=1)
+    total += out.detach().reshape(out.shape[0], heads, -1).pow(2).sum(dim=(0, 2))
     return total.sqrt()
 
 
