@@ -8,6 +8,7 @@ follows its channels round a cycle forever, is stopped with the reason."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ class Stacked(Interleaved):
 
 
 class Classifier(nn.Module):
-    def __init__(self, attention: type[nn.Module]) -> None:
+    def __init__(self, attention: Callable[[], nn.Module]) -> None:
         super().__init__()
         self.attn, self.head = attention(), nn.Linear(32, 3)
 
@@ -247,3 +248,43 @@ def test_a_grouped_key_value_attention_loses_a_key_value_head_with_its_query_hea
     assert (attn.config.num_attention_heads, attn.config.num_key_value_heads) == (2, 1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
+
+
+class Grouped(nn.Module):
+    """A hand-written grouped-query attention counted by its config, as Llama's: 4 query heads
+    over 2 key/value heads, each key/value head read by two query heads, either adjacent
+    (``repeat_interleave``, Llama's ``repeat_kv``) or tiled (``repeat``)."""
+
+    def __init__(self, tiled: bool) -> None:
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2)
+        self.head_dim, self.num_key_value_groups, self.tiled = 8, 2, tiled
+        self.q_proj, self.o_proj = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.k_proj, self.v_proj = nn.Linear(32, 16), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        n = self.num_key_value_groups
+        k, v = ((z.repeat(1, n, 1, 1) if self.tiled else z.repeat_interleave(n, dim=1))
+                for z in (k, v))
+        att = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1) @ v
+        return self.o_proj(att.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_grouped_query_heads_are_offered_only_where_each_key_value_head_serves_its_own():
+    """A unit is a key/value head with the query heads next to it. Where the key/value heads
+    are tiled instead (query head h reads key/value head h mod 2), that removal would still
+    run, and compute something else: the check against the zeroed model refuses it."""
+    from petra.compress.attention import attention_layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    [info] = attention_layers(Classifier(lambda: Grouped(tiled=False)).eval(), (x,))
+    assert (info.heads, info.head_dim, info.group) == (2, 16, 2)
+    why: dict[str, str] = {}
+    assert attention_layers(Classifier(lambda: Grouped(tiled=True)).eval(), (x,), why=why) == []
+    assert "not grouped by key/value head" in why["attn"]
