@@ -50,7 +50,7 @@ def test_gpt2s_conv1d_layers_become_linears_that_compute_the_same():
     model, ids = LM().eval(), torch.randint(0, 32, (2, 8))
     with torch.no_grad():
         want = model(ids)
-    names = linear_stand_ins(model, ids)
+    names = linear_stand_ins(model, (ids,))
     assert len(names) == 8 and "gpt.transformer.h.0.mlp.c_fc" in names
     fc = model.gpt.transformer.h[0].mlp.c_fc
     assert type(fc) is nn.Linear and (fc.in_features, fc.out_features) == (32, 128)
@@ -70,7 +70,7 @@ def test_a_conv1d_that_computes_something_else_is_left_as_it_is():
             return 2 * (x @ self.weight + self.bias)
 
     model = nn.Sequential(Conv1D(), nn.Linear(4, 2))
-    assert linear_stand_ins(model, torch.randn(3, 4)) == ()
+    assert linear_stand_ins(model, (torch.randn(3, 4),)) == ()
     assert type(model[0]).__name__ == "Conv1D"
 
 
@@ -113,7 +113,7 @@ def test_gpt2s_fused_attention_loses_whole_heads_as_the_masked_model_computes():
     from petra.compress.attention import attention_layers, prune_heads
 
     model, ids = LM().eval(), torch.randint(0, 32, (2, 8))
-    linear_stand_ins(model, ids)
+    linear_stand_ins(model, (ids,))
     infos = attention_layers(model, (ids,))
     assert [(i.name, i.heads, i.head_dim, i.fused) for i in infos] == [
         (f"gpt.transformer.h.{b}.attn", 4, 8, f"gpt.transformer.h.{b}.attn.c_attn")

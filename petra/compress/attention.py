@@ -94,12 +94,17 @@ def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
     return None
 
 
+def _count_attribute(module: nn.Module) -> int | None:
+    """The module's own head count: its first attribute of :data:`HEAD_COUNT_NAMES`."""
+    return next((getattr(module, n) for n in HEAD_COUNT_NAMES
+                 if isinstance(getattr(module, n, None), int)), None)
+
+
 def _declared_heads(module: nn.Module) -> int | None:
     """A module's head count: an attribute of :data:`HEAD_COUNT_NAMES`, else its config's
     (Llama's attention): its key/value heads, each one unit with its query heads (grouped-query
     attention, where ``num_key_value_groups`` repeats each key/value head that many times)."""
-    count = next((getattr(module, n) for n in HEAD_COUNT_NAMES
-                  if isinstance(getattr(module, n, None), int)), None)
+    count = _count_attribute(module)
     if count is not None:
         return int(count)
     config = getattr(module, "config", None)
@@ -155,18 +160,18 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
         return AttentionInfo(name, heads, module.head_dim)
     if isinstance(module, PrunedMultiheadAttention):
         return AttentionInfo(name, heads, module.head_dim)
-    if _qkv(module) is None:
+    qkv = _qkv(module)
+    if qkv is None:
         fused, out = _fused(module)  # type: ignore[misc]
         width = module.get_submodule(out).in_features
         return AttentionInfo(name, heads, width // heads, f"{name}.{out}", f"{name}.{fused}")
-    q, k, _ = _qkv(module)  # type: ignore[misc]
+    q, k, _ = qkv
     width, group = q.out_features, q.out_features // k.out_features
     inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
                   if isinstance(getattr(module, n, None), nn.Linear)
                   and getattr(module, n).in_features == width), None)
     out = inner or reader
-    counted = any(isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES)
-    if out is None or width % heads or (group > 1 and counted):
+    if out is None or width % heads or (group > 1 and _count_attribute(module) is not None):
         return None  # a grouped attention is counted by its config's key/value heads only
     return AttentionInfo(name, heads, width // heads, out, group=group)
 
@@ -284,14 +289,14 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         return
     rows = _rows(remove, info.head_dim)
     width = heads * info.head_dim
+    stacked = [r + i * width for i in range(3) for r in rows]  # rows of a [q | k | v] projection
     if isinstance(module, PrunedMultiheadAttention):
-        tp.prune_linear_out_channels(module.qkv, [r + i * width for i in range(3) for r in rows])
+        tp.prune_linear_out_channels(module.qkv, stacked)
         tp.prune_linear_in_channels(module.out_proj, rows)
         module.num_heads = len(keep)
         return
     if info.fused:
-        tp.prune_linear_out_channels(model.get_submodule(info.fused),
-                                     [r + i * width for i in range(3) for r in rows])
+        tp.prune_linear_out_channels(model.get_submodule(info.fused), stacked)
     for proj, per_unit in zip(_qkv(module) or (), (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
@@ -306,7 +311,7 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         # A shared config would tell every other layer the new count: give this one its own,
         # which holds the count where the module has none of its own (Llama's attention)
         module.config = copy.copy(config)
-        if not any(isinstance(getattr(module, n, None), int) for n in HEAD_COUNT_NAMES):
+        if _count_attribute(module) is None:
             module.config.num_attention_heads = len(keep) * info.group
             if getattr(config, "num_key_value_heads", None):
                 module.config.num_key_value_heads = len(keep)

@@ -51,9 +51,13 @@ GROUP_STEPS_PER_NODE = 4
 _GROUP_LOCK = threading.Lock()
 
 
+class GroupDoesNotClose(RuntimeError):
+    """torch-pruning's channel group from a layer grew past :data:`GROUP_STEPS_PER_NODE`."""
+
+
 def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence[int]) -> Any:
     """``graph.get_pruning_group(module, pruning_fn, idxs)``, or a ``RuntimeError`` where the
-    group does not close: on a grouped-query attention (Llama with fewer key/value heads),
+    group does not close (:class:`GroupDoesNotClose`): on a grouped-query attention (Llama with fewer key/value heads),
     torch-pruning's index mappings through ``repeat_kv``'s expand and reshape give new indices
     at every turn of a cycle, and it followed them forever."""
     from torch_pruning.dependency.group import Group
@@ -63,8 +67,9 @@ def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence
 
     def add_dep(group: Any, dep: Any, idxs: Any) -> None:
         if len(group._group) >= limit:
-            raise RuntimeError(f"torch-pruning's channel group of {type(module).__name__} "
-                               f"did not close after {limit} dependencies")
+            raise GroupDoesNotClose(f"torch-pruning's channel group of "
+                                    f"{type(module).__name__} did not close after {limit} "
+                                    "dependencies")
         original(group, dep, idxs)
 
     with _GROUP_LOCK:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petra.compress.graph import dependency_graph, pruning_group
+from petra.compress.graph import GroupDoesNotClose, dependency_graph, pruning_group
 from petra.errors import first_line
 from petra.registry import PRUNING
 
@@ -97,7 +97,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
             group = pruning_group(graph, module, pruner.prune_out_channels,
                                   range(pruner.get_out_channels(module)))
         except (IndexError, KeyError, RuntimeError, TypeError) as exc:
-            if skipped is not None and "did not close" in str(exc):
+            if skipped is not None and isinstance(exc, GroupDoesNotClose):
                 skipped[module] = ("torch-pruning's channel group from it never closes (its "
                                    "index mappings go round a cycle, as through Llama's "
                                    "grouped key/value heads)")

@@ -185,9 +185,9 @@ def adapt(task: Task) -> Any:
     example = task.example_input
     names = input_names(example)
     keyword = isinstance(example, Mapping)
-    task.linear_stand_ins = linear_stand_ins(task.model, example)
     task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
     task.example_input = as_tuple(example, names)
+    task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
     task.input_names = names
     for split in ("train", "val", "test"):
         source = getattr(task, split)
@@ -204,31 +204,23 @@ def _is_transposed_linear(module: nn.Module) -> bool:
             and (bias is None or tuple(bias.shape) == (module.nf,)) and not module._modules)
 
 
-def linear_stand_ins(model: nn.Module, example: Any) -> tuple[str, ...]:
-    """Replace, in place, each Hugging Face ``Conv1D`` of ``model`` by the ``nn.Linear`` that
+def linear_stand_ins(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
+    """Replace, in place, each Hugging Face ``Conv1D`` of ``model`` (a :class:`TaskModel`, or any
+    model that takes ``inputs`` positionally and returns a tensor) by the ``nn.Linear`` that
     computes the same (its weight transposed), and return their names.
 
-    The model's outputs on ``example`` must not change: where they do (a ``Conv1D`` that is not
+    The model's outputs on ``inputs`` must not change: where they do (a ``Conv1D`` that is not
     the plain transposed Linear), every layer is put back and nothing is replaced.
     """
     found = [(name, module) for name, module in model.named_modules()
              if name and _is_transposed_linear(module)]
     if not found:
         return ()
-    names = input_names(example)
-    inputs = as_tuple(example, names)
-
-    def run() -> Any:
-        with torch.no_grad():
-            out = model(**dict(zip(names, inputs, strict=True))) if isinstance(
-                example, Mapping) else model(*inputs)
-        return first_tensor(out)
-
     was_training = model.training
     model.eval()
-    before = run()
+    with torch.no_grad():
+        before = model(*inputs)
     for name, module in found:
-        parent, _, child = name.rpartition(".")
         weight, bias = module.weight, module.bias
         linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None,
                            device=weight.device, dtype=weight.dtype)
@@ -237,12 +229,12 @@ def linear_stand_ins(model: nn.Module, example: Any) -> tuple[str, ...]:
             if bias is not None:
                 linear.bias.copy_(bias)
         linear.train(module.training)
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
-    same = torch.allclose(run(), before, rtol=1e-4, atol=1e-5)
+        model.set_submodule(name, linear)
+    with torch.no_grad():
+        same = torch.allclose(model(*inputs), before, rtol=1e-4, atol=1e-5)
     if not same:
         for name, module in found:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
+            model.set_submodule(name, module)
     model.train(was_training)
     return tuple(name for name, _ in found) if same else ()
 
