@@ -48,6 +48,12 @@ from ranks import spearman  # noqa: E402
 FIT_BATCHES, SCORE_BATCHES, GRAD_BATCHES, RIDGE = 16, 8, 4, 1e-2
 
 
+def _kl(dense: Any, outputs: Any) -> Any:
+    """KL(dense || outputs) of the output distributions, averaged over the examples."""
+    p = dense.log_softmax(-1)
+    return (p.exp() * (p - outputs.log_softmax(-1))).sum(-1).mean()
+
+
 def _log(x: float) -> float:
     return math.log(max(float(x), 1e-9))
 
@@ -102,16 +108,18 @@ class Reader:
         self.task = self.evaluator.task
         self.batches = list(itertools.islice(self.task.train, FIT_BATCHES + SCORE_BATCHES))
         self.fit = len(self.batches) * FIT_BATCHES // (FIT_BATCHES + SCORE_BATCHES)
-        self.dense_fit = self._outputs(self.task.model, self.batches[:self.fit])
-        self.dense_score = self._outputs(self.task.model, self.batches[self.fit:])
+        dense = self._outputs(self.task.model, self.batches)
+        self.dense_fit = torch.cat(dense[:self.fit])
+        self.dense_score = torch.cat(dense[self.fit:])
+        self.dense_grad = dense[self.fit:self.fit + GRAD_BATCHES]
 
-    def _outputs(self, model: Any, batches: Sequence[Any]) -> Any:
+    def _outputs(self, model: Any, batches: Sequence[Any]) -> list[Any]:
         import torch
 
         from petra.tasks.contract import args
 
         with torch.no_grad():
-            return torch.cat([model(*args(b[0])) for b in batches]).double()
+            return [model(*args(b[0])).double() for b in batches]
 
     def _head_inputs(self, model: Any, batches: Sequence[Any]) -> Any:
         """The inputs of the last ``nn.Linear`` called, per example."""
@@ -162,19 +170,13 @@ class Reader:
         ridge = RIDGE * len(z) * torch.eye(z.shape[1], dtype=z.dtype)
         ridge[-1, -1] = 0.0  # the bias is not shrunk
         w = torch.linalg.solve(z.T @ z + ridge, z.T @ self.dense_fit)
-        refit = design(x_score) @ w
-        p, q = self.dense_score.log_softmax(-1), refit.log_softmax(-1)
-        probe = float((p.exp() * (p - q)).sum(-1).mean())
+        probe = float(_kl(self.dense_score, design(x_score) @ w))
         grad_sq = 0.0
-        for b in self.batches[self.fit:self.fit + GRAD_BATCHES]:
+        for b, dense in zip(self.batches[self.fit:], self.dense_grad, strict=False):
             model.zero_grad()
             for param in model.parameters():
                 param.requires_grad_(True)
-            out = model(*args(b[0])).double()
-            with torch.no_grad():
-                dense = self.task.model(*args(b[0])).double()
-            lp = dense.log_softmax(-1)
-            (lp.exp() * (lp - out.log_softmax(-1))).sum(-1).mean().backward()
+            _kl(dense, model(*args(b[0])).double()).backward()
             grad_sq += sum(float((t.grad ** 2).sum()) for t in model.parameters()
                            if t.grad is not None)
         return {"probe": probe, "grad_sq": grad_sq / GRAD_BATCHES,
