@@ -325,7 +325,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
 #: What ``petra space`` says of a weight layer of a type no gene handles.
 _UNHANDLED = ("a {kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, "
-              "embeddings, GRU, LSTM and attention heads); it is exported and quantized as it is")
+              "embeddings, GRU, LSTM and attention heads); it is exported as it is, and quantized "
+              "where the scheme quantizes its operation")
 
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
