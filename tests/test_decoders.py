@@ -1,9 +1,10 @@
 """Hugging Face decoders as user models. GPT-2: its ``Conv1D`` projections are taken as the
 ``nn.Linear`` they compute (``petra.tasks.contract.linear_stand_ins``), so every gene that takes a
 Linear takes them, and its fused q, k, v projection loses whole heads
-(``petra.compress.attention``). Llama: its attention's head count is its config's; a grouped
-key/value attention loses a key/value head with its query heads, and torch-pruning, which
-follows its channels round a cycle forever, is stopped with the reason."""
+(``petra.compress.attention``). GPT-NeoX: its fused projection is laid out by head. Llama: its
+attention's head count is its config's; a grouped key/value attention loses a key/value head with
+its query heads, and torch-pruning, which follows its channels round a cycle forever, is stopped
+with the reason."""
 
 from __future__ import annotations
 
@@ -140,10 +141,12 @@ class Interleaved(nn.Module):
         self.qkv = nn.Linear(32, 96)
         self.proj = nn.Linear(32, 32)
 
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return qkv.view(*qkv.shape[:2], self.num_heads, 3, self.head_dim).unbind(3)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, self.num_heads, 3, self.head_dim).unbind(3)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        q, k, v = (z.transpose(1, 2) for z in self.split(self.qkv(x)))
         att = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1) @ v
         return self.proj(att.transpose(1, 2).reshape(b, t, -1))
 
@@ -151,12 +154,17 @@ class Interleaved(nn.Module):
 class Stacked(Interleaved):
     """The same attention laid out as ``[q | k | v]`` (timm's ``qkv``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        att = (q @ k.transpose(-1, -2) / self.head_dim ** 0.5).softmax(-1) @ v
-        return self.proj(att.transpose(1, 2).reshape(b, t, -1))
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return qkv.view(*qkv.shape[:2], 3, self.num_heads, self.head_dim).unbind(2)
+
+
+class HeadMinor(Interleaved):
+    """``[q | k | v]`` with each head's channels strided (channel ``c`` of head ``h`` at
+    ``c * heads + h``): a head is neither a block of rows nor a block of each third."""
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = qkv.view(*qkv.shape[:2], 3, self.head_dim, self.num_heads).unbind(2)
+        return tuple(z.transpose(-1, -2) for z in parts)
 
 
 class Classifier(nn.Module):
@@ -168,16 +176,77 @@ class Classifier(nn.Module):
         return self.head(self.attn(x).mean(1))
 
 
-def test_a_fused_attention_laid_out_by_head_is_refused_with_the_reason():
-    from petra.compress.attention import attention_layers
+@pytest.mark.parametrize(("attention", "by_head"), [(Stacked, False), (Interleaved, True)])
+def test_a_fused_attention_loses_heads_as_its_layout_says(attention, by_head):
+    """The layout is told by what a removal computes: both lose whole heads, as the model
+    with those heads' output columns zeroed computes."""
+    from petra.compress.attention import attention_layers, prune_heads
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 32)
+    model = Classifier(attention).eval()
+    [info] = attention_layers(model, (x,))
+    assert (info.name, info.heads, info.fused, info.output, info.by_head) == (
+        "attn", 4, "attn.qkv", "attn.proj", by_head)
+    with torch.no_grad():
+        masked = copy.deepcopy(model)
+        masked.attn.proj.weight[:, 8:24] = 0.0
+        want = masked(x)
+        prune_heads(model, info, [1, 2])
+        assert model.attn.qkv.out_features == 48
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_fused_attention_laid_out_neither_way_is_refused_with_the_reason():
+    from petra.compress.attention import attention_layers
+
+    torch.manual_seed(0)
     why: dict[str, str] = {}
-    assert attention_layers(Classifier(Interleaved).eval(), (x,), why=why) == []
-    assert "not laid out as [q | k | v]" in why["attn"]
-    [info] = attention_layers(Classifier(Stacked).eval(), (x,))
-    assert (info.name, info.heads, info.fused, info.output) == ("attn", 4, "attn.qkv", "attn.proj")
+    assert attention_layers(Classifier(HeadMinor).eval(), (torch.randn(2, 5, 32),), why=why) == []
+    assert "laid out neither as [q | k | v] nor by head" in why["attn"]
+
+
+class NeoX(nn.Module):
+    """A tiny GPT-NeoX (Pythia's architecture): ``query_key_value`` laid out by head, its
+    output projection ``dense``, and no head count of its own (its config's)."""
+
+    def __init__(self) -> None:
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.llm = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=8, attn_implementation="eager"))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm(input_ids=input_ids).logits
+
+
+def test_gpt_neoxs_attention_laid_out_by_head_loses_whole_heads():
+    """Before, its heads were not offered: no head-count attribute, no ``head_dim`` (its
+    ``head_size``), and a fused layout that petra refused. The pruned model computes what the
+    whole one does with those heads' ``dense`` columns zeroed, in torch and ONNX Runtime."""
+    import numpy as np
+
+    from petra.candidate import artifact
+    from petra.compress.attention import attention_layers, prune_heads
+
+    model, ids = NeoX().eval(), torch.randint(0, 32, (2, 8))
+    infos = attention_layers(model, (ids,))
+    assert [(i.name, i.heads, i.head_dim, i.fused, i.output, i.by_head) for i in infos] == [
+        (f"llm.gpt_neox.layers.{b}.attention", 4, 8,
+         f"llm.gpt_neox.layers.{b}.attention.query_key_value",
+         f"llm.gpt_neox.layers.{b}.attention.dense", True) for b in (0, 1)]
+    want = zeroed(model, ids, "llm.gpt_neox.layers.0.attention.dense", slice(0, 8))
+    prune_heads(model, infos[0], [0])
+    attn = model.llm.gpt_neox.layers[0].attention
+    assert (attn.query_key_value.out_features, attn.dense.in_features) == (72, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
+    got = artifact.load(artifact.pack(artifact.export_onnx(model, (ids,)))).run(
+        None, {"input": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-3)
 
 
 class Llama(nn.Module):

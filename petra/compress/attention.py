@@ -21,8 +21,10 @@ Three families are found by :func:`attention_layers`:
 - **fused q, k, v** (GPT-2's ``c_attn``, timm's ``qkv``): a module with a head count and one
   ``nn.Linear`` child named in :data:`FUSED_QKV_NAMES` that projects to q, k and v stacked
   (``[q | k | v]``, each ``heads * head_dim`` wide), with an output projection child that reads
-  that width (``split_size`` follows). A layout interleaved by head (GPT-NeoX) is refused: a
-  trial removal must give what the whole attention gives with those heads' outputs zeroed.
+  that width (``split_size`` follows), or laid out by head (``[q_h k_h v_h]`` for each head,
+  GPT-NeoX's ``query_key_value``). A trial removal must give what the whole attention gives
+  with those heads' outputs zeroed: the first layout that does is the attention's, and one
+  where neither does is refused.
 - **torch's** ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer``): its fused
   ``in_proj_weight`` cannot hold fewer heads than ``embed_dim`` allows, so a pruned one is
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -61,6 +63,8 @@ class AttentionInfo:
         group: query heads per key/value head (grouped-query attention): a unit is a
             key/value head with its query heads, ``head_dim`` query rows and
             ``head_dim // group`` key and value rows.
+        by_head: the fused projection's rows are laid out by head (``[q_h k_h v_h]`` for
+            each head in turn), not as ``[q | k | v]``.
     """
 
     name: str
@@ -69,15 +73,18 @@ class AttentionInfo:
     output: str = ""
     fused: str = ""
     group: int = 1
+    by_head: bool = False
 
 
 #: The names of a Hugging Face attention's q, k and v projections, and of its own output
 #: projection (where the output projection sits inside the attention module).
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
              ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"))
-OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj")
+OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj", "dense")
 #: The names of a fused q, k, v projection (GPT-2's, after its Conv1D became a Linear).
-FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv")
+FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_value")
+#: Attributes that hold the width of one head (Llama's ``head_dim``, GPT-NeoX's ``head_size``).
+HEAD_DIM_NAMES = ("head_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 #: Attributes of an attention that hold its q, k and v width, updated with its heads.
 WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size")
@@ -110,7 +117,8 @@ def _declared_heads(module: nn.Module) -> int | None:
     config = getattr(module, "config", None)
     heads = getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
-    if not (isinstance(heads, int) and isinstance(getattr(module, "head_dim", None), int)):
+    if not (isinstance(heads, int)
+            and any(isinstance(getattr(module, n, None), int) for n in HEAD_DIM_NAMES)):
         return None
     grouped = heads % kv == 0 and getattr(module, "num_key_value_groups", 1) == heads // kv
     return kv if grouped else None
@@ -226,6 +234,10 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
                              "output projection found)")
             continue
         reason = _trial(model, example_input, info)
+        if reason == LAYOUT and info.fused:  # [q | k | v] it is not: is it laid out by head?
+            by_head = replace(info, by_head=True)
+            if not _trial(model, example_input, by_head):
+                info, reason = by_head, ""
         if reason:
             reasons[name] = reason
         else:
@@ -235,10 +247,17 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
     return infos
 
 
+#: Why a fused or grouped attention's heads are refused when the trial computes something else.
+LAYOUT = ("removing heads changes what the kept heads compute: its fused q, k, v projection "
+          "is laid out neither as [q | k | v] nor by head, or its query heads are not grouped "
+          "by key/value head")
+
+
 def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) -> str:
     """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''. A
-    fused q, k, v projection must also compute what the whole attention computes with the
-    removed heads' output-projection columns zeroed (its layout is ``[q | k | v]``)."""
+    fused or grouped attention must also compute what the whole attention computes with the
+    removed heads' output-projection columns zeroed (else :data:`LAYOUT`): that is what tells
+    its layout."""
     trial = copy.deepcopy(model).eval()
     remove = list(range(info.heads // 2, info.heads))
     try:
@@ -247,9 +266,7 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
             got = trial(*args(example_input))
         if (info.fused or info.group > 1) and not _same_as_masked(
                 model, example_input, info, remove, got):
-            return ("removing heads changes what the kept heads compute: its fused q, k, v "
-                    "projection is not laid out as [q | k | v], or its query heads are not "
-                    "grouped by key/value head")
+            return LAYOUT
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         first = first_line(exc, 200)
         hint = ("; its forward must size the heads from its head count or head width "
@@ -296,7 +313,8 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         module.num_heads = len(keep)
         return
     if info.fused:
-        tp.prune_linear_out_channels(model.get_submodule(info.fused), stacked)
+        tp.prune_linear_out_channels(model.get_submodule(info.fused), _rows(
+            remove, 3 * info.head_dim) if info.by_head else stacked)
     for proj, per_unit in zip(_qkv(module) or (), (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
@@ -327,8 +345,12 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
         return [w[:e], w[e:2 * e], w[2 * e:]], module.out_proj.weight
     if isinstance(module, PrunedMultiheadAttention):
         return list(module.qkv.weight.chunk(3)), module.out_proj.weight
-    qkv = list(model.get_submodule(info.fused).weight.chunk(3)) if info.fused else \
-        [p.weight for p in _qkv(module)]
+    if info.fused:
+        w = model.get_submodule(info.fused).weight
+        qkv = list(w.reshape(-1, 3, info.head_dim, w.shape[1]).unbind(1) if info.by_head
+                   else w.chunk(3))
+    else:
+        qkv = [p.weight for p in _qkv(module)]
     return qkv, model.get_submodule(info.output).weight
 
 
