@@ -299,9 +299,7 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
         raise ValueError(f"{info.name}: cannot remove all {heads} heads")
     keep = [h for h in range(heads) if h not in remove]
     if isinstance(module, nn.MultiheadAttention):
-        parent, _, attr = info.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr,
-                PrunedMultiheadAttention(module, keep))
+        model.set_submodule(info.name, PrunedMultiheadAttention(module, keep))
         no_fast_path(model)  # its fused fast path needs every layer unpruned
         return
     rows = _rows(remove, info.head_dim)

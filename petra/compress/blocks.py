@@ -198,9 +198,7 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
             # path the rest: the replacement answers the first, the encoder skips the second.
             replacement.self_attn = _BatchFirst(module.self_attn.batch_first)
             no_fast_path(model)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, replacement)
+        model.set_submodule(name, replacement)
         del module
         done.append(name)
     return done

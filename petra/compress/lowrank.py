@@ -187,9 +187,7 @@ def factorize(
         replacement = PRUNING.get(method).fn(module, energy, ctx, rule=rule)
         if replacement is None:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, replacement)
+        model.set_submodule(name, replacement)
         full = min(module.weight.shape[0], module.weight[0].numel())
         first = replacement[0]
         changes[name] = (full, first.embedding_dim if isinstance(first, nn.Embedding)

@@ -237,9 +237,7 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
         if tuple(model.get_submodule(norm).normalized_shape) != (h,):
             raise ValueError(f"{norm} normalizes {model.get_submodule(norm).normalized_shape}, "
                              f"not the {info.name}'s {h} units")
-    parent_name, _, child = info.name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    model.set_submodule(info.name, new)
     for norm in info.norms:
         _keep_features(model.get_submodule(norm), cols)
     for consumer, kept in zip(info.consumers, columns, strict=True):
