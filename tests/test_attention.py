@@ -570,3 +570,25 @@ def test_a_failing_forward_is_reported_as_itself_not_as_torch_prunings_retry():
 
     with pytest.raises(RuntimeError, match="the model's own failure"):
         dependency_graph(Broken(), (torch.randn(2, 4), torch.randn(2, 4)))
+
+
+def test_an_encoder_on_torchs_nested_tensor_default_is_read_and_computes_as_its_artifact(
+        tmp_path):
+    """``enable_nested_tensor`` is on by default: in eval mode with a padding mask torch's
+    layers then pass nested tensors, which no hook could read (``petra space`` stopped with
+    ``NestedTensorImpl doesn't support sizes``), and zero the padded positions, which the
+    exported graph does not. The task's model has it off, so torch computes as the artifact."""
+    task = load_task("tests.user_transformers:encoder_task", {"epochs": 1, "nested": True})
+    assert task.model.encoder.use_nested_tensor is False
+    space = space_of(task, tmp_path)
+    assert space.gene("layers.encoder.layers.0.self_attn.method").choices == ("none", "l2_heads")
+    hidden = {}
+    task.model.encoder.register_forward_hook(lambda m, i, o: hidden.update(out=o))
+    tokens, padding = task.example_input
+    assert bool(padding.any())
+    with torch.no_grad():
+        want = task.model(tokens, padding)
+    assert not hidden["out"].is_nested
+    session = artifact.load(artifact.pack(artifact.export_onnx(task.model, task.example_input)))
+    got = session.run(None, feed(task.example_input, task.input_names))[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-3)

@@ -14,6 +14,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from petra.tasks.contract import no_fast_path
+
+__all__ = ["PrunedMultiheadAttention", "no_fast_path"]
+
 
 def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
     return [h * head_dim + i for h in heads for i in range(head_dim)]
@@ -95,9 +99,3 @@ class PrunedMultiheadAttention(nn.Module):
         return out, (weights.mean(dim=1) if average_attn_weights else weights)
 
 
-def no_fast_path(model: nn.Module) -> None:
-    """Turn off the nested-tensor fast path of every ``nn.TransformerEncoder`` in ``model``: it
-    needs each of its layers as torch built it."""
-    for owner in model.modules():
-        if isinstance(owner, nn.TransformerEncoder):
-            owner.use_nested_tensor = False

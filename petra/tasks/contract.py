@@ -187,6 +187,7 @@ def adapt(task: Task) -> Any:
     keyword = isinstance(example, Mapping)
     task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
     task.example_input = as_tuple(example, names)
+    no_fast_path(task.model)
     task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
     task.input_names = names
     for split in ("train", "val", "test"):
@@ -194,6 +195,20 @@ def adapt(task: Task) -> Any:
         wrap = SizedCanonicalBatches if hasattr(source, "__len__") else CanonicalBatches
         setattr(task, split, wrap(source, names))
     return task
+
+
+def no_fast_path(model: nn.Module) -> None:
+    """Turn off the nested-tensor fast path of every ``nn.TransformerEncoder`` in ``model``.
+
+    torch takes it in eval mode where a padding mask is given (``enable_nested_tensor``, on by
+    default): its layers then pass nested tensors, whose shapes no forward hook can read, and
+    it returns zeros at the padded positions, where the exported ONNX graph, which never takes
+    it, computes what the other positions attend to. petra measures the artifact, so torch
+    computes as the artifact does; a pruned layer or a skipped one needs it off too.
+    """
+    for owner in model.modules():
+        if isinstance(owner, nn.TransformerEncoder):
+            owner.use_nested_tensor = False
 
 
 def _is_transposed_linear(module: nn.Module) -> bool:
