@@ -77,7 +77,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     import torch
     from torch import nn
 
-    from petra.compress.attention import attention_layers
+    from petra.compress.attention import attention_layers, qkv_names
     from petra.compress.recurrent import gru_layers
     from petra.compress.structured import channel_layers
 
@@ -100,6 +100,12 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     # torch-pruning's groups say (its LSTM pruner takes a stacked one for a single layer)
     capable = {n for n in capable if not isinstance(modules.get(n), RECURRENT_TYPES)}
     capable |= {g.name for g in recurrent} | set(heads)
+    # an attention's q, k and v rows go a head at a time (l2_heads): channel by channel they
+    # break its head reshape, or, fused, leave a reshape that runs on the wrong rows
+    by_heads = {proj: f"a q, k or v projection of {a.name}: its units are the attention's "
+                f"heads (l2_heads), not single channels" for a in attention
+                for proj in qkv_names(model, a)}
+    capable -= set(by_heads)
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:
@@ -109,7 +115,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         )
         whole = ("its output is the model's output" if is_output
                  else _TRANSPOSED if isinstance(modules[name], transposed)
-                 else (recurrent_why or {}).get(name) or channel_why.get(name)
+                 else by_heads.get(name) or (recurrent_why or {}).get(name)
+                 or channel_why.get(name)
                  or (errors or [_UNFOLLOWED])[0])
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
                                  and name in capable, residual=name in residual, whole=whole,
@@ -268,7 +275,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 10
+VERIFY_VERSION = 11
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,

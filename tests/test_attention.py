@@ -141,11 +141,12 @@ def test_space_offers_heads_and_ffn_channels_and_withholds_what_fails(task, tmp_
     withheld = {k[len("layers."):] for k in space.withheld if k.startswith("layers.")}
     assert not withheld & structured
     if "Bert" in repr(task.model) or "ViT" in repr(task.model):
-        # q, k and v one channel at a time break the head reshape: withheld, with the error
-        qkv = {n for n in withheld
+        # q, k and v go a head at a time: kept whole, with the reason, and never tried
+        whole = {layer.name: layer.whole for layer in space.layers}
+        qkv = {n for n in whole
                if n.endswith((".query", ".key", ".value", ".q_proj", ".k_proj", ".v_proj"))}
-        assert len(qkv) == 6
-        assert all("shape" in space.withheld[f"layers.{n}"] for n in qkv)
+        assert len(qkv) == 6 and not qkv & (withheld | structured)
+        assert all("its units are the attention's heads" in whole[n] for n in qkv)
     # the residual stream's writers vote no widths of their own: prune.width is the hidden size
     writers = [layer.name for layer in space.layers if layer.residual]
     assert len(writers) >= 2 * 2 and "prune.width" in space

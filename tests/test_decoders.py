@@ -91,7 +91,9 @@ def test_gpt2s_space_offers_its_ffn_channels_width_and_blocks():
     h0 = "layers.gpt.transformer.h.0"
     assert space.offers(f"{h0}.mlp.c_fc.method", "l2_channel")
     assert space.offers(f"{h0}.attn.c_attn.method", "magnitude")
-    assert f"{h0}.attn.c_attn" in space.withheld  # its q, k, v columns fail the head split
+    # its q, k, v rows go a head at a time: kept whole for channels, and never tried
+    assert f"{h0}.attn.c_attn" not in space.withheld
+    assert "its units are the attention's heads" in space.kept_whole[h0[len("layers."):] + ".attn.c_attn"]
     assert space.offers(f"{h0}.attn.method", "l2_heads")  # whole heads do not
     assert "prune.width" in space and "blocks.gpt.transformer.h.1.skip" in space
     assert task.model.gpt.config.use_cache  # the trace's switch is put back
@@ -195,6 +197,22 @@ def test_a_fused_attention_loses_heads_as_its_layout_says(attention, by_head):
         prune_heads(model, info, [1, 2])
         assert model.attn.qkv.out_features == 48
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_fused_projection_is_offered_heads_not_channels():
+    """Channel by channel, a timm-style ``qkv`` (reshaped with ``-1``) ran at the space's
+    largest sparsity, where every row went, and failed at 0.5 (``shape '[.., 3, 4, -1]' is
+    invalid``): its units are the heads, and its channels are kept whole with that reason."""
+    from petra.space import model_space
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    cfg = load_config({"space": {"pruning": ["none", "magnitude", "l2_channel", "l2_heads"],
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, Classifier(Stacked).eval(), (x,))
+    assert space.gene("layers.attn.method").choices == ("none", "l2_heads")
+    assert space.gene("layers.attn.qkv.method").choices == ("none", "magnitude")
+    assert "its units are the attention's heads" in space.kept_whole["attn.qkv"]
 
 
 def test_a_fused_attention_laid_out_neither_way_is_refused_with_the_reason():

@@ -140,6 +140,16 @@ def _fused(module: nn.Module) -> tuple[str, str] | None:
     return None
 
 
+def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
+    """The module names of the q, k and v projections of ``info``: one where they are fused,
+    none for torch's ``nn.MultiheadAttention`` (its ``in_proj_weight`` is no module)."""
+    if info.fused:
+        return (info.fused,)
+    module = model.get_submodule(info.name)
+    children = {id(m): n for n, m in module.named_children()}
+    return tuple(f"{info.name}.{children[id(p)]}" for p in _qkv(module) or ())
+
+
 def _is_hf_attention(module: nn.Module) -> bool:
     return (_qkv(module) is not None or _fused(module) is not None) and \
         _declared_heads(module) is not None
