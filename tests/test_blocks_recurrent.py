@@ -121,6 +121,48 @@ def test_a_square_linear_layer_outside_blocks_may_become_the_identity():
         assert torch.allclose(model(x), model[4](model[3](model[1](model[0](x)))))
 
 
+class PreNorm(nn.Module):
+    """A pre-norm residual: ``x + mlp(norm(x))``, or, ``parallel``, GPT-NeoX's
+    ``x + mlp(norm(x)) + fc(norm2(x))``."""
+
+    def __init__(self, parallel: bool = False) -> None:
+        super().__init__()
+        self.norm, self.norm2 = nn.LayerNorm(8), nn.LayerNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.fc = nn.Linear(8, 8)
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            return self.mlp(self.norm(x)) + self.fc(self.norm2(x)) + x
+        return x + self.mlp(self.norm(x))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_residual_branch_is_skipped_as_zeros_and_a_block_as_the_identity(parallel):
+    """As the identity, a skipped ``mlp`` of ``x + mlp(norm(x))`` gave ``x + norm(x)``: a
+    residual branch's replacement outputs zeros, so the stream goes on alone, in torch and
+    in the exported graph. The block around it is still skipped as the identity."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), PreNorm(parallel), PreNorm(parallel),
+                          nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    kinds = {b.name: b.kind for b in skippable_blocks(model, (x,))}
+    assert kinds["1.mlp"] == kinds["2.mlp"] == "branch"
+    assert kinds["1"] == kinds["2"] == "identity"
+    with torch.no_grad():
+        h = model[0](x)
+        if parallel:
+            h = h + model[1].fc(model[1].norm2(h))
+        want = model[3](model[2](h))
+    skip_blocks(model, ["1.mlp"], skippable_blocks(model, (x,)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+    got = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
+        None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-4)
+
+
 def test_gru_units_are_removed_with_their_readers_columns():
     torch.manual_seed(0)
     model, x = GRUNet().eval(), torch.randn(3, 7, 5)

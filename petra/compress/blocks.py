@@ -18,6 +18,11 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
 - **square layers**: a Conv or Linear layer outside any such block whose output has its input's
   shape and that is not the model's output layer (an MLP's hidden-to-hidden layer). Skipping
   it makes it the identity.
+- **residual branches**: an identity block or square layer whose output is added to the
+  stream it read (a pre-norm transformer's ``x + mlp(norm(x))``, MobileNetV2's inner ``conv``).
+  As the identity it would add the stream to itself; skipping it makes it output zeros, so
+  only the residual's other path is left. A block is a branch where, on the example batch,
+  its output was added to its own input, or to the input of the module that made its input.
 
 If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
 replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
@@ -51,7 +56,7 @@ class BlockInfo:
     """A block that may be skipped: its name, how, and the parameters skipping removes."""
 
     name: str
-    kind: str  # "identity" or "shortcut"
+    kind: str  # "identity", "branch" (skipped, it outputs zeros) or "shortcut"
     shortcut: str | None
     relu: bool
     params: int
@@ -88,6 +93,17 @@ class ReluIdentity(nn.Module):
         return _as_returned(torch.relu(x) if self.relu else x, self.outputs)
 
 
+class Zero(nn.Module):
+    """A residual branch removed: zeros of its input's shape."""
+
+    def __init__(self, outputs: int = 0) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
+        return _as_returned(torch.zeros_like(x), self.outputs)
+
+
 class _BatchFirst:
     """What ``nn.TransformerEncoder`` reads of its first layer's attention when that layer was
     skipped: whether it is batch-first."""
@@ -115,40 +131,62 @@ def _layer_count(module: nn.Module) -> int:
     return sum(isinstance(m, _LAYERS) for m in module.modules())
 
 
-@torch.no_grad()
-def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
-    """The blocks of ``model`` that may be skipped, in execution order (see the module doc)."""
-    names = {m: n for n, m in model.named_modules()}
+class _Adds(torch.overrides.TorchFunctionMode):
+    """Records the operands and the result of every tensor addition while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in _ADD_NAMES and len(args) >= 2 and \
+                all(isinstance(a, torch.Tensor) for a in args[:2]):
+            self.adds.append((args[0], args[1], out))
+        return out
+
+
+_ADD_NAMES = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+
+
+def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, Any]], Any, _Adds]:
+    """Each module's first call on the example batch (its input and output tensors, in call
+    order), the model's output, and the additions made on the way."""
+    names = {m: n for n, m in model.named_modules() if m is not model}
     seen: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
     hooks = []
     for module, name in names.items():
-        if module is model:
-            continue
-
         def hook(mod: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
             x, y = _first_tensor(inputs), _first_tensor(output)
             if x is None or y is None or name in seen:
                 return
-            seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape),
+            seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape), "input": x,
                           "nonneg": bool((y >= 0).all()), "output": y,
                           "outputs": len(output) if isinstance(output, tuple | list) else 0}
-            order.append(name)
 
         hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
+    adds = _Adds()
     try:
-        result = model(*args(example_input))
+        with adds:
+            result = model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    return seen, result, adds
+
+
+@torch.no_grad()
+def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
+    """The blocks of ``model`` that may be skipped, in execution order (see the module doc)."""
+    seen, result, adds = _trace(model, example_input)
     final = _first_tensor(result)
     modules = dict(model.named_modules())
     found = []
-    for name in order:
-        module, info = modules[name], seen[name]
+    for name, info in seen.items():
+        module = modules[name]
         params = sum(p.numel() for p in module.parameters())
         if info["output"] is final or _is_attention(module):
             continue  # the model's output layer stays; an attention loses heads instead
@@ -157,21 +195,49 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
                          and f"{name}.{c}" in seen
                          and seen[f"{name}.{c}"]["out"] == info["out"]), None)
         square = info["in"] == info["out"]
+        kind = "branch" if _is_branch(name, seen, adds.adds) else "identity"
         if isinstance(module, _LAYERS):
             if square and getattr(module, "groups", 1) == 1:
-                found.append(BlockInfo(name, "identity", None, info["nonneg"], params))
+                found.append(BlockInfo(name, kind, None, info["nonneg"], params))
         elif _layer_count(module) >= 2 and shortcut is not None:
             found.append(BlockInfo(name, "shortcut", f"{name}.{shortcut}", info["nonneg"],
                                    params - sum(p.numel() for p in getattr(
                                        module, shortcut).parameters()), info["outputs"]))
         elif _layer_count(module) >= 2 and square:
-            found.append(BlockInfo(name, "identity", None, info["nonneg"], params,
-                                   info["outputs"]))
+            found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches.
     outer = [b.name for b in found if not isinstance(modules[b.name], _LAYERS)]
     return [b for b in found if not (isinstance(modules[b.name], _LAYERS)
                                      and any(b.name.startswith(o + ".") for o in outer))]
+
+
+def _is_branch(name: str, seen: dict[str, dict[str, Any]],
+               adds: Sequence[tuple[torch.Tensor, torch.Tensor, Any]]) -> bool:
+    """Whether module ``name``'s output was added, alone or in a sum with other branches
+    (GPT-NeoX's ``mlp(ln2(x)) + attn(ln1(x)) + x``), to the stream it read: its own input, or
+    the input of the module that made its input (a norm: ``x + mlp(norm(x))``)."""
+    x = seen[name]["input"]
+    sources = [x] + [s["input"] for s in seen.values() if s["output"] is x]
+    summed = [seen[name]["output"]]  # its output, and every sum it went into
+    for a, b, out in adds:
+        if any(a is t or b is t for t in summed):
+            if any(a is s or b is s for s in sources):
+                return True
+            summed.append(out)
+    return False
+
+
+def _replacement(module: nn.Module, info: BlockInfo) -> nn.Module:
+    if info.kind == "shortcut":
+        return ShortcutOnly(module.get_submodule(info.shortcut[len(info.name) + 1:]),
+                            info.relu, info.outputs)
+    out = Zero(info.outputs) if info.kind == "branch" else ReluIdentity(info.relu, info.outputs)
+    if isinstance(module, nn.TransformerEncoderLayer):
+        # nn.TransformerEncoder reads its first layer's self_attn.batch_first, and its fast
+        # path the rest: the replacement answers the first, the encoder skips the second.
+        out.self_attn = _BatchFirst(module.self_attn.batch_first)
+    return out
 
 
 def skip_blocks(model: nn.Module, names: Iterable[str],
@@ -186,19 +252,10 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
     for name in sorted(set(names), key=lambda n: n.count(".")):
         if any(name.startswith(d + ".") for d in done):
             continue  # inside a block already skipped
-        info = by_name[name]
         module = model.get_submodule(name)
-        if info.kind == "shortcut":
-            replacement: nn.Module = ShortcutOnly(model.get_submodule(info.shortcut), info.relu,
-                                                  info.outputs)
-        else:
-            replacement = ReluIdentity(info.relu, info.outputs)
         if isinstance(module, nn.TransformerEncoderLayer):
-            # nn.TransformerEncoder reads its first layer's self_attn.batch_first, and its fast
-            # path the rest: the replacement answers the first, the encoder skips the second.
-            replacement.self_attn = _BatchFirst(module.self_attn.batch_first)
             no_fast_path(model)
-        model.set_submodule(name, replacement)
+        model.set_submodule(name, _replacement(module, by_name[name]))
         del module
         done.append(name)
     return done
