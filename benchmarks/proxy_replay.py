@@ -75,6 +75,24 @@ def _feature_sets() -> None:
     })
 
 
+#: ``--genome-only``: what the genome and the logged tier-0 reading add, with no re-compression.
+GENOME_SETS: dict[str, Callable[[dict, dict, dict], tuple[float, ...]]] = {}
+
+
+def _genome_sets() -> None:
+    from petra.engine.racing import features
+
+    GENOME_SETS.update({
+        "racing": lambda g, m, p: features(g, m),
+        "racing+lr": lambda g, m, p: (*features(g, m), _log(float(g.get("finetune.lr", 1.0)))
+                                      if g.get("finetune.epochs") else 0.0),
+        "racing+kd": lambda g, m, p: (*features(g, m), float(g.get("reg.kind") == "kd")),
+        "racing+int4": lambda g, m, p: (*features(g, m),
+                                        float(g.get("quant.scheme") == "int4_weight")),
+        "racing+size": lambda g, m, p: (*features(g, m), _log(m["tier0_size_ratio"])),
+    })
+
+
 def measured_records(store: str, experiment: str) -> list[dict]:
     """The measured candidates (with a tier-0 reading) of the experiment's latest search run,
     from its journal, in finishing order."""
@@ -208,9 +226,19 @@ def main() -> None:
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--out", required=True, help="a results file; a new experiment is "
                         "added to one that exists")
+    parser.add_argument("--genome-only", action="store_true", help="replay only what the "
+                        "genome and the logged tier-0 reading add (the lr, distillation, int4, "
+                        "the estimated size): nothing re-compressed")
     opts = parser.parse_args()
-    _feature_sets()
     rows = measured_records(opts.store, opts.experiment)
+    if opts.genome_only:
+        _genome_sets()
+        for r in rows:
+            r["proxies"] = {}
+        write(Path(opts.out), opts.experiment, {"candidates": len(rows), (
+            "spearman_calibrated_vs_val"): {k: replay(rows, f) for k, f in GENOME_SETS.items()}})
+        return
+    _feature_sets()
     reader = Reader(opts.config, opts.seed)
     for i, r in enumerate(rows):
         r["proxies"] = reader.read(r["genome"], opts.seed + i)
@@ -226,10 +254,14 @@ def main() -> None:
               "rows": [{"genome_hash": r["genome_hash"], "val": r["metrics"]["val_accuracy"],
                         "tier0_divergence": r["metrics"]["tier0_divergence"], **r["proxies"]}
                        for r in rows]}
+    write(Path(opts.out), opts.experiment, report)
+
+
+def write(out: Path, experiment: str, report: dict) -> None:
+    """``report`` as ``experiment``'s entry of the results file ``out``, with provenance."""
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
-    out = Path(opts.out)
     data = json.loads(out.read_text()) if out.exists() else {"experiments": {}}
-    data["experiments"][opts.experiment] = {"provenance": provenance(), **report}
+    data["experiments"][experiment] = {"provenance": provenance(), **report}
     out.write_text(json.dumps(data, indent=1, default=str))
     print(f"wrote {out}")
 
