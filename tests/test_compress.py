@@ -297,3 +297,34 @@ def test_l1_penalty_is_strength_times_the_weight_norm(model_copy):
         if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
     )
     assert torch.isclose(value, expected)
+
+
+class PatchOnly(torch.nn.Module):
+    """A ViT with every block skipped: patches, a class token and positions added to the
+    stream as parameters, a norm and the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(1, 8, 4, stride=4)
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos = torch.nn.Parameter(torch.randn(1, 5, 8))
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_channels_go_where_torch_pruning_infers_zero_channels_past_a_reshape():
+    """torch-pruning infers 0 channels past the patches' ``flatten`` here and divided by them
+    (``ZeroDivisionError``: 5 of 36 candidates of a ViT search that skipped every block and
+    pruned the width). The reshape is left unmapped, as where it infers none, and the
+    channels go from the conv, the class token, the positions and the norm together."""
+    torch.manual_seed(0)
+    model, x = PatchOnly().eval(), torch.randn(2, 1, 8, 8)
+    assert prune_channels(model, (x,), {"patch": ("l2_channel", 0.5)}, round_to=1,
+                          protected=["head"]) == {"patch": (8, 4)}
+    assert model.cls.shape[-1] == model.pos.shape[-1] == model.norm.weight.numel() == 4
+    assert model(x).shape == (2, 3)

@@ -29,6 +29,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     layer's channel group remove an LSTM's input columns or units through ``h_n``."""
     import torch_pruning as tp
 
+    _guard_reshape_mapping()
     with _as_leaves(model):
         try:
             return tp.DependencyGraph().build_dependency(
@@ -42,6 +43,29 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
             if isinstance(example_inputs, (tuple, list)):
                 model(*example_inputs)
             raise
+
+
+def _guard_reshape_mapping() -> None:
+    """Make torch-pruning leave a reshape unmapped where it infers 0 channels on one side.
+
+    It infers 0 where a path reaches the model's inputs or a parameter added to the stream
+    (a ViT's ``cat([cls, x]) + pos_embed`` with every block skipped), and then divides by it
+    (``ZeroDivisionError`` in ``update_reshape_index_mapping``). Where it infers no count at
+    all it leaves the reshape unmapped; a 0 is taken the same way. Installed once."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "petra_guarded", False):
+        return
+
+    def update(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            return  # it raises before it maps anything
+
+    update.petra_guarded = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = update
 
 
 #: A channel group may hold this many dependencies per node of the graph before it is taken
