@@ -65,3 +65,25 @@ def test_every_scheme_says_how_it_stores_weights():
     with pytest.raises(ValueError, match="weights must be one of"):
         QUANTIZATION.register("test_bad_weights", description="x", weights="int3")(len)
     assert {e.meta["weights"] for e in QUANTIZATION} >= {"fp32", "fp16", "int8", "int4"}
+
+
+def test_the_divergence_reads_each_kind_of_output_on_its_own_axis():
+    """A one-output regression read as ``1 - cosine`` compared signs only (0 for any change
+    that kept them); it reads as the increase of its task loss. A segmentation's classes are
+    its dimension 1, not the last."""
+    import torch
+
+    from petra import Task
+    from petra.candidate.screen import divergence
+
+    torch.manual_seed(0)
+    mse = Task(model=torch.nn.Identity(), train=[], val=[], test=[], example_input=None,
+               loss=torch.nn.functional.mse_loss)
+    targets = torch.randn(8, 1)
+    dense = targets + 0.1 * torch.randn(8, 1)
+    assert divergence(mse, dense, dense * 2, targets) > 0.01  # signs unchanged, values not
+    assert divergence(mse, dense, dense, targets) == 0.0
+    logits, labels = torch.randn(4, 3, 5, 6), torch.zeros(4, 5, 6, dtype=torch.long)
+    assert divergence(mse, logits, logits + torch.arange(6.0), labels) == pytest.approx(
+        0.0, abs=1e-6)  # shifted along the width: the class probabilities are the same
+    assert divergence(mse, logits, logits.flip(1), labels) > 0.01

@@ -6,8 +6,11 @@ low-rank factors, masks), re-estimates BatchNorm statistics on a few training ba
 the weights to the scheme's storage format, and reads these numbers:
 
 - **divergence** from the dense model on a fixed calibration batch (lower is better): the KL
-  divergence of the output distributions for a classifier (2-D float outputs, integer targets),
-  ``1 - cosine`` for any other float output (embeddings), else the increase of the task loss;
+  divergence of the output distributions over the class dimension for a classifier (integer
+  targets, one dimension fewer than the outputs: :func:`~petra.compress.regularize.class_dim`;
+  a sequence's or a segmentation's mean over its positions), ``1 - cosine`` for any other
+  float output (embeddings), else the increase of the task loss (a regression, whose float
+  targets have the outputs' size);
 - **size ratio**: the candidate's artifact bytes estimated from the packing rules of
   :mod:`petra.candidate.artifact` (a tensor is stored sparse when its bitmask plus non-zero
   values are smaller; int8 weights take a byte and a per-channel scale, int4 half a byte, fp16
@@ -40,6 +43,7 @@ from petra.candidate.device import OnDevice, to_device
 from petra.candidate.latency_table import LatencyTable, own_weights, weight_layers
 from petra.candidate.measure import macs_and_params
 from petra.compress.gates import recalibrate_batchnorm
+from petra.compress.regularize import class_dim
 from petra.registry import QUANTIZATION
 from petra.tasks.contract import args
 
@@ -139,11 +143,13 @@ def divergence(task: Task, dense: torch.Tensor, outputs: torch.Tensor, targets: 
     dense, outputs = dense.float(), outputs.float()
     if not torch.isfinite(outputs).all():
         return math.inf
-    integer_targets = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
-    if dense.dim() == 2 and integer_targets:
-        log_p, log_q = dense.log_softmax(-1), outputs.log_softmax(-1)
-        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    if dense.is_floating_point() and dense.shape == outputs.shape:
+    dim = class_dim(dense, targets)
+    if dim is not None and dense.shape == outputs.shape:
+        log_p, log_q = dense.log_softmax(dim), outputs.log_softmax(dim)
+        return float((log_p.exp() * (log_p - log_q)).sum(dim).mean())
+    regression = isinstance(targets, torch.Tensor) and targets.is_floating_point() and \
+        targets.numel() == dense.numel()
+    if not regression and dense.is_floating_point() and dense.shape == outputs.shape:
         flat_d, flat_o = dense.reshape(len(dense), -1), outputs.reshape(len(outputs), -1)
         return float(1 - torch.nn.functional.cosine_similarity(flat_d, flat_o, dim=1).mean())
     return float(task.loss(outputs, targets) - task.loss(dense, targets))

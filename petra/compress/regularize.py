@@ -85,14 +85,21 @@ def kd_genes(space_cfg: SpaceConfig) -> list[Any]:
 
 @REGULARIZERS.register(
     "kd",
-    description="distillation from the dense baseline: kd_alpha * T^2 * KL(teacher_T || student_T)",
+    description="distillation from the dense baseline: kd_alpha * T^2 * KL(teacher_T || student_T) "
+    "over the class dimension (kd_alpha * MSE to the teacher's outputs for float targets)",
     genes=kd_genes,
 )
 def kd(ctx: RegContext) -> Any:
     """Knowledge distillation (Hinton et al.) added to the task loss.
 
-    The total is ``CE + alpha * T² * KL(softmax(t/T) || softmax(s/T))``: the task loss keeps its
-    weight, so the penalty is non-negative, and the teacher is the dense baseline in eval mode.
+    The total is ``loss + alpha * T² * KL(softmax(t/T) || softmax(s/T))``, the KL summed over
+    the class dimension and averaged over the rest: the task loss keeps its weight, so the
+    penalty is non-negative, and the teacher is the dense baseline in eval mode. The class
+    dimension is the one the integer targets lack (``(B, C)`` against ``(B,)``, a sequence's
+    ``(B, T, V)`` against ``(B, T)``, a segmentation's ``(B, C, H, W)`` against
+    ``(B, H, W)``). Where there is none (float targets: a regression, an embedding), the
+    penalty is ``alpha * MSE`` to the teacher's outputs, for a softmax over one output or over
+    the wrong axis distills nothing.
     """
     import torch.nn.functional as F
 
@@ -104,9 +111,25 @@ def kd(ctx: RegContext) -> Any:
 
     def penalty(model: nn.Module, inputs: Any, outputs: Any, targets: Any) -> torch.Tensor:
         with torch.no_grad():
-            soft_teacher = F.softmax(teacher(*args(inputs)) / temperature, dim=-1)
-        log_student = F.log_softmax(outputs / temperature, dim=-1)
-        kl = F.kl_div(log_student, soft_teacher, reduction="batchmean")
+            taught = teacher(*args(inputs))
+        dim = class_dim(outputs, targets)
+        if dim is None:
+            return alpha * F.mse_loss(outputs, taught.to(outputs.dtype))
+        log_teacher = F.log_softmax(taught / temperature, dim=dim)
+        log_student = F.log_softmax(outputs / temperature, dim=dim)
+        kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=dim).mean()
         return alpha * temperature**2 * kl
 
     return penalty
+
+
+def class_dim(outputs: torch.Tensor, targets: Any) -> int | None:
+    """The dimension of ``outputs`` that holds the classes: the one whose removal leaves the
+    integer ``targets``' shape (torch's ``cross_entropy`` convention, dimension 1, first), or
+    None where the targets are not integer class labels of that shape."""
+    if not (isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+            and outputs.dim() == targets.dim() + 1 and outputs.dim() >= 2):
+        return None
+    shape = tuple(outputs.shape)
+    return next((d for d in (1, *range(2, outputs.dim())) if shape[:d] + shape[d + 1:]
+                 == tuple(targets.shape)), None)
