@@ -300,7 +300,7 @@ def _runs_command(args: argparse.Namespace) -> int:
     if args.command == "export":
         out = export_candidate(uri, args.run_id, args.candidate, args.out)
         print(f"exported to {out}: model.petra, load_petra.py, example.py, example.npz, "
-              "MODEL_CARD.md")
+              "MODEL_CARD.md, genome.json, metrics.json")
         print(f"try it:     cd {out} && python example.py   (needs numpy, onnx, onnxruntime)")
         return 0
     if args.command == "register":
