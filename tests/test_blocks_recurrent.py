@@ -318,3 +318,20 @@ def test_the_first_layer_of_a_transformer_encoder_can_be_skipped():
     proto = artifact.export_onnx(model, (x,))
     out = artifact.load(artifact.pack(proto)).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+def test_the_norm_before_a_skipped_branch_keeps_the_residual_width():
+    """The skipped branch's zeros are ``x * 0``: as ``zeros_like`` they cut the traced graph,
+    torch-pruning left out the norm that feeds the branch, and the model failed once the
+    residual width shrank (``normalized_shape=[32] ... got input of size [16, 17, 24]``)."""
+    from petra.compress.structured import prune_channels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), PreNorm(), PreNorm(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 4)
+    skip_blocks(model, ["1.mlp"], skippable_blocks(model, (x,)))
+    changes = prune_channels(model, (x,), {"0": ("l2_channel", 0.5)}, round_to=1,
+                             protected=["3"])
+    assert list(changes.values()) == [(8, 4)] and model[0].out_features == 4
+    assert model[1].norm.weight.numel() == model[2].norm.weight.numel() == 4
+    assert model(x).shape == (5, 3)

@@ -94,14 +94,16 @@ class ReluIdentity(nn.Module):
 
 
 class Zero(nn.Module):
-    """A residual branch removed: zeros of its input's shape."""
+    """A residual branch removed: zeros of its input's shape, as ``x * 0``. ``zeros_like``
+    would cut the traced graph there, and torch-pruning would then leave out the norm that
+    feeds the branch (it still runs): the residual width would shrink around it."""
 
     def __init__(self, outputs: int = 0) -> None:
         super().__init__()
         self.outputs = outputs
 
     def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
-        return _as_returned(torch.zeros_like(x), self.outputs)
+        return _as_returned(x * 0.0, self.outputs)
 
 
 class _BatchFirst:
