@@ -77,7 +77,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     import torch
     from torch import nn
 
-    from petra.compress.attention import attention_layers, qkv_names
+    from petra.compress.attention import attention_layers
     from petra.compress.recurrent import gru_layers
     from petra.compress.structured import channel_layers
 
@@ -96,16 +96,11 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why,
                                        batchnorm=normed)
     modules = dict(model.named_modules())
-    # a GRU or LSTM loses units only as petra's recurrent pruning found it, whatever
-    # torch-pruning's groups say (its LSTM pruner takes a stacked one for a single layer)
+    # recurrent units go as petra's pruning finds them (torch-pruning's LSTM groups mislead)
     capable = {n for n in capable if not isinstance(modules.get(n), RECURRENT_TYPES)}
-    capable |= {g.name for g in recurrent} | set(heads)
-    # an attention's q, k and v rows go a head at a time (l2_heads): channel by channel they
-    # break its head reshape, or, fused, leave a reshape that runs on the wrong rows
-    by_heads = {proj: f"a q, k or v projection of {a.name}: its units are the attention's "
-                f"heads (l2_heads), not single channels" for a in attention
-                for proj in qkv_names(model, a)}
-    capable -= set(by_heads)
+    by_heads = _head_projections(model, attention)
+    capable = (capable | {g.name for g in recurrent} | set(heads)) - set(by_heads)
+    channel_why.update(by_heads)
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:
@@ -115,13 +110,22 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         )
         whole = ("its output is the model's output" if is_output
                  else _TRANSPOSED if isinstance(modules[name], transposed)
-                 else by_heads.get(name) or (recurrent_why or {}).get(name)
-                 or channel_why.get(name)
+                 else (recurrent_why or {}).get(name) or channel_why.get(name)
                  or (errors or [_UNFOLLOWED])[0])
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
                                  and name in capable, residual=name in residual, whole=whole,
                                  batchnorm=name in normed))
     return infos
+
+
+def _head_projections(model: Any, attention: Sequence[Any]) -> dict[str, str]:
+    """The q, k and v projections of the attentions that lose heads, each with why it keeps its
+    channels: its rows go a head at a time (``l2_heads``); channel by channel they break the
+    head reshape, or, fused, leave a reshape that runs on the wrong rows."""
+    from petra.compress.attention import qkv_names
+
+    return {proj: f"a q, k or v projection of {a.name}: its units are the attention's heads "
+            "(l2_heads), not single channels" for a in attention for proj in qkv_names(model, a)}
 
 
 #: Why a transposed convolution gets no gene (it is listed, with this reason, and quantized).

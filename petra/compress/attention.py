@@ -236,18 +236,7 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
         model.train(was_training)
     infos, reasons = [], {}
     for name in order:
-        info = _attention_info(name, found[name], readers.get(name))
-        if info is None or info.heads < 2:
-            reasons[name] = ("one head: nothing to remove" if info is not None else
-                             "its form is not handled (separate key/value widths, learned "
-                             "key/value biases, heads that do not divide the width, or no "
-                             "output projection found)")
-            continue
-        reason = _trial(model, example_input, info)
-        if reason == LAYOUT and info.fused:  # [q | k | v] it is not: is it laid out by head?
-            by_head = replace(info, by_head=True)
-            if not _trial(model, example_input, by_head):
-                info, reason = by_head, ""
+        info, reason = _checked(model, example_input, name, found[name], readers.get(name))
         if reason:
             reasons[name] = reason
         else:
@@ -255,6 +244,23 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
     if why is not None:
         why.update(reasons)
     return infos
+
+
+def _checked(model: nn.Module, example_input: Sequence[Any], name: str, module: nn.Module,
+             reader: str | None) -> tuple[AttentionInfo | None, str]:
+    """The attention ``name`` as its trial removal found it, and '' or why it loses no heads."""
+    info = _attention_info(name, module, reader)
+    if info is None or info.heads < 2:
+        return None, ("one head: nothing to remove" if info is not None else
+                      "its form is not handled (separate key/value widths, learned key/value "
+                      "biases, heads that do not divide the width, or no output projection "
+                      "found)")
+    reason = _trial(model, example_input, info)
+    if reason == LAYOUT and info.fused:  # [q | k | v] it is not: is it laid out by head?
+        by_head = replace(info, by_head=True)
+        if not _trial(model, example_input, by_head):
+            return by_head, ""
+    return info, reason
 
 
 #: Why a fused or grouped attention's heads are refused when the trial computes something else.
