@@ -328,3 +328,37 @@ def test_channels_go_where_torch_pruning_infers_zero_channels_past_a_reshape():
                           protected=["head"]) == {"patch": (8, 4)}
     assert model.cls.shape[-1] == model.pos.shape[-1] == model.norm.weight.numel() == 4
     assert model(x).shape == (2, 3)
+
+
+def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_channels():
+    """A TCN's ``weight_norm`` convs had every structured gene withheld (``KeyError: attribute
+    'weight' already exists``: torch-pruning assigns a pruned layer a new weight). The task
+    contract bakes each reparametrization, in either form, into the weight it computes."""
+    import warnings
+
+    from torch import nn
+    from torch.nn.utils import parametrizations, parametrize
+
+    from petra import Task
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older hook form is deprecated
+        old_form = nn.utils.weight_norm(nn.Conv1d(8, 8, 3))
+    model = nn.Sequential(parametrizations.weight_norm(nn.Conv1d(2, 8, 3)), nn.ReLU(), old_form,
+                          nn.ReLU(), nn.Flatten(), parametrizations.spectral_norm(
+                              nn.Linear(96, 3))).eval()
+    x = torch.randn(4, 2, 16)
+    with torch.no_grad():
+        want = model(x)
+    task = adapt(Task(model=model, train=[(x, torch.zeros(4, dtype=torch.long))], val=[],
+                      test=[], example_input=x, trained=True))
+    assert task.plain_weights == ("0", "2", "5")
+    assert not any(parametrize.is_parametrized(m) or m._forward_pre_hooks
+                   for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(task.model(x), want)
+    assert prune_channels(task.model, task.example_input, {"0": ("l2_channel", 0.5)},
+                          round_to=1, protected=["5"]) == {"0": (8, 4)}
+    assert task.model(x).shape == (4, 3)

@@ -104,6 +104,7 @@ def test_the_baseline_cache_key_tells_stand_ins_apart():
     square one would load into the Linear without an error, and compute something else."""
     assert baseline_key("t", {}, 0) != baseline_key("t", {}, 0, ("fc",))
     assert baseline_key("t", {}, 0) == baseline_key("t", {}, 0, ())
+    assert baseline_key("t", {}, 0, (), ("conv",)) != baseline_key("t", {}, 0)  # baked weights
 
 
 def test_gpt2s_fused_attention_loses_whole_heads_as_the_masked_model_computes():

@@ -44,13 +44,16 @@ class Baseline:
 
 
 def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
-                 stand_ins: Sequence[str] = ()) -> str:
+                 stand_ins: Sequence[str] = (), plain: Sequence[str] = ()) -> str:
     """The baseline cache's key; ``stand_ins``, the layers the task contract replaced
-    (:func:`petra.tasks.contract.linear_stand_ins`), change the weights' shapes."""
+    (:func:`petra.tasks.contract.linear_stand_ins`), change the weights' shapes, and
+    ``plain``, the layers whose reparametrization it baked (``plain_weights``), their names."""
     config: dict[str, Any] = {"name": task_name, "params": task_params, "seed": seed,
                               "recipe": RECIPE_VERSION}
     if stand_ins:
         config["linear_stand_ins"] = sorted(stand_ins)
+    if plain:
+        config["plain_weights"] = sorted(plain)
     payload = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -74,7 +77,8 @@ def prepare_baseline(
         check(task, task_name)
     except TaskError as exc:
         raise ConfigError("task.name", task_name, "", str(exc)) from exc
-    key = baseline_key(task_name, task_params, seed, getattr(task, "linear_stand_ins", ()))
+    key = baseline_key(task_name, task_params, seed, getattr(task, "linear_stand_ins", ()),
+                       getattr(task, "plain_weights", ()))
     path = Path(cache_dir) / f"baseline-{key}.pt"
     cached = False
     if not task.trained and path.exists():

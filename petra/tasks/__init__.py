@@ -69,6 +69,9 @@ class Task:
     input_names: tuple[str, ...] = ()
     #: The layers :func:`petra.tasks.contract.linear_stand_ins` replaced by an ``nn.Linear``.
     linear_stand_ins: tuple[str, ...] = ()
+    #: The layers whose weight norm or spectral norm :func:`petra.tasks.contract.plain_weights`
+    #: baked into a plain weight.
+    plain_weights: tuple[str, ...] = ()
 
 
 def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:

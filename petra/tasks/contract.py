@@ -14,6 +14,9 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear that stores its weight transposed)
   is replaced by the ``nn.Linear`` it computes (:func:`linear_stand_ins`), so every gene that
   takes a Linear takes it; ``task.linear_stand_ins`` names them.
+- A weight reparametrization (``weight_norm``, ``spectral_norm``, either form) is baked into the
+  plain weight it computes (:func:`plain_weights`): channel removal assigns new weights, which a
+  parametrized layer refuses; ``task.plain_weights`` names the layers.
 
 ``metric`` and ``loss`` always receive torch tensors: a model's output in torch, and an ONNX
 Runtime output converted with ``torch.from_numpy``.
@@ -188,6 +191,7 @@ def adapt(task: Task) -> Any:
     task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
     task.example_input = as_tuple(example, names)
     no_fast_path(task.model)
+    task.plain_weights = plain_weights(task.model)
     task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
     task.input_names = names
     for split in ("train", "val", "test"):
@@ -209,6 +213,34 @@ def no_fast_path(model: nn.Module) -> None:
     for owner in model.modules():
         if isinstance(owner, nn.TransformerEncoder):
             owner.use_nested_tensor = False
+
+
+def plain_weights(model: nn.Module) -> tuple[str, ...]:
+    """Bake every weight reparametrization of ``model`` into the plain tensor it computes, in
+    place, and return the layers' names: ``torch.nn.utils.parametrizations.weight_norm`` and
+    ``spectral_norm`` (``parametrize``), and the older hook forms ``weight_norm`` and
+    ``spectral_norm``. The layers compute what they computed (a spectral norm as in eval mode);
+    a fine-tune then trains the plain weight. torch-pruning assigns a pruned layer a new
+    ``weight`` parameter, which a parametrized layer refuses (``attribute 'weight' already
+    exists``)."""
+    from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    baked = []
+    for name, module in list(model.named_modules()):
+        hooks = [h for h in module._forward_pre_hooks.values()
+                 if isinstance(h, WeightNorm | SpectralNorm)]
+        for hook in hooks:
+            (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(
+                module, hook.name)
+        if parametrize.is_parametrized(module):
+            for tensor in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+        elif not hooks:
+            continue
+        baked.append(name)
+    return tuple(baked)
 
 
 def _is_transposed_linear(module: nn.Module) -> bool:
