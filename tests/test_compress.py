@@ -362,3 +362,20 @@ def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_ch
     assert prune_channels(task.model, task.example_input, {"0": ("l2_channel", 0.5)},
                           round_to=1, protected=["5"]) == {"0": (8, 4)}
     assert task.model(x).shape == (4, 3)
+
+
+def test_a_group_norms_channels_go_in_multiples_of_its_groups():
+    """Channels kept by a group that a ``GroupNorm`` reads are a multiple of its groups: at
+    0.8 of 32 channels, 6 were kept and the norm failed (``Expected number of channels in
+    input to be divisible by num_groups``), so every conv of such a CNN was withheld."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3), nn.GroupNorm(4, 32), nn.ReLU(),
+                          nn.Conv2d(32, 8, 3), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(2, 1, 8, 8)
+    model(x)
+    model.eval()
+    assert prune_channels(model, (x,), {"0": ("l2_channel", 0.8)}, round_to=1,
+                          protected=["5"]) == {"0": (32, 8)}
+    assert model[1].num_channels == 8 and model(x).shape == (2, 3)

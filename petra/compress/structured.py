@@ -52,11 +52,15 @@ def out_channel_members(group: Any) -> list[nn.Module]:
 
 def channel_step(group: Any, round_to: int) -> int:
     """``round_to``, made a multiple of the head count of every ``nn.MultiheadAttention`` in
-    ``group``: its ``embed_dim`` is the group's width and must stay divisible by its heads."""
+    ``group`` (its ``embed_dim`` is the group's width and must stay divisible by its heads) and
+    of the group count of every ``nn.GroupNorm`` (whose channels must stay divisible by it)."""
     step = round_to
     for dep, _ in group:
-        if isinstance(dep.target.module, nn.MultiheadAttention):
-            step = math.lcm(step, dep.target.module.num_heads)
+        module = dep.target.module
+        if isinstance(module, nn.MultiheadAttention):
+            step = math.lcm(step, module.num_heads)
+        elif isinstance(module, nn.GroupNorm):
+            step = math.lcm(step, module.num_groups)
     return step
 
 
