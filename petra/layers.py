@@ -190,7 +190,9 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
         if watch(names[module], module):
             def hook(mod: Any, _inp: Any, out: Any) -> None:
                 order.append(names[mod])
-                outputs[names[mod]] = out[0] if isinstance(out, tuple) else out  # a GRU's
+                while isinstance(out, tuple | list) and out:  # a GRU's (output, h_n), and
+                    out = out[0]  # a PackedSequence's data
+                outputs[names[mod]] = out
 
             hooks.append(module.register_forward_hook(hook))
     was_training = model.training
@@ -405,7 +407,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     if schemes:
         from petra.tasks.contract import feed
 
-        proto = artifact.export_onnx(model, tuple(example_input))
+        proto = artifact.export_dense(model, tuple(example_input))
         example = feed(example_input, [i.name for i in proto.graph.input])
         out["schemes"] = verify_schemes(proto, schemes, [example], example)
     if path is not None:

@@ -292,3 +292,29 @@ def test_the_smallest_sparse_encoding_is_chosen_and_round_trips(sparsity, encodi
     assert np.array_equal(restored["w"], weight)
     if encoding is not None:
         assert len(data) < weight.nbytes * (1 - sparsity) * 1.5 + 2048
+
+
+def test_a_dense_model_that_does_not_export_stops_with_one_line():
+    """An LSTM over ``pack_padded_sequence`` cannot be exported; ``petra search`` and ``petra
+    space`` stopped with a traceback (from the layer listing, which read a PackedSequence's
+    shape, then from the export). The export's failure is a config error on ``task.name``."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from petra.candidate.artifact import export_dense
+    from petra.errors import ConfigError
+    from petra.space import prunable_layers
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            return self.fc(self.lstm(packed)[1][0][-1])
+
+    model = Packed().eval()
+    inputs = (torch.randn(3, 5, 4), torch.tensor([5, 2, 3]))
+    assert [layer.name for layer in prunable_layers(model, inputs)] == ["lstm", "fc"]
+    with pytest.raises(ConfigError, match="task.name: the model does not export to ONNX"):
+        export_dense(model, inputs)

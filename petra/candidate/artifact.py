@@ -48,6 +48,22 @@ INT4_KEY = "petra.int4"
 _INT4_QMAX = 7
 
 
+def export_dense(model: Any, example_input: Any) -> Any:
+    """:func:`export_onnx` of the task's dense model, whose failure stops the command with one
+    line (a :class:`~petra.errors.ConfigError` on ``task.name``): every candidate is measured as
+    an exported artifact, so a model that does not export cannot be searched."""
+    from petra.errors import ConfigError
+
+    try:
+        return export_onnx(model, example_input)
+    except RuntimeError as exc:
+        raise ConfigError("task.name", "", "", (
+            f"the model does not export to ONNX, and petra measures the exported artifact "
+            f"({first_line(exc, 300)}); a forward that ONNX cannot trace, such as "
+            "pack_padded_sequence or data-dependent Python control flow, needs another "
+            "form")) from exc
+
+
 def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
     """Export ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis on every input.
 

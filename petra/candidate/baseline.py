@@ -96,7 +96,7 @@ def prepare_baseline(
     task.model.eval()
     buffer = io.BytesIO()
     torch.save(task.model.state_dict(), buffer)
-    data = artifact.pack(artifact.export_onnx(task.model, task.example_input))
+    data = artifact.pack(artifact.export_dense(task.model, task.example_input))
     session = artifact.load(data, threads=threads)
     val_accuracy, val_examples = session_metric(session, task.val, task.metric)
     metrics = {
