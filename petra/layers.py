@@ -104,8 +104,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:
-        is_output = outputs[name] is result or (
-            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
+        is_output = any(outputs[name] is r for r in result) or (
+            isinstance(result[0], torch.Tensor) and outputs[name].shape == result[0].shape
             and name == seen[-1]
         )
         whole = ("its output is the model's output" if is_output
@@ -177,9 +177,11 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
                     ) -> tuple[list[str], dict[str, Any], Any]:
     """Run ``model`` on its example once (eval mode, no grad) with hooks on the modules
     ``watch(name, module)`` selects: their names in call order, each one's (first) output, and
-    the model's output."""
+    the model's output, then any other tensor the user's model returned (an auxiliary head's:
+    its layer is an output layer too)."""
     import torch
 
+    from petra.compress.graph import tensors_in
     from petra.tasks.contract import args
 
     order: list[str] = []
@@ -199,12 +201,13 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
     model.eval()
     try:
         with torch.no_grad():
-            result = model(*args(example_input))
+            result, raw = model.outputs(*args(example_input)) if hasattr(model, "outputs") \
+                else (model(*args(example_input)), None)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return order, outputs, result
+    return order, outputs, [result, *tensors_in(raw)]
 
 
 def protected(layers: Iterable[LayerInfo]) -> list[str]:
@@ -281,7 +284,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 13
+VERIFY_VERSION = 14
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,

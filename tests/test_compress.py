@@ -379,3 +379,36 @@ def test_a_group_norms_channels_go_in_multiples_of_its_groups():
     assert prune_channels(model, (x,), {"0": ("l2_channel", 0.8)}, round_to=1,
                           protected=["5"]) == {"0": (32, 8)}
     assert model[1].num_channels == 8 and model(x).shape == (2, 3)
+
+
+class WithAux(torch.nn.Module):
+    """Features read by the task's head and by an auxiliary head the task does not read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3)
+        self.fc, self.aux = torch.nn.Linear(8, 3), torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return {"logits": self.fc(h), "aux": self.aux(h)}
+
+
+def test_an_auxiliary_head_the_task_does_not_read_keeps_its_inputs_in_step():
+    """The model still computes the auxiliary head, so its input columns go with the channels
+    that feed it: traced from the task's output alone, torch-pruning left it out, and the
+    conv's channels were withheld (``mat1 and mat2 shapes cannot be multiplied``). Its own
+    output channels are an output of the model's, kept whole."""
+    from petra import Task
+    from petra.space import prunable_layers
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 6)
+    task = adapt(Task(model=WithAux().eval(), train=[], val=[], test=[], example_input=x,
+                      output=lambda out: out["logits"], trained=True))
+    whole = {layer.name: layer.whole for layer in prunable_layers(task.model, (x,))}
+    assert whole["aux"] == whole["fc"] == "its output is the model's output"
+    assert prune_channels(task.model, (x,), {"conv": ("l2_channel", 0.5)}, round_to=1,
+                          protected=["fc", "aux"]) == {"conv": (8, 4)}
+    assert task.model.inner.aux.in_features == 4 and task.model(x).shape == (2, 3)

@@ -34,6 +34,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
         try:
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False,
+                forward_fn=_every_output if hasattr(model, "outputs") else None,
                 customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
                                     nn.GRU: _recurrent_pruner(nn.GRU),
                                     nn.LSTM: _recurrent_pruner(nn.LSTM)})
@@ -43,6 +44,26 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
             if isinstance(example_inputs, (tuple, list)):
                 model(*example_inputs)
             raise
+
+
+def _every_output(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """A :class:`~petra.tasks.contract.TaskModel`'s output, then every other tensor its user
+    model returned: traced from the task's output alone, an auxiliary head that the task does
+    not read (but the model still computes) was left out of the graph, and the layers that feed
+    it lost channels without it (``mat1 and mat2 shapes cannot be multiplied``)."""
+    out, raw = model.outputs(*inputs)
+    return [out, *(t for t in tensors_in(raw) if t is not out and t.grad_fn is not None)]
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those in its dict values, tuples and lists."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in tensors_in(v)]
+    return []
 
 
 def _guard_reshape_mapping() -> None:

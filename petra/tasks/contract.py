@@ -141,15 +141,20 @@ class TaskModel(nn.Module):
         self.keyword = keyword
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.outputs(*inputs)[0]
+
+    def outputs(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The task's output and everything the user's model returned (an auxiliary head's
+        output too, which the task does not read but the model computes)."""
         if self.keyword:
-            out = self.inner(**dict(zip(self.input_names, inputs, strict=True)))
+            raw = self.inner(**dict(zip(self.input_names, inputs, strict=True)))
         else:
-            out = self.inner(*inputs)
-        out = self.output_fn(out)
+            raw = self.inner(*inputs)
+        out = self.output_fn(raw)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the task's output function returned {type(out).__name__}, "
                             "not a tensor")
-        return out
+        return out, raw
 
     def train(self, mode: bool = True) -> TaskModel:
         super().train(mode)
