@@ -335,3 +335,29 @@ def test_the_norm_before_a_skipped_branch_keeps_the_residual_width():
     assert list(changes.values()) == [(8, 4)] and model[0].out_features == 4
     assert model[1].norm.weight.numel() == model[2].norm.weight.numel() == 4
     assert model(x).shape == (5, 3)
+
+
+class Attention(nn.Module):
+    """A hand-written self-attention outside any block: its projections are square."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 2
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out_proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_an_attentions_square_projections_are_not_skippable_layers():
+    """Its q, k, v and output projections were offered as square layers to skip: as the
+    identity a key projection is nonsense, and head removal then failed on the missing
+    weight (``'ReluIdentity' object has no attribute 'weight'``, 16 of 36 candidates)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Attention(), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
+    assert [b.name for b in skippable_blocks(model, (torch.randn(2, 5, 4),))] == ["2"]

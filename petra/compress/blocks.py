@@ -208,8 +208,10 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
         elif _layer_count(module) >= 2 and square:
             found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
-    # the space small, and a block's layers are what channel pruning already reaches.
-    outer = [b.name for b in found if not isinstance(modules[b.name], _LAYERS)]
+    # the space small, and a block's layers are what channel pruning already reaches. Those of
+    # an attention lose heads instead (as the identity, a q or k projection is nonsense).
+    outer = [b.name for b in found if not isinstance(modules[b.name], _LAYERS)] + [
+        name for name in seen if _is_attention(modules[name])]
     return [b for b in found if not (isinstance(modules[b.name], _LAYERS)
                                      and any(b.name.startswith(o + ".") for o in outer))]
 
