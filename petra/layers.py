@@ -104,8 +104,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:
-        is_output = any(outputs[name] is r for r in result) or (
-            isinstance(result[0], torch.Tensor) and outputs[name].shape == result[0].shape
+        is_output = outputs[name] is result or (
+            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
             and name == seen[-1]
         )
         whole = ("its output is the model's output" if is_output
@@ -177,11 +177,9 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
                     ) -> tuple[list[str], dict[str, Any], Any]:
     """Run ``model`` on its example once (eval mode, no grad) with hooks on the modules
     ``watch(name, module)`` selects: their names in call order, each one's (first) output, and
-    the model's output, then any other tensor the user's model returned (an auxiliary head's:
-    its layer is an output layer too)."""
+    the model's output."""
     import torch
 
-    from petra.compress.graph import tensors_in
     from petra.tasks.contract import args
 
     order: list[str] = []
@@ -201,13 +199,12 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
     model.eval()
     try:
         with torch.no_grad():
-            result, raw = model.outputs(*args(example_input)) if hasattr(model, "outputs") \
-                else (model(*args(example_input)), None)
+            result = model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return order, outputs, [result, *tensors_in(raw)]
+    return order, outputs, result
 
 
 def protected(layers: Iterable[LayerInfo]) -> list[str]:

@@ -397,18 +397,20 @@ class WithAux(torch.nn.Module):
 def test_an_auxiliary_head_the_task_does_not_read_keeps_its_inputs_in_step():
     """The model still computes the auxiliary head, so its input columns go with the channels
     that feed it: traced from the task's output alone, torch-pruning left it out, and the
-    conv's channels were withheld (``mat1 and mat2 shapes cannot be multiplied``). Its own
-    output channels are an output of the model's, kept whole."""
+    conv's channels were withheld (``mat1 and mat2 shapes cannot be multiplied``). Only the
+    task's output protects channels: the auxiliary output is not in the artifact."""
     from petra import Task
-    from petra.space import prunable_layers
+    from petra.compress.graph import dependency_graph
+    from petra.compress.structured import channel_groups
     from petra.tasks.contract import adapt
 
     torch.manual_seed(0)
     x = torch.randn(2, 1, 6, 6)
     task = adapt(Task(model=WithAux().eval(), train=[], val=[], test=[], example_input=x,
                       output=lambda out: out["logits"], trained=True))
-    whole = {layer.name: layer.whole for layer in prunable_layers(task.model, (x,))}
-    assert whole["aux"] == whole["fc"] == "its output is the model's output"
+    roots = {group[0].dep.target.module for group in channel_groups(
+        dependency_graph(task.model, (x,)))}
+    assert task.model.inner.conv in roots and task.model.inner.aux in roots
     assert prune_channels(task.model, (x,), {"conv": ("l2_channel", 0.5)}, round_to=1,
-                          protected=["fc", "aux"]) == {"conv": (8, 4)}
+                          protected=["fc"]) == {"conv": (8, 4)}
     assert task.model.inner.aux.in_features == 4 and task.model(x).shape == (2, 3)

@@ -426,8 +426,9 @@ def test_bad_static_ranges_name_the_field(field, value):
         load_config({"space": {"static": {field: value}}})
 
 
+@pytest.mark.parametrize("adapted", [False, True], ids=["module", "task_model"])
 @pytest.mark.parametrize("reshape", ["permute", "squeeze"])
-def test_a_head_whose_output_is_reshaped_keeps_its_channels(reshape):
+def test_a_head_whose_output_is_reshaped_keeps_its_channels(reshape, adapted):
     """The output layer was found by comparing its output's shape with the model's: a head
     whose logits come back channels-last (``permute``) or squeezed was offered channel
     pruning, and removing its channels removed classes. torch-pruning's graph reaches the
@@ -450,6 +451,12 @@ def test_a_head_whose_output_is_reshaped_keeps_its_channels(reshape):
 
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(2, 1, 6, 6)
+    if adapted:  # as a task's model, whose other outputs would protect no channels
+        from petra import Task
+        from petra.tasks.contract import adapt
+
+        model = adapt(Task(model=model, train=[], val=[], test=[], example_input=x,
+                           trained=True)).model
     layers = {layer.name: layer for layer in prunable_layers(model, (x,))}
     assert layers["body"].structured and not layers["head"].structured
     cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},

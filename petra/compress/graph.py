@@ -30,11 +30,12 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     import torch_pruning as tp
 
     _guard_reshape_mapping()
+    roots: dict[str, Any] = {}
     with _as_leaves(model):
         try:
-            return tp.DependencyGraph().build_dependency(
+            graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False,
-                forward_fn=_every_output if hasattr(model, "outputs") else None,
+                forward_fn=_every_output(roots) if hasattr(model, "outputs") else None,
                 customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
                                     nn.GRU: _recurrent_pruner(nn.GRU),
                                     nn.LSTM: _recurrent_pruner(nn.LSTM)})
@@ -44,15 +45,26 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
             if isinstance(example_inputs, (tuple, list)):
                 model(*example_inputs)
             raise
+    if roots:  # only the task's output protects channels (see _every_output)
+        graph.petra_task_output = next((n.module for n in graph.module2node.values()
+                                        if n.grad_fn is roots["task"]), None)
+    return graph
 
 
-def _every_output(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-    """A :class:`~petra.tasks.contract.TaskModel`'s output, then every other tensor its user
-    model returned: traced from the task's output alone, an auxiliary head that the task does
-    not read (but the model still computes) was left out of the graph, and the layers that feed
-    it lost channels without it (``mat1 and mat2 shapes cannot be multiplied``)."""
-    out, raw = model.outputs(*inputs)
-    return [out, *(t for t in tensors_in(raw) if t is not out and t.grad_fn is not None)]
+def _every_output(roots: dict[str, Any]) -> Any:
+    """A forward for the trace of a :class:`~petra.tasks.contract.TaskModel`: its output, then
+    every other tensor its user model returned. Traced from the task's output alone, an
+    auxiliary head that the task does not read (but the model still computes) was left out of
+    the graph, and the layers that feed it lost channels without it (``mat1 and mat2 shapes
+    cannot be multiplied``). Only the task's output is exported, so only its channels are the
+    model's output: ``roots["task"]`` gets its ``grad_fn``."""
+
+    def forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+        out, raw = model.outputs(*inputs)
+        roots["task"] = out.grad_fn
+        return [out, *(t for t in tensors_in(raw) if t is not out and t.grad_fn is not None)]
+
+    return forward
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:

@@ -73,6 +73,8 @@ def kept_channels(n: int, sparsity: float, round_to: int) -> int:
 
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+#: A graph traced without a task model: every output it traced is the model's.
+ANY_OUTPUT = object()
 
 
 def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
@@ -109,7 +111,9 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
-        if any(dep.target.type == OPTYPE.OUTPUT for dep, _ in group):
+        task_output = getattr(graph, "petra_task_output", ANY_OUTPUT)
+        if any(dep.target.type == OPTYPE.OUTPUT and task_output in (ANY_OUTPUT, dep.target.module)
+               for dep, _ in group):
             # the model's output (a head whose logits are permuted, squeezed or reshaped
             # before they are returned): removing its channels would remove outputs
             if skipped is not None:
