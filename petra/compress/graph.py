@@ -60,7 +60,7 @@ def _every_output(roots: dict[str, Any]) -> Any:
     model's output: ``roots["task"]`` gets its ``grad_fn``."""
 
     def forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-        out, raw = model.outputs(*inputs)
+        out, raw = model.outputs(*((inputs,) if isinstance(inputs, torch.Tensor) else inputs))
         roots["task"] = out.grad_fn
         return [out, *(t for t in tensors_in(raw) if t is not out and t.grad_fn is not None)]
 
