@@ -27,7 +27,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from petra.candidate.baseline import prepare_baseline
+from petra.candidate.baseline import check_task, prepare_baseline
 from petra.candidate.evaluate import Evaluator
 from petra.candidate.export import export_candidate, write_bundle
 from petra.engine.loop import cache_dir, resume, search
@@ -141,6 +141,7 @@ def _methods(as_json: bool) -> int:
 
 def _space(cfg: object, as_json: bool) -> int:
     task = load_task(cfg.task.name, cfg.task.params)
+    check_task(task, cfg.task.name)
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     if as_json:
         print(json.dumps({"genes": space.describe(), "withheld": space.withheld,
@@ -185,6 +186,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
 
     genome = _read_genome(source)
     task = load_task(cfg.task.name, cfg.task.params)
+    check_task(task, cfg.task.name)
     threads = cfg.execution.cpus_per_candidate
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,

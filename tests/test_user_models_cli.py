@@ -98,3 +98,14 @@ def test_a_task_whose_metric_raises_gets_one_line_and_exit_code_2(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "metric" in lines[0] and "failing_metric_task" in lines[0]
     assert "this metric always fails" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["space", "search"])
+def test_a_task_whose_forward_raises_gets_one_line_before_anything_traces_it(tmp_path, command):
+    path = config(tmp_path, "failing_forward_task", "bad_forward")
+    proc = run(command, str(path), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "model's forward" in lines[0] and "failing_forward_task" in lines[0]
+    assert "mat1 and mat2 shapes cannot be multiplied" in lines[0]

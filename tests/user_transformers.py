@@ -146,6 +146,14 @@ def vit_task(hidden: int = 32, layers: int = 2, heads: int = 4, ffn: int = 64,
                 train_epochs=epochs, train_lr=3e-3)
 
 
+def failing_forward_task() -> Task:
+    """A task whose forward raises on its own inputs (a head sized for another input): the
+    layer listing, which runs the model first, stopped ``petra space`` with a traceback."""
+    task = encoder_task(epochs=1)
+    task.model.head = nn.Linear(3, CLASSES)
+    return task
+
+
 def failing_metric_task() -> Task:
     """A task whose metric raises: the baseline must stop with one line, not a traceback."""
     task = encoder_task(epochs=1)

@@ -58,6 +58,18 @@ def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def check_task(task: Task, task_name: str) -> None:
+    """Run the task's model, loss and metric once (:func:`petra.tasks.contract.check`); a
+    function that raises stops the command with one line on ``task.name``, before anything
+    traces the model."""
+    from petra.tasks.contract import TaskError, check
+
+    try:
+        check(task, task_name)
+    except TaskError as exc:
+        raise ConfigError("task.name", task_name, "", str(exc)) from exc
+
+
 def prepare_baseline(
     task: Task, *, task_name: str, task_params: dict[str, Any], cache_dir: str | Path,
     seed: int = 0, threads: int = 1,
@@ -71,12 +83,8 @@ def prepare_baseline(
     import torch
 
     from petra.candidate.train import train
-    from petra.tasks.contract import TaskError, check
 
-    try:
-        check(task, task_name)
-    except TaskError as exc:
-        raise ConfigError("task.name", task_name, "", str(exc)) from exc
+    check_task(task, task_name)
     key = baseline_key(task_name, task_params, seed, getattr(task, "linear_stand_ins", ()),
                        getattr(task, "plain_weights", ()))
     path = Path(cache_dir) / f"baseline-{key}.pt"

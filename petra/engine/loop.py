@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petra.candidate.baseline import describe, prepare_baseline
+from petra.candidate.baseline import check_task, describe, prepare_baseline
 from petra.candidate.evaluate import Evaluator, Result, objective_values
 from petra.candidate.lr_probe import LrProbe, probe_seed_lr, recorded_probe, run_logs
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
@@ -99,6 +99,7 @@ class _Search:
         self.say = self.reporter.message
         self.objectives = cfg.objective_list
         self.task = load_task(cfg.task.name, cfg.task.params)
+        check_task(self.task, cfg.task.name)
         # The space first: a glob that matches no layer is found before any training.
         self.space = model_space(cfg.space, self.task.model, self.task.example_input,
                                  cache=cache_dir())
