@@ -44,10 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.mha import PrunedMultiheadAttention, _rows, no_fast_path
+from petra.compress.mha import PrunedMultiheadAttention, _rows
 from petra.errors import first_line
 from petra.registry import PRUNING
-from petra.tasks.contract import args
+from petra.tasks.contract import args, no_fast_path
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention, no_fast_path
-from petra.tasks.contract import args
+from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
+from petra.tasks.contract import args, no_fast_path
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)

@@ -14,10 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from petra.tasks.contract import no_fast_path
-
-__all__ = ["PrunedMultiheadAttention", "no_fast_path"]
-
 
 def _rows(heads: Sequence[int], head_dim: int) -> list[int]:
     return [h * head_dim + i for h in heads for i in range(head_dim)]
@@ -97,5 +93,3 @@ class PrunedMultiheadAttention(nn.Module):
         if not need_weights:
             return out, None
         return out, (weights.mean(dim=1) if average_attn_weights else weights)
-
-

@@ -92,6 +92,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
     from torch_pruning.ops import OPTYPE
 
     ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
+    task_output = getattr(graph, "petra_task_output", ANY_OUTPUT)
     visited: set[nn.Module] = set()
     for module in list(graph.module2node):
         if module in ignored or module in visited or not isinstance(module, ROOT_TYPES):
@@ -111,7 +112,6 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
-        task_output = getattr(graph, "petra_task_output", ANY_OUTPUT)
         if any(dep.target.type == OPTYPE.OUTPUT and task_output in (ANY_OUTPUT, dep.target.module)
                for dep, _ in group):
             # the model's output (a head whose logits are permuted, squeezed or reshaped
