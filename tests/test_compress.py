@@ -414,3 +414,28 @@ def test_an_auxiliary_head_the_task_does_not_read_keeps_its_inputs_in_step():
     assert prune_channels(task.model, (x,), {"conv": ("l2_channel", 0.5)}, round_to=1,
                           protected=["fc"]) == {"conv": (8, 4)}
     assert task.model.inner.aux.in_features == 4 and task.model(x).shape == (2, 3)
+
+
+def test_a_forward_that_does_not_take_the_dict_inputs_as_keywords_is_told_so():
+    """A dict input is passed to the model as keywords; a forward written for the dict itself
+    raised ``unexpected keyword argument``, and the line did not say why it was called so."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import TaskError, adapt, check
+
+    class TakesTheDict(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.fc(inputs["dense"] + inputs["extra"])
+
+    batch = ({"dense": torch.randn(3, 4), "extra": torch.randn(3, 4)},
+             torch.zeros(3, dtype=torch.long))
+    task = adapt(Task(model=TakesTheDict(), train=[batch], val=[batch], test=[batch],
+                      example_input=batch[0], trained=True))
+    with pytest.raises(TaskError, match=r"unexpected keyword.*passed to the model as keywords: "
+                                        r"forward\(dense, extra\)"):
+        check(task, "t")

@@ -333,7 +333,13 @@ def check(task: Task, name: str) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - a user's function can raise anything
         fn = {"forward": "model's forward", "loss": "loss", "metric": "metric"}[stage]
+        hint = ""
+        if stage == "forward" and isinstance(exc, TypeError) and getattr(
+                model, "keyword", False) and any(
+                m in str(exc) for m in ("unexpected keyword", "required positional")):
+            hint = (" (a dict input is passed to the model as keywords: forward("
+                    + ", ".join(model.input_names) + "))")
         raise TaskError(f"the {fn} of task {name!r} raised {type(exc).__name__}: "
-                        f"{first_line(exc, typed=False)}") from exc
+                        f"{first_line(exc, typed=False)}{hint}") from exc
     finally:
         model.train(was_training)
