@@ -228,19 +228,30 @@ def summarize(genome: Mapping[str, Any]) -> str:
     """A one-line recipe: each method with its layer count and mean sparsity, channel
     rounding, quantization, and the fine-tune with its regularizer.
 
+    Layers that change nothing are left out, as :meth:`SearchSpace.effective` leaves them: a
+    method at sparsity 0, a layer inside a skipped block, and a skipped block inside another.
+
     >>> summarize({"layers.a.method": "crit", "layers.a.sparsity": 0.5,
     ...            "quant.scheme": "scheme"})
     'critx1@0.50 scheme'
     """
     methods: dict[str, list[float]] = {}
-    for key, value in genome.items():
-        if key.startswith("layers.") and key.endswith(".method") and value != "none":
-            methods.setdefault(str(value), []).append(
-                float(genome.get(key[: -len(".method")] + ".sparsity", 0.0)))
-    parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
     skipped = skipped_blocks(genome)
-    if skipped:
-        parts.insert(0, f"skip[{','.join(skipped)}]")
+    automatic = genome.get("prune.sparsity_rule", "fixed") != "fixed"
+    for key, value in genome.items():
+        if not (key.startswith("layers.") and key.endswith(".method") and value != "none"):
+            continue
+        layer = key[len("layers."): -len(".method")]
+        sparsity = float(genome.get(f"layers.{layer}.sparsity", 0.0))
+        meta = PRUNING.get(value).meta if value in PRUNING else {}
+        if inside(layer, skipped) or (  # what :meth:`SearchSpace.effective` drops
+                sparsity == 0.0 and meta.get("uses_sparsity", True) and not automatic):
+            continue
+        methods.setdefault(str(value), []).append(sparsity)
+    parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
+    outermost = [b for b in skipped if not inside(b, (s for s in skipped if s != b))]
+    if outermost:
+        parts.insert(0, f"skip[{','.join(outermost)}]")
     if float(genome.get("prune.width", 0.0) or 0.0) > 0:
         parts.append(f"width-{float(genome['prune.width']):.2f}({genome['prune.width_method']})")
     if genome.get("prune.round_to", 1) not in (1, "1") and parts:

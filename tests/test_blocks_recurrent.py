@@ -163,6 +163,35 @@ def test_a_residual_branch_is_skipped_as_zeros_and_a_block_as_the_identity(paral
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=1e-4)
 
 
+class TokenMixing(nn.Module):
+    """An MLP-Mixer block's token mixing, behind a layer scale:
+    ``x + gamma * mlp(norm(x).transpose(1, 2)).transpose(1, 2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 6))
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.mlp(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_branch_seen_through_a_transpose_and_a_layer_scale_is_skipped_as_zeros():
+    """An MLP-Mixer written outside the repo: its token ``mlp`` reads the stream transposed,
+    and its output reaches the sum transposed back. It was skipped as the identity, which gave
+    ``x + gamma * norm(x)``; without the block, the stream goes on alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TokenMixing(), nn.Flatten(), nn.Linear(48, 3)).eval()
+    x = torch.randn(5, 6, 8)
+    assert {b.name: b.kind for b in skippable_blocks(model, (x,))}["0.mlp"] == "branch"
+    with torch.no_grad():
+        want = model[2](model[1](x))
+    skip_blocks(model, ["0.mlp"], skippable_blocks(model, (x,)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+
+
 def test_gru_units_are_removed_with_their_readers_columns():
     torch.manual_seed(0)
     model, x = GRUNet().eval(), torch.randn(3, 7, 5)

@@ -536,3 +536,21 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     assert space.kept_whole["proj"].startswith("a TransposedLinear: no gene prunes this type")
     assert "layers.fc.method" in space and "layers.proj.method" not in space
     assert set(space.kept_whole) == {"proj", "head"}
+
+
+def test_the_recipe_line_leaves_out_what_changes_nothing():
+    """On a ConvNeXt written outside the repo the front read ``skip[stage1.0,stage1,stage2.1]
+    magnitudex4@0.00``: a block inside a skipped stage, and four layers at sparsity 0 (or
+    inside skipped blocks), which the genome's effective form already drops."""
+    genome = {"blocks.stage1.0.skip": True, "blocks.stage1.skip": True,
+              "blocks.stage2.1.skip": True, "blocks.stage2.skip": False,
+              "layers.stem.method": "magnitude", "layers.stem.sparsity": 0.0,
+              "layers.stage1.0.fc.method": "magnitude", "layers.stage1.0.fc.sparsity": 0.5,
+              "layers.stage2.0.fc.method": "magnitude", "layers.stage2.0.fc.sparsity": 0.4,
+              "layers.stage2.10.fc.method": "l2_channel", "layers.stage2.10.fc.sparsity": 0.2,
+              "quant.scheme": "int8_dynamic"}
+    assert summarize(genome) == ("skip[stage1,stage2.1] magnitudex1@0.40 l2_channelx1@0.20 "
+                                 "int8_dynamic")
+    # a method that takes no sparsity counts at 0, as does any under an automatic rule
+    assert summarize({"layers.a.method": "none", "layers.b.method": "magnitude",
+                      "layers.b.sparsity": 0.0, "prune.sparsity_rule": "emp"}) == "magnitudex1@0.00"

@@ -22,7 +22,9 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
   stream it read (a pre-norm transformer's ``x + mlp(norm(x))``, MobileNetV2's inner ``conv``).
   As the identity it would add the stream to itself; skipping it makes it output zeros, so
   only the residual's other path is left. A block is a branch where, on the example batch,
-  its output was added to its own input, or to the input of the module that made its input.
+  its output was added to its own input, or to the input of the module that made its input
+  (either seen through views: an MLP-Mixer's token ``mlp`` reads the stream transposed), on
+  the way through operations that keep zeros zero (views, products: a layer scale).
 
 If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
 replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
@@ -134,21 +136,32 @@ def _layer_count(module: nn.Module) -> int:
 
 
 class _Adds(torch.overrides.TorchFunctionMode):
-    """Records the operands and the result of every tensor addition while it is active."""
+    """Records, in call order, every tensor addition (its operands and result) and every
+    operation that keeps a zero tensor zero (a view, a product, a dropout: its tensor operands
+    and result) while it is active."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.adds: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+        self.ops: list[tuple[str, tuple[torch.Tensor, ...], Any]] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in _ADD_NAMES and len(args) >= 2 and \
-                all(isinstance(a, torch.Tensor) for a in args[:2]):
-            self.adds.append((args[0], args[1], out))
+        name = getattr(func, "__name__", "")
+        kind = "add" if name in _ADD_NAMES else "keeps_zero" if name in _KEEPS_ZERO else None
+        tensors = tuple(a for a in args[:2] if isinstance(a, torch.Tensor))
+        if kind == "add" and len(tensors) == 2 and len(args) >= 2 or (
+                kind == "keeps_zero" and tensors and isinstance(out, torch.Tensor)):
+            self.ops.append((kind, tensors, out))
         return out
 
 
 _ADD_NAMES = {"add", "add_", "__add__", "__radd__", "__iadd__"}
+#: Operations whose output is zero where their first tensor (a view's source) or any tensor
+#: operand (a product) is: a branch's output reaches the sum through them (the MLP-Mixer's
+#: ``x + mlp(norm(x).transpose(1, 2)).transpose(1, 2)``, a layer scale's ``gamma * mlp(x)``).
+_VIEWS = {"transpose", "permute", "reshape", "view", "flatten", "unflatten", "contiguous",
+          "squeeze", "unsqueeze", "movedim", "swapaxes", "t"}
+_KEEPS_ZERO = _VIEWS | {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "dropout"}
 
 
 def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, Any]], Any, _Adds]:
@@ -197,7 +210,7 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
                          and f"{name}.{c}" in seen
                          and seen[f"{name}.{c}"]["out"] == info["out"]), None)
         square = info["in"] == info["out"]
-        kind = "branch" if _is_branch(name, seen, adds.adds) else "identity"
+        kind = "branch" if _is_branch(name, seen, adds.ops) else "identity"
         if isinstance(module, _LAYERS):
             if square and getattr(module, "groups", 1) == 1:
                 found.append(BlockInfo(name, kind, None, info["nonneg"], params))
@@ -217,18 +230,31 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
 
 
 def _is_branch(name: str, seen: dict[str, dict[str, Any]],
-               adds: Sequence[tuple[torch.Tensor, torch.Tensor, Any]]) -> bool:
+               ops: Sequence[tuple[str, tuple[torch.Tensor, ...], Any]]) -> bool:
     """Whether module ``name``'s output was added, alone or in a sum with other branches
     (GPT-NeoX's ``mlp(ln2(x)) + attn(ln1(x)) + x``), to the stream it read: its own input, or
-    the input of the module that made its input (a norm: ``x + mlp(norm(x))``)."""
-    x = seen[name]["input"]
-    sources = [x] + [s["input"] for s in seen.values() if s["output"] is x]
+    the input of the module that made its input (a norm: ``x + mlp(norm(x))``), either seen
+    through views (a transpose). Its output may reach the sum through operations that keep
+    zeros zero (:data:`_KEEPS_ZERO`)."""
+    made_by = {id(out): src[0] for kind, src, out in ops if kind == "keeps_zero"
+               and len(src) == 1 and out is not src[0]}
+
+    def with_sources(t: torch.Tensor) -> list[torch.Tensor]:
+        out = [t]
+        while id(out[-1]) in made_by and len(out) < 32:
+            out.append(made_by[id(out[-1])])
+        return out
+
+    sources = with_sources(seen[name]["input"])
+    sources += [t for s in seen.values() if any(s["output"] is x for x in sources)
+                for t in with_sources(s["input"])]
     summed = [seen[name]["output"]]  # its output, and every sum it went into
-    for a, b, out in adds:
-        if any(a is t or b is t for t in summed):
-            if any(a is s or b is s for s in sources):
-                return True
-            summed.append(out)
+    for kind, operands, out in ops:
+        if not any(a is t for a in operands for t in summed):
+            continue
+        if kind == "add" and any(a is s for a in operands for s in sources):
+            return True
+        summed.append(out)
     return False
 
 
