@@ -318,3 +318,32 @@ def test_a_dense_model_that_does_not_export_stops_with_one_line():
     assert [layer.name for layer in prunable_layers(model, inputs)] == ["lstm", "fc"]
     with pytest.raises(ConfigError, match="task.name: the model does not export to ONNX"):
         export_dense(model, inputs)
+
+
+def test_an_input_the_compressed_model_no_longer_reads_stays_in_the_artifact():
+    """A RoBERTa written outside the repo, with every attention skipped, no longer read its
+    ``attention_mask``; the exporter dropped that input, and every batch's feed, which names
+    both, failed (``zip() argument 2 is longer than argument 1``; 6 of 36 candidates). The
+    artifact keeps the dense model's inputs, in order."""
+    from petra import Task
+    from petra.candidate.measure import session_feed
+    from petra.tasks.contract import adapt
+
+    class IgnoresTheMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    inputs = {"mask": torch.ones(3, 5, dtype=torch.long), "x": torch.randn(3, 4)}
+    task = adapt(Task(model=IgnoresTheMask(), train=[], val=[], test=[], example_input=inputs,
+                      trained=True))
+    proto = export_onnx(task.model, task.example_input)
+    assert [i.name for i in proto.graph.input] == ["mask", "x"]
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    session = load(pack(proto))
+    batch = (torch.zeros(7, 5, dtype=torch.long), torch.randn(7, 4))
+    got = session.run(None, session_feed(session, batch))[0]
+    np.testing.assert_allclose(got, task.model(*batch).detach().numpy(), atol=1e-6)

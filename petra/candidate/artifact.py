@@ -34,6 +34,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,32 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
                     f"{first_line(second)} (torch.export)") from second
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-    return strip(onnx.load_from_string(buffer.getvalue()))
+    return keep_inputs(strip(onnx.load_from_string(buffer.getvalue())), names, inputs)
+
+
+def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:
+    """Every one of the model's inputs, in order, as the graph's first inputs, where the
+    exporter dropped those the compressed model no longer reads: a RoBERTa whose attentions
+    were all skipped no longer reads its ``attention_mask``. The artifact keeps the dense
+    model's interface, and every batch feeds it as it feeds the dense one."""
+    import onnx
+
+    graph = proto.graph
+    present = {i.name: i for i in graph.input}
+    if all(n in present for n in names):
+        return proto
+    ordered = []
+    for name, value in zip(names, inputs, strict=True):
+        if name in present:
+            ordered.append(present[name])
+            continue
+        kind = onnx.helper.np_dtype_to_tensor_dtype(value[:0].detach().cpu().numpy().dtype)
+        ordered.append(onnx.helper.make_tensor_value_info(
+            name, kind, ["batch", *value.shape[1:]]))
+    rest = [i for i in graph.input if i.name not in set(names)]
+    del graph.input[:]
+    graph.input.extend([*ordered, *rest])
+    return proto
 
 
 #: Where :func:`quiet_output` sends what the exporter and quantizers print.
