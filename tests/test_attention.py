@@ -423,6 +423,61 @@ def test_a_distilbert_style_attention_loses_heads_with_its_width_attribute():
     assert model(x).shape == (2, 3)
 
 
+class BiasedAttention(HandWrittenAttention):
+    """A Swin-style attention: a learned bias per head on each head's scores, from a
+    ``(positions, heads)`` table in a submodule (``shared_column``: one column for every head,
+    which is not one slice per head)."""
+
+    def __init__(self, t: int = 5, *, shared_column: bool = False) -> None:
+        super().__init__()
+        self.bias = nn.Module()
+        self.bias.table = nn.Parameter(torch.randn(t * t, 1 if shared_column else self.heads))
+        self.bias.register_buffer("index", torch.arange(t * t))  # integers: never sliced
+        self.norm = nn.LayerNorm(self.heads)  # per feature: never sliced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, self.heads, self.dh).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        bias = self.bias.table[self.bias.index].view(t, t, -1).permute(2, 0, 1)
+        if bias.shape[0] == 1:
+            bias = bias * torch.arange(self.heads, 0.0, -1)[:, None, None]
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.dh ** 0.5 + bias, dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("shared_column", [False, True])
+def test_an_attention_with_a_bias_per_head_loses_each_heads_slice(shared_column):
+    """A Hugging Face Swin written outside the repo had every attention refused: the kept
+    heads' scores met a relative-position bias with the old head count (``doesn't match the
+    broadcast shape``). The bias table loses the removed heads' columns, and the pruned
+    attention computes what the whole one computes with those heads' outputs zeroed; a table
+    that is not one column per head is refused with the reason."""
+    from petra.compress.attention import prune_heads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(BiasedAttention(shared_column=shared_column), nn.Flatten(),
+                          nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    why: dict[str, str] = {}
+    infos = attention_layers(model, (x,), why=why)
+    if shared_column:  # (25, 1): no dimension of the head count, and the weights differ
+        assert infos == [] and "changes what the kept heads compute" in why["0"]
+        return
+    (info,) = infos
+    assert why == {}
+    with torch.no_grad():
+        masked = copy.deepcopy(model)
+        masked[0].proj.weight[:, 4:8] = 0.0
+        masked[0].proj.weight[:, 12:16] = 0.0
+        want = masked(x)
+    prune_heads(model, info, [1, 3])
+    assert model[0].bias.table.shape == (25, 2) and model[0].norm.weight.shape == (4,)
+    assert model[0].bias.index.shape == (25,)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+
+
 class TokenEncoder(nn.Module):
     """Embedding → ``nn.TransformerEncoder`` of two layers → mean → head, in either layout."""
 

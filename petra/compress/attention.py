@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from petra.compress.mha import PrunedMultiheadAttention, _rows
+from petra.compress.per_head import per_head_tensors, slice_per_head
 from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args, no_fast_path
@@ -270,19 +271,24 @@ LAYOUT = ("removing heads changes what the kept heads compute: its fused q, k, v
 
 
 def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) -> str:
-    """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''. A
-    fused or grouped attention must also compute what the whole attention computes with the
-    removed heads' output-projection columns zeroed (else :data:`LAYOUT`): that is what tells
-    its layout."""
+    """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''. The
+    pruned attention must also compute what the whole attention computes with the removed
+    heads' output-projection columns zeroed: that tells a fused or grouped attention's layout
+    (else :data:`LAYOUT`), and whether per-head tensors (:mod:`petra.compress.per_head`) were
+    cut right."""
     trial = copy.deepcopy(model).eval()
     remove = list(range(info.heads // 2, info.heads))
     try:
         prune_heads(trial, info, remove)
         with torch.no_grad():
             got = trial(*args(example_input))
-        if (info.fused or info.group > 1) and not _same_as_masked(
-                model, example_input, info, remove, got):
-            return LAYOUT
+        if info.output and not _same_as_masked(model, example_input, info, remove, got):
+            sliced = [n for _, n, _ in per_head_tensors(model.get_submodule(info.name),
+                                                        info.heads)]
+            return LAYOUT if info.fused or info.group > 1 else (
+                "removing heads changes what the kept heads compute: its forward mixes "
+                "heads, or sizes a per-head term from its head count" + (
+                    f" ({', '.join(sliced)} was cut as one slice per head)" if sliced else ""))
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         first = first_line(exc, 200)
         hint = ("; its forward must size the heads from its head count or head width "
@@ -332,6 +338,7 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
     for proj, per_unit in zip(_qkv(module) or (), (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
+    slice_per_head(module, heads, keep)  # a relative-position bias table, ALiBi slopes
     for attr in HEAD_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, len(keep))

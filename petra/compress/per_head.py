@@ -1,0 +1,54 @@
+"""Tensors an attention holds one slice of per head, beside its projections.
+
+A Swin attention adds a learned relative-position bias to each head's scores (its table is
+``(positions, heads)``), T5's first attention has a bias embedding ``(buckets, heads)``, an
+ALiBi attention a slope per head. Removing heads must remove their slices too, or the kept
+heads' scores meet a bias with the old head count (``doesn't match the broadcast shape``).
+
+A per-head tensor is a floating-point parameter or buffer of the attention or of one of its
+submodules that is neither a Linear (the projections lose their rows and columns themselves)
+nor a norm (a q/k norm's weights are per feature of a head), with
+exactly one dimension of the head count. That is a guess from shapes: the attention's trial
+removal (:func:`petra.compress.attention._trial`) then checks that the pruned attention computes
+what the whole one computes with those heads' outputs zeroed, and refuses the heads where it
+does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def per_head_tensors(module: nn.Module, heads: int) -> list[tuple[nn.Module, str, int]]:
+    """``(owner, name, dim)`` of each per-head tensor of the attention ``module``."""
+    found = []
+    for owner in module.modules():
+        if isinstance(owner, nn.Linear) or type(owner).__name__.endswith("Norm"):
+            continue  # a projection loses its rows itself; a norm's are per feature
+        tensors = {**owner._parameters, **owner._buffers}
+        for name, t in tensors.items():
+            if t is None or not t.is_floating_point():
+                continue
+            dims = [d for d, size in enumerate(t.shape) if size == heads]
+            if len(dims) == 1:
+                found.append((owner, name, dims[0]))
+    return found
+
+
+@torch.no_grad()
+def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int]) -> int:
+    """Keep the ``keep`` slices of every per-head tensor of ``module``; how many were cut."""
+    found = per_head_tensors(module, heads)
+    for owner, name, dim in found:
+        old = getattr(owner, name)
+        new = old.index_select(dim, torch.tensor(list(keep), device=old.device))
+        if name in owner._parameters:
+            owner._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[name] = new
+        if isinstance(owner, nn.Embedding) and name == "weight":
+            owner.embedding_dim = len(keep)
+    return len(found)
