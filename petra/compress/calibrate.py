@@ -121,7 +121,10 @@ def tensor_values(proto: Any, names: list[str], ctx: QuantContext
     for name in names:
         if name not in present:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT's graph warnings are not the user's to read
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     graph_inputs = {i.name for i in probe.graph.input}
     fetch = [n for n in names if n not in graph_inputs]
     for feed in ctx.calibration:

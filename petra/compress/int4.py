@@ -96,7 +96,10 @@ def _input_means(proto: Any, targets: list[_Int4Target], ctx: QuantContext) -> d
     for name in names:
         if name not in graph_inputs | present:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT's graph warnings are not the user's to read
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     fetch = [n for n in names if n not in graph_inputs]
     sums: dict[str, Any] = {}
     counts: dict[str, int] = {}

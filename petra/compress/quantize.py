@@ -183,7 +183,10 @@ def fp16(proto: Any, ctx: QuantContext) -> Any:
 def _quiet_ort_quantization() -> None:
     import logging
 
+    import onnxruntime
+
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    onnxruntime.set_default_logger_severity(3)  # the quantizers' own sessions' graph warnings
 
 
 def _through_ort(proto: Any, quantize: Callable[[str, str], None]) -> Any:
