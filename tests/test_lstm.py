@@ -341,10 +341,13 @@ def test_a_gru_concatenated_with_a_side_branch_leaves_both_prunable(cell, bidire
         assert model(*x).shape == (3, 3)
 
 
-@pytest.mark.parametrize("pool", ["mean", "sum_keepdim", "amax", "max_values"])
+@pytest.mark.parametrize("pool", ["mean", "sum_keepdim", "amax", "max_values", "masked_mean",
+                                  "masked_fill"])
 def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
     """``out.mean(1)`` and kin keep the units in the last dimension: the head is their reader,
-    and dead units removed with its columns change nothing."""
+    and dead units removed with its columns change nothing. So does a mean over the positions
+    a padding mask keeps, ``(out * mask).sum(1) / mask.sum(1)``, which kept an LSTM written
+    outside the repo whole (no reader followed)."""
 
     class Pooled(nn.Module):
         def __init__(self) -> None:
@@ -360,6 +363,11 @@ def test_lstm_units_are_followed_through_a_pooling_over_time(pool):
                 return self.head(torch.sum(out, dim=(1,), keepdim=True)).squeeze(1)
             if pool == "max_values":
                 return self.head(out.max(dim=1)[0])
+            mask = (x[..., :1] > -0.5).float()  # (batch, time, 1): the positions kept
+            if pool == "masked_mean":
+                return self.head((out * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+            if pool == "masked_fill":
+                return self.head(out.masked_fill(mask == 0, -1e4).amax(dim=1))
             return self.head(torch.amax(torch.relu(out), dim=1))
 
     torch.manual_seed(0)

@@ -4,8 +4,9 @@
 One pass over the example batch, with forward hooks on the recurrent layers, their possible
 readers (``nn.Linear``, ``nn.Conv1d``) and ``nn.LayerNorm``, and a torch function mode
 (:class:`_Follow`) that maps each tensor derived from a recurrent output to the units it
-carries, by storage: views share it, and elementwise functions, reductions over time and
-concatenations along the features are followed.
+carries, by storage: views share it, and elementwise functions, arithmetic with a factor per
+position (a padding mask), reductions over time and concatenations along the features are
+followed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ _CONCAT = frozenset({torch.cat, torch.concat, torch.concatenate})
 #: they were in the last dimension.
 _REDUCE = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.Tensor.mean,
                      torch.Tensor.sum, torch.Tensor.amax, torch.Tensor.amin})
+#: Arithmetic with a per-position factor: where every other operand is a number or a tensor
+#: whose last dimension is 1 (a padding mask ``out * mask[..., None]``, the masked mean's
+#: ``/ mask.sum(1)``), each unit stays where it was.
+_BROADCAST = frozenset({
+    torch.mul, torch.div, torch.add, torch.sub, torch.Tensor.mul, torch.Tensor.div,
+    torch.Tensor.add, torch.Tensor.sub, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+    torch.Tensor.__truediv__, torch.Tensor.__add__, torch.Tensor.__radd__,
+    torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.masked_fill, torch.masked_fill,
+    torch.where,
+})
 #: Reductions that return (values, indices) when given a dimension.
 _MAX = frozenset({torch.max, torch.min, torch.Tensor.max, torch.Tensor.min})
 
@@ -102,7 +113,21 @@ class _Follow(TorchFunctionMode):
                 self._concat(out, parts)
         elif func in _REDUCE and args and isinstance(args[0], torch.Tensor):
             self._reduce(out, args[0], args[1] if len(args) > 1 else kwargs.get("dim"))
+        elif func in _BROADCAST:
+            self._broadcast(out, [*args, *kwargs.values()])
         return out
+
+    def _broadcast(self, out: torch.Tensor, operands: Sequence[Any]) -> None:
+        """One operand carries units along its last dimension, as ``out`` does; every other
+        is a number or is constant along that dimension."""
+        tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+        fed = [(t, self.alias[_storage(t)]) for t in tensors if _storage(t) in self.alias]
+        if len(fed) != 1:
+            return
+        source, feed = fed[0]
+        if feed.width == source.shape[-1] == out.shape[-1] and all(
+                t is source or t.dim() == 0 or t.shape[-1] == 1 for t in tensors):
+            self._map(out, feed)
 
     def _reduce(self, out: torch.Tensor, source: torch.Tensor, dim: Any) -> None:
         feed = self.alias.get(_storage(source))

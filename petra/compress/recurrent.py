@@ -137,8 +137,9 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
                 concat |= through
         if not blocks:
             reasons[name] = ("no Linear or Conv1d reads its outputs directly, through "
-                             "elementwise functions, reductions over time or torch.cat along "
-                             "the features: petra cannot follow its units to their readers")
+                             "elementwise functions, a padding mask, reductions over time or "
+                             "torch.cat along the features: petra cannot follow its units to "
+                             "their readers")
             continue
         if module.hidden_size < 2:
             reasons[name] = f"hidden_size {module.hidden_size}: nothing to remove"
