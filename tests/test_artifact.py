@@ -347,3 +347,46 @@ def test_an_input_the_compressed_model_no_longer_reads_stays_in_the_artifact():
     batch = (torch.zeros(7, 5, dtype=torch.long), torch.randn(7, 4))
     got = session.run(None, session_feed(session, batch))[0]
     np.testing.assert_allclose(got, task.model(*batch).detach().numpy(), atol=1e-6)
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head is its embedding table (GPT-2's tie)."""
+
+    def __init__(self, vocab: int = 40) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.wte(ids))))
+
+
+@pytest.mark.parametrize("vocab", [40, 16])
+def test_a_tied_embedding_and_head_are_stored_once(vocab):
+    """The exporter writes a tied table twice: for the lookup, and transposed for the head
+    (GPT-2's 64 x 64 table was in a model written outside the repo twice). The artifact stores
+    it once and rebuilds the copy on load; the graph ORT runs is the same. A square table
+    (``vocab`` 16) is matched transposed too."""
+    torch.manual_seed(0)
+    model, ids = TiedLM(vocab).eval(), torch.randint(0, vocab, (3, 5))
+    proto = export_onnx(model, ids)
+    table = model.wte.weight.detach().numpy()
+    tables = [i.name for i in proto.graph.initializer if any(np.array_equal(
+        numpy_helper.to_array(i), t) for t in (table, table.T))]
+    assert len(tables) == 2  # what the exporter gives
+    data = pack(proto)
+    manifest = json.loads(zipfile.ZipFile(io.BytesIO(data)).read("manifest.json"))
+    (tie,) = manifest["tied"]
+    assert {tie["name"], tie["of"]} == set(tables) and tie["transpose"]
+    untied = strip(onnx.ModelProto.FromString(proto.SerializeToString()))
+    copy = next(i for i in untied.graph.initializer if i.name == tie["name"])
+    copy.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(copy) + 1e-3, copy.name))
+    assert len(data) < len(pack(untied)) - vocab * 16 * 4 * 0.8  # about one table smaller
+    restored = {i.name: numpy_helper.to_array(i) for i in unpack(data).graph.initializer}
+    np.testing.assert_array_equal(restored[tie["name"]], restored[tie["of"]].T)
+    got = load(data).run(None, {"input": ids.numpy()})[0]
+    np.testing.assert_allclose(got, model(ids).detach().numpy(), atol=1e-5)
+    assert "tied" not in json.loads(zipfile.ZipFile(io.BytesIO(pack(untied))).read(
+        "manifest.json"))  # nothing repeats: the manifest is as before

@@ -6,6 +6,8 @@ Layout of a ``.petra`` file (a zip archive, deflated):
     model.onnx      the graph; dense initializers inline, sparse and int4 ones removed
     sparse.npz      for each sparse initializer: ``<key>.mask`` (np.packbits of value != 0)
                     and ``<key>.values`` (the non-zero values, in the tensor's own dtype)
+    (manifest)      ``tied``: initializers stored once: each repeats another, as it is or
+                    transposed (a tied embedding and output head), rebuilt from it on load
     int4.npz        for each int4 initializer: ``<key>.q4`` (4-bit codes ``q + 8``, two per
                     byte, low nibble first), ``<key>.scale`` (float32, one per channel along the
                     entry's ``axis``) and, when its zeros pay for it, ``<key>.mask`` (then only
@@ -210,8 +212,12 @@ def pack(proto: Any) -> bytes:
     entries = []
     int4_entries = []
     keep = []
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    tied = _ties(arrays, exclude=set(int4_marked))
     for init in graph.initializer:
-        array = numpy_helper.to_array(init)
+        array = arrays[init.name]
+        if init.name in tied:
+            continue
         if init.name in int4_marked:
             key = f"q{len(int4_entries)}"
             spec = int4_marked[init.name]
@@ -241,6 +247,8 @@ def pack(proto: Any) -> bytes:
     }
     if int4_entries:
         manifest["int4"] = int4_entries
+    if tied:
+        manifest["tied"] = [{"name": n, "of": of, "transpose": t} for n, (of, t) in tied.items()]
     members = {"manifest.json": json.dumps(manifest, sort_keys=True).encode(),
                "model.onnx": proto.SerializeToString()}
     for member, member_arrays in (("sparse.npz", sparse_arrays), ("int4.npz", int4_arrays)):
@@ -256,6 +264,28 @@ def pack(proto: Any) -> bytes:
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, payload, compresslevel=9)
     return out.getvalue()
+
+
+def _ties(arrays: dict[str, np.ndarray], exclude: set[str]) -> dict[str, tuple[str, bool]]:
+    """Name -> (the earlier initializer it repeats, whether transposed). A tied embedding and
+    output head (GPT-2's) export twice: the table, and the head's transpose folded into a
+    second copy. Stored once, the artifact is that copy smaller."""
+    seen: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    out: dict[str, tuple[str, bool]] = {}
+    for name, array in arrays.items():
+        if array.size < _MIN_SPARSE_SIZE or name in exclude:
+            continue
+        key = (array.dtype.str, tuple(sorted(array.shape)))
+        match = next(((other, transposed) for other in seen.get(key, ())
+                      for transposed in (False, True) if (transposed or arrays[
+                          other].shape == array.shape) and (not transposed or array.ndim == 2)
+                      and np.array_equal(arrays[other].T if transposed else arrays[other],
+                                         array)), None)
+        if match is not None:
+            out[name] = match
+        else:
+            seen.setdefault(key, []).append(name)
+    return out
 
 
 def _index_dtype(size: int) -> type:
@@ -354,6 +384,11 @@ def unpack(data: bytes) -> Any:
                 proto.graph.initializer.append(
                     numpy_helper.from_array(_decode_int4(arrays, entry), entry["name"])
                 )
+        by_name = {i.name: i for i in proto.graph.initializer}
+        for entry in manifest.get("tied", ()):
+            source = numpy_helper.to_array(by_name[entry["of"]])
+            proto.graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(source.T if entry["transpose"] else source), entry["name"]))
     return proto
 
 
