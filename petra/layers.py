@@ -337,7 +337,7 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
 
 #: What ``petra space`` says of a weight layer of a type no gene handles.
-_UNHANDLED = ("a {kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, "
+_UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, "
               "embeddings, GRU, LSTM and attention heads); it is exported as it is, and quantized "
               "where the scheme quantizes its operation")
 
@@ -356,7 +356,8 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
         if not name or weight is None or weight.dim() < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue
-        out[name] = _UNHANDLED.format(kind=type(module).__name__)
+        kind = type(module).__name__
+        out[name] = _UNHANDLED.format(kind=("an " if kind[:1] in "AEIOU" else "a ") + kind)
     return out
 
 

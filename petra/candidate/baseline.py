@@ -46,7 +46,8 @@ class Baseline:
 def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
                  stand_ins: Sequence[str] = (), plain: Sequence[str] = ()) -> str:
     """The baseline cache's key; ``stand_ins``, the layers the task contract replaced
-    (:func:`petra.tasks.contract.linear_stand_ins`), change the weights' shapes, and
+    (:func:`petra.tasks.contract.linear_stand_ins`, ``bag:`` and those of
+    :func:`petra.tasks.bags.bag_stand_ins`), change the weights' shapes or names, and
     ``plain``, the layers whose reparametrization it baked (``plain_weights``), their names."""
     config: dict[str, Any] = {"name": task_name, "params": task_params, "seed": seed,
                               "recipe": RECIPE_VERSION}
@@ -85,8 +86,10 @@ def prepare_baseline(
     from petra.candidate.train import train
 
     check_task(task, task_name)
-    key = baseline_key(task_name, task_params, seed, getattr(task, "linear_stand_ins", ()),
-                       getattr(task, "plain_weights", ()))
+    key = baseline_key(task_name, task_params, seed, (
+        *getattr(task, "linear_stand_ins", ()),
+        *(f"bag:{n}" for n in getattr(task, "bag_stand_ins", ()))),
+        getattr(task, "plain_weights", ()))
     path = Path(cache_dir) / f"baseline-{key}.pt"
     cached = False
     if not task.trained and path.exists():

@@ -14,6 +14,9 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear that stores its weight transposed)
   is replaced by the ``nn.Linear`` it computes (:func:`linear_stand_ins`), so every gene that
   takes a Linear takes it; ``task.linear_stand_ins`` names them.
+- An ``nn.EmbeddingBag`` read as a 2-D batch of ids is replaced by the ``nn.Embedding`` and the
+  pooling it computes (:mod:`petra.tasks.bags`), so its table is an embedding like any other;
+  ``task.bag_stand_ins`` names them.
 - A weight reparametrization (``weight_norm``, ``spectral_norm``, either form) is baked into the
   plain weight it computes (:func:`plain_weights`): channel removal assigns new weights, which a
   parametrized layer refuses; ``task.plain_weights`` names the layers.
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from petra.errors import first_line
+from petra.tasks.bags import bag_stand_ins
 
 if TYPE_CHECKING:
     from petra.tasks import Task
@@ -198,6 +202,7 @@ def adapt(task: Task) -> Any:
     no_fast_path(task.model)
     task.plain_weights = plain_weights(task.model)
     task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
+    task.bag_stand_ins = bag_stand_ins(task.model, task.example_input)
     task.input_names = names
     for split in ("train", "val", "test"):
         source = getattr(task, split)
