@@ -349,16 +349,30 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
     kept whole with their reason), each with why no gene takes it: an ``nn.Conv3d``, a
     hand-written layer (a Hugging Face ``Conv1D`` is an ``nn.Linear`` by then:
     :func:`petra.tasks.contract.linear_stand_ins`)."""
+    from torch import nn
+
     handled = [layer.name for layer in layers] + list(known)
+    modules = dict(model.named_modules())
+    tied = {id(modules[h]._parameters.get("weight")): h for h in handled
+            if h in modules and modules[h]._parameters.get("weight") is not None}
     out = {}
-    for name, module in model.named_modules():
+    for name, module in modules.items():
         weight = module._parameters.get("weight")
         if not name or weight is None or weight.dim() < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue
         kind = type(module).__name__
-        out[name] = _UNHANDLED.format(kind=("an " if kind[:1] in "AEIOU" else "a ") + kind)
+        article = ("an " if kind[:1] in "AEIOU" else "a ") + kind
+        if id(weight) in tied:  # T5's ``shared``, the encoder's ``embed_tokens``: one table
+            out[name] = f"{article} that holds the weight of {tied[id(weight)]}, which is listed"
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.GRU,
+                                 nn.LSTM, nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            out[name] = (f"{article} the model does not call on the example batch: no gene "
+                         "takes it, and only what the model calls is exported")
+        else:
+            out[name] = _UNHANDLED.format(kind=article)
     return out
+
 
 
 def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, layers: Sequence[LayerInfo],

@@ -538,6 +538,34 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     assert set(space.kept_whole) == {"proj", "head"}
 
 
+def test_a_layer_the_model_never_calls_is_kept_whole_for_that_reason():
+    """A Hugging Face T5 encoder written outside the repo holds its table twice: ``shared``,
+    which the forward never calls, and ``encoder.embed_tokens``, with the same weight. The first
+    was listed as 'an Embedding: no gene prunes this type (petra prunes ... embeddings ...)'."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Embedding(20, 8)
+            self.embed = nn.Embedding(20, 8)
+            self.embed.weight = self.shared.weight
+            self.unused = nn.Linear(8, 8)
+            self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.fc(self.embed(ids))).mean(1))
+
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, Net().eval(), (torch.randint(0, 20, (2, 5)),))
+    assert space.kept_whole["shared"] == "an Embedding that holds the weight of embed, which is listed"
+    assert space.kept_whole["unused"].startswith("a Linear the model does not call on the example")
+
+
 def test_the_recipe_line_leaves_out_what_changes_nothing():
     """On a ConvNeXt written outside the repo the front read ``skip[stage1.0,stage1,stage2.1]
     magnitudex4@0.00``: a block inside a skipped stage, and four layers at sparsity 0 (or

@@ -249,9 +249,14 @@ def pack(proto: Any) -> bytes:
         manifest["int4"] = int4_entries
     if tied:
         manifest["tied"] = [{"name": n, "of": of, "transpose": t} for n, (of, t) in tied.items()]
+    return _zip(manifest, proto, {"sparse.npz": sparse_arrays, "int4.npz": int4_arrays})
+
+
+def _zip(manifest: dict[str, Any], proto: Any, npz: dict[str, dict[str, np.ndarray]]) -> bytes:
+    """The artifact's bytes: the manifest, the graph, and each non-empty ``npz`` member."""
     members = {"manifest.json": json.dumps(manifest, sort_keys=True).encode(),
                "model.onnx": proto.SerializeToString()}
-    for member, member_arrays in (("sparse.npz", sparse_arrays), ("int4.npz", int4_arrays)):
+    for member, member_arrays in npz.items():
         if member_arrays:
             arrays = io.BytesIO()
             np.savez(arrays, **member_arrays)
@@ -267,9 +272,8 @@ def pack(proto: Any) -> bytes:
 
 
 def _ties(arrays: dict[str, np.ndarray], exclude: set[str]) -> dict[str, tuple[str, bool]]:
-    """Name -> (the earlier initializer it repeats, whether transposed). A tied embedding and
-    output head (GPT-2's) export twice: the table, and the head's transpose folded into a
-    second copy. Stored once, the artifact is that copy smaller."""
+    """Name -> (the earlier initializer it repeats, whether transposed): a tied embedding and
+    output head (GPT-2's) export twice, the table and the head's folded transpose."""
     seen: dict[tuple[str, tuple[int, ...]], list[str]] = {}
     out: dict[str, tuple[str, bool]] = {}
     for name, array in arrays.items():
