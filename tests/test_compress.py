@@ -381,6 +381,32 @@ def test_a_group_norms_channels_go_in_multiples_of_its_groups():
     assert model[1].num_channels == 8 and model(x).shape == (2, 3)
 
 
+def test_a_group_norm_with_a_group_per_channel_keeps_one_per_channel():
+    """Wav2Vec2's first conv is normalized by ``GroupNorm(C, C)``: at 0.8 of 16 channels, 3 were
+    kept and the norm still asked for 16 groups, so the conv was withheld. Any count will do:
+    each kept channel stays its own group, normalized as before."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 16, 5), nn.GroupNorm(16, 16), nn.GELU(),
+                          nn.Conv1d(16, 8, 3), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(2, 1, 40)
+    model(x)
+    model.eval()
+    with torch.no_grad():
+        dead = model[3].weight[:, 13:].abs().sum()  # what channels 13-15 feed on
+        model[3].weight[:, 13:] = 0.0
+        want = model(x)
+    assert dead > 0
+    model[0].weight.data[13:] *= 1e-3  # the smallest: the ones l2_channel removes
+    model[0].bias.data[13:] *= 1e-3
+    assert prune_channels(model, (x,), {"0": ("l2_channel", 0.2)}, round_to=1,
+                          protected=["5"]) == {"0": (16, 13)}
+    assert (model[1].num_groups, model[1].num_channels) == (13, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+
+
 class WithAux(torch.nn.Module):
     """Features read by the task's head and by an auxiliary head the task does not read."""
 

@@ -59,8 +59,8 @@ def channel_step(group: Any, round_to: int) -> int:
         module = dep.target.module
         if isinstance(module, nn.MultiheadAttention):
             step = math.lcm(step, module.num_heads)
-        elif isinstance(module, nn.GroupNorm):
-            step = math.lcm(step, module.num_groups)
+        elif isinstance(module, nn.GroupNorm) and module.num_groups < module.num_channels:
+            step = math.lcm(step, module.num_groups)  # one group per channel: any count
     return step
 
 
@@ -298,9 +298,16 @@ def check_indices(graph: Any, group: Any) -> None:
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
-    """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it."""
+    """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it. A
+    ``GroupNorm`` with a group per channel (Wav2Vec2's first conv) keeps one per channel."""
     pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
-    pruning_group(graph, root, pruning_fn, idxs).prune()
+    group = pruning_group(graph, root, pruning_fn, idxs)
+    per_channel = [dep.target.module for dep, _ in group
+                   if isinstance(dep.target.module, nn.GroupNorm)
+                   and dep.target.module.num_groups == dep.target.module.num_channels]
+    group.prune()
+    for norm in per_channel:
+        norm.num_groups = norm.num_channels
 
 
 def remove_gated_channels(
