@@ -407,6 +407,35 @@ def test_a_group_norm_with_a_group_per_channel_keeps_one_per_channel():
         torch.testing.assert_close(model(x), want)
 
 
+class FrozenPositions(torch.nn.Module):
+    """Whisper's encoder: a conv front, then a frozen position table added to the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 16, 3, padding=1)
+        self.pos = torch.nn.Embedding(10, 16)
+        self.pos.requires_grad_(False)
+        self.norm, self.head = torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).transpose(1, 2) + self.pos(torch.arange(x.shape[-1]))
+        return self.head(self.norm(h).mean(1))
+
+
+def test_a_frozen_table_in_the_stream_loses_the_streams_channels_too():
+    """torch-pruning follows the autograd graph, where a frozen parameter leaves no node: a
+    Whisper encoder written outside the repo kept its position table's width while the stream's
+    shrank (``The size of tensor a (10) must match the size of tensor b (48)``), and its width
+    gene was withheld. The table loses the same channels, and stays frozen."""
+    torch.manual_seed(0)
+    model, x = FrozenPositions().eval(), torch.randn(2, 4, 10)
+    assert prune_channels(model, (x,), {"conv": ("l2_channel", 0.5)}, round_to=1,
+                          protected=["head"]) == {"conv": (16, 8)}
+    assert model.pos.weight.shape == (10, 8) and not model.pos.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("pos"))
+    assert model(x).shape == (2, 3)
+
+
 class WithAux(torch.nn.Module):
     """Features read by the task's head and by an auxiliary head the task does not read."""
 

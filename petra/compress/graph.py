@@ -31,7 +31,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
 
     _guard_reshape_mapping()
     roots: dict[str, Any] = {}
-    with _as_leaves(model):
+    with _as_leaves(model), _all_trainable(model):
         try:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False,
@@ -49,6 +49,23 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
         graph.petra_task_output = next((n.module for n in graph.module2node.values()
                                         if n.grad_fn is roots["task"]), None)
     return graph
+
+
+@contextlib.contextmanager
+def _all_trainable(model: nn.Module) -> Iterator[None]:
+    """Every parameter requires grad while torch-pruning traces the model, then as it was.
+    torch-pruning follows the autograd graph, where a frozen parameter leaves no node:
+    Whisper's encoder freezes its position table (``requires_grad_(False)``), the table kept
+    its width while the stream's shrank (``The size of tensor a (10) must match the size of
+    tensor b (48)``), and the encoder's width was withheld. So would any frozen layer be."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _every_output(roots: dict[str, Any]) -> Any:

@@ -299,15 +299,19 @@ def check_indices(graph: Any, group: Any) -> None:
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it. A
-    ``GroupNorm`` with a group per channel (Wav2Vec2's first conv) keeps one per channel."""
+    ``GroupNorm`` with a group per channel (Wav2Vec2's first conv) keeps one per channel, and
+    a frozen parameter stays frozen."""
     pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
     group = pruning_group(graph, root, pruning_fn, idxs)
-    per_channel = [dep.target.module for dep, _ in group
-                   if isinstance(dep.target.module, nn.GroupNorm)
-                   and dep.target.module.num_groups == dep.target.module.num_channels]
+    modules = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.Module)]
+    per_channel = [m for m in modules if isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels]
+    frozen = [(m, n) for m in modules for n, p in m.named_parameters(recurse=False)
+              if not p.requires_grad]
     group.prune()
     for norm in per_channel:
         norm.num_groups = norm.num_channels
+    for module, name in frozen:  # torch-pruning's new parameters require grad
+        getattr(module, name).requires_grad_(False)
 
 
 def remove_gated_channels(
