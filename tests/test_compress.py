@@ -494,3 +494,22 @@ def test_a_forward_that_does_not_take_the_dict_inputs_as_keywords_is_told_so():
     with pytest.raises(TaskError, match=r"unexpected keyword.*passed to the model as keywords: "
                                         r"forward\(dense, extra\)"):
         check(task, "t")
+
+
+def test_a_task_that_passed_its_check_is_not_run_again():
+    """``petra search`` checks the task before anything traces it, and the baseline checked it
+    again: a second forward over the example, a training and a validation batch."""
+    from torch import nn
+
+    from petra import Task
+    from petra.candidate.baseline import check_task
+    from petra.tasks.contract import adapt
+
+    calls = []
+    batch = (torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    task = adapt(Task(model=nn.Linear(4, 2), train=[batch], val=[batch], test=[batch],
+                      example_input=batch[0], trained=True,
+                      metric=lambda out, y: calls.append(1) or 1.0))
+    check_task(task, "t")
+    check_task(task, "t")
+    assert calls == [1]

@@ -62,13 +62,17 @@ def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
 def check_task(task: Task, task_name: str) -> None:
     """Run the task's model, loss and metric once (:func:`petra.tasks.contract.check`); a
     function that raises stops the command with one line on ``task.name``, before anything
-    traces the model."""
+    traces the model. A task that passed is not run again (the commands check early, and
+    :func:`prepare_baseline` checks what it is given)."""
     from petra.tasks.contract import TaskError, check
 
+    if getattr(task, "checked", False):
+        return
     try:
         check(task, task_name)
     except TaskError as exc:
         raise ConfigError("task.name", task_name, "", str(exc)) from exc
+    task.checked = True
 
 
 def prepare_baseline(
