@@ -192,6 +192,33 @@ def test_a_branch_seen_through_a_transpose_and_a_layer_scale_is_skipped_as_zeros
         torch.testing.assert_close(model(x), want)
 
 
+class Modulated(nn.Module):
+    """A DiT block: the ``mlp`` reads the stream normalized and modulated by a condition
+    (``norm(x) * (1 + scale) + shift``), and its gated output is added back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8, elementwise_affine=False)
+        self.ada = nn.Linear(4, 24)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(cond).unsqueeze(1).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+def test_a_branch_that_reads_the_stream_modulated_is_skipped_as_zeros():
+    """A DiT written outside the repo: its ``mlp`` read ``norm(x) * (1 + scale) + shift``,
+    which no module made, so it was skipped as the identity (``x + gate * modulated(x)``)."""
+    torch.manual_seed(0)
+    model = Modulated().eval()
+    x, cond = torch.randn(3, 5, 8), torch.randn(3, 4)
+    assert {b.name: b.kind for b in skippable_blocks(model, (x, cond))}["mlp"] == "branch"
+    skip_blocks(model, ["mlp"], skippable_blocks(model, (x, cond)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, cond), x)
+
+
 def test_gru_units_are_removed_with_their_readers_columns():
     torch.manual_seed(0)
     model, x = GRUNet().eval(), torch.randn(3, 7, 5)

@@ -22,9 +22,10 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
   stream it read (a pre-norm transformer's ``x + mlp(norm(x))``, MobileNetV2's inner ``conv``).
   As the identity it would add the stream to itself; skipping it makes it output zeros, so
   only the residual's other path is left. A block is a branch where, on the example batch,
-  its output was added to its own input, or to the input of the module that made its input
-  (either seen through views: an MLP-Mixer's token ``mlp`` reads the stream transposed), on
-  the way through operations that keep zeros zero (views, products: a layer scale).
+  its output was added to what its input was computed from (through views, products and
+  sums: a DiT's modulated stream), or to the input of the module that made its input (a
+  norm; seen through views: an MLP-Mixer's token ``mlp`` reads the stream transposed), on the
+  way through operations that keep zeros zero (views, products: a layer scale).
 
 If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
 replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
@@ -232,22 +233,30 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
 def _is_branch(name: str, seen: dict[str, dict[str, Any]],
                ops: Sequence[tuple[str, tuple[torch.Tensor, ...], Any]]) -> bool:
     """Whether module ``name``'s output was added, alone or in a sum with other branches
-    (GPT-NeoX's ``mlp(ln2(x)) + attn(ln1(x)) + x``), to the stream it read: its own input, or
-    the input of the module that made its input (a norm: ``x + mlp(norm(x))``), either seen
-    through views (a transpose). Its output may reach the sum through operations that keep
-    zeros zero (:data:`_KEEPS_ZERO`)."""
-    made_by = {id(out): src[0] for kind, src, out in ops if kind == "keeps_zero"
-               and len(src) == 1 and out is not src[0]}
+    (GPT-NeoX's ``mlp(ln2(x)) + attn(ln1(x)) + x``), to the stream it read: what its input was
+    computed from, back through views, products and sums to the nearest module outputs (a
+    DiT's ``mlp(norm(x) * (1 + scale) + shift)``), or the input of a module that made that (a
+    norm: ``x + mlp(norm(x))``), seen through views (a transpose). Its output may reach the sum
+    through operations that keep zeros zero (:data:`_KEEPS_ZERO`)."""
+    made_by = {id(out): operands for _, operands, out in ops
+               if all(out is not a for a in operands)}
+    outputs = {id(s["output"]) for s in seen.values()}
 
-    def with_sources(t: torch.Tensor) -> list[torch.Tensor]:
-        out = [t]
-        while id(out[-1]) in made_by and len(out) < 32:
-            out.append(made_by[id(out[-1])])
-        return out
+    def upstream(t: torch.Tensor, views_only: bool) -> list[torch.Tensor]:
+        found, todo = [], [t]
+        while todo and len(found) < 32:
+            u = todo.pop()
+            if any(u is f for f in found):
+                continue
+            found.append(u)
+            made = made_by.get(id(u), ())
+            if id(u) not in outputs and (not views_only or len(made) == 1):
+                todo.extend(made)
+        return found
 
-    sources = with_sources(seen[name]["input"])
+    sources = upstream(seen[name]["input"], views_only=False)
     sources += [t for s in seen.values() if any(s["output"] is x for x in sources)
-                for t in with_sources(s["input"])]
+                for t in upstream(s["input"], views_only=True)]
     summed = [seen[name]["output"]]  # its output, and every sum it went into
     for kind, operands, out in ops:
         if not any(a is t for a in operands for t in summed):
