@@ -436,6 +436,44 @@ def test_a_frozen_table_in_the_stream_loses_the_streams_channels_too():
     assert model(x).shape == (2, 3)
 
 
+class GatedConv(torch.nn.Module):
+    """A Conformer's convolution module: a pointwise conv to twice the width, a GLU over the
+    channels, a depthwise conv, BatchNorm and a pointwise conv back."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.pw1 = torch.nn.Conv1d(c, 2 * c, 1)
+        self.glu = torch.nn.GLU(dim=1)
+        self.dw = torch.nn.Conv1d(c, c, 3, padding=1, groups=c)
+        self.bn = torch.nn.BatchNorm1d(c)
+        self.pw2 = torch.nn.Conv1d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(torch.nn.functional.silu(self.bn(self.dw(self.glu(self.pw1(x))))))
+
+
+def test_a_glu_takes_both_halves_of_a_channel_with_it():
+    """One ``glu`` op is element-wise to torch-pruning: a Conformer written outside the repo
+    had its pointwise conv's channels withheld (``expected input[16, 19, 20] to have 6
+    channels``). Traced as its two halves, a removed GLU channel takes both of its input
+    channels, and the model computes what it computed without them."""
+    torch.manual_seed(0)
+    model, x, dead = GatedConv().eval(), torch.randn(2, 8, 12), [1, 4, 6]
+    with torch.no_grad():
+        for j in dead:  # make them the smallest, and unread
+            model.pw1.weight[[j, j + 8]] *= 1e-3
+            model.pw1.bias[[j, j + 8]] *= 1e-3
+            model.dw.weight[j] *= 1e-3
+            model.pw2.weight[:, j] = 0.0
+        want = model(x)
+    assert prune_channels(model, (x,), {"dw": ("l2_channel", 3 / 8)}, round_to=1,
+                          protected=["pw2"]) == {"dw": (8, 5)}
+    assert model.pw1.out_channels == 10 and model.dw.in_channels == model.bn.num_features == 5
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+    assert torch.nn.functional.glu.__module__ == "torch.nn.functional"  # put back
+
+
 class WithAux(torch.nn.Module):
     """Features read by the task's head and by an auxiliary head the task does not read."""
 

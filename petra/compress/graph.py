@@ -31,7 +31,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
 
     _guard_reshape_mapping()
     roots: dict[str, Any] = {}
-    with _as_leaves(model), _all_trainable(model):
+    with _as_leaves(model), _all_trainable(model), _glu_as_halves():
         try:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False,
@@ -49,6 +49,28 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
         graph.petra_task_output = next((n.module for n in graph.module2node.values()
                                         if n.grad_fn is roots["task"]), None)
     return graph
+
+
+@contextlib.contextmanager
+def _glu_as_halves() -> Iterator[None]:
+    """``F.glu`` (and ``nn.GLU``) computed as ``a * sigmoid(b)`` of the input's two halves while
+    torch-pruning traces the model: one ``glu`` op is element-wise to it, which tied the
+    output's channels to the first half of the input's (a Conformer's pointwise conv then lost
+    channels its depthwise conv still expected). Split, each output channel takes its two input
+    channels with it."""
+    from torch.nn import functional
+
+    original = functional.glu
+
+    def glu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:  # noqa: A002 - F.glu's name
+        a, b = input.chunk(2, dim=dim)
+        return a * torch.sigmoid(b)
+
+    functional.glu = glu
+    try:
+        yield
+    finally:
+        functional.glu = original
 
 
 @contextlib.contextmanager
