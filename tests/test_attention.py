@@ -361,20 +361,29 @@ class HandWrittenAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = (f(x).view(b, t, self.heads, self.dh).transpose(1, 2)
                    for f in (self.q, self.k, self.v))
-        att = torch.softmax(q @ k.transpose(-2, -1) / self.dh ** 0.5, dim=-1)
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.dh ** 0.5 + self.bias_of(t), dim=-1)
         return self.proj((att @ v).transpose(1, 2).reshape(b, t, d if self.fixed_width else -1))
+
+    def bias_of(self, t: int) -> torch.Tensor | float:
+        """What is added to each head's scores: nothing here."""
+        return 0.0
+
+
+def in_a_model(attention: nn.Module) -> tuple[nn.Module, torch.Tensor, list, dict[str, str]]:
+    """``attention`` (width 16) before a classifier of 5 tokens, a batch for it, and what
+    :func:`attention_layers` finds and says of it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(attention, nn.Flatten(), nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    why: dict[str, str] = {}
+    return model, x, attention_layers(model, (x,), why=why), why
 
 
 @pytest.mark.parametrize("fixed_width", [False, True])
 def test_a_hand_written_attention_loses_heads_or_says_why_not(fixed_width):
     from petra.compress.attention import prune_heads
 
-    torch.manual_seed(0)
-    model = nn.Sequential(HandWrittenAttention(fixed_width=fixed_width), nn.Flatten(),
-                          nn.Linear(5 * 16, 3)).eval()
-    x = torch.randn(2, 5, 16)
-    why: dict[str, str] = {}
-    infos = attention_layers(model, (x,), why=why)
+    model, x, infos, why = in_a_model(HandWrittenAttention(fixed_width=fixed_width))
     if fixed_width:
         assert infos == []
         assert why["0"].startswith("removing half its heads breaks the model (RuntimeError: ")
@@ -435,15 +444,11 @@ class BiasedAttention(HandWrittenAttention):
         self.bias.register_buffer("index", torch.arange(t * t))  # integers: never sliced
         self.norm = nn.LayerNorm(self.heads)  # per feature: never sliced
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = (f(x).view(b, t, self.heads, self.dh).transpose(1, 2)
-                   for f in (self.q, self.k, self.v))
+    def bias_of(self, t: int) -> torch.Tensor:
         bias = self.bias.table[self.bias.index].view(t, t, -1).permute(2, 0, 1)
         if bias.shape[0] == 1:
             bias = bias * torch.arange(self.heads, 0.0, -1)[:, None, None]
-        att = torch.softmax(q @ k.transpose(-2, -1) / self.dh ** 0.5 + bias, dim=-1)
-        return self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))
+        return bias
 
 
 @pytest.mark.parametrize("shared_column", [False, True])
@@ -455,12 +460,7 @@ def test_an_attention_with_a_bias_per_head_loses_each_heads_slice(shared_column)
     that is not one column per head is refused with the reason."""
     from petra.compress.attention import prune_heads
 
-    torch.manual_seed(0)
-    model = nn.Sequential(BiasedAttention(shared_column=shared_column), nn.Flatten(),
-                          nn.Linear(5 * 16, 3)).eval()
-    x = torch.randn(2, 5, 16)
-    why: dict[str, str] = {}
-    infos = attention_layers(model, (x,), why=why)
+    model, x, infos, why = in_a_model(BiasedAttention(shared_column=shared_column))
     if shared_column:  # (25, 1): no dimension of the head count, and the weights differ
         assert infos == [] and "changes what the kept heads compute" in why["0"]
         return

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.tasks.stand_ins import swap_if_unchanged
+
 
 class BagOfEmbeddings(nn.Module):
     """An ``nn.EmbeddingBag``'s lookup (``table``) and its pooling over each row of ids."""
@@ -51,20 +53,4 @@ def bag_stand_ins(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str
     fails or computes anything else (a bag called with offsets, per-sample weights or 1-D ids),
     every bag is put back and nothing is replaced."""
     found = [(name, m) for name, m in model.named_modules() if name and _fits(m)]
-    if not found:
-        return ()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        before = model(*inputs)
-        for name, bag in found:
-            model.set_submodule(name, BagOfEmbeddings(bag).train(bag.training))
-        try:
-            same = torch.allclose(model(*inputs), before, rtol=1e-5, atol=1e-6)
-        except ValueError:
-            same = False
-    if not same:
-        for name, bag in found:
-            model.set_submodule(name, bag)
-    model.train(was_training)
-    return tuple(name for name, _ in found) if same else ()
+    return swap_if_unchanged(model, inputs, found, BagOfEmbeddings, rtol=1e-5, atol=1e-6)

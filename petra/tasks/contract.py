@@ -36,6 +36,7 @@ from torch import nn
 
 from petra.errors import first_line
 from petra.tasks.bags import bag_stand_ins
+from petra.tasks.stand_ins import swap_if_unchanged
 
 if TYPE_CHECKING:
     from petra.tasks import Task
@@ -271,29 +272,19 @@ def linear_stand_ins(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[
     """
     found = [(name, module) for name, module in model.named_modules()
              if name and _is_transposed_linear(module)]
-    if not found:
-        return ()
-    was_training = model.training
-    model.eval()
+    return swap_if_unchanged(model, inputs, found, _linear_of, rtol=1e-4, atol=1e-5)
+
+
+def _linear_of(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` a Hugging Face ``Conv1D`` computes: its weight transposed."""
+    weight, bias = module.weight, module.bias
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None,
+                       device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        before = model(*inputs)
-    for name, module in found:
-        weight, bias = module.weight, module.bias
-        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight.T)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        linear.train(module.training)
-        model.set_submodule(name, linear)
-    with torch.no_grad():
-        same = torch.allclose(model(*inputs), before, rtol=1e-4, atol=1e-5)
-    if not same:
-        for name, module in found:
-            model.set_submodule(name, module)
-    model.train(was_training)
-    return tuple(name for name, _ in found) if same else ()
+        linear.weight.copy_(weight.T)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 class TaskError(ValueError):
