@@ -54,6 +54,9 @@ RECURRENT_TYPE_NAMES = ("GRU", "LSTM")
 #: Attentions whose heads a ``heads`` criterion removes (petra.compress.attention): Hugging Face
 #: self-attentions are typed ``Attention``.
 ATTENTION_TYPE_NAMES = ("Attention", "MultiheadAttention")
+#: The torch layers the listing takes wherever the model calls them.
+LISTED_TYPE_NAMES = (*PRUNABLE_TYPES, "Embedding", *RECURRENT_TYPE_NAMES, "ConvTranspose1d",
+                     "ConvTranspose2d")
 
 
 def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence[Any] | None = None,
@@ -89,7 +92,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     heads = {a.name: a for a in attention}
     RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
     transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d)
-    types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, *RECURRENT_TYPES, *transposed)
+    types = tuple(getattr(nn, t) for t in LISTED_TYPE_NAMES)
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
     errors, channel_why, normed = [], {}, set()
@@ -353,26 +356,23 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
 
     handled = [layer.name for layer in layers] + list(known)
     modules = dict(model.named_modules())
-    tied = {id(modules[h]._parameters.get("weight")): h for h in handled
-            if h in modules and modules[h]._parameters.get("weight") is not None}
+    tied = {id(w): h for h in handled
+            if h in modules and (w := modules[h]._parameters.get("weight")) is not None}
     out = {}
     for name, module in modules.items():
         weight = module._parameters.get("weight")
         if not name or weight is None or weight.dim() < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue
-        kind = type(module).__name__
-        article = ("an " if kind[:1] in "AEIOU" else "a ") + kind
+        article = ("an " if type(module).__name__[0] in "AEIOU" else "a ") + type(module).__name__
         if id(weight) in tied:  # T5's ``shared``, the encoder's ``embed_tokens``: one table
             out[name] = f"{article} that holds the weight of {tied[id(weight)]}, which is listed"
-        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.GRU,
-                                 nn.LSTM, nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        elif isinstance(module, tuple(getattr(nn, t) for t in LISTED_TYPE_NAMES)):
             out[name] = (f"{article} the model does not call on the example batch: no gene "
                          "takes it, and only what the model calls is exported")
         else:
             out[name] = _UNHANDLED.format(kind=article)
     return out
-
 
 
 def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, layers: Sequence[LayerInfo],

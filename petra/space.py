@@ -56,6 +56,14 @@ def skipped_blocks(genome: Mapping[str, Any]) -> list[str]:
             if k.startswith("blocks.") and k.endswith(".skip") and v in (True, "True")]
 
 
+def idle(method: str, sparsity: float, automatic: bool) -> bool:
+    """Whether a layer's ``method`` at ``sparsity`` changes nothing: ``none``, or a method that
+    takes the sparsity gene at 0 (under a fixed sparsity rule; ``automatic``: EMP sets it)."""
+    meta = PRUNING.get(method).meta if method in PRUNING else {}
+    return method == "none" or (
+        meta.get("uses_sparsity", True) and not automatic and sparsity == 0.0)
+
+
 def inside(layer: str, skipped: Iterable[str]) -> bool:
     """Whether ``layer`` is a skipped block or sits inside one."""
     return any(layer == s or layer.startswith(s + ".") for s in skipped)
@@ -169,8 +177,7 @@ class SearchSpace:
                 out[method] = "none"  # the layer left the model with its block
             meta = PRUNING.get(out[method]).meta if out[method] in PRUNING else {}
             uses_sparsity = meta.get("uses_sparsity", True)
-            if out[method] == "none" or (
-                    uses_sparsity and not automatic and out.get(sparsity, 0.0) == 0.0):
+            if idle(out[method], float(out.get(sparsity, 0.0)), automatic):
                 out[method] = "none"
             else:
                 kinds.add(meta.get("kind", "unstructured"))
@@ -243,9 +250,7 @@ def summarize(genome: Mapping[str, Any]) -> str:
             continue
         layer = key[len("layers."): -len(".method")]
         sparsity = float(genome.get(f"layers.{layer}.sparsity", 0.0))
-        meta = PRUNING.get(value).meta if value in PRUNING else {}
-        if inside(layer, skipped) or (  # what :meth:`SearchSpace.effective` drops
-                sparsity == 0.0 and meta.get("uses_sparsity", True) and not automatic):
+        if inside(layer, skipped) or idle(value, sparsity, automatic):  # as effective() drops
             continue
         methods.setdefault(str(value), []).append(sparsity)
     parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]

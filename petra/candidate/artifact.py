@@ -136,15 +136,10 @@ def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:
     present = {i.name: i for i in graph.input}
     if all(n in present for n in names):
         return proto
-    ordered = []
-    for name, value in zip(names, inputs, strict=True):
-        if name in present:
-            ordered.append(present[name])
-            continue
-        kind = onnx.helper.np_dtype_to_tensor_dtype(value[:0].detach().cpu().numpy().dtype)
-        ordered.append(onnx.helper.make_tensor_value_info(
-            name, kind, ["batch", *value.shape[1:]]))
-    rest = [i for i in graph.input if i.name not in set(names)]
+    ordered = [present[name] if name in present else onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(value[:0].detach().cpu().numpy().dtype),
+        ["batch", *value.shape[1:]]) for name, value in zip(names, inputs, strict=True)]
+    rest = [i for i in graph.input if i.name not in names]
     del graph.input[:]
     graph.input.extend([*ordered, *rest])
     return proto
@@ -212,12 +207,11 @@ def pack(proto: Any) -> bytes:
     entries = []
     int4_entries = []
     keep = []
-    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    tied = _ties(arrays, exclude=set(int4_marked))
+    tied = _ties(graph.initializer, exclude=set(int4_marked))
     for init in graph.initializer:
-        array = arrays[init.name]
         if init.name in tied:
             continue
+        array = numpy_helper.to_array(init)
         if init.name in int4_marked:
             key = f"q{len(int4_entries)}"
             spec = int4_marked[init.name]
@@ -271,24 +265,27 @@ def _zip(manifest: dict[str, Any], proto: Any, npz: dict[str, dict[str, np.ndarr
     return out.getvalue()
 
 
-def _ties(arrays: dict[str, np.ndarray], exclude: set[str]) -> dict[str, tuple[str, bool]]:
+def _ties(initializers: Any, exclude: set[str]) -> dict[str, tuple[str, bool]]:
     """Name -> (the earlier initializer it repeats, whether transposed): a tied embedding and
-    output head (GPT-2's) export twice, the table and the head's folded transpose."""
-    seen: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    output head (GPT-2's) export twice, the table and the head's folded transpose. Only those
+    that share a type and a set of dimensions are read."""
+    from onnx import numpy_helper
+
+    alike: dict[tuple[int, tuple[int, ...]], list[Any]] = {}
+    for init in initializers:
+        if init.name not in exclude and int(np.prod(init.dims)) >= _MIN_SPARSE_SIZE:
+            alike.setdefault((init.data_type, tuple(sorted(init.dims))), []).append(init)
     out: dict[str, tuple[str, bool]] = {}
-    for name, array in arrays.items():
-        if array.size < _MIN_SPARSE_SIZE or name in exclude:
-            continue
-        key = (array.dtype.str, tuple(sorted(array.shape)))
-        match = next(((other, transposed) for other in seen.get(key, ())
-                      for transposed in (False, True) if (transposed or arrays[
-                          other].shape == array.shape) and (not transposed or array.ndim == 2)
-                      and np.array_equal(arrays[other].T if transposed else arrays[other],
-                                         array)), None)
-        if match is not None:
-            out[name] = match
-        else:
-            seen.setdefault(key, []).append(name)
+    for group in (g for g in alike.values() if len(g) > 1):
+        seen: list[tuple[str, np.ndarray]] = []
+        for init in group:
+            array = numpy_helper.to_array(init)
+            match = next(((other, transposed) for other, first in seen for transposed in (False, True)
+                          if np.array_equal(first.T if transposed else first, array)), None)
+            if match is None:
+                seen.append((init.name, array))
+            else:
+                out[init.name] = match
     return out
 
 

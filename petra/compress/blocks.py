@@ -136,7 +136,7 @@ def _layer_count(module: nn.Module) -> int:
     return sum(isinstance(m, _LAYERS) for m in module.modules())
 
 
-class _Adds(torch.overrides.TorchFunctionMode):
+class _Ops(torch.overrides.TorchFunctionMode):
     """Records, in call order, every tensor addition (its operands and result) and every
     operation that keeps a zero tensor zero (a view, a product, a dropout: its tensor operands
     and result) while it is active."""
@@ -165,9 +165,10 @@ _VIEWS = {"transpose", "permute", "reshape", "view", "flatten", "unflatten", "co
 _KEEPS_ZERO = _VIEWS | {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "dropout"}
 
 
-def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, Any]], Any, _Adds]:
+def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, Any]], Any, _Ops]:
     """Each module's first call on the example batch (its input and output tensors, in call
-    order), the model's output, and the additions made on the way."""
+    order), the model's output, and the additions and zero-keeping operations made on the way
+    (:class:`_Ops`)."""
     names = {m: n for n, m in model.named_modules() if m is not model}
     seen: dict[str, dict[str, Any]] = {}
     hooks = []
@@ -183,21 +184,21 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
         hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
-    adds = _Adds()
+    ops = _Ops()
     try:
-        with adds:
+        with ops:
             result = model(*args(example_input))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return seen, result, adds
+    return seen, result, ops
 
 
 @torch.no_grad()
 def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
     """The blocks of ``model`` that may be skipped, in execution order (see the module doc)."""
-    seen, result, adds = _trace(model, example_input)
+    seen, result, ops = _trace(model, example_input)
     final = _first_tensor(result)
     modules = dict(model.named_modules())
     found = []
@@ -211,7 +212,7 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
                          and f"{name}.{c}" in seen
                          and seen[f"{name}.{c}"]["out"] == info["out"]), None)
         square = info["in"] == info["out"]
-        kind = "branch" if _is_branch(name, seen, adds.ops) else "identity"
+        kind = "branch" if _is_branch(name, seen, ops.ops) else "identity"
         if isinstance(module, _LAYERS):
             if square and getattr(module, "groups", 1) == 1:
                 found.append(BlockInfo(name, kind, None, info["nonneg"], params))

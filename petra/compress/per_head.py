@@ -39,10 +39,9 @@ def per_head_tensors(module: nn.Module, heads: int) -> list[tuple[nn.Module, str
 
 
 @torch.no_grad()
-def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int]) -> int:
-    """Keep the ``keep`` slices of every per-head tensor of ``module``; how many were cut."""
-    found = per_head_tensors(module, heads)
-    for owner, name, dim in found:
+def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int]) -> None:
+    """Keep the ``keep`` slices of every per-head tensor of ``module``."""
+    for owner, name, dim in per_head_tensors(module, heads):
         old = getattr(owner, name)
         new = old.index_select(dim, torch.tensor(list(keep), device=old.device))
         if name in owner._parameters:
@@ -51,4 +50,3 @@ def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int]) -> int:
             owner._buffers[name] = new
         if isinstance(owner, nn.Embedding) and name == "weight":
             owner.embedding_dim = len(keep)
-    return len(found)
