@@ -387,13 +387,18 @@ def declared_genes(registry: Registry, kind: str, names: Sequence[str], space_cf
 def width_genes(space_cfg: SpaceConfig, selected: Sequence[LayerInfo]) -> list[Gene]:
     """``prune.width`` (the share of the residual stream's channels removed, in
     ``space.width``) and ``prune.width_method`` (its structured criterion), when a selected
-    layer writes a verified residual stream and the space allows a structured criterion."""
+    layer writes a verified residual stream and the space allows a structured criterion. An
+    attention that writes the stream does not count: its heads are verified, not the stream's
+    channels (a Perceiver's latent stream, which torch-pruning merges with the width of the
+    inputs its cross-attention reads, failed every check of its Linear writers, and a width
+    gene offered on its attentions' account failed 4 of 35 candidates)."""
 
     lo, hi = getattr(space_cfg, "width", (0.0, 0.0))
     methods = tuple(m for m in space_cfg.pruning if m != "none"
                     and PRUNING.get(m).meta.get("kind") == "structured"
                     and not PRUNING.get(m).meta.get("trained"))
-    if hi <= 0 or not methods or not any(x.residual and x.structured for x in selected):
+    if hi <= 0 or not methods or not any(x.residual and unit_kind(x) == "structured"
+                                         for x in selected):
         return []
     return [Float("prune.width", lo, hi, lo, step=0.01),
             Categorical("prune.width_method", methods, methods[0])]
