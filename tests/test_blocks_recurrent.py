@@ -376,6 +376,50 @@ def test_the_first_layer_of_a_transformer_encoder_can_be_skipped():
     np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
+class Tagged(nn.Module):
+    """A residual layer with a tag its encoder reads to pick its input (ModernBERT's layers
+    carry ``attention_type``, which picks their mask)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.attn, self.mlp = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x) * scale
+        return x + self.mlp(x)
+
+
+class TaggedEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Tagged("local"), Tagged("global")])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = {"local": torch.ones(1), "global": torch.full((1,), 0.5)}
+        for layer in self.layers:
+            x = layer(x, scales[layer.kind])
+        return self.head(x)
+
+
+def test_a_skipped_block_keeps_the_attributes_its_model_reads():
+    """ModernBERT's encoder reads each layer's ``attention_type``: with a layer skipped, that
+    was ``'ReluIdentity' object has no attribute 'attention_type'``, and every layer's skip
+    was withheld. The stand-in keeps the block's plain attributes; the model runs as with
+    the layer's work removed."""
+    torch.manual_seed(0)
+    model = TaggedEncoder().eval()
+    x = torch.randn(4, 8)
+    blocks = skippable_blocks(model, (x,))
+    assert "layers.0" in [b.name for b in blocks]
+    skip_blocks(model, ["layers.0"], blocks)
+    assert model.layers[0].kind == "local"
+    with torch.no_grad():
+        h = x + model.layers[1].attn(x) * 0.5
+        torch.testing.assert_close(model(x), model.head(h + model.layers[1].mlp(h)))
+
+
 def test_the_norm_before_a_skipped_branch_keeps_the_residual_width():
     """The skipped branch's zeros are ``x * 0``: as ``zeros_like`` they cut the traced graph,
     torch-pruning left out the norm that feeds the branch, and the model failed once the

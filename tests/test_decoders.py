@@ -304,6 +304,33 @@ def test_llamas_attention_takes_its_head_count_from_its_config():
         torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("model, attention, output", [
+    (lambda: Llama(kv=4), "llm.model.layers.0.self_attn", "llm.model.layers.0.self_attn.o_proj"),
+    (LM, "gpt.transformer.h.0.attn", "gpt.transformer.h.0.attn.c_proj"),
+])
+def test_a_decoders_attention_is_skipped_as_the_branch_it_is(model, attention, output):
+    """Llama's decoder layer calls its attention by keyword (``hidden_states=``), which the
+    trace did not see: its attention, added to the stream it read, had no skip gene, nor
+    GPT-2's (an attention was never a block). Skipped, it gives what the model gives with its
+    output projection zeroed (its bias too: GPT-2's has one)."""
+    from petra.compress.blocks import skip_blocks, skippable_blocks
+
+    model, ids = model().eval(), torch.randint(0, 32, (2, 8))
+    linear_stand_ins(model, (ids,))
+    blocks = {b.name: b for b in skippable_blocks(model, (ids,))}
+    assert blocks[attention].kind == "branch"
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        proj = masked.get_submodule(output)
+        proj.weight.zero_()
+        if proj.bias is not None:
+            proj.bias.zero_()
+        want = masked(ids)
+    skip_blocks(model, [attention], list(blocks.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want)
+
+
 def test_a_grouped_key_value_attention_is_traced_in_bounded_time_and_named():
     """With fewer key/value heads, torch-pruning's channel group from q_proj or k_proj never
     closed (``petra space`` ran for more than ten minutes); the group is now given up with the

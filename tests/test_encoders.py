@@ -1,10 +1,100 @@
-"""Attention-bearing user models beyond BERT. A Perceiver: its latents cross-attend to inputs
-of another width."""
+"""Attention-bearing user models beyond BERT. DeBERTa-v2 (Hugging Face): its ``query_proj``,
+``key_proj`` and ``value_proj`` are the attention's q, k and v, and its relative-position
+projections (``pos_key_proj``, ``pos_query_proj``) lose the removed heads' rows with them.
+ModernBERT: a fused ``Wqkv`` read by ``Wo``; its attention is a residual branch that a skip
+removes, and its encoder reads each layer's ``attention_type``, which a skipped layer keeps.
+A Perceiver: its latents cross-attend to inputs of another width."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from torch import nn
+
+from petra.compress.attention import attention_layers, prune_attention
+from petra.compress.blocks import skip_blocks, skippable_blocks
+
+pytest.importorskip("transformers")
+
+
+class Encoder(nn.Module):
+    """A tiny encoder (built from a config: nothing downloaded) with a mean-pooled head."""
+
+    def __init__(self, kind: str) -> None:
+        import transformers as tf
+
+        super().__init__()
+        torch.manual_seed(0)
+        if kind == "deberta":
+            self.enc = tf.DebertaV2Model(tf.DebertaV2Config(
+                vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=16, relative_attention=True,
+                pos_att_type=["p2c", "c2p"], position_buckets=4, max_relative_positions=8,
+                attn_implementation="eager"))
+        else:
+            self.enc = tf.ModernBertModel(tf.ModernBertConfig(
+                vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=16, global_attn_every_n_layers=2,
+                local_attention=4, attn_implementation="eager", pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(input_ids=input_ids).last_hidden_state.mean(1))
+
+
+@torch.no_grad()
+def zeroed(model: nn.Module, ids: torch.Tensor, output: str, columns: slice) -> torch.Tensor:
+    masked = copy.deepcopy(model)
+    masked.get_submodule(output).weight[:, columns] = 0.0
+    return masked(ids)
+
+
+@pytest.mark.parametrize("kind, attention, output", [
+    ("deberta", "enc.encoder.layer.0.attention.self", "enc.encoder.layer.0.attention.output.dense"),
+    ("modernbert", "enc.layers.0.attn", "enc.layers.0.attn.Wo"),
+])
+def test_an_encoders_heads_are_removed_as_its_masked_model_computes(kind, attention, output):
+    model, ids = Encoder(kind).eval(), torch.randint(3, 50, (2, 8))
+    dense = copy.deepcopy(model)
+    why: dict[str, str] = {}
+    infos = {i.name: i for i in attention_layers(model, (ids,), why=why)}
+    assert attention in infos and not why, why
+    changes = prune_attention(model, {attention: ("l2_heads", 0.5)}, list(infos.values()))
+    assert changes == {attention: (4, 2)}
+    assert model.get_submodule(output).in_features == 16
+    if kind == "deberta":
+        self_attn = model.get_submodule(attention)
+        assert self_attn.pos_key_proj.out_features == self_attn.pos_query_proj.out_features == 16
+    # The pruned model computes what the dense one does with the removed heads' columns of
+    # the output projection zeroed: find which heads went by the kept output columns.
+    dense_w = dense.get_submodule(output).weight
+    got_w = model.get_submodule(output).weight
+    kept_heads = [h for h in range(4) if any(
+        torch.equal(got_w[:, c * 8:(c + 1) * 8], dense_w[:, h * 8:(h + 1) * 8]) for c in range(2))]
+    assert len(kept_heads) == 2
+    removed = [h for h in range(4) if h not in kept_heads]
+    want = zeroed(dense, ids, output, torch.tensor([h * 8 + i for h in removed for i in range(8)]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=1e-4, atol=1e-5)
+
+
+def test_modernberts_attention_and_layers_can_be_skipped():
+    model, ids = Encoder("modernbert").eval(), torch.randint(3, 50, (2, 8))
+    blocks = {b.name: b for b in skippable_blocks(model, (ids,))}
+    assert blocks["enc.layers.0.attn"].kind == "branch"
+    assert {"enc.layers.0", "enc.layers.1", "enc.layers.1.mlp"} <= set(blocks)
+    want = zeroed(model, ids, "enc.layers.0.attn.Wo", slice(None))
+    skipped = copy.deepcopy(model)
+    skip_blocks(skipped, ["enc.layers.0.attn"], list(blocks.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(skipped(ids), want)
+    skip_blocks(model, ["enc.layers.0"], list(blocks.values()))
+    assert model.enc.layers[0].attention_type == "full_attention"
+    with torch.no_grad():
+        assert model(ids).shape == (2, 3)
 
 
 class Perceiver(nn.Module):

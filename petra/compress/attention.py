@@ -10,7 +10,9 @@ Three families are found by :func:`attention_layers`:
 
 - **Hugging Face self-attention** (BERT, ViT, and their kin) and hand-written ones of the same
   form: a module with ``query``, ``key`` and ``value`` (or ``q_proj``/``k_proj``/``v_proj``,
-  ``q_lin``/..., ``to_q``/..., ``q``/``k``/``v``) ``nn.Linear`` children of equal width and a
+  ``q_lin``/..., ``to_q``/..., ``q``/``k``/``v``, DeBERTa's ``query_proj``/...) ``nn.Linear``
+  children of equal width (other projections to that width, DeBERTa's relative-position ones,
+  lose the same rows) and a
   head count attribute (:data:`HEAD_COUNT_NAMES`; else the config's, as Llama's). Its output
   projection is its own ``o_proj`` (or another of :data:`OUTPUT_NAMES`) child where it has one
   (transformers 5's ViT), else the ``nn.Linear`` that reads its output, found by tracing the
@@ -80,8 +82,9 @@ class AttentionInfo:
 #: The names of a Hugging Face attention's q, k and v projections, and of its own output
 #: projection (where the output projection sits inside the attention module).
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
-             ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"))
-OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj", "dense")
+             ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"),
+             ("query_proj", "key_proj", "value_proj"))
+OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj", "dense", "Wo")
 #: The names of a fused q, k, v projection (GPT-2's, after its Conv1D became a Linear).
 FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_value")
 #: Attributes that hold the width of one head (Llama's ``head_dim``, GPT-NeoX's ``head_size``).
@@ -148,7 +151,22 @@ def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
         return (info.fused,)
     module = model.get_submodule(info.name)
     children = {id(m): n for n, m in module.named_children()}
-    return tuple(f"{info.name}.{children[id(p)]}" for p in _qkv(module) or ())
+    return tuple(f"{info.name}.{children[id(p)]}" for p in (*(_qkv(module) or ()),
+                                                             *_side(module, info)))
+
+
+def _side(module: nn.Module, info: AttentionInfo) -> list[nn.Linear]:
+    """The attention's other projections to its q width, each read one slice per head
+    (DeBERTa's ``pos_key_proj`` and ``pos_query_proj`` project the shared relative-position
+    embeddings into each head's key and query space): they lose the removed heads' rows too,
+    and the trial removal checks that guess against the masked model."""
+    qkv = _qkv(module)
+    if qkv is None or info.group > 1:
+        return []
+    width = qkv[0].out_features
+    return [m for n, m in module.named_children() if isinstance(m, nn.Linear)
+            and m.out_features == width and all(m is not p for p in qkv)
+            and f"{info.name}.{n}" != info.output]
 
 
 def _is_hf_attention(module: nn.Module) -> bool:
@@ -335,8 +353,11 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
     if info.fused:
         tp.prune_linear_out_channels(model.get_submodule(info.fused), _rows(
             remove, 3 * info.head_dim) if info.by_head else stacked)
+    side = _side(module, info)  # found by the q width, before q loses its rows
     for proj, per_unit in zip(_qkv(module) or (), (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
+    for proj in side:
+        tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
     slice_per_head(module, heads, keep)  # a relative-position bias table, ALiBi slopes
     for attr in HEAD_COUNT_NAMES:

@@ -34,8 +34,14 @@ nothing.
 Transformer layers are identity blocks too (a ``BertLayer``, an ``nn.TransformerEncoderLayer``,
 a ``BertAttention``): their replacement takes and ignores the extra arguments they are called
 with (masks), and returns a tuple where the block returned one (``(x, None, ...)``). A
-self-attention alone (the module that holds q, k and v) is not a block: skipping it would feed
-the layer's input to the output projection; its heads are removed instead.
+self-attention alone (the module that holds q, k and v) is a block only where it is a residual
+branch (Llama's ``self_attn``, GPT-2's ``attn``, ModernBERT's ``attn``: ``x +
+attn(norm(x))``), which skipping removes; elsewhere (BERT's, whose output
+projection sits outside it) skipping it would feed the layer's input to the output projection,
+and its heads are removed instead. The replacement takes its input as the block did, the
+first positional argument or the keyword it came by (Llama's ``hidden_states=``), and keeps the
+block's plain attributes, which a model may read (ModernBERT's encoder picks each layer's mask
+by its ``attention_type``).
 """
 
 from __future__ import annotations
@@ -64,49 +70,59 @@ class BlockInfo:
     relu: bool
     params: int
     outputs: int = 0  # the length of the tuple the block returns; 0 for a tensor
+    keyword: str = ""  # the keyword its input comes by (Llama's hidden_states=), or positional
 
 
 def _as_returned(out: torch.Tensor, outputs: int) -> Any:
     return (out, *([None] * (outputs - 1))) if outputs else out
 
 
-class ShortcutOnly(nn.Module):
+class _StandIn(nn.Module):
+    """What a skipped block becomes: it takes its input as the block did (the first positional
+    argument, or the keyword ``keyword``) and ignores the rest (masks, position embeddings)."""
+
+    def __init__(self, outputs: int = 0, keyword: str = "") -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.keyword = keyword
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = kwargs[self.keyword] if self.keyword and not args else args[0]
+        return _as_returned(self.compute(x), self.outputs)
+
+
+class ShortcutOnly(_StandIn):
     """A residual block reduced to its shortcut path (and its final ReLU)."""
 
-    def __init__(self, shortcut: nn.Module, relu: bool, outputs: int = 0) -> None:
-        super().__init__()
+    def __init__(self, shortcut: nn.Module, relu: bool, outputs: int = 0,
+                 keyword: str = "") -> None:
+        super().__init__(outputs, keyword)
         self.shortcut = shortcut
         self.relu = relu
-        self.outputs = outputs
 
-    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shortcut(x)
-        return _as_returned(torch.relu(out) if self.relu else out, self.outputs)
+        return torch.relu(out) if self.relu else out
 
 
-class ReluIdentity(nn.Module):
+class ReluIdentity(_StandIn):
     """The identity, or a ReLU where the skipped block ended in one."""
 
-    def __init__(self, relu: bool, outputs: int = 0) -> None:
-        super().__init__()
+    def __init__(self, relu: bool, outputs: int = 0, keyword: str = "") -> None:
+        super().__init__(outputs, keyword)
         self.relu = relu
-        self.outputs = outputs
 
-    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
-        return _as_returned(torch.relu(x) if self.relu else x, self.outputs)
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if self.relu else x
 
 
-class Zero(nn.Module):
+class Zero(_StandIn):
     """A residual branch removed: zeros of its input's shape, as ``x * 0``. ``zeros_like``
     would cut the traced graph there, and torch-pruning would then leave out the norm that
     feeds the branch (it still runs): the residual width would shrink around it."""
 
-    def __init__(self, outputs: int = 0) -> None:
-        super().__init__()
-        self.outputs = outputs
-
-    def forward(self, x: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
-        return _as_returned(x * 0.0, self.outputs)
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.0
 
 
 class _BatchFirst:
@@ -173,15 +189,19 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
     seen: dict[str, dict[str, Any]] = {}
     hooks = []
     for module, name in names.items():
-        def hook(mod: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
-            x, y = _first_tensor(inputs), _first_tensor(output)
+        def hook(mod: nn.Module, inputs: Any, kwargs: Any, output: Any, name: str = name
+                 ) -> None:
+            x, y, keyword = _first_tensor(inputs), _first_tensor(output), ""
+            if x is None and not inputs:  # called by keyword (Llama's self_attn)
+                keyword = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), "")
+                x = kwargs.get(keyword)
             if x is None or y is None or name in seen:
                 return
             seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape), "input": x,
-                          "nonneg": bool((y >= 0).all()), "output": y,
+                          "nonneg": bool((y >= 0).all()), "output": y, "keyword": keyword,
                           "outputs": len(output) if isinstance(output, tuple | list) else 0}
 
-        hooks.append(module.register_forward_hook(hook))
+        hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     ops = _Ops()
@@ -205,23 +225,27 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
     for name, info in seen.items():
         module = modules[name]
         params = sum(p.numel() for p in module.parameters())
-        if info["output"] is final or _is_attention(module):
-            continue  # the model's output layer stays; an attention loses heads instead
+        if info["output"] is final:
+            continue  # the model's output layer stays
+        kind = "branch" if _is_branch(name, seen, ops.ops) else "identity"
+        if _is_attention(module) and kind != "branch":
+            continue  # it loses heads; skipped only where its output is a residual branch
         shortcut = next((c for c in SHORTCUT_NAMES if hasattr(module, c)
                          and isinstance(getattr(module, c), nn.Module)
                          and f"{name}.{c}" in seen
                          and seen[f"{name}.{c}"]["out"] == info["out"]), None)
         square = info["in"] == info["out"]
-        kind = "branch" if _is_branch(name, seen, ops.ops) else "identity"
         if isinstance(module, _LAYERS):
             if square and getattr(module, "groups", 1) == 1:
                 found.append(BlockInfo(name, kind, None, info["nonneg"], params))
         elif _layer_count(module) >= 2 and shortcut is not None:
             found.append(BlockInfo(name, "shortcut", f"{name}.{shortcut}", info["nonneg"],
                                    params - sum(p.numel() for p in getattr(
-                                       module, shortcut).parameters()), info["outputs"]))
+                                       module, shortcut).parameters()), info["outputs"],
+                                   info["keyword"]))
         elif _layer_count(module) >= 2 and square:
-            found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"]))
+            found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"],
+                                   info["keyword"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches. Those of
     # an attention lose heads instead (as the identity, a q or k projection is nonsense).
@@ -271,8 +295,14 @@ def _is_branch(name: str, seen: dict[str, dict[str, Any]],
 def _replacement(module: nn.Module, info: BlockInfo) -> nn.Module:
     if info.kind == "shortcut":
         return ShortcutOnly(module.get_submodule(info.shortcut[len(info.name) + 1:]),
-                            info.relu, info.outputs)
-    out = Zero(info.outputs) if info.kind == "branch" else ReluIdentity(info.relu, info.outputs)
+                            info.relu, info.outputs, info.keyword)
+    out = Zero(info.outputs, info.keyword) if info.kind == "branch" else \
+        ReluIdentity(info.relu, info.outputs, info.keyword)
+    for key, value in vars(module).items():
+        # What the model reads of the block besides calling it (ModernBERT's encoder reads
+        # each layer's attention_type to pick its mask) stays readable on the stand-in.
+        if not key.startswith("_") and key != "training" and not hasattr(out, key):
+            setattr(out, key, value)
     if isinstance(module, nn.TransformerEncoderLayer):
         # nn.TransformerEncoder reads its first layer's self_attn.batch_first, and its fast
         # path the rest: the replacement answers the first, the encoder skips the second.
@@ -293,7 +323,7 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
         if any(name.startswith(d + ".") for d in done):
             continue  # inside a block already skipped
         module = model.get_submodule(name)
-        if isinstance(module, nn.TransformerEncoderLayer):
+        if isinstance(module, nn.TransformerEncoderLayer | nn.MultiheadAttention):
             no_fast_path(model)
         model.set_submodule(name, _replacement(module, by_name[name]))
         del module
