@@ -534,6 +534,23 @@ def test_a_forward_that_does_not_take_the_dict_inputs_as_keywords_is_told_so():
         check(task, "t")
 
 
+def test_a_split_whose_first_batch_is_empty_is_named():
+    """A split sliced past its data's end gives empty batches: the metric read nan, and the
+    line said only that it returned nan."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import TaskError, adapt, check
+
+    good = (torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    empty = (torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+    task = adapt(Task(model=nn.Linear(4, 2), train=[good], val=[empty], test=[good],
+                      example_input=good[0], trained=True))
+    with pytest.raises(TaskError, match=r"first batch of the task 't''s val split holds no "
+                                        r"examples"):
+        check(task, "t")
+
+
 def test_a_task_that_passed_its_check_is_not_run_again():
     """``petra search`` checks the task before anything traces it, and the baseline checked it
     again: a second forward over the example, a training and a validation batch."""

@@ -303,6 +303,11 @@ def check(task: Task, name: str) -> None:
         batch = next(iter(getattr(task, split)), None)
         if batch is None:
             raise TaskError(f"the task {name!r} has an empty {split} split")
+        targets = batch[1]
+        if isinstance(targets, torch.Tensor) and targets.dim() and not len(targets):
+            # an empty batch reached the metric as nan (a split sliced past its data's end)
+            raise TaskError(f"the first batch of the task {name!r}'s {split} split holds no "
+                            "examples")
         return batch
 
     model = task.model
