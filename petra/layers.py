@@ -48,7 +48,7 @@ class LayerInfo:
     batchnorm: bool | None = None
 
 
-PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d")
+PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 #: Recurrent layers whose hidden units a ``recurrent`` criterion removes (petra.compress.recurrent).
 RECURRENT_TYPE_NAMES = ("GRU", "LSTM")
 #: Attentions whose heads a ``heads`` criterion removes (petra.compress.attention): Hugging Face
@@ -340,9 +340,9 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
 
 #: What ``petra space`` says of a weight layer of a type no gene handles.
-_UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, "
-              "embeddings, GRU, LSTM and attention heads); it is exported as it is, and quantized "
-              "where the scheme quantizes its operation")
+_UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, Conv3d, "
+              "embeddings, GRU, LSTM and attention heads); it is exported as it is, and "
+              "quantized where the scheme quantizes its operation")
 
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],

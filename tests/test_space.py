@@ -499,8 +499,38 @@ def test_a_transposed_conv_is_listed_with_its_reason_and_the_conv_before_it_shri
     assert pruned(x).shape == (2, 1, 8, 8)
 
 
+def test_a_3d_convolution_loses_channels_physically():
+    """A video or volume model's ``nn.Conv3d`` was kept whole (no gene pruned the type): its
+    channels are removed with their BatchNorm3d and the next conv's inputs, and it exports."""
+    import torch
+    from torch import nn
+
+    from petra.candidate import artifact
+    from petra.compress.structured import prune_channels
+    from petra.space import model_space
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+                          nn.Conv3d(8, 8, 3, padding=1), nn.AdaptiveAvgPool3d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 1, 4, 6, 6)
+    cfg = load_config({"space": {"pruning": ["none", "magnitude", "l2_channel"],
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, (x,))
+    assert space.gene("layers.0.method").choices == ("none", "magnitude", "l2_channel")
+    assert "0" not in space.kept_whole and not space.withheld
+    assert prune_channels(model, (x,), {"0": ("l2_channel", 0.5)}, protected=["6"]) == {
+        "0": (8, 4)}
+    assert (model[0].out_channels, model[1].num_features, model[3].in_channels) == (4, 4, 4)
+    with torch.no_grad():
+        want = model(x).numpy()
+    out = artifact.load(artifact.pack(artifact.export_onnx(model, (x,)))).run(
+        None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
 def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
-    """A layer type petra does not prune (a Conv3d, a hand-written layer) is listed as kept
+    """A layer type petra does not prune (a hand-written layer) is listed as kept
     whole with why, not left out of ``petra space`` unmentioned; a parameter that is no
     layer's weight (a positional table) is not."""
     import torch

@@ -57,7 +57,7 @@ from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
 from petra.tasks.contract import args, no_fast_path
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass(frozen=True)

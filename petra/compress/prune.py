@@ -87,7 +87,7 @@ def _collect_input_norms(model: torch.nn.Module, batches: Any) -> dict[str, torc
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
             def hook(mod: Any, inputs: Any, _out: Any, name: str = name) -> None:
                 x = inputs[0].detach()
                 dims = [

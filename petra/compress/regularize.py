@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from petra.schema import SpaceConfig
 
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 #: The modules whose output channels carry gates: the norms, else the layers.
 GATED_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-GATED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+GATED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def out_channel_members(group: Any) -> list[nn.Module]:
@@ -72,7 +72,7 @@ def kept_channels(n: int, sparsity: float, round_to: int) -> int:
     return min(keep, n)
 
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: A graph traced without a task model: every output it traced is the model's.
 ANY_OUTPUT = object()
 
@@ -134,7 +134,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
 
 def _grouped_conv(module: Any) -> bool:
     """Whether ``module`` is a grouped convolution that is not depthwise."""
-    return isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups > 1 and not (
+    return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups > 1 and not (
         module.groups == module.in_channels == module.out_channels)
 
 
