@@ -156,19 +156,16 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
         out_channels = (module.out_features if isinstance(module, nn.Linear)
                         else module.out_channels)
     # A depthwise conv (groups == in == out channels) loses channels with the conv that
-    # feeds it (torch-pruning's depthwise pruner); other grouped convs keep theirs.
-    groups = getattr(module, "groups", 1)
-    grouped = groups != 1 and not (groups == module.in_channels == module.out_channels)
+    # feeds it (torch-pruning's depthwise pruner); other grouped convs lose the same channels
+    # of each group (petra.compress.structured.lowest).
     kind = type(module).__name__
     if attention is not None and kind not in ATTENTION_TYPE_NAMES:
         kind = "Attention"
     # an embedding's width is the residual's: channel groups of the Linear layers that share
     # it decide it
-    structured = removable and not grouped and not isinstance(module, nn.Embedding)
+    structured = removable and not isinstance(module, nn.Embedding)
     if structured or isinstance(module, nn.Embedding):
         whole = ""
-    elif removable:
-        whole = f"a grouped convolution (groups={groups}) that is not depthwise"
     return LayerInfo(
         name=name, type=kind, out_channels=int(out_channels),
         params=sum(p.numel() for p in module.parameters()), structured=structured,

@@ -144,7 +144,7 @@ def test_prunable_layers_restores_training_mode(model_and_input):
         model.eval()
 
 
-def test_depthwise_convs_lose_channels_with_their_producer_and_grouped_convs_do_not():
+def test_depthwise_convs_lose_channels_with_their_producer_and_grouped_convs_per_group():
     import copy
 
     import torch
@@ -159,30 +159,62 @@ def test_depthwise_convs_lose_channels_with_their_producer_and_grouped_convs_do_
     x = torch.randn(2, 1, 8, 8)
     layers = prunable_layers(model, x)
     found = {layer.name: layer.structured for layer in layers}
-    # depthwise (groups == channels): structured; grouped (groups 2): its channels stay, and
-    # so do those of the conv that feeds it
-    assert found == {"0": True, "1": True, "2": False, "3": False, "5": False}
+    # depthwise (groups == channels): with the conv that feeds it; grouped (groups 2): the
+    # same channels of each group, its own and those of the conv that feeds it
+    assert found == {"0": True, "1": True, "2": True, "3": True, "5": False}
     pruned = copy.deepcopy(model)
     changes = prune_channels(pruned, x, {"1": ("l2_channel", 0.5)}, protected=protected(layers))
     assert list(changes.values()) == [(8, 4)]
     assert pruned[0].out_channels == pruned[1].out_channels == pruned[1].groups == 4
     assert pruned[2].in_channels == 4 and pruned(x).shape == (2, 3)
-    # the conv that feeds the grouped conv keeps its channels: torch-pruning narrows a grouped
-    # conv's input by the first kept indices, not group by group, which fails (an index out of
-    # bounds) or misreads most removals; it is kept whole, with that reason
     from petra.space import model_space
 
     cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
                                  "quantization": ["none"]}}).space
     space = model_space(cfg, model, (x,))
     assert space.withheld == {}
-    assert space.kept_whole == {
-        "2": "its channels feed a grouped convolution (groups=2), whose input torch-pruning "
-             "cannot narrow group by group",
-        "3": "a grouped convolution (groups=2) that is not depthwise",
-        "5": "its output is the model's output"}
-    assert "l2_channel" in space.gene("layers.1.method").choices
-    assert "l2_channel" not in space.gene("layers.2.method").choices
+    assert space.kept_whole == {"5": "its output is the model's output"}
+    for name in ("1", "2", "3"):
+        assert "l2_channel" in space.gene(f"layers.{name}.method").choices
+
+
+def test_a_grouped_convolution_loses_the_same_channels_of_every_group():
+    """A ResNeXt bottleneck: the 1x1 conv feeds a 3x3 conv of 4 groups. torch-pruning narrows
+    a grouped conv's input by the offsets kept in its first group, so the conv that feeds it
+    was kept whole, and so was the grouped conv. Each now loses the same offsets of every
+    group, and the pruned model computes what the dense one does with those channels zeroed."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from petra.compress.structured import prune_channels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1,
+                          groups=4), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).eval()
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    changes = prune_channels(model, x, {"0": ("l2_channel", 0.5), "2": ("l2_channel", 0.25)},
+                             protected=["7"])
+    assert changes == {"0": (16, 8), "2": (16, 12)}
+    assert model[2].groups == 4 and model[2].weight.shape == (12, 2, 3, 3)
+
+    def kept(now: torch.Tensor, before: torch.Tensor) -> list[int]:
+        return [i for i in range(len(before)) if any(torch.equal(r, before[i]) for r in now)]
+
+    first = kept(model[0].weight, dense[0].weight)
+    second = kept(model[4].weight.transpose(0, 1), dense[4].weight.transpose(0, 1))
+    for offsets in ([c % 4 for c in first], [c % 4 for c in second]):  # alike in every group
+        assert all(offsets[g * len(offsets) // 4:(g + 1) * len(offsets) // 4]
+                   == offsets[:len(offsets) // 4] for g in range(4))
+    with torch.no_grad():
+        for layer, keep in ((dense[0], first), (dense[2], second)):
+            gone = [c for c in range(16) if c not in keep]
+            layer.weight[gone] = 0.0
+            layer.bias[gone] = 0.0
+        torch.testing.assert_close(model(x), dense(x))
 
 
 def test_select_layers_applies_include_then_exclude_globs(layers):

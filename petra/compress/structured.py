@@ -61,7 +61,31 @@ def channel_step(group: Any, round_to: int) -> int:
             step = math.lcm(step, module.num_heads)
         elif isinstance(module, nn.GroupNorm) and module.num_groups < module.num_channels:
             step = math.lcm(step, module.num_groups)  # one group per channel: any count
-    return step
+    return math.lcm(step, conv_groups(group))
+
+
+def conv_groups(group: Any) -> int:
+    """How many equal runs the channels of ``group`` fall in, each of which a removal must
+    leave alike: the group counts of its grouped convolutions (not depthwise ones), whose
+    channels it writes or reads; 1 where it has none."""
+    count = 1
+    for dep, _ in group:
+        if _grouped_conv(dep.target.module):
+            count = math.lcm(count, dep.target.module.groups)
+    return count
+
+
+def lowest(scores: torch.Tensor, count: int, groups: int = 1) -> list[int]:
+    """The ``count`` channels of lowest score; across ``groups`` equal runs of channels (a
+    grouped convolution's), the same offsets in every run, by each offset's score summed over
+    the runs, ``count`` rounded down to a multiple of ``groups``. torch-pruning narrows a
+    grouped convolution's input by the offsets it keeps in the first run, and its output per
+    run, so any other removal fails or misreads the inputs."""
+    if groups == 1:
+        return torch.argsort(scores, stable=True)[:count].tolist()
+    size = scores.numel() // groups
+    offsets = torch.argsort(scores.reshape(groups, size).sum(0), stable=True)[: count // groups]
+    return sorted(g * size + int(j) for g in range(groups) for j in offsets)
 
 
 def kept_channels(n: int, sparsity: float, round_to: int) -> int:
@@ -85,9 +109,9 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
     channel dimension shared with a layer it does not support, such as ``nn.GRU``) is skipped
     instead of failing the whole model, and its layers stay unpruned. So is a group whose
     channels are the model's output, however it is reshaped on the way, and a group whose
-    channels a grouped convolution reads (not a depthwise one): torch-pruning narrows its
-    input by the first kept indices, not per group, which fails or misreads most removals.
-    ``skipped``, when given, gets each writer of such a group, with why.
+    channels a grouped convolution reads one per group (a depthwise conv with a channel
+    multiplier): no removal leaves its groups alike (:func:`lowest`). ``skipped``, when given,
+    gets each writer of such a group, with why.
     """
     from torch_pruning.ops import OPTYPE
 
@@ -121,12 +145,13 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
             continue
         grouped = next((dep.target.module for dep, _ in group
                         if graph.is_in_channel_pruning_fn(dep.handler)
-                        and _grouped_conv(dep.target.module)), None)
+                        and _grouped_conv(dep.target.module)
+                        and dep.target.module.in_channels == dep.target.module.groups), None)
         if grouped is not None:
             if skipped is not None:
                 skipped.update({m: f"its channels feed a grouped convolution (groups="
-                                   f"{grouped.groups}), whose input torch-pruning cannot "
-                                   "narrow group by group" for m in members})
+                                   f"{grouped.groups}) one channel per group: removing any "
+                                   "would leave its groups unlike" for m in members})
             continue
         if not any(m in ignored for m in members):
             yield group
@@ -233,26 +258,29 @@ def prune_channels(
                             gate=gate, keep_whole=sparsity_rule is None)
     if sparsity_rule is not None:
         chosen = sparsity_rule.sparsities([s[3] for s in scored])
-        scored = [(root, n, sp, scores, step) for (root, n, _, scores, step), sp
+        scored = [(root, n, sp, scores, step, groups) for (root, n, _, scores, step, groups), sp
                   in zip(scored, chosen, strict=True)]
     changes: dict[str, tuple[int, int]] = {}
-    for root, n, sparsity, scores, step in scored:
+    for root, n, sparsity, scores, step, groups in scored:
         keep = kept_channels(n, sparsity, step)
         if keep >= n:
             continue
-        idxs = torch.argsort(scores, stable=True)[: n - keep].tolist()
+        idxs = lowest(scores, n - keep, groups)
+        if not idxs:
+            continue
         remove_channels(graph, root, idxs)
-        changes[names[root]] = (n, keep)
+        changes[names[root]] = (n, n - len(idxs))
     return changes
 
 
 def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence[nn.Module],
                    plan: Mapping[str, tuple[str, float]], *, round_to: int, ctx: PruneContext | None,
-                   gate: Any, keep_whole: bool) -> list[tuple[Any, int, float, Any, int]]:
-    """``(root, channels, voted sparsity, scores, rounding step)`` of each group that ``plan``
-    votes on, scored on the unpruned model as MetaPruner does. Groups of a trained criterion go
-    to ``gate`` instead; with ``keep_whole``, groups whose vote keeps every channel are left
-    out."""
+                   gate: Any, keep_whole: bool) -> list[tuple[Any, int, float, Any, int, int]]:
+    """``(root, channels, voted sparsity, scores, rounding step, conv groups)`` of each group
+    that ``plan`` votes on, scored on the unpruned model as MetaPruner does. Groups of a
+    trained criterion go to ``gate`` instead (left whole where a grouped convolution is in
+    them: its gates would remove any channels); with ``keep_whole``, groups whose vote keeps
+    every channel are left out."""
 
     order = list(plan)
     scored = []
@@ -267,7 +295,7 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         method = plan[voters[0]][0]
         entry = PRUNING.get(method)
         if entry.meta.get("trained"):
-            if gate is not None:
+            if gate is not None and conv_groups(group) == 1:
                 gate(names[root], method, out_channel_members(group), n)
             continue
         sparsity = sum(plan[v][1] for v in voters) / len(voters)
@@ -277,7 +305,7 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         scores = entry.fn(group, ctx).detach().flatten()
         if scores.numel() != n:
             raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
-        scored.append((root, n, sparsity, scores, step))
+        scored.append((root, n, sparsity, scores, step, conv_groups(group)))
     return scored
 
 

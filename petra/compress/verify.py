@@ -34,7 +34,9 @@ from petra.compress.structured import (
     channel_groups,
     channel_step,
     check_indices,
+    conv_groups,
     kept_channels,
+    lowest,
     remove_channels,
 )
 from petra.errors import first_line
@@ -136,6 +138,8 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
             info = recurrent[unit.name]
             keep = kept_channels(info.hidden, sparsity, round_to)
             prune_units(model, info, list(range(keep)))
+    import torch
+
     roots = [u.name for u in units if u.kind == "channels"]
     if not roots:
         return
@@ -147,8 +151,9 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
                               range(n))
         check_indices(graph, whole)
         keep = kept_channels(n, sparsity, channel_step(whole, round_to))
-        if keep < n:
-            remove_channels(graph, root, list(range(keep, n)))
+        idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep, conv_groups(whole))
+        if idxs:  # the last channels (of each run of a grouped convolution's)
+            remove_channels(graph, root, idxs)
 
 
 def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
