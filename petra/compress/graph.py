@@ -99,11 +99,42 @@ def _every_output(roots: dict[str, Any]) -> Any:
     model's output: ``roots["task"]`` gets its ``grad_fn``."""
 
     def forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-        out, raw = model.outputs(*((inputs,) if isinstance(inputs, torch.Tensor) else inputs))
+        made: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: made.extend(tensors_in(o)))
+                 for m in model.modules() if m is not model]
+        try:
+            out, raw = model.outputs(*((inputs,) if isinstance(inputs, torch.Tensor)
+                                       else inputs))
+        finally:
+            for h in hooks:
+                h.remove()
         roots["task"] = out.grad_fn
-        return [out, *(t for t in tensors_in(raw) if t is not out and t.grad_fn is not None)]
+        kept = [out, *(t for t in tensors_in(raw) if t is not out and t.grad_fn is not None)]
+        return kept + _unread(made, kept)
 
     return forward
+
+
+def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The module outputs in ``made`` that nothing the model returns was computed from: a
+    Hugging Face encoder's pooler (CLIP's ``post_layernorm``, BERT's ``pooler``) when the
+    model reads ``last_hidden_state``. Traced from the outputs alone, torch-pruning left them
+    out of the graph, and the stream lost channels they still read (``Given
+    normalized_shape=[48] ... got input of size [16, 10]``): the width gene was withheld."""
+    seen: set[Any] = set()
+    todo = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    unread, listed = [], set()
+    for t in made:
+        if t.grad_fn is not None and t.grad_fn not in seen and t.grad_fn not in listed:
+            listed.add(t.grad_fn)
+            unread.append(t)
+    return unread
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
