@@ -133,3 +133,90 @@ def test_no_width_gene_where_only_attentions_write_a_verified_stream(tmp_path):
     assert "layers.layer.self_attn.method" in names  # its heads are offered
     assert "layers.inp" in space.withheld and "layers.layer.linear2" in space.withheld
     assert "prune.width" not in names
+
+
+class WithPooler(nn.Module):
+    """A pre-norm encoder whose pooler (a LayerNorm on the first token, as CLIP's
+    ``post_layernorm``) the task never reads: the head reads the mean of the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 16)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(
+            16, 2, 32, dropout=0.0, batch_first=True, norm_first=True) for _ in range(2))
+        self.post = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        self.post(h[:, 0])  # a pooled output, computed and never read
+        return self.head(h.mean(1))
+
+
+def test_a_pooler_the_task_never_reads_loses_the_streams_channels_with_it(tmp_path):
+    """torch-pruning traces from the model's outputs, which the unread pooler's LayerNorm does
+    not reach: it kept its 16 channels while the stream lost some (``Given
+    normalized_shape=[48] ... got input of size [16, 10]`` on CLIP's vision encoder), and every
+    writer of the stream, and so the width gene, was withheld."""
+    from petra import Task
+    from petra.candidate.recipes import Recipe
+    from petra.compress.structured import channel_layers, prune_channels
+    from petra.config import load_config
+    from petra.space import model_space
+    from petra.tasks.contract import adapt
+
+    x = torch.randn(4, 5, 6)
+    batch = (x, torch.zeros(4, dtype=torch.long))
+    task = adapt(Task(model=WithPooler().eval(), train=[batch], val=[batch], test=[batch],
+                      example_input=x, trained=True))
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "sparsity": [0.0, 0.8],
+                                 "quantization": ["none"]}})
+    space = model_space(cfg.space, task.model, task.example_input, cache=tmp_path)
+    assert "prune.width" in {g.name for g in space.genes} and not space.withheld
+    _, residual = channel_layers(task.model, task.example_input)
+    plan = Recipe.from_genome({"prune.width": 0.5, "prune.width_method": "l2_channel"}
+                              ).structured_plan(residual)
+    prune_channels(task.model, task.example_input, plan)
+    assert task.model.inner.post.normalized_shape == (8,)
+    assert task.model(*task.example_input).shape == (4, 3)
+
+
+def test_beits_heads_take_their_bias_table_beside_the_attention():
+    """BEiT's layer holds its attention's relative-position bias table (positions, heads) in a
+    module beside the attention: removing heads left the table at 4 heads (``The size of
+    tensor a (2) must match the size of tensor b (4)``), and its heads were refused."""
+    import transformers as tf
+
+    class Beit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.enc = tf.BeitModel(tf.BeitConfig(
+                image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=4, intermediate_size=64, use_relative_position_bias=True,
+                use_mean_pooling=True))
+            with torch.no_grad():  # a table that tells the heads apart
+                self.enc.layers[0].relative_position_bias.relative_position_bias_table \
+                    .normal_()
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.enc(pixel_values=pixel_values).last_hidden_state
+
+    model, x = Beit().eval(), torch.randn(2, 1, 8, 8)
+    dense = copy.deepcopy(model)
+    why: dict[str, str] = {}
+    infos = attention_layers(model, (x,), why=why)
+    assert [i.name for i in infos] == ["enc.layers.0.attention"] and not why, why
+    prune_attention(model, {infos[0].name: ("l2_heads", 0.5)}, infos)
+    table = model.enc.layers[0].relative_position_bias.relative_position_bias_table
+    assert table.shape[1] == 2
+    out = "enc.layers.0.attention.o_proj"
+    kept = [h for h in range(4) if any(torch.equal(
+        model.get_submodule(out).weight[:, c * 8:(c + 1) * 8],
+        dense.get_submodule(out).weight[:, h * 8:(h + 1) * 8]) for c in range(2))]
+    gone = torch.tensor([h * 8 + i for h in range(4) if h not in kept for i in range(8)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), zeroed(dense, x, out, gone), rtol=1e-4, atol=1e-5)

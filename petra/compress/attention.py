@@ -302,7 +302,7 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
             got = trial(*args(example_input))
         if info.output and not _same_as_masked(model, example_input, info, remove, got):
             sliced = [n for _, n, _ in per_head_tensors(model.get_submodule(info.name),
-                                                        info.heads)]
+                                                        info.heads, _parent(model, info))]
             return LAYOUT if info.fused or info.group > 1 else (
                 "removing heads changes what the kept heads compute: its forward mixes "
                 "heads, or sizes a per-head term from its head count" + (
@@ -359,7 +359,7 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
     for proj in side:
         tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
-    slice_per_head(module, heads, keep)  # a relative-position bias table, ALiBi slopes
+    slice_per_head(module, heads, keep, _parent(model, info))  # relative-position biases
     for attr in HEAD_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, len(keep))
@@ -375,6 +375,10 @@ def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) ->
             module.config.num_attention_heads = len(keep) * info.group
             if getattr(config, "num_key_value_heads", None):
                 module.config.num_key_value_heads = len(keep)
+
+
+def _parent(model: nn.Module, info: AttentionInfo) -> nn.Module:
+    return model.get_submodule(info.name.rpartition(".")[0])
 
 
 def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tensor], torch.Tensor]:

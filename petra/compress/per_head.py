@@ -6,7 +6,8 @@ ALiBi attention a slope per head. Removing heads must remove their slices too, o
 heads' scores meet a bias with the old head count (``doesn't match the broadcast shape``).
 
 A per-head tensor is a floating-point parameter or buffer of the attention or of one of its
-submodules that is neither a Linear (the projections lose their rows and columns themselves)
+submodules (or of a module beside it that holds tensors and no layers: BEiT's
+``relative_position_bias``) that is neither a Linear (the projections lose their rows and columns themselves)
 nor a norm (a q/k norm's weights are per feature of a head), with
 exactly one dimension of the head count. That is a guess from shapes: the attention's trial
 removal (:func:`petra.compress.attention._trial`) then checks that the pruned attention computes
@@ -21,11 +22,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+#: Modules that make a sibling of an attention something other than a holder of tensors.
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Embedding)
 
-def per_head_tensors(module: nn.Module, heads: int) -> list[tuple[nn.Module, str, int]]:
-    """``(owner, name, dim)`` of each per-head tensor of the attention ``module``."""
+
+def per_head_tensors(module: nn.Module, heads: int, parent: nn.Module | None = None
+                     ) -> list[tuple[nn.Module, str, int]]:
+    """``(owner, name, dim)`` of each per-head tensor of the attention ``module``, and of the
+    modules beside it in ``parent`` that hold tensors and no layers (BEiT's layer holds its
+    attention's relative-position bias table in a sibling module)."""
     found = []
-    for owner in module.modules():
+    beside = [m for m in (parent.children() if parent is not None else ())
+              if m is not module and not any(isinstance(x, _LAYERS) for x in m.modules())]
+    for owner in (*module.modules(), *(x for m in beside for x in m.modules())):
         if isinstance(owner, nn.Linear) or type(owner).__name__.endswith("Norm"):
             continue  # a projection loses its rows itself; a norm's are per feature
         tensors = {**owner._parameters, **owner._buffers}
@@ -39,9 +48,11 @@ def per_head_tensors(module: nn.Module, heads: int) -> list[tuple[nn.Module, str
 
 
 @torch.no_grad()
-def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int]) -> None:
-    """Keep the ``keep`` slices of every per-head tensor of ``module``."""
-    for owner, name, dim in per_head_tensors(module, heads):
+def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int],
+                   parent: nn.Module | None = None) -> None:
+    """Keep the ``keep`` slices of every per-head tensor of ``module`` (and of its holders
+    beside it in ``parent``)."""
+    for owner, name, dim in per_head_tensors(module, heads, parent):
         old = getattr(owner, name)
         new = old.index_select(dim, torch.tensor(list(keep), device=old.device))
         if name in owner._parameters:
