@@ -99,8 +99,8 @@ def _every_output(roots: dict[str, Any]) -> Any:
     model's output: ``roots["task"]`` gets its ``grad_fn``."""
 
     def forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-        made: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: made.extend(tensors_in(o)))
+        made: list[list[torch.Tensor]] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: made.append(tensors_in(o)))
                  for m in model.modules() if m is not model]
         try:
             out, raw = model.outputs(*((inputs,) if isinstance(inputs, torch.Tensor)
@@ -115,12 +115,15 @@ def _every_output(roots: dict[str, Any]) -> Any:
     return forward
 
 
-def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The module outputs in ``made`` that nothing the model returns was computed from: a
-    Hugging Face encoder's pooler (CLIP's ``post_layernorm``, BERT's ``pooler``) when the
-    model reads ``last_hidden_state``. Traced from the outputs alone, torch-pruning left them
-    out of the graph, and the stream lost channels they still read (``Given
-    normalized_shape=[48] ... got input of size [16, 10]``): the width gene was withheld."""
+def _unread(made: list[list[torch.Tensor]], outputs: list[torch.Tensor]
+            ) -> list[torch.Tensor]:
+    """The outputs of the module calls in ``made`` (each call's tensors) of which nothing the
+    model returns was computed: a Hugging Face encoder's pooler (CLIP's ``post_layernorm``,
+    BERT's ``pooler``) when the model reads ``last_hidden_state``. Traced from the outputs
+    alone, torch-pruning left them out of the graph, and the stream lost channels they still
+    read (``Given normalized_shape=[48] ... got input of size [16, 10]``): the width gene was
+    withheld. A call of which one output is read (a GRU's sequence, beside its unread final
+    state) is in the graph already."""
     seen: set[Any] = set()
     todo = [t.grad_fn for t in outputs if t.grad_fn is not None]
     while todo:
@@ -130,10 +133,14 @@ def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch
         seen.add(fn)
         todo.extend(next_fn for next_fn, _ in fn.next_functions)
     unread, listed = [], set()
-    for t in made:
-        if t.grad_fn is not None and t.grad_fn not in seen and t.grad_fn not in listed:
-            listed.add(t.grad_fn)
-            unread.append(t)
+    for call in made:
+        fns = [t.grad_fn for t in call if t.grad_fn is not None]
+        if not fns or any(fn in seen for fn in fns):
+            continue
+        for t in call:
+            if t.grad_fn is not None and t.grad_fn not in listed:
+                listed.add(t.grad_fn)
+                unread.append(t)
     return unread
 
 
