@@ -344,11 +344,12 @@ _UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Co
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
                      known: Iterable[str] = ()) -> dict[str, str]:
-    """The modules of ``model`` with a weight matrix of their own (a 2-D or larger ``weight``)
-    that are none of ``layers``, nor inside one of them or of ``known`` (attentions already
-    kept whole with their reason), each with why no gene takes it: an ``nn.Conv3d``, a
-    hand-written layer (a Hugging Face ``Conv1D`` is an ``nn.Linear`` by then:
-    :func:`petra.tasks.contract.linear_stand_ins`)."""
+    """The modules of ``model`` with a weight matrix of their own (a ``weight`` with at least
+    two dimensions longer than 1: a per-channel vector shaped to broadcast, as ConvNeXt-V2's
+    GRN ``(1, 1, 1, C)``, loses its channels with its group, as a norm's does) that are none of
+    ``layers``, nor inside one of them or of ``known`` (attentions already kept whole with
+    their reason), each with why no gene takes it: a hand-written layer (a Hugging Face
+    ``Conv1D`` is an ``nn.Linear`` by then: :func:`petra.tasks.contract.linear_stand_ins`)."""
     from torch import nn
 
     handled = [layer.name for layer in layers] + list(known)
@@ -358,7 +359,7 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
     out = {}
     for name, module in modules.items():
         weight = module._parameters.get("weight")
-        if not name or weight is None or weight.dim() < 2 or any(
+        if not name or weight is None or sum(size > 1 for size in weight.shape) < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue
         article = ("an " if type(module).__name__[0] in "AEIOU" else "a ") + type(module).__name__

@@ -564,7 +564,8 @@ def test_a_3d_convolution_loses_channels_physically():
 def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     """A layer type petra does not prune (a hand-written layer) is listed as kept
     whole with why, not left out of ``petra space`` unmentioned; a parameter that is no
-    layer's weight (a positional table) is not."""
+    layer's weight (a positional table) is not, nor a per-channel weight shaped to broadcast
+    (ConvNeXt-V2's GRN, ``(1, 1, 1, C)``: it loses channels with its group)."""
     import torch
     from torch import nn
 
@@ -579,16 +580,26 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x @ self.weight + self.bias
 
+    class Scale(nn.Module):  # a per-channel weight shaped to broadcast, as ConvNeXt-V2's GRN
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1, 1, n))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.pos = nn.Parameter(torch.zeros(4, 8))
             self.fc = nn.Linear(8, 8)
+            self.scale = Scale(8)
             self.proj = TransposedLinear(8, 8)
             self.head = nn.Linear(8, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.relu(self.proj(torch.relu(self.fc(x + self.pos)))).mean(1))
+            h = self.scale(torch.relu(self.fc(x + self.pos)))
+            return self.head(torch.relu(self.proj(h)).mean(1))
 
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8)
