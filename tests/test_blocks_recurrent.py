@@ -461,3 +461,50 @@ def test_an_attentions_square_projections_are_not_skippable_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), Attention(), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
     assert [b.name for b in skippable_blocks(model, (torch.randn(2, 5, 4),))] == ["2"]
+
+
+class Bottlenecked(nn.Module):
+    """MobileBERT's shape: a Linear computes the attention's input from the stream, and the
+    attention block takes it beside the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.to_query = nn.Linear(16, 8)
+        self.attention = Mixer()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(h + self.attention(h, self.to_query(h)))
+
+
+class Mixer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(8, 16)
+
+    def forward(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return self.fc1(h) * torch.sigmoid(self.fc2(q))
+
+
+def test_a_layer_whose_output_only_a_skipped_block_read_loses_the_streams_channels():
+    """With MobileBERT's attention skipped, the Linear that computes its query input still
+    runs, and nothing reads its output: torch-pruning, tracing from the model's outputs, left
+    it out, and the stream's channels went without it (``mat1 and mat2 shapes cannot be
+    multiplied (1280x32 and 64x32)``: 8 of 36 candidates failed)."""
+    from petra import Task
+    from petra.compress.structured import prune_channels
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4)
+    batch = (x, torch.zeros(4, dtype=torch.long))
+    task = adapt(Task(model=Bottlenecked().eval(), train=[batch], val=[batch], test=[batch],
+                      example_input=x, trained=True))
+    model = task.model
+    skip_blocks(model, ["attention"], skippable_blocks(model, task.example_input))
+    assert prune_channels(model, task.example_input, {"embed": ("l2_channel", 0.5)},
+                          protected=["head"]) == {"embed": (16, 8)}
+    assert model.inner.to_query.in_features == 8
+    assert model(*task.example_input).shape == (4, 3)
