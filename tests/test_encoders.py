@@ -220,3 +220,25 @@ def test_beits_heads_take_their_bias_table_beside_the_attention():
     gone = torch.tensor([h * 8 + i for h in range(4) if h not in kept for i in range(8)])
     with torch.no_grad():
         torch.testing.assert_close(model(x), zeroed(dense, x, out, gone), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["deberta", "torch"])
+def test_a_frozen_attention_stays_frozen_when_it_loses_heads(kind):
+    """torch-pruning's new parameters require grad: a user's frozen attention (a frozen
+    backbone) became trainable in petra's fine-tune once it lost heads."""
+    if kind == "deberta":
+        model, x = Encoder("deberta").eval(), torch.randint(3, 50, (2, 8))
+        attention = "enc.encoder.layer.0.attention.self"
+        frozen = [model.enc.encoder.layer[0].attention]
+    else:
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        model, x = nn.Sequential(layer, nn.Linear(16, 3)).eval(), torch.randn(2, 5, 16)
+        attention, frozen = "0.self_attn", [layer.self_attn]
+    for module in frozen:
+        module.requires_grad_(False)
+    infos = attention_layers(model, (x,))
+    prune_attention(model, {attention: ("l2_heads", 0.5)}, infos)
+    assert not any(p.requires_grad for p in model.get_submodule(attention).parameters())
+    if kind == "deberta":  # its output projection, outside the attention, too
+        assert not any(p.requires_grad for p in frozen[0].parameters())
+    assert any(p.requires_grad for p in model.parameters())  # the rest still trains

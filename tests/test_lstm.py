@@ -64,6 +64,18 @@ def test_lstm_units_are_removed_with_their_readers_columns(read, batch_first, bi
     assert torch.equal(model.head.weight, original.head.weight[:, keep])
 
 
+def test_a_frozen_lstm_and_its_reader_stay_frozen_when_they_lose_units():
+    """The LSTM is rebuilt and its reader's weight replaced, as new parameters that require
+    grad: a frozen LSTM became trainable in petra's fine-tune once it lost units."""
+    model, x = example()
+    model.lstm.requires_grad_(False)
+    model.head.weight.requires_grad_(False)
+    (info,) = recurrent_layers(model, (x,))
+    prune_units(model, info, [0, 3, 4])
+    assert not any(p.requires_grad for p in model.lstm.parameters())
+    assert not model.head.weight.requires_grad and model.head.bias.requires_grad
+
+
 def test_gru_layers_is_the_old_name_and_finds_lstms_too():
     model, x = example()
     assert gru_layers is recurrent_layers

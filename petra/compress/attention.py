@@ -32,9 +32,8 @@ Three families are found by :func:`attention_layers`:
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
   projections of ``heads * head_dim`` rows.
 
-A layer counts only if a trial removal of half its heads still runs the model; one that does
-not gets a one-line reason (a forward that reshapes to the input's width, for one).
-"""
+A layer counts only if a trial removal of half its heads still runs the model, or gets a
+one-line reason."""
 
 from __future__ import annotations
 
@@ -79,8 +78,7 @@ class AttentionInfo:
     by_head: bool = False
 
 
-#: The names of a Hugging Face attention's q, k and v projections, and of its own output
-#: projection (where the output projection sits inside the attention module).
+#: A Hugging Face attention's q, k and v projections, and its own output projection's names.
 QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
              ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"),
              ("query_proj", "key_proj", "value_proj"))
@@ -156,10 +154,8 @@ def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
 
 
 def _side(module: nn.Module, info: AttentionInfo) -> list[nn.Linear]:
-    """The attention's other projections to its q width, each read one slice per head
-    (DeBERTa's ``pos_key_proj`` and ``pos_query_proj`` project the shared relative-position
-    embeddings into each head's key and query space): they lose the removed heads' rows too,
-    and the trial removal checks that guess against the masked model."""
+    """The attention's other projections to its q width, read a slice per head (DeBERTa's
+    ``pos_key_proj``, ``pos_query_proj``): they lose the same rows (checked by the trial)."""
     qkv = _qkv(module)
     if qkv is None or info.group > 1:
         return []
@@ -327,7 +323,15 @@ def _same_as_masked(model: nn.Module, example_input: Sequence[Any], info: Attent
 
 
 def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -> None:
-    """Remove heads ``remove`` of the attention ``info.name``, in place (at least one stays)."""
+    """Remove heads ``remove`` of the attention ``info.name``, in place (at least one stays);
+    a frozen projection stays frozen."""
+    from petra.compress.structured import keep_frozen
+
+    with keep_frozen(model, [n for n in (info.name, info.output, info.fused) if n]):
+        _prune_heads(model, info, remove)
+
+
+def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -> None:
     import torch_pruning as tp
 
     module = model.get_submodule(info.name)

@@ -44,7 +44,7 @@ from torch import nn
 
 from petra.compress.graph import directions
 from petra.compress.readers import trace_readers
-from petra.compress.structured import kept_channels
+from petra.compress.structured import keep_frozen, kept_channels
 from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args
@@ -238,16 +238,17 @@ def prune_units(model: nn.Module, info: RecurrentInfo, keep: Sequence[int]) -> N
         if tuple(model.get_submodule(norm).normalized_shape) != (h,):
             raise ValueError(f"{norm} normalizes {model.get_submodule(norm).normalized_shape}, "
                              f"not the {info.name}'s {h} units")
-    model.set_submodule(info.name, new)
-    for norm in info.norms:
-        _keep_features(model.get_submodule(norm), cols)
-    for consumer, kept in zip(info.consumers, columns, strict=True):
-        reader = model.get_submodule(consumer)
-        reader.weight = nn.Parameter(reader.weight[:, kept].clone())
-        if isinstance(reader, nn.Linear):
-            reader.in_features = len(kept)
-        else:
-            reader.in_channels = len(kept)
+    with keep_frozen(model, [info.name, *info.norms, *info.consumers]):  # frozen stays so
+        model.set_submodule(info.name, new)
+        for norm in info.norms:
+            _keep_features(model.get_submodule(norm), cols)
+        for consumer, kept in zip(info.consumers, columns, strict=True):
+            reader = model.get_submodule(consumer)
+            reader.weight = nn.Parameter(reader.weight[:, kept].clone())
+            if isinstance(reader, nn.Linear):
+                reader.in_features = len(kept)
+            else:
+                reader.in_channels = len(kept)
 
 
 #: The older name of :func:`prune_units`, from when only GRUs were pruned.

@@ -15,8 +15,9 @@ set, a dependency *group*. Each group is pruned once:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -340,6 +341,24 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
         norm.num_groups = norm.num_channels
     for module, name in frozen:  # torch-pruning's new parameters require grad
         getattr(module, name).requires_grad_(False)
+
+
+@contextlib.contextmanager
+def keep_frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """The frozen parameters of the modules ``names`` (and their submodules) stay frozen
+    through what the block does: torch-pruning's new parameters require grad. A module
+    replaced under the same name (an ``nn.MultiheadAttention`` rebuilt with fewer heads)
+    stays frozen where all of its parameters were."""
+    before = {}
+    for name in names:
+        params = dict(model.get_submodule(name).named_parameters())
+        before[name] = ({n for n, p in params.items() if not p.requires_grad},
+                        bool(params) and not any(p.requires_grad for p in params.values()))
+    yield
+    for name, (frozen, whole) in before.items():
+        for n, p in model.get_submodule(name).named_parameters():
+            if whole or n in frozen:
+                p.requires_grad_(False)
 
 
 def remove_gated_channels(
