@@ -76,3 +76,15 @@ def test_search_space_and_loop_code_name_no_method():
             text = re.sub(r"@STRATEGIES\.register\([^)]*\)|\n    name = \"\w+\"", "", text)
         found += [f"{path.name}: {n}" for n in names if re.search(rf"[\"']{n}[\"']", text)]
     assert not found, found
+
+
+def test_weighted_layer_types_are_named_once():
+    """Conv3d was once added to six tuples by hand: the conv and weighted types live in kinds.py."""
+    from petra.compress.kinds import WEIGHTED_LAYERS
+    from petra.layers import PRUNABLE_TYPES
+
+    assert PRUNABLE_TYPES == tuple(t.__name__ for t in WEIGHTED_LAYERS)
+    spelled = re.compile(r"nn\.Conv[123]d\s*[|,]\s*nn\.Conv[123]d")
+    found = [str(p.relative_to(PETRA.parent)) for p in modules()
+             if p.name != "kinds.py" and spelled.search(p.read_text())]
+    assert not found, found

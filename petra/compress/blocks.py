@@ -54,10 +54,10 @@ import torch
 from torch import nn
 
 from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
+from petra.compress.kinds import WEIGHTED_LAYERS
 from petra.tasks.contract import args, no_fast_path
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def _layer_count(module: nn.Module) -> int:
-    return sum(isinstance(m, _LAYERS) for m in module.modules())
+    return sum(isinstance(m, WEIGHTED_LAYERS) for m in module.modules())
 
 
 class _Ops(torch.overrides.TorchFunctionMode):
@@ -235,7 +235,7 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
                          and f"{name}.{c}" in seen
                          and seen[f"{name}.{c}"]["out"] == info["out"]), None)
         square = info["in"] == info["out"]
-        if isinstance(module, _LAYERS):
+        if isinstance(module, WEIGHTED_LAYERS):
             if square and getattr(module, "groups", 1) == 1:
                 found.append(BlockInfo(name, kind, None, info["nonneg"], params))
         elif _layer_count(module) >= 2 and shortcut is not None:
@@ -249,9 +249,9 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches. Those of
     # an attention lose heads instead (as the identity, a q or k projection is nonsense).
-    outer = [b.name for b in found if not isinstance(modules[b.name], _LAYERS)] + [
+    outer = [b.name for b in found if not isinstance(modules[b.name], WEIGHTED_LAYERS)] + [
         name for name in seen if _is_attention(modules[name])]
-    return [b for b in found if not (isinstance(modules[b.name], _LAYERS)
+    return [b for b in found if not (isinstance(modules[b.name], WEIGHTED_LAYERS)
                                      and any(b.name.startswith(o + ".") for o in outer))]
 
 

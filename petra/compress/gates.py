@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.kinds import WEIGHTED_LAYERS
 from petra.compress.structured import (
-    GATED_LAYERS,
     GATED_NORMS,
     kept_channels,
     remove_gated_channels,
 )
 from petra.tasks.contract import args
 
-_BN, _LAYERS = GATED_NORMS, GATED_LAYERS
+_BN, _LAYERS = GATED_NORMS, WEIGHTED_LAYERS
 
 
 def _channel_dim(module: nn.Module, output: torch.Tensor) -> int:

@@ -84,10 +84,12 @@ class PruneContext:
 def _collect_input_norms(model: torch.nn.Module, batches: Any) -> dict[str, torch.Tensor]:
     from torch import nn
 
+    from petra.compress.kinds import WEIGHTED_LAYERS
+
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if isinstance(module, WEIGHTED_LAYERS):
             def hook(mod: Any, inputs: Any, _out: Any, name: str = name) -> None:
                 x = inputs[0].detach()
                 dims = [

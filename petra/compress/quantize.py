@@ -402,8 +402,10 @@ def qat_prepare(model: nn.Module) -> Callable[[], None]:
     from torch import nn
     from torch.nn import functional as F
 
+    from petra.compress.kinds import WEIGHTED_LAYERS
+
     layers = [m for m in model.modules()
-              if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear)
+              if isinstance(m, WEIGHTED_LAYERS)
               and "forward" not in vars(m)]
 
     def quantized_forward(module: Any) -> Callable[[Any], Any]:

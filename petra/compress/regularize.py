@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from petra.compress.kinds import WEIGHTED_LAYERS
 from petra.genes import Categorical, Float
 from petra.registry import REGULARIZERS
 from petra.tasks.contract import args
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from petra.schema import SpaceConfig
 
 
-_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class RegContext:
 
 
 def weighted_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    return [m for m in model.modules() if isinstance(m, WEIGHTED_LAYERS)]
 
 
 @REGULARIZERS.register("none", description="no penalty")
