@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from petra.compress.graph import GroupDoesNotClose, dependency_graph, pruning_group
+from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
 from petra.errors import first_line
 from petra.registry import PRUNING
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 #: The modules whose output channels carry gates: the norms, else the layers.
 GATED_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-GATED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def out_channel_members(group: Any) -> list[nn.Module]:
@@ -45,7 +45,7 @@ def out_channel_members(group: Any) -> list[nn.Module]:
         handler = dep.handler
         name = getattr(handler, "__name__", "")
         if name == "prune_out_channels" and id(module) not in seen and isinstance(
-                module, GATED_NORMS + GATED_LAYERS):
+                module, GATED_NORMS + WEIGHTED_LAYERS):
             seen.add(id(module))
             out.append(module)
     return out
@@ -97,7 +97,6 @@ def kept_channels(n: int, sparsity: float, round_to: int) -> int:
     return min(keep, n)
 
 
-ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 #: A graph traced without a task model: every output it traced is the model's.
 ANY_OUTPUT = object()
 
@@ -120,7 +119,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
     task_output = getattr(graph, "petra_task_output", ANY_OUTPUT)
     visited: set[nn.Module] = set()
     for module in list(graph.module2node):
-        if module in ignored or module in visited or not isinstance(module, ROOT_TYPES):
+        if module in ignored or module in visited or not isinstance(module, WEIGHTED_LAYERS):
             continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
@@ -160,7 +159,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
 
 def _grouped_conv(module: Any) -> bool:
     """Whether ``module`` is a grouped convolution that is not depthwise."""
-    return isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups > 1 and not (
+    return isinstance(module, CONV_LAYERS) and module.groups > 1 and not (
         module.groups == module.in_channels == module.out_channels)
 
 
@@ -334,13 +333,11 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     group = pruning_group(graph, root, pruning_fn, idxs)
     modules = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.Module)]
     per_channel = [m for m in modules if isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels]
-    frozen = [(m, n) for m in modules for n, p in m.named_parameters(recurse=False)
-              if not p.requires_grad]
-    group.prune()
+    names = {m: n for n, m in graph.model.named_modules()}
+    with keep_frozen(graph.model, list(dict.fromkeys(names[m] for m in modules if m in names))):
+        group.prune()
     for norm in per_channel:
         norm.num_groups = norm.num_channels
-    for module, name in frozen:  # torch-pruning's new parameters require grad
-        getattr(module, name).requires_grad_(False)
 
 
 @contextlib.contextmanager
