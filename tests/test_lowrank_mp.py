@@ -80,3 +80,19 @@ def test_every_rank_rule_factorizes_to_fewer_parameters_or_leaves_the_layer(rule
         assert sum(p.numel() for p in model[0].parameters()) < 96 * 128 + 128
     if rule == "mp":
         assert changes == {"0": (96, 4)}  # the four planted directions, nothing else
+
+
+def test_a_frozen_layer_factorized_stays_frozen_and_the_others_train():
+    """The new thin layers required grad, so the fine-tune trained a user's frozen backbone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 96), nn.ReLU(),
+                          nn.Linear(96, 10))
+    with torch.no_grad():
+        for i in (0, 2):
+            model[i].weight.copy_(torch.randn_like(model[i].weight) * 0.05)
+            model[i].weight[:, :4] += 1.0  # a dominant direction to keep: low rank saves
+    model[0].requires_grad_(False)
+    changes = factorize(model, {"0": "svd", "2": "svd"}, energy=0.9)
+    assert set(changes) == {"0", "2"}
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[2].parameters())

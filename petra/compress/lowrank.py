@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from petra.compress.structured import keep_frozen
 from petra.registry import PRUNING, RANK_RULES
 
 if TYPE_CHECKING:
@@ -187,7 +188,8 @@ def factorize(
         replacement = PRUNING.get(method).fn(module, energy, ctx, rule=rule)
         if replacement is None:
             continue
-        model.set_submodule(name, replacement)
+        with keep_frozen(model, [name]):  # a frozen layer's factors stay frozen
+            model.set_submodule(name, replacement)
         full = min(module.weight.shape[0], module.weight[0].numel())
         first = replacement[0]
         changes[name] = (full, first.embedding_dim if isinstance(first, nn.Embedding)
