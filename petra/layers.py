@@ -281,7 +281,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 23
+VERIFY_VERSION = 24
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -304,7 +304,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     from petra.compress.blocks import skippable_blocks
     from petra.compress.recurrent import gru_layers
 
-    blocks = skippable_blocks(model, example_input) if getattr(
+    blocks_why: dict[str, str] = {}
+    blocks = skippable_blocks(model, example_input, blocks_why) if getattr(
         space_cfg, "skip_blocks", False) else ()
     attention_why: dict[str, str] = {}
     attention = attention_layers(model, example_input, why=attention_why)
@@ -314,7 +315,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
                              recurrent_why=recurrent_why)
     verdicts = _verdicts(space_cfg, model, example_input, layers, attention, recurrent, blocks,
                          cache)
-    withheld = {f"blocks.{name}.skip": reason for name, reason in verdicts["blocks"].items()}
+    withheld = {f"blocks.{name}.skip": reason
+                for name, reason in {**blocks_why, **verdicts["blocks"]}.items()}
     blocks = [b for b in blocks if b.name not in verdicts["blocks"]]
     failed_layers = verdicts["layers"]
     layers = [dataclasses.replace(layer, structured=False) if layer.name in failed_layers

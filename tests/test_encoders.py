@@ -3,6 +3,7 @@
 projections (``pos_key_proj``, ``pos_query_proj``) lose the removed heads' rows with them.
 ModernBERT: a fused ``Wqkv`` read by ``Wo``; its attention is a residual branch that a skip
 removes, and its encoder reads each layer's ``attention_type``, which a skipped layer keeps.
+A T5 encoder: its first layer makes the position bias that every later layer reads and hands on.
 A Perceiver: its latents cross-attend to inputs of another width."""
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Encoder(nn.Module):
                 intermediate_size=64, max_position_embeddings=16, relative_attention=True,
                 pos_att_type=["p2c", "c2p"], position_buckets=4, max_relative_positions=8,
                 attn_implementation="eager"))
+        elif kind == "t5":  # relative position bias: made by layer 0, handed on by the rest
+            self.enc = tf.T5EncoderModel(tf.T5Config(
+                vocab_size=50, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
+                relative_attention_num_buckets=8, attn_implementation="eager"))
         else:
             self.enc = tf.ModernBertModel(tf.ModernBertConfig(
                 vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -95,6 +100,32 @@ def test_modernberts_attention_and_layers_can_be_skipped():
     assert model.enc.layers[0].attention_type == "full_attention"
     with torch.no_grad():
         assert model(ids).shape == (2, 3)
+
+
+def test_a_t5_layer_hands_on_the_position_bias_when_skipped_and_the_first_is_kept():
+    """Skipped, a T5 layer returned None for the position bias it was given, and every later
+    layer then ran with none; the first layer, which computes the bias, cannot be skipped."""
+    model, ids = Encoder("t5").eval(), torch.randint(3, 50, (2, 8))
+    why: dict[str, str] = {}
+    blocks = {b.name: b for b in skippable_blocks(model, (ids,), why)}
+    first = ["enc.encoder.block.0", "enc.encoder.block.0.layer.0",
+             "enc.encoder.block.0.layer.0.SelfAttention"]
+    assert set(why) == set(first) and not set(first) & set(blocks)
+    assert "position bias" in why[first[0]]
+    attn = "enc.encoder.block.1.layer.0.SelfAttention"
+    assert blocks[attn].kind == "branch" and blocks[attn].passthrough
+    want = zeroed(model, ids, f"{attn}.o", slice(None))
+    skipped = copy.deepcopy(model)
+    skip_blocks(skipped, [attn], list(blocks.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(skipped(ids), want)
+    skip_blocks(model, ["enc.encoder.block.1"], list(blocks.values()))
+    seen = {}
+    model.enc.encoder.block[2].layer[0].SelfAttention.register_forward_pre_hook(
+        lambda mod, a, k: seen.update(bias=k.get("position_bias")), with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+    assert seen["bias"] is not None and seen["bias"].abs().sum() > 0
 
 
 class Perceiver(nn.Module):

@@ -33,7 +33,9 @@ nothing.
 
 Transformer layers are identity blocks too (a ``BertLayer``, an ``nn.TransformerEncoderLayer``,
 a ``BertAttention``): their replacement takes and ignores the extra arguments they are called
-with (masks), and returns a tuple where the block returned one (``(x, None, ...)``). A
+with (masks), and returns a tuple where the block returned one (``(x, None, ...)``), handing on
+the arguments the block handed on (a T5 layer's position bias; the first layer, which computes
+that bias for the rest, is not skipped). A
 self-attention alone (the module that holds q, k and v) is a block only where it is a residual
 branch (Llama's ``self_attn``, GPT-2's ``attn``, ModernBERT's ``attn``: ``x +
 attn(norm(x))``), which skipping removes; elsewhere (BERT's, whose output
@@ -71,32 +73,42 @@ class BlockInfo:
     params: int
     outputs: int = 0  # the length of the tuple the block returns; 0 for a tensor
     keyword: str = ""  # the keyword its input comes by (Llama's hidden_states=), or positional
-
-
-def _as_returned(out: torch.Tensor, outputs: int) -> Any:
-    return (out, *([None] * (outputs - 1))) if outputs else out
+    #: The tuple slots where the block returns one of its own arguments, with where that
+    #: argument comes from (a position or a keyword): a T5 layer hands on the position bias it
+    #: was given, and its stand-in must too.
+    passthrough: tuple[tuple[int, int | str], ...] = ()
 
 
 class _StandIn(nn.Module):
     """What a skipped block becomes: it takes its input as the block did (the first positional
-    argument, or the keyword ``keyword``) and ignores the rest (masks, position embeddings)."""
+    argument, or the keyword ``keyword``) and ignores the rest (masks, position embeddings),
+    but hands on, in the tuple it returns, the arguments the block handed on."""
 
-    def __init__(self, outputs: int = 0, keyword: str = "") -> None:
+    def __init__(self, outputs: int = 0, keyword: str = "",
+                 passthrough: tuple[tuple[int, int | str], ...] = ()) -> None:
         super().__init__()
         self.outputs = outputs
         self.keyword = keyword
+        self.passthrough = passthrough
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = kwargs[self.keyword] if self.keyword and not args else args[0]
-        return _as_returned(self.compute(x), self.outputs)
+        out = self.compute(x)
+        if not self.outputs:
+            return out
+        returned: list[Any] = [out, *([None] * (self.outputs - 1))]
+        for slot, source in self.passthrough:
+            returned[slot] = kwargs.get(source) if isinstance(source, str) else (
+                args[source] if source < len(args) else None)
+        return tuple(returned)
 
 
 class ShortcutOnly(_StandIn):
     """A residual block reduced to its shortcut path (and its final ReLU)."""
 
-    def __init__(self, shortcut: nn.Module, relu: bool, outputs: int = 0,
-                 keyword: str = "") -> None:
-        super().__init__(outputs, keyword)
+    def __init__(self, shortcut: nn.Module, relu: bool, outputs: int = 0, keyword: str = "",
+                 passthrough: tuple[tuple[int, int | str], ...] = ()) -> None:
+        super().__init__(outputs, keyword, passthrough)
         self.shortcut = shortcut
         self.relu = relu
 
@@ -108,8 +120,9 @@ class ShortcutOnly(_StandIn):
 class ReluIdentity(_StandIn):
     """The identity, or a ReLU where the skipped block ended in one."""
 
-    def __init__(self, relu: bool, outputs: int = 0, keyword: str = "") -> None:
-        super().__init__(outputs, keyword)
+    def __init__(self, relu: bool, outputs: int = 0, keyword: str = "",
+                 passthrough: tuple[tuple[int, int | str], ...] = ()) -> None:
+        super().__init__(outputs, keyword, passthrough)
         self.relu = relu
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +173,16 @@ class _Ops(torch.overrides.TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[tuple[str, tuple[torch.Tensor, ...], Any]] = []
+        #: The tensors a block made and returned beside its output (id → the tensor, and the
+        #: blocks that returned it), and the blocks one of whose such tensors was read after.
+        self.handed: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self.read: set[str] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for arg in (*args, *(kwargs or {}).values()) if self.handed else ():
+            for t in arg if isinstance(arg, tuple | list) else (arg,):
+                if isinstance(t, torch.Tensor) and id(t) in self.handed:
+                    self.read.update(self.handed[id(t)][1])
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         kind = "add" if name in _ADD_NAMES else "keeps_zero" if name in _KEEPS_ZERO else None
@@ -181,13 +202,31 @@ _VIEWS = {"transpose", "permute", "reshape", "view", "flatten", "unflatten", "co
 _KEEPS_ZERO = _VIEWS | {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "dropout"}
 
 
+def _handed_on(name: str, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
+               ops: _Ops) -> tuple[tuple[int, int | str], ...]:
+    """The slots of the tuple a block returned that hold one of its arguments, with where that
+    argument came from; a tensor it made and returned beside its output is watched by ``ops``
+    for a read after the block returned."""
+    handed = []
+    for slot, value in enumerate(output[1:] if isinstance(output, tuple | list) else (), 1):
+        if not isinstance(value, torch.Tensor):
+            continue
+        source = next((j for j, a in enumerate(inputs) if a is value), None)
+        source = next((k for k, a in kwargs.items() if a is value), source)
+        if source is not None:
+            handed.append((slot, source))
+        else:
+            ops.handed.setdefault(id(value), (value, []))[1].append(name)
+    return tuple(handed)
+
+
 def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, Any]], Any, _Ops]:
     """Each module's first call on the example batch (its input and output tensors, in call
     order), the model's output, and the additions and zero-keeping operations made on the way
     (:class:`_Ops`)."""
     names = {m: n for n, m in model.named_modules() if m is not model}
     seen: dict[str, dict[str, Any]] = {}
-    hooks = []
+    hooks, ops = [], _Ops()
     for module, name in names.items():
         def hook(mod: nn.Module, inputs: Any, kwargs: Any, output: Any, name: str = name
                  ) -> None:
@@ -199,12 +238,12 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
                 return
             seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape), "input": x,
                           "nonneg": bool((y >= 0).all()), "output": y, "keyword": keyword,
-                          "outputs": len(output) if isinstance(output, tuple | list) else 0}
+                          "outputs": len(output) if isinstance(output, tuple | list) else 0,
+                          "passthrough": _handed_on(name, inputs, kwargs, output, ops)}
 
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     was_training = model.training
     model.eval()
-    ops = _Ops()
     try:
         with ops:
             result = model(*args(example_input))
@@ -216,8 +255,12 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
 
 
 @torch.no_grad()
-def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
-    """The blocks of ``model`` that may be skipped, in execution order (see the module doc)."""
+def skippable_blocks(model: nn.Module, example_input: Any,
+                     why: dict[str, str] | None = None) -> list[BlockInfo]:
+    """The blocks of ``model`` that may be skipped, in execution order (see the module doc).
+    A block that returns, beside its output, a tensor it made and that the model reads after
+    it (the position bias a T5 encoder's first layer computes for every later layer) is not
+    one: skipped, it would return None there. It goes into ``why``, with that reason."""
     seen, result, ops = _trace(model, example_input)
     final = _first_tensor(result)
     modules = dict(model.named_modules())
@@ -242,17 +285,22 @@ def skippable_blocks(model: nn.Module, example_input: Any) -> list[BlockInfo]:
             found.append(BlockInfo(name, "shortcut", f"{name}.{shortcut}", info["nonneg"],
                                    params - sum(p.numel() for p in getattr(
                                        module, shortcut).parameters()), info["outputs"],
-                                   info["keyword"]))
+                                   info["keyword"], info["passthrough"]))
         elif _layer_count(module) >= 2 and square:
             found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"],
-                                   info["keyword"]))
+                                   info["keyword"], info["passthrough"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches. Those of
     # an attention lose heads instead (as the identity, a q or k projection is nonsense).
     outer = [b.name for b in found if not isinstance(modules[b.name], WEIGHTED_LAYERS)] + [
         name for name in seen if _is_attention(modules[name])]
-    return [b for b in found if not (isinstance(modules[b.name], WEIGHTED_LAYERS)
-                                     and any(b.name.startswith(o + ".") for o in outer))]
+    for name in ops.read & {b.name for b in found}:
+        (why if why is not None else {})[name] = (
+            "it returns a tensor that it computes and the model reads after it (a T5 layer's "
+            "position bias): skipped, it would return None there")
+    return [b for b in found if b.name not in ops.read and not (
+        isinstance(modules[b.name], WEIGHTED_LAYERS)
+        and any(b.name.startswith(o + ".") for o in outer))]
 
 
 def _is_branch(name: str, seen: dict[str, dict[str, Any]],
@@ -295,9 +343,9 @@ def _is_branch(name: str, seen: dict[str, dict[str, Any]],
 def _replacement(module: nn.Module, info: BlockInfo) -> nn.Module:
     if info.kind == "shortcut":
         return ShortcutOnly(module.get_submodule(info.shortcut[len(info.name) + 1:]),
-                            info.relu, info.outputs, info.keyword)
-    out = Zero(info.outputs, info.keyword) if info.kind == "branch" else \
-        ReluIdentity(info.relu, info.outputs, info.keyword)
+                            info.relu, info.outputs, info.keyword, info.passthrough)
+    out = Zero(info.outputs, info.keyword, info.passthrough) if info.kind == "branch" else \
+        ReluIdentity(info.relu, info.outputs, info.keyword, info.passthrough)
     for key, value in vars(module).items():
         # What the model reads of the block besides calling it (ModernBERT's encoder reads
         # each layer's attention_type to pick its mask) stays readable on the stand-in.
