@@ -16,7 +16,8 @@ from torch import nn
 import petra.compress  # noqa: F401  (fills the registries)
 import petra.registry
 from petra.candidate import artifact
-from petra.compress.attention import _qkv, attention_layers, prune_attention, prune_heads
+from petra.compress.attention import attention_layers, prune_attention, prune_heads
+from petra.compress.attention_forms import qkv_layers
 from petra.compress.verify import bisect
 from petra.config import load_config
 from petra.registry import PRUNING
@@ -38,8 +39,8 @@ def task(request):
 
 def qkv_rows(model, name):
     module = model.get_submodule(name)
-    if _qkv(module) is not None:
-        return [p.weight.shape[0] for p in _qkv(module)]
+    if qkv_layers(module) is not None:
+        return [p.weight.shape[0] for p in qkv_layers(module)]
     if getattr(module, "in_proj_weight", None) is not None:
         return [module.in_proj_weight.shape[0] // 3] * 3
     return [module.qkv.weight.shape[0] // 3] * 3
@@ -79,8 +80,8 @@ def test_heads_criterion_removes_a_head_that_contributes_nothing_first(name, tas
     module = model.get_submodule(info.name)
     d = info.head_dim
     with torch.no_grad():
-        if _qkv(module) is not None:
-            for proj in _qkv(module):
+        if qkv_layers(module) is not None:
+            for proj in qkv_layers(module):
                 proj.weight[d:2 * d] = 0
                 proj.bias[d:2 * d] = 0
             model.get_submodule(info.output).weight[:, d:2 * d] = 0
@@ -395,6 +396,33 @@ def test_a_hand_written_attention_loses_heads_or_says_why_not(fixed_width):
     prune_heads(model, info, [1, 3])
     assert model[0].heads == 2 and model[0].q.out_features == 8
     assert model[0].proj.in_features == 8 and model(x).shape == (2, 3)
+
+
+class MultiQueryAttention(nn.Module):
+    """Falcon's multi-query attention: one fused ``query_key_value`` to every query head and a
+    single key/value head (16 + 2 x 4 outputs), read by ``dense``."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, d // heads
+        self.query_key_value = nn.Linear(d, d + 2 * self.head_dim)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.query_key_value(x).split([d, self.head_dim, self.head_dim], dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        att = torch.softmax(q @ k.unsqueeze(1).transpose(-2, -1) / self.head_dim ** 0.5, dim=-1)
+        return self.dense((att @ v.unsqueeze(1)).transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_multi_query_attention_is_kept_whole_with_its_reason():
+    """It was not recognized at all: its heads were out of reach with no line saying so."""
+    model, x, infos, why = in_a_model(MultiQueryAttention())
+    assert infos == [] and list(why) == ["0"]
+    assert "'query_key_value'" in why["0"] and "multi-query" in why["0"]
+    _, _, infos, why = in_a_model(HandWrittenAttention())
+    assert len(infos) == 1 and why == {}
 
 
 class DistilAttention(nn.Module):

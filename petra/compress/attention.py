@@ -13,15 +13,15 @@ Three families are found by :func:`attention_layers`:
   ``q_lin``/..., ``to_q``/..., ``q``/``k``/``v``, DeBERTa's ``query_proj``/...) ``nn.Linear``
   children of equal width (other projections to that width, DeBERTa's relative-position ones,
   lose the same rows) and a
-  head count attribute (:data:`HEAD_COUNT_NAMES`; else the config's, as Llama's). Its output
-  projection is its own ``o_proj`` (or another of :data:`OUTPUT_NAMES`) child where it has one
+  head count attribute (``HEAD_COUNT_NAMES``; else the config's, as Llama's). Its output
+  projection is its own ``o_proj`` (or another of ``OUTPUT_NAMES``) child where it has one
   (transformers 5's ViT), else the ``nn.Linear`` that reads its output, found by tracing the
   example batch (``BertSelfOutput.dense``). The rows and columns are removed with
   torch-pruning's own pruning functions, and the head counts are updated. With grouped-query
   attention (Llama's fewer key/value heads, counted by its config), a unit is a key/value head
   with the query heads that read it (:attr:`AttentionInfo.group`).
 - **fused q, k, v** (GPT-2's ``c_attn``, timm's ``qkv``): a module with a head count and one
-  ``nn.Linear`` child named in :data:`FUSED_QKV_NAMES` that projects to q, k and v stacked
+  ``nn.Linear`` child named in ``FUSED_QKV_NAMES`` that projects to q, k and v stacked
   (``[q | k | v]``, each ``heads * head_dim`` wide), with an output projection child that reads
   that width (``split_size`` follows), or laid out by head (``[q_h k_h v_h]`` for each head,
   GPT-NeoX's ``query_key_value``). A trial removal must give what the whole attention gives
@@ -32,8 +32,10 @@ Three families are found by :func:`attention_layers`:
   replaced by :class:`PrunedMultiheadAttention`, the same computation with separate q, k, v
   projections of ``heads * head_dim`` rows.
 
-A layer counts only if a trial removal of half its heads still runs the model, or gets a
-one-line reason."""
+The names, and how a form is recognized, are in :mod:`petra.compress.attention_forms`. A
+module with a head count and a projection by one of those names in no form above (Falcon's
+multi-query ``query_key_value``) gets a one-line reason. A layer counts only if a trial removal
+of half its heads still runs the model, or gets a one-line reason."""
 
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.attention_forms import (
+    HEAD_COUNT_NAMES,
+    OUTPUT_NAMES,
+    WIDTH_NAMES,
+    count_attribute,
+    declared_heads,
+    fused_names,
+    is_hf_attention,
+    qkv_layers,
+    unhandled_form,
+)
 from petra.compress.mha import PrunedMultiheadAttention, _rows
 from petra.compress.per_head import per_head_tensors, slice_per_head
 from petra.errors import first_line
@@ -78,70 +91,6 @@ class AttentionInfo:
     by_head: bool = False
 
 
-#: A Hugging Face attention's q, k and v projections, and its own output projection's names.
-QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
-             ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"),
-             ("query_proj", "key_proj", "value_proj"))
-OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj", "dense", "Wo")
-#: The names of a fused q, k, v projection (GPT-2's, after its Conv1D became a Linear).
-FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_value")
-#: Attributes that hold the width of one head (Llama's ``head_dim``, GPT-NeoX's ``head_size``).
-HEAD_DIM_NAMES = ("head_dim", "head_size")
-HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
-#: Attributes of an attention that hold its q, k and v width, updated with its heads.
-WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size")
-
-
-def _qkv(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
-    """A Hugging Face attention's q, k and v projections, or None: k and v of one width, q of
-    that width or (grouped-query attention) a multiple of it."""
-    for names in QKV_NAMES:
-        q, k, v = (getattr(module, n, None) for n in names)
-        if all(isinstance(layer, nn.Linear) for layer in (q, k, v)) and \
-                k.out_features == v.out_features and q.out_features % k.out_features == 0:
-            return q, k, v
-    return None
-
-
-def _count_attribute(module: nn.Module) -> int | None:
-    """The module's own head count: its first attribute of :data:`HEAD_COUNT_NAMES`."""
-    return next((getattr(module, n) for n in HEAD_COUNT_NAMES
-                 if isinstance(getattr(module, n, None), int)), None)
-
-
-def _declared_heads(module: nn.Module) -> int | None:
-    """A module's head count: an attribute of :data:`HEAD_COUNT_NAMES`, else its config's
-    (Llama's attention): its key/value heads, each one unit with its query heads (grouped-query
-    attention, where ``num_key_value_groups`` repeats each key/value head that many times)."""
-    count = _count_attribute(module)
-    if count is not None:
-        return int(count)
-    config = getattr(module, "config", None)
-    heads = getattr(config, "num_attention_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    if not (isinstance(heads, int)
-            and any(isinstance(getattr(module, n, None), int) for n in HEAD_DIM_NAMES)):
-        return None
-    grouped = heads % kv == 0 and getattr(module, "num_key_value_groups", 1) == heads // kv
-    return kv if grouped else None
-
-
-def _fused(module: nn.Module) -> tuple[str, str] | None:
-    """The names of a fused attention's q, k, v projection and output projection: a Linear
-    of 3 x width outputs, and one that reads width (the width a multiple of the heads)."""
-    heads = _declared_heads(module) or 0
-    for name in FUSED_QKV_NAMES:
-        qkv = getattr(module, name, None)
-        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or heads < 1:
-            continue
-        width = qkv.out_features // 3
-        out = next((n for n in OUTPUT_NAMES if isinstance(getattr(module, n, None), nn.Linear)
-                    and getattr(module, n).in_features == width), None)
-        if out is not None and width % heads == 0:
-            return name, out
-    return None
-
-
 def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
     """The module names of the q, k and v projections of ``info``: one where they are fused,
     none for torch's ``nn.MultiheadAttention`` (its ``in_proj_weight`` is no module)."""
@@ -149,14 +98,14 @@ def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
         return (info.fused,)
     module = model.get_submodule(info.name)
     children = {id(m): n for n, m in module.named_children()}
-    return tuple(f"{info.name}.{children[id(p)]}" for p in (*(_qkv(module) or ()),
+    return tuple(f"{info.name}.{children[id(p)]}" for p in (*(qkv_layers(module) or ()),
                                                              *_side(module, info)))
 
 
 def _side(module: nn.Module, info: AttentionInfo) -> list[nn.Linear]:
     """The attention's other projections to its q width, read a slice per head (DeBERTa's
     ``pos_key_proj``, ``pos_query_proj``): they lose the same rows (checked by the trial)."""
-    qkv = _qkv(module)
+    qkv = qkv_layers(module)
     if qkv is None or info.group > 1:
         return []
     width = qkv[0].out_features
@@ -165,15 +114,10 @@ def _side(module: nn.Module, info: AttentionInfo) -> list[nn.Linear]:
             and f"{info.name}.{n}" != info.output]
 
 
-def _is_hf_attention(module: nn.Module) -> bool:
-    return (_qkv(module) is not None or _fused(module) is not None) and \
-        _declared_heads(module) is not None
-
-
 def _head_count(module: nn.Module) -> int:
     if isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention):
         return int(module.num_heads)
-    return int(_declared_heads(module))  # type: ignore[arg-type]
+    return int(declared_heads(module))  # type: ignore[arg-type]
 
 
 def _storage(t: Any) -> int | None:
@@ -193,9 +137,9 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
         return AttentionInfo(name, heads, module.head_dim)
     if isinstance(module, PrunedMultiheadAttention):
         return AttentionInfo(name, heads, module.head_dim)
-    qkv = _qkv(module)
+    qkv = qkv_layers(module)
     if qkv is None:
-        fused, out = _fused(module)  # type: ignore[misc]
+        fused, out = fused_names(module)  # type: ignore[misc]
         width = module.get_submodule(out).in_features
         return AttentionInfo(name, heads, width // heads, f"{name}.{out}", f"{name}.{fused}")
     q, k, _ = qkv
@@ -204,7 +148,7 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
                   if isinstance(getattr(module, n, None), nn.Linear)
                   and getattr(module, n).in_features == width), None)
     out = inner or reader
-    if out is None or width % heads or (group > 1 and _count_attribute(module) is not None):
+    if out is None or width % heads or (group > 1 and count_attribute(module) is not None):
         return None  # a grouped attention is counted by its config's key/value heads only
     return AttentionInfo(name, heads, width // heads, out, group=group)
 
@@ -224,7 +168,7 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
     hooks = []
     for module, name in names.items():
         mha = isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
-        if mha or _is_hf_attention(module):
+        if mha or is_hf_attention(module):
             found[name] = module
 
             def on_attention(mod: Any, _inp: Any, out: Any, name: str = name,
@@ -249,7 +193,7 @@ def attention_layers(model: nn.Module, example_input: Sequence[Any], *,
         for h in hooks:
             h.remove()
         model.train(was_training)
-    infos, reasons = [], {}
+    infos, reasons = [], {n: r for m, n in names.items() if (r := unhandled_form(m))}
     for name in order:
         info, reason = _checked(model, example_input, name, found[name], readers.get(name))
         if reason:
@@ -358,7 +302,7 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
         tp.prune_linear_out_channels(model.get_submodule(info.fused), _rows(
             remove, 3 * info.head_dim) if info.by_head else stacked)
     side = _side(module, info)  # found by the q width, before q loses its rows
-    for proj, per_unit in zip(_qkv(module) or (), (1, info.group, info.group), strict=False):
+    for proj, per_unit in zip(qkv_layers(module) or (), (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
     for proj in side:
         tp.prune_linear_out_channels(proj, rows)
@@ -375,7 +319,7 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
         # A shared config would tell every other layer the new count: give this one its own,
         # which holds the count where the module has none of its own (Llama's attention)
         module.config = copy.copy(config)
-        if _count_attribute(module) is None:
+        if count_attribute(module) is None:
             module.config.num_attention_heads = len(keep) * info.group
             if getattr(config, "num_key_value_heads", None):
                 module.config.num_key_value_heads = len(keep)
@@ -400,7 +344,7 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
         qkv = list(w.reshape(-1, 3, info.head_dim, w.shape[1]).unbind(1) if info.by_head
                    else w.chunk(3))
     else:
-        qkv = [p.weight for p in _qkv(module)]
+        qkv = [p.weight for p in qkv_layers(module)]
     return qkv, model.get_submodule(info.output).weight
 
 

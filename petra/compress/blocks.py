@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.attention import PrunedMultiheadAttention, _is_hf_attention
+from petra.compress.attention import PrunedMultiheadAttention, is_hf_attention
 from petra.compress.kinds import WEIGHTED_LAYERS
 from petra.tasks.contract import args, no_fast_path
 
@@ -158,7 +158,7 @@ def _is_attention(module: nn.Module) -> bool:
     """A multi-head attention itself (torch's, or a Hugging Face self-attention)."""
 
     return isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention) or \
-        _is_hf_attention(module)
+        is_hf_attention(module)
 
 
 def _layer_count(module: nn.Module) -> int:

@@ -1,0 +1,89 @@
+"""How petra recognizes a Hugging Face-style attention: the names of its q, k, v and output
+projections, and its head count (:mod:`petra.compress.attention` removes its heads)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: A Hugging Face attention's q, k and v projections, and its own output projection's names.
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
+             ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v"), ("q", "k", "v"),
+             ("query_proj", "key_proj", "value_proj"))
+OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj", "dense", "Wo")
+#: The names of a fused q, k, v projection (GPT-2's, after its Conv1D became a Linear).
+FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_value")
+#: Attributes that hold the width of one head (Llama's ``head_dim``, GPT-NeoX's ``head_size``).
+HEAD_DIM_NAMES = ("head_dim", "head_size")
+HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
+#: Attributes of an attention that hold its q, k and v width, updated with its heads.
+WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size")
+
+
+def qkv_layers(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    """A Hugging Face attention's q, k and v projections, or None: k and v of one width, q of
+    that width or (grouped-query attention) a multiple of it."""
+    for names in QKV_NAMES:
+        q, k, v = (getattr(module, n, None) for n in names)
+        if all(isinstance(layer, nn.Linear) for layer in (q, k, v)) and \
+                k.out_features == v.out_features and q.out_features % k.out_features == 0:
+            return q, k, v
+    return None
+
+
+def count_attribute(module: nn.Module) -> int | None:
+    """The module's own head count: its first attribute of :data:`HEAD_COUNT_NAMES`."""
+    return next((getattr(module, n) for n in HEAD_COUNT_NAMES
+                 if isinstance(getattr(module, n, None), int)), None)
+
+
+def declared_heads(module: nn.Module) -> int | None:
+    """A module's head count: an attribute of :data:`HEAD_COUNT_NAMES`, else its config's
+    (Llama's attention): its key/value heads, each one unit with its query heads (grouped-query
+    attention, where ``num_key_value_groups`` repeats each key/value head that many times)."""
+    count = count_attribute(module)
+    if count is not None:
+        return int(count)
+    config = getattr(module, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if not (isinstance(heads, int)
+            and any(isinstance(getattr(module, n, None), int) for n in HEAD_DIM_NAMES)):
+        return None
+    grouped = heads % kv == 0 and getattr(module, "num_key_value_groups", 1) == heads // kv
+    return kv if grouped else None
+
+
+def fused_names(module: nn.Module) -> tuple[str, str] | None:
+    """The names of a fused attention's q, k, v projection and output projection: a Linear
+    of 3 x width outputs, and one that reads width (the width a multiple of the heads)."""
+    heads = declared_heads(module) or 0
+    for name in FUSED_QKV_NAMES:
+        qkv = getattr(module, name, None)
+        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or heads < 1:
+            continue
+        width = qkv.out_features // 3
+        out = next((n for n in OUTPUT_NAMES if isinstance(getattr(module, n, None), nn.Linear)
+                    and getattr(module, n).in_features == width), None)
+        if out is not None and width % heads == 0:
+            return name, out
+    return None
+
+
+def is_hf_attention(module: nn.Module) -> bool:
+    return (qkv_layers(module) is not None or fused_names(module) is not None) and \
+        declared_heads(module) is not None
+
+
+def unhandled_form(module: nn.Module) -> str:
+    """Why a module that declares a head count and holds a q, k, v projection by one of the
+    names above is no attention petra removes heads from, or '' (it is one, or none at all):
+    Falcon's multi-query ``query_key_value`` projects to the queries and one key/value head."""
+    if is_hf_attention(module) or declared_heads(module) is None:
+        return ""
+    names = (*FUSED_QKV_NAMES, *(n for triple in QKV_NAMES for n in triple))
+    found = next((n for n in names if isinstance(getattr(module, n, None), nn.Linear)), None)
+    if found is None:
+        return ""
+    return (f"its heads are not removed: its projection {found!r} is neither a fused [q | k | v] "
+            "of three equal widths read by an output projection, nor one of separate q, k and v "
+            "(multi-query attention's queries with one key/value head are not handled)")
