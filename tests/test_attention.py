@@ -398,31 +398,36 @@ def test_a_hand_written_attention_loses_heads_or_says_why_not(fixed_width):
     assert model[0].proj.in_features == 8 and model(x).shape == (2, 3)
 
 
-class MultiQueryAttention(nn.Module):
-    """Falcon's multi-query attention: one fused ``query_key_value`` to every query head and a
-    single key/value head (16 + 2 x 4 outputs), read by ``dense``."""
+class FusedGroupedAttention(nn.Module):
+    """One fused ``query_key_value`` to every query head and ``kv`` key/value heads (16 + 2 x
+    kv x 4 outputs), read by ``dense``: Falcon's multi-query attention with ``kv=1``."""
 
-    def __init__(self, d: int = 16, heads: int = 4) -> None:
+    def __init__(self, kv: int, d: int = 16, heads: int = 4) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = heads, d // heads
-        self.query_key_value = nn.Linear(d, d + 2 * self.head_dim)
+        self.num_heads, self.head_dim, self.kv = heads, d // heads, kv
+        self.query_key_value = nn.Linear(d, d + 2 * kv * self.head_dim)
         self.dense = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.query_key_value(x).split([d, self.head_dim, self.head_dim], dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        att = torch.softmax(q @ k.unsqueeze(1).transpose(-2, -1) / self.head_dim ** 0.5, dim=-1)
-        return self.dense((att @ v.unsqueeze(1)).transpose(1, 2).reshape(b, t, d))
+        b, t, _ = x.shape
+        kv = self.kv * self.head_dim
+        q, k, v = self.query_key_value(x).split([self.num_heads * self.head_dim, kv, kv], -1)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        k, v = (z.repeat_interleave(self.num_heads // self.kv, dim=1) for z in (k, v))
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.head_dim ** 0.5, dim=-1)
+        return self.dense((att @ v).transpose(1, 2).reshape(b, t, -1))
 
 
-def test_a_multi_query_attention_is_kept_whole_with_its_reason():
-    """It was not recognized at all: its heads were out of reach with no line saying so."""
-    model, x, infos, why = in_a_model(MultiQueryAttention())
+def test_a_fused_multi_query_attention_loses_query_heads_and_a_grouped_one_says_why_not():
+    """Neither was recognized: their heads were out of reach with no line saying so."""
+    model, x, infos, why = in_a_model(FusedGroupedAttention(kv=1))
+    assert [(i.heads, i.head_dim, i.shared_kv) for i in infos] == [(4, 4, True)] and not why
+    prune_heads(model, infos[0], [0, 3])
+    assert model[0].query_key_value.out_features == 8 + 8 and model[0].num_heads == 2
+    assert model(x).shape == (2, 3)
+    _, _, infos, why = in_a_model(FusedGroupedAttention(kv=2))
     assert infos == [] and list(why) == ["0"]
-    assert "'query_key_value'" in why["0"] and "multi-query" in why["0"]
-    _, _, infos, why = in_a_model(HandWrittenAttention())
-    assert len(infos) == 1 and why == {}
+    assert "'query_key_value'" in why["0"] and "grouped-query" in why["0"]
 
 
 class DistilAttention(nn.Module):

@@ -403,3 +403,54 @@ def test_grouped_query_heads_are_offered_only_where_each_key_value_head_serves_i
     why: dict[str, str] = {}
     assert attention_layers(Classifier(lambda: Grouped(tiled=True)).eval(), (x,), why=why) == []
     assert "not grouped by key/value head" in why["attn"]
+
+
+class MultiQuery(nn.Module):
+    """Tiny multi-query decoders (one key/value head for four query heads): GPTBigCode's and
+    Falcon's fused ``[q | k | v]``, with the queries' rows then one head's k and v rows."""
+
+    def __init__(self, kind: str) -> None:
+        import transformers as tf
+
+        super().__init__()
+        torch.manual_seed(0)
+        if kind == "bigcode":
+            self.lm = tf.GPTBigCodeModel(tf.GPTBigCodeConfig(
+                vocab_size=32, n_positions=8, n_embd=32, n_layer=2, n_head=4, multi_query=True,
+                attn_implementation="eager"))
+        else:
+            self.lm = tf.FalconModel(tf.FalconConfig(
+                vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                multi_query=True, new_decoder_architecture=False, parallel_attn=True,
+                attn_implementation="eager"))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lm(input_ids=input_ids).last_hidden_state.mean(1))
+
+
+@pytest.mark.parametrize("model, attention, output, query", [
+    (lambda: Llama(kv=1), "llm.model.layers.0.self_attn", "o_proj", "q_proj"),
+    (lambda: MultiQuery("bigcode"), "lm.h.0.attn", "c_proj", "c_attn"),
+    (lambda: MultiQuery("falcon"), "lm.h.0.self_attention", "dense", "query_key_value"),
+])
+def test_a_multi_query_attention_loses_query_heads_and_keeps_its_key_value_head(
+        model, attention, output, query):
+    """With one key/value head, a unit was that head with all four query heads: one unit,
+    nothing to remove (Gemma's), or the fused projection was not recognized at all (Falcon's,
+    GPTBigCode's). Now its units are the query heads, and the shared k and v stay whole."""
+    from petra.compress.attention import attention_layers, l2_heads, prune_heads
+
+    model, ids = model().eval(), torch.randint(0, 32, (2, 8))
+    why: dict[str, str] = {}
+    infos = {i.name: i for i in attention_layers(model, (ids,), why=why)}
+    info = infos[attention]
+    assert (info.heads, info.head_dim, info.shared_kv) == (4, 8, True) and not why
+    assert l2_heads(model, info).shape == (4,)
+    want = zeroed(model, ids, f"{attention}.{output}", slice(8, 24))
+    prune_heads(model, info, [1, 2])
+    attn = model.get_submodule(attention)
+    assert attn.get_submodule(output).in_features == 16
+    assert attn.get_submodule(query).out_features == 16 + (0 if query == "q_proj" else 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)

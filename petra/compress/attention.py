@@ -19,11 +19,13 @@ Three families are found by :func:`attention_layers`:
   example batch (``BertSelfOutput.dense``). The rows and columns are removed with
   torch-pruning's own pruning functions, and the head counts are updated. With grouped-query
   attention (Llama's fewer key/value heads, counted by its config), a unit is a key/value head
-  with the query heads that read it (:attr:`AttentionInfo.group`).
+  with the query heads that read it (:attr:`AttentionInfo.group`); with one key/value head
+  (multi-query attention), a unit is a query head, and k and v stay whole.
 - **fused q, k, v** (GPT-2's ``c_attn``, timm's ``qkv``): a module with a head count and one
   ``nn.Linear`` child named in ``FUSED_QKV_NAMES`` that projects to q, k and v stacked
   (``[q | k | v]``, each ``heads * head_dim`` wide), with an output projection child that reads
-  that width (``split_size`` follows), or laid out by head (``[q_h k_h v_h]`` for each head,
+  that width (``split_size`` and ``embed_dim`` follow), or with the queries then one key/value
+  head (multi-query: Falcon's ``query_key_value``, GPTBigCode's ``c_attn``), or laid out by head (``[q_h k_h v_h]`` for each head,
   GPT-NeoX's ``query_key_value``). A trial removal must give what the whole attention gives
   with those heads' outputs zeroed: the first layout that does is the attention's, and one
   where neither does is refused.
@@ -33,8 +35,8 @@ Three families are found by :func:`attention_layers`:
   projections of ``heads * head_dim`` rows.
 
 The names, and how a form is recognized, are in :mod:`petra.compress.attention_forms`. A
-module with a head count and a projection by one of those names in no form above (Falcon's
-multi-query ``query_key_value``) gets a one-line reason. A layer counts only if a trial removal
+module with a head count and a projection by one of those names in no form above (a fused
+grouped-query projection) gets a one-line reason. A layer counts only if a trial removal
 of half its heads still runs the model, or gets a one-line reason."""
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class AttentionInfo:
             ``head_dim // group`` key and value rows.
         by_head: the fused projection's rows are laid out by head (``[q_h k_h v_h]`` for
             each head in turn), not as ``[q | k | v]``.
+        shared_kv: multi-query attention (Gemma's, Falcon's, GPTBigCode's): one key/value head
+            that every query head reads. The units are the query heads; k and v stay whole.
     """
 
     name: str
@@ -89,6 +93,7 @@ class AttentionInfo:
     fused: str = ""
     group: int = 1
     by_head: bool = False
+    shared_kv: bool = False
 
 
 def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
@@ -106,7 +111,7 @@ def _side(module: nn.Module, info: AttentionInfo) -> list[nn.Linear]:
     """The attention's other projections to its q width, read a slice per head (DeBERTa's
     ``pos_key_proj``, ``pos_query_proj``): they lose the same rows (checked by the trial)."""
     qkv = qkv_layers(module)
-    if qkv is None or info.group > 1:
+    if qkv is None or info.group > 1 or info.shared_kv:
         return []
     width = qkv[0].out_features
     return [m for n, m in module.named_children() if isinstance(m, nn.Linear)
@@ -141,14 +146,19 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
     if qkv is None:
         fused, out = fused_names(module)  # type: ignore[misc]
         width = module.get_submodule(out).in_features
-        return AttentionInfo(name, heads, width // heads, f"{name}.{out}", f"{name}.{fused}")
+        return AttentionInfo(name, heads, width // heads, f"{name}.{out}", f"{name}.{fused}",
+                             shared_kv=module.get_submodule(fused).out_features != 3 * width)
     q, k, _ = qkv
     width, group = q.out_features, q.out_features // k.out_features
     inner = next((f"{name}.{n}" for n in OUTPUT_NAMES
                   if isinstance(getattr(module, n, None), nn.Linear)
                   and getattr(module, n).in_features == width), None)
     out = inner or reader
-    if out is None or width % heads or (group > 1 and count_attribute(module) is not None):
+    counted = count_attribute(module) is not None  # else by its config, as Llama's
+    kv_heads = 1 if counted else getattr(getattr(module, "config", None), "num_key_value_heads", 0)
+    if out is not None and heads > 1 and group == heads and kv_heads == 1 and width % heads == 0:
+        return AttentionInfo(name, heads, width // heads, out, shared_kv=True)  # multi-query
+    if out is None or width % heads or (group > 1 and counted):
         return None  # a grouped attention is counted by its config's key/value heads only
     return AttentionInfo(name, heads, width // heads, out, group=group)
 
@@ -299,10 +309,12 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
         module.num_heads = len(keep)
         return
     if info.fused:
-        tp.prune_linear_out_channels(model.get_submodule(info.fused), _rows(
-            remove, 3 * info.head_dim) if info.by_head else stacked)
+        tp.prune_linear_out_channels(model.get_submodule(info.fused), rows if info.shared_kv
+                                     else _rows(remove, 3 * info.head_dim) if info.by_head
+                                     else stacked)
     side = _side(module, info)  # found by the q width, before q loses its rows
-    for proj, per_unit in zip(qkv_layers(module) or (), (1, info.group, info.group), strict=False):
+    for proj, per_unit in zip((qkv_layers(module) or ())[:1 if info.shared_kv else 3],
+                              (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
     for proj in side:
         tp.prune_linear_out_channels(proj, rows)
@@ -321,8 +333,10 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
         module.config = copy.copy(config)
         if count_attribute(module) is None:
             module.config.num_attention_heads = len(keep) * info.group
-            if getattr(config, "num_key_value_heads", None):
+            if getattr(config, "num_key_value_heads", None) and not info.shared_kv:
                 module.config.num_key_value_heads = len(keep)
+    if info.shared_kv and isinstance(getattr(module, "num_key_value_groups", None), int):
+        module.num_key_value_groups = len(keep)  # each query head reads the one k and v
 
 
 def _parent(model: nn.Module, info: AttentionInfo) -> nn.Module:
@@ -341,10 +355,11 @@ def _projections(model: nn.Module, info: AttentionInfo) -> tuple[list[torch.Tens
         return list(module.qkv.weight.chunk(3)), module.out_proj.weight
     if info.fused:
         w = model.get_submodule(info.fused).weight
-        qkv = list(w.reshape(-1, 3, info.head_dim, w.shape[1]).unbind(1) if info.by_head
-                   else w.chunk(3))
+        width = model.get_submodule(info.output).in_features  # the queries' rows
+        qkv = [w[:width]] if info.shared_kv else list(
+            w.reshape(-1, 3, info.head_dim, w.shape[1]).unbind(1) if info.by_head else w.chunk(3))
     else:
-        qkv = [p.weight for p in qkv_layers(module)]
+        qkv = [p.weight for p in qkv_layers(module)][:1 if info.shared_kv else 3]
     return qkv, model.get_submodule(info.output).weight
 
 
@@ -360,6 +375,7 @@ def l2_heads(model: nn.Module, info: AttentionInfo) -> torch.Tensor:
     heads = _head_count(model.get_submodule(info.name))
     total = torch.zeros(heads)
     for w in qkv:  # a unit's rows are contiguous: head_dim of q, head_dim // group of k and v
+        # (a multi-query attention's units are its query heads: its shared k and v are left out)
         total += w.detach().reshape(heads, -1).pow(2).sum(dim=1)
     total += out.detach().reshape(out.shape[0], heads, -1).pow(2).sum(dim=(0, 2))
     return total.sqrt()

@@ -16,7 +16,7 @@ FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_va
 HEAD_DIM_NAMES = ("head_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 #: Attributes of an attention that hold its q, k and v width, updated with its heads.
-WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size")
+WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size", "embed_dim")
 
 
 def qkv_layers(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
@@ -39,7 +39,8 @@ def count_attribute(module: nn.Module) -> int | None:
 def declared_heads(module: nn.Module) -> int | None:
     """A module's head count: an attribute of :data:`HEAD_COUNT_NAMES`, else its config's
     (Llama's attention): its key/value heads, each one unit with its query heads (grouped-query
-    attention, where ``num_key_value_groups`` repeats each key/value head that many times)."""
+    attention, where ``num_key_value_groups`` repeats each key/value head that many times);
+    with one key/value head (multi-query attention, Gemma's), its query heads."""
     count = count_attribute(module)
     if count is not None:
         return int(count)
@@ -50,22 +51,24 @@ def declared_heads(module: nn.Module) -> int | None:
             and any(isinstance(getattr(module, n, None), int) for n in HEAD_DIM_NAMES)):
         return None
     grouped = heads % kv == 0 and getattr(module, "num_key_value_groups", 1) == heads // kv
-    return kv if grouped else None
+    return None if not grouped else heads if kv == 1 else kv
 
 
 def fused_names(module: nn.Module) -> tuple[str, str] | None:
     """The names of a fused attention's q, k, v projection and output projection: a Linear
-    of 3 x width outputs, and one that reads width (the width a multiple of the heads)."""
+    of 3 x width outputs, or (multi-query: Falcon's, GPTBigCode's) of width + 2 x head_dim,
+    and one that reads width (the width a multiple of the heads)."""
     heads = declared_heads(module) or 0
     for name in FUSED_QKV_NAMES:
         qkv = getattr(module, name, None)
-        if not isinstance(qkv, nn.Linear) or qkv.out_features % 3 or heads < 1:
+        if not isinstance(qkv, nn.Linear) or heads < 1:
             continue
-        width = qkv.out_features // 3
-        out = next((n for n in OUTPUT_NAMES if isinstance(getattr(module, n, None), nn.Linear)
-                    and getattr(module, n).in_features == width), None)
-        if out is not None and width % heads == 0:
-            return name, out
+        for n in OUTPUT_NAMES:
+            out = getattr(module, n, None)
+            width = getattr(out, "in_features", 0) if isinstance(out, nn.Linear) else 0
+            if width and width % heads == 0 and qkv.out_features in (
+                    3 * width, width + 2 * width // heads):
+                return name, n
     return None
 
 
@@ -77,7 +80,7 @@ def is_hf_attention(module: nn.Module) -> bool:
 def unhandled_form(module: nn.Module) -> str:
     """Why a module that declares a head count and holds a q, k, v projection by one of the
     names above is no attention petra removes heads from, or '' (it is one, or none at all):
-    Falcon's multi-query ``query_key_value`` projects to the queries and one key/value head."""
+    a fused grouped-query projection (the queries, then several key/value heads)."""
     if is_hf_attention(module) or declared_heads(module) is None:
         return ""
     names = (*FUSED_QKV_NAMES, *(n for triple in QKV_NAMES for n in triple))
@@ -85,5 +88,6 @@ def unhandled_form(module: nn.Module) -> str:
     if found is None:
         return ""
     return (f"its heads are not removed: its projection {found!r} is neither a fused [q | k | v] "
-            "of three equal widths read by an output projection, nor one of separate q, k and v "
-            "(multi-query attention's queries with one key/value head are not handled)")
+            "(three equal widths, or the queries and one key/value head) read by an output "
+            "projection, nor one of separate q, k and v (a fused grouped-query projection is not "
+            "handled)")
