@@ -239,3 +239,22 @@ def test_the_baseline_counts_its_val_examples_and_warns_when_too_few_errors_to_r
     assert "a few examples (0.0033 each) apart" in line(1 - few)
     assert "warning" not in line(1 - (FEW_VAL_ERRORS + 1) / 300)  # enough errors to rank
     assert "warning" not in line(1 - few, metric=lambda out, y: 0.0)  # not an accuracy
+
+
+@pytest.mark.parametrize("how, says", [
+    ("center", "computes something else than the model on the first validation batch"),
+    ("add", "does not run in ONNX Runtime on the first validation batch"),
+])
+def test_an_artifact_that_fails_on_another_batch_size_is_one_line_on_the_task(
+        monkeypatch, tmp_path, how, says):
+    """A Mamba written outside the repo exported, then its artifact failed in ONNX Runtime on
+    the validation batches: the search died in a traceback. Where it runs and computes
+    something else, every candidate would have been measured wrong."""
+    from petra.errors import ConfigError
+
+    monkeypatch.syspath_prepend(str(REPO))
+    task = load_task("tests.user_task:baked_batch", {"how": how})
+    with pytest.raises(ConfigError, match="task.name") as info:
+        prepare_baseline(task, task_name="tests.user_task:baked_batch", task_params={"how": how},
+                         cache_dir=tmp_path)
+    assert says in str(info.value) and "-1" in str(info.value)

@@ -34,3 +34,29 @@ def not_a_task() -> dict:
 def raises(**params: object) -> None:
     """A task function that fails when it is called."""
     raise RuntimeError("the dataset is not where this task expects it")
+
+
+def baked_batch(*, how: str = "center") -> Any:
+    """iris_mlp, whose forward computes with the example batch's size (8) as a Python number,
+    which the export bakes into the graph: ``center`` centres the outputs on the mean of that
+    many (the artifact runs on the validation batch of 30, and computes something else), ``add``
+    adds a tensor of that many rows (the artifact fails on it)."""
+    import torch
+    from torch import nn
+
+    task = iris_mlp()
+
+    class Baked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = task.model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, n = self.net(x), int(x.shape[0])  # int(): a constant in the traced graph
+            if how == "center":
+                return out - out[:n].mean(0)
+            return out + torch.zeros(n, 3)
+
+    task.model = Baked()
+    task.train_epochs = 1
+    return task

@@ -113,6 +113,7 @@ def prepare_baseline(
     torch.save(task.model.state_dict(), buffer)
     data = artifact.pack(artifact.export_dense(task.model, task.example_input))
     session = artifact.load(data, threads=threads)
+    check_artifact(task, task_name, session)
     val_accuracy, val_examples = session_metric(session, task.val, task.metric)
     metrics = {
         "val_accuracy": val_accuracy,
@@ -126,6 +127,44 @@ def prepare_baseline(
     macs, params, _ = macs_and_params(task.model, task.example_input)
     metrics.update(macs=float(macs), params=float(params))
     return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached)
+
+
+def check_artifact(task: Task, task_name: str, session: Any) -> None:
+    """Stop the command with one line on ``task.name`` where the dense model's exported
+    artifact does not run on the first validation batch, or computes something else there
+    than the model does. The export traces the example batch: a shape the forward computes
+    in Python from it (a batch size, a sequence length) becomes a constant of the graph, which
+    fails, or silently mixes examples, on a batch of another size."""
+    import numpy as np
+    import torch
+
+    from petra.candidate.measure import session_feed
+    from petra.errors import first_line
+    from petra.tasks.contract import args, first_tensor
+
+    inputs, _ = next(iter(task.val))
+    hint = ("the export traced the example batch, and a shape computed from it in Python (a "
+            "batch size, a length) may have become a constant: compute it with -1 or in torch")
+    try:
+        got = session.run(None, session_feed(session, inputs))[0]
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors are not RuntimeErrors
+        try:
+            session.run(None, session_feed(session, task.example_input))
+        except Exception:  # noqa: BLE001
+            hint = ("it fails on the example batch too: ONNX Runtime rejects a node the exporter "
+                    "wrote for this forward")
+        raise ConfigError("task.name", task_name, "", (
+            f"the exported model does not run in ONNX Runtime on the first validation batch "
+            f"({first_line(exc, 300)}); {hint}")) from exc
+    with torch.no_grad():
+        want = first_tensor(task.model(*args(inputs))).detach().float().cpu().numpy()
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-2, atol=1e-2 * scale + 1e-6):
+        diff = (f"shape {tuple(got.shape)}, not {tuple(want.shape)}" if got.shape != want.shape
+                else f"largest difference {float(np.abs(got - want).max()):.3g} of {scale:.3g}")
+        raise ConfigError("task.name", task_name, "", (
+            f"the exported model computes something else than the model on the first "
+            f"validation batch ({diff}); {hint}"))
 
 
 def describe(baseline: Baseline, metric: Any = accuracy) -> str:
