@@ -61,6 +61,32 @@ def test_masked_weights_stay_exactly_zero(tiny_task):
     assert not model.training  # returned in eval mode
 
 
+class TiedLM(nn.Module):
+    """An embedding whose table is also the output layer's weight (a GPT's tied head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(8, 16), nn.Linear(16, 8, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_a_mask_on_a_tied_weight_is_kept_by_the_name_it_was_pruned_by():
+    """A tied head pruned by magnitude failed every candidate with a fine-tune (KeyError:
+    'lm_head.weight'): the tied weight is listed once, under the embedding's name."""
+    model = TiedLM()
+    mask = (torch.rand(8, 16, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    ids = torch.randint(0, 8, (32, 4), generator=torch.Generator().manual_seed(1))
+    batches = [(ids, ids[:, 0])]
+    train(model, batches, epochs=2, lr=1e-2, loss_fn=ce, masks={"head.weight": mask})
+    assert model.head.weight is model.emb.weight
+    assert torch.all(model.emb.weight[mask == 0] == 0)
+    assert torch.all(model.emb.weight[mask == 1] != 0)
+
+
 def test_zero_epochs_leave_the_model_unchanged(tiny_task):
     task, _ = tiny_task
     model = copy.deepcopy(task.model)

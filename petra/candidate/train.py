@@ -49,7 +49,7 @@ def train(
     if epochs <= 0:
         return model
     torch.manual_seed(seed)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight by each name
     masks = {k: v.to(params[k].device, params[k].dtype) for k, v in (masks or {}).items()}
     steps = epochs * max(1, _length(batches))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
