@@ -509,6 +509,52 @@ def test_an_auxiliary_head_the_task_does_not_read_keeps_its_inputs_in_step():
     assert task.model.inner.aux.in_features == 4 and task.model(x).shape == (2, 3)
 
 
+class Gated(torch.nn.Module):
+    """A WaveNet block: its stream ``x + res(z)``, and a skip output ``z``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gate, self.res = torch.nn.Conv1d(c, c, 1), torch.nn.Conv1d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.tanh(self.gate(x))
+        return x + self.res(z), z
+
+
+class GatedStack(torch.nn.Module):
+    """The skips are summed: the last block's stream is computed and never read."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.inp, self.head = torch.nn.Conv1d(1, c, 1), torch.nn.Linear(c, 3)
+        self.blocks = torch.nn.ModuleList(Gated(c) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, total = self.inp(x), 0
+        for block in self.blocks:
+            x, s = block(x)
+            total = total + s
+        return self.head(total.mean(-1))
+
+
+def test_a_blocks_unread_stream_beside_its_read_skip_loses_the_streams_channels():
+    """A WaveNet written outside the repo: the last block's ``res`` conv, whose sum with the
+    stream nothing reads, was left out of the graph, kept its width while the stream's shrank
+    (``The size of tensor a (5) must match the size of tensor b (16)``), and failed the
+    candidates that pruned the stream."""
+    from petra import Task
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 10)
+    task = adapt(Task(model=GatedStack().eval(), train=[], val=[], test=[], example_input=x,
+                      trained=True))
+    assert prune_channels(task.model, (x,), {"inp": ("l2_channel", 0.5)}, round_to=1,
+                          protected=["head"]) == {"inp": (8, 4)}
+    assert task.model.inner.blocks[1].res.out_channels == 4
+    assert task.model(x).shape == (2, 3)
+
+
 def test_a_forward_that_does_not_take_the_dict_inputs_as_keywords_is_told_so():
     """A dict input is passed to the model as keywords; a forward written for the dict itself
     raised ``unexpected keyword argument``, and the line did not say why it was called so."""

@@ -122,8 +122,10 @@ def _unread(made: list[list[torch.Tensor]], outputs: list[torch.Tensor]
     BERT's ``pooler``) when the model reads ``last_hidden_state``. Traced from the outputs
     alone, torch-pruning left them out of the graph, and the stream lost channels they still
     read (``Given normalized_shape=[48] ... got input of size [16, 10]``): the width gene was
-    withheld. A call of which one output is read (a GRU's sequence, beside its unread final
-    state) is in the graph already."""
+    withheld. So are the unread outputs of a call of which another is read: a WaveNet block's
+    stream ``x + res(z)``, unread after the last block, beside its read skip output (the last
+    ``res`` conv kept its width while the stream's shrank). A GRU's unread final state comes
+    from the node that made its sequence, which is in the graph already."""
     seen: set[Any] = set()
     todo = [t.grad_fn for t in outputs if t.grad_fn is not None]
     while todo:
@@ -132,15 +134,11 @@ def _unread(made: list[list[torch.Tensor]], outputs: list[torch.Tensor]
             continue
         seen.add(fn)
         todo.extend(next_fn for next_fn, _ in fn.next_functions)
-    unread, listed = [], set()
-    for call in made:
-        fns = [t.grad_fn for t in call if t.grad_fn is not None]
-        if not fns or any(fn in seen for fn in fns):
-            continue
-        for t in call:
-            if t.grad_fn is not None and t.grad_fn not in listed:
-                listed.add(t.grad_fn)
-                unread.append(t)
+    unread = []
+    for t in (t for call in made for t in call):
+        if t.grad_fn is not None and t.grad_fn not in seen:
+            seen.add(t.grad_fn)
+            unread.append(t)
     return unread
 
 
