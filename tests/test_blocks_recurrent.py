@@ -376,6 +376,32 @@ def test_the_first_layer_of_a_transformer_encoder_can_be_skipped():
     np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
+class Seq2Seq(nn.Module):
+    """``nn.TransformerDecoder`` over the memory of an encoder, both of two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        dec = nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        self.encoder, self.decoder = nn.TransformerEncoder(enc, 2), nn.TransformerDecoder(dec, 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder(x, self.encoder(x)).mean(1))
+
+
+def test_the_first_layer_of_a_transformer_decoder_can_be_skipped():
+    """``nn.TransformerDecoder`` reads its first layer's ``self_attn`` too: the gene was
+    withheld with ``'ReluIdentity' object has no attribute 'self_attn'``."""
+    model, x = Seq2Seq().eval(), torch.randn(2, 5, 16)
+    blocks = skippable_blocks(model, (x,))
+    assert "decoder.layers.0" in [b.name for b in blocks]
+    skip_blocks(model, ["decoder.layers.0"], blocks)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+
+
 class Tagged(nn.Module):
     """A residual layer with a tag its encoder reads to pick its input (ModernBERT's layers
     carry ``attention_type``, which picks their mask)."""

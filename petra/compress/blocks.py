@@ -296,8 +296,9 @@ def skippable_blocks(model: nn.Module, example_input: Any,
         name for name in seen if _is_attention(modules[name])]
     for name in ops.read & {b.name for b in found}:
         (why if why is not None else {})[name] = (
-            "it returns a tensor that it computes and the model reads after it (a T5 layer's "
-            "position bias): skipped, it would return None there")
+            "beside its output, it returns a tensor that it computes and that the model reads "
+            "after it (a WaveNet block's skip output, the position bias of a T5 encoder's first "
+            "layer): a skipped block would return None there")
     return [b for b in found if b.name not in ops.read and not (
         isinstance(modules[b.name], WEIGHTED_LAYERS)
         and any(b.name.startswith(o + ".") for o in outer))]
@@ -351,9 +352,10 @@ def _replacement(module: nn.Module, info: BlockInfo) -> nn.Module:
         # each layer's attention_type to pick its mask) stays readable on the stand-in.
         if not key.startswith("_") and key != "training" and not hasattr(out, key):
             setattr(out, key, value)
-    if isinstance(module, nn.TransformerEncoderLayer):
-        # nn.TransformerEncoder reads its first layer's self_attn.batch_first, and its fast
-        # path the rest: the replacement answers the first, the encoder skips the second.
+    if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+        # nn.TransformerEncoder (and the decoder) read their first layer's
+        # self_attn.batch_first, and the encoder's fast path the rest: the replacement answers
+        # the first, the encoder skips the second.
         out.self_attn = _BatchFirst(module.self_attn.batch_first)
     return out
 
@@ -371,7 +373,8 @@ def skip_blocks(model: nn.Module, names: Iterable[str],
         if any(name.startswith(d + ".") for d in done):
             continue  # inside a block already skipped
         module = model.get_submodule(name)
-        if isinstance(module, nn.TransformerEncoderLayer | nn.MultiheadAttention):
+        if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer
+                      | nn.MultiheadAttention):
             no_fast_path(model)
         model.set_submodule(name, _replacement(module, by_name[name]))
         del module
