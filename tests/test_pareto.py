@@ -147,6 +147,22 @@ def test_knee_point_on_a_convex_front():
     assert knee_point(front) == "p2"
 
 
+def test_the_knee_is_within_the_accuracy_margin_where_any_member_is():
+    """A front that holds a tiny model of no accuracy offered it as the knee (an outside GPT:
+    val 0.0 against 1.0; a seq2seq: 0.06 against 0.88): it is never the knee while a member
+    within 0.1 of the baseline's accuracy is, and the knee among those is the one it was."""
+    objectives = [("val_accuracy", "max"), ("size_ratio", "min")]
+    points = {"dense": (0.95, 0.5), "balanced": (0.9, 0.45), "useless": (0.0, 0.0),
+              "low": (0.6, 0.02)}  # over the whole front, "low" is nearest the ideal point
+    records = [{"id": k, "genome": {}, "status": "complete",
+                "metrics": {"val_accuracy": a, "size_ratio": b}} for k, (a, b) in points.items()]
+    front = snapshot(records, objectives, {"val_accuracy": 0.95, "size_ratio": 1.0}, generation=0)
+    assert knee_point(front) == "balanced"
+    far = snapshot([r for r in records if r["id"] in ("useless", "low")], objectives,
+                   {"val_accuracy": 0.95, "size_ratio": 1.0}, generation=0)
+    assert knee_point(far) == "low"  # none within the margin: the whole front counts
+
+
 def test_knee_point_of_an_empty_front_is_none():
     front = snapshot([], OBJECTIVES, BASELINE, generation=0)
     assert knee_point(front) is None

@@ -402,7 +402,10 @@ def knee_point(snapshot: FrontSnapshot) -> str | None:
     Each objective is min-max normalised over the front to [0, 1] in minimisation form (an
     objective constant across the front contributes 0), and the member with the smallest
     Euclidean distance to the ideal point (the origin) is the knee: the most balanced
-    compromise. Ties go to the first member in the snapshot's order.
+    compromise. Ties go to the first member in the snapshot's order. The knee is one of the
+    members whose accuracy-like objectives are within :data:`ACCURACY_MARGIN` of the
+    baseline's (those the hypervolume counts), where any is: a front that holds a tiny model
+    of no accuracy would otherwise offer it as the compromise.
     """
     members = snapshot.members
     if not members:
@@ -410,5 +413,9 @@ def knee_point(snapshot: FrontSnapshot) -> str | None:
     points = to_minimization([m["metrics"] for m in members], snapshot.objectives)
     lo, hi = points.min(axis=0), points.max(axis=0)
     span = np.where(hi > lo, hi - lo, 1.0)
-    scaled = (points - lo) / span
-    return str(members[int(np.argmin(np.linalg.norm(scaled, axis=1)))]["id"])
+    distance = np.linalg.norm((points - lo) / span, axis=1)
+    accurate = [j for j, (_, direction) in enumerate(snapshot.objectives) if direction == "max"]
+    within = np.all(points[:, accurate] <= np.asarray(snapshot.reference)[accurate], axis=1)
+    if within.any():
+        distance = np.where(within, distance, np.inf)
+    return str(members[int(np.argmin(distance))]["id"])
