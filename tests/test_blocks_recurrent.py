@@ -397,6 +397,9 @@ def test_the_first_layer_of_a_transformer_decoder_can_be_skipped():
     model, x = Seq2Seq().eval(), torch.randn(2, 5, 16)
     blocks = skippable_blocks(model, (x,))
     assert "decoder.layers.0" in [b.name for b in blocks]
+    # A stack of layers is not a block: skipping it skips them all, which their genes reach.
+    assert {"encoder", "decoder"}.isdisjoint(b.name for b in blocks)
+    assert {"encoder.layers.1", "decoder.layers.1"} <= {b.name for b in blocks}
     skip_blocks(model, ["decoder.layers.0"], blocks)
     with torch.no_grad():
         assert model(x).shape == (2, 3)

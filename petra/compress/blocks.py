@@ -27,6 +27,9 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
   norm; seen through views: an MLP-Mixer's token ``mlp`` reads the stream transposed), on the
   way through operations that keep zeros zero (views, products: a layer scale).
 
+A module that holds two or more whole blocks of one class (an ``nn.TransformerEncoder``, the
+Sequential of every block) is no block itself: skipping it is skipping them all.
+
 If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
 replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
 nothing.
@@ -299,9 +302,20 @@ def skippable_blocks(model: nn.Module, example_input: Any,
             "beside its output, it returns a tensor that it computes and that the model reads "
             "after it (a WaveNet block's skip output, the position bias of a T5 encoder's first "
             "layer): a skipped block would return None there")
-    return [b for b in found if b.name not in ops.read and not (
+    return [b for b in found if b.name not in ops.read and not _stack(b, found, modules) and not (
         isinstance(modules[b.name], WEIGHTED_LAYERS)
         and any(b.name.startswith(o + ".") for o in outer))]
+
+
+def _stack(block: BlockInfo, found: Sequence[BlockInfo], modules: dict[str, nn.Module]) -> bool:
+    """Whether ``block`` holds a stack of layers: two or more whole blocks of one class (an
+    ``nn.TransformerEncoder``'s layers, the Sequential that holds every block). Skipping it is
+    skipping them all, which their own genes reach; as one gene it removed the whole network
+    in half of the random genomes, and such candidates stood on fronts. A layer that holds two
+    sub-blocks of different kinds (T5's attention and feed-forward) is kept."""
+    inner = [type(modules[b.name]) for b in found if b.name.startswith(block.name + ".")
+             and b.kind != "branch" and not isinstance(modules[b.name], WEIGHTED_LAYERS)]
+    return any(inner.count(kind) >= 2 for kind in set(inner))
 
 
 def _is_branch(name: str, seen: dict[str, dict[str, Any]],
