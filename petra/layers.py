@@ -321,10 +321,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     failed_layers = verdicts["layers"]
     layers = [dataclasses.replace(layer, structured=False) if layer.name in failed_layers
               else layer for layer in layers]
-    for name, reason in failed_layers.items():
-        withheld[f"layers.{name}"] = reason
-    for scheme, reason in verdicts["schemes"].items():
-        withheld[f"quant.scheme={scheme}"] = reason
+    withheld.update({f"layers.{name}": reason for name, reason in failed_layers.items()})
+    withheld.update({f"quant.scheme={s}": reason for s, reason in verdicts["schemes"].items()})
     if verdicts["schemes"]:
         kept = [s for s in space_cfg.quantization if s not in verdicts["schemes"]] or ["none"]
         space_cfg = space_cfg.model_copy(update={"quantization": kept})
@@ -346,12 +344,12 @@ _UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Co
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
                      known: Iterable[str] = ()) -> dict[str, str]:
-    """The modules of ``model`` with a weight matrix of their own (a ``weight`` with at least
-    two dimensions longer than 1: a per-channel vector shaped to broadcast, as ConvNeXt-V2's
-    GRN ``(1, 1, 1, C)``, loses its channels with its group, as a norm's does) that are none of
-    ``layers``, nor inside one of them or of ``known`` (attentions already kept whole with
-    their reason), each with why no gene takes it: a hand-written layer (a Hugging Face
-    ``Conv1D`` is an ``nn.Linear`` by then: :func:`petra.tasks.contract.linear_stand_ins`)."""
+    """The modules of ``model`` with a weight matrix of their own (a ``weight`` with two
+    dimensions longer than 1, not ConvNeXt-V2's GRN ``(1, 1, 1, C)``, which loses channels with
+    its group; or a bank of matrices, Mixtral's experts) that are none of ``layers``, nor
+    inside one of them or of ``known`` (attentions kept whole with their reason), each with
+    why no gene takes it: a hand-written layer (a Hugging Face ``Conv1D`` is an ``nn.Linear``
+    by then: :func:`petra.tasks.contract.linear_stand_ins`)."""
     from torch import nn
 
     handled = [layer.name for layer in layers] + list(known)
@@ -361,6 +359,8 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
     out = {}
     for name, module in modules.items():
         weight = module._parameters.get("weight")
+        weight = weight if weight is not None else next((  # a MoE's bank of matrices
+            p for p in module._parameters.values() if p is not None and p.dim() >= 3), None)
         if not name or weight is None or sum(size > 1 for size in weight.shape) < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue

@@ -565,7 +565,8 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     """A layer type petra does not prune (a hand-written layer) is listed as kept
     whole with why, not left out of ``petra space`` unmentioned; a parameter that is no
     layer's weight (a positional table) is not, nor a per-channel weight shaped to broadcast
-    (ConvNeXt-V2's GRN, ``(1, 1, 1, C)``: it loses channels with its group)."""
+    (ConvNeXt-V2's GRN, ``(1, 1, 1, C)``: it loses channels with its group). A bank of
+    matrices by another name (Mixtral's experts' ``gate_up_proj``) was not listed at all."""
     import torch
     from torch import nn
 
@@ -588,17 +589,26 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.weight
 
+    class Experts(nn.Module):  # one matrix an expert, the token's expert picked by its sign
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.up = nn.Parameter(torch.randn(2, n, n) * 0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.where(x[..., :1] > 0, x @ self.up[0], x @ self.up[1])
+
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.pos = nn.Parameter(torch.zeros(4, 8))
+            self.experts = Experts(8)
             self.fc = nn.Linear(8, 8)
             self.scale = Scale(8)
             self.proj = TransposedLinear(8, 8)
             self.head = nn.Linear(8, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.scale(torch.relu(self.fc(x + self.pos)))
+            h = self.scale(torch.relu(self.fc(x + self.pos))) + self.experts(x)
             return self.head(torch.relu(self.proj(h)).mean(1))
 
     torch.manual_seed(0)
@@ -608,7 +618,8 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     space = model_space(cfg, Net().eval(), (x,))
     assert space.kept_whole["proj"].startswith("a TransposedLinear: no gene prunes this type")
     assert "layers.fc.method" in space and "layers.proj.method" not in space
-    assert set(space.kept_whole) == {"proj", "head"}
+    assert space.kept_whole["experts"].startswith("an Experts: no gene prunes this type")
+    assert set(space.kept_whole) == {"proj", "head", "experts"}
 
 
 def test_a_layer_the_model_never_calls_is_kept_whole_for_that_reason():
