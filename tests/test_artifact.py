@@ -320,6 +320,34 @@ def test_a_dense_model_that_does_not_export_stops_with_one_line():
         export_dense(model, inputs)
 
 
+@torch.library.custom_op("petra_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_double.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_an_operator_with_no_onnx_form_is_named_in_the_line():
+    """Mixtral's default experts run a custom operator (transformers.grouped_mm_fallback): the
+    line's hint spoke of pack_padded_sequence and control flow, which did not apply."""
+    from petra.candidate.artifact import export_dense
+    from petra.errors import ConfigError
+
+    class Doubled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(_double(x))
+
+    with pytest.raises(ConfigError, match="an operator with no ONNX form \\(petra_test.double\\)"):
+        export_dense(Doubled().eval(), torch.randn(3, 4))
+
+
 def test_an_input_the_compressed_model_no_longer_reads_stays_in_the_artifact():
     """A RoBERTa written outside the repo, with every attention skipped, no longer read its
     ``attention_mask``; the exporter dropped that input, and every batch's feed, which names

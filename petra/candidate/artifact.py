@@ -20,9 +20,8 @@ sparse weights are encoded the same way as fp32 ones.
 An fp32 initializer is stored as int4 when the graph's metadata lists it under :data:`INT4_KEY`
 (the ``int4_weight`` quantization scheme does this) and its values are exactly
 ``q * scale`` for integers ``q`` in [-7, 7]. :func:`unpack` rebuilds those same fp32 values, so the
-runtime graph is the fp32 one. A graph without int4 tensors packs to the same bytes as before
-int4 existed; a loader older than int4 fails on an int4 file (its graph lacks those weights)
-rather than running it wrongly.
+runtime graph is the fp32 one. A graph without int4 tensors packs as before int4 existed; an
+older loader fails on an int4 file (its graph lacks those weights) rather than misrunning it.
 
 :func:`load` needs only numpy, onnx and onnxruntime: it never imports torch or petra's search
 code, and its source can be copied next to an exported model (:func:`loader_source`).
@@ -34,6 +33,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -53,18 +53,21 @@ _INT4_QMAX = 7
 
 def export_dense(model: Any, example_input: Any) -> Any:
     """:func:`export_onnx` of the task's dense model, whose failure stops the command with one
-    line (a :class:`~petra.errors.ConfigError` on ``task.name``): every candidate is measured as
-    an exported artifact, so a model that does not export cannot be searched."""
+    line on ``task.name``: every candidate is measured as an exported artifact."""
     from petra.errors import ConfigError
 
     try:
         return export_onnx(model, example_input)
     except RuntimeError as exc:
-        raise ConfigError("task.name", "", "", (
-            f"the model does not export to ONNX, and petra measures the exported artifact "
-            f"({first_line(exc, 300)}); a forward that ONNX cannot trace, such as "
-            "pack_padded_sequence or data-dependent Python control flow, needs another "
-            "form")) from exc
+        op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
+        hint = (f"an operator with no ONNX form ({op.group(1)}) needs another implementation"
+                + (" (a Hugging Face MoE exports with experts_implementation=\"eager\")"
+                   if "grouped_mm" in op.group(1) else "") if op else "a forward that ONNX "
+                "cannot trace, such as pack_padded_sequence or data-dependent Python control "
+                "flow, needs another form")
+        raise ConfigError("task.name", "", "", f"the model does not export to ONNX, and petra "
+                          f"measures the exported artifact ({first_line(exc, 300)}); {hint}"
+                          ) from exc
 
 
 def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
