@@ -405,6 +405,39 @@ def test_the_first_layer_of_a_transformer_decoder_can_be_skipped():
         assert model(x).shape == (2, 3)
 
 
+class MhaBlock(nn.Module):
+    """A GPT block written with torch's ``nn.MultiheadAttention``: ``x + attn(ln(x))``."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ln, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+def test_a_multihead_attention_that_is_a_residual_branch_can_be_skipped():
+    """Its one Linear is ``out_proj`` (q, k and v are a raw parameter), so it was never a block:
+    a GPT written outside the repo with it had no attention skip. Skipped, it gives what the
+    model gives with ``out_proj`` zeroed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MhaBlock(), MhaBlock(), nn.Flatten(), nn.Linear(5 * 16, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    blocks = {b.name: b for b in skippable_blocks(model, (x,))}
+    assert blocks["0.attn"].kind == "branch" and blocks["0.attn"].outputs == 2
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked[0].attn.out_proj.weight.zero_()
+        masked[0].attn.out_proj.bias.zero_()
+        want = masked(x)
+    skip_blocks(model, ["0.attn"], list(blocks.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+
+
 class Tagged(nn.Module):
     """A residual layer with a tag its encoder reads to pick its input (ModernBERT's layers
     carry ``attention_type``, which picks their mask)."""

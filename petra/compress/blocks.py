@@ -164,6 +164,15 @@ def _is_attention(module: nn.Module) -> bool:
         is_hf_attention(module)
 
 
+def _own_mha(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
+    """An ``nn.MultiheadAttention`` that a user's block calls (its one Linear is ``out_proj``:
+    its q, k, v weights are no layer). Inside torch's own Transformer layers it stays: their
+    forward reads its projection tensors."""
+    parent = modules.get(name.rpartition(".")[0])
+    return isinstance(module, nn.MultiheadAttention) and not isinstance(
+        parent, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
+
+
 def _layer_count(module: nn.Module) -> int:
     return sum(isinstance(m, WEIGHTED_LAYERS) for m in module.modules())
 
@@ -289,7 +298,7 @@ def skippable_blocks(model: nn.Module, example_input: Any,
                                    params - sum(p.numel() for p in getattr(
                                        module, shortcut).parameters()), info["outputs"],
                                    info["keyword"], info["passthrough"]))
-        elif _layer_count(module) >= 2 and square:
+        elif (_layer_count(module) >= 2 or _own_mha(name, module, modules)) and square:
             found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"],
                                    info["keyword"], info["passthrough"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
