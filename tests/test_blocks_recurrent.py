@@ -438,6 +438,36 @@ def test_a_multihead_attention_that_is_a_residual_branch_can_be_skipped():
         torch.testing.assert_close(model(x), want)
 
 
+class Res(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class Stage(nn.Module):
+    """Two residual blocks, with a projection of its own when ``own`` (MobileViT's convs
+    around its transformer)."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(Res(), Res())
+        self.proj = nn.Linear(8, 8) if own else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.blocks(x))
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_a_stack_of_blocks_is_no_block_unless_it_holds_layers_of_its_own(own):
+    model = nn.Sequential(nn.Linear(4, 8), Stage(own), nn.ReLU(), nn.Linear(8, 3)).eval()
+    names = {b.name for b in skippable_blocks(model, (torch.randn(2, 4),))}
+    assert {"1.blocks.0", "1.blocks.1"} <= names and "1.blocks" not in names
+    assert ("1" in names) == own
+
+
 class Tagged(nn.Module):
     """A residual layer with a tag its encoder reads to pick its input (ModernBERT's layers
     carry ``attention_type``, which picks their mask)."""

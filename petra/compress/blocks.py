@@ -27,8 +27,9 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
   norm; seen through views: an MLP-Mixer's token ``mlp`` reads the stream transposed), on the
   way through operations that keep zeros zero (views, products: a layer scale).
 
-A module that holds two or more whole blocks of one class (an ``nn.TransformerEncoder``, the
-Sequential of every block) is no block itself: skipping it is skipping them all.
+A module that holds two or more whole blocks of one class and no layer outside them (an
+``nn.TransformerEncoder``, the Sequential of every block) is no block itself: skipping it is
+skipping them all.
 
 If a block's outputs were all non-negative on the example batch (it ends in a ReLU), its
 replacement ends in a ReLU too. A skipped block's own layers leave the model, so their genes do
@@ -317,14 +318,20 @@ def skippable_blocks(model: nn.Module, example_input: Any,
 
 
 def _stack(block: BlockInfo, found: Sequence[BlockInfo], modules: dict[str, nn.Module]) -> bool:
-    """Whether ``block`` holds a stack of layers: two or more whole blocks of one class (an
-    ``nn.TransformerEncoder``'s layers, the Sequential that holds every block). Skipping it is
-    skipping them all, which their own genes reach; as one gene it removed the whole network
-    in half of the random genomes, and such candidates stood on fronts. A layer that holds two
-    sub-blocks of different kinds (T5's attention and feed-forward) is kept."""
-    inner = [type(modules[b.name]) for b in found if b.name.startswith(block.name + ".")
+    """Whether ``block`` is a stack of layers: two or more whole blocks of one class (an
+    ``nn.TransformerEncoder``'s layers, the Sequential that holds every block), with every
+    Conv and Linear it holds inside one of them. Skipping it is skipping them all, which their
+    own genes reach; as one gene it removed the whole network in half of the random genomes,
+    and such candidates stood on fronts. A layer that holds two sub-blocks of different kinds
+    (T5's attention and feed-forward), or layers of its own beside its blocks (a stage's
+    downsampling, MobileViT's convolutions around its transformer), is kept."""
+    inner = [b.name for b in found if b.name.startswith(block.name + ".")
              and b.kind != "branch" and not isinstance(modules[b.name], WEIGHTED_LAYERS)]
-    return any(inner.count(kind) >= 2 for kind in set(inner))
+    kinds = [type(modules[name]) for name in inner]
+    own = (f"{block.name}.{n}" for n, m in modules[block.name].named_modules()
+           if isinstance(m, WEIGHTED_LAYERS))
+    return any(kinds.count(kind) >= 2 for kind in set(kinds)) and all(
+        any(name.startswith(f"{b}.") for b in inner) for name in own)
 
 
 def _is_branch(name: str, seen: dict[str, dict[str, Any]],
