@@ -54,6 +54,7 @@ from petra.compress.attention_forms import (
     OUTPUT_NAMES,
     WIDTH_NAMES,
     count_attribute,
+    counts_query_heads,
     declared_heads,
     fused_names,
     is_hf_attention,
@@ -154,11 +155,10 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
                   if isinstance(getattr(module, n, None), nn.Linear)
                   and getattr(module, n).in_features == width), None)
     out = inner or reader
-    counted = count_attribute(module) is not None  # else by its config, as Llama's
-    kv_heads = 1 if counted else getattr(getattr(module, "config", None), "num_key_value_heads", 0)
-    if out is not None and heads > 1 and group == heads and kv_heads == 1 and width % heads == 0:
-        return AttentionInfo(name, heads, width // heads, out, shared_kv=True)  # multi-query
-    if out is None or width % heads or (group > 1 and counted):
+    if out is not None and heads > 1 and group == heads and counts_query_heads(module) \
+            and width % heads == 0:  # multi-query: k and v are one query head wide
+        return AttentionInfo(name, heads, width // heads, out, shared_kv=True)
+    if out is None or width % heads or (group > 1 and count_attribute(module) is not None):
         return None  # a grouped attention is counted by its config's key/value heads only
     return AttentionInfo(name, heads, width // heads, out, group=group)
 

@@ -54,6 +54,13 @@ def declared_heads(module: nn.Module) -> int | None:
     return None if not grouped else heads if kv == 1 else kv
 
 
+def counts_query_heads(module: nn.Module) -> bool:
+    """Whether :func:`declared_heads` counts query heads: a head-count attribute of its own, or
+    a config with one key/value head (else it counts key/value heads, as grouped-query)."""
+    config = getattr(module, "config", None)
+    return count_attribute(module) is not None or getattr(config, "num_key_value_heads", 0) == 1
+
+
 def fused_names(module: nn.Module) -> tuple[str, str] | None:
     """The names of a fused attention's q, k, v projection and output projection: a Linear
     of 3 x width outputs, or (multi-query: Falcon's, GPTBigCode's) of width + 2 x head_dim,

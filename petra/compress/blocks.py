@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.attention import PrunedMultiheadAttention, is_hf_attention
+from petra.compress.attention_forms import is_hf_attention
 from petra.compress.kinds import WEIGHTED_LAYERS
+from petra.compress.mha import PrunedMultiheadAttention
 from petra.tasks.contract import args, no_fast_path
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")

@@ -99,8 +99,8 @@ def _every_output(roots: dict[str, Any]) -> Any:
     model's output: ``roots["task"]`` gets its ``grad_fn``."""
 
     def forward(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-        made: list[list[torch.Tensor]] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: made.append(tensors_in(o)))
+        made: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: made.extend(tensors_in(o)))
                  for m in model.modules() if m is not model]
         try:
             out, raw = model.outputs(*((inputs,) if isinstance(inputs, torch.Tensor)
@@ -115,9 +115,9 @@ def _every_output(roots: dict[str, Any]) -> Any:
     return forward
 
 
-def _unread(made: list[list[torch.Tensor]], outputs: list[torch.Tensor]
+def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]
             ) -> list[torch.Tensor]:
-    """The outputs of the module calls in ``made`` (each call's tensors) of which nothing the
+    """The outputs of module calls in ``made`` (every call's tensors, in order) of which nothing the
     model returns was computed: a Hugging Face encoder's pooler (CLIP's ``post_layernorm``,
     BERT's ``pooler``) when the model reads ``last_hidden_state``. Traced from the outputs
     alone, torch-pruning left them out of the graph, and the stream lost channels they still
@@ -135,7 +135,7 @@ def _unread(made: list[list[torch.Tensor]], outputs: list[torch.Tensor]
         seen.add(fn)
         todo.extend(next_fn for next_fn, _ in fn.next_functions)
     unread = []
-    for t in (t for call in made for t in call):
+    for t in made:
         if t.grad_fn is not None and t.grad_fn not in seen:
             seen.add(t.grad_fn)
             unread.append(t)
