@@ -284,3 +284,40 @@ def test_an_artifact_that_fails_on_another_batch_size_is_one_line_on_the_task(
         prepare_baseline(task, task_name="tests.user_task:baked_batch", task_params={"how": how},
                          cache_dir=tmp_path)
     assert says in str(info.value) and "-1" in str(info.value)
+
+
+def test_an_artifact_that_outputs_nan_where_the_model_does_passes_the_check():
+    """A model may output NaN on purpose (a masked position); the check compared without
+    ``equal_nan``, and stopped such a model though its artifact computes what it does. An
+    artifact with NaN where the model gives a number is still told apart."""
+    import torch
+    from torch import nn
+
+    from petra import Task
+    from petra.candidate import artifact
+    from petra.candidate.baseline import check_artifact
+    from petra.errors import ConfigError
+    from petra.tasks.contract import adapt
+
+    class Masked(nn.Module):
+        def __init__(self, where: int) -> None:
+            super().__init__()
+            self.fc, self.where = nn.Linear(4, 3), where
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc(x)
+            return torch.cat([out[:, :2], out[:, 2:] * float("nan")], 1) if self.where else out
+
+    x = torch.randn(5, 4)
+    batch = [(x, torch.zeros(5, dtype=torch.long))]
+    for exported, run, ok in ((1, 1, True), (0, 1, False)):
+        torch.manual_seed(0)
+        session = artifact.load(artifact.pack(artifact.export_onnx(Masked(exported).eval(), (x,))))
+        torch.manual_seed(0)
+        task = adapt(Task(model=Masked(run).eval(), train=batch, val=batch, test=batch,
+                          example_input=x, trained=True))
+        if ok:
+            check_artifact(task, "t", session)
+        else:
+            with pytest.raises(ConfigError, match="NaN in 5 places"):
+                check_artifact(task, "t", session)

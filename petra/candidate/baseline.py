@@ -158,10 +158,17 @@ def check_artifact(task: Task, task_name: str, session: Any) -> None:
             f"({first_line(exc, 300)}); {hint}")) from exc
     with torch.no_grad():
         want = first_tensor(task.model(*args(inputs))).detach().float().cpu().numpy()
-    scale = float(np.abs(want).max()) if want.size else 0.0
-    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-2, atol=1e-2 * scale + 1e-6):
-        diff = (f"shape {tuple(got.shape)}, not {tuple(want.shape)}" if got.shape != want.shape
-                else f"largest difference {float(np.abs(got - want).max()):.3g} of {scale:.3g}")
+    finite = np.abs(want[np.isfinite(want)])
+    scale = float(finite.max()) if finite.size else 0.0
+    # a model may output NaN or inf where it means to (a masked position): the artifact must too
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-2, atol=1e-2 * scale + 1e-6,
+                                                  equal_nan=True):
+        if got.shape != want.shape:
+            diff = f"shape {tuple(got.shape)}, not {tuple(want.shape)}"
+        elif (nan := int((np.isnan(got) != np.isnan(want)).sum())):
+            diff = f"NaN in {nan} places where the other gives a number"
+        else:
+            diff = f"largest difference {float(np.nanmax(np.abs(got - want))):.3g} of {scale:.3g}"
         raise ConfigError("task.name", task_name, "", (
             f"the exported model computes something else than the model on the first "
             f"validation batch ({diff}); {hint}"))
