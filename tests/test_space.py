@@ -666,3 +666,36 @@ def test_the_recipe_line_leaves_out_what_changes_nothing():
     # a method that takes no sparsity counts at 0, as does any under an automatic rule
     assert summarize({"layers.a.method": "none", "layers.b.method": "magnitude",
                       "layers.b.sparsity": 0.0, "prune.sparsity_rule": "emp"}) == "magnitudex1@0.00"
+
+
+def test_layers_whose_widths_must_match_but_torch_pruning_keeps_apart_are_withheld():
+    """Two convs joined through ``detach()``: torch-pruning's trace sees no edge between them,
+    so each is a channel group of its own. At one sparsity everywhere both lose the same count
+    and the verification passed; a search that pruned them to different widths failed every
+    such candidate (``The size of tensor a (6) must match the size of tensor b (16)``). Each
+    unit is now tried at a sparsity of its own as well, and both are withheld."""
+    import torch
+    from torch import nn
+
+    from petra.compress.verify import UNEQUAL
+    from petra.space import model_space
+
+    class StopGradient(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv1d(1, 16, 1), nn.Conv1d(1, 16, 1)
+            self.c, self.tail = nn.Conv1d(1, 16, 1), nn.Linear(16, 3)
+            self.head, self.aux = nn.Linear(16, 3), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, z = self.a(x), self.b(x)
+            return (self.head((y + z.detach()).mean(-1)) + self.aux(z.mean(-1))
+                    + self.tail(self.c(x).mean(-1)))
+
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, StopGradient().eval(), (torch.randn(2, 1, 10),))
+    assert set(space.withheld) == {"layers.a", "layers.b"}
+    assert all(reason.startswith(UNEQUAL) for reason in space.withheld.values())
+    # c's width is its own: it still loses channels
+    assert "l2_channel" in space.gene("layers.c.method").choices
