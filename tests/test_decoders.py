@@ -454,3 +454,35 @@ def test_a_multi_query_attention_loses_query_heads_and_keeps_its_key_value_head(
     assert attn.get_submodule(query).out_features == 16 + (0 if query == "q_proj" else 16)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_channel_group_torch_pruning_cannot_carry_names_where_it_fails():
+    """Mixtral's ``o_proj`` was withheld with torch-pruning's own ``TypeError: unsupported
+    operand type(s) for +: 'int' and 'NoneType'``: true, but it said nothing of where. The
+    reason now names the split after the experts' weight bank that the stream's channels
+    could not be carried through."""
+    import transformers as tf
+
+    from petra.space import model_space
+
+    class Mixtral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.m = tf.MixtralModel(tf.MixtralConfig(
+                vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                num_experts_per_tok=2, max_position_embeddings=16, attn_implementation="eager",
+                experts_implementation="eager"))
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.m(input_ids=input_ids).last_hidden_state.mean(1))
+
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, Mixtral().eval(), (torch.randint(0, 32, (2, 8)),))
+    assert space.withheld["layers.m.layers.0.self_attn.o_proj"] == (
+        "torch-pruning fails to carry the channels through a split after "
+        "m.layers.0.mlp.experts.gate_up_proj (TypeError: unsupported operand type(s) for +: "
+        "'int' and 'NoneType')")

@@ -98,6 +98,34 @@ def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -
     return bad or {item: f"{COMBINATION} ({reason})" for item in items}
 
 
+def failure(exc: BaseException, model: nn.Module) -> str:
+    """The first line of ``exc``, and, where a torch-pruning handler raised it, the layer or
+    parameter of ``model`` nearest before the node it failed on: ``TypeError: unsupported
+    operand type(s) for +: 'int' and 'NoneType'`` alone (Mixtral's ``o_proj``) said nothing of
+    the split after the experts' weights that it came from."""
+    node = None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "__call__" and "torch_pruning" in code.co_filename:
+            node = getattr(tb.tb_frame.f_locals.get("self"), "target", node)
+        tb = tb.tb_next
+    if node is None:
+        return first_line(exc)
+    names = {id(m): n for n, m in model.named_modules()}
+    names.update({id(p): n for n, p in model.named_parameters()})
+    where, seen, todo = names.get(id(node.module)), set(), list(node.inputs)
+    while where is None and todo:  # an operation: the nearest layer or weight before it
+        up = todo.pop(0)
+        if id(up) not in seen:
+            seen.add(id(up))
+            where = names.get(id(up.module))
+            todo.extend(up.inputs)
+    op = type(node.module).__name__.strip("_").removesuffix("Op").lower()
+    at = where if id(node.module) in names else f"a {op} after {where or 'the input'}"
+    return f"torch-pruning fails to carry the channels through {at} ({first_line(exc)})"
+
+
 def structured_units(model: nn.Module, example_input: Sequence[Any], layers: Sequence[Any],
                      attention: Sequence[Any], recurrent: Sequence[Any]) -> list[Unit]:
     """The units to verify: the channel groups that hold a structured layer of ``layers``
@@ -201,7 +229,7 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
                 candidate(*args(example_input))
             artifact.export_onnx(candidate, args(example_input))
         except Exception as exc:  # noqa: BLE001 - any failure withholds the unit
-            return first_line(exc)
+            return failure(exc, candidate)
         return None
 
     # A skipped block takes its layers with it, and an outer skipped block its inner ones: each
