@@ -699,3 +699,36 @@ def test_layers_whose_widths_must_match_but_torch_pruning_keeps_apart_are_withhe
     assert all(reason.startswith(UNEQUAL) for reason in space.withheld.values())
     # c's width is its own: it still loses channels
     assert "l2_channel" in space.gene("layers.c.method").choices
+
+
+def test_an_nn_transformer_takes_its_streams_new_width_as_d_model():
+    """A seq2seq ``nn.Transformer`` written outside the repo: its forward checks both inputs'
+    width against ``d_model``, so every writer of the stream failed its check (``the feature
+    number of src and tgt must be equal to d_model``) and there was no width gene."""
+    import torch
+    from torch import nn
+
+    from petra.compress.structured import prune_channels
+    from petra.space import model_space
+
+    class Seq2Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(20, 32), nn.Linear(32, 3)
+            self.tf = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1,
+                                     num_decoder_layers=1, dim_feedforward=64, dropout=0.0,
+                                     batch_first=True)
+
+        def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+            return self.head(self.tf(self.emb(src), self.emb(tgt)).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Seq2Seq().eval(), (torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 5)))
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, x)
+    assert space.withheld == {} and "prune.width" in {g.name for g in space.genes}
+    prune_channels(model, x, {"tf.encoder.layers.0.linear2": ("l2_channel", 0.5)}, round_to=1,
+                   protected=["head"])
+    assert model.tf.d_model == model.emb.embedding_dim == 16
+    assert model(*x).shape == (2, 3)

@@ -327,8 +327,10 @@ def check_indices(graph: Any, group: Any) -> None:
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it. A
-    ``GroupNorm`` with a group per channel (Wav2Vec2's first conv) keeps one per channel, and
-    a frozen parameter stays frozen."""
+    ``GroupNorm`` with a group per channel (Wav2Vec2's first conv) keeps one per channel, a
+    frozen parameter stays frozen, and an ``nn.Transformer`` takes its stream's new width as
+    its ``d_model`` (a seq2seq model's width gene was withheld: ``the feature number of src and
+    tgt must be equal to d_model``)."""
     pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
     group = pruning_group(graph, root, pruning_fn, idxs)
     modules = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.Module)]
@@ -338,6 +340,9 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
         group.prune()
     for norm in per_channel:
         norm.num_groups = norm.num_channels
+    for module in graph.model.modules():  # it checks its inputs' width against d_model
+        if isinstance(module, nn.Transformer) and isinstance(module.encoder.norm, nn.LayerNorm):
+            module.d_model = module.encoder.norm.normalized_shape[0]
 
 
 @contextlib.contextmanager
