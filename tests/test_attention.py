@@ -465,6 +465,41 @@ def test_a_distilbert_style_attention_loses_heads_with_its_width_attribute():
     assert model(x).shape == (2, 3)
 
 
+class TimmAttention(nn.Module):
+    """timm's ``Attention`` (1.0): a fused ``qkv``, ``num_heads``, ``head_dim``, and the heads
+    reshaped back to ``attn_dim``, not to the input's width."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.qkv, self.proj = nn.Linear(dim, self.attn_dim * 3), nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape  # noqa: N806 - timm's names
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_a_timm_attention_loses_heads_with_its_attn_dim():
+    """Its heads were refused: ``attn_dim`` kept 16 after the heads went (``shape '[2, 5, 16]'
+    is invalid for input of size 80``). petra lowers it with the heads, and the pruned model
+    computes what the dense one does with those heads' columns of ``proj`` zeroed."""
+    model, x, infos, why = in_a_model(TimmAttention())
+    (info,) = infos
+    assert (info.heads, info.head_dim, info.output) == (4, 4, "0.proj") and why == {}
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked[0].proj.weight[:, 4:12] = 0.0
+        want = masked(x)
+    prune_heads(model, info, [1, 2])
+    assert (model[0].num_heads, model[0].attn_dim, model[0].qkv.out_features) == (2, 8, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-4)
+
+
 class BiasedAttention(HandWrittenAttention):
     """A Swin-style attention: a learned bias per head on each head's scores, from a
     ``(positions, heads)`` table in a submodule (``shared_column``: one column for every head,

@@ -15,8 +15,9 @@ FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_va
 #: Attributes that hold the width of one head (Llama's ``head_dim``, GPT-NeoX's ``head_size``).
 HEAD_DIM_NAMES = ("head_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
-#: Attributes of an attention that hold its q, k and v width, updated with its heads.
-WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size", "embed_dim")
+#: Attributes of an attention that hold its q, k and v width, updated with its heads (timm's
+#: ``Attention`` reshapes its heads back to ``attn_dim``).
+WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size", "embed_dim", "attn_dim")
 
 
 def qkv_layers(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
