@@ -321,3 +321,30 @@ def test_an_artifact_that_outputs_nan_where_the_model_does_passes_the_check():
         else:
             with pytest.raises(ConfigError, match="NaN in 5 places"):
                 check_artifact(task, "t", session)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_computed_in_float32_and_says_so(dtype):
+    """A model handed over in bfloat16 stopped the command: the default metric raised ``Got
+    unsupported ScalarType BFloat16``. ONNX Runtime's CPU kernels and int8 quantizers take
+    float32, so the model, its inputs and its float targets are computed in float32, and
+    ``task.cast_from`` says from what."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import adapt, check
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    batch = [(x.to(dtype), torch.randn(6).to(dtype))]
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1), nn.Flatten(0))
+    task = adapt(Task(model=model.to(dtype).eval(), train=batch, val=batch, test=batch,
+                      example_input=x.to(dtype), trained=True,
+                      loss=torch.nn.functional.mse_loss,
+                      metric=lambda o, y: float(-(o - y).abs().mean())))
+    assert task.cast_from == str(dtype).removeprefix("torch.")
+    assert {t.dtype for t in (*task.model.parameters(), *task.model.buffers())
+            if t.is_floating_point()} == {torch.float32}
+    (inputs, targets), = list(task.val)
+    assert inputs[0].dtype == targets.dtype == task.example_input[0].dtype == torch.float32
+    check(task, "t")

@@ -20,6 +20,10 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - A weight reparametrization (``weight_norm``, ``spectral_norm``, either form) is baked into the
   plain weight it computes (:func:`plain_weights`): channel removal assigns new weights, which a
   parametrized layer refuses; ``task.plain_weights`` names the layers.
+- A model in float16 or bfloat16 is computed in float32, with its inputs and targets
+  (``task.cast_from`` names the dtype): ONNX Runtime's CPU kernels and its int8 quantizers
+  take float32, and a bfloat16 output failed the default metric (``Got unsupported ScalarType
+  BFloat16``).
 
 ``metric`` and ``loss`` always receive torch tensors: a model's output in torch, and an ONNX
 Runtime output converted with ``torch.from_numpy``.
@@ -98,8 +102,17 @@ def as_tuple(inputs: Any, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
         values = tuple(inputs)
     if len(values) != len(names):
         raise ValueError(f"a batch has {len(values)} inputs; example_input has {len(names)}")
-    return tuple(v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+    return tuple(full(v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)))
                  for v in values)
+
+
+#: The half-precision dtypes petra computes in float32 (:func:`adapt`).
+HALF = (torch.float16, torch.bfloat16)
+
+
+def full(value: Any) -> Any:
+    """``value`` in float32 where it is a half-precision tensor; as it is otherwise."""
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
 
 
 def args(inputs: Any) -> tuple[Any, ...]:
@@ -176,7 +189,7 @@ class CanonicalBatches:
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
         for batch in self.source:
             inputs, targets = batch
-            yield as_tuple(inputs, self.names), targets
+            yield as_tuple(inputs, self.names), full(targets)
 
 
 
@@ -198,6 +211,12 @@ def adapt(task: Task) -> Any:
     example = task.example_input
     names = input_names(example)
     keyword = isinstance(example, Mapping)
+    halves = {str(t.dtype).removeprefix("torch.") for t in (*task.model.parameters(),
+                                                            *task.model.buffers())
+              if t.dtype in HALF}
+    if halves:  # ONNX Runtime's CPU kernels, and its int8 quantizers, take float32
+        task.model.float()
+        task.cast_from = ", ".join(sorted(halves))
     task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
     task.example_input = as_tuple(example, names)
     no_fast_path(task.model)
