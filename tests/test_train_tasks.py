@@ -348,3 +348,20 @@ def test_a_half_precision_model_is_computed_in_float32_and_says_so(dtype):
     (inputs, targets), = list(task.val)
     assert inputs[0].dtype == targets.dtype == task.example_input[0].dtype == torch.float32
     check(task, "t")
+
+
+def test_a_compiled_model_is_searched_as_the_model_it_wraps():
+    """``torch.compile``'s wrapper hid every layer: ``'*' matches no prunable layer of the
+    model; its layers are (none)``."""
+    from torch import nn
+
+    from petra import Task
+    from petra.space import prunable_layers
+    from petra.tasks.contract import adapt
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    batch = [(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))]
+    task = adapt(Task(model=torch.compile(model), train=batch, val=batch, test=batch,
+                      example_input=batch[0][0], trained=True))
+    assert task.model.inner is model
+    assert [layer.name for layer in prunable_layers(task.model, task.example_input)] == ["0", "2"]

@@ -20,6 +20,7 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - A weight reparametrization (``weight_norm``, ``spectral_norm``, either form) is baked into the
   plain weight it computes (:func:`plain_weights`): channel removal assigns new weights, which a
   parametrized layer refuses; ``task.plain_weights`` names the layers.
+- A model wrapped by ``torch.compile`` is unwrapped: its layers are the model's.
 - A model in float16 or bfloat16 is computed in float32, with its inputs and targets
   (``task.cast_from`` names the dtype): ONNX Runtime's CPU kernels and its int8 quantizers
   take float32, and a bfloat16 output failed the default metric (``Got unsupported ScalarType
@@ -208,6 +209,10 @@ def adapt(task: Task) -> Any:
     """
     if isinstance(task.model, TaskModel):
         return task
+    # torch.compile's wrapper: its graph is compiled for the weights as they are, and it hides
+    # the layers from the trace (`'*' matches no prunable layer`); petra compresses the model
+    if type(task.model).__name__ == "OptimizedModule":
+        task.model = task.model._orig_mod
     example = task.example_input
     names = input_names(example)
     keyword = isinstance(example, Mapping)
