@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -365,3 +366,25 @@ def test_a_compiled_model_is_searched_as_the_model_it_wraps():
                       example_input=batch[0][0], trained=True))
     assert task.model.inner is model
     assert [layer.name for layer in prunable_layers(task.model, task.example_input)] == ["0", "2"]
+
+
+@pytest.mark.parametrize("how, says", [
+    ("script", "model is a RecursiveScriptModule, not an nn.Module in Python"),
+    ("dict", "each batch must be a pair (inputs, targets); one is a dict with keys ['x', 'y']"),
+])
+def test_a_torchscript_model_or_a_dict_batch_is_one_line_on_the_task(how, says):
+    """A TorchScript model died in a traceback (``'OrderedDictWrapper' object has no attribute
+    'get'``); a batch given as one dict read as ``can't convert np.ndarray of type
+    numpy.str_`` (its keys unpacked as inputs and targets)."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import adapt, check
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(6, 4)
+    batch = [{"x": x, "y": torch.zeros(6, dtype=torch.long)} if how == "dict"
+             else (x, torch.zeros(6, dtype=torch.long))]
+    with pytest.raises((TypeError, ValueError), match=re.escape(says)):
+        check(adapt(Task(model=torch.jit.script(model) if how == "script" else model,
+                         train=batch, val=batch, test=batch, example_input=x, trained=True)), "t")

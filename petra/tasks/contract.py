@@ -189,6 +189,12 @@ class CanonicalBatches:
 
     def __iter__(self) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
         for batch in self.source:
+            if isinstance(batch, Mapping) or not isinstance(batch, Sequence) or len(batch) != 2:
+                what = (f"a dict with keys {list(batch)}" if isinstance(batch, Mapping)
+                        else f"a {type(batch).__name__}" + (
+                            f" of {len(batch)}" if isinstance(batch, Sequence) else ""))
+                raise TaskError(f"each batch must be a pair (inputs, targets); one is {what}: "
+                                "split it into the model's inputs and the targets")
             inputs, targets = batch
             yield as_tuple(inputs, self.names), full(targets)
 
@@ -213,6 +219,11 @@ def adapt(task: Task) -> Any:
     # the layers from the trace (`'*' matches no prunable layer`); petra compresses the model
     if type(task.model).__name__ == "OptimizedModule":
         task.model = task.model._orig_mod
+    if isinstance(task.model, torch.jit.ScriptModule) or not isinstance(task.model, nn.Module):
+        raise TypeError(
+            f"model is a {type(task.model).__name__}, not an nn.Module in Python: petra "
+            "rebuilds the layers it prunes, which a TorchScript module (torch.jit.script or "
+            "torch.jit.load) cannot have; give the model's Python class with its weights")
     example = task.example_input
     names = input_names(example)
     keyword = isinstance(example, Mapping)
