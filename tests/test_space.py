@@ -732,3 +732,58 @@ def test_an_nn_transformer_takes_its_streams_new_width_as_d_model():
                    protected=["head"])
     assert model.tf.d_model == model.emb.embedding_dim == 16
     assert model(*x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("norm", ["hand", "torch"])
+def test_a_stream_normalized_by_rmsnorm_is_found_and_loses_width(norm):
+    """torch-pruning traced an RMSNorm as the bare weight it multiplies by: the stream that
+    RMSNorms follow was never found, so there was no ``prune.width``, and its writers lost
+    channels by votes of their own, each cutting the whole stream; ``nn.RMSNorm`` kept its
+    ``normalized_shape`` (``Expected weight to be of same shape as normalized_shape``), and
+    every writer was withheld."""
+    import torch
+    from torch import nn
+
+    from petra.compress.structured import channel_layers, prune_channels
+    from petra.space import model_space
+
+    class RMSNorm(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    make = RMSNorm if norm == "hand" else nn.RMSNorm
+
+    class Block(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.norm, self.up, self.down = make(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.down(torch.relu(self.up(self.norm(x))))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.blocks = nn.Embedding(20, 16), nn.Sequential(Block(16), Block(16))
+            self.norm, self.head = make(16), nn.Linear(16, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.blocks(self.emb(ids))).mean(1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), (torch.randint(0, 20, (2, 5)),)
+    _, residual = channel_layers(model, x)
+    assert set(residual) == {"emb", "blocks.0.down", "blocks.1.down", "norm", "blocks.0.norm",
+                             "blocks.1.norm"}  # as with nn.LayerNorm
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, x)
+    assert space.withheld == {} and "prune.width" in {g.name for g in space.genes}
+    prune_channels(model, x, {"blocks.0.down": ("l2_channel", 0.5)}, round_to=1,
+                   protected=["head"])
+    assert model.norm.weight.shape == (8,) and model.blocks[1].down.out_features == 8
+    assert model(*x).shape == (2, 3)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from petra.compress.attention import PrunedMultiheadAttention
+from petra.compress.norms import norm_pruners
 
 
 def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
@@ -26,7 +27,8 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     It knows ``nn.GRU`` and ``nn.LSTM`` as petra prunes them (:func:`_recurrent_pruner`):
     torch-pruning has no GRU pruner, so a GRU's output concatenated with another branch failed
     the whole graph; it traces a bidirectional LSTM in pieces, and its LSTM pruner lets another
-    layer's channel group remove an LSTM's input columns or units through ``h_n``."""
+    layer's channel group remove an LSTM's input columns or units through ``h_n``. It knows the
+    norms it does not know itself (an RMSNorm: :mod:`petra.compress.norms`)."""
     import torch_pruning as tp
 
     _guard_reshape_mapping()
@@ -38,7 +40,8 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
                 forward_fn=_every_output(roots) if hasattr(model, "outputs") else None,
                 customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
                                     nn.GRU: _recurrent_pruner(nn.GRU),
-                                    nn.LSTM: _recurrent_pruner(nn.LSTM)})
+                                    nn.LSTM: _recurrent_pruner(nn.LSTM),
+                                    **norm_pruners(model)})
         except Exception:
             # torch-pruning retries a failed ``model(*inputs)`` as ``model(inputs)``, and
             # raises what the retry raised (a wrong argument count): raise the first failure
