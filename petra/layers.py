@@ -381,12 +381,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     """``{"layers": {layer: reason}, "blocks": {block: reason}, "schemes": {scheme: reason}}``
     for what fails on ``model``, read from ``cache`` when this model and space were verified
     before."""
-    from petra.compress.verify import (
-        Unit,
-        structured_units,
-        verify_schemes,
-        verify_structure,
-    )
+    from petra.compress.verify import Unit, structured_units, verify_schemes, verify_structure
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
     selected = {layer.name for layer in select_layers(
@@ -434,13 +429,16 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
 
 
 def _model_key(model: nn.Module, example_input: Any, extra: Mapping[str, Any]) -> str:
-    """A hash of the model's architecture (its repr and parameter shapes), its example inputs'
-    shapes and dtypes, the library versions, and ``extra``."""
+    """A hash of the model's architecture (its repr, its classes' source and its parameter
+    shapes), its example inputs' shapes and dtypes, the library versions, and ``extra``."""
     import onnxruntime
     import torch
 
+    from petra.tasks.fingerprint import code_of
+
     payload = json.dumps({
         "repr": repr(model),
+        "code": code_of(model),
         "params": [(n, list(p.shape)) for n, p in model.named_parameters()],
         "inputs": [(list(x.shape), str(x.dtype)) for x in example_input],
         "versions": [torch.__version__, onnxruntime.__version__],

@@ -232,6 +232,43 @@ def test_prepare_baseline_trains_once_then_loads_from_the_cache(tmp_path):
         first.metrics["val_accuracy"], abs=0.01)
 
 
+def test_a_task_changed_under_its_name_is_trained_again(tmp_path):
+    """The cache was keyed by the task's name, params and seed: a model made wider under the
+    same name died loading the old weights (``size mismatch for blocks.0.conv1.bias``), and
+    relabelled data reused the weights trained on the old labels (the baseline read val 0.0,
+    with no warning). A forward edited alone computes something else, too."""
+    from torch import nn
+
+    from petra.tasks.contract import adapt
+    from tests.user_task import iris_mlp
+
+    def prepare(change: str = ""):
+        task = iris_mlp()
+        task.train_epochs = 2
+        if change == "labels":
+            task.val = [(x, (y + 1) % 3) for x, y in task.val]
+        elif change == "width":
+            task.model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        elif change == "forward":
+            class Net(nn.Sequential):
+                def forward(self, x: torch.Tensor) -> torch.Tensor:
+                    return super().forward(2 * x)
+
+            task.model = Net(*task.model)
+        elif change == "weights":
+            task.trained = True
+        return prepare_baseline(adapt(task), task_name="iris", task_params={},
+                                cache_dir=tmp_path)
+
+    first = prepare()
+    keys = {first.key}
+    for change in ("labels", "width", "forward", "weights"):
+        again = prepare(change)
+        assert not again.cached and again.key not in keys, change
+        keys.add(again.key)
+    assert prepare().cached
+
+
 @pytest.mark.parametrize("batches, epochs", [(1, 1), (1, 2), (4, 1), (2, 3)])
 def test_a_run_too_short_for_the_one_cycle_schedule_trains_at_the_peak_lr(batches, epochs):
     """OneCycleLR divides by zero under 5 steps: such a run keeps the peak lr, and learns."""

@@ -19,6 +19,7 @@ from petra.candidate.measure import (
 )
 from petra.errors import ConfigError
 from petra.tasks import Task, accuracy
+from petra.tasks.fingerprint import fingerprint
 
 # Bump when the baseline recipe changes, so stale caches are not reused.
 RECIPE_VERSION = 2
@@ -44,13 +45,16 @@ class Baseline:
 
 
 def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
-                 stand_ins: Sequence[str] = (), plain: Sequence[str] = ()) -> str:
+                 stand_ins: Sequence[str] = (), plain: Sequence[str] = (),
+                 fingerprint: str = "") -> str:
     """The baseline cache's key; ``stand_ins``, the layers the task contract replaced
     (:func:`petra.tasks.contract.linear_stand_ins`, ``bag:`` and those of
     :func:`petra.tasks.bags.bag_stand_ins`), change the weights' shapes or names, and
-    ``plain``, the layers whose reparametrization it baked (``plain_weights``), their names."""
+    ``plain``, the layers whose reparametrization it baked (``plain_weights``), their names;
+    ``fingerprint`` (:func:`petra.tasks.fingerprint.fingerprint`) is the model, the data and
+    the training recipe."""
     config: dict[str, Any] = {"name": task_name, "params": task_params, "seed": seed,
-                              "recipe": RECIPE_VERSION}
+                              "recipe": RECIPE_VERSION, "task": fingerprint}
     if stand_ins:
         config["linear_stand_ins"] = sorted(stand_ins)
     if plain:
@@ -81,8 +85,8 @@ def prepare_baseline(
 ) -> Baseline:
     """Train the task's model (or take it as trained), export it, and measure it.
 
-    The trained weights and the artifact are cached under ``cache_dir`` by a hash of the task
-    config; a cached baseline is loaded instead of retrained. ``task.model`` holds the baseline
+    The trained weights are cached under ``cache_dir`` by a hash of the task config, its model
+    and its data (:func:`baseline_key`); a cached baseline is loaded instead of retrained. ``task.model`` holds the baseline
     weights afterwards.
     """
     import torch
@@ -90,10 +94,11 @@ def prepare_baseline(
     from petra.candidate.train import train
 
     check_task(task, task_name)
+    # a model taken as trained is keyed by its weights too (the lr probe's cache reads the key)
     key = baseline_key(task_name, task_params, seed, (
         *getattr(task, "linear_stand_ins", ()),
         *(f"bag:{n}" for n in getattr(task, "bag_stand_ins", ()))),
-        getattr(task, "plain_weights", ()))
+        getattr(task, "plain_weights", ()), fingerprint(task, weights=task.trained))
     path = Path(cache_dir) / f"baseline-{key}.pt"
     cached = False
     if not task.trained and path.exists():
