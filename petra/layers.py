@@ -330,7 +330,7 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
     space = build_space(space_cfg, layers, blocks)
     space.withheld = withheld
-    space.kept_whole = {**attention_why,
+    space.kept_whole = {**space.kept_whole, **attention_why,
                         **{layer.name: layer.whole for layer in space.layers if layer.whole},
                         **unhandled_layers(model, layers, attention_why)}
     return space

@@ -300,11 +300,15 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
                          for b in blocks]
     kinds: set[str] = set()
     structured: dict[str, tuple[str, ...]] = {}
+    idle: dict[str, str] = {}
     for layer in selected:
         methods = [m for m in space_cfg.pruning if m == "none" or offered(layer, PRUNING.get(m))]
         if "none" not in methods:
             methods = ["none", *methods]
-        if len(methods) == 1:
+        if len(methods) == 1:  # said, not dropped in silence (a tabular model's embeddings)
+            would = [e.name for e in PRUNING if e.name != "none" and offered(layer, e)]
+            idle[layer.name] = (f"no method in space.pruning takes {layer.type} layers"
+                                + (f" ({', '.join(would)} would)" if would else ""))
             continue
         kinds |= {PRUNING.get(m).meta.get("kind", "unstructured") for m in methods}
         structured[layer.name] = tuple(m for m in methods if PRUNING.get(m).meta["structured"])
@@ -331,8 +335,10 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
     if any(QUANTIZATION.get(s).meta.get("static") for s in space_cfg.quantization):
         genes += static_genes(space_cfg.static)
     genes += finetune_genes(space_cfg, owners)
-    return SearchSpace(genes, layers=selected, blocks=blocks, owners=owners,
-                       structured=structured)
+    space = SearchSpace(genes, layers=selected, blocks=blocks, owners=owners,
+                        structured=structured)
+    space.kept_whole = idle
+    return space
 
 
 def rule_genes(space_cfg: SpaceConfig) -> list[Gene]:

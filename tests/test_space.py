@@ -787,3 +787,32 @@ def test_a_stream_normalized_by_rmsnorm_is_found_and_loses_width(norm):
                    protected=["head"])
     assert model.norm.weight.shape == (8,) and model.blocks[1].down.out_features == 8
     assert model(*x).shape == (2, 3)
+
+
+def test_a_selected_layer_no_method_takes_is_listed_with_the_reason():
+    """A tabular model's embeddings, with no low-rank method in ``space.pruning``, were neither
+    offered, withheld nor listed as kept whole."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class Tabular(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.out = nn.Embedding(10, 4), nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.fc(self.emb(ids).mean(1))))
+
+    x = (torch.randint(0, 10, (2, 3)),)
+    for pruning, listed in ((["none", "magnitude"], True), (["none", "magnitude", "svd"], False)):
+        cfg = load_config({"space": {"pruning": pruning, "quantization": ["none"],
+                                     "layers": {"include": ["*"], "exclude": []}}}).space
+        space = model_space(cfg, Tabular().eval(), x)
+        if listed:
+            assert space.kept_whole["emb"].startswith(
+                "no method in space.pruning takes Embedding layers (")
+            assert "svd" in space.kept_whole["emb"]
+        else:
+            assert "emb" not in space.kept_whole and space.gene("layers.emb.method")
