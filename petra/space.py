@@ -253,7 +253,8 @@ def summarize(genome: Mapping[str, Any]) -> str:
         if inside(layer, skipped) or idle(value, sparsity, automatic):  # as effective() drops
             continue
         methods.setdefault(str(value), []).append(sparsity)
-    parts = [f"{m}x{len(s)}@{sum(s) / len(s):.2f}" for m, s in methods.items()]
+    parts = [f"{m}x{len(s)}" + (f"@{sum(s) / len(s):.2f}" if m not in PRUNING or PRUNING.get(
+        m).meta.get("uses_sparsity", True) else "") for m, s in methods.items()]  # svd: its energy
     outermost = [b for b in skipped if not inside(b, (s for s in skipped if s != b))]
     if outermost:
         parts.insert(0, f"skip[{','.join(outermost)}]")

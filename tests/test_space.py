@@ -663,6 +663,8 @@ def test_the_recipe_line_leaves_out_what_changes_nothing():
               "quant.scheme": "int8_dynamic"}
     assert summarize(genome) == ("skip[stage1,stage2.1] magnitudex1@0.40 l2_channelx1@0.20 "
                                  "int8_dynamic")
+    # svd takes no sparsity: its mean is not shown (a tabular front read svdx2@0.14)
+    assert summarize({"layers.a.method": "svd", "layers.a.sparsity": 0.3}) == "svdx1"
     # a method that takes no sparsity counts at 0, as does any under an automatic rule
     assert summarize({"layers.a.method": "none", "layers.b.method": "magnitude",
                       "layers.b.sparsity": 0.0, "prune.sparsity_rule": "emp"}) == "magnitudex1@0.00"
