@@ -500,6 +500,71 @@ def test_a_timm_attention_loses_heads_with_its_attn_dim():
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-4)
 
 
+class DeitAttention(nn.Module):
+    """DeiT's (and MAE's, and timm's before 1.0): the heads' width read as ``C //
+    self.num_heads`` and the heads reshaped back to ``C``, where ``C`` is the input's width."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape  # noqa: N806 - DeiT's names
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class DeitBlock(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), DeitAttention(dim), nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_an_attention_that_reads_its_width_from_its_input_loses_heads_and_stream_channels():
+    """DeiT's attention reads the input's width ``C`` as its own: no head could go (``shape
+    '[2, 5, 16]' is invalid for input of size 80``), and no channel of the stream, whose
+    writers were withheld. Given a forward that reads its own width, it loses both, and a
+    head removal computes what the dense model does with those heads' columns zeroed."""
+    from petra import Task
+    from petra.compress.structured import channel_layers, prune_channels
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), DeitBlock(), DeitBlock(), nn.AdaptiveAvgPool2d((1, None)),
+                          nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        dense = model(x)
+    task = adapt(Task(model=model, train=[], val=[], test=[], example_input=x, trained=True))
+    assert task.own_width == ("1.attn", "2.attn")
+    with torch.no_grad():
+        torch.testing.assert_close(task.model(x), dense)
+    why: dict[str, str] = {}
+    infos = attention_layers(task.model, (x,), why=why)
+    assert [(i.name, i.heads) for i in infos] == [("1.attn", 4), ("2.attn", 4)] and why == {}
+    masked = copy.deepcopy(task.model)
+    with torch.no_grad():
+        masked.inner[1].attn.proj.weight[:, 4:12] = 0.0
+        want = masked(x)
+    prune_heads(task.model, infos[0], [1, 2])
+    assert model[1].attn.num_heads == 2 and model[1].attn.petra_width == 8
+    with torch.no_grad():
+        torch.testing.assert_close(task.model(x), want, atol=1e-5, rtol=1e-4)
+    _, stream = channel_layers(task.model, (x,))
+    assert "0" in stream
+    prune_channels(task.model, (x,), {"0": ("l2_channel", 0.5)}, round_to=1, protected=["5"])
+    assert model[0].out_features == 8 and task.model(x).shape == (2, 3)
+    artifact.export_onnx(task.model, (x,))
+
+
 class BiasedAttention(HandWrittenAttention):
     """A Swin-style attention: a learned bias per head on each head's scores, from a
     ``(positions, heads)`` table in a submodule (``shared_column``: one column for every head,

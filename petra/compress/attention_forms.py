@@ -17,7 +17,8 @@ HEAD_DIM_NAMES = ("head_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 #: Attributes of an attention that hold its q, k and v width, updated with its heads (timm's
 #: ``Attention`` reshapes its heads back to ``attn_dim``).
-WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size", "embed_dim", "attn_dim")
+WIDTH_NAMES = ("all_head_size", "dim", "inner_dim", "split_size", "embed_dim", "attn_dim",
+               "petra_width")  # petra_width: petra.tasks.widths
 
 
 def qkv_layers(module: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:

@@ -72,6 +72,9 @@ class Task:
     #: The layers whose weight norm or spectral norm :func:`petra.tasks.contract.plain_weights`
     #: baked into a plain weight.
     plain_weights: tuple[str, ...] = ()
+    #: The attentions :func:`petra.tasks.widths.own_width_forwards` gave a forward that sizes
+    #: their heads from their own width, not their input's.
+    own_width: tuple[str, ...] = ()
     #: The half-precision dtype of a model :func:`petra.tasks.contract.adapt` computes in
     #: float32, or "".
     cast_from: str = ""

@@ -20,6 +20,9 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - A weight reparametrization (``weight_norm``, ``spectral_norm``, either form) is baked into the
   plain weight it computes (:func:`plain_weights`): channel removal assigns new weights, which a
   parametrized layer refuses; ``task.plain_weights`` names the layers.
+- An attention that sizes its heads from its input's width (``B, N, C = x.shape``, then
+  ``reshape(B, N, C)``) sizes them from its own (:mod:`petra.tasks.widths`);
+  ``task.own_width`` names them.
 - A model wrapped by ``torch.compile`` is unwrapped: its layers are the model's.
 - A model in float16 or bfloat16 is computed in float32, with its inputs and targets
   (``task.cast_from`` names the dtype): ONNX Runtime's CPU kernels and its int8 quantizers
@@ -42,6 +45,7 @@ from torch import nn
 from petra.errors import first_line
 from petra.tasks.bags import bag_stand_ins
 from petra.tasks.stand_ins import swap_if_unchanged
+from petra.tasks.widths import own_width_forwards
 
 if TYPE_CHECKING:
     from petra.tasks import Task
@@ -238,6 +242,7 @@ def adapt(task: Task) -> Any:
     no_fast_path(task.model)
     task.plain_weights = plain_weights(task.model)
     task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
+    task.own_width = own_width_forwards(task.model, task.example_input)
     task.bag_stand_ins = bag_stand_ins(task.model, task.example_input)
     task.input_names = names
     for split in ("train", "val", "test"):
