@@ -456,13 +456,15 @@ def test_a_multi_query_attention_loses_query_heads_and_keeps_its_key_value_head(
         torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-4)
 
 
-def test_a_channel_group_torch_pruning_cannot_carry_names_where_it_fails():
+def test_a_withheld_stream_names_where_its_removal_fails(monkeypatch):
     """Mixtral's ``o_proj`` was withheld with torch-pruning's own ``TypeError: unsupported
-    operand type(s) for +: 'int' and 'NoneType'``: true, but it said nothing of where. The
-    reason now names the split after the experts' weight bank that the stream's channels
-    could not be carried through."""
+    operand type(s) for +: 'int' and 'NoneType'``: true, but it said nothing of where. Where a
+    torch-pruning handler fails, the reason names the split after the experts' weight bank
+    that the stream's channels could not be carried through; where the pruned model's forward
+    fails, the layer that raised (its router, now that its RMSNorms carry the stream)."""
     import transformers as tf
 
+    import petra.compress.graph
     from petra.space import model_space
 
     class Mixtral(nn.Module):
@@ -481,7 +483,12 @@ def test_a_channel_group_torch_pruning_cannot_carry_names_where_it_fails():
 
     cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
                                  "quantization": ["none"]}}).space
-    space = model_space(cfg, Mixtral().eval(), (torch.randint(0, 32, (2, 8)),))
+    ids = (torch.randint(0, 32, (2, 8)),)
+    space = model_space(cfg, Mixtral().eval(), ids)
+    assert space.withheld["layers.m.layers.0.self_attn.o_proj"].endswith(
+        "(in m.layers.0.mlp.gate, a MixtralTopKRouter)")
+    monkeypatch.setattr(petra.compress.graph, "norm_pruners", lambda model: {})
+    space = model_space(cfg, Mixtral().eval(), ids)
     assert space.withheld["layers.m.layers.0.self_attn.o_proj"] == (
         "torch-pruning fails to carry the channels through a split after "
         "m.layers.0.mlp.experts.gate_up_proj (TypeError: unsupported operand type(s) for +: "

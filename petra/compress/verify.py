@@ -102,17 +102,23 @@ def failure(exc: BaseException, model: nn.Module) -> str:
     """The first line of ``exc``, and, where a torch-pruning handler raised it, the layer or
     parameter of ``model`` nearest before the node it failed on: ``TypeError: unsupported
     operand type(s) for +: 'int' and 'NoneType'`` alone (Mixtral's ``o_proj``) said nothing of
-    the split after the experts' weights that it came from."""
-    node = None
+    the split after the experts' weights that it came from. Where the pruned model's forward
+    raised it, the innermost layer whose forward raised (``bilinear(): input1 size does not
+    match weight size``: in an ``nn.Bilinear`` torch-pruning does not narrow)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    node, module = None, None
     tb = exc.__traceback__
     while tb is not None:
-        code = tb.tb_frame.f_code
+        code, this = tb.tb_frame.f_code, tb.tb_frame.f_locals.get("self")
         if code.co_name == "__call__" and "torch_pruning" in code.co_filename:
-            node = getattr(tb.tb_frame.f_locals.get("self"), "target", node)
+            node = getattr(this, "target", node)
+        elif code.co_name == "forward" and names.get(id(this)):
+            module = this  # the innermost layer of the model whose forward raised
         tb = tb.tb_next
     if node is None:
-        return first_line(exc)
-    names = {id(m): n for n, m in model.named_modules()}
+        kind = type(module).__name__
+        return first_line(exc) + (f" (in {names[id(module)]}, a{'n' * (kind[:1] in 'AEIOU')} "
+                                  f"{kind})" if module is not None else "")
     names.update({id(p): n for n, p in model.named_parameters()})
     where, seen, todo = names.get(id(node.module)), set(), list(node.inputs)
     while where is None and todo:  # an operation: the nearest layer or weight before it
