@@ -303,6 +303,12 @@ def test_the_baseline_counts_its_val_examples_and_warns_when_too_few_errors_to_r
     assert "a few examples (0.0033 each) apart" in line(1 - few)
     assert "warning" not in line(1 - (FEW_VAL_ERRORS + 1) / 300)  # enough errors to rank
     assert "warning" not in line(1 - few, metric=lambda out, y: 0.0)  # not an accuracy
+    b = Baseline(state=b"", artifact=b"", metrics={
+        "val_accuracy": 0.5, "val_examples": 300, "test_accuracy": 0.5, "artifact_bytes": 1.0,
+        "latency_ms": 1.0})
+    assert "note: the model's weights are bfloat16; petra computes" in describe(
+        b, cast_from="bfloat16")
+    assert "note" not in describe(b)
 
 
 @pytest.mark.parametrize("how, says", [

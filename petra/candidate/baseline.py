@@ -179,9 +179,10 @@ def check_artifact(task: Task, task_name: str, session: Any) -> None:
             f"validation batch ({diff}); {hint}"))
 
 
-def describe(baseline: Baseline, metric: Any = accuracy) -> str:
+def describe(baseline: Baseline, metric: Any = accuracy, cast_from: str = "") -> str:
     """The baseline's line in a search's log; with the default accuracy metric, a warning
-    when the dense model errs on fewer than :data:`FEW_VAL_ERRORS` validation examples."""
+    when the dense model errs on fewer than :data:`FEW_VAL_ERRORS` validation examples; a note
+    where the model was handed over in ``cast_from`` (a half-precision dtype)."""
     b = baseline.metrics
     n = int(b.get("val_examples", 0))
     line = (f"baseline: val {b['val_accuracy']:.4f} of {n} examples, test "
@@ -192,4 +193,7 @@ def describe(baseline: Baseline, metric: Any = accuracy) -> str:
         line += (f"\nwarning: the dense model errs on {errors} of {n} validation examples: "
                  f"candidates a few examples ({1 / n:.4f} each) apart are within noise of each "
                  "other; a larger validation split ranks them better")
+    if cast_from:
+        line += (f"\nnote: the model's weights are {cast_from}; petra computes, compresses and "
+                 "measures it in float32, the baseline included")
     return line

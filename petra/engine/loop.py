@@ -107,10 +107,7 @@ class _Search:
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
             cache_dir=cache_dir(), seed=cfg.seed, threads=cfg.execution.cpus_per_candidate)
-        self.say(describe(self.baseline, self.task.metric))
-        if self.task.cast_from:
-            self.say(f"note: the model's weights are {self.task.cast_from}; petra computes, "
-                     "compresses and measures it in float32, the baseline included")
+        self.say(describe(self.baseline, self.task.metric, self.task.cast_from))
         whole = list(self.space.kept_whole)
         shown = ", ".join(whole[:4]) + (f" and {len(whole) - 4} more" if len(whole) > 4 else "")
         self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers; kept "
