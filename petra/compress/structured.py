@@ -331,8 +331,9 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     frozen parameter stays frozen, and an ``nn.Transformer`` takes its stream's new width as
     its ``d_model`` (a seq2seq model's width gene was withheld: ``the feature number of src and
     tgt must be equal to d_model``)."""
-    pruning_fn = graph.get_pruner_of_module(root).prune_out_channels
-    group = pruning_group(graph, root, pruning_fn, idxs)
+    pruner = graph.get_pruner_of_module(root)
+    before = pruner.get_out_channels(root)
+    group = pruning_group(graph, root, pruner.prune_out_channels, idxs)
     modules = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.Module)]
     per_channel = [m for m in modules if isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels]
     names = {m: n for n, m in graph.model.named_modules()}
@@ -340,6 +341,12 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
         group.prune()
     for norm in per_channel:
         norm.num_groups = norm.num_channels
+    after = pruner.get_out_channels(root)
+    if after != before - len(set(idxs)):
+        # Phi-3's gate_up_proj, chunked into gate and up: asked to keep 128 of 256, it kept 2
+        raise RuntimeError(f"torch-pruning removed {before - after} of the {before} channels "
+                           f"where {len(set(idxs))} were asked: it maps them wrongly through "
+                           "the forward (a projection chunked or split in two?)")
     for module in graph.model.modules():  # it checks its inputs' width against d_model
         if isinstance(module, nn.Transformer) and isinstance(module.encoder.norm, nn.LayerNorm):
             module.d_model = module.encoder.norm.normalized_shape[0]
