@@ -75,8 +75,10 @@ def fused_names(module: nn.Module) -> tuple[str, str] | None:
         for n in OUTPUT_NAMES:
             out = getattr(module, n, None)
             width = getattr(out, "in_features", 0) if isinstance(out, nn.Linear) else 0
-            if width and width % heads == 0 and qkv.out_features in (
-                    3 * width, width + 2 * width // heads):
+            # the queries and one head's k and v, where the heads counted are query heads
+            # (a grouped config counts key/value heads: Phi-3's fused [q | k | v] with two)
+            if width and width % heads == 0 and (qkv.out_features == 3 * width or (
+                    counts_query_heads(module) and qkv.out_features == width + 2 * width // heads)):
                 return name, n
     return None
 
