@@ -62,10 +62,11 @@ from petra.compress.attention_forms import (
     unhandled_form,
 )
 from petra.compress.mha import PrunedMultiheadAttention, _rows
+from petra.compress.norms import is_channel_norm, narrow
 from petra.compress.per_head import per_head_tensors, slice_per_head
 from petra.errors import first_line
 from petra.registry import PRUNING
-from petra.tasks.contract import args, no_fast_path
+from petra.tasks.contract import args, copy_model, no_fast_path
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,23 @@ def _side(module: nn.Module, info: AttentionInfo) -> list[nn.Linear]:
     return [m for n, m in module.named_children() if isinstance(m, nn.Linear)
             and m.out_features == width and all(m is not p for p in qkv)
             and f"{info.name}.{n}" != info.output]
+
+
+def _norms(module: nn.Module, q: int, k: int) -> list[tuple[nn.Module, int]]:
+    """The attention's norms over its whole q or k width (OLMo-2's ``q_norm``, ``k_norm``),
+    each with the rows of a unit it holds per head of q (1, or the group for k); a norm per
+    head (Qwen3's) is left as it is."""
+    if qkv_layers(module) is None:
+        return []
+    found = []
+    for child in module.children():
+        weight = getattr(child, "weight", None)
+        if (isinstance(child, nn.LayerNorm) or is_channel_norm(child)) and \
+                isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            width = int(weight.shape[0])
+            if width == q or width == k:
+                found.append((child, 1 if width == q else q // k))
+    return found
 
 
 def _head_count(module: nn.Module) -> int:
@@ -244,7 +262,7 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
     heads' output-projection columns zeroed: that tells a fused or grouped attention's layout
     (else :data:`LAYOUT`), and whether per-head tensors (:mod:`petra.compress.per_head`) were
     cut right."""
-    trial = copy.deepcopy(model).eval()
+    trial = copy_model(model).eval()
     remove = list(range(info.heads // 2, info.heads))
     try:
         prune_heads(trial, info, remove)
@@ -270,7 +288,7 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
 @torch.no_grad()
 def _same_as_masked(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo,
                     remove: Sequence[int], got: torch.Tensor) -> bool:
-    masked = copy.deepcopy(model).eval()
+    masked = copy_model(model).eval()
     masked.get_submodule(info.output).weight[:, _rows(remove, info.head_dim)] = 0.0
     want = masked(*args(example_input))
     return bool(torch.allclose(got, want, rtol=1e-3, atol=1e-4 * (float(want.abs().max()) or 1)))
@@ -313,9 +331,12 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
                                      else _rows(remove, 3 * info.head_dim) if info.by_head
                                      else stacked)
     side = _side(module, info)  # found by the q width, before q loses its rows
+    norms = _norms(module, heads * info.head_dim, heads * info.head_dim // info.group)
     for proj, per_unit in zip((qkv_layers(module) or ())[:1 if info.shared_kv else 3],
                               (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
+    for norm, per_unit in norms:  # OLMo-2's q_norm and k_norm, over the whole q and k
+        narrow(norm, _rows(remove, info.head_dim // per_unit))
     for proj in side:
         tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
@@ -335,6 +356,8 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
             module.config.num_attention_heads = len(keep) * info.group
             if getattr(config, "num_key_value_heads", None) and not info.shared_kv:
                 module.config.num_key_value_heads = len(keep)
+    if not info.shared_kv and isinstance(getattr(module, "num_key_value_heads", None), int):
+        module.num_key_value_heads = len(keep)  # Phi-3 slices its fused k and v by it
     if info.shared_kv and isinstance(getattr(module, "num_key_value_groups", None), int):
         module.num_key_value_groups = len(keep)  # each query head reads the one k and v
 

@@ -46,6 +46,25 @@ def norm_pruners(model: nn.Module) -> dict[type, Any]:
     return {cls: _pruner(cls) for cls in {type(m) for m in model.modules() if is_channel_norm(m)}}
 
 
+def narrow(layer: nn.Module, idxs: Sequence[int]) -> None:
+    """Remove channels ``idxs`` of a norm with a weight per channel (a LayerNorm, or one of
+    :func:`is_channel_norm`), in place: its weight and bias, and the width it holds."""
+    width = int(layer.weight.shape[0])
+    drop = {int(i) for i in idxs}
+    keep = torch.tensor([i for i in range(width) if i not in drop])
+    for name in ("weight", "bias"):
+        param = getattr(layer, name, None)
+        if isinstance(param, nn.Parameter):
+            setattr(layer, name, nn.Parameter(param.data[keep].clone(),
+                                              requires_grad=param.requires_grad))
+    if tuple(getattr(layer, "normalized_shape", ())) == (width,):
+        layer.normalized_shape = (len(keep),)
+    for attr in WIDTH_ATTRIBUTES:
+        value = getattr(layer, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value == width:
+            setattr(layer, attr, len(keep))
+
+
 def _pruner(cls: type[nn.Module]) -> Any:
     import torch_pruning as tp
 
@@ -53,19 +72,7 @@ def _pruner(cls: type[nn.Module]) -> Any:
         TARGET_MODULES = (cls,)
 
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            width = int(layer.weight.shape[0])
-            drop = {int(i) for i in idxs}
-            keep = torch.tensor([i for i in range(width) if i not in drop])
-            for name in ("weight", "bias"):
-                if isinstance(getattr(layer, name, None), nn.Parameter):
-                    setattr(layer, name, self._prune_parameter_and_grad(
-                        getattr(layer, name), keep, 0))
-            if tuple(getattr(layer, "normalized_shape", ())) == (width,):
-                layer.normalized_shape = (len(keep),)
-            for attr in WIDTH_ATTRIBUTES:
-                value = getattr(layer, attr, None)
-                if isinstance(value, int) and not isinstance(value, bool) and value == width:
-                    setattr(layer, attr, len(keep))
+            narrow(layer, idxs)
             return layer
 
         prune_in_channels = prune_out_channels  # one width in and out: the layers it follows
