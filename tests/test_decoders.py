@@ -493,3 +493,73 @@ def test_a_withheld_stream_names_where_its_removal_fails(monkeypatch):
         "torch-pruning fails to carry the channels through a split after "
         "m.layers.0.mlp.experts.gate_up_proj (TypeError: unsupported operand type(s) for +: "
         "'int' and 'NoneType')")
+
+
+class Phi3(nn.Module):
+    """Phi-3: fused ``qkv_proj`` (sliced by ``num_key_value_heads``) and fused
+    ``gate_up_proj`` (chunked into gate and up)."""
+
+    def __init__(self, kv: int = 4) -> None:
+        import transformers as tf
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.llm = tf.Phi3Model(tf.Phi3Config(
+            vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=16,
+            pad_token_id=0, attn_implementation="eager"))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.llm(input_ids=input_ids).last_hidden_state.mean(1))
+
+
+def test_phi3_loses_heads_and_its_chunked_projection_is_withheld_not_emptied():
+    """Phi-3's heads were refused (its forward slices k and v by ``num_key_value_heads``,
+    which stayed 4: ``The size of tensor a (2) must match the size of tensor b (4)``), and
+    torch-pruning mapped ``gate_up_proj``'s channels through its chunk into both halves: asked
+    to keep 128 of 256, it kept 2, and the space offered it. A fused grouped-query projection
+    is refused with the line the docs promise."""
+    from petra.compress.structured import prune_channels
+    from petra.space import model_space
+
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "pruning": ["none", "l2_channel", "l2_heads"],
+                                 "quantization": ["none"]}}).space
+    ids = (torch.randint(0, 32, (2, 8)),)
+    space = model_space(cfg, Phi3().eval(), ids)
+    assert "l2_heads" in space.gene("layers.llm.layers.0.self_attn.method").choices
+    assert "torch-pruning removed" in space.withheld["layers.llm.layers.0.mlp.gate_up_proj"]
+    with pytest.raises(RuntimeError, match="removed 9[0-9] of the 96 channels where 48 were asked"):
+        prune_channels(Phi3().eval(), ids, {"llm.layers.0.mlp.gate_up_proj": ("l2_channel", 0.5)},
+                       protected=["head"])
+    space = model_space(cfg, Phi3(kv=2).eval(), ids)
+    assert "a fused grouped-query projection is not handled" in \
+        space.kept_whole["llm.layers.0.self_attn"]
+
+
+def test_olmo2s_whole_width_q_norm_loses_the_heads_rows_and_is_refused_for_mixing_heads():
+    """OLMo-2 normalizes the whole q and k (``q_norm``, ``k_norm``): they kept their width
+    when heads went (``The size of tensor a (64) must match the size of tensor b (32)``). They
+    now lose the heads' rows, and the heads are refused for the true reason: the norm's
+    statistic mixes the heads."""
+    import transformers as tf
+
+    from petra.compress.attention import attention_layers
+
+    class Olmo2(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.llm = tf.Olmo2Model(tf.Olmo2Config(
+                vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+                pad_token_id=0, attn_implementation="eager"))
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.llm(input_ids=input_ids).last_hidden_state.mean(1))
+
+    why: dict[str, str] = {}
+    assert attention_layers(Olmo2().eval(), (torch.randint(0, 32, (2, 8)),), why=why) == []
+    assert why["llm.layers.0.self_attn"].startswith("removing heads changes what the kept heads")

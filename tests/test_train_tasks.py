@@ -431,3 +431,34 @@ def test_a_torchscript_model_or_a_dict_batch_is_one_line_on_the_task(how, says):
     with pytest.raises((TypeError, ValueError), match=re.escape(says)):
         check(adapt(Task(model=torch.jit.script(model) if how == "script" else model,
                          train=batch, val=batch, test=batch, example_input=x, trained=True)), "t")
+
+
+def test_a_model_that_caches_a_tensor_computed_with_grad_is_copied():
+    """LeViT caches its attention biases in eval mode; after a forward with grad on the cache
+    held a non-leaf tensor, and ``petra space`` died deep-copying the model (``Only Tensors
+    created explicitly by the user (graph leaves) support the deepcopy protocol``)."""
+    import copy
+
+    from torch import nn
+
+    from petra.tasks.contract import copy_model
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.cache, self.last = nn.Linear(4, 3), {}, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                self.cache["w"] = self.fc.weight * 2
+            self.last = self.fc(x)
+            return x @ self.cache["w"].T
+
+    model, x = Cached().eval(), torch.randn(2, 4)
+    want = model(x)  # grad on: the cache holds a tensor of the graph
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    twin = copy_model(model)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), want.detach())
+    assert twin.fc.weight is not model.fc.weight

@@ -17,7 +17,6 @@ baseline weights and the baseline's ONNX Runtime session stay warm.
 
 from __future__ import annotations
 
-import copy
 import io
 import itertools
 import math
@@ -37,6 +36,7 @@ from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
 from petra.space import protected, prunable_layers
 from petra.tasks import load_task
+from petra.tasks.contract import copy_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -167,7 +167,7 @@ class Evaluator:
         if self._teacher is None:
             on_cpu = self.device.type == "cpu"
             self._teacher = self.task.model if on_cpu else \
-                copy.deepcopy(self.task.model).to(self.device)
+                copy_model(self.task.model).to(self.device)
         return self._teacher
 
     def evaluate(
@@ -209,7 +209,7 @@ class Evaluator:
         from petra.compress.gates import remove_gated
 
         recipe = Recipe.from_genome(genome)
-        model = copy.deepcopy(self.task.model)
+        model = copy_model(self.task.model)
         info, masks, gated = self.compress(model, recipe, seed)
 
         # Multi-fidelity (petra.engine.fidelity): a probe and a rung for a long enough fine-tune, and
@@ -406,7 +406,7 @@ class Evaluator:
                     threads=self.threads, providers=self.providers,
                     directory=self.layer_cache.directory))
             recipe = Recipe.from_genome(genome)
-            model = copy.deepcopy(self.task.model)
+            model = copy_model(self.task.model)
             self.compress(model, recipe, seed)
             metrics = self._screen.read(model, recipe.quant, device=self.device, pruned=bool(
                 recipe.layers or recipe.skip or recipe.width)).as_metrics()

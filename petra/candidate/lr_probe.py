@@ -26,7 +26,6 @@ failure fatal: the search then keeps the default lr, and says why.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from petra.candidate.recipes import DEFAULT_SEED_LR, Recipe, seed_finetune, seed_recipes
 from petra.errors import describe_error
+from petra.tasks.contract import copy_model
 
 if TYPE_CHECKING:
     from petra.candidate.baseline import Baseline
@@ -125,7 +125,7 @@ def run_probe(evaluator: Any, genome: Mapping[str, Any], lrs: Sequence[float], *
     losses, metrics = [], []
     for lr in lrs:
         recipe = Recipe.from_genome({**genome, "finetune.lr": lr, "finetune.epochs": 1})
-        model = copy.deepcopy(task.model)
+        model = copy_model(task.model)
         _, masks, gated = evaluator.compress(model, recipe, seed)
         evaluator.finetune(model, recipe, seed, masks, gated, batches=batches)
         loss = evaluate_metric(model, task.val, lambda out, y: float(task.loss(out, y)))

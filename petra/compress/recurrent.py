@@ -34,7 +34,6 @@ LSTM into ``DynamicQuantizeLSTM``: 0.16x latency, 0.08x bytes (dense int8_dynami
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ from petra.compress.readers import trace_readers
 from petra.compress.structured import keep_frozen, kept_channels
 from petra.errors import first_line
 from petra.registry import PRUNING
-from petra.tasks.contract import args
+from petra.tasks.contract import args, copy_model
 
 #: The recurrent layer types whose units can be removed, and their gates per unit.
 _GATES: dict[type[nn.Module], int] = {nn.GRU: 3, nn.LSTM: 4}
@@ -148,7 +147,7 @@ def recurrent_layers(model: nn.Module, example_input: Sequence[Any], *,
         info = RecurrentInfo(name, module.hidden_size, tuple(blocks),
                              offsets if concat else (), tuple(dict.fromkeys(
                                  n for p in outputs[name] for n in norms.get(p, []))))
-        trial = copy.deepcopy(model).eval()
+        trial = copy_model(model).eval()
         try:
             prune_units(trial, info, list(range(module.hidden_size // 2)))
             trial(*args(example_input))

@@ -21,7 +21,6 @@ A unit or scheme that fails is withheld, with the first line of its error as the
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from petra.compress.structured import (
 from petra.errors import first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.registry import QUANTIZATION
-from petra.tasks.contract import args
+from petra.tasks.contract import args, copy_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -226,7 +225,7 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
-        candidate = copy.deepcopy(model).eval()
+        candidate = copy_model(model).eval()
         try:
             _apply(candidate, example_input, subset, sparsity=level, round_to=round_to,
                    attention=by_name["attention"],

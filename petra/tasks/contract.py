@@ -252,6 +252,25 @@ def adapt(task: Task) -> Any:
     return task
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``. A tensor a forward left in an attribute of a module, computed
+    with grad on (LeViT caches its attention biases so, in eval mode), cannot be deep-copied:
+    ``petra space`` died in a traceback (``Only Tensors created explicitly by the user (graph
+    leaves) support the deepcopy protocol``). Such tensors are detached first, in place."""
+    import copy
+
+    def leaf(value: Any) -> Any:
+        return value.detach() if isinstance(value, torch.Tensor) and not value.is_leaf else value
+
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                module.__dict__[key] = value.detach()
+            elif isinstance(value, dict) and any(leaf(v) is not v for v in value.values()):
+                value.update({k: leaf(v) for k, v in value.items()})
+    return copy.deepcopy(model)
+
+
 def no_fast_path(model: nn.Module) -> None:
     """Turn off the nested-tensor fast path of every ``nn.TransformerEncoder`` in ``model``.
 
