@@ -161,6 +161,8 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
     kind = type(module).__name__
     if attention is not None and kind not in ATTENTION_TYPE_NAMES:
         kind = "Attention"
+    elif isinstance(module, nn.Embedding):  # a subclass (RoFormer's sinusoidal positions) too
+        kind = "Embedding"
     # an embedding's width is the residual's: channel groups of the Linear layers that share
     # it decide it
     structured = removable and not isinstance(module, nn.Embedding)

@@ -818,3 +818,28 @@ def test_a_selected_layer_no_method_takes_is_listed_with_the_reason():
             assert "svd" in space.kept_whole["emb"]
         else:
             assert "emb" not in space.kept_whole and space.gene("layers.emb.method")
+
+
+def test_an_embedding_subclass_is_offered_what_an_embedding_is():
+    """RoFormer's sinusoidal positions (an ``nn.Embedding`` subclass) were offered magnitude
+    pruning, as a Linear is, while its word embeddings were offered low-rank only."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class Positions(nn.Embedding):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = Positions(10, 4), nn.Linear(4, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.emb(ids).mean(1))
+
+    cfg = load_config({"space": {"pruning": ["none", "magnitude"], "quantization": ["none"],
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, Net().eval(), (torch.randint(0, 10, (2, 3)),))
+    assert space.kept_whole["emb"].startswith("no method in space.pruning takes Embedding")
