@@ -514,12 +514,14 @@ class Phi3(nn.Module):
         return self.head(self.llm(input_ids=input_ids).last_hidden_state.mean(1))
 
 
-def test_phi3_loses_heads_and_its_chunked_projection_is_withheld_not_emptied():
+def test_phi3_loses_heads_and_its_chunked_projection_the_channels_asked(monkeypatch):
     """Phi-3's heads were refused (its forward slices k and v by ``num_key_value_heads``,
     which stayed 4: ``The size of tensor a (2) must match the size of tensor b (4)``), and
-    torch-pruning mapped ``gate_up_proj``'s channels through its chunk into both halves: asked
-    to keep 128 of 256, it kept 2, and the space offered it. A fused grouped-query projection
-    is refused with the line the docs promise."""
+    torch-pruning took ``gate_up_proj``'s channels with their twins in the other half of its
+    chunk: asked to keep 128 of 256, it kept 2, and the space offered it. The same offsets of
+    both halves now go together, and a removal that takes more than it asks raises. A fused
+    grouped-query projection is refused with the line the docs promise."""
+    import petra.compress.structured as structured
     from petra.compress.structured import prune_channels
     from petra.space import model_space
 
@@ -529,10 +531,18 @@ def test_phi3_loses_heads_and_its_chunked_projection_is_withheld_not_emptied():
     ids = (torch.randint(0, 32, (2, 8)),)
     space = model_space(cfg, Phi3().eval(), ids)
     assert "l2_heads" in space.gene("layers.llm.layers.0.self_attn.method").choices
-    assert "torch-pruning removed" in space.withheld["layers.llm.layers.0.mlp.gate_up_proj"]
-    with pytest.raises(RuntimeError, match="removed 9[0-9] of the 96 channels where 48 were asked"):
-        prune_channels(Phi3().eval(), ids, {"llm.layers.0.mlp.gate_up_proj": ("l2_channel", 0.5)},
-                       protected=["head"])
+    assert "l2_channel" in space.gene("layers.llm.layers.0.mlp.gate_up_proj.method").choices
+    model = Phi3().eval()
+    mlp = model.llm.layers[0].mlp
+    plan = {"llm.layers.0.mlp.gate_up_proj": ("l2_channel", 0.5)}
+    assert prune_channels(model, ids, plan, protected=["head"]) == {
+        "llm.layers.0.mlp.gate_up_proj": (96, 48)}
+    assert (mlp.gate_up_proj.out_features, mlp.down_proj.in_features) == (48, 24)
+    assert model(*ids).shape == (2, 3)
+    monkeypatch.setattr(structured, "tied_runs", lambda graph, root: 1)
+    with pytest.raises(RuntimeError, match="removed 9[0-9] of the 96 channels where 48 were"):
+        prune_channels(Phi3().eval(), ids, plan, protected=["head"])
+    monkeypatch.undo()
     space = model_space(cfg, Phi3(kv=2).eval(), ids)
     assert "a fused grouped-query projection is not handled" in \
         space.kept_whole["llm.layers.0.self_attn"]

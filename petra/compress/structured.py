@@ -51,10 +51,11 @@ def out_channel_members(group: Any) -> list[nn.Module]:
     return out
 
 
-def channel_step(group: Any, round_to: int) -> int:
+def channel_step(group: Any, round_to: int, runs: int = 1) -> int:
     """``round_to``, made a multiple of the head count of every ``nn.MultiheadAttention`` in
-    ``group`` (its ``embed_dim`` is the group's width and must stay divisible by its heads) and
-    of the group count of every ``nn.GroupNorm`` (whose channels must stay divisible by it)."""
+    ``group`` (its ``embed_dim`` is the group's width and must stay divisible by its heads), of
+    the group count of every ``nn.GroupNorm`` (whose channels must stay divisible by it), and
+    of :func:`conv_groups`."""
     step = round_to
     for dep, _ in group:
         module = dep.target.module
@@ -62,18 +63,34 @@ def channel_step(group: Any, round_to: int) -> int:
             step = math.lcm(step, module.num_heads)
         elif isinstance(module, nn.GroupNorm) and module.num_groups < module.num_channels:
             step = math.lcm(step, module.num_groups)  # one group per channel: any count
-    return math.lcm(step, conv_groups(group))
+    return math.lcm(step, conv_groups(group, runs))
 
 
-def conv_groups(group: Any) -> int:
+def conv_groups(group: Any, runs: int = 1) -> int:
     """How many equal runs the channels of ``group`` fall in, each of which a removal must
     leave alike: the group counts of its grouped convolutions (not depthwise ones), whose
-    channels it writes or reads; 1 where it has none."""
-    count = 1
+    channels it writes or reads, and ``runs`` (:func:`tied_runs`); 1 where it has none."""
+    count = runs
     for dep, _ in group:
         if _grouped_conv(dep.target.module):
             count = math.lcm(count, dep.target.module.groups)
     return count
+
+
+def tied_runs(graph: Any, root: nn.Module) -> int:
+    """How many equal runs ``root``'s output channels fall in whose same offsets go together:
+    a projection chunked in two and multiplied (Phi-3's ``gate_up_proj``, a fused SwiGLU).
+    torch-pruning takes a channel of either half with its twin in the other, so a removal
+    chosen over all of them took up to twice as many as asked (128 asked of 256: 254 went);
+    chosen as the same offsets of every run, it takes what it asks. 1 where there are none."""
+    pruner = graph.get_pruner_of_module(root)
+    n = pruner.get_out_channels(root)
+    group = pruning_group(graph, root, pruner.prune_out_channels, [0])
+    own = sorted({int(i) for dep, idxs in group if dep.target.module is root
+                  and graph.is_out_channel_pruning_fn(dep.handler) for i in idxs})
+    runs = len(own)
+    return runs if runs > 1 and n % runs == 0 and own == [k * (n // runs) for k in range(runs)] \
+        else 1
 
 
 def lowest(scores: torch.Tensor, count: int, groups: int = 1) -> list[int]:
@@ -295,17 +312,18 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         method = plan[voters[0]][0]
         entry = PRUNING.get(method)
         if entry.meta.get("trained"):
-            if gate is not None and conv_groups(group) == 1:
+            if gate is not None and conv_groups(group, tied_runs(graph, root)) == 1:
                 gate(names[root], method, out_channel_members(group), n)
             continue
         sparsity = sum(plan[v][1] for v in voters) / len(voters)
-        step = channel_step(group, round_to)
+        runs = tied_runs(graph, root)
+        step = channel_step(group, round_to, runs)
         if keep_whole and kept_channels(n, sparsity, step) >= n:
             continue
         scores = entry.fn(group, ctx).detach().flatten()
         if scores.numel() != n:
             raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
-        scored.append((root, n, sparsity, scores, step, conv_groups(group)))
+        scored.append((root, n, sparsity, scores, step, conv_groups(group, runs)))
     return scored
 
 

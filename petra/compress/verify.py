@@ -40,6 +40,7 @@ from petra.compress.structured import (
     kept_channels,
     lowest,
     remove_channels,
+    tied_runs,
 )
 from petra.errors import first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
@@ -197,8 +198,10 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         whole = pruning_group(graph, root, graph.get_pruner_of_module(root).prune_out_channels,
                               range(n))
         check_indices(graph, whole)
-        keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to))
-        idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep, conv_groups(whole))
+        runs = tied_runs(graph, root)
+        keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to, runs))
+        idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep,
+                      conv_groups(whole, runs))
         if idxs:  # the last channels (of each run of a grouped convolution's)
             remove_channels(graph, root, idxs)
 
