@@ -467,51 +467,49 @@ def test_a_withheld_stream_names_where_its_removal_fails(monkeypatch):
     import petra.compress.graph
     from petra.space import model_space
 
-    class Mixtral(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.m = tf.MixtralModel(tf.MixtralConfig(
-                vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                num_experts_per_tok=2, max_position_embeddings=16, attn_implementation="eager",
-                experts_implementation="eager"))
-            self.head = nn.Linear(32, 3)
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.m(input_ids=input_ids).last_hidden_state.mean(1))
+    def mixtral() -> nn.Module:
+        torch.manual_seed(0)
+        return Tiny(tf.MixtralModel(tf.MixtralConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=16, attn_implementation="eager",
+            experts_implementation="eager")))
 
     cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
                                  "quantization": ["none"]}}).space
     ids = (torch.randint(0, 32, (2, 8)),)
-    space = model_space(cfg, Mixtral().eval(), ids)
-    assert space.withheld["layers.m.layers.0.self_attn.o_proj"].endswith(
-        "(in m.layers.0.mlp.gate, a MixtralTopKRouter)")
+    space = model_space(cfg, mixtral().eval(), ids)
+    assert space.withheld["layers.llm.layers.0.self_attn.o_proj"].endswith(
+        "(in llm.layers.0.mlp.gate, a MixtralTopKRouter)")
     monkeypatch.setattr(petra.compress.graph, "norm_pruners", lambda model: {})
-    space = model_space(cfg, Mixtral().eval(), ids)
-    assert space.withheld["layers.m.layers.0.self_attn.o_proj"] == (
+    space = model_space(cfg, mixtral().eval(), ids)
+    assert space.withheld["layers.llm.layers.0.self_attn.o_proj"] == (
         "torch-pruning fails to carry the channels through a split after "
-        "m.layers.0.mlp.experts.gate_up_proj (TypeError: unsupported operand type(s) for +: "
+        "llm.layers.0.mlp.experts.gate_up_proj (TypeError: unsupported operand type(s) for +: "
         "'int' and 'NoneType')")
 
 
-class Phi3(nn.Module):
-    """Phi-3: fused ``qkv_proj`` (sliced by ``num_key_value_heads``) and fused
-    ``gate_up_proj`` (chunked into gate and up)."""
+class Tiny(nn.Module):
+    """A tiny Hugging Face decoder ``llm`` (built under seed 0), its mean state classified."""
 
-    def __init__(self, kv: int = 4) -> None:
-        import transformers as tf
-
+    def __init__(self, llm: nn.Module) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.llm = tf.Phi3Model(tf.Phi3Config(
-            vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=16,
-            pad_token_id=0, attn_implementation="eager"))
-        self.head = nn.Linear(32, 3)
+        self.llm, self.head = llm, nn.Linear(32, 3)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.llm(input_ids=input_ids).last_hidden_state.mean(1))
+
+
+def Phi3(kv: int = 4) -> nn.Module:  # noqa: N802 - read as the model it builds
+    """Phi-3: fused ``qkv_proj`` (sliced by ``num_key_value_heads``) and fused
+    ``gate_up_proj`` (chunked into gate and up)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return Tiny(tf.Phi3Model(tf.Phi3Config(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=16,
+        pad_token_id=0, attn_implementation="eager")))
 
 
 def test_phi3_loses_heads_and_its_chunked_projection_the_channels_asked(monkeypatch):
@@ -557,19 +555,11 @@ def test_olmo2s_whole_width_q_norm_loses_the_heads_rows_and_is_refused_for_mixin
 
     from petra.compress.attention import attention_layers
 
-    class Olmo2(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.llm = tf.Olmo2Model(tf.Olmo2Config(
-                vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
-                pad_token_id=0, attn_implementation="eager"))
-            self.head = nn.Linear(32, 3)
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.head(self.llm(input_ids=input_ids).last_hidden_state.mean(1))
-
+    torch.manual_seed(0)
+    model = Tiny(tf.Olmo2Model(tf.Olmo2Config(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+        pad_token_id=0, attn_implementation="eager")))
     why: dict[str, str] = {}
-    assert attention_layers(Olmo2().eval(), (torch.randint(0, 32, (2, 8)),), why=why) == []
+    assert attention_layers(model.eval(), (torch.randint(0, 32, (2, 8)),), why=why) == []
     assert why["llm.layers.0.self_attn"].startswith("removing heads changes what the kept heads")
