@@ -309,6 +309,12 @@ def test_the_baseline_counts_its_val_examples_and_warns_when_too_few_errors_to_r
     assert "note: the model's weights are bfloat16; petra computes" in describe(
         b, cast_from="bfloat16")
     assert "note" not in describe(b)
+    b.classes = 4  # 0.5 of 300 on 4 classes: above chance (0.25) by more than the margin
+    assert "chance" not in describe(b)
+    b.metrics["val_accuracy"] = 0.26
+    assert "warning: the dense model's val accuracy is near chance (0.25 for 4 classes)" in \
+        describe(b)
+    assert "chance" not in describe(b, metric=lambda out, y: 0.0)  # not an accuracy
 
 
 @pytest.mark.parametrize("how, says", [

@@ -38,6 +38,7 @@ class Baseline:
     metrics: dict[str, float] = field(default_factory=dict)
     key: str = ""
     cached: bool = False
+    classes: int = 0  # the width of the model's output, where it is a batch of scores
 
     @property
     def bytes(self) -> int:
@@ -131,7 +132,10 @@ def prepare_baseline(
     }
     macs, params, _ = macs_and_params(task.model, task.example_input)
     metrics.update(macs=float(macs), params=float(params))
-    return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached)
+    with torch.no_grad():
+        out = task.model(*task.example_input)
+    return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached,
+                    classes=int(out.shape[-1]) if out.dim() == 2 else 0)
 
 
 def check_artifact(task: Task, task_name: str, session: Any) -> None:
@@ -179,17 +183,29 @@ def check_artifact(task: Task, task_name: str, session: Any) -> None:
             f"validation batch ({diff}); {hint}"))
 
 
+#: Above chance by less than this (with the default accuracy metric), the baseline is at chance.
+CHANCE_MARGIN = 0.05
+
+
 def describe(baseline: Baseline, metric: Any = accuracy, cast_from: str = "") -> str:
     """The baseline's line in a search's log; with the default accuracy metric, a warning
-    when the dense model errs on fewer than :data:`FEW_VAL_ERRORS` validation examples; a note
-    where the model was handed over in ``cast_from`` (a half-precision dtype)."""
+    when the dense model is within :data:`CHANCE_MARGIN` of chance (a ConvNeXtV2 and a
+    SegFormer written outside the repo sat at 0.23 on 4 classes, and their searches went ahead
+    in silence) or errs on fewer
+    than :data:`FEW_VAL_ERRORS` validation examples; a note where the model was handed over
+    in ``cast_from`` (a half-precision dtype)."""
     b = baseline.metrics
     n = int(b.get("val_examples", 0))
     line = (f"baseline: val {b['val_accuracy']:.4f} of {n} examples, test "
             f"{b['test_accuracy']:.4f}, {int(b['artifact_bytes'])} bytes, "
             f"{b['latency_ms']:.2f} ms/batch{' (cached)' if baseline.cached else ''}")
     errors = round((1 - b["val_accuracy"]) * n)
-    if metric is accuracy and n and errors < FEW_VAL_ERRORS:
+    if metric is accuracy and baseline.classes > 1 and \
+            b["val_accuracy"] < 1 / baseline.classes + CHANCE_MARGIN:
+        line += (f"\nwarning: the dense model's val accuracy is near chance ({1 / baseline.classes:.2f}"
+                 f" for {baseline.classes} classes): candidates are ranked by noise; train it "
+                 "longer (task.train_epochs), or check the task's labels")
+    elif metric is accuracy and n and errors < FEW_VAL_ERRORS:
         line += (f"\nwarning: the dense model errs on {errors} of {n} validation examples: "
                  f"candidates a few examples ({1 / n:.4f} each) apart are within noise of each "
                  "other; a larger validation split ranks them better")
