@@ -564,6 +564,19 @@ def test_an_attention_that_reads_its_width_from_its_input_loses_heads_and_stream
     assert model[0].out_features == 8 and task.model(x).shape == (2, 3)
     artifact.export_onnx(task.model, (x,))
 
+    class ReadsItsInput(HandWrittenAttention):  # C is the input's width too: left as it is
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, d = x.shape
+            return HandWrittenAttention.forward(self, x.reshape(b, t, d))
+
+    attention = ReadsItsInput(d=16, heads=4)
+    attention.q, attention.k, attention.v = (nn.Linear(16, 8) for _ in range(3))
+    attention.proj, attention.dh = nn.Linear(8, 16), 2
+    task = adapt(Task(model=nn.Sequential(attention, nn.Flatten(), nn.Linear(80, 3)).eval(),
+                      train=[], val=[], test=[], example_input=torch.randn(2, 5, 16),
+                      trained=True))
+    assert task.own_width == () and "forward" not in vars(attention)
+
 
 class BiasedAttention(HandWrittenAttention):
     """A Swin-style attention: a learned bias per head on each head's scores, from a

@@ -71,9 +71,12 @@ def _rewritten(module: nn.Module) -> Any:
                 return None
             fn.body.insert(i + 1, ast.parse(f"{last.id} = {this}.{WIDTH}").body[0])
             namespace: dict[str, Any] = {}
-            exec(compile(ast.fix_missing_locations(tree),  # noqa: S102 - the model's own source
-                         f"<petra: {type(module).__qualname__}.forward>", "exec"),
-                 forward.__globals__, namespace)
+            try:  # its annotations or defaults may name what only its class's scope held
+                exec(compile(ast.fix_missing_locations(tree),  # noqa: S102 - its own source
+                             f"<petra: {type(module).__qualname__}.forward>", "exec"),
+                     forward.__globals__, namespace)
+            except Exception:  # noqa: BLE001 - left as it is
+                return None
             return namespace[fn.name]
     return None
 
@@ -103,19 +106,20 @@ def own_width_forwards(model: nn.Module, example_input: tuple[Any, ...]) -> tupl
         return ()
     training = model.training
     model.eval()
+    same = False
     with torch.no_grad():
-        want = model(*example_input)
-        for module, width, fn in found.values():
-            setattr(module, WIDTH, width)
-            module.forward = types.MethodType(fn, module)
         try:
+            want = model(*example_input)
+            for module, width, fn in found.values():
+                setattr(module, WIDTH, width)
+                module.forward = types.MethodType(fn, module)
             same = torch.allclose(model(*example_input), want, rtol=1e-4, atol=1e-5)
-        except Exception:  # noqa: BLE001 - the rewritten source fails: the model as it was
-            same = False
+        except Exception:  # noqa: BLE001 - a forward that fails: the model as it was
+            pass
     model.train(training)
     if not same:
         for module, _, _ in found.values():
-            del module.forward
-            delattr(module, WIDTH)
+            vars(module).pop("forward", None)
+            vars(module).pop(WIDTH, None)
         return ()
     return tuple(found)
