@@ -15,6 +15,7 @@ from torch import nn
 
 from petra.compress.attention import PrunedMultiheadAttention
 from petra.compress.norms import norm_pruners
+from petra.tasks.contract import tensors_in
 
 
 def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
@@ -143,17 +144,6 @@ def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]
             seen.add(t.grad_fn)
             unread.append(t)
     return unread
-
-
-def tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors in ``value``: itself, or those in its dict values, tuples and lists."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in tensors_in(v)]
-    return []
 
 
 def _guard_reshape_mapping() -> None:

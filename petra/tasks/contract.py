@@ -55,6 +55,17 @@ if TYPE_CHECKING:
 OUTPUT_KEYS = ("logits", "last_hidden_state")
 
 
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those in its dict values, tuples and lists."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in tensors_in(v)]
+    return []
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     """The default ``Task.output``: a tensor as it is; from a dict or ``ModelOutput``, its
     ``logits``, else its ``last_hidden_state``, else its first tensor; from a tuple or list,

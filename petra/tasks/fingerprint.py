@@ -18,13 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [t for v in value for t in _tensors(v)] if isinstance(value, tuple | list) else []
+from petra.tasks.contract import tensors_in
 
 
 def code_of(model: nn.Module) -> str:
@@ -69,7 +63,7 @@ def fingerprint(task: Any, *, weights: bool) -> str:
         batches = getattr(task, split)
         h.update(f"{split}:{len(batches) if hasattr(batches, '__len__') else '-'}".encode())
         if split != "train" and (batch := _first(batches)) is not None:
-            for t in _tensors(batch):
+            for t in tensors_in(batch):
                 _tensor(h, t, values=True)
     loss = getattr(task.loss, "__qualname__", type(task.loss).__qualname__)
     try:
