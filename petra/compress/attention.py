@@ -62,7 +62,7 @@ from petra.compress.attention_forms import (
     unhandled_form,
 )
 from petra.compress.mha import PrunedMultiheadAttention, _rows
-from petra.compress.norms import is_channel_norm, narrow
+from petra.compress.norms import narrow, norm_width
 from petra.compress.per_head import per_head_tensors, slice_per_head
 from petra.errors import first_line
 from petra.registry import PRUNING
@@ -127,15 +127,8 @@ def _norms(module: nn.Module, q: int, k: int) -> list[tuple[nn.Module, int]]:
     head (Qwen3's) is left as it is."""
     if qkv_layers(module) is None:
         return []
-    found = []
-    for child in module.children():
-        weight = getattr(child, "weight", None)
-        if (isinstance(child, nn.LayerNorm) or is_channel_norm(child)) and \
-                isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            width = int(weight.shape[0])
-            if width == q or width == k:
-                found.append((child, 1 if width == q else q // k))
-    return found
+    widths = ((child, norm_width(child)) for child in module.children())
+    return [(child, 1 if width == q else q // k) for child, width in widths if width in (q, k)]
 
 
 def _head_count(module: nn.Module) -> int:

@@ -41,6 +41,16 @@ def is_channel_norm(module: nn.Module) -> bool:
         all(p.shape == weight.shape for p in params.values())
 
 
+def norm_width(module: nn.Module) -> int | None:
+    """The width :func:`narrow` can narrow ``module`` by: an ``nn.LayerNorm`` with a weight,
+    or an :func:`is_channel_norm` norm; None for any other module."""
+    weight = getattr(module, "weight", None)
+    if (isinstance(module, nn.LayerNorm) and isinstance(weight, torch.Tensor)
+            and weight.dim() == 1) or is_channel_norm(module):
+        return int(weight.shape[0])
+    return None
+
+
 def norm_pruners(model: nn.Module) -> dict[type, Any]:
     """A torch-pruning pruner for each class of :func:`is_channel_norm` norm in ``model``."""
     return {cls: _pruner(cls) for cls in {type(m) for m in model.modules() if is_channel_norm(m)}}
