@@ -87,8 +87,8 @@ def prepare_baseline(
     """Train the task's model (or take it as trained), export it, and measure it.
 
     The trained weights are cached under ``cache_dir`` by a hash of the task config, its model
-    and its data (:func:`baseline_key`); a cached baseline is loaded instead of retrained. ``task.model`` holds the baseline
-    weights afterwards.
+    and its data (:func:`baseline_key`); a cached baseline is loaded instead of retrained.
+    ``task.model`` holds the baseline weights afterwards.
     """
     import torch
 
@@ -191,9 +191,8 @@ def describe(baseline: Baseline, metric: Any = accuracy, cast_from: str = "") ->
     """The baseline's line in a search's log; with the default accuracy metric, a warning
     when the dense model is within :data:`CHANCE_MARGIN` of chance (a ConvNeXtV2 and a
     SegFormer written outside the repo sat at 0.23 on 4 classes, and their searches went ahead
-    in silence) or errs on fewer
-    than :data:`FEW_VAL_ERRORS` validation examples; a note where the model was handed over
-    in ``cast_from`` (a half-precision dtype)."""
+    in silence) or errs on fewer than :data:`FEW_VAL_ERRORS` validation examples; a note where
+    the model was handed over in ``cast_from`` (a half-precision dtype)."""
     b = baseline.metrics
     n = int(b.get("val_examples", 0))
     line = (f"baseline: val {b['val_accuracy']:.4f} of {n} examples, test "

@@ -311,12 +311,12 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         n = graph.get_out_channels(root)
         method = plan[voters[0]][0]
         entry = PRUNING.get(method)
+        runs = tied_runs(graph, root)
         if entry.meta.get("trained"):
-            if gate is not None and conv_groups(group, tied_runs(graph, root)) == 1:
+            if gate is not None and conv_groups(group, runs) == 1:
                 gate(names[root], method, out_channel_members(group), n)
             continue
         sparsity = sum(plan[v][1] for v in voters) / len(voters)
-        runs = tied_runs(graph, root)
         step = channel_step(group, round_to, runs)
         if keep_whole and kept_channels(n, sparsity, step) >= n:
             continue
