@@ -46,6 +46,8 @@ class LayerInfo:
     #: Whether its channel group holds an affine BatchNorm (None: not known, as for a layer
     #: given by hand): ``bn_scale`` is offered only where one does.
     batchnorm: bool | None = None
+    #: Its class, where that has a forward of its own, which svd's thin layers would drop.
+    own_forward: str = ""
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -163,16 +165,15 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
         kind = "Attention"
     elif isinstance(module, nn.Embedding):  # a subclass (RoFormer's sinusoidal positions) too
         kind = "Embedding"
-    # an embedding's width is the residual's: channel groups of the Linear layers that share
-    # it decide it
+    # an embedding's width is the residual's, which the channel groups of its readers decide
     structured = removable and not isinstance(module, nn.Embedding)
-    if structured or isinstance(module, nn.Embedding):
-        whole = ""
+    torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch."))
     return LayerInfo(
         name=name, type=kind, out_channels=int(out_channels),
         params=sum(p.numel() for p in module.parameters()), structured=structured,
-        residual=residual, whole=whole, batchnorm=batchnorm,
-    )
+        residual=residual, whole="" if structured or kind == "Embedding" else whole,
+        batchnorm=batchnorm, own_forward="" if type(module).forward is torch_class.forward
+        else type(module).__name__)
 
 
 def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
@@ -237,7 +238,7 @@ def offered(layer: LayerInfo, entry: Any) -> bool:
     or trained criterion on Linear and Conv layers."""
     kind = entry.meta.get("kind", "unstructured")
     own = unit_kind(layer)
-    if layer.type.startswith("ConvTranspose"):
+    if layer.type.startswith("ConvTranspose") or (kind == "lowrank" and layer.own_forward):
         return False
     if layer.type in RECURRENT_TYPE_NAMES + ATTENTION_TYPE_NAMES:
         return kind == own

@@ -843,3 +843,43 @@ def test_an_embedding_subclass_is_offered_what_an_embedding_is():
                                  "layers": {"include": ["*"], "exclude": []}}}).space
     space = model_space(cfg, Net().eval(), (torch.randint(0, 10, (2, 3)),))
     assert space.kept_whole["emb"].startswith("no method in space.pruning takes Embedding")
+
+
+def test_a_layer_whose_class_has_its_own_forward_is_not_offered_svd():
+    """svd swaps a layer for two thin ones, which run torch's forward: RoFormer's sinusoidal
+    positions (an ``nn.Embedding`` whose forward takes a shape) then failed every candidate
+    that factorized them. A subclass that only inherits torch's forward is still offered it."""
+    import torch
+    from torch import nn
+
+    from petra.compress.lowrank import factorize
+    from petra.space import model_space
+
+    class Positions(nn.Embedding):
+        def forward(self, shape: torch.Size) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(torch.arange(shape[1]))
+
+    class Plain(nn.Linear):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(10, 16), Positions(8, 16)
+            self.fc, self.out = Plain(16, 16), nn.Linear(16, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(self.emb(ids) + self.pos(ids.shape)).mean(1))
+
+    x = (torch.randint(0, 10, (2, 8)),)
+    with pytest.raises(Exception):  # what the gene did: the Sequential is handed a shape
+        broken = Net().eval()
+        factorize(broken, {"pos": "svd"}, energy=0.5)
+        broken(*x)
+    cfg = load_config({"space": {"pruning": ["none", "magnitude", "svd"], "quantization": ["none"],
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, Net().eval(), x)
+    assert space.kept_whole["pos"] == ("Positions has a forward of its own, which svd's thin "
+                                       "layers would not run")
+    assert "svd" in space.gene("layers.emb.method").choices
+    assert "svd" in space.gene("layers.fc.method").choices
