@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 COMBINATION = "fails only in combination with other pruned layers"
 #: How a verdict reads when a unit runs at the sparsity of every other unit, but not at its own.
 UNEQUAL = "runs only where other layers lose the same share of their width"
+#: Why a skip that runs alone is withheld where the other units' removals break it.
+AROUND = "runs only while the layers around it keep their units"
 
 
 @dataclass(frozen=True)
@@ -260,10 +262,27 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
         levels = staggered(rest, sparsity)
         failed.update({u: f"{UNEQUAL} ({reason})" for u, reason in bisect(
             rest, lambda subset: trial(subset, levels.__getitem__)).items()})
-    for unit in units:
-        if unit.kind == "skip" and (reason := trial([unit])) is not None:
+    # A skipped block is tried with every other unit that passed: skipping SqueezeBERT's
+    # post-attention conv joins the values to the stream, and prune.width then cut the heads.
+    for unit in (u for u in units if u.kind == "skip"):
+        around = _around(unit, [u for u in units if u.kind != "skip" and u not in failed])
+        if around and (together := trial([unit, *around])) is None:
+            continue
+        if (reason := trial([unit])) is not None:
             failed[unit] = reason
+        elif around:
+            failed[unit] = f"{AROUND} ({together})"
     return failed
+
+
+def _around(block: Unit, units: Sequence[Unit]) -> list[Unit]:
+    """``units`` less those wholly inside ``block``, a channel group re-rooted at its first
+    member outside it: what a candidate that skips the block may still remove."""
+    def outside(name: str) -> bool:
+        return name != block.name and not name.startswith(f"{block.name}.")
+
+    return [Unit(u.kind, root, u.members) for u in units
+            if (root := next((m for m in (u.name, *u.members) if outside(m)), None))]
 
 
 def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
