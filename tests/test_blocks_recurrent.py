@@ -600,3 +600,37 @@ def test_a_layer_whose_output_only_a_skipped_block_read_loses_the_streams_channe
                           protected=["head"]) == {"embed": (16, 8)}
     assert model.inner.to_query.in_features == 8
     assert model(*task.example_input).shape == (4, 3)
+
+
+def test_a_skip_that_runs_alone_is_withheld_where_the_channels_around_it_break_it():
+    """Skipping SqueezeBERT's post-attention conv hands its values straight to the stream:
+    torch-pruning then cuts the values with the stream's channels, and their head reshape
+    fails. Each skip ran alone in verification, and such candidates failed in the search."""
+    from petra.compress.verify import AROUND
+    from petra.config import load_config
+    from petra.space import model_space
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.v, self.post = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.norm, self.ff, self.out = nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.emb(x)
+            v = self.v(h)
+            b, t, _ = v.shape
+            v = v.view(b, t, 4, 4).transpose(1, 2).transpose(1, 2).reshape(b, t, 16)  # heads
+            h = self.norm(h + self.post(v))
+            return self.out((h + self.ff(h)).mean(1))
+
+    x = (torch.randn(2, 3, 8),)
+    skipped = Net().eval()
+    skip_blocks(skipped, ["post"], skippable_blocks(skipped, x))
+    skipped(*x)  # alone, the skip runs
+    cfg = load_config({"space": {
+        "pruning": ["none", "l2_channel"], "quantization": ["none"], "skip_blocks": True,
+        "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, Net().eval(), x)
+    assert space.withheld["blocks.post.skip"].startswith(f"{AROUND} (RuntimeError: shape")
+    assert space.gene("blocks.ff.skip") and space.gene("layers.emb.method")
