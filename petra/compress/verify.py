@@ -31,7 +31,7 @@ from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
 from petra.compress.quantize import QuantContext
-from petra.compress.recurrent import prune_units
+from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import (
     channel_groups,
     channel_step,
@@ -180,6 +180,8 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
         skip_blocks(model, skipped, blocks)
+        if any(u.kind == "units" for u in units):  # a skipped reader's: the layers after
+            recurrent = {r.name: r for r in gru_layers(model, example_input)}
     for unit in units:
         if unit.kind == "heads":
             info = attention[unit.name]
