@@ -181,6 +181,20 @@ def _read_genome(source: str) -> dict:
     return genome
 
 
+def metric_rows(metrics: dict[str, float], baseline: dict[str, float]) -> list[str]:
+    """``petra evaluate``'s lines of a candidate's metrics, each beside the baseline's: for
+    ``latency_ms``, the dense model timed beside the candidate (what the ratio divides by)."""
+    base = {**baseline, "latency_ms": metrics.get("baseline_latency_ms", "-")}
+    rows = []
+    for key in ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio", "latency_ms",
+                "latency_ratio", "latency_ratio_iqr", "params", "macs"):
+        if key in metrics:
+            shown = base.get(key, "-")
+            rows.append(f"  {key:<18} {metrics[key]:.6g}   (baseline "
+                        f"{shown if isinstance(shown, str) else format(shown, '.6g')})")
+    return rows
+
+
 def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) -> int:
     import torch
 
@@ -225,10 +239,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     else:
         m = result.metrics
         print(f"status: {result.status}" + (f" ({result.error})" if result.error else ""))
-        for key in ("val_accuracy", "test_accuracy", "artifact_bytes", "size_ratio",
-                    "latency_ms", "latency_ratio", "latency_ratio_iqr", "params", "macs"):
-            if key in m:
-                print(f"  {key:<18} {m[key]:.6g}   (baseline {baseline.metrics.get(key, '-')})")
+        print("\n".join(metric_rows(m, baseline.metrics)))
         print(f"  effective          {payload['effective']}")
         if export:
             print(f"exported to {export}")

@@ -46,8 +46,8 @@ class LayerInfo:
     #: Whether its channel group holds an affine BatchNorm (None: not known, as for a layer
     #: given by hand): ``bn_scale`` is offered only where one does.
     batchnorm: bool | None = None
-    #: Its class, where that has a forward of its own, which svd's thin layers would drop.
-    own_forward: str = ""
+    #: Why svd cannot factorize it ('' where it can): a forward of its class's own, groups.
+    no_lowrank: str = ""
 
 
 PRUNABLE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
@@ -66,11 +66,10 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
                     recurrent_why: Mapping[str, str] | None = None) -> list[LayerInfo]:
     """The model's prunable layers in execution order.
 
-    A layer whose output is the model's output (the classifier) keeps its output channels, and
-    so does a layer whose channels torch-pruning cannot follow (e.g. into an ``nn.GRU``):
-    structured criteria are not offered for them. Multi-head attentions whose heads can be
-    removed are layers too (type ``Attention`` or ``MultiheadAttention``, one channel a head),
-    and so are embeddings (offered low-rank factorization only).
+    A layer whose output is the model's output (the classifier), or whose channels torch-
+    pruning cannot follow (e.g. into an ``nn.GRU``), keeps its output channels. Multi-head
+    attentions whose heads can be removed are layers too (type ``Attention`` or
+    ``MultiheadAttention``, one channel a head), and so are embeddings (low-rank only).
 
     Args:
         model: the canonical task model (:class:`petra.tasks.contract.TaskModel`).
@@ -109,10 +108,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:
-        is_output = outputs[name] is result or (
-            isinstance(result, torch.Tensor) and outputs[name].shape == result.shape
-            and name == seen[-1]
-        )
+        is_output = outputs[name] is result or (isinstance(result, torch.Tensor) and outputs[
+            name].shape == result.shape and name == seen[-1])
         whole = ("its output is the model's output" if is_output
                  else _TRANSPOSED if isinstance(modules[name], transposed)
                  else (recurrent_why or {}).get(name) or channel_why.get(name)
@@ -136,6 +133,9 @@ def _head_projections(model: Any, attention: Sequence[Any]) -> dict[str, str]:
 #: Why a transposed convolution gets no gene (it is listed, with this reason, and quantized).
 _TRANSPOSED = ("a transposed convolution: no gene of its own (its input channels go with the "
                "layer that feeds it)")
+#: Why svd leaves a layer alone (it factorizes one weight matrix, run by torch's forward).
+_NO_LOWRANK = ("a grouped {}: svd factorizes a single weight matrix",
+               "{} has a forward of its own, which svd's thin layers would not run")
 #: Why a Linear or Conv torch-pruning traced keeps its channels when it is in no channel group.
 _UNFOLLOWED = ("torch-pruning puts its output channels in no channel group: it cannot follow "
                "them to every layer that reads them")
@@ -152,14 +152,12 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
         out_channels = attention.heads
     elif isinstance(module, tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)):
         out_channels = module.hidden_size
-    elif isinstance(module, nn.Embedding):
-        out_channels = module.embedding_dim
     else:
-        out_channels = (module.out_features if isinstance(module, nn.Linear)
+        out_channels = (module.embedding_dim if isinstance(module, nn.Embedding)
+                        else module.out_features if isinstance(module, nn.Linear)
                         else module.out_channels)
-    # A depthwise conv (groups == in == out channels) loses channels with the conv that
-    # feeds it (torch-pruning's depthwise pruner); other grouped convs lose the same channels
-    # of each group (petra.compress.structured.lowest).
+    # A depthwise conv loses channels with the conv that feeds it (torch-pruning's depthwise
+    # pruner); other grouped convs the same channels of each group (structured.lowest).
     kind = type(module).__name__
     if attention is not None and kind not in ATTENTION_TYPE_NAMES:
         kind = "Attention"
@@ -168,12 +166,14 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
     # an embedding's width is the residual's, which the channel groups of its readers decide
     structured = removable and not isinstance(module, nn.Embedding)
     torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch."))
+    no_lowrank = (_NO_LOWRANK[0].format(kind) if getattr(module, "groups", 1) != 1 else ""
+                  if type(module).forward is torch_class.forward
+                  else _NO_LOWRANK[1].format(type(module).__name__))
     return LayerInfo(
         name=name, type=kind, out_channels=int(out_channels),
         params=sum(p.numel() for p in module.parameters()), structured=structured,
         residual=residual, whole="" if structured or kind == "Embedding" else whole,
-        batchnorm=batchnorm, own_forward="" if type(module).forward is torch_class.forward
-        else type(module).__name__)
+        batchnorm=batchnorm, no_lowrank=no_lowrank)
 
 
 def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
@@ -238,7 +238,7 @@ def offered(layer: LayerInfo, entry: Any) -> bool:
     or trained criterion on Linear and Conv layers."""
     kind = entry.meta.get("kind", "unstructured")
     own = unit_kind(layer)
-    if layer.type.startswith("ConvTranspose") or (kind == "lowrank" and layer.own_forward):
+    if layer.type.startswith("ConvTranspose") or (kind == "lowrank" and layer.no_lowrank):
         return False
     if layer.type in RECURRENT_TYPE_NAMES + ATTENTION_TYPE_NAMES:
         return kind == own

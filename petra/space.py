@@ -309,8 +309,7 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
         if len(methods) == 1:  # said, not dropped in silence (a tabular model's embeddings)
             would = [e.name for e in PRUNING if e.name != "none" and offered(layer, e)]
             idle[layer.name] = (
-                f"{layer.own_forward} has a forward of its own, which svd's thin layers would "
-                "not run" if layer.own_forward and "svd" in space_cfg.pruning and not would
+                layer.no_lowrank if layer.no_lowrank and "svd" in space_cfg.pruning and not would
                 else f"no method in space.pruning takes {layer.type} layers"
                 + (f" ({', '.join(would)} would)" if would else ""))
             continue

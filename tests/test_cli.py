@@ -129,3 +129,17 @@ def test_evaluate_rejects_an_unknown_gene(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "quant.schema" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_evaluate_shows_the_latency_its_ratio_divides_by() -> None:
+    """The baseline beside ``latency_ms`` was the search's cached baseline, timed in another
+    process (20.9 ms against a candidate's 13.0 at a ratio of 0.99); it is now the dense model
+    timed beside the candidate, and every baseline figure is rounded as the candidate's."""
+    from petra.cli import metric_rows
+
+    rows = metric_rows({"val_accuracy": 0.9, "latency_ms": 13.0, "baseline_latency_ms": 13.1,
+                        "latency_ratio": 0.99},
+                       {"val_accuracy": 0.951234567, "latency_ms": 20.9, "latency_ratio": 1.0})
+    assert rows == ["  val_accuracy       0.9   (baseline 0.951235)",
+                    "  latency_ms         13   (baseline 13.1)",
+                    "  latency_ratio      0.99   (baseline 1)"]

@@ -883,3 +883,23 @@ def test_a_layer_whose_class_has_its_own_forward_is_not_offered_svd():
                                        "layers would not run")
     assert "svd" in space.gene("layers.emb.method").choices
     assert "svd" in space.gene("layers.fc.method").choices
+
+
+def test_a_grouped_conv_is_not_offered_svd():
+    """svd factorizes one weight matrix: a depthwise conv was offered it, and the gene changed
+    nothing (factorize leaves grouped convs alone), a choice the search spent evaluations on."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 16, 2))
+    cfg = load_config({"space": {"pruning": ["none", "magnitude", "l2_channel", "svd"],
+                                 "quantization": ["none"],
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, net.eval(), (torch.randn(2, 3, 4, 4),))
+    assert "svd" not in space.gene("layers.2.method").choices
+    assert "magnitude" in space.gene("layers.2.method").choices
+    assert "svd" in space.gene("layers.4.method").choices
