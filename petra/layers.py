@@ -284,7 +284,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 31
+VERIFY_VERSION = 33
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -372,7 +372,7 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
             out[name] = f"{article} that holds the weight of {tied[id(weight)]}, which is listed"
         elif isinstance(module, tuple(getattr(nn, t) for t in LISTED_TYPE_NAMES)):
             out[name] = (f"{article} the model does not call on the example batch: no gene "
-                         "takes it, and only what the model calls is exported")
+                         "takes it (a weight the model reads directly is exported as it is)")
         else:
             out[name] = _UNHANDLED.format(kind=article)
     return out

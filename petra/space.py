@@ -99,6 +99,15 @@ class SearchSpace:
         self.seed_lr: float | None = None
         self._by_name = {g.name: g for g in self.genes}
 
+    def overview(self) -> str:
+        """A search's line on its space: its genes, what is kept whole and what was withheld
+        (a quantization scheme the config asks for, which fails on the model)."""
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        withheld = f"; withheld: {some(list(self.withheld))}" if self.withheld else ""
+        return (f"space: {len(self)} genes over {len(self.layers)} layers; kept whole: "
+                f"{some(list(self.kept_whole)) or 'none'}{withheld} (`petra space` says why)")
+
     def __iter__(self) -> Iterator[Gene]:
         return iter(self.genes)
 

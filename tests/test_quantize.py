@@ -558,3 +558,48 @@ def test_schemes_are_registered_with_honest_metadata():
     assert QUANTIZATION.get("int8_static_linear").meta["applies_to"] == ("Linear", "Embedding")
     assert "latency as dense" in QUANTIZATION.get("fp16").description
     assert "latency as dense" in QUANTIZATION.get("int4_weight").description
+
+
+class Buckets(nn.Module):
+    """T5's and MPNet's relative-position buckets: ``log(n / max_exact)`` in float, then cast
+    to the indices of a bias table (log 0 = -inf on the diagonal, masked by a ``where``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.bias = nn.Embedding(16, 8), nn.Embedding(8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        n = (torch.arange(t)[None, :] - torch.arange(t)[:, None]).abs()
+        large = 4 + (torch.log(n.float() / 4) / np.log(32 / 4) * 4).to(torch.long)
+        bucket = torch.where(n < 4, n, large.clamp(max=7))
+        h = self.emb(ids)
+        h = h + torch.softmax(self.bias(bucket)[..., 0], -1) @ h
+        return self.fc(h.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the old quantization, below
+def test_static_int8_keeps_a_float_computation_of_indices_float(monkeypatch):
+    """MPNet's static int8 was withheld: ORT quantized the buckets' float maths, whose
+    calibration met -inf, and the table's Gather read index -2**63."""
+    from petra.compress import quantize as quant_module
+    from petra.compress.calibrate import index_nodes
+
+    model = Buckets().eval()
+    ids = torch.randint(0, 16, (4, 12))
+    proto = artifact.export_dense(model, (ids,))
+    assert {"Log", "Div", "Mul"} <= {n.op_type for n in proto.graph.node
+                                     if n.name in index_nodes(proto)}
+    example = feed((ids,), [i.name for i in proto.graph.input])
+    with torch.no_grad():
+        reference = model(ids).numpy()
+
+    def run(proto_q):
+        return artifact.load(artifact.pack(proto_q)).run(None, example)[0]
+
+    out = run(quantize("int8_static", proto, [example]))
+    assert np.all(np.isfinite(out)) and np.abs(out - reference).max() < 0.1
+    monkeypatch.setattr(quant_module, "index_nodes", lambda graph: [])  # as it was
+    with pytest.raises(Exception, match="out of data bounds|indices"):
+        run(quantize("int8_static", proto, [example]))

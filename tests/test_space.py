@@ -872,7 +872,7 @@ def test_a_layer_whose_class_has_its_own_forward_is_not_offered_svd():
             return self.out(self.fc(self.emb(ids) + self.pos(ids.shape)).mean(1))
 
     x = (torch.randint(0, 10, (2, 8)),)
-    with pytest.raises(Exception):  # what the gene did: the Sequential is handed a shape
+    with pytest.raises(TypeError, match="indices"):  # what the gene did: a shape as indices
         broken = Net().eval()
         factorize(broken, {"pos": "svd"}, energy=0.5)
         broken(*x)
@@ -903,3 +903,21 @@ def test_a_grouped_conv_is_not_offered_svd():
     assert "svd" not in space.gene("layers.2.method").choices
     assert "magnitude" in space.gene("layers.2.method").choices
     assert "svd" in space.gene("layers.4.method").choices
+
+
+def test_the_search_names_what_was_withheld_from_the_config():
+    """A scheme the config asked for, withheld because it fails on the model (MPNet's static
+    int8, which quantized its relative-position buckets), was said by ``petra space`` only:
+    the search's line on its space now names it too."""
+    from petra.genes import Categorical
+    from petra.space import SearchSpace
+
+    space = SearchSpace([Categorical("quant.scheme", ("none",), "none")])
+    assert space.overview() == ("space: 1 genes over 0 layers; kept whole: none "
+                                "(`petra space` says why)")
+    space.withheld = {"quant.scheme=int8_static": "InvalidArgument: ...",
+                      **{f"layers.l{i}": "..." for i in range(5)}}
+    space.kept_whole = {"head": "its output is the model's output"}
+    assert space.overview() == (
+        "space: 1 genes over 0 layers; kept whole: head; withheld: quant.scheme=int8_static, "
+        "layers.l0, layers.l1, layers.l2 and 2 more (`petra space` says why)")

@@ -5,7 +5,8 @@
 - :func:`smooth_quant`: SmoothQuant's function-preserving migration of activation outliers
   into the weights (the ``quant.smooth_alpha`` gene);
 - :func:`sensitivity` and :func:`most_sensitive`: the op-wise quantization sensitivity of the
-  weight layers, and the share of them kept in float (the ``quant.fallback`` gene).
+  weight layers, and the share of them kept in float (the ``quant.fallback`` gene);
+- :func:`index_nodes`: the float computations of indices, which stay float.
 """
 
 from __future__ import annotations
@@ -34,6 +35,31 @@ def weight_nodes(proto: Any, *, linear_only: bool) -> list[str]:
                 not linear_only and n.op_type == "Conv" and weight is not None):
             out.append(n.name)
     return out
+
+
+def index_nodes(proto: Any) -> list[str]:
+    """Names of the nodes whose outputs flow only into integers: a float computation of
+    indices, cast to an integer type at its end (T5's and MPNet's relative-position buckets,
+    ``log(n / max_exact)``). Quantized, the ``log(0) = -inf`` of its calibration gave a NaN
+    scale and indices past every table."""
+    from onnx import TensorProto
+
+    ints = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+            TensorProto.UINT8, TensorProto.BOOL}
+    nodes = list(proto.graph.node)
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    graph_outputs = {o.name for o in proto.graph.output}
+    to_int = [False] * len(nodes)
+    for i in reversed(range(len(nodes))):  # topological order: every reader decided first
+        node = nodes[i]
+        to_int[i] = (node.op_type == "Cast" and next(
+            (a.i for a in node.attribute if a.name == "to"), None) in ints) or all(
+            o not in graph_outputs and readers.get(o) and all(to_int[r] for r in readers[o])
+            for o in node.output)
+    return [n.name for n, out in zip(nodes, to_int, strict=True) if n.name and out]
 
 
 def sensitivity(proto: Any, nodes: list[str], ctx: QuantContext) -> dict[str, float]:

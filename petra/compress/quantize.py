@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from petra.candidate.artifact import quiet_output
-from petra.compress.calibrate import most_sensitive, smooth_quant, weight_nodes
+from petra.compress.calibrate import index_nodes, most_sensitive, smooth_quant, weight_nodes
 from petra.compress.tables import (  # noqa: F401  (re-exported)
     INT8_QMAX,
     embedding_tables,
@@ -269,6 +269,7 @@ def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str, *,
         graph = onnx.load(pre)
         weighted = weight_nodes(graph, linear_only=linear_only)
         kept_float = most_sensitive(graph, weighted, ctx, options.fallback)
+        kept_float |= set(index_nodes(graph))  # a float computation of indices stays float
         nodes = [n for n in weighted if n not in kept_float] if linear_only else None
         if nodes == []:
             onnx.save(graph, dst)  # nothing to quantize: ORT would quantize everything

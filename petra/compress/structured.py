@@ -339,8 +339,11 @@ def check_indices(graph: Any, group: Any) -> None:
         width = (pruner.get_out_channels(module) if graph.is_out_channel_pruning_fn(dep.handler)
                  else pruner.get_in_channels(module))
         if width is not None and max(idxs) >= width:
-            raise IndexError(f"torch-pruning maps this group to index {max(idxs)} of "
-                             f"{type(module).__name__} with {width} channels")
+            name, kind = getattr(graph, "_module2name", {}).get(module), type(module).__name__
+            raise IndexError(f"torch-pruning ties this group to channel {max(idxs)} of "
+                             f"{name + ', ' if name else ''}a{'n' * (kind[:1] in 'AEIOU')} "
+                             f"{kind} with {width} channels: it follows them through an op it "
+                             "maps wrongly")
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:

@@ -108,10 +108,7 @@ class _Search:
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
             cache_dir=cache_dir(), seed=cfg.seed, threads=cfg.execution.cpus_per_candidate)
         self.say(describe(self.baseline, self.task.metric, self.task.cast_from))
-        whole = list(self.space.kept_whole)
-        shown = ", ".join(whole[:4]) + (f" and {len(whole) - 4} more" if len(whole) > 4 else "")
-        self.say(f"space: {len(self.space)} genes over {len(self.space.layers)} layers; kept "
-                 f"whole: {shown or 'none'} (`petra space` says why)")
+        self.say(self.space.overview())
         # Every strategy but the baselines (random search, the uniform grid: registry meta
         # baseline=True) starts from a few hand-style recipes.
         meta = STRATEGIES.get(cfg.search.strategy).meta
