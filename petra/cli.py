@@ -181,6 +181,10 @@ def _read_genome(source: str) -> dict:
     return genome
 
 
+def _count(n: int) -> str:
+    return f"{n} candidate" + "s" * (n != 1)
+
+
 def metric_rows(metrics: dict[str, float], baseline: dict[str, float]) -> list[str]:
     """``petra evaluate``'s lines of a candidate's metrics, each beside the baseline's: for
     ``latency_ms``, the dense model timed beside the candidate (what the ratio divides by)."""
@@ -267,7 +271,7 @@ def _search(cfg: object) -> int:
 
 def _report(result: object, uri: str) -> int:
     print()
-    print(f"Pareto front ({len(result.front.members)} candidates; knee marked *):")
+    print(f"Pareto front ({_count(len(result.front.members))}; knee marked *):")
     print(front_table(result.front.members, result.knee))
     print()
     print(f"search run: {result.run_id}")
@@ -343,7 +347,7 @@ def _front(uri: str, run_id: str, *, as_json: bool) -> int:
           f"hypervolume {snap.hypervolume:.4f}")
     print(f"dense baseline: val {b.get('val_accuracy', float('nan')):.4f}, test "
           f"{b.get('test_accuracy', float('nan')):.4f}, {int(b.get('artifact_bytes', 0))} bytes")
-    print(f"Pareto front ({len(snap.members)} candidates; knee marked *):")
+    print(f"Pareto front ({_count(len(snap.members))}; knee marked *):")
     print(front_table(snap.members, search.knee))
     return 0
 

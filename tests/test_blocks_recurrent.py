@@ -634,3 +634,39 @@ def test_a_skip_that_runs_alone_is_withheld_where_the_channels_around_it_break_i
     space = model_space(cfg, Net().eval(), x)
     assert space.withheld["blocks.post.skip"].startswith(f"{AROUND} (RuntimeError: shape")
     assert space.gene("blocks.ff.skip") and space.gene("layers.emb.method")
+
+
+def test_a_shortcut_called_with_more_than_the_input_is_not_a_skip_path():
+    """Swin's stage hands its ``downsample`` (patch merging) the resolution too: skipped to its
+    shortcut, it was called on the input alone and failed with petra's own TypeError."""
+
+    class Merge(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)  # it halves the width, as merging does
+
+        def forward(self, x, dims):
+            return self.fc(x) * dims[0]
+
+    class Stage(nn.Module):
+        def __init__(self, merge: nn.Module) -> None:
+            super().__init__()
+            self.a, self.b, self.downsample = nn.Linear(8, 8), nn.Linear(8, 8), merge
+
+        def forward(self, x):
+            h = x + self.b(torch.relu(self.a(x)))
+            return self.downsample(h, (1, 1)) if isinstance(self.downsample, Merge) \
+                else self.downsample(h)
+
+    class Net(nn.Module):
+        def __init__(self, merge: nn.Module) -> None:
+            super().__init__()
+            self.stage, self.out = Stage(merge), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.stage(x))
+
+    x = (torch.randn(2, 8),)
+    assert [b.kind for b in skippable_blocks(Net(nn.Linear(8, 4)), x)
+            if b.name == "stage"] == ["shortcut"]
+    assert "stage" not in [b.name for b in skippable_blocks(Net(Merge()), x)]

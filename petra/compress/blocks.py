@@ -253,6 +253,7 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
             seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape), "input": x,
                           "nonneg": bool((y >= 0).all()), "output": y, "keyword": keyword,
                           "outputs": len(output) if isinstance(output, tuple | list) else 0,
+                          "args": len(inputs) + len(kwargs),
                           "passthrough": _handed_on(name, inputs, kwargs, output, ops)}
 
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -290,7 +291,10 @@ def skippable_blocks(model: nn.Module, example_input: Any,
         shortcut = next((c for c in SHORTCUT_NAMES if hasattr(module, c)
                          and isinstance(getattr(module, c), nn.Module)
                          and f"{name}.{c}" in seen
-                         and seen[f"{name}.{c}"]["out"] == info["out"]), None)
+                         and seen[f"{name}.{c}"]["out"] == info["out"]
+                         # its stand-in calls it on the block's input alone (not Swin's
+                         # patch merging, which takes the resolution too)
+                         and seen[f"{name}.{c}"]["args"] == 1), None)
         square = info["in"] == info["out"]
         if isinstance(module, WEIGHTED_LAYERS):
             if square and getattr(module, "groups", 1) == 1:
