@@ -316,8 +316,8 @@ def _float_for_other_readers(proto: Any) -> Any:
 @QUANTIZATION.register(
     "int8_static",
     description="static int8 (QDQ) over the whole graph: per-channel int8 weights, uint8 "
-    "activations (for CNNs; a transformer loses its accuracy); calibration, SmoothQuant and "
-    "float fallback are genes",
+    "activations (for CNNs; a transformer loses its accuracy; GRU and LSTM weights stay fp32); "
+    "calibration, SmoothQuant and float fallback are genes",
     int8=True,
     static=True,
     weights="int8",
