@@ -213,9 +213,8 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
 def protected(layers: Iterable[LayerInfo]) -> list[str]:
     """The layers whose output channels must stay (the classifier, grouped convs that are not
     depthwise, layers torch-pruning cannot follow): channel pruning leaves every group that
-    holds one. An embedding is not among them (its width is the residual's, which the channel
-    groups of the Linear layers that share it decide), nor a transposed convolution (torch-
-    pruning removes its channels with the layers they are coupled to)."""
+    holds one. Not an embedding (its width is the residual's, which its readers' groups
+    decide), nor a transposed conv (torch-pruning removes its channels with their group)."""
     return [layer.name for layer in layers if not layer.structured and layer.type != "Embedding"
             and not layer.type.startswith("ConvTranspose")]
 
@@ -224,11 +223,10 @@ def unit_kind(layer: LayerInfo) -> str | None:
     """The method kind that removes units of ``layer`` physically: ``recurrent`` (hidden units),
     ``heads`` (attention heads), ``structured`` (channels), or None where no structured
     removal is offered (the classifier, grouped convs, layers whose removal failed)."""
-    if layer.type in RECURRENT_TYPE_NAMES:
-        return "recurrent" if layer.structured else None
-    if layer.type in ATTENTION_TYPE_NAMES:
-        return "heads" if layer.structured else None
-    return "structured" if layer.structured else None
+    if not layer.structured:
+        return None
+    return ("recurrent" if layer.type in RECURRENT_TYPE_NAMES
+            else "heads" if layer.type in ATTENTION_TYPE_NAMES else "structured")
 
 
 def offered(layer: LayerInfo, entry: Any) -> bool:
@@ -284,7 +282,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 33
+VERIFY_VERSION = 34
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -299,8 +297,7 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
         cache: a folder where the verdicts are kept by a hash of the model's architecture and
             the space's bounds; None verifies every time.
 
-    The withheld genes, with their reasons, are in the returned space's ``withheld``.
-    """
+    The withheld genes, with their reasons, are in the returned space's ``withheld``."""
     import dataclasses
 
     from petra.compress.attention import attention_layers
@@ -308,11 +305,11 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     from petra.compress.recurrent import gru_layers
 
     blocks_why: dict[str, str] = {}
+    attention_why: dict[str, str] = {}
+    recurrent_why: dict[str, str] = {}
     blocks = skippable_blocks(model, example_input, blocks_why) if getattr(
         space_cfg, "skip_blocks", False) else ()
-    attention_why: dict[str, str] = {}
     attention = attention_layers(model, example_input, why=attention_why)
-    recurrent_why: dict[str, str] = {}
     recurrent = gru_layers(model, example_input, why=recurrent_why)
     layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent,
                              recurrent_why=recurrent_why)
@@ -321,11 +318,13 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     withheld = {f"blocks.{name}.skip": reason
                 for name, reason in {**blocks_why, **verdicts["blocks"]}.items()}
     blocks = [b for b in blocks if b.name not in verdicts["blocks"]]
-    failed_layers = verdicts["layers"]
-    layers = [dataclasses.replace(layer, structured=False) if layer.name in failed_layers
-              else layer for layer in layers]
-    withheld.update({f"layers.{name}": reason for name, reason in failed_layers.items()})
-    withheld.update({f"quant.scheme={s}": reason for s, reason in verdicts["schemes"].items()})
+    failed_layers, no_svd = verdicts["layers"], verdicts.get("lowrank", {})
+    layers = [dataclasses.replace(layer, structured=layer.structured and layer.name not in
+                                  failed_layers, no_lowrank=no_svd.get(layer.name, layer.no_lowrank))
+              for layer in layers]
+    withheld.update({**{f"layers.{n}": why for n, why in failed_layers.items()},
+                     **{f"layers.{n}.method=svd": why for n, why in no_svd.items()},
+                     **{f"quant.scheme={s}": why for s, why in verdicts["schemes"].items()}})
     if verdicts["schemes"]:
         kept = [s for s in space_cfg.quantization if s not in verdicts["schemes"]] or ["none"]
         space_cfg = space_cfg.model_copy(update={"quantization": kept})
@@ -347,12 +346,10 @@ _UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Co
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
                      known: Iterable[str] = ()) -> dict[str, str]:
-    """The modules of ``model`` with a weight matrix of their own (a ``weight`` with two
-    dimensions longer than 1, not ConvNeXt-V2's GRN ``(1, 1, 1, C)``, which loses channels with
-    its group; or a bank of matrices, Mixtral's experts) that are none of ``layers``, nor
-    inside one of them or of ``known`` (attentions kept whole with their reason), each with
-    why no gene takes it: a hand-written layer (a Hugging Face ``Conv1D`` is an ``nn.Linear``
-    by then: :func:`petra.tasks.contract.linear_stand_ins`)."""
+    """The modules of ``model`` with a weight matrix of their own (two dimensions longer than
+    1, not ConvNeXt-V2's GRN ``(1, 1, 1, C)``; or Mixtral's bank of experts) that are none of
+    ``layers``, nor inside one of them or of ``known`` (attentions kept whole), each with why
+    no gene takes it (a Hugging Face ``Conv1D`` is an ``nn.Linear`` by then)."""
     from torch import nn
 
     handled = [layer.name for layer in layers] + list(known)
@@ -381,10 +378,12 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
 def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, layers: Sequence[LayerInfo],
               attention: Sequence[Any], recurrent: Sequence[Any], blocks: Sequence[Any],
               cache: str | Path | None) -> dict[str, dict[str, str]]:
-    """``{"layers": {layer: reason}, "blocks": {block: reason}, "schemes": {scheme: reason}}``
-    for what fails on ``model``, read from ``cache`` when this model and space were verified
+    """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name:
+    reason}}`` (``lowrank``: svd), read from ``cache`` when this model and space were verified
     before."""
-    from petra.compress.verify import Unit, structured_units, verify_schemes, verify_structure
+    from petra.compress.verify import (Unit, structured_units, verify_lowrank, verify_schemes,
+                                       verify_structure)
+    from petra.space import LOWRANK_ENERGIES
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
     selected = {layer.name for layer in select_layers(
@@ -392,8 +391,8 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     schemes = [s for s in space_cfg.quantization if s != "none"]
     key = _model_key(model, example_input, {
         "kinds": sorted(kinds), "selected": sorted(selected), "schemes": schemes,
-        "blocks": [b.name for b in blocks],
-        "sparsity": space_cfg.sparsity[1], "round_to": min(space_cfg.round_to),
+        "blocks": [b.name for b in blocks], "sparsity": space_cfg.sparsity[1],
+        "round_to": min(space_cfg.round_to),
         "version": VERIFY_VERSION})
     path = Path(cache) / f"verdicts-{key}.json" if cache is not None else None
     if path is not None and path.exists():
@@ -410,7 +409,10 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
         model, example_input, units, sparsity=space_cfg.sparsity[1],
         round_to=min(space_cfg.round_to), attention=attention,
         recurrent=recurrent, blocks=blocks)
-    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}}
+    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}, "lowrank": (
+        verify_lowrank(model, example_input, [layer.name for layer in layers if layer.name in
+                       selected and offered(layer, PRUNING.get("svd"))], min(LOWRANK_ENERGIES))
+        if "svd" in space_cfg.pruning else {})}
     for unit, reason in failed.items():
         if unit.kind == "skip":
             out["blocks"][unit.name] = reason
@@ -440,11 +442,9 @@ def _model_key(model: nn.Module, example_input: Any, extra: Mapping[str, Any]) -
     from petra.tasks.fingerprint import code_of
 
     payload = json.dumps({
-        "repr": repr(model),
-        "code": code_of(model),
+        "repr": repr(model), "code": code_of(model),
         "params": [(n, list(p.shape)) for n, p in model.named_parameters()],
         "inputs": [(list(x.shape), str(x.dtype)) for x in example_input],
-        "versions": [torch.__version__, onnxruntime.__version__],
-        **extra,
+        "versions": [torch.__version__, onnxruntime.__version__], **extra,
     }, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -921,3 +921,34 @@ def test_the_search_names_what_was_withheld_from_the_config():
     assert space.overview() == (
         "space: 1 genes over 0 layers; kept whole: head; withheld: quant.scheme=int8_static, "
         "layers.l0, layers.l1, layers.l2 and 2 more (`petra space` says why)")
+
+
+def test_svd_is_withheld_from_a_layer_whose_attributes_the_model_reads():
+    """Whisper sizes its positions by ``embed_positions.num_embeddings``: factorized, the table
+    is a Sequential without it, and 3 of 12 candidates failed. Each layer offered svd is now
+    factorized once, before the search, at the least energy the space keeps."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(10, 16), nn.Embedding(64, 16)
+            self.fc, self.out = nn.Linear(16, 16), nn.Linear(16, 2)
+            with torch.no_grad():  # sinusoid-like: low rank, so svd does factorize it
+                self.pos.weight.copy_(torch.randn(64, 2) @ torch.randn(2, 16))
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            pos = self.pos(torch.arange(self.pos.num_embeddings))[: ids.shape[1]]
+            return self.out(self.fc(self.emb(ids) + pos).mean(1))
+
+    cfg = load_config({"space": {"pruning": ["none", "magnitude", "svd"], "quantization": ["none"],
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, Net().eval(), (torch.randint(0, 10, (2, 8)),))
+    reason = space.withheld["layers.pos.method=svd"]
+    assert reason.startswith("svd: AttributeError") and "num_embeddings" in reason
+    assert space.kept_whole["pos"] == reason
+    assert "svd" in space.gene("layers.emb.method").choices
+    assert "svd" in space.gene("layers.fc.method").choices

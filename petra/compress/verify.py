@@ -287,6 +287,29 @@ def _around(block: Unit, units: Sequence[Unit]) -> list[Unit]:
             if (root := next((m for m in (u.name, *u.members) if outside(m)), None))]
 
 
+def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequence[str],
+                   energy: float) -> dict[str, str]:
+    """The layers whose svd factorization (at ``energy``, the least the space keeps) fails to
+    run or to export, each with the reason: a model that reads the layer's attributes (Whisper
+    sizes its positions by ``embed_positions.num_embeddings``) fails on the thin layers."""
+    import torch
+
+    from petra.compress.lowrank import factorize
+
+    def trial(subset: Sequence[str]) -> str | None:
+        candidate = copy_model(model).eval()
+        try:
+            factorize(candidate, {name: "svd" for name in subset}, energy=energy)
+            with torch.no_grad():
+                candidate(*args(example_input))
+            artifact.export_onnx(candidate, args(example_input))
+        except Exception as exc:  # noqa: BLE001 - any failure withholds the layer's svd
+            return failure(exc, candidate)
+        return None
+
+    return {name: f"svd: {reason}" for name, reason in bisect(list(names), trial).items()}
+
+
 def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
                    example_feed: Mapping[str, Any]) -> dict[str, str]:
     """The quantization schemes that fail to quantize, pack, load or run ``proto`` (the fp32
