@@ -282,7 +282,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 34
+VERIFY_VERSION = 35
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -381,8 +381,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name:
     reason}}`` (``lowrank``: svd), read from ``cache`` when this model and space were verified
     before."""
-    from petra.compress.verify import (Unit, structured_units, verify_lowrank, verify_schemes,
-                                       verify_structure)
+    from petra.compress import verify
     from petra.space import LOWRANK_ENERGIES
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
@@ -392,27 +391,27 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     key = _model_key(model, example_input, {
         "kinds": sorted(kinds), "selected": sorted(selected), "schemes": schemes,
         "blocks": [b.name for b in blocks], "sparsity": space_cfg.sparsity[1],
-        "round_to": min(space_cfg.round_to),
-        "version": VERIFY_VERSION})
+        "round_to": min(space_cfg.round_to), "version": VERIFY_VERSION})
     path = Path(cache) / f"verdicts-{key}.json" if cache is not None else None
     if path is not None and path.exists():
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
-    units = [u for u in structured_units(
+    units = [u for u in verify.structured_units(
         model, example_input, layers,
         attention if "heads" in kinds else (), recurrent if "recurrent" in kinds else ())
         if (u.kind != "channels" or "structured" in kinds) and selected.intersection(u.members)]
-    units += [Unit("skip", b.name, (b.name,)) for b in blocks]
-    failed = verify_structure(
+    units += [verify.Unit("skip", b.name, (b.name,)) for b in blocks]
+    failed = verify.verify_structure(
         model, example_input, units, sparsity=space_cfg.sparsity[1],
         round_to=min(space_cfg.round_to), attention=attention,
         recurrent=recurrent, blocks=blocks)
-    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}, "lowrank": (
-        verify_lowrank(model, example_input, [layer.name for layer in layers if layer.name in
-                       selected and offered(layer, PRUNING.get("svd"))], min(LOWRANK_ENERGIES))
-        if "svd" in space_cfg.pruning else {})}
+    svd = [layer.name for layer in layers if layer.name in selected and "svd" in
+           space_cfg.pruning and offered(layer, PRUNING.get("svd"))]
+    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}, "lowrank":
+                                      verify.verify_lowrank(model, example_input, svd,
+                                                            min(LOWRANK_ENERGIES))}
     for unit, reason in failed.items():
         if unit.kind == "skip":
             out["blocks"][unit.name] = reason
@@ -424,7 +423,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
 
         proto = artifact.export_dense(model, tuple(example_input))
         example = feed(example_input, [i.name for i in proto.graph.input])
-        out["schemes"] = verify_schemes(proto, schemes, [example], example)
+        out["schemes"] = verify.verify_schemes(proto, schemes, [example], example)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -563,3 +563,56 @@ def test_olmo2s_whole_width_q_norm_loses_the_heads_rows_and_is_refused_for_mixin
     why: dict[str, str] = {}
     assert attention_layers(model.eval(), (torch.randint(0, 32, (2, 8)),), why=why) == []
     assert why["llm.layers.0.self_attn"].startswith("removing heads changes what the kept heads")
+
+
+def test_an_attention_that_holds_its_post_residual_norm_loses_heads():
+    """ALBERT's attention holds its own ``LayerNorm(hidden)`` over ``x + dense(context)``;
+    with the hidden size equal to q's width it was taken for a whole-width q norm, narrowed
+    with the heads, and the heads were refused (``normalized_shape=[16]``) for a reason that
+    was not true. A norm narrowing that breaks the trial is now dropped and tried again."""
+    from dataclasses import replace
+
+    import transformers as tf
+
+    from petra.compress.attention import _trial, attention_layers, prune_heads
+
+    torch.manual_seed(0)
+    model = Tiny(tf.AlbertModel(tf.AlbertConfig(
+        vocab_size=32, embedding_size=16, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16,
+        attn_implementation="eager"), add_pooling_layer=False)).eval()
+    ids = (torch.randint(0, 32, (2, 8)),)
+    why: dict[str, str] = {}
+    infos = attention_layers(model, ids, why=why)
+    assert why == {} and [(i.heads, i.q_norms) for i in infos] == [(4, False)]
+    assert "normalized_shape" in _trial(model, ids, replace(infos[0], q_norms=True))
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, infos[0], [1, 3])
+    assert pruned.llm.encoder.albert_layer_groups[0].albert_layers[0].attention.query \
+        .out_features == 16
+    assert pruned(*ids).shape == (2, 3)
+
+
+def test_a_grouped_attention_with_its_own_head_counts_loses_key_value_groups():
+    """StableLM's attention keeps ``num_heads`` and ``num_key_value_heads`` of its own (Llama
+    reads its config's): its heads were refused as "its form is not handled (separate
+    key/value widths, ...)", none of which it is. A unit is now a key/value head with its
+    query heads, and both counts are lowered."""
+    import transformers as tf
+
+    from petra.compress.attention import attention_layers, prune_heads
+
+    torch.manual_seed(0)
+    model = Tiny(tf.StableLmModel(tf.StableLmConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        partial_rotary_factor=0.25, attn_implementation="eager"))).eval()
+    ids = (torch.randint(0, 32, (2, 8)),)
+    why: dict[str, str] = {}
+    infos = attention_layers(model, ids, why=why)
+    assert why == {} and [(i.heads, i.group, i.shared_kv) for i in infos] == [(2, 2, False)]
+    prune_heads(model, infos[0], [1])
+    attention = model.llm.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features,
+            attention.num_heads, attention.num_key_value_heads) == (16, 8, 2, 1)
+    assert model(*ids).shape == (2, 3)

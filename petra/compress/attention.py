@@ -86,6 +86,8 @@ class AttentionInfo:
             each head in turn), not as ``[q | k | v]``.
         shared_kv: multi-query attention (Gemma's, Falcon's, GPTBigCode's): one key/value head
             that every query head reads. The units are the query heads; k and v stay whole.
+        q_norms: its norms as wide as q or k are q's and k's (OLMo-2's), narrowed with the
+            heads; False where one is not (ALBERT's post-residual LayerNorm, as wide as q).
     """
 
     name: str
@@ -96,6 +98,7 @@ class AttentionInfo:
     group: int = 1
     by_head: bool = False
     shared_kv: bool = False
+    q_norms: bool = True
 
 
 def qkv_names(model: nn.Module, info: AttentionInfo) -> tuple[str, ...]:
@@ -169,8 +172,9 @@ def _attention_info(name: str, module: nn.Module, reader: str | None) -> Attenti
     if out is not None and heads > 1 and group == heads and counts_query_heads(module) \
             and width % heads == 0:  # multi-query: k and v are one query head wide
         return AttentionInfo(name, heads, width // heads, out, shared_kv=True)
-    if out is None or width % heads or (group > 1 and count_attribute(module) is not None):
-        return None  # a grouped attention is counted by its config's key/value heads only
+    if out is None or width % heads or (group > 1 and count_attribute(module) not in (
+            None, heads * group)):
+        return None  # a grouped attention is counted by its key/value heads only
     return AttentionInfo(name, heads, width // heads, out, group=group)
 
 
@@ -233,13 +237,17 @@ def _checked(model: nn.Module, example_input: Sequence[Any], name: str, module: 
     if info is None or info.heads < 2:
         return None, ("one head: nothing to remove" if info is not None else
                       "its form is not handled (separate key/value widths, learned key/value "
-                      "biases, heads that do not divide the width, or no output projection "
-                      "found)")
+                      "biases, heads that do not divide the width, no output projection found, "
+                      "or grouped key/value heads it keeps no count of)")
     reason = _trial(model, example_input, info)
     if reason == LAYOUT and info.fused:  # [q | k | v] it is not: is it laid out by head?
         by_head = replace(info, by_head=True)
         if not _trial(model, example_input, by_head):
             return by_head, ""
+    width = info.heads * info.head_dim
+    if reason and _norms(module, width, width // info.group):  # a norm as wide, not q's
+        if not _trial(model, example_input, own := replace(info, q_norms=False)):
+            return own, ""
     return info, reason
 
 
@@ -324,7 +332,8 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
                                      else _rows(remove, 3 * info.head_dim) if info.by_head
                                      else stacked)
     side = _side(module, info)  # found by the q width, before q loses its rows
-    norms = _norms(module, heads * info.head_dim, heads * info.head_dim // info.group)
+    norms = _norms(module, heads * info.head_dim, heads * info.head_dim // info.group
+                   ) if info.q_norms else []
     for proj, per_unit in zip((qkv_layers(module) or ())[:1 if info.shared_kv else 3],
                               (1, info.group, info.group), strict=False):
         tp.prune_linear_out_channels(proj, _rows(remove, info.head_dim // per_unit))
@@ -334,9 +343,9 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
         tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
     slice_per_head(module, heads, keep, _parent(model, info))  # relative-position biases
-    for attr in HEAD_COUNT_NAMES:
+    for attr in HEAD_COUNT_NAMES:  # query heads: a unit holds a group of them
         if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, len(keep))
+            setattr(module, attr, len(keep) * info.group)
     for attr in WIDTH_NAMES:  # the q, k and v width (DistilBERT: head_dim = dim // n_heads)
         if getattr(module, attr, None) == heads * info.head_dim:
             setattr(module, attr, len(keep) * info.head_dim)

@@ -43,7 +43,9 @@ def declared_heads(module: nn.Module) -> int | None:
     (Llama's attention): its key/value heads, each one unit with its query heads (grouped-query
     attention, where ``num_key_value_groups`` repeats each key/value head that many times);
     with one key/value head (multi-query attention, Gemma's), its query heads."""
-    count = count_attribute(module)
+    count, kv = count_attribute(module), getattr(module, "num_key_value_heads", None)
+    if count is not None and isinstance(kv, int) and 1 < kv < count and count % kv == 0:
+        return kv  # its own counts (StableLM's): a unit is a key/value head with its group
     if count is not None:
         return int(count)
     config = getattr(module, "config", None)
@@ -57,10 +59,12 @@ def declared_heads(module: nn.Module) -> int | None:
 
 
 def counts_query_heads(module: nn.Module) -> bool:
-    """Whether :func:`declared_heads` counts query heads: a head-count attribute of its own, or
-    a config with one key/value head (else it counts key/value heads, as grouped-query)."""
-    config = getattr(module, "config", None)
-    return count_attribute(module) is not None or getattr(config, "num_key_value_heads", 0) == 1
+    """Whether :func:`declared_heads` counts query heads: a head-count attribute of its own
+    (with no smaller key/value count of its own), or a config with one key/value head (else it
+    counts key/value heads, as grouped-query)."""
+    config, count = getattr(module, "config", None), count_attribute(module)
+    return (count is not None and declared_heads(module) == count) or getattr(
+        config, "num_key_value_heads", 0) == 1
 
 
 def fused_names(module: nn.Module) -> tuple[str, str] | None:
