@@ -318,12 +318,13 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     withheld = {f"blocks.{name}.skip": reason
                 for name, reason in {**blocks_why, **verdicts["blocks"]}.items()}
     blocks = [b for b in blocks if b.name not in verdicts["blocks"]]
-    failed_layers, no_svd = verdicts["layers"], verdicts.get("lowrank", {})
+    failed_layers, no_svd = verdicts["layers"], verdicts.get("lowrank", {})  # layer.method=m
+    no_lowrank = {key.rpartition(".method=")[0]: why for key, why in no_svd.items()}
     layers = [dataclasses.replace(layer, structured=layer.structured and layer.name not in
-                                  failed_layers, no_lowrank=no_svd.get(layer.name, layer.no_lowrank))
+              failed_layers, no_lowrank=no_lowrank.get(layer.name, layer.no_lowrank))
               for layer in layers]
     withheld.update({**{f"layers.{n}": why for n, why in failed_layers.items()},
-                     **{f"layers.{n}.method=svd": why for n, why in no_svd.items()},
+                     **{f"layers.{key}": why for key, why in no_svd.items()},
                      **{f"quant.scheme={s}": why for s, why in verdicts["schemes"].items()}})
     if verdicts["schemes"]:
         kept = [s for s in space_cfg.quantization if s not in verdicts["schemes"]] or ["none"]
@@ -379,8 +380,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
               attention: Sequence[Any], recurrent: Sequence[Any], blocks: Sequence[Any],
               cache: str | Path | None) -> dict[str, dict[str, str]]:
     """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name:
-    reason}}`` (``lowrank``: svd), read from ``cache`` when this model and space were verified
-    before."""
+    reason}}``, read from ``cache`` when this model and space were verified before."""
     from petra.compress import verify
     from petra.space import LOWRANK_ENERGIES
 
@@ -407,11 +407,12 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
         model, example_input, units, sparsity=space_cfg.sparsity[1],
         round_to=min(space_cfg.round_to), attention=attention,
         recurrent=recurrent, blocks=blocks)
-    svd = [layer.name for layer in layers if layer.name in selected and "svd" in
-           space_cfg.pruning and offered(layer, PRUNING.get("svd"))]
-    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}, "lowrank":
-                                      verify.verify_lowrank(model, example_input, svd,
-                                                            min(LOWRANK_ENERGIES))}
+    lowrank = [m for m in space_cfg.pruning if PRUNING.get(m).meta.get("kind") == "lowrank"]
+    factored = [layer.name for layer in layers if layer.name in selected
+                and any(offered(layer, PRUNING.get(m)) for m in lowrank)]
+    out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}, "lowrank": {
+        f"{name}.method={lowrank[0]}": why for name, why in verify.verify_lowrank(
+            model, example_input, factored, lowrank[:1], min(LOWRANK_ENERGIES)).items()}}
     for unit, reason in failed.items():
         if unit.kind == "skip":
             out["blocks"][unit.name] = reason

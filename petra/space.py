@@ -318,7 +318,8 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
         if len(methods) == 1:  # said, not dropped in silence (a tabular model's embeddings)
             would = [e.name for e in PRUNING if e.name != "none" and offered(layer, e)]
             idle[layer.name] = (
-                layer.no_lowrank if layer.no_lowrank and "svd" in space_cfg.pruning and not would
+                layer.no_lowrank if layer.no_lowrank and not would and any(
+                    PRUNING.get(m).meta.get("kind") == "lowrank" for m in space_cfg.pruning)
                 else f"no method in space.pruning takes {layer.type} layers"
                 + (f" ({', '.join(would)} would)" if would else ""))
             continue

@@ -264,17 +264,24 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
         levels = staggered(rest, sparsity)
         failed.update({u: f"{UNEQUAL} ({reason})" for u, reason in bisect(
             rest, lambda subset: trial(subset, levels.__getitem__)).items()})
-    # A skipped block is tried with every other unit that passed: skipping SqueezeBERT's
-    # post-attention conv joins the values to the stream, and prune.width then cut the heads.
+    return {**failed, **_skips(units, failed, trial)}
+
+
+def _skips(units: Sequence[Unit], failed: Mapping[Unit, str],
+           trial: Callable[[Sequence[Unit]], str | None]) -> dict[Unit, str]:
+    """The skip units that fail, each tried with every other unit that passed (skipping
+    SqueezeBERT's post-attention conv joins its values to the stream, which prune.width then
+    cut), and alone where that fails."""
+    out = {}
     for unit in (u for u in units if u.kind == "skip"):
         around = _around(unit, [u for u in units if u.kind != "skip" and u not in failed])
         if around and (together := trial([unit, *around])) is None:
             continue
         if (reason := trial([unit])) is not None:
-            failed[unit] = reason
+            out[unit] = reason
         elif around:
-            failed[unit] = f"{AROUND} ({together})"
-    return failed
+            out[unit] = f"{AROUND} ({together})"
+    return out
 
 
 def _around(block: Unit, units: Sequence[Unit]) -> list[Unit]:
@@ -288,18 +295,22 @@ def _around(block: Unit, units: Sequence[Unit]) -> list[Unit]:
 
 
 def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequence[str],
-                   energy: float) -> dict[str, str]:
-    """The layers whose svd factorization (at ``energy``, the least the space keeps) fails to
-    run or to export, each with the reason: a model that reads the layer's attributes (Whisper
-    sizes its positions by ``embed_positions.num_embeddings``) fails on the thin layers."""
+                   methods: Sequence[str], energy: float) -> dict[str, str]:
+    """The layers whose low-rank factorization (by the first of ``methods``, at ``energy``, the
+    least the space keeps) fails to run or to export, each with the reason: a model that reads
+    the layer's attributes (Whisper sizes its positions by ``embed_positions.num_embeddings``)
+    fails on the thin layers."""
     import torch
 
     from petra.compress.lowrank import factorize
 
+    if not methods:
+        return {}
+
     def trial(subset: Sequence[str]) -> str | None:
         candidate = copy_model(model).eval()
         try:
-            factorize(candidate, {name: "svd" for name in subset}, energy=energy)
+            factorize(candidate, {name: methods[0] for name in subset}, energy=energy)
             with torch.no_grad():
                 candidate(*args(example_input))
             artifact.export_onnx(candidate, args(example_input))
@@ -307,7 +318,7 @@ def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequen
             return failure(exc, candidate)
         return None
 
-    return {name: f"svd: {reason}" for name, reason in bisect(list(names), trial).items()}
+    return {name: f"{methods[0]}: {why}" for name, why in bisect(list(names), trial).items()}
 
 
 def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
