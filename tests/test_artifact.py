@@ -470,3 +470,21 @@ def test_an_embedding_bag_called_with_offsets_is_left_as_it_is():
     model, ids = Bag(offsets=True).eval(), torch.randint(0, 600, (4, 7))
     task = adapt(Task(model=model, train=[], val=[], test=[], example_input=ids, trained=True))
     assert task.bag_stand_ins == () and isinstance(model.bag, nn.EmbeddingBag)
+
+
+def test_an_export_onnx_runtime_refuses_stops_the_command_in_one_line(monkeypatch):
+    """Falcon with ALiBi exported a Mul over complex128, which ONNX Runtime refuses to load:
+    ``petra search`` trained the baseline, then ended in a traceback where it loaded it."""
+    from petra.candidate import artifact
+    from petra.errors import ConfigError
+
+    class InvalidGraph(Exception):  # noqa: N818 - as onnxruntime names its error
+        pass
+
+    def refuse(data):
+        raise InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Type 'tensor(complex128)'")
+
+    monkeypatch.setattr(artifact, "load", refuse)
+    with pytest.raises(ConfigError, match="does not load in ONNX Runtime, which runs every "
+                                          "candidate .*complex128"):
+        artifact.export_dense(nn.Linear(4, 2).eval(), torch.randn(3, 4))

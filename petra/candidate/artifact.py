@@ -17,11 +17,10 @@ An initializer is stored sparse only when its bitmask plus values are smaller th
 bytes, so unstructured sparsity counts toward the size exactly where the encoding pays, and int8
 sparse weights are encoded the same way as fp32 ones.
 
-An fp32 initializer is stored as int4 when the graph's metadata lists it under :data:`INT4_KEY`
-(the ``int4_weight`` quantization scheme does this) and its values are exactly
-``q * scale`` for integers ``q`` in [-7, 7]. :func:`unpack` rebuilds those same fp32 values, so the
-runtime graph is the fp32 one. A graph without int4 tensors packs as before int4 existed; an
-older loader fails on an int4 file (its graph lacks those weights) rather than misrunning it.
+An fp32 initializer listed under :data:`INT4_KEY` in the graph's metadata (``int4_weight``)
+whose values are exactly ``q * scale`` for integers ``q`` in [-7, 7] is stored as int4, and
+:func:`unpack` rebuilds the same fp32 values. An older loader fails on an int4 file (its graph
+lacks those weights) rather than misrunning it.
 
 :func:`load` needs only numpy, onnx and onnxruntime: it never imports torch or petra's search
 code, and its source can be copied next to an exported model (:func:`loader_source`).
@@ -52,12 +51,13 @@ _INT4_QMAX = 7
 
 
 def export_dense(model: Any, example_input: Any) -> Any:
-    """:func:`export_onnx` of the task's dense model, whose failure stops the command with one
-    line on ``task.name``: every candidate is measured as an exported artifact."""
+    """:func:`export_onnx` of the task's dense model, whose failure (or ONNX Runtime's refusal
+    of it) stops the command with one line on ``task.name``."""
     from petra.errors import ConfigError
 
     try:
-        return export_onnx(model, example_input)
+        proto = export_onnx(model, example_input)
+        load(pack(proto))  # ONNX Runtime runs every candidate (Falcon's ALiBi: complex128)
     except RuntimeError as exc:
         op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
         hint = (f"an operator with no ONNX form ({op.group(1)}) needs another implementation"
@@ -68,14 +68,17 @@ def export_dense(model: Any, example_input: Any) -> Any:
         raise ConfigError("task.name", "", "", f"the model does not export to ONNX, and petra "
                           f"measures the exported artifact ({first_line(exc, 300)}); {hint}"
                           ) from exc
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's refusals are no RuntimeError
+        raise ConfigError("task.name", "", "", "the model's ONNX export does not load in ONNX "
+                          f"Runtime, which runs every candidate ({first_line(exc, 300)})") from exc
+    return proto
 
 
 def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
     """Export ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis on every input.
 
-    ``example_input`` is a tensor (the input is named ``input``) or a tuple of tensors, named
-    by ``model.input_names`` (a :class:`petra.tasks.contract.TaskModel`). The output is
-    ``output``.
+    ``example_input`` is a tensor (input ``input``) or a tuple of tensors, named by
+    ``model.input_names`` (a :class:`petra.tasks.contract.TaskModel`); the output is ``output``.
 
     The TorchScript exporter is used first: in eval mode it folds BatchNorm into the preceding
     convolution, and it takes ~0.2 s where the dynamo exporter takes ~5 s. The dynamo exporter
@@ -149,8 +152,7 @@ def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:
 
 
 #: Where :func:`quiet_output` sends what the exporter and quantizers print.
-EXPORT_LOG = Path(os.environ.get("PETRA_EXPORT_LOG", "")) if os.environ.get(
-    "PETRA_EXPORT_LOG") else Path(tempfile.gettempdir()) / "petra-export.log"
+EXPORT_LOG = Path(os.environ.get("PETRA_EXPORT_LOG") or Path(tempfile.gettempdir()) / "petra-export.log")
 
 
 @contextlib.contextmanager
@@ -416,11 +418,9 @@ def _decode_int4(arrays: Any, entry: dict[str, Any]) -> np.ndarray:
 
 def load(source: str | Path | bytes, *, threads: int = 1,
          providers: Any = ("CPUExecutionProvider",)) -> Any:
-    """An ``onnxruntime.InferenceSession`` for an artifact (a path or its bytes).
-
-    Runs with ``threads`` intra-op threads, one inter-op thread, sequential execution and all
-    graph optimizations, on the execution ``providers`` in order of preference.
-    """
+    """An ``onnxruntime.InferenceSession`` for an artifact (a path or its bytes): ``threads``
+    intra-op threads, one inter-op thread, sequential execution, all graph optimizations, on
+    the execution ``providers`` in order of preference."""
     import onnxruntime as ort
 
     data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
