@@ -603,3 +603,42 @@ def test_static_int8_keeps_a_float_computation_of_indices_float(monkeypatch):
     monkeypatch.setattr(quant_module, "index_nodes", lambda graph: [])  # as it was
     with pytest.raises(Exception, match="out of data bounds|indices"):
         run(quantize("int8_static", proto, [example]))
+
+
+class Masked(nn.Module):
+    """One attention over padded sequences with Hugging Face's additive mask, ``finfo.min``
+    where a position is padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.fc = nn.Embedding(16, 8), nn.Linear(8, 24), nn.Linear(8, 3)
+
+    def forward(self, ids, mask):
+        q, k, v = self.qkv(self.emb(ids)).chunk(3, -1)
+        bias = (1.0 - mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        return self.fc((torch.softmax(q @ k.transpose(1, 2) + bias, -1) @ v).mean(1))
+
+
+def test_static_int8_keeps_an_attention_masks_huge_values_float(monkeypatch):
+    """Static int8 quantized the mask and the masked scores to uint8 over [finfo.min, ...]:
+    every real score rounded to 0, and a padded XLM-R, StableLM and Starcoder2 fell to chance
+    while every check passed."""
+    from petra.compress import quantize as quant_module
+
+    torch.manual_seed(0)
+    model = Masked().eval()
+    ids = torch.randint(0, 16, (8, 10))
+    mask = (torch.arange(10)[None, :] < torch.randint(4, 11, (8, 1))).long()
+    proto = artifact.export_dense(model, (ids, mask))
+    example = feed((ids, mask), [i.name for i in proto.graph.input])
+    with torch.no_grad():
+        reference = model(ids, mask).numpy()
+
+    def error():
+        out = artifact.load(artifact.pack(quantize("int8_static", proto, [example]))).run(
+            None, example)[0]
+        return np.abs(out - reference).max() / np.abs(reference).max()
+
+    assert error() < 0.1
+    monkeypatch.setattr(quant_module, "mask_nodes", lambda graph, ctx: [])  # as it was
+    assert error() > 0.3

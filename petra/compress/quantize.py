@@ -68,7 +68,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from petra.candidate.artifact import quiet_output
-from petra.compress.calibrate import index_nodes, most_sensitive, smooth_quant, weight_nodes
+from petra.compress.calibrate import (
+    index_nodes,
+    mask_nodes,
+    most_sensitive,
+    smooth_quant,
+    weight_nodes,
+)
 from petra.compress.tables import (  # noqa: F401  (re-exported)
     INT8_QMAX,
     embedding_tables,
@@ -270,6 +276,8 @@ def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str, *,
         weighted = weight_nodes(graph, linear_only=linear_only)
         kept_float = most_sensitive(graph, weighted, ctx, options.fallback)
         kept_float |= set(index_nodes(graph))  # a float computation of indices stays float
+        if not linear_only:  # and so do the masks (the Linear-only scheme never reads them)
+            kept_float |= set(mask_nodes(graph, ctx))
         nodes = [n for n in weighted if n not in kept_float] if linear_only else None
         if nodes == []:
             onnx.save(graph, dst)  # nothing to quantize: ORT would quantize everything
