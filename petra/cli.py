@@ -153,7 +153,8 @@ def _space(cfg: object, as_json: bool) -> int:
         if space.withheld:
             print("withheld (verified on the model, they fail):")
             for what, reason in space.withheld.items():
-                label = (f"{what}: structured removal" if what.startswith("layers.") else what)
+                label = (f"{what}: structured removal" if what.startswith("layers.")
+                         and ".method=" not in what else what)
                 print(f"  {label}: {reason}")
         residual = [layer.name for layer in space.layers if layer.residual]
         if residual and "prune.width" in space:

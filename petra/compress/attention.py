@@ -258,18 +258,24 @@ LAYOUT = ("removing heads changes what the kept heads compute: its fused q, k, v
 
 
 def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) -> str:
-    """Why removing half the heads of ``info`` from a copy of ``model`` breaks it, or ''. The
+    """Why removing every other head of ``info`` from a copy of ``model`` breaks it, or ''. The
     pruned attention must also compute what the whole attention computes with the removed
     heads' output-projection columns zeroed: that tells a fused or grouped attention's layout
     (else :data:`LAYOUT`), and whether per-head tensors (:mod:`petra.compress.per_head`) were
     cut right."""
-    trial = copy_model(model).eval()
-    remove = list(range(info.heads // 2, info.heads))
-    try:
+    base = copy_model(model).eval()
+    with torch.no_grad():  # per-head parameters that start equal (norms at 1) told apart
+        noise = torch.Generator().manual_seed(0)
+        for p in base.get_submodule(info.name).parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=noise).to(p))
+    trial = copy_model(base).eval()
+    remove = list(range(0, info.heads, 2))  # not the last ones: a per-head list cut short
+    try:  # at its end would still be right
         prune_heads(trial, info, remove)
         with torch.no_grad():
             got = trial(*args(example_input))
-        if info.output and not _same_as_masked(model, example_input, info, remove, got):
+        if info.output and not _same_as_masked(base, example_input, info, remove, got):
             sliced = [n for _, n, _ in per_head_tensors(model.get_submodule(info.name),
                                                         info.heads, _parent(model, info))]
             return LAYOUT if info.fused or info.group > 1 else (
