@@ -616,3 +616,21 @@ def test_a_grouped_attention_with_its_own_head_counts_loses_key_value_groups():
     assert (attention.q_proj.out_features, attention.k_proj.out_features,
             attention.num_heads, attention.num_key_value_heads) == (16, 8, 2, 1)
     assert model(*ids).shape == (2, 3)
+
+
+def test_heads_whose_per_head_norms_are_a_list_are_refused():
+    """StableLM's ``qk_layernorm`` is a list of per-head LayerNorms, applied in order and never
+    cut: removing the last heads left the right norms, and at init they are all equal, so the
+    trial passed, while removing other heads of a trained model changed it silently."""
+    import transformers as tf
+
+    from petra.compress.attention import attention_layers
+
+    torch.manual_seed(0)
+    model = Tiny(tf.StableLmModel(tf.StableLmConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+        qk_layernorm=True, attn_implementation="eager"))).eval()
+    why: dict[str, str] = {}
+    assert attention_layers(model, (torch.randint(0, 32, (2, 8)),), why=why) == []
+    assert why["llm.layers.0.self_attn"].startswith("removing heads changes what the kept heads")
