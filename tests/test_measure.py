@@ -146,3 +146,18 @@ def test_timing_in_stages_adds_up_to_one_measurement(small, big):
     assert total.rounds == 7 and total.ratio < 1.0
     with pytest.raises(ValueError, match="no rounds"):
         InterleavedTimer(small, big, X, block_s=0.01).result()
+
+
+def test_a_layer_subclass_with_its_own_forward_counts_its_macs():
+    """torch-pruning's counter matches layers by exact type: Falcon's ``FalconLinear`` (an
+    ``nn.Linear`` with a forward of its own) counted no MACs, so a model whose FFN had lost
+    half its channels reported the dense model's 9411."""
+
+    class OwnLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T + self.bias
+
+    macs, params, _ = macs_and_params(nn.Sequential(OwnLinear(64, 32), nn.Linear(32, 10)),
+                                      torch.zeros(8, 64))
+    assert params == 64 * 32 + 32 + 32 * 10 + 10
+    assert 64 * 32 + 32 * 10 <= macs <= params  # the biases may count: a detail
