@@ -670,3 +670,37 @@ def test_a_shortcut_called_with_more_than_the_input_is_not_a_skip_path():
     assert [b.kind for b in skippable_blocks(Net(nn.Linear(8, 4)), x)
             if b.name == "stage"] == ["shortcut"]
     assert "stage" not in [b.name for b in skippable_blocks(Net(Merge()), x)]
+
+
+def test_a_module_that_only_wraps_one_block_is_not_a_second_gene():
+    """ALBERT's layer group holds one layer: skipping either was the same change, offered as
+    two genes (as was a stage of one block). The inner block keeps its gene."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    class Group(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.group, self.out = Group(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.group(x))
+
+    names = [b.name for b in skippable_blocks(Net(), (torch.randn(2, 8),))]
+    assert "group.layers.0" in names and "group" not in names

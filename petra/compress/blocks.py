@@ -319,7 +319,16 @@ def skippable_blocks(model: nn.Module, example_input: Any,
             "layer): a skipped block would return None there")
     return [b for b in found if b.name not in ops.read and not _stack(b, found, modules) and not (
         isinstance(modules[b.name], WEIGHTED_LAYERS)
-        and any(b.name.startswith(o + ".") for o in outer))]
+        and any(b.name.startswith(o + ".") for o in outer)) and not _wrapper(b, found)]
+
+
+def _wrapper(block: BlockInfo, found: Sequence[BlockInfo]) -> bool:
+    """Whether ``block`` only wraps another of ``found``, skipped the same way, with the same
+    parameters (a ResNet stage of one layer, ALBERT's group of one layer): two genes for one
+    change; the inner one stays."""
+    return any(b.name.startswith(f"{block.name}.") and (b.kind, b.params, b.relu) == (
+        block.kind, block.params, block.relu) and (block.shortcut is None) == (b.shortcut is None)
+        for b in found)
 
 
 def _stack(block: BlockInfo, found: Sequence[BlockInfo], modules: dict[str, nn.Module]) -> bool:
