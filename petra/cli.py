@@ -143,6 +143,9 @@ def _space(cfg: object, as_json: bool) -> int:
     task = load_task(cfg.task.name, cfg.task.params)
     check_task(task, cfg.task.name)
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
+    from petra.compress.regularize import fit_to_targets
+
+    fit_to_targets(space, task.val)
     if as_json:
         print(json.dumps({"genes": space.describe(), "withheld": space.withheld,
                           "kept_whole": space.kept_whole}, indent=2))
@@ -208,6 +211,9 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     check_task(task, cfg.task.name)
     threads = cfg.execution.cpus_per_candidate
     space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
+    from petra.compress.regularize import fit_to_targets
+
+    fit_to_targets(space, task.val)
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
     try:

@@ -186,7 +186,11 @@ QUANTIZATION = Registry("quantization scheme", builtin="petra.compress", schema=
     "prepare": _OPTIONAL_FN,
     "tolerance": Meta(0.1, _is(int, float), "a number"),
 })
-REGULARIZERS = Registry("regularizer", builtin="petra.compress", schema={"genes": _GENES})
+REGULARIZERS = Registry("regularizer", builtin="petra.compress", schema={
+    "genes": _GENES,
+    # the names of its genes that only class targets read (dropped for float targets)
+    "class_genes": Meta((), lambda v: isinstance(v, tuple), "a tuple of gene names"),
+})
 RANK_RULES = Registry("rank rule", builtin="petra.compress")
 SPARSITY_RULES = Registry("sparsity rule", builtin="petra.compress")
 STRATEGIES = Registry("search strategy", builtin="petra.engine.strategies")

@@ -6,13 +6,12 @@ A genome is a plain ``dict`` from stable dotted gene names to values:
     blocks.<block>.skip       bool, the block is removed and its input passed on
     quant.calibration, quant.smooth_alpha, quant.fallback   the static int8 schemes' options
 
-then the genes petra reads whatever the methods, declared once with what their absence means in
-:data:`petra.genes.DECLARED` (``prune.round_to``, ``prune.width``, ``quant.scheme``,
-``finetune.epochs``, ...), and the genes each method declares in its registry metadata
-(``prune.eq_beta``, ``reg.kd_alpha``, ...).
+then the genes petra reads whatever the methods, declared with what their absence means in
+:data:`petra.genes.DECLARED` (``prune.width``, ``quant.scheme``, ``finetune.epochs``, ...), and
+those each method declares in its registry metadata (``prune.eq_beta``, ``reg.kd_alpha``, ...).
 
-Workers receive these dicts, never strategy objects. The defaults of every gene mean
-"no compression", so a partial genome is completed with :meth:`SearchSpace.complete`.
+Workers receive these dicts. The defaults of every gene mean "no compression", so a partial
+genome is completed with :meth:`SearchSpace.complete`.
 """
 
 from __future__ import annotations
@@ -100,13 +99,19 @@ class SearchSpace:
         self._by_name = {g.name: g for g in self.genes}
 
     def overview(self) -> str:
-        """A search's line on its space: its genes, what is kept whole and what was withheld
-        (a quantization scheme the config asks for, which fails on the model)."""
+        """A search's line on its space: its genes, what is kept whole, what was withheld."""
         def some(names: list[str]) -> str:
             return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         withheld = f"; withheld: {some(list(self.withheld))}" if self.withheld else ""
         return (f"space: {len(self)} genes over {len(self.layers)} layers; kept whole: "
                 f"{some(list(self.kept_whole)) or 'none'}{withheld} (`petra space` says why)")
+
+    def drop(self, names: Iterable[str]) -> None:
+        """Remove the genes ``names``, which decide nothing for the task (kd's temperature, where
+        its targets are floats)."""
+        gone = set(names)
+        self.genes = tuple(g for g in self.genes if g.name not in gone)
+        self._by_name = {g.name: g for g in self.genes}
 
     def __iter__(self) -> Iterator[Gene]:
         return iter(self.genes)
@@ -118,10 +123,9 @@ class SearchSpace:
         return name in self._by_name
 
     def gene(self, name: str) -> Gene:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise ValueError(self._unknown(name)) from None
+        if name not in self._by_name:
+            raise ValueError(self._unknown(name))
+        return self._by_name[name]
 
     def _unknown(self, name: str) -> str:
         """Why gene ``name`` is not in the space: its layer's reason where it is kept whole."""
@@ -163,17 +167,13 @@ class SearchSpace:
 
     def complete(self, partial: Mapping[str, Any]) -> Genome:
         """Validate ``partial`` and fill the genes it leaves out with their defaults."""
-        unknown = [k for k in partial if k not in self._by_name]
-        if unknown:
+        if unknown := [k for k in partial if k not in self._by_name]:
             raise ValueError(self._unknown(unknown[0]))
         return {g.name: g.clip(partial.get(g.name, g.default)) for g in self.genes}
 
     def effective(self, genome: Mapping[str, Any]) -> Genome:
-        """The genome with genes that have no effect reset to their defaults.
-
-        Two genomes with the same effective form build the same model, so they share a hash.
-        """
-
+        """The genome with genes that have no effect reset to their defaults: two genomes with
+        the same effective form build the same model, so they share a hash."""
         out = self.complete(genome)
         kinds, methods = set(), set()
         automatic = out.get("prune.sparsity_rule", "fixed") != "fixed"

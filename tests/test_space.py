@@ -952,3 +952,25 @@ def test_svd_is_withheld_from_a_layer_whose_attributes_the_model_reads():
     assert space.kept_whole["pos"] == reason
     assert "svd" in space.gene("layers.emb.method").choices
     assert "svd" in space.gene("layers.fc.method").choices
+
+
+def test_kd_temperature_is_no_gene_for_float_targets():
+    """For float targets kd is an MSE to the teacher, and no softmax reads its temperature:
+    the gene was searched anyway, and a regression's front held members that differed by it
+    alone."""
+    import torch
+    from torch import nn
+
+    from petra.compress.regularize import fit_to_targets
+    from petra.space import model_space
+
+    cfg = load_config({"space": {"pruning": ["none", "magnitude"], "quantization": ["none"],
+                                 "regularizer": ["none", "kd"], "finetune": {"epochs": [0, 1]},
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    x = torch.randn(4, 8)
+    for targets, kept in ((torch.randn(4), False), (torch.tensor([0, 1, 1, 0]), True)):
+        space = model_space(cfg, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval(),
+                            (x,))
+        assert "reg.kd_temperature" in space and "reg.kd_alpha" in space
+        fit_to_targets(space, [(x, targets)])
+        assert ("reg.kd_temperature" in space) is kept and "reg.kd_alpha" in space

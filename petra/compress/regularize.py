@@ -88,6 +88,7 @@ def kd_genes(space_cfg: SpaceConfig) -> list[Any]:
     description="distillation from the dense baseline: kd_alpha * T^2 * KL(teacher_T || student_T) "
     "over the class dimension (kd_alpha * MSE to the teacher's outputs for float targets)",
     genes=kd_genes,
+    class_genes=("reg.kd_temperature",),  # read by the softmax of class targets only
 )
 def kd(ctx: RegContext) -> Any:
     """Knowledge distillation (Hinton et al.) added to the task loss.
@@ -121,6 +122,16 @@ def kd(ctx: RegContext) -> Any:
         return alpha * temperature**2 * kl
 
     return penalty
+
+
+def fit_to_targets(space: Any, batches: Any) -> None:
+    """Drop from ``space`` the genes that decide nothing for targets like ``batches``' first:
+    with float targets (a regression), a regularizer's ``class_genes`` (kd is an MSE to the
+    teacher there, and its temperature was a gene the search spent evaluations on)."""
+    first = next(iter(batches), None)
+    targets = first[1] if isinstance(first, tuple | list) and len(first) == 2 else None
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        space.drop(gene for entry in REGULARIZERS for gene in entry.meta.get("class_genes", ()))
 
 
 def class_dim(outputs: torch.Tensor, targets: Any) -> int | None:

@@ -15,6 +15,7 @@ from petra.candidate.baseline import check_task, describe, prepare_baseline
 from petra.candidate.evaluate import Evaluator, Result, objective_values
 from petra.candidate.lr_probe import LrProbe, probe_seed_lr, recorded_probe, run_logs
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
+from petra.compress.regularize import fit_to_targets
 from petra.engine import pareto
 from petra.engine.executor import Job, make_executor
 from petra.engine.fidelity import rung_for_generation
@@ -103,6 +104,7 @@ class _Search:
         # The space first: a glob that matches no layer is found before any training.
         self.space = model_space(cfg.space, self.task.model, self.task.example_input,
                                  cache=cache_dir())
+        fit_to_targets(self.space, self.task.val)  # kd's temperature reads class targets only
         self.say(f"baseline: preparing {cfg.task.name} ...")
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
