@@ -598,6 +598,8 @@ def test_static_int8_keeps_a_float_computation_of_indices_float(monkeypatch):
     def run(proto_q):
         return artifact.load(artifact.pack(proto_q)).run(None, example)[0]
 
+    # the -inf of log(0) is huge too: mask_nodes alone would keep the buckets float as well
+    monkeypatch.setattr(quant_module, "mask_nodes", lambda graph, ctx: [])
     out = run(quantize("int8_static", proto, [example]))
     assert np.all(np.isfinite(out)) and np.abs(out - reference).max() < 0.1
     monkeypatch.setattr(quant_module, "index_nodes", lambda graph: [])  # as it was
