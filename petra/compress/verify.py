@@ -210,6 +210,23 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
             remove_channels(graph, root, idxs)
 
 
+def _runs(model: nn.Module, example_input: Sequence[Any],
+          change: Callable[[nn.Module], Any]) -> str | None:
+    """Why a copy of ``model`` that ``change`` changed in place fails to run the example or to
+    export to ONNX, or None where it does both."""
+    import torch
+
+    candidate = copy_model(model).eval()
+    try:
+        change(candidate)
+        with torch.no_grad():
+            candidate(*args(example_input))
+        artifact.export_onnx(candidate, args(example_input))
+    except Exception as exc:  # noqa: BLE001 - any failure withholds what was tried
+        return failure(exc, candidate)
+    return None
+
+
 def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
                      sparsity: float, round_to: int,
                      attention: Sequence[Any] = (), recurrent: Sequence[Any] = (),
@@ -225,24 +242,14 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
         attention, recurrent, blocks: the infos of the ``heads``, ``units`` and ``skip``
             units.
     """
-    import torch
-
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
-        candidate = copy_model(model).eval()
-        try:
-            _apply(candidate, example_input, subset, sparsity=level, round_to=round_to,
-                   attention=by_name["attention"],
-                   recurrent=by_name["recurrent"], blocks=blocks)
-            with torch.no_grad():
-                candidate(*args(example_input))
-            artifact.export_onnx(candidate, args(example_input))
-        except Exception as exc:  # noqa: BLE001 - any failure withholds the unit
-            return failure(exc, candidate)
-        return None
+        return _runs(model, example_input, lambda candidate: _apply(
+            candidate, example_input, subset, sparsity=level, round_to=round_to,
+            attention=by_name["attention"], recurrent=by_name["recurrent"], blocks=blocks))
 
     # A skipped block takes its layers with it, and an outer skipped block its inner ones: each
     # block is verified alone (skipping nn.TransformerEncoder's first layer fails, as the stack
@@ -300,23 +307,14 @@ def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequen
     least the space keeps) fails to run or to export, each with the reason: a model that reads
     the layer's attributes (Whisper sizes its positions by ``embed_positions.num_embeddings``)
     fails on the thin layers."""
-    import torch
-
     from petra.compress.lowrank import factorize
 
     if not methods:
         return {}
 
     def trial(subset: Sequence[str]) -> str | None:
-        candidate = copy_model(model).eval()
-        try:
-            factorize(candidate, {name: methods[0] for name in subset}, energy=energy)
-            with torch.no_grad():
-                candidate(*args(example_input))
-            artifact.export_onnx(candidate, args(example_input))
-        except Exception as exc:  # noqa: BLE001 - any failure withholds the layer's svd
-            return failure(exc, candidate)
-        return None
+        return _runs(model, example_input, lambda candidate: factorize(
+            candidate, {name: methods[0] for name in subset}, energy=energy))
 
     return {name: f"{methods[0]}: {why}" for name, why in bisect(list(names), trial).items()}
 
