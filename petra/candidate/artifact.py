@@ -57,7 +57,7 @@ def export_dense(model: Any, example_input: Any) -> Any:
 
     try:
         proto = export_onnx(model, example_input)
-        load(pack(proto))  # ONNX Runtime runs every candidate (Falcon's ALiBi: complex128)
+        load(proto)  # ONNX Runtime runs every candidate (Falcon's ALiBi: complex128)
     except RuntimeError as exc:
         op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
         hint = (f"an operator with no ONNX form ({op.group(1)}) needs another implementation"
@@ -416,15 +416,14 @@ def _decode_int4(arrays: Any, entry: dict[str, Any]) -> np.ndarray:
     return q.reshape(shape).astype(np.float32) * arrays[key + ".scale"].reshape(scale_shape)
 
 
-def load(source: str | Path | bytes, *, threads: int = 1,
-         providers: Any = ("CPUExecutionProvider",)) -> Any:
-    """An ``onnxruntime.InferenceSession`` for an artifact (a path or its bytes): ``threads``
-    intra-op threads, one inter-op thread, sequential execution, all graph optimizations, on
-    the execution ``providers`` in order of preference."""
+def load(source: Any, *, threads: int = 1, providers: Any = ("CPUExecutionProvider",)) -> Any:
+    """An ``onnxruntime.InferenceSession`` for an artifact (a path or its bytes; or a graph, not
+    packed): ``threads`` intra-op threads, one inter-op thread, sequential execution, all graph
+    optimizations, on the execution ``providers`` in order of preference."""
     import onnxruntime as ort
 
-    data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
-    proto = unpack(bytes(data))
+    proto = source if hasattr(source, "graph") else unpack(bytes(
+        source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
