@@ -27,13 +27,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from petra.candidate.baseline import check_task, prepare_baseline
+from petra.candidate.baseline import check_task, prepare_baseline, task_space
 from petra.candidate.evaluate import Evaluator
 from petra.candidate.export import export_candidate, write_bundle
 from petra.engine.loop import cache_dir, resume, search
 from petra.errors import COMPLETE, ConfigError
 from petra.registry import REGISTRIES
-from petra.space import model_space, summarize
+from petra.space import summarize
 from petra.tasks import load_task
 from petra.tracking import compare
 from petra.tracking.progress import ConsoleProgress
@@ -142,10 +142,7 @@ def _methods(as_json: bool) -> int:
 def _space(cfg: object, as_json: bool) -> int:
     task = load_task(cfg.task.name, cfg.task.params)
     check_task(task, cfg.task.name)
-    space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
-    from petra.compress.regularize import fit_to_targets
-
-    fit_to_targets(space, task.val)
+    space = task_space(cfg.space, task, cache_dir())
     if as_json:
         print(json.dumps({"genes": space.describe(), "withheld": space.withheld,
                           "kept_whole": space.kept_whole}, indent=2))
@@ -210,10 +207,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     task = load_task(cfg.task.name, cfg.task.params)
     check_task(task, cfg.task.name)
     threads = cfg.execution.cpus_per_candidate
-    space = model_space(cfg.space, task.model, task.example_input, cache=cache_dir())
-    from petra.compress.regularize import fit_to_targets
-
-    fit_to_targets(space, task.val)
+    space = task_space(cfg.space, task, cache_dir())
     baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
     try:

@@ -80,6 +80,18 @@ def check_task(task: Task, task_name: str) -> None:
     task.checked = True
 
 
+def task_space(space_cfg: Any, task: Task, cache: str | Path | None) -> Any:
+    """The search space of ``task``: :func:`petra.space.model_space` of its model (verdicts
+    cached in ``cache``), less the genes its targets leave idle
+    (:func:`petra.compress.regularize.fit_to_targets`)."""
+    from petra.compress.regularize import fit_to_targets
+    from petra.space import model_space
+
+    space = model_space(space_cfg, task.model, task.example_input, cache=cache)
+    fit_to_targets(space, task.val)
+    return space
+
+
 def prepare_baseline(
     task: Task, *, task_name: str, task_params: dict[str, Any], cache_dir: str | Path,
     seed: int = 0, threads: int = 1,

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petra.candidate.baseline import check_task, describe, prepare_baseline
+from petra.candidate.baseline import check_task, describe, prepare_baseline, task_space
 from petra.candidate.evaluate import Evaluator, Result, objective_values
 from petra.candidate.lr_probe import LrProbe, probe_seed_lr, recorded_probe, run_logs
 from petra.candidate.recipes import SEED_SHARE, seed_recipes
-from petra.compress.regularize import fit_to_targets
 from petra.engine import pareto
 from petra.engine.executor import Job, make_executor
 from petra.engine.fidelity import rung_for_generation
@@ -23,7 +22,6 @@ from petra.engine.interrupts import ctrl_c_noted
 from petra.engine.racing import Calibration, race, screen_count
 from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
-from petra.space import model_space
 from petra.tasks import load_task
 from petra.tracking.journal import Journal
 from petra.tracking.progress import Status, as_reporter, duration, short_name
@@ -102,9 +100,7 @@ class _Search:
         self.task = load_task(cfg.task.name, cfg.task.params)
         check_task(self.task, cfg.task.name)
         # The space first: a glob that matches no layer is found before any training.
-        self.space = model_space(cfg.space, self.task.model, self.task.example_input,
-                                 cache=cache_dir())
-        fit_to_targets(self.space, self.task.val)  # kd's temperature reads class targets only
+        self.space = task_space(cfg.space, self.task, cache_dir())
         self.say(f"baseline: preparing {cfg.task.name} ...")
         self.baseline = prepare_baseline(
             self.task, task_name=cfg.task.name, task_params=cfg.task.params,
