@@ -618,19 +618,35 @@ def test_a_grouped_attention_with_its_own_head_counts_loses_key_value_groups():
     assert model(*ids).shape == (2, 3)
 
 
-def test_heads_whose_per_head_norms_are_a_list_are_refused():
-    """StableLM's ``qk_layernorm`` is a list of per-head LayerNorms, applied in order and never
-    cut: removing the last heads left the right norms, and at init they are all equal, so the
-    trial passed, while removing other heads of a trained model changed it silently."""
+@pytest.mark.parametrize("kv", [4, 2])
+def test_heads_whose_per_head_norms_are_a_list_lose_their_norms(kv):
+    """StableLM's ``qk_layernorm`` is a list of per-head LayerNorms, applied in order. It was
+    never cut: removing the last heads left the right norms (at init all equal, so the trial
+    passed), while removing other heads of a trained model changed it silently; then such heads
+    were refused. Each list now keeps the kept heads' norms (query heads for q, key/value heads
+    for k), so removing the first head computes what the model computes with it masked."""
     import transformers as tf
 
-    from petra.compress.attention import attention_layers
+    from petra.compress.attention import _same_as_masked, attention_layers, prune_heads
 
     torch.manual_seed(0)
     model = Tiny(tf.StableLmModel(tf.StableLmConfig(
         vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
+        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=16,
         qk_layernorm=True, attn_implementation="eager"))).eval()
+    with torch.no_grad():  # norms that differ per head, as trained ones do
+        for p in model.llm.layers[0].self_attn.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    ids = (torch.randint(0, 32, (2, 8)),)
     why: dict[str, str] = {}
-    assert attention_layers(model, (torch.randint(0, 32, (2, 8)),), why=why) == []
-    assert why["llm.layers.0.self_attn"].startswith("removing heads changes what the kept heads")
+    (info,) = attention_layers(model, ids, why=why)
+    assert why == {} and (info.heads, info.group) == (kv, 4 // kv)
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, info, [0])
+    attention = pruned.llm.layers[0].self_attn
+    assert [len(attention.q_layernorm.norms), len(attention.k_layernorm.norms)] == [
+        4 - 4 // kv, kv - 1]
+    assert attention.q_layernorm.num_heads == 4 - 4 // kv
+    with torch.no_grad():
+        assert _same_as_masked(model, ids, info, [0], pruned(*ids))

@@ -348,7 +348,7 @@ def _prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -
     for proj in side:
         tp.prune_linear_out_channels(proj, rows)
     tp.prune_linear_in_channels(model.get_submodule(info.output), rows)
-    slice_per_head(module, heads, keep, _parent(model, info))  # relative-position biases
+    slice_per_head(module, heads, keep, _parent(model, info), info.group)  # position biases
     for attr in HEAD_COUNT_NAMES:  # query heads: a unit holds a group of them
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, len(keep) * info.group)

@@ -9,7 +9,11 @@ A per-head tensor is a floating-point parameter or buffer of the attention or of
 submodules (or of a module beside it that holds tensors and no layers: BEiT's
 ``relative_position_bias``) that is neither a Linear (the projections lose their rows and columns themselves)
 nor a norm (a q/k norm's weights are per feature of a head), with
-exactly one dimension of the head count. That is a guess from shapes: the attention's trial
+exactly one dimension of the head count. A list of modules, one per head, that holds no layer
+(StableLM's ``qk_layernorm``: a LayerNorm per head, applied to the heads in order) keeps the
+kept heads' entries: a list as long as the query heads keeps each kept unit's query heads, one
+as long as the units (a grouped attention's key/value heads) keeps the units. That is a guess
+from shapes: the attention's trial
 removal (:func:`petra.compress.attention._trial`) then checks that the pruned attention computes
 what the whole one computes with those heads' outputs zeroed, and refuses the heads where it
 does not.
@@ -49,9 +53,11 @@ def per_head_tensors(module: nn.Module, heads: int, parent: nn.Module | None = N
 
 @torch.no_grad()
 def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int],
-                   parent: nn.Module | None = None) -> None:
+                   parent: nn.Module | None = None, group: int = 1) -> None:
     """Keep the ``keep`` slices of every per-head tensor of ``module`` (and of its holders
-    beside it in ``parent``)."""
+    beside it in ``parent``), and the kept entries of its per-head module lists; ``heads``
+    units of ``group`` query heads each."""
+    _slice_lists(module, heads, keep, group)
     for owner, name, dim in per_head_tensors(module, heads, parent):
         old = getattr(owner, name)
         new = old.index_select(dim, torch.tensor(list(keep), device=old.device))
@@ -61,3 +67,20 @@ def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int],
             owner._buffers[name] = new
         if isinstance(owner, nn.Embedding) and name == "weight":
             owner.embedding_dim = len(keep)
+
+
+def _slice_lists(module: nn.Module, heads: int, keep: Sequence[int], group: int) -> None:
+    """Keep the kept heads' entries of each list of per-head modules of ``module``, and lower
+    the count its holder keeps of them (StableLM's ``num_heads``)."""
+    queries = [u * group + j for u in keep for j in range(group)]
+    for holder in list(module.modules()):
+        for name, child in list(holder.named_children()):
+            if not isinstance(child, nn.ModuleList) or len(child) not in (heads, heads * group) \
+                    or any(isinstance(x, _LAYERS) for x in child.modules()):
+                continue
+            old = len(child)
+            holder._modules[name] = nn.ModuleList(
+                [child[i] for i in (queries if old == heads * group else keep)])
+            for attr in [a for a in ("num_heads", "num_key_value_heads", "heads")
+                         if vars(holder).get(a) == old]:
+                setattr(holder, attr, len(holder._modules[name]))
