@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petra.candidate import artifact
 from petra.errors import ConfigError
 from petra.registry import PRUNING
 
@@ -282,7 +281,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 37
+VERIFY_VERSION = 38
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -419,10 +418,11 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
             continue
         for member in selected.intersection(unit.members):
             out["layers"][member] = reason
-    if schemes:
-        from petra.tasks.contract import feed
+    from petra.candidate.baseline import export_dense
+    from petra.tasks.contract import feed
 
-        proto = artifact.export_dense(model, tuple(example_input))
+    proto = export_dense(model, tuple(example_input))  # one line if a search could not start
+    if schemes:
         example = feed(example_input, [i.name for i in proto.graph.input])
         out["schemes"] = verify.verify_schemes(proto, schemes, [example], example)
     if path is not None:

@@ -300,7 +300,7 @@ def test_a_dense_model_that_does_not_export_stops_with_one_line():
     shape, then from the export). The export's failure is a config error on ``task.name``."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
-    from petra.candidate.artifact import export_dense
+    from petra.candidate.baseline import export_dense
     from petra.errors import ConfigError
     from petra.space import prunable_layers
 
@@ -333,7 +333,7 @@ def _(x: torch.Tensor) -> torch.Tensor:
 def test_an_operator_with_no_onnx_form_is_named_in_the_line():
     """Mixtral's default experts run a custom operator (transformers.grouped_mm_fallback): the
     line's hint spoke of pack_padded_sequence and control flow, which did not apply."""
-    from petra.candidate.artifact import export_dense
+    from petra.candidate.baseline import export_dense
     from petra.errors import ConfigError
 
     class Doubled(nn.Module):
@@ -476,6 +476,7 @@ def test_an_export_onnx_runtime_refuses_stops_the_command_in_one_line(monkeypatc
     """Falcon with ALiBi exported a Mul over complex128, which ONNX Runtime refuses to load:
     ``petra search`` trained the baseline, then ended in a traceback where it loaded it."""
     from petra.candidate import artifact
+    from petra.candidate.baseline import export_dense
     from petra.errors import ConfigError
 
     class InvalidGraph(Exception):  # noqa: N818 - as onnxruntime names its error
@@ -487,4 +488,4 @@ def test_an_export_onnx_runtime_refuses_stops_the_command_in_one_line(monkeypatc
     monkeypatch.setattr(artifact, "load", refuse)
     with pytest.raises(ConfigError, match="does not load in ONNX Runtime, which runs every "
                                           "candidate .*complex128"):
-        artifact.export_dense(nn.Linear(4, 2).eval(), torch.randn(3, 4))
+        export_dense(nn.Linear(4, 2).eval(), torch.randn(3, 4))

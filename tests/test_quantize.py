@@ -15,6 +15,7 @@ from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
 from petra.candidate import artifact
+from petra.candidate.baseline import export_dense
 from petra.candidate.evaluate import COMPLETE
 from petra.compress.quantize import (
     INT4_QMAX,
@@ -588,7 +589,7 @@ def test_static_int8_keeps_a_float_computation_of_indices_float(monkeypatch):
 
     model = Buckets().eval()
     ids = torch.randint(0, 16, (4, 12))
-    proto = artifact.export_dense(model, (ids,))
+    proto = export_dense(model, (ids,))
     assert {"Log", "Div", "Mul"} <= {n.op_type for n in proto.graph.node
                                      if n.name in index_nodes(proto)}
     example = feed((ids,), [i.name for i in proto.graph.input])
@@ -631,7 +632,7 @@ def test_static_int8_keeps_an_attention_masks_huge_values_float(monkeypatch):
     model = Masked().eval()
     ids = torch.randint(0, 16, (8, 10))
     mask = (torch.arange(10)[None, :] < torch.randint(4, 11, (8, 1))).long()
-    proto = artifact.export_dense(model, (ids, mask))
+    proto = export_dense(model, (ids, mask))
     example = feed((ids, mask), [i.name for i in proto.graph.input])
     with torch.no_grad():
         reference = model(ids, mask).numpy()

@@ -32,7 +32,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -50,46 +49,25 @@ INT4_KEY = "petra.int4"
 _INT4_QMAX = 7
 
 
-def export_dense(model: Any, example_input: Any) -> Any:
-    """:func:`export_onnx` of the task's dense model, whose failure (or ONNX Runtime's refusal
-    of it) stops the command with one line on ``task.name``."""
-    from petra.errors import ConfigError
-
-    try:
-        proto = export_onnx(model, example_input)
-        load(proto)  # ONNX Runtime runs every candidate (Falcon's ALiBi: complex128)
-    except RuntimeError as exc:
-        op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
-        hint = (f"an operator with no ONNX form ({op.group(1)}) needs another implementation"
-                + (" (a Hugging Face MoE exports with experts_implementation=\"eager\")"
-                   if "grouped_mm" in op.group(1) else "") if op else "a forward that ONNX "
-                "cannot trace, such as pack_padded_sequence or data-dependent Python control "
-                "flow, needs another form")
-        raise ConfigError("task.name", "", "", f"the model does not export to ONNX, and petra "
-                          f"measures the exported artifact ({first_line(exc, 300)}); {hint}"
-                          ) from exc
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's refusals are no RuntimeError
-        raise ConfigError("task.name", "", "", "the model's ONNX export does not load in ONNX "
-                          f"Runtime, which runs every candidate ({first_line(exc, 300)})") from exc
-    return proto
-
-
 def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
     """Export ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis on every input.
 
     ``example_input`` is a tensor (input ``input``) or a tuple of tensors, named by
     ``model.input_names`` (a :class:`petra.tasks.contract.TaskModel`); the output is ``output``.
 
-    The TorchScript exporter is used first: in eval mode it folds BatchNorm into the preceding
-    convolution, and it takes ~0.2 s where the dynamo exporter takes ~5 s. The dynamo exporter
-    is the fallback for models the TorchScript one cannot trace. What either prints (graphs,
-    onnxscript's progress) goes to :data:`EXPORT_LOG`, never to stdout.
+    The TorchScript exporter is used first (it folds BatchNorm into the preceding conv, in
+    ~0.2 s where the dynamo exporter takes ~5 s), with the forms of
+    :mod:`petra.candidate.onnx_forms`; the dynamo exporter is the fallback for models it cannot
+    trace. What either prints goes to :data:`EXPORT_LOG`, never to stdout.
     """
     import warnings
 
     import onnx
     import torch
 
+    from petra.candidate.onnx_forms import explicit_pads, register_symbolics
+
+    register_symbolics()  # index_add with its duplicates summed
     inputs = tuple(example_input) if isinstance(example_input, tuple | list) \
         else (example_input,)
     names = list(getattr(model, "input_names", None) or
@@ -128,7 +106,8 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
                     f"{first_line(second)} (torch.export)") from second
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-    return keep_inputs(strip(onnx.load_from_string(buffer.getvalue())), names, inputs)
+    return keep_inputs(explicit_pads(strip(onnx.load_from_string(buffer.getvalue()))), names,
+                       inputs)
 
 
 def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:
@@ -381,15 +360,13 @@ def unpack(data: bytes) -> Any:
                 else:
                     where = np.unpackbits(arrays[entry["key"] + ".mask"], count=size).astype(bool)
                 dense[where] = arrays[entry["key"] + ".values"]
-                proto.graph.initializer.append(
-                    numpy_helper.from_array(dense.reshape(shape), entry["name"])
-                )
+                proto.graph.initializer.append(numpy_helper.from_array(dense.reshape(shape),
+                                                                      entry["name"]))
         if manifest.get("int4"):
             arrays = np.load(io.BytesIO(zf.read("int4.npz")))
             for entry in manifest["int4"]:
-                proto.graph.initializer.append(
-                    numpy_helper.from_array(_decode_int4(arrays, entry), entry["name"])
-                )
+                proto.graph.initializer.append(numpy_helper.from_array(
+                    _decode_int4(arrays, entry), entry["name"]))
         by_name = {i.name: i for i in proto.graph.initializer}
         for entry in manifest.get("tied", ()):
             source = numpy_helper.to_array(by_name[entry["of"]])
@@ -430,9 +407,7 @@ def load(source: Any, *, threads: int = 1, providers: Any = ("CPUExecutionProvid
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(
-        proto.SerializeToString(), options, providers=list(providers)
-    )
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
 
 
 def loader_source() -> str:

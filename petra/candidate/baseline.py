@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,7 @@ def prepare_baseline(
     task.model.eval()
     buffer = io.BytesIO()
     torch.save(task.model.state_dict(), buffer)
-    data = artifact.pack(artifact.export_dense(task.model, task.example_input))
+    data = artifact.pack(export_dense(task.model, task.example_input, task_name))
     session = artifact.load(data, threads=threads)
     check_artifact(task, task_name, session)
     val_accuracy, val_examples = session_metric(session, task.val, task.metric)
@@ -150,12 +151,53 @@ def prepare_baseline(
                     classes=int(out.shape[-1]) if out.dim() == 2 else 0)
 
 
+def export_dense(model: Any, example_input: Any, task_name: str = "") -> Any:
+    """:func:`~petra.candidate.artifact.export_onnx` of the task's dense model, whose failure,
+    ONNX Runtime's refusal of it, or a graph that does not compute the model on the example
+    batch stops the command with one line on ``task.name`` (``petra space`` too, which had
+    offered genes for a model whose search could not start)."""
+    from petra.errors import first_line
+
+    try:
+        proto = artifact.export_onnx(model, example_input)
+        session = artifact.load(proto)  # ORT runs every candidate (Falcon's ALiBi: complex128)
+    except RuntimeError as exc:
+        op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
+        hint = (f"an operator with no ONNX form ({op.group(1)}) needs another implementation"
+                + (" (a Hugging Face MoE exports with experts_implementation=\"eager\")"
+                   if "grouped_mm" in op.group(1) else "") if op else "a forward that ONNX "
+                "cannot trace, such as pack_padded_sequence or data-dependent Python control "
+                "flow, needs another form")
+        raise ConfigError("task.name", task_name, "", f"the model does not export to ONNX, and "
+                          f"petra measures the exported artifact ({first_line(exc, 300)}); {hint}"
+                          ) from exc
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's refusals are no RuntimeError
+        raise ConfigError("task.name", task_name, "", "the model's ONNX export does not load in "
+                          f"ONNX Runtime, which runs every candidate ({first_line(exc, 300)})"
+                          ) from exc
+    check_runs(model, session, example_input, task_name, "the example batch", (
+        "ONNX Runtime rejects a node the exporter wrote for this forward", "the exporter wrote "
+        "an operator of this forward as something else (an in-place write, a scatter?)"))
+    return proto
+
+
 def check_artifact(task: Task, task_name: str, session: Any) -> None:
     """Stop the command with one line on ``task.name`` where the dense model's exported
     artifact does not run on the first validation batch, or computes something else there
     than the model does. The export traces the example batch: a shape the forward computes
     in Python from it (a batch size, a sequence length) becomes a constant of the graph, which
     fails, or silently mixes examples, on a batch of another size."""
+    hint = ("the export traced the example batch, and a shape computed from it in Python (a "
+            "batch size, a length) may have become a constant: compute it with -1 or in torch")
+    check_runs(task.model, session, next(iter(task.val))[0], task_name,
+               "the first validation batch", (hint, hint))
+
+
+def check_runs(model: Any, session: Any, inputs: Any, task_name: str, batch: str,
+               hints: tuple[str, str]) -> None:
+    """Stop the command with one line on ``task.name`` where ``session`` does not run on
+    ``inputs`` (``hints[0]`` says why it may not), or computes something else there than
+    ``model`` does (``hints[1]``)."""
     import numpy as np
     import torch
 
@@ -163,22 +205,14 @@ def check_artifact(task: Task, task_name: str, session: Any) -> None:
     from petra.errors import first_line
     from petra.tasks.contract import args, first_tensor
 
-    inputs, _ = next(iter(task.val))
-    hint = ("the export traced the example batch, and a shape computed from it in Python (a "
-            "batch size, a length) may have become a constant: compute it with -1 or in torch")
     try:
         got = session.run(None, session_feed(session, inputs))[0]
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors are not RuntimeErrors
-        try:
-            session.run(None, session_feed(session, task.example_input))
-        except Exception:  # noqa: BLE001
-            hint = ("it fails on the example batch too: ONNX Runtime rejects a node the exporter "
-                    "wrote for this forward")
         raise ConfigError("task.name", task_name, "", (
-            f"the exported model does not run in ONNX Runtime on the first validation batch "
-            f"({first_line(exc, 300)}); {hint}")) from exc
+            f"the exported model does not run in ONNX Runtime on {batch} "
+            f"({first_line(exc, 300)}); {hints[0]}")) from exc
     with torch.no_grad():
-        want = first_tensor(task.model(*args(inputs))).detach().float().cpu().numpy()
+        want = first_tensor(model(*args(inputs))).detach().float().cpu().numpy()
     finite = np.abs(want[np.isfinite(want)])
     scale = float(finite.max()) if finite.size else 0.0
     # a model may output NaN or inf where it means to (a masked position): the artifact must too
@@ -191,8 +225,8 @@ def check_artifact(task: Task, task_name: str, session: Any) -> None:
         else:
             diff = f"largest difference {float(np.nanmax(np.abs(got - want))):.3g} of {scale:.3g}"
         raise ConfigError("task.name", task_name, "", (
-            f"the exported model computes something else than the model on the first "
-            f"validation batch ({diff}); {hint}"))
+            f"the exported model computes something else than the model on {batch} ({diff}); "
+            f"{hints[1]}"))
 
 
 #: Above chance by less than this (with the default accuracy metric), the baseline is at chance.

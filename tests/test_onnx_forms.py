@@ -1,0 +1,89 @@
+"""Ordinary layers the TorchScript exporter writes wrong or unrunnable, mended on export
+(petra.candidate.onnx_forms), and the dense export's check on the example batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from petra.candidate import artifact
+from petra.candidate.baseline import export_dense
+from petra.errors import ConfigError
+
+
+class MessagePassing(nn.Module):
+    """Each node sums its neighbours' messages (``index_add_``): nodes 1 and 2 receive two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("src", torch.tensor([0, 1, 2, 0, 1]))
+        self.register_buffer("dst", torch.tensor([1, 1, 0, 2, 2]))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (batch, nodes, features)
+        out = torch.zeros(h.shape[0], h.shape[1], 4)
+        return out.index_add_(1, self.dst, self.lin(h)[:, self.src])
+
+
+def run(proto, x: torch.Tensor) -> np.ndarray:
+    return artifact.load(proto).run(None, {"input": x.numpy()})[0]
+
+
+def test_index_add_sums_the_messages_to_one_node():
+    """The exporter's own index_add scattered into zeros, so of two messages to a node only
+    the last arrived: a GNN written outside the repo was refused at its baseline (largest
+    difference 7.2 of 8.5)."""
+    model = MessagePassing().eval()
+    proto = artifact.export_onnx(model, torch.randn(2, 3, 4))
+    scatter = [n for n in proto.graph.node if n.op_type == "ScatterElements"]
+    assert [a.s for n in scatter for a in n.attribute if a.name == "reduction"] == [b"add"]
+    x = torch.randn(5, 3, 4)  # another batch size: the batch axis stays dynamic
+    with torch.no_grad():
+        assert np.allclose(run(proto, x), model(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("kernel", "dilation"), [(3, 2), (4, 3), (2, 1)])
+def test_a_dilated_same_padded_conv_runs_in_onnx_runtime(kernel, dilation):
+    """``padding="same"`` is exported as ``auto_pad=SAME_UPPER``, which ONNX Runtime's
+    optimized conv refuses with a dilation: a super-resolution net written outside the repo
+    could not be searched. Its pads are written out, the odd one at the end as torch pads."""
+    import onnx
+
+    from petra.candidate.onnx_forms import explicit_pads
+
+    model = nn.Conv2d(3, 4, kernel, padding="same", dilation=dilation).eval()
+    x = torch.randn(2, 3, 9, 8)
+    proto = artifact.export_onnx(model, x)
+    (conv,) = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert "auto_pad" not in {a.name for a in conv.attribute}
+    with torch.no_grad():
+        assert np.allclose(run(proto, x), model(x).numpy(), atol=1e-5)
+    if dilation > 1:  # what the exporter wrote, which the mending rewrites
+        for a in conv.attribute:
+            if a.name == "pads":
+                conv.attribute.remove(a)
+        conv.attribute.append(onnx.helper.make_attribute("auto_pad", "SAME_UPPER"))
+        with pytest.raises(Exception, match="Dilation not supported"):
+            run(proto, x)
+        assert np.allclose(run(explicit_pads(proto), x), model(x).detach().numpy(), atol=1e-5)
+
+
+def test_a_dense_export_that_computes_something_else_stops_in_one_line():
+    """``petra space`` offered every gene of a model whose export did not compute it, then
+    ``petra search`` stopped at the baseline: the dense export is checked on the example
+    batch wherever it is made."""
+
+    class Traced(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * (2.0 if torch.jit.is_tracing() else 1.0)
+
+    with pytest.raises(ConfigError, match="task.name: the exported model computes something "
+                                          "else than the model on the example batch"):
+        export_dense(Traced().eval(), torch.randn(3, 4))
+    export_dense(nn.Linear(4, 2).eval(), torch.randn(3, 4))  # an export that computes it
