@@ -49,6 +49,13 @@ def describe_error(exc: BaseException, limit: int = 2000) -> str:
     return text[:limit]
 
 
+def a_kind(name: str) -> str:
+    """``name`` with its article: "an Embedding", "an LSTMCell" (an acronym read by its
+    letters), "a GRUCell"."""
+    vowel = name[:1] in "AEIOU" or (name[:2].isupper() and name[:1] in "FHLMNRSX")
+    return f"{'an' if vowel else 'a'} {name}"
+
+
 def first_line(exc: BaseException, limit: int = 300, *, typed: bool = True) -> str:
     """The first non-blank line of :func:`describe_error` (``typed``), or of the bare message,
     at most ``limit`` characters; the type's name where the message is empty."""

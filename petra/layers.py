@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petra.errors import ConfigError
+from petra.errors import ConfigError, a_kind
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
@@ -347,9 +347,8 @@ _UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Co
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
                      known: Iterable[str] = ()) -> dict[str, str]:
     """The modules of ``model`` with a weight matrix of their own (two dimensions longer than
-    1, not ConvNeXt-V2's GRN ``(1, 1, 1, C)``; or Mixtral's bank of experts) that are none of
-    ``layers``, nor inside one of them or of ``known`` (attentions kept whole), each with why
-    no gene takes it (a Hugging Face ``Conv1D`` is an ``nn.Linear`` by then)."""
+    1, not ConvNeXt-V2's GRN ``(1, 1, 1, C)``; Mixtral's bank of experts; an LSTMCell's) that
+    are none of ``layers``, nor inside one of them or of ``known``, each with why no gene does."""
     from torch import nn
 
     handled = [layer.name for layer in layers] + list(known)
@@ -359,12 +358,13 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
     out = {}
     for name, module in modules.items():
         weight = module._parameters.get("weight")
-        weight = weight if weight is not None else next((  # a MoE's bank of matrices
-            p for p in module._parameters.values() if p is not None and p.dim() >= 3), None)
+        weight = weight if weight is not None else next((  # a MoE's bank; LSTMCell's weight_ih
+            p for n, p in module._parameters.items() if p is not None and p.dim() >= 3 - (
+                "weight" in n)), None)
         if not name or weight is None or sum(size > 1 for size in weight.shape) < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue
-        article = ("an " if type(module).__name__[0] in "AEIOU" else "a ") + type(module).__name__
+        article = a_kind(type(module).__name__)
         if id(weight) in tied:  # T5's ``shared``, the encoder's ``embed_tokens``: one table
             out[name] = f"{article} that holds the weight of {tied[id(weight)]}, which is listed"
         elif isinstance(module, tuple(getattr(nn, t) for t in LISTED_TYPE_NAMES)):

@@ -566,7 +566,9 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     whole with why, not left out of ``petra space`` unmentioned; a parameter that is no
     layer's weight (a positional table) is not, nor a per-channel weight shaped to broadcast
     (ConvNeXt-V2's GRN, ``(1, 1, 1, C)``: it loses channels with its group). A bank of
-    matrices by another name (Mixtral's experts' ``gate_up_proj``) was not listed at all."""
+    matrices by another name (Mixtral's experts' ``gate_up_proj``) was not listed at all, nor
+    an ``nn.LSTMCell`` stepped in a Python loop (``weight_ih``, ``weight_hh``), 96% of a
+    model written outside the repo."""
     import torch
     from torch import nn
 
@@ -605,11 +607,15 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
             self.fc = nn.Linear(8, 8)
             self.scale = Scale(8)
             self.proj = TransposedLinear(8, 8)
+            self.cell = nn.LSTMCell(8, 8)
             self.head = nn.Linear(8, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.scale(torch.relu(self.fc(x + self.pos))) + self.experts(x)
-            return self.head(torch.relu(self.proj(h)).mean(1))
+            state = None
+            for step in range(h.shape[1]):
+                state = self.cell(h[:, step], state)
+            return self.head(torch.relu(self.proj(h)).mean(1) + state[0])
 
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8)
@@ -619,7 +625,8 @@ def test_a_weight_layer_of_a_type_no_gene_handles_is_named_with_the_reason():
     assert space.kept_whole["proj"].startswith("a TransposedLinear: no gene prunes this type")
     assert "layers.fc.method" in space and "layers.proj.method" not in space
     assert space.kept_whole["experts"].startswith("an Experts: no gene prunes this type")
-    assert set(space.kept_whole) == {"proj", "head", "experts"}
+    assert space.kept_whole["cell"].startswith("an LSTMCell: no gene prunes this type")
+    assert set(space.kept_whole) == {"proj", "head", "experts", "cell"}
 
 
 def test_a_layer_the_model_never_calls_is_kept_whole_for_that_reason():

@@ -25,7 +25,7 @@ from torch import nn
 
 from petra.compress.graph import GroupDoesNotClose, dependency_graph, pruning_group
 from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
-from petra.errors import first_line
+from petra.errors import a_kind, first_line
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
@@ -339,10 +339,10 @@ def check_indices(graph: Any, group: Any) -> None:
         width = (pruner.get_out_channels(module) if graph.is_out_channel_pruning_fn(dep.handler)
                  else pruner.get_in_channels(module))
         if width is not None and max(idxs) >= width:
-            name, kind = getattr(graph, "_module2name", {}).get(module), type(module).__name__
+            name = getattr(graph, "_module2name", {}).get(module)
             raise IndexError(f"torch-pruning ties this group to channel {max(idxs)} of "
-                             f"{name + ', ' if name else ''}a{'n' * (kind[:1] in 'AEIOU')} "
-                             f"{kind} with {width} channels: it follows them through an op it "
+                             f"{name + ', ' if name else ''}{a_kind(type(module).__name__)} "
+                             f"with {width} channels: it follows them through an op it "
                              "maps wrongly")
 
 

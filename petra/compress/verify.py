@@ -42,7 +42,7 @@ from petra.compress.structured import (
     remove_channels,
     tied_runs,
 )
-from petra.errors import first_line
+from petra.errors import a_kind, first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.registry import QUANTIZATION
 from petra.tasks.contract import args, copy_model
@@ -118,9 +118,8 @@ def failure(exc: BaseException, model: nn.Module) -> str:
             module = this  # the innermost layer of the model whose forward raised
         tb = tb.tb_next
     if node is None:
-        kind = type(module).__name__
-        return first_line(exc) + (f" (in {names[id(module)]}, a{'n' * (kind[:1] in 'AEIOU')} "
-                                  f"{kind})" if module is not None else "")
+        return first_line(exc) + (f" (in {names[id(module)]}, {a_kind(type(module).__name__)})"
+                                  if module is not None else "")
     names.update({id(p): n for n, p in model.named_parameters()})
     where, seen, todo = names.get(id(node.module)), set(), list(node.inputs)
     while where is None and todo:  # an operation: the nearest layer or weight before it
