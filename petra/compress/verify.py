@@ -22,6 +22,7 @@ A unit or scheme that fails is withheld, with the first line of its error as the
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from petra.candidate import artifact
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
+from petra.compress.landing import check_landing
 from petra.compress.quantize import QuantContext
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import (
@@ -206,6 +208,8 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep,
                       conv_groups(whole, runs))
         if idxs:  # the last channels (of each run of a grouped convolution's)
+            check_landing(model, example_input, graph, pruning_group(
+                graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs), n)
             remove_channels(graph, root, idxs)
 
 
@@ -315,7 +319,15 @@ def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequen
         return _runs(model, example_input, lambda candidate: factorize(
             candidate, {name: methods[0] for name in subset}, energy=energy))
 
-    return {name: f"{methods[0]}: {why}" for name, why in bisect(list(names), trial).items()}
+    return {name: f"{methods[0]}: " + (f"the model reads the layer's `{attr.group(1)}` itself, "
+                                        f"which its factors (two thin layers) lack ({why})"
+                                        if (attr := _ATTRIBUTE.search(why)) else why)
+            for name, why in bisect(list(names), trial).items()}
+
+
+#: A factorized layer's attribute read by the model (torch's TransformerEncoderLayer reads
+#: ``linear2.weight``): ``'Sequential' object has no attribute 'weight'``.
+_ATTRIBUTE = re.compile(r"'Sequential' object has no attribute '(\w+)'")
 
 
 def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],

@@ -1,0 +1,72 @@
+"""Channel groups that torch-pruning maps wrongly through the forward are withheld
+(petra.compress.landing), and groups it maps right are still offered."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from petra.config import load_config
+from petra.space import model_space
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet-V1's unit: grouped 1x1 conv, channel shuffle, depthwise 3x3, grouped 1x1."""
+
+    def __init__(self, c: int = 16, g: int = 2) -> None:
+        super().__init__()
+        self.g = g
+        self.g1, self.bn1 = nn.Conv2d(c, c, 1, groups=g, bias=False), nn.BatchNorm2d(c)
+        self.dw, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)
+        self.g2, self.bn3 = nn.Conv2d(c, c, 1, groups=g, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.g1(x)))
+        b, c, hh, ww = h.shape
+        h = h.view(b, self.g, c // self.g, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+        return F.relu(x + self.bn3(self.g2(self.bn2(self.dw(h)))))
+
+
+class Net(nn.Module):
+    def __init__(self, shuffle: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.unit = ShuffleUnit() if shuffle else nn.Sequential(  # MobileNet's, no shuffle
+            nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 16, 1))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.unit(self.stem(x)).mean((2, 3)))
+
+
+def space_of(model: nn.Module):
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-like norms, so no channel is constant by chance
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"],
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    return model_space(cfg, model.eval(), (torch.randn(4, 1, 8, 8),))
+
+
+def test_a_group_mapped_wrongly_through_a_channel_shuffle_is_withheld():
+    """torch-pruning mapped a ShuffleNet unit's shuffle (view, transpose, reshape) one to one:
+    removing half of the grouped conv's channels cut the depthwise conv after it at the same
+    indices, and a model written outside the repo fell from 0.98 to 0.47 (masking the same
+    channels: 0.81) while every check passed."""
+    space = space_of(Net(shuffle=True))
+    reason = space.withheld["layers.unit.g1"]
+    assert "WrongMapping" in reason and "unit.dw would lose input channels" in reason
+    assert "layers.unit.dw.method" not in space and "layers.unit.g1.method" not in space
+    assert "l2_channel" in space.gene("layers.stem.0.method").choices  # mapped right
+
+
+def test_groups_mapped_right_are_offered():
+    space = space_of(Net(shuffle=False))
+    assert not space.withheld
+    for layer in ("stem.0", "unit.0", "unit.3"):
+        assert "l2_channel" in space.gene(f"layers.{layer}.method").choices
