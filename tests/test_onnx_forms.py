@@ -80,10 +80,49 @@ def test_a_dense_export_that_computes_something_else_stops_in_one_line():
             super().__init__()
             self.fc = nn.Linear(4, 2)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x) * (2.0 if torch.jit.is_tracing() else 1.0)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # wrong under either exporter
+            exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()
+            return self.fc(x) * (2.0 if exporting else 1.0)
 
     with pytest.raises(ConfigError, match="task.name: the exported model computes something "
                                           "else than the model on the example batch"):
         export_dense(Traced().eval(), torch.randn(3, 4))
     export_dense(nn.Linear(4, 2).eval(), torch.randn(3, 4))  # an export that computes it
+
+
+class TracedWrong(nn.Module):
+    """A forward the TorchScript exporter records wrongly (as a Longformer, once trained,
+    was), while the dynamo exporter records it right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (2.0 if torch.jit.is_tracing() else 1.0)
+
+
+def test_a_model_the_torchscript_exporter_gets_wrong_is_exported_by_dynamo():
+    """PatchTST, Mamba and a Cohere with q/k norms were refused (ONNX Runtime rejected their
+    TorchScript graphs), and a trained Longformer's graph computed something else, where the
+    dynamo exporter's graphs were right. The dense export tries it, and its candidates (in
+    this process, and in the workers, which read the dense artifact's metadata) follow."""
+    import copy
+
+    from petra.candidate import onnx_forms
+
+    model, x = TracedWrong().eval(), torch.randn(3, 4)
+    try:
+        proto = export_dense(model, x)
+        assert onnx_forms.preferred(model) == "dynamo"
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert meta[onnx_forms.EXPORTER_KEY] == "dynamo"
+        session = artifact.load(artifact.pack(proto))
+        assert session.get_modelmeta().custom_metadata_map[onnx_forms.EXPORTER_KEY] == "dynamo"
+        candidate = copy.deepcopy(model)  # a candidate: another instance of the class
+        with torch.no_grad():
+            got = run(artifact.export_onnx(candidate, x), x)
+            assert np.allclose(got, candidate(x).numpy(), atol=1e-6)
+    finally:
+        onnx_forms._PREFERRED.clear()
+    assert onnx_forms.preferred(model) == ""

@@ -49,7 +49,7 @@ INT4_KEY = "petra.int4"
 _INT4_QMAX = 7
 
 
-def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
+def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: str = "") -> Any:
     """Export ``model`` to an ``onnx.ModelProto`` with a dynamic batch axis on every input.
 
     ``example_input`` is a tensor (input ``input``) or a tuple of tensors, named by
@@ -58,22 +58,25 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
     The TorchScript exporter is used first (it folds BatchNorm into the preceding conv, in
     ~0.2 s where the dynamo exporter takes ~5 s), with the forms of
     :mod:`petra.candidate.onnx_forms`; the dynamo exporter is the fallback for models it cannot
-    trace. What either prints goes to :data:`EXPORT_LOG`, never to stdout.
+    trace, and the ``exporter`` for models whose TorchScript graph ONNX Runtime refuses or that
+    computes something else (:func:`petra.candidate.onnx_forms.prefer`). What either prints
+    goes to :data:`EXPORT_LOG`, never to stdout.
     """
     import warnings
 
     import onnx
     import torch
 
-    from petra.candidate.onnx_forms import explicit_pads, register_symbolics
+    from petra.candidate import onnx_forms
 
-    register_symbolics()  # index_add with its duplicates summed
+    onnx_forms.register_symbolics()  # index_add with its duplicates summed
     inputs = tuple(example_input) if isinstance(example_input, tuple | list) \
         else (example_input,)
     names = list(getattr(model, "input_names", None) or
                  (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
     model.eval()
     buffer = io.BytesIO()
+    dynamo = (exporter or onnx_forms.preferred(model)) == "dynamo"
     # nn.TransformerEncoderLayer's fused inference path (aten::_transformer_encoder_layer_fwd)
     # has no ONNX export: trace the plain computation instead.
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -81,33 +84,30 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17) -> Any:
         warnings.simplefilter("ignore")
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            torch.onnx.export(
-                model, inputs, buffer, dynamo=False, opset_version=opset,
-                input_names=names, output_names=["output"],
-                dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
-                do_constant_folding=True,
-            )
-        except Exception as first:  # pragma: no cover - models TorchScript cannot trace
-            buffer = io.BytesIO()
-            batch = torch.export.Dim("batch")
-            shapes = tuple({0: batch} for _ in inputs)
-            # A TaskModel takes *inputs: its one argument is the tuple of them.
-            if hasattr(model, "input_names"):
-                shapes = (shapes,)
-            try:
+            if dynamo:
+                buffer = onnx_forms.dynamo_export(model, inputs, names, opset)
+            else:
                 torch.onnx.export(
-                    model, inputs, buffer, dynamo=True, opset_version=max(opset, 18),
-                    input_names=names, output_names=["output"], dynamic_shapes=shapes,
-                    verbose=False,
-                )
+                    model, inputs, buffer, dynamo=False, opset_version=opset,
+                    input_names=names, output_names=["output"],
+                    dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
+                    do_constant_folding=True)
+        except Exception as first:  # pragma: no cover - models TorchScript cannot trace
+            if dynamo:
+                raise RuntimeError(f"ONNX export failed: {first_line(first)} (torch.export)"
+                                   ) from first
+            try:
+                buffer, dynamo = onnx_forms.dynamo_export(model, inputs, names, opset), True
             except Exception as second:
                 raise RuntimeError(
                     f"ONNX export failed: {first_line(first)} (TorchScript exporter); "
                     f"{first_line(second)} (torch.export)") from second
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-    return keep_inputs(explicit_pads(strip(onnx.load_from_string(buffer.getvalue()))), names,
-                       inputs)
+    proto = onnx_forms.explicit_pads(strip(onnx.load_from_string(buffer.getvalue())))
+    if dynamo:  # which exporter made it: workers export the task's candidates the same way
+        onnx.helper.set_model_props(proto, {onnx_forms.EXPORTER_KEY: "dynamo"})
+    return keep_inputs(proto, names, inputs)
 
 
 def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:

@@ -130,9 +130,9 @@ def prepare_baseline(
     task.model.eval()
     buffer = io.BytesIO()
     torch.save(task.model.state_dict(), buffer)
-    data = artifact.pack(export_dense(task.model, task.example_input, task_name))
+    data = artifact.pack(export_dense(task.model, task.example_input, task_name,
+                                      lambda s: check_artifact(task, task_name, s)))
     session = artifact.load(data, threads=threads)
-    check_artifact(task, task_name, session)
     val_accuracy, val_examples = session_metric(session, task.val, task.metric)
     metrics = {
         "val_accuracy": val_accuracy,
@@ -151,15 +151,39 @@ def prepare_baseline(
                     classes=int(out.shape[-1]) if out.dim() == 2 else 0)
 
 
-def export_dense(model: Any, example_input: Any, task_name: str = "") -> Any:
+def export_dense(model: Any, example_input: Any, task_name: str = "",
+                 check: Any = None) -> Any:
     """:func:`~petra.candidate.artifact.export_onnx` of the task's dense model, whose failure,
     ONNX Runtime's refusal of it, or a graph that does not compute the model on the example
-    batch stops the command with one line on ``task.name`` (``petra space`` too, which had
-    offered genes for a model whose search could not start)."""
+    batch (or fails ``check(session)``) stops the command with one line on ``task.name``
+    (``petra space`` too, which had offered genes for a model whose search could not start).
+    Where the TorchScript exporter's graph is refused or computes something else, the dynamo
+    exporter's is tried, and where it passes, it is the exporter of this model's candidates
+    (:func:`petra.candidate.onnx_forms.prefer`)."""
+    from petra.candidate import onnx_forms
+
+    try:
+        proto = _checked_export(model, example_input, task_name, check, "")
+        if any(p.key == onnx_forms.EXPORTER_KEY for p in proto.metadata_props):
+            onnx_forms.prefer(model, "dynamo")  # TorchScript could not trace it
+        return proto
+    except ConfigError as first:
+        if onnx_forms.preferred(model) == "dynamo" or "does not export" in str(first):
+            raise  # the dynamo exporter was tried already
+        try:
+            proto = _checked_export(model, example_input, task_name, check, "dynamo")
+        except Exception:  # noqa: BLE001 - the first exporter's line says it
+            raise first from None
+        onnx_forms.prefer(model, "dynamo")
+        return proto
+
+
+def _checked_export(model: Any, example_input: Any, task_name: str, check: Any,
+                    exporter: str) -> Any:
     from petra.errors import first_line
 
     try:
-        proto = artifact.export_onnx(model, example_input)
+        proto = artifact.export_onnx(model, example_input, exporter=exporter)
         session = artifact.load(proto)  # ORT runs every candidate (Falcon's ALiBi: complex128)
     except RuntimeError as exc:
         op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
@@ -178,6 +202,8 @@ def export_dense(model: Any, example_input: Any, task_name: str = "") -> Any:
     check_runs(model, session, example_input, task_name, "the example batch", (
         "ONNX Runtime rejects a node the exporter wrote for this forward", "the exporter wrote "
         "an operator of this forward as something else (an in-place write, a scatter?)"))
+    if check is not None:
+        check(session)
     return proto
 
 

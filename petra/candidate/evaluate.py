@@ -12,7 +12,8 @@ that raises, produces non-finite weights or outputs, or allocates past the limit
 :class:`Result` with its error; one stopped by its rung (:mod:`petra.engine.fidelity`) a pruned one.
 
 An :class:`Evaluator` is built once per worker and reused for every candidate: the task, the
-baseline weights and the baseline's ONNX Runtime session stay warm.
+baseline weights and the baseline's ONNX Runtime session stay warm. Candidates are exported as
+the dense model was (its artifact names the exporter where it is not the TorchScript one).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from petra.candidate import artifact
 from petra.candidate.limits import memory_limit, peak_rss_mb, pin_to_core, reset_peak_rss
 from petra.candidate.measure import InterleavedTimer, macs_and_params, session_accuracy
+from petra.candidate.onnx_forms import EXPORTER_KEY, prefer
 from petra.candidate.recipes import Recipe, layer_sparsity
 from petra.engine.fidelity import ALL_ROUNDS, FIRST_ROUNDS, PROBE_BLOCK_S, PROBE_ROUNDS
 from petra.errors import COMPLETE, FAILED, PRUNED, describe_error
@@ -130,6 +132,8 @@ class Evaluator:
         self.example = self.task.example_input
         self.baseline_bytes = len(baseline_artifact)
         self.baseline_session = self._session(baseline_artifact)
+        if self.baseline_session.get_modelmeta().custom_metadata_map.get(EXPORTER_KEY):
+            prefer(self.task.model, "dynamo")
         self.attention = attention_layers(self.task.model, self.example)
         self.recurrent = gru_layers(self.task.model, self.example)
         layers = prunable_layers(self.task.model, self.example, attention=self.attention,
@@ -139,9 +143,8 @@ class Evaluator:
         self.blocks = skippable_blocks(self.task.model, self.example)
         self._screen: Screen | None = None  # built on the first screen
         self._teacher: nn.Module | None = None  # the dense model on the device, for kd
-        self.calibration = [
-            feed(x, self.task.input_names) for x, _ in _take(self.task.train, calibration_batches)
-        ]
+        self.calibration = [feed(x, self.task.input_names)
+                            for x, _ in _take(self.task.train, calibration_batches)]
 
     @staticmethod
     def options(cfg: SearchConfig, baseline: Baseline) -> dict[str, Any]:
@@ -166,14 +169,12 @@ class Evaluator:
         """The dense model on :attr:`device` (itself on the CPU)."""
         if self._teacher is None:
             on_cpu = self.device.type == "cpu"
-            self._teacher = self.task.model if on_cpu else \
-                copy_model(self.task.model).to(self.device)
+            self._teacher = self.task.model if on_cpu else copy_model(self.task.model).to(
+                self.device)
         return self._teacher
 
-    def evaluate(
-        self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0,
-        rung: Rung | None = None,
-    ) -> Result:
+    def evaluate(self, genome: Mapping[str, Any], *, genome_hash: str = "", seed: int = 0,
+                 rung: Rung | None = None) -> Result:
         """Compress, fine-tune, export and measure one genome; never raises.
 
         Args:
@@ -201,9 +202,8 @@ class Evaluator:
         result.info.update(worker_pid=os.getpid(), core=self.core, device=self.device.type)
         return result
 
-    def _evaluate(
-        self, genome: dict[str, Any], genome_hash: str, seed: int, rung: Rung | None
-    ) -> Result:
+    def _evaluate(self, genome: dict[str, Any], genome_hash: str, seed: int,
+                  rung: Rung | None) -> Result:
         import torch
 
         from petra.compress.gates import remove_gated

@@ -9,6 +9,14 @@ refuses, or that computes something else, mended on the way out.
   which ONNX Runtime's optimized convolution refuses with a dilation ("Dilation not supported
   for AutoPadType::SAME_UPPER"). Such a convolution is given its padding explicitly, as
   PyTorch pads it (the odd one at the end).
+
+Some models export with the TorchScript exporter into a graph that ONNX Runtime refuses to
+load or run (PatchTST's positional add, Mamba's Tile) or that computes something else
+(Longformer's, once trained), where the dynamo exporter's graph is right. The dense export
+(:func:`petra.candidate.baseline.export_dense`) then tries the dynamo exporter, and where its
+graph passes the same checks, :func:`prefer` makes it the exporter of every model of that
+class in the process; the graph says so in its metadata (:data:`EXPORTER_KEY`), from which
+each worker's evaluator takes the same choice for the task's candidates.
 """
 
 from __future__ import annotations
@@ -16,6 +24,41 @@ from __future__ import annotations
 from typing import Any
 
 _REGISTERED: list[bool] = []
+#: The graph metadata key that names the exporter, where it is not the TorchScript one.
+EXPORTER_KEY = "petra.exporter"
+#: The exporter chosen for each model class (the user's class under a TaskModel).
+_PREFERRED: dict[type, str] = {}
+
+
+def _root(model: Any) -> type:
+    return type(getattr(model, "inner", model))
+
+
+def prefer(model: Any, exporter: str) -> None:
+    """Export every model of ``model``'s class with ``exporter`` (``"dynamo"``) from now on."""
+    _PREFERRED[_root(model)] = exporter
+
+
+def preferred(model: Any) -> str:
+    """The exporter chosen for ``model``'s class, or ``""`` (the TorchScript one first)."""
+    return _PREFERRED.get(_root(model), "")
+
+
+def dynamo_export(model: Any, inputs: tuple[Any, ...], names: list[str], opset: int) -> Any:
+    """``model`` exported by the dynamo exporter with a dynamic batch axis, in a buffer."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    batch = torch.export.Dim("batch")
+    shapes: Any = tuple({0: batch} for _ in inputs)
+    if hasattr(model, "input_names"):  # a TaskModel takes *inputs: its one argument
+        shapes = (shapes,)
+    torch.onnx.export(model, inputs, buffer, dynamo=True, opset_version=max(opset, 18),
+                      input_names=names, output_names=["output"], dynamic_shapes=shapes,
+                      verbose=False)
+    return buffer
 
 
 def register_symbolics() -> None:
