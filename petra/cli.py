@@ -32,6 +32,7 @@ from petra.candidate.evaluate import Evaluator
 from petra.candidate.export import export_candidate, write_bundle
 from petra.engine.loop import cache_dir, resume, search
 from petra.errors import COMPLETE, ConfigError
+from petra.genes import check_range
 from petra.registry import REGISTRIES
 from petra.space import summarize
 from petra.tasks import load_task
@@ -208,12 +209,15 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
     check_task(task, cfg.task.name)
     threads = cfg.execution.cpus_per_candidate
     space = task_space(cfg.space, task, cache_dir())
-    baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
-                                cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
-    try:
+    try:  # before the baseline trains
+        for name, value in genome.items():
+            if name in space:
+                check_range(space.gene(name), value)
         genome = space.complete(genome)
     except ValueError as exc:
         raise ConfigError("genome", source, "", str(exc)) from None
+    baseline = prepare_baseline(task, task_name=cfg.task.name, task_params=cfg.task.params,
+                                cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
     evaluator = Evaluator.from_config(cfg, baseline, threads=threads, core=0)
     torch.set_num_threads(threads)
     result = evaluator.evaluate(genome, genome_hash=space.genome_hash(genome), seed=cfg.seed)

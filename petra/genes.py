@@ -113,6 +113,22 @@ class Int:
 Gene = Categorical | Float | Int
 
 
+def check_range(gene: Gene, value: Any) -> None:
+    """Raise ``ValueError`` where ``value`` lies outside a numeric ``gene``'s range, or is no
+    integer for an integer gene: a genome the user wrote (``petra evaluate``) is not clipped
+    into the space in silence, as the search's own variations are."""
+    if isinstance(gene, Categorical):
+        gene.clip(value)
+        return
+    number = gene.clip(value) if isinstance(value, str) else value  # the type's own message
+    if isinstance(gene, Int) and float(number) != int(float(number)):
+        raise ValueError(f"gene {gene.name} must be an integer in [{gene.low}, {gene.high}]; "
+                         f"got {value!r}")
+    if not gene.low <= float(number) <= gene.high:
+        raise ValueError(f"gene {gene.name} must be in [{gene.low:g}, {gene.high:g}]; got "
+                         f"{value!r}")
+
+
 def geomean(lo: float, hi: float) -> float:
     """The geometric mean of ``lo`` and ``hi`` to 3 significant digits (a log gene's default)."""
     return float(f"{math.sqrt(lo * hi):.3g}")

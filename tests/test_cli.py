@@ -131,6 +131,28 @@ def test_evaluate_rejects_an_unknown_gene(tmp_path: Path) -> None:
     assert len(lines) == 1 and "quant.schema" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(("genome", "says"), [
+    ('{"finetune.epochs": 9}', "gene finetune.epochs must be in [0, 4]; got 9"),
+    ('{"finetune.epochs": 0.5}', "gene finetune.epochs must be an integer in [0, 4]; got 0.5"),
+    ('{"finetune.lr": 0.5}', "gene finetune.lr must be in ["),
+])
+def test_evaluate_rejects_a_gene_outside_its_range(tmp_path: Path, genome: str, says: str) -> None:
+    """A head sparsity of 1.5, a width of 0.9 and 3 fine-tune epochs ran as 0.9, 0.5 and 1,
+    and nothing said the genome had changed: the search clips its own variations into the
+    space, but a genome the user wrote is checked."""
+    from petra.genes import Float, Int, check_range
+
+    path = tmp_path / "recipe.json"
+    path.write_text(genome)
+    proc = petra("evaluate", str(tiny_config(tmp_path)), "--genome", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert says in proc.stderr and "baseline" not in proc.stdout  # before the baseline trains
+    check_range(Float("x", 0.0, 0.9, 0.0), 0.9)
+    check_range(Int("n", 0, 2, 0), 2.0)
+    with pytest.raises(ValueError, match="must be a number"):
+        check_range(Float("x", 0.0, 0.9, 0.0), "half")
+
+
 def test_evaluate_shows_the_latency_its_ratio_divides_by() -> None:
     """The baseline beside ``latency_ms`` was the search's cached baseline, timed in another
     process (20.9 ms against a candidate's 13.0 at a ratio of 0.99); it is now the dense model
