@@ -419,11 +419,11 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
         for member in selected.intersection(unit.members):
             out["layers"][member] = reason
     from petra.candidate.baseline import export_dense
-    from petra.tasks.contract import feed
+    from petra.tasks.contract import args, feed
 
-    proto = export_dense(model, tuple(example_input))  # one line if a search could not start
+    proto = export_dense(model, args(example_input))  # one line if a search could not start
     if schemes:
-        example = feed(example_input, [i.name for i in proto.graph.input])
+        example = feed(args(example_input), [i.name for i in proto.graph.input])
         out["schemes"] = verify.verify_schemes(proto, schemes, [example], example)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

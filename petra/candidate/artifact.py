@@ -97,7 +97,7 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
                 raise RuntimeError(f"ONNX export failed: {first_line(first)} (torch.export)"
                                    ) from first
             try:
-                buffer, dynamo = onnx_forms.dynamo_export(model, inputs, names, opset), True
+                buffer = onnx_forms.dynamo_export(model, inputs, names, opset)
             except Exception as second:
                 raise RuntimeError(
                     f"ONNX export failed: {first_line(first)} (TorchScript exporter); "
@@ -105,8 +105,6 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
     proto = onnx_forms.explicit_pads(strip(onnx.load_from_string(buffer.getvalue())))
-    if dynamo:  # which exporter made it: workers export the task's candidates the same way
-        onnx.helper.set_model_props(proto, {onnx_forms.EXPORTER_KEY: "dynamo"})
     return keep_inputs(proto, names, inputs)
 
 

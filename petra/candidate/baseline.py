@@ -160,13 +160,12 @@ def export_dense(model: Any, example_input: Any, task_name: str = "",
     Where the TorchScript exporter's graph is refused or computes something else, the dynamo
     exporter's is tried, and where it passes, it is the exporter of this model's candidates
     (:func:`petra.candidate.onnx_forms.prefer`)."""
+    import onnx
+
     from petra.candidate import onnx_forms
 
     try:
-        proto = _checked_export(model, example_input, task_name, check, "")
-        if any(p.key == onnx_forms.EXPORTER_KEY for p in proto.metadata_props):
-            onnx_forms.prefer(model, "dynamo")  # TorchScript could not trace it
-        return proto
+        return _checked_export(model, example_input, task_name, check, "")
     except ConfigError as first:
         if onnx_forms.preferred(model) == "dynamo" or "does not export" in str(first):
             raise  # the dynamo exporter was tried already
@@ -175,6 +174,8 @@ def export_dense(model: Any, example_input: Any, task_name: str = "",
         except Exception:  # noqa: BLE001 - the first exporter's line says it
             raise first from None
         onnx_forms.prefer(model, "dynamo")
+        meta = {p.key: p.value for p in proto.metadata_props}  # workers read it from here
+        onnx.helper.set_model_props(proto, {**meta, onnx_forms.EXPORTER_KEY: "dynamo"})
         return proto
 
 
