@@ -430,6 +430,11 @@ class _Search:
                             interrupted=interrupted, lr_probe=self.lr_probe)
 
 
+#: Why a front has no hypervolume: every member is outside the reference point.
+ZERO_HV = (" (no member is below the dense model on every min objective and within 0.1 of it "
+           "on every max one)")
+
+
 def _generation_line(snap: pareto.FrontSnapshot, status: Any) -> str:
     """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
 
@@ -437,9 +442,7 @@ def _generation_line(snap: pareto.FrontSnapshot, status: Any) -> str:
                      for k, v in status.best.items())
     eta = "" if status.eta_s is None or status.done >= status.planned else (
         f", ETA {duration(status.eta_s)}")
-    return (
-        f"generation {status.generation + 1}/{status.generations}: {status.done} evaluated "
-        f"({status.failed} failed, {status.pruned} pruned), front {len(snap.members)}, "
-        f"hypervolume {snap.hypervolume:.4f}; {best or 'nothing complete yet'} "
-        f"[{status.elapsed_s:.0f} s{eta}]"
-    )
+    return (f"generation {status.generation + 1}/{status.generations}: {status.done} evaluated "
+            f"({status.failed} failed, {status.pruned} pruned), front {len(snap.members)}, "
+            f"hypervolume {snap.hypervolume:.4f}{ZERO_HV * bool(snap.members and not snap.hypervolume)}"
+            f"; {best or 'nothing complete yet'} [{status.elapsed_s:.0f} s{eta}]")
