@@ -242,10 +242,9 @@ def _is_static(scheme: str) -> bool:
 
 def summarize(genome: Mapping[str, Any]) -> str:
     """A one-line recipe: each method with its layer count and mean sparsity, channel
-    rounding, quantization, and the fine-tune with its regularizer.
-
-    Layers that change nothing are left out, as :meth:`SearchSpace.effective` leaves them: a
-    method at sparsity 0, a layer inside a skipped block, and a skipped block inside another.
+    rounding, quantization, and the fine-tune with its regularizer. What changes nothing is
+    left out, as :meth:`SearchSpace.effective` leaves it: a method at sparsity 0, a layer inside
+    a skipped block, a skipped block inside another, rounding with no structured method.
 
     >>> summarize({"layers.a.method": "crit", "layers.a.sparsity": 0.5,
     ...            "quant.scheme": "scheme"})
@@ -267,9 +266,10 @@ def summarize(genome: Mapping[str, Any]) -> str:
     outermost = [b for b in skipped if not inside(b, (s for s in skipped if s != b))]
     if outermost:
         parts.insert(0, f"skip[{','.join(outermost)}]")
-    if float(genome.get("prune.width", 0.0) or 0.0) > 0:
-        parts.append(f"width-{float(genome['prune.width']):.2f}({genome['prune.width_method']})")
-    if genome.get("prune.round_to", 1) not in (1, "1") and parts:
+    if (width := float(genome.get("prune.width", 0.0) or 0.0)) > 0:
+        parts.append(f"width-{width:.2f}({genome['prune.width_method']})")
+    if genome.get("prune.round_to", 1) not in (1, "1") and (width > 0 or any(  # as effective()
+            PRUNING.get(m).meta.get("kind") in ("structured", "recurrent") for m in methods)):
         parts.append(f"round{genome['prune.round_to']}")
     if genome.get("quant.scheme", "none") != "none":
         options = [str(genome["quant.calibration"])] if genome.get(

@@ -675,6 +675,15 @@ def test_the_recipe_line_leaves_out_what_changes_nothing():
     # a method that takes no sparsity counts at 0, as does any under an automatic rule
     assert summarize({"layers.a.method": "none", "layers.b.method": "magnitude",
                       "layers.b.sparsity": 0.0, "prune.sparsity_rule": "emp"}) == "magnitudex1@0.00"
+    # channel rounding only with a structured method or the width (a CodeGen front read
+    # ``skip[...] round8 int8_static``)
+    rounded = {"blocks.b.skip": True, "prune.round_to": 8, "layers.a.method": "magnitude",
+               "layers.a.sparsity": 0.5}
+    assert summarize(rounded) == "skip[b] magnitudex1@0.50"
+    assert summarize({**rounded, "prune.width": 0.25, "prune.width_method": "l2_channel"}) == \
+        "skip[b] magnitudex1@0.50 width-0.25(l2_channel) round8"
+    assert summarize({**rounded, "layers.c.method": "l2_channel", "layers.c.sparsity": 0.3}) == \
+        "skip[b] magnitudex1@0.50 l2_channelx1@0.30 round8"
 
 
 def test_layers_whose_widths_must_match_but_torch_pruning_keeps_apart_are_withheld():
