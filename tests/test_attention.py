@@ -794,3 +794,39 @@ def test_an_encoder_on_torchs_nested_tensor_default_is_read_and_computes_as_its_
     session = artifact.load(artifact.pack(artifact.export_onnx(task.model, task.example_input)))
     got = session.run(None, feed(task.example_input, task.input_names))[0]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-3)
+
+
+class LucidAttention(nn.Module):
+    """vit-pytorch's attention: a fused ``to_qkv`` chunked in three, and ``to_out`` a
+    Sequential of the output Linear and a Dropout."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, dim_head: int = 6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2)
+                   for t in self.to_qkv(x).chunk(3, dim=-1))
+        out = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_vit_pytorch_attention_loses_heads():
+    """Its heads were not found (``to_qkv`` was no fused name, and ``to_out`` no Linear), and
+    the only line about it was torch-pruning's failure on ``to_qkv``'s channels."""
+    from petra.compress.attention import _same_as_masked
+
+    torch.manual_seed(0)
+    model = nn.Sequential(LucidAttention(), nn.Flatten(), nn.Linear(16 * 5, 3)).eval()
+    x = torch.randn(2, 5, 16)
+    why: dict[str, str] = {}
+    (info,) = attention_layers(model, (x,), why=why)
+    assert why == {} and (info.name, info.output, info.fused) == ("0", "0.to_out.0", "0.to_qkv")
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, info, [1, 2])
+    assert pruned[0].to_qkv.out_features == 3 * 2 * 6 and pruned[0].heads == 2
+    with torch.no_grad():
+        assert _same_as_masked(model, (x,), info, [1, 2], pruned(x))

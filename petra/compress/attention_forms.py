@@ -11,7 +11,7 @@ QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
              ("query_proj", "key_proj", "value_proj"))
 OUTPUT_NAMES = ("o_proj", "out_proj", "out_lin", "to_out", "proj", "o", "c_proj", "dense", "Wo")
 #: The names of a fused q, k, v projection (GPT-2's, after its Conv1D became a Linear).
-FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_value")
+FUSED_QKV_NAMES = ("c_attn", "qkv", "qkv_proj", "in_proj", "Wqkv", "query_key_value", "to_qkv")
 #: Attributes that hold the width of one head (Llama's ``head_dim``, GPT-NeoX's ``head_size``).
 HEAD_DIM_NAMES = ("head_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
@@ -78,6 +78,9 @@ def fused_names(module: nn.Module) -> tuple[str, str] | None:
             continue
         for n in OUTPUT_NAMES:
             out = getattr(module, n, None)
+            if isinstance(out, nn.Sequential | nn.ModuleList) and len(out) and isinstance(
+                    out[0], nn.Linear):  # vit-pytorch's to_out: a Linear, then a Dropout
+                out, n = out[0], f"{n}.0"
             width = getattr(out, "in_features", 0) if isinstance(out, nn.Linear) else 0
             # the queries and one head's k and v, where the heads counted are query heads
             # (a grouped config counts key/value heads: Phi-3's fused [q | k | v] with two)

@@ -89,7 +89,7 @@ def _own_width(module: nn.Module) -> int | None:
         return None
     fused = fused_names(module)
     if fused is not None:
-        return int(getattr(module, fused[1]).in_features)
+        return int(module.get_submodule(fused[1]).in_features)
     qkv = qkv_layers(module)
     return int(qkv[0].out_features) if qkv is not None else None
 
