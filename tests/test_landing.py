@@ -70,3 +70,32 @@ def test_groups_mapped_right_are_offered():
     assert not space.withheld
     for layer in ("stem.0", "unit.0", "unit.3"):
         assert "l2_channel" in space.gene(f"layers.{layer}.method").choices
+
+
+class SpatialGate(nn.Module):
+    """CBAM's spatial attention: a 1-channel map from the mean and max over channels, a
+    sigmoid of it broadcast over every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spatial = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(s))
+
+
+def test_a_group_rooted_at_a_one_channel_map_is_withheld_as_removing_nothing():
+    """torch-pruning put a CBAM block's convs in one group with its 1-channel spatial map (the
+    broadcast taken as elementwise), rooted at the map: ``l2_channel`` on the convs that hold
+    most of the model was offered, and removed nothing at any sparsity (the bytes, params and
+    accuracy of the dense model), with no word."""
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          SpatialGate(), nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    space = space_of(model)
+    reason = space.withheld["layers.0"]
+    assert "removes no channel even at sparsity 0.90" in reason and "3.spatial's" in reason
+    assert "layers.0.method" not in space or "l2_channel" not in space.gene(
+        "layers.0.method").choices
+    assert "l2_channel" in space.gene("layers.4.method").choices  # its own group removes

@@ -207,10 +207,14 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to, runs))
         idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep,
                       conv_groups(whole, runs))
-        if idxs:  # the last channels (of each run of a grouped convolution's)
-            check_landing(model, example_input, graph, pruning_group(
-                graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs), n)
-            remove_channels(graph, root, idxs)
+        if not idxs:  # a gene that would change nothing (CBAM: a 1-channel map is the root)
+            raise RuntimeError(
+                f"removes no channel even at sparsity {sparsity(unit):.2f}: torch-pruning's "
+                f"group of these channels is {unit.name}'s, {a_kind(type(root).__name__)} of "
+                f"{n} output channel{'s' * (n != 1)}, which keeps at least {keep}")
+        check_landing(model, example_input, graph, pruning_group(  # the last channels
+            graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs), n)
+        remove_channels(graph, root, idxs)
 
 
 def _runs(model: nn.Module, example_input: Sequence[Any],
