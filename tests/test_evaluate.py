@@ -106,7 +106,7 @@ def test_channel_pruning_every_conv_shrinks_the_artifact(evaluator, tiny_task):
     result = evaluator.evaluate(genome)
     assert result.status == COMPLETE, result.error
     assert result.metrics["size_ratio"] < 0.6
-    assert result.metrics["params_dense"] < baseline.metrics["params"]
+    assert result.metrics["params_dense"] < baseline.metrics["params_dense"]
     assert result.metrics["macs"] < baseline.metrics["macs"]
     assert result.info["effective"]["bytes"] is True
     assert result.info["channels"] and all(
@@ -121,7 +121,7 @@ def test_magnitude_pruning_survives_fine_tuning(evaluator, tiny_task):
     result = evaluator.evaluate(genome)
     assert result.status == COMPLETE, result.error
     assert result.metrics["size_ratio"] < 0.6
-    assert result.metrics["params_dense"] == baseline.metrics["params"]  # shapes unchanged
+    assert result.metrics["params_dense"] == baseline.metrics["params_dense"]  # shapes unchanged
     assert result.metrics["params"] < 0.3 * result.metrics["params_dense"]
     assert result.info["effective"]["bytes"] is True
 
@@ -154,3 +154,24 @@ def test_same_genome_and_seed_give_the_same_candidate_whatever_ran_before(evalua
     assert first.status == again.status == "complete"
     assert again.metrics["val_accuracy"] == first.metrics["val_accuracy"]
     assert again.artifact == first.artifact
+
+
+def test_the_baseline_counts_its_non_zero_parameters_as_a_candidate_does(tmp_path):
+    """``petra evaluate`` printed ``params 86595 (baseline 86659)`` for a Cohere that lost
+    nothing: a candidate's ``params`` are its non-zero ones, the baseline's were every one,
+    and 64 was its embedding's zero padding row."""
+    import torch
+    from torch import nn
+
+    from petra.candidate.baseline import prepare_baseline
+    from petra.tasks import Task
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(20, 3))
+    ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
+    task = adapt(Task(model=model, train=[(ids, y)], val=[(ids, y)], test=[(ids, y)],
+                      example_input=ids, trained=True))
+    metrics = prepare_baseline(task, task_name="padded", task_params={}, cache_dir=tmp_path).metrics
+    assert metrics["params_dense"] == 40 + 63
+    assert metrics["params"] == 40 + 63 - 4  # the padding row

@@ -143,8 +143,9 @@ def prepare_baseline(
         "latency_ratio": 1.0,
         "latency_ms": median_latency_ms(session, task.example_input),
     }
-    macs, params, _ = macs_and_params(task.model, task.example_input)
-    metrics.update(macs=float(macs), params=float(params))
+    macs, params_dense, params = macs_and_params(task.model, task.example_input)
+    # non-zero, as a candidate's: an embedding's zero padding row is no parameter lost
+    metrics.update(macs=float(macs), params=float(params), params_dense=float(params_dense))
     with torch.no_grad():
         out = task.model(*task.example_input)
     return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached,
@@ -226,14 +227,17 @@ def check_runs(model: Any, session: Any, inputs: Any, task_name: str, batch: str
     ``inputs`` (``hints[0]`` says why it may not), or computes something else there than
     ``model`` does (``hints[1]``)."""
     import numpy as np
+    import onnxruntime
     import torch
 
     from petra.candidate.measure import session_feed
     from petra.errors import first_line
     from petra.tasks.contract import args, first_tensor
 
+    quiet = onnxruntime.RunOptions()
+    quiet.log_severity_level = 4  # ORT's own red line: the command's says it, or the next try
     try:
-        got = session.run(None, session_feed(session, inputs))[0]
+        got = session.run(None, session_feed(session, inputs), quiet)[0]
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors are not RuntimeErrors
         raise ConfigError("task.name", task_name, "", (
             f"the exported model does not run in ONNX Runtime on {batch} "
