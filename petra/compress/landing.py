@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.kinds import CONV_LAYERS
 from petra.tasks.contract import args
 
 #: Writers whose per-channel weights are one dimension of their own parameters.
@@ -88,7 +89,7 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, gr
             if tensors is None:
                 return  # a writer petra cannot zero: not checked
             zero += [(t, d, ix) for t, d in tensors]
-            if isinstance(target, nn.Conv1d | nn.Conv2d | nn.Conv3d) and target.groups > 1 \
+            if isinstance(target, CONV_LAYERS) and target.groups > 1 \
                     and target.groups == target.in_channels:
                 watch.append((target, 1, ix))  # a depthwise conv reads the channels it writes
         elif (dim := _reader_dim(target)) is not None:

@@ -197,6 +197,7 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     if not roots:
         return
     graph = dependency_graph(model, args(example_input))
+    planned = []  # every group checked on the model before any is removed
     for unit in roots:
         root = model.get_submodule(unit.name)
         n = graph.get_out_channels(root)
@@ -214,6 +215,8 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
                 f"{n} output channel{'s' * (n != 1)}, which keeps at least {keep}")
         check_landing(model, example_input, graph, pruning_group(  # the last channels
             graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs), n)
+        planned.append((root, idxs))
+    for root, idxs in planned:
         remove_channels(graph, root, idxs)
 
 
