@@ -126,3 +126,49 @@ def test_a_model_the_torchscript_exporter_gets_wrong_is_exported_by_dynamo():
     finally:
         onnx_forms._PREFERRED.clear()
     assert onnx_forms.preferred(model) == ""
+
+
+class Pooled(nn.Module):
+    """Token ids and a padding mask in a dict, mean-pooled over the kept positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.unsqueeze(-1).float()
+        return self.fc((self.emb(ids) * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+def padded(n: int, length: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 20, (n, length), generator=g)
+    mask = (torch.arange(length)[None] < torch.randint(1, length + 1, (n, 1), generator=g)).long()
+    return {"ids": ids * mask, "mask": mask}, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_batches_padded_each_to_its_own_length_run_on_the_artifact(tmp_path):
+    """Each batch padded to its own longest (Hugging Face's DataCollatorWithPadding): the
+    export fixed the length at the example's, and ``petra search`` stopped at the baseline
+    ("Got invalid dimensions for input: input_ids"), with a hint about Python shapes. The
+    axes the first batches vary in are dynamic axes of every export."""
+    from petra.candidate.baseline import prepare_baseline
+    from petra.candidate.measure import session_feed
+    from petra.tasks import Task
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    batches = [padded(6, length, seed) for seed, length in enumerate((9, 5, 7, 12))]
+    task = adapt(Task(model=Pooled(), train=batches, val=batches, test=batches,
+                      example_input=batches[0][0], trained=True))
+    assert task.model.varying_axes == {"ids": (1,), "mask": (1,)}
+    baseline = prepare_baseline(task, task_name="padded", task_params={}, cache_dir=tmp_path)
+    assert baseline.metrics["val_examples"] == 24
+    session = artifact.load(baseline.artifact)
+    for inputs, _ in task.val:
+        with torch.no_grad():
+            want = task.model(*inputs).numpy()
+        assert np.allclose(session.run(None, session_feed(session, inputs))[0], want, atol=1e-5)
+    fixed = [padded(6, 9, seed) for seed in range(3)]  # one length: the export as before
+    assert adapt(Task(model=Pooled(), train=fixed, val=fixed, test=fixed,
+                      example_input=fixed[0][0], trained=True)).model.varying_axes == {}

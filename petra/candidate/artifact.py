@@ -90,8 +90,8 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
                 torch.onnx.export(
                     model, inputs, buffer, dynamo=False, opset_version=opset,
                     input_names=names, output_names=["output"],
-                    dynamic_axes={**{n: {0: "batch"} for n in names}, "output": {0: "batch"}},
-                    do_constant_folding=True)
+                    dynamic_axes={**onnx_forms.dynamic_axes(model, names, inputs),
+                                  "output": {0: "batch"}}, do_constant_folding=True)
         except Exception as first:  # pragma: no cover - models TorchScript cannot trace
             if dynamo:
                 raise RuntimeError(f"ONNX export failed: {first_line(first)} (torch.export)"
@@ -105,10 +105,11 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
     proto = onnx_forms.explicit_pads(strip(onnx.load_from_string(buffer.getvalue())))
-    return keep_inputs(proto, names, inputs)
+    return keep_inputs(proto, names, inputs, onnx_forms.dynamic_axes(model, names, inputs))
 
 
-def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:
+def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any],
+                axes: Any = None) -> Any:
     """Every one of the model's inputs, in order, as the graph's first inputs, where the
     exporter dropped those the compressed model no longer reads: a RoBERTa whose attentions
     were all skipped no longer reads its ``attention_mask``. The artifact keeps the dense
@@ -121,7 +122,8 @@ def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any]) -> Any:
         return proto
     ordered = [present[name] if name in present else onnx.helper.make_tensor_value_info(
         name, onnx.helper.np_dtype_to_tensor_dtype(value[:0].detach().cpu().numpy().dtype),
-        ["batch", *value.shape[1:]]) for name, value in zip(names, inputs, strict=True)]
+        [(axes or {}).get(name, {}).get(a, size) if a else "batch"
+         for a, size in enumerate(value.shape)]) for name, value in zip(names, inputs, strict=True)]
     rest = [i for i in graph.input if i.name not in names]
     del graph.input[:]
     graph.input.extend([*ordered, *rest])

@@ -221,6 +221,12 @@ def check_artifact(task: Task, task_name: str, session: Any) -> None:
                "the first validation batch", (hint, hint))
 
 
+#: Why a batch of other sizes than the example's fails: they did not vary in the first batches.
+VARYING = ("the export keeps every axis but the batch at the example's size, except those the "
+           "first 8 validation and test batches and 4 training batches vary in: pad every batch "
+           "to one length, or let those first batches show the lengths vary")
+
+
 def check_runs(model: Any, session: Any, inputs: Any, task_name: str, batch: str,
                hints: tuple[str, str]) -> None:
     """Stop the command with one line on ``task.name`` where ``session`` does not run on
@@ -231,7 +237,6 @@ def check_runs(model: Any, session: Any, inputs: Any, task_name: str, batch: str
     import torch
 
     from petra.candidate.measure import session_feed
-    from petra.errors import first_line
     from petra.tasks.contract import args, first_tensor
 
     quiet = onnxruntime.RunOptions()
@@ -239,9 +244,10 @@ def check_runs(model: Any, session: Any, inputs: Any, task_name: str, batch: str
     try:
         got = session.run(None, session_feed(session, inputs), quiet)[0]
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors are not RuntimeErrors
+        said = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]  # ORT's next line: sizes
         raise ConfigError("task.name", task_name, "", (
-            f"the exported model does not run in ONNX Runtime on {batch} "
-            f"({first_line(exc, 300)}); {hints[0]}")) from exc
+            f"the exported model does not run in ONNX Runtime on {batch} ({said}); "
+            + (VARYING if "invalid dimensions" in said else hints[0]))) from exc
     with torch.no_grad():
         want = first_tensor(model(*args(inputs))).detach().float().cpu().numpy()
     finite = np.abs(want[np.isfinite(want)])

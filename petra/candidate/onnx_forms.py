@@ -44,15 +44,27 @@ def preferred(model: Any) -> str:
     return _PREFERRED.get(_root(model), "")
 
 
+def dynamic_axes(model: Any, names: list[str], inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """Each input's dynamic axes, named: the batch axis, and those the task's batches vary in
+    (``model.varying_axes``, a TaskModel's: dynamic padding); an axis of one size in the
+    example is one name across inputs (the ids' and the mask's length)."""
+    varying = getattr(model, "varying_axes", None) or {}
+    return {n: {0: "batch", **{a: f"axis{a}_{tuple(x.shape)[a]}" for a in varying.get(n, ())}}
+            for n, x in zip(names, inputs, strict=False)}
+
+
 def dynamo_export(model: Any, inputs: tuple[Any, ...], names: list[str], opset: int) -> Any:
-    """``model`` exported by the dynamo exporter with a dynamic batch axis, in a buffer."""
+    """``model`` exported by the dynamo exporter with the dynamic axes of
+    :func:`dynamic_axes`, in a buffer."""
     import io
 
     import torch
 
     buffer = io.BytesIO()
-    batch = torch.export.Dim("batch")
-    shapes: Any = tuple({0: batch} for _ in inputs)
+    dims: dict[str, Any] = {}
+    shapes: Any = tuple({a: dims.setdefault(name, torch.export.Dim(name))
+                         for a, name in axes.items()}
+                        for axes in dynamic_axes(model, names, inputs).values())
     if hasattr(model, "input_names"):  # a TaskModel takes *inputs: its one argument
         shapes = (shapes,)
     torch.onnx.export(model, inputs, buffer, dynamo=True, opset_version=max(opset, 18),

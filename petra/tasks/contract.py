@@ -260,7 +260,25 @@ def adapt(task: Task) -> Any:
         source = getattr(task, split)
         wrap = SizedCanonicalBatches if hasattr(source, "__len__") else CanonicalBatches
         setattr(task, split, wrap(source, names))
+    task.model.varying_axes = varying_axes(task, names)
     return task
+
+
+def varying_axes(task: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The axes past the batch axis of each input whose size differs from the example's in
+    the first batches of the splits (dynamic padding: each batch padded to its own longest);
+    they are dynamic axes of every export, as the batch axis is."""
+    import itertools
+
+    found: dict[int, set[int]] = {}
+    for split, count in (("val", 8), ("test", 8), ("train", 4)):
+        for inputs, _ in itertools.islice(getattr(task, split), count):
+            for i, (x, ref) in enumerate(zip(inputs, task.example_input, strict=False)):
+                if isinstance(x, torch.Tensor) and isinstance(ref, torch.Tensor) \
+                        and x.dim() == ref.dim():
+                    found.setdefault(i, set()).update(
+                        a for a in range(1, x.dim()) if x.shape[a] != ref.shape[a])
+    return {names[i]: tuple(sorted(axes)) for i, axes in found.items() if axes}
 
 
 def copy_model(model: nn.Module) -> nn.Module:
