@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -14,25 +15,26 @@ from petra.space import model_space
 class ShuffleUnit(nn.Module):
     """ShuffleNet-V1's unit: grouped 1x1 conv, channel shuffle, depthwise 3x3, grouped 1x1."""
 
-    def __init__(self, c: int = 16, g: int = 2) -> None:
+    def __init__(self, c: int = 16, g: int = 2, norm_after: bool = False) -> None:
         super().__init__()
-        self.g = g
+        self.g, self.norm_after = g, norm_after
         self.g1, self.bn1 = nn.Conv2d(c, c, 1, groups=g, bias=False), nn.BatchNorm2d(c)
         self.dw, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)
         self.g2, self.bn3 = nn.Conv2d(c, c, 1, groups=g, bias=False), nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.bn1(self.g1(x)))
+        h = self.g1(x) if self.norm_after else F.relu(self.bn1(self.g1(x)))
         b, c, hh, ww = h.shape
         h = h.view(b, self.g, c // self.g, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+        h = F.relu(self.bn1(h)) if self.norm_after else h
         return F.relu(x + self.bn3(self.g2(self.bn2(self.dw(h)))))
 
 
 class Net(nn.Module):
-    def __init__(self, shuffle: bool) -> None:
+    def __init__(self, shuffle: bool, norm_after: bool = False) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.unit = ShuffleUnit() if shuffle else nn.Sequential(  # MobileNet's, no shuffle
+        self.unit = ShuffleUnit(norm_after=norm_after) if shuffle else nn.Sequential(  # MobileNet's, no shuffle
             nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 16, 1))
@@ -53,12 +55,14 @@ def space_of(model: nn.Module):
     return model_space(cfg, model.eval(), (torch.randn(4, 1, 8, 8),))
 
 
-def test_a_group_mapped_wrongly_through_a_channel_shuffle_is_withheld():
+@pytest.mark.parametrize("norm_after", [False, True], ids=["norm_before", "norm_after"])
+def test_a_group_mapped_wrongly_through_a_channel_shuffle_is_withheld(norm_after):
     """torch-pruning mapped a ShuffleNet unit's shuffle (view, transpose, reshape) one to one:
     removing half of the grouped conv's channels cut the depthwise conv after it at the same
     indices, and a model written outside the repo fell from 0.98 to 0.47 (masking the same
-    channels: 0.81) while every check passed."""
-    space = space_of(Net(shuffle=True))
+    channels: 0.81) while every check passed. With the BatchNorm after the shuffle, the first
+    check zeroed it at the wrong indices too, and passed (0.30 where masking gave 0.82)."""
+    space = space_of(Net(shuffle=True, norm_after=norm_after))
     reason = space.withheld["layers.unit.g1"]
     assert "WrongMapping" in reason and "unit.dw would lose input channels" in reason
     assert "layers.unit.dw.method" not in space and "layers.unit.g1.method" not in space

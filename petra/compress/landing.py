@@ -9,12 +9,16 @@ output channels cut the depthwise conv after the shuffle at the same indices, re
 unit (val 0.465 where masking the same channels gave 0.81) while every check passed.
 
 :func:`check_landing` tells it on the example batch, before a group is removed: the
-writers' slices of the removed channels are zeroed (in place, then restored), and at every
-reader the removed input channels must have changed. A removed channel that still carries,
-unchanged, data that varies over the batch comes from a writer channel that stays: the
-mapping is wrong. A cross-channel op between (a LayerNorm without weights) changes every
-channel, so it passes; a group with a writer petra cannot zero (an attention, a recurrent
-layer) is not checked.
+removed output channels of the group's sources (its convs, linears and embeddings) are zeroed
+(in place, then restored), and at every reader the removed input channels must have changed.
+A removed channel that still carries, unchanged, data that varies over the batch comes from a
+source channel that stays: the mapping is wrong. The group's per-channel tensors (a norm's
+weights, a layer scale, a positional table) are not zeroed: zeroed at torch-pruning's indices
+after the op it maps wrongly (a BatchNorm after the shuffle), they changed the channels the
+readers lose, and the check passed a rewired unit (val 0.30 where the masked one gave 0.82).
+A source zeroed changes what follows it, through a norm too. A cross-channel op between (a
+LayerNorm) changes every channel, so it passes; a group with a writer petra cannot zero (an
+attention, a recurrent layer) is not checked.
 """
 
 from __future__ import annotations
@@ -37,26 +41,22 @@ class WrongMapping(RuntimeError):
     """torch-pruning removes other channels at a reader than its writers lose."""
 
 
-def _writer(target: Any, width: int) -> list[tuple[torch.Tensor, int]] | None:
-    """The tensors (and dimension) that hold a writer's output channels, or None where petra
-    cannot zero them."""
-    if isinstance(target, nn.Parameter):
-        dims = [d for d, size in enumerate(target.shape) if size == width]
-        return [(target, dims[0])] if len(dims) == 1 else None
+def _writer(target: Any) -> list[tuple[torch.Tensor, int]] | None:
+    """The tensors (and dimension) that hold a source's output channels to zero, [] for a
+    per-channel tensor of the group (a norm's, a layer scale), or None where petra cannot
+    tell (an attention, a recurrent layer)."""
+    if isinstance(target, (nn.Parameter, nn.PReLU, *_NORMS)):
+        return []
     if isinstance(target, nn.modules.conv._ConvTransposeNd):
         return [(target.weight, 1), *_bias(target)] if target.groups == 1 else None
     if isinstance(target, nn.Linear | nn.modules.conv._ConvNd):
         return [(target.weight, 0), *_bias(target)]
     if isinstance(target, nn.Embedding):
         return [(target.weight, 1)]
-    if isinstance(target, nn.PReLU):
-        return []  # zero stays zero
     weight = getattr(target, "weight", None)
-    if isinstance(target, _NORMS) or (isinstance(weight, torch.Tensor) and weight.dim() == 1
-                                      and not any(True for _ in target.children())):
-        if weight is not None and (weight.dim() != 1 or weight.shape[0] != width):
-            return None
-        return ([(weight, 0)] if weight is not None else []) + _bias(target)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not any(
+            True for _ in target.children()):
+        return []  # a hand-written norm or scale, one weight per channel
     return None
 
 
@@ -74,10 +74,10 @@ def _reader_dim(target: Any) -> int | None:
     return None
 
 
-def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, group: Any,
-                  width: int) -> None:
-    """Raise :class:`WrongMapping` where removing ``group`` (a torch-pruning group of
-    ``width`` channels at its root) would cut, at a reader, channels that its writers keep."""
+def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, group: Any
+                  ) -> None:
+    """Raise :class:`WrongMapping` where removing ``group`` (a torch-pruning group) would cut,
+    at a reader, channels that its sources keep."""
     zero: list[tuple[torch.Tensor, int, list[int]]] = []
     watch: list[tuple[nn.Module, int, list[int]]] = []
     for dep, idxs in group:
@@ -85,7 +85,7 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, gr
         if type(target).__module__.startswith("torch_pruning"):
             continue  # its own nodes for the ops between (a reshape, an add)
         if graph.is_out_channel_pruning_fn(dep.handler):
-            tensors = _writer(target, width)
+            tensors = _writer(target)
             if tensors is None:
                 return  # a writer petra cannot zero: not checked
             zero += [(t, d, ix) for t, d in tensors]

@@ -214,7 +214,7 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
                 f"group of these channels is {unit.name}'s, {a_kind(type(root).__name__)} of "
                 f"{n} output channel{'s' * (n != 1)}, which keeps at least {keep}")
         check_landing(model, example_input, graph, pruning_group(  # the last channels
-            graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs), n)
+            graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs))
         planned.append((root, idxs))
     for root, idxs in planned:
         remove_channels(graph, root, idxs)
