@@ -397,6 +397,10 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass
+    from petra.candidate.baseline import export_dense
+    from petra.tasks.contract import args, feed
+
+    proto = export_dense(model, args(example_input))  # first: one line if no search can start
     units = [u for u in verify.structured_units(
         model, example_input, layers,
         attention if "heads" in kinds else (), recurrent if "recurrent" in kinds else ())
@@ -418,10 +422,6 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
             continue
         for member in selected.intersection(unit.members):
             out["layers"][member] = reason
-    from petra.candidate.baseline import export_dense
-    from petra.tasks.contract import args, feed
-
-    proto = export_dense(model, args(example_input))  # one line if a search could not start
     if schemes:
         example = feed(args(example_input), [i.name for i in proto.graph.input])
         out["schemes"] = verify.verify_schemes(proto, schemes, [example], example)
