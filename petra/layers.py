@@ -281,7 +281,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 42
+VERIFY_VERSION = 43
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -381,7 +381,6 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name:
     reason}}``, read from ``cache`` when this model and space were verified before."""
     from petra.compress import verify
-    from petra.space import LOWRANK_ENERGIES
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
     selected = {layer.name for layer in select_layers(
@@ -415,7 +414,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
                 and any(offered(layer, PRUNING.get(m)) for m in lowrank)]
     out: dict[str, dict[str, str]] = {"layers": {}, "blocks": {}, "schemes": {}, "lowrank": {
         f"{name}.method={lowrank[0]}": why for name, why in verify.verify_lowrank(
-            model, example_input, factored, lowrank[:1], min(LOWRANK_ENERGIES)).items()}}
+            model, example_input, factored, lowrank[:1]).items()}}
     for unit, reason in failed.items():
         if unit.kind == "skip":
             out["blocks"][unit.name] = reason

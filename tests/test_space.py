@@ -1014,3 +1014,31 @@ def test_a_scheme_that_quantizes_nothing_in_the_model_is_withheld():
     assert space.gene("quant.scheme").choices == ("none", "int8_static")
     space = model_space(cfg, with_linear.eval(), (torch.randn(2, 3, 4, 4),))
     assert space.gene("quant.scheme").choices == ("none", "int8_static", "int8_dynamic")
+
+
+def test_svd_is_tried_at_rank_one_whatever_the_untrained_spectrum():
+    """WavLM reads its position-bias table's ``weight`` (for its device): untrained, the
+    32x2 table kept both ranks at the space's least energy and was not factorized, so the
+    trial passed; trained, it was, and every candidate with that gene failed."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class Biased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.bias = nn.Embedding(10, 16), nn.Embedding(32, 2)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            device = self.bias.weight.device  # as WavLM's compute_bias does
+            pos = self.bias(torch.arange(ids.shape[1], device=device) % 32)
+            return self.out(self.emb(ids).mean(1)) + pos.mean(0)
+
+    torch.manual_seed(0)
+    cfg = load_config({"space": {"pruning": ["none", "svd"], "quantization": ["none"],
+                                 "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, Biased().eval(), (torch.randint(0, 10, (2, 8)),))
+    assert "`weight`" in space.withheld["layers.bias.method=svd"]
+    assert "svd" in space.gene("layers.emb.method").choices
