@@ -315,6 +315,24 @@ def test_the_baseline_counts_its_val_examples_and_warns_when_too_few_errors_to_r
     assert "warning: the dense model's val accuracy is near chance (0.25 for 4 classes)" in \
         describe(b)
     assert "chance" not in describe(b, metric=lambda out, y: 0.0)  # not an accuracy
+    # a constant predictor of the most common class (an XGLM written outside the repo: val
+    # 0.6783, the share of class 2, on 3 classes) was ranked with no word
+    b.classes, b.metrics.update(val_accuracy=0.6783, val_majority=0.6783)
+    assert "warning: the dense model's val accuracy is the share of the validation split's " \
+        "most common class (0.6783)" in describe(b)
+    b.metrics["val_accuracy"] = 0.70
+    assert "warning" not in describe(b)
+
+
+def test_the_majority_share_counts_class_labels_only():
+    import torch
+
+    from petra.candidate.baseline import majority_share
+
+    labels = [(None, torch.tensor([2, 2, 1])), (None, torch.tensor([2, 0]))]
+    assert majority_share(labels, 3) == pytest.approx(0.6)
+    assert majority_share([(None, torch.rand(4))], 3) == 0.0  # regression targets
+    assert majority_share([(None, torch.tensor([0, 5]))], 3) == 0.0  # not this head's classes
 
 
 @pytest.mark.parametrize("how, says", [

@@ -148,8 +148,26 @@ def prepare_baseline(
     metrics.update(macs=float(macs), params=float(params), params_dense=float(params_dense))
     with torch.no_grad():
         out = task.model(*task.example_input)
+    classes = int(out.shape[-1]) if out.dim() == 2 else 0
+    if classes > 1:
+        metrics["val_majority"] = majority_share(task.val, classes)
     return Baseline(state=buffer.getvalue(), artifact=data, metrics=metrics, key=key, cached=cached,
-                    classes=int(out.shape[-1]) if out.dim() == 2 else 0)
+                    classes=classes)
+
+
+def majority_share(batches: Any, classes: int) -> float:
+    """The share of the most common class among the class-label targets of ``batches`` (0
+    where they are no class labels)."""
+    import torch
+
+    counts = torch.zeros(classes, dtype=torch.long)
+    for _, targets in batches:
+        if not (isinstance(targets, torch.Tensor) and targets.dim() == 1
+                and not targets.is_floating_point()) or targets.numel() and (
+                    int(targets.min()) < 0 or int(targets.max()) >= classes):
+            return 0.0
+        counts += torch.bincount(targets.cpu(), minlength=classes)
+    return float(counts.max() / counts.sum()) if counts.sum() else 0.0
 
 
 def export_dense(model: Any, example_input: Any, task_name: str = "",
@@ -287,6 +305,11 @@ def describe(baseline: Baseline, metric: Any = accuracy, cast_from: str = "") ->
         line += (f"\nwarning: the dense model's val accuracy is near chance ({1 / baseline.classes:.2f}"
                  f" for {baseline.classes} classes): candidates are ranked by noise; train it "
                  "longer (task.train_epochs), or check the task's labels")
+    elif metric is accuracy and b["val_accuracy"] <= b.get("val_majority", 0.0) + 1e-9:
+        line += (f"\nwarning: the dense model's val accuracy is the share of the validation "
+                 f"split's most common class ({b['val_majority']:.4f}): it may predict that "
+                 "class alone, and candidates are then ranked by size and latency alone; train "
+                 "it longer (task.train_epochs), or balance the classes")
     elif metric is accuracy and n and errors < FEW_VAL_ERRORS:
         line += (f"\nwarning: the dense model errs on {errors} of {n} validation examples: "
                  f"candidates a few examples ({1 / n:.4f} each) apart are within noise of each "

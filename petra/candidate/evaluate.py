@@ -193,7 +193,7 @@ class Evaluator:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a failed Result
             result = Result(
                 genome=dict(genome), genome_hash=genome_hash, status=FAILED,
-                error=describe_error(exc), info={"traceback": traceback.format_exc(limit=8)},
+                error=describe_error(exc), info={"traceback": traceback.format_exc(limit=-12)},
             )
         result.metrics["eval_time_s"] = time.perf_counter() - start
         peak = peak_rss_mb()
