@@ -24,6 +24,12 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {detail or f'{allowed}; got {show(value)}'}")
 
 
+class Refused(RuntimeError):
+    """petra's own reason that a change to a model cannot be made as asked (a channel group
+    torch-pruning maps wrongly, a removal that removes nothing): told without its type's name,
+    which adds nothing to a sentence petra wrote."""
+
+
 def show(value: Any, limit: int = 120) -> str:
     """``repr(value)``, cut to ``limit`` characters."""
     text = repr(value)
@@ -59,7 +65,7 @@ def a_kind(name: str) -> str:
 def first_line(exc: BaseException, limit: int = 300, *, typed: bool = True) -> str:
     """The first non-blank line of :func:`describe_error` (``typed``), or of the bare message,
     at most ``limit`` characters; the type's name where the message is empty."""
-    text = describe_error(exc) if typed else str(exc)
+    text = describe_error(exc) if typed and not isinstance(exc, Refused) else str(exc)
     lines = [line for line in text.splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__)[:limit]
 

@@ -830,3 +830,51 @@ def test_vit_pytorch_attention_loses_heads():
     assert pruned[0].to_qkv.out_features == 3 * 2 * 6 and pruned[0].heads == 2
     with torch.no_grad():
         assert _same_as_masked(model, (x,), info, [1, 2], pruned(x))
+
+
+class NoNormStream(nn.Module):
+    """A residual stream through an ``nn.MultiheadAttention``, with no LayerNorm: removing
+    stream channels is then exactly the dense model with those channels zeroed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def test_the_width_gene_keeps_each_attention_head_whole():
+    """torch-pruning takes an ``nn.MultiheadAttention``'s embed_dim as one width: narrowing
+    the stream cut the attention's q, k and v rows at the stream's indices too, and the
+    rebuilt attention split the rows left into heads in order, mixing the heads (a Conformer
+    written outside the repo computed no masking of its dense model). The stream's channels
+    now leave the attention's input columns and output rows only."""
+    from petra.compress.structured import prune_channels
+
+    torch.manual_seed(0)
+    model, x = NoNormStream().eval(), torch.randn(4, 10, 8)
+    dense = copy.deepcopy(model)
+    plan = {name: ("l2_channel", 0.25) for name in ("embed", "attn")}
+    (before, after), = prune_channels(model, x, plan, protected=["head"]).values()
+    assert (before, after) == (32, 24)
+    kept = [next(i for i in range(32) if torch.equal(row, dense.embed.weight[i]))
+            for row in model.embed.weight]
+    cut = torch.tensor([i for i in range(32) if i not in kept])
+    with torch.no_grad():  # the dense model with the removed stream channels zeroed
+        dense.embed.weight[cut] = 0
+        dense.embed.bias[cut] = 0
+        dense.attn.out_proj.weight[cut] = 0
+        dense.attn.out_proj.bias[cut] = 0
+        want = dense(x)
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in model.attn.parameters()) < sum(
+        p.numel() for p in dense.attn.parameters())
+    exported = artifact.load(artifact.pack(artifact.export_onnx(model, (x,))))
+    np.testing.assert_allclose(exported.run(None, feed((x,), ["input"]))[0], want.numpy(),
+                               atol=1e-4, rtol=1e-3)

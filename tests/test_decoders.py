@@ -479,8 +479,8 @@ def test_a_withheld_stream_names_where_its_removal_fails(monkeypatch):
                                  "quantization": ["none"]}}).space
     ids = (torch.randint(0, 32, (2, 8)),)
     space = model_space(cfg, mixtral().eval(), ids)
-    assert space.withheld["layers.llm.layers.0.self_attn.o_proj"].endswith(
-        "(in llm.layers.0.mlp.gate, a MixtralTopKRouter)")
+    assert "the compressed model's forward fails in llm.layers.0.mlp.gate, a " \
+        "MixtralTopKRouter (" in space.withheld["layers.llm.layers.0.self_attn.o_proj"]
     monkeypatch.setattr(petra.compress.graph, "norm_pruners", lambda model: {})
     space = model_space(cfg, mixtral().eval(), ids)
     assert space.withheld["layers.llm.layers.0.self_attn.o_proj"] == (

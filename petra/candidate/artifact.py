@@ -410,6 +410,16 @@ def load(source: Any, *, threads: int = 1, providers: Any = ("CPUExecutionProvid
     return ort.InferenceSession(proto.SerializeToString(), options, providers=list(providers))
 
 
+def quiet() -> Any:
+    """``onnxruntime.RunOptions`` that keep ONNX Runtime's own red log line of a failed run
+    quiet, where petra's reason says it once (or a fallback that works follows)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def loader_source() -> str:
     """Standalone Python source of :func:`unpack` and :func:`load`, for exported models."""
     import inspect

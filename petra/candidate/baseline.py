@@ -251,16 +251,13 @@ def check_runs(model: Any, session: Any, inputs: Any, task_name: str, batch: str
     ``inputs`` (``hints[0]`` says why it may not), or computes something else there than
     ``model`` does (``hints[1]``)."""
     import numpy as np
-    import onnxruntime
     import torch
 
     from petra.candidate.measure import session_feed
     from petra.tasks.contract import args, first_tensor
 
-    quiet = onnxruntime.RunOptions()
-    quiet.log_severity_level = 4  # ORT's own red line: the command's says it, or the next try
     try:
-        got = session.run(None, session_feed(session, inputs), quiet)[0]
+        got = session.run(None, session_feed(session, inputs), artifact.quiet())[0]
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's errors are not RuntimeErrors
         said = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]  # ORT's next line: sizes
         raise ConfigError("task.name", task_name, "", (

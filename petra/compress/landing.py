@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from petra.compress.kinds import CONV_LAYERS
+from petra.errors import Refused
 from petra.tasks.contract import args
 
 #: Writers whose per-channel weights are one dimension of their own parameters.
@@ -37,7 +38,7 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm
           nn.LayerNorm, nn.RMSNorm)
 
 
-class WrongMapping(RuntimeError):
+class WrongMapping(Refused):
     """torch-pruning removes other channels at a reader than its writers lose."""
 
 
@@ -74,48 +75,93 @@ def _reader_dim(target: Any) -> int | None:
     return None
 
 
-def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, group: Any
-                  ) -> None:
-    """Raise :class:`WrongMapping` where removing ``group`` (a torch-pruning group) would cut,
-    at a reader, channels that its sources keep."""
-    zero: list[tuple[torch.Tensor, int, list[int]]] = []
-    watch: list[tuple[nn.Module, int, list[int]]] = []
-    for dep, idxs in group:
-        target, ix = dep.target.module, [int(i) for i in idxs]
+def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, whole: Any,
+                  removed: Sequence[int], dense: dict[int, torch.Tensor] | None = None) -> None:
+    """Raise :class:`WrongMapping` where removing the root channels ``removed`` of ``whole``
+    (a torch-pruning group of all of its root's channels) would cut, at a reader, channels
+    that its sources keep.
+
+    Besides ``removed``, it tries each set of root channels whose index has bit ``b`` set: a
+    mapping that moves any channel moves one with a bit set to one without it (follow the
+    channels it moves round to where they started), so these ``log2(n)`` sets tell every
+    permutation, where ``removed`` alone (the last channels) passed one that moves only the
+    first. ``dense`` caches the readers' inputs on the unchanged model, by module id, across
+    the groups of one trial."""
+    members = _members(graph, whole)
+    if members is None:
+        return
+    writers, readers = members
+    if not writers or not readers:
+        return
+    n = 1 + max(r for *_, roots in writers for r in roots)
+    trials = [set(removed)] + [{c for c in range(n) if c >> b & 1}
+                               for b in range(max(1, (n - 1).bit_length()))]
+    dense = {} if dense is None else dense
+    modules = list(dict.fromkeys(m for m, *_ in readers))
+    if missing := [m for m in modules if id(m) not in dense]:
+        dense.update(zip((id(m) for m in missing), _inputs(model, example_input, missing),
+                         strict=True))
+    names = {m: n for n, m in model.named_modules()}
+    for chosen in trials:
+        zero = [(t, d, _pick(ix, roots, chosen)) for t, d, ix, roots in writers]
+        watch = [(m, d, _pick(ix, roots, chosen)) for m, d, ix, roots in readers]
+        masked = dict(zip((id(m) for m in modules), _zeroed(model, example_input, zero, modules),
+                          strict=True))
+        for module, dim, ix in watch:
+            before, after = dense.get(id(module)), masked.get(id(module))
+            if before is None or after is None or before.shape != after.shape or not ix:
+                continue
+            if kept := _untouched(before, after, dim, ix):
+                raise WrongMapping(
+                    f"torch-pruning maps this group's channels wrongly through the forward (a "
+                    f"channel shuffle, a view that moves channels?): "
+                    f"{names.get(module, 'a layer')} would lose input channels {kept[:4]} that "
+                    f"still carry kept channels' data")
+
+
+def _members(graph: Any, group: Any) -> tuple[list[Any], list[Any]] | None:
+    """The group's sources, as (tensor, dim, indices, root indices), and its readers, as
+    (module, dim, indices, root indices); None where a writer is one petra cannot zero."""
+    writers, readers = [], []
+    for item in getattr(group, "_group", ()):
+        dep, ix = item.dep, [int(i) for i in item.idxs]
+        roots = [int(r) for r in (getattr(item, "root_idxs", None) or ix)]
+        target = dep.target.module
         if type(target).__module__.startswith("torch_pruning"):
             continue  # its own nodes for the ops between (a reshape, an add)
         if graph.is_out_channel_pruning_fn(dep.handler):
             tensors = _writer(target)
             if tensors is None:
-                return  # a writer petra cannot zero: not checked
-            zero += [(t, d, ix) for t, d in tensors]
+                return None  # a writer petra cannot zero (an attention): not checked
+            writers += [(t, d, ix, roots) for t, d in tensors]
             if isinstance(target, CONV_LAYERS) and target.groups > 1 \
                     and target.groups == target.in_channels:
-                watch.append((target, 1, ix))  # a depthwise conv reads the channels it writes
+                readers.append((target, 1, ix, roots))  # a depthwise conv reads what it writes
         elif (dim := _reader_dim(target)) is not None:
-            watch.append((target, dim, ix))
-    if not zero or not watch:
-        return
-    dense = _inputs(model, example_input, [m for m, _, _ in watch])
+            readers.append((target, dim, ix, roots))
+    return writers, readers
+
+
+def _pick(ix: Sequence[int], roots: Sequence[int], chosen: set[int]) -> list[int]:
+    return [i for i, r in zip(ix, roots, strict=True) if r in chosen]
+
+
+def _zeroed(model: nn.Module, example_input: Sequence[Any],
+            zero: Sequence[tuple[torch.Tensor, int, list[int]]], modules: Sequence[nn.Module]
+            ) -> list[torch.Tensor | None]:
+    """The inputs of ``modules`` with the tensors ``zero`` zeroed at their indices (in place,
+    then restored)."""
     saved = [(t, t.detach().clone()) for t, _, _ in zero]
     try:
         with torch.no_grad():
             for t, dim, ix in zero:
-                t.index_fill_(dim, torch.tensor(ix, device=t.device), 0.0)
-        masked = _inputs(model, example_input, [m for m, _, _ in watch])
+                if ix:
+                    t.index_fill_(dim, torch.tensor(ix, device=t.device), 0.0)
+        return _inputs(model, example_input, modules)
     finally:
         with torch.no_grad():
             for t, old in saved:
                 t.copy_(old)
-    names = {m: n for n, m in model.named_modules()}
-    for (module, dim, ix), before, after in zip(watch, dense, masked, strict=True):
-        if before is None or after is None or before.shape != after.shape:
-            continue
-        if kept := _untouched(before, after, dim, ix):
-            raise WrongMapping(
-                f"torch-pruning maps this group's channels wrongly through the forward (a "
-                f"channel shuffle, a view that moves channels?): {names.get(module, 'a layer')} "
-                f"would lose input channels {kept[:4]} that still carry kept channels' data")
 
 
 def _untouched(before: torch.Tensor, after: torch.Tensor, dim: int, ix: list[int]) -> list[int]:

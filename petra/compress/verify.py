@@ -39,12 +39,13 @@ from petra.compress.structured import (
     channel_step,
     check_indices,
     conv_groups,
+    heads_apart,
     kept_channels,
     lowest,
     remove_channels,
     tied_runs,
 )
-from petra.errors import a_kind, first_line
+from petra.errors import Refused, a_kind, first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.registry import QUANTIZATION
 from petra.tasks.contract import args, copy_model
@@ -119,9 +120,11 @@ def failure(exc: BaseException, model: nn.Module) -> str:
         elif code.co_name == "forward" and names.get(id(this)):
             module = this  # the innermost layer of the model whose forward raised
         tb = tb.tb_next
+    if node is None and module is not None:  # its own code: a size written in it, a split?
+        return (f"the compressed model's forward fails in {names[id(module)]}, "
+                f"{a_kind(type(module).__name__)} ({first_line(exc)})")
     if node is None:
-        return first_line(exc) + (f" (in {names[id(module)]}, {a_kind(type(module).__name__)})"
-                                  if module is not None else "")
+        return first_line(exc)
     names.update({id(p): n for n, p in model.named_parameters()})
     where, seen, todo = names.get(id(node.module)), set(), list(node.inputs)
     while where is None and todo:  # an operation: the nearest layer or weight before it
@@ -196,8 +199,10 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     roots = [u for u in units if u.kind == "channels"]
     if not roots:
         return
-    graph = dependency_graph(model, args(example_input))
+    graph = heads_apart(model, args(example_input), dependency_graph(model, args(example_input)),
+                        [model.get_submodule(u.name) for u in roots])
     planned = []  # every group checked on the model before any is removed
+    dense: dict[int, Any] = {}  # the readers' inputs on the unchanged model
     for unit in roots:
         root = model.get_submodule(unit.name)
         n = graph.get_out_channels(root)
@@ -209,12 +214,11 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep,
                       conv_groups(whole, runs))
         if not idxs:  # a gene that would change nothing (CBAM: a 1-channel map is the root)
-            raise RuntimeError(
+            raise Refused(
                 f"removes no channel even at sparsity {sparsity(unit):.2f}: torch-pruning's "
                 f"group of these channels is {unit.name}'s, {a_kind(type(root).__name__)} of "
                 f"{n} output channel{'s' * (n != 1)}, which keeps at least {keep}")
-        check_landing(model, example_input, graph, pruning_group(  # the last channels
-            graph, root, graph.get_pruner_of_module(root).prune_out_channels, idxs))
+        check_landing(model, example_input, graph, whole, idxs, dense)
         planned.append((root, idxs))
     for root, idxs in planned:
         remove_channels(graph, root, idxs)
@@ -348,7 +352,6 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
     """The quantization schemes that fail to quantize, pack, load or run ``proto`` (the fp32
     graph), each with the reason."""
     import numpy as np
-    import onnxruntime
 
     failed = {}
     for scheme in schemes:
@@ -358,9 +361,7 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
             quantized = QUANTIZATION.get(scheme).fn(proto, QuantContext(calibration=list(
                 calibration)))
             session = artifact.load(artifact.pack(quantized))
-            quiet = onnxruntime.RunOptions()
-            quiet.log_severity_level = 4  # ORT's own red log line: the reason says it once
-            out = session.run(None, dict(example_feed), quiet)[0]
+            out = session.run(None, dict(example_feed), artifact.quiet())[0]
             if not np.all(np.isfinite(out)):
                 raise FloatingPointError("the quantized graph produced non-finite outputs")
             if not any(q - d for q, d in zip(_form(quantized), _form(proto), strict=True)):
