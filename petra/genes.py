@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from petra.schema import StaticQuantConfig
 
 Genome = dict[str, Any]
 
@@ -176,3 +179,17 @@ DECLARED: dict[str, Declared] = {d.name: d for d in (
 def absent(name: str) -> Any:
     """What a genome without the declared gene ``name`` means."""
     return DECLARED[name].absent
+
+
+def static_genes(static_cfg: StaticQuantConfig) -> list[Gene]:
+    """The genes of the static int8 schemes (:class:`petra.compress.quantize.StaticOptions`)
+    that the config's ``space.static`` ranges leave open; a single value is no gene."""
+    genes: list[Gene] = []
+    calibration = tuple(static_cfg.calibration)
+    if calibration != ("minmax",):
+        genes.append(Categorical("quant.calibration", calibration, calibration[0]))
+    for name, (lo, hi) in (("quant.smooth_alpha", static_cfg.smooth_alpha),
+                           ("quant.fallback", static_cfg.fallback)):
+        if hi > lo or lo > 0:
+            genes.append(Float(name, lo, hi, lo, step=0.05))
+    return genes

@@ -51,7 +51,7 @@ class Result:
                 metrics["test_accuracy"] = self.test_accuracy[member["id"]]
             rows.append({"id": member["id"], "knee": member["id"] == self.knee,
                          **{k: metrics.get(k) for k in COLUMNS},
-                         "recipe": summarize(member["genome"])})
+                         "recipe": summarize(member["genome"], member.get("metrics"))})
         return pd.DataFrame(rows, columns=["id", "knee", *COLUMNS, "recipe"])
 
     def plot(self) -> Any:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from petra.genes import Categorical, Float, Gene, Genome, Int, absent, geomean
+from petra.genes import Categorical, Float, Gene, Genome, Int, absent, geomean, static_genes
 from petra.layers import (
     ATTENTION_TYPE_NAMES,
     PRUNABLE_TYPES,
@@ -42,7 +42,7 @@ from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS, Registry
 
 if TYPE_CHECKING:
     from petra.compress.blocks import BlockInfo
-    from petra.schema import SpaceConfig, StaticQuantConfig
+    from petra.schema import SpaceConfig
 
 
 # PETRA's low-rank energy thresholds (METHODS.md).
@@ -240,11 +240,14 @@ def _is_static(scheme: str) -> bool:
     return scheme in QUANTIZATION and bool(QUANTIZATION.get(scheme).meta.get("static"))
 
 
-def summarize(genome: Mapping[str, Any]) -> str:
+def summarize(genome: Mapping[str, Any], metrics: Mapping[str, Any] | None = None) -> str:
     """A one-line recipe: each method with its layer count and mean sparsity, channel
     rounding, quantization, and the fine-tune with its regularizer. What changes nothing is
     left out, as :meth:`SearchSpace.effective` leaves it: a method at sparsity 0, a layer inside
     a skipped block, a skipped block inside another, rounding with no structured method.
+
+    With a candidate's ``metrics``, a removal's sparsity is the one it ended with (its
+    ``sparsity.<layer>``), and one left at none (by rounding, or its group's vote) is left out.
 
     >>> summarize({"layers.a.method": "crit", "layers.a.sparsity": 0.5,
     ...            "quant.scheme": "scheme"})
@@ -258,8 +261,11 @@ def summarize(genome: Mapping[str, Any]) -> str:
             continue
         layer = key[len("layers."): -len(".method")]
         sparsity = float(genome.get(f"layers.{layer}.sparsity", 0.0))
-        if inside(layer, skipped) or idle(value, sparsity, automatic):  # as effective() drops
-            continue
+        measured = f"sparsity.{layer}" in (metrics or {}) and value in PRUNING and PRUNING.get(
+            value).meta.get("kind") in ("structured", "recurrent")  # what it removed
+        sparsity = float(metrics[f"sparsity.{layer}"]) if measured else sparsity  # type: ignore
+        if inside(layer, skipped) or idle(value, sparsity, automatic and not measured):
+            continue  # as effective() drops, or a removal that removed nothing
         methods.setdefault(str(value), []).append(sparsity)
     parts = [f"{m}x{len(s)}" + (f"@{sum(s) / len(s):.2f}" if m not in PRUNING or PRUNING.get(
         m).meta.get("uses_sparsity", True) else "") for m, s in methods.items()]  # svd: its energy
@@ -421,20 +427,6 @@ def width_genes(space_cfg: SpaceConfig, selected: Sequence[LayerInfo]) -> list[G
         return []
     return [Float("prune.width", lo, hi, lo, step=0.01),
             Categorical("prune.width_method", methods, methods[0])]
-
-
-def static_genes(static_cfg: StaticQuantConfig) -> list[Gene]:
-    """The genes of the static int8 schemes (:class:`petra.compress.quantize.StaticOptions`)
-    that the config's ``space.static`` ranges leave open; a single value is no gene."""
-    genes: list[Gene] = []
-    calibration = tuple(static_cfg.calibration)
-    if calibration != ("minmax",):
-        genes.append(Categorical("quant.calibration", calibration, calibration[0]))
-    for name, (lo, hi) in (("quant.smooth_alpha", static_cfg.smooth_alpha),
-                           ("quant.fallback", static_cfg.fallback)):
-        if hi > lo or lo > 0:
-            genes.append(Float(name, lo, hi, lo, step=0.05))
-    return genes
 
 
 def _with_none(choices: Sequence[str]) -> tuple[str, ...]:

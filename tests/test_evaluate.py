@@ -114,6 +114,25 @@ def test_channel_pruning_every_conv_shrinks_the_artifact(evaluator, tiny_task):
     assert 0.0 <= result.metrics["val_accuracy"] <= 1.0
 
 
+def test_the_recipe_shows_the_removal_a_candidate_made(evaluator):
+    """A front member read ``l2_channelx2@0.03 round8`` where rounding to 8 left the 32
+    channels whole, beside a twin with no such gene: the label said what was asked. With the
+    candidate's metrics it says what was removed."""
+    from petra.space import summarize
+
+    genome = {"layers.layer1.conv1.method": "l2_channel", "layers.layer1.conv1.sparsity": 0.5,
+              "layers.layer3.conv1.method": "l2_channel", "layers.layer3.conv1.sparsity": 0.03,
+              "prune.round_to": 8}
+    result = evaluator.evaluate(genome)
+    assert result.status == COMPLETE, result.error
+    assert result.metrics["sparsity.layer3.conv1"] == 0.0
+    assert result.metrics["sparsity.layer1.conv1"] == 0.5
+    assert summarize(genome) == "l2_channelx2@0.27 round8"
+    assert summarize(genome, result.metrics) == "l2_channelx1@0.50 round8"
+    only = {**genome, "layers.layer1.conv1.method": "none"}
+    assert summarize(only, {"sparsity.layer3.conv1": 0.0}) == "dense"
+
+
 def test_magnitude_pruning_survives_fine_tuning(evaluator, tiny_task):
     _, baseline = tiny_task
     genome = {**every_conv("magnitude", 0.9), "finetune.epochs": 1, "finetune.lr": 1e-3,

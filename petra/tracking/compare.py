@@ -242,7 +242,7 @@ def _csv(comparison: Comparison) -> str:
         for m in front.members:
             writer.writerow([label, run_id, m["id"],
                              *("" if m["metrics"].get(k) is None else m["metrics"][k]
-                               for k in keys), summarize(m["genome"])])
+                               for k in keys), summarize(m["genome"], m.get("metrics"))])
     return buf.getvalue()
 
 

@@ -138,7 +138,7 @@ def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name
     task = load_task(search.config.task.name, search.config.task.params)
     tags = {f"petra.{k}": f"{float(record['metrics'][k]):.6g}" for k in OBJECTIVE_TAGS
             if k in record["metrics"]}
-    tags.update({"petra.recipe": summarize(record["genome"])[:5000],
+    tags.update({"petra.recipe": summarize(record["genome"], record.get("metrics"))[:5000],
                  "petra.search_run_id": search.run_id, "petra.candidate_run_id": record["id"],
                  "petra.task": search.config.task.name,
                  "petra.on_front": str(bool(record.get("on_front"))).lower()})

@@ -68,7 +68,7 @@ def point(record: Mapping[str, Any], *, front: bool, search: str = "") -> dict[s
              f"val {m['val_accuracy']:.4f}"
              + (f", test {m['test_accuracy']:.4f}" if m.get("test_accuracy") is not None else "")
              + f", size {m['size_ratio']:.3f}, latency {m['latency_ratio']:.3f}",
-             summarize(record.get("genome") or {})]
+             summarize(record.get("genome") or {}, record.get("metrics"))]
     genes = {k: v for k, v in (record.get("genome") or {}).items()
              if not (k.endswith(".method") and v == "none")}
     lines += [f"{k} = {v}" for k, v in list(genes.items())[:24]]
@@ -126,7 +126,7 @@ def _row(search: str, member: Mapping[str, Any]) -> list[str]:
 
     return [search, str(member["id"])[:8], f("val_accuracy", ".4f"), f("test_accuracy", ".4f"),
             f("size_ratio", ".3f"), f("latency_ratio", ".3f"), f("artifact_bytes", ".0f"),
-            summarize(member.get("genome") or {})]
+            summarize(member.get("genome") or {}, member.get("metrics"))]
 
 
 def render_page(title: str, subtitle: str, series: Sequence[Series],
