@@ -322,6 +322,10 @@ def mlflow_down(folder: Path, *, outage_s: float = 30.0) -> dict:
                 "checkpoint_holds_every_child": {r["id"] for r in state["records"]}
                 >= {c.info.run_id for c in done},
                 "saw_the_outage": "unreachable" in out and "back after" in out,
+                "outage_line_whole": "Max retries exceeded with url" in out,
+                "mlflow_url_lines": out.count("View run "),
+                "hint_names_the_store": f"petra front {run.info.run_id} --set "
+                                        f"tracking.uri={uri}" in out,
                 "completed": proc.returncode == 0 and len(done) == len(evaluated)}
     finally:
         stop(server)

@@ -10,7 +10,7 @@
     petra ui [--port N]                          the MLflow UI over the store, on 127.0.0.1
     petra space CONFIG [--set ...] [--json]      print the genes decoded from the model's layers
     petra methods [--json]                       list the registered methods
-    petra evaluate CONFIG --genome FILE|- [--json] [--export DIR]
+    petra evaluate CONFIG --genome FILE|- [--json] [--export DIR] [--seed N]
                                                  evaluate one recipe (a hand-written genome)
 
 Commands that read existing runs (resume, front, compare, export, register, ui) use the store
@@ -38,7 +38,7 @@ from petra.space import summarize
 from petra.tasks import load_task
 from petra.tracking import compare
 from petra.tracking.progress import ConsoleProgress
-from petra.tracking.runs import open_search, open_searches, split_store
+from petra.tracking.runs import DEFAULT_URI, open_search, open_searches, split_store
 from petra.tracking.ui import serve
 
 
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--genome", required=True, help="a JSON/YAML file of gene: value, or - for stdin")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", action="store_true", help="print the Result as JSON")
+    e.add_argument("--seed", type=int, default=None,
+                   help="the pruning and fine-tune seed (default: the config's seed); a search's "
+                        "candidate logs its own as the tag petra.seed")
     e.add_argument("--export", metavar="DIR",
                    help="write the artifact, a loader, an example and a model card here")
     store_help = "tracking.uri=URI picks the store (default sqlite:///runs/mlflow.db)"
@@ -119,11 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "space":
             return _space(cfg, args.json)
         if args.command == "evaluate":
-            return _evaluate(cfg, args.genome, as_json=args.json, export=args.export)
+            return _evaluate(cfg, args.genome, as_json=args.json, export=args.export,
+                             seed=args.seed)
         return _search(cfg)
     except ConfigError as exc:
         print(f"petra: config error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # a reader that stopped early (`petra front RUN --json | head`)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
 
 
 def _methods(as_json: bool) -> int:
@@ -201,7 +210,8 @@ def metric_rows(metrics: dict[str, float], baseline: dict[str, float]) -> list[s
     return rows
 
 
-def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) -> int:
+def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None,
+              seed: int | None = None) -> int:
     import torch
 
     genome = _read_genome(source)
@@ -220,7 +230,8 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None) ->
                                 cache_dir=cache_dir(), seed=cfg.seed, threads=threads)
     evaluator = Evaluator.from_config(cfg, baseline, threads=threads, core=0)
     torch.set_num_threads(threads)
-    result = evaluator.evaluate(genome, genome_hash=space.genome_hash(genome), seed=cfg.seed)
+    result = evaluator.evaluate(genome, genome_hash=space.genome_hash(genome),
+                                seed=cfg.seed if seed is None else seed)
     if result.artifact:
         result.metrics["test_accuracy"] = evaluator.test_accuracy(result.artifact)
     payload = {
@@ -281,7 +292,8 @@ def _report(result: object, uri: str) -> int:
     print()
     print(f"search run: {result.run_id}")
     print(f"tracking:   {uri}")
-    print(f"see it:     petra front {result.run_id}   |   petra ui")
+    store = "" if uri == DEFAULT_URI else f" --set tracking.uri={uri}"  # where readers look
+    print(f"see it:     petra front {result.run_id}{store}   |   petra ui{store}")
     return 130 if result.interrupted else 0
 
 
@@ -302,7 +314,7 @@ def front_table(members: Sequence[dict], knee: str | None) -> str:
             f"{mark} {member['id'][:8]:<10} {num(m, 'val_accuracy', 8, 4)} "
             f"{num(m, 'test_accuracy', 8, 4)} {num(m, 'size_ratio', 6, 3)} "
             f"{num(m, 'latency_ratio', 8, 3)} {num(m, 'artifact_bytes', 9, 0)}  "
-            f"{summarize(member['genome'])}")
+            f"{summarize(member['genome'], member.get('metrics'))}")
     if not members:
         lines.append("  (no complete, feasible candidate yet)")
     return "\n".join(lines)

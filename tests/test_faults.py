@@ -40,6 +40,10 @@ def test_an_mlflow_outage_loses_nothing(tmp_path):
     assert report["completed"] and report["saw_the_outage"], report
     assert (report["lost"], report["duplicated"]) == (0, 0)
     assert report["checkpoint_holds_every_child"]
+    # MLflow's own "View run ... at: URL" lines (two per candidate) stay out of the output, the
+    # outage line keeps urllib3's reason, and the closing hint reads this store, not the default
+    assert report["mlflow_url_lines"] == 0 and report["outage_line_whole"], report
+    assert report["hint_names_the_store"], report
 
 
 def test_two_searches_at_once_share_a_store_and_a_cluster(tmp_path):

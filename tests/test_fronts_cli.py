@@ -106,6 +106,33 @@ def test_run_commands_reject_bad_run_ids_in_one_line(two_searches):
         assert "Traceback" not in proc.stderr
 
 
+def test_a_candidate_is_measured_again_from_its_bundle_and_its_seed(two_searches, tmp_path):
+    """`petra evaluate` of an exported member's genome.json measured another model (val
+    0.9833 where the member had 0.9889): each candidate has a seed of its own, which nothing
+    logged. It is the child run's tag petra.seed, the bundle's, and `--seed` takes it."""
+    from tests.test_search_integration import tiny_config
+
+    folder, uri, (a, _b) = two_searches
+    members = [c for c in children(uri, a) if c.data.tags["petra.status"] == "complete"]
+    member = max(members, key=lambda c: float(c.data.params.get("finetune.epochs", 0)))
+    out = tmp_path / "bundle"
+    proc = run_cli("export", a, member.info.run_id, "--out", str(out), "--set",
+                   f"tracking.uri={uri}", cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seed = json.loads((out / "metrics.json").read_text())["seed"]
+    assert seed == int(member.data.tags["petra.seed"]) and seed != 3  # not the config's seed
+    assert f"--seed {seed}" in (out / "MODEL_CARD.md").read_text()
+    config = tiny_config(tmp_path, executor="local", name="search-a")
+    again = run_cli("evaluate", str(config), "--genome", str(out / "genome.json"), "--seed",
+                    str(seed), "--json", cwd=folder)
+    assert again.returncode == 0, again.stderr[-2000:]
+    metrics = json.loads(again.stdout)["metrics"]
+    assert metrics["artifact_bytes"] == member.data.metrics["artifact_bytes"]
+    assert metrics["val_accuracy"] == pytest.approx(member.data.metrics["val_accuracy"], abs=1e-9)
+    genome = json.loads((out / "genome.json").read_text())
+    assert all(not isinstance(v, str) or not v[:1].isdigit() for v in genome.values()), genome
+
+
 @pytest.mark.slow
 def test_an_exported_model_runs_in_a_fresh_environment_without_petra(two_searches, tmp_path):
     folder, uri, (a, _b) = two_searches

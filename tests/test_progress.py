@@ -61,11 +61,11 @@ def test_a_front_with_no_hypervolume_says_why():
     a bug."""
     from types import SimpleNamespace
 
-    from petra.engine.loop import ZERO_HV, _generation_line
+    from petra.tracking.progress import ZERO_HV, generation_line
 
     status = SimpleNamespace(generation=0, generations=3, done=4, failed=0, pruned=0,
                              best={"val_accuracy": 1.0}, eta_s=None, planned=12, elapsed_s=20)
-    line = _generation_line(SimpleNamespace(members=[{}], hypervolume=0.0), status)
+    line = generation_line(SimpleNamespace(members=[{}], hypervolume=0.0), status)
     assert f"hypervolume 0.0000{ZERO_HV}; best val 1" in line
-    line = _generation_line(SimpleNamespace(members=[{}], hypervolume=0.05), status)
+    line = generation_line(SimpleNamespace(members=[{}], hypervolume=0.05), status)
     assert "hypervolume 0.0500; best" in line

@@ -199,7 +199,8 @@ class Evaluator:
         peak = peak_rss_mb()
         if peak is not None:
             result.metrics["peak_rss_mb"] = peak
-        result.info.update(worker_pid=os.getpid(), core=self.core, device=self.device.type)
+        result.info.update(worker_pid=os.getpid(), core=self.core, device=self.device.type,
+                           seed=seed)
         return result
 
     def _evaluate(self, genome: dict[str, Any], genome_hash: str, seed: int,

@@ -97,6 +97,7 @@ def write_bundle(
     out_dir: str | Path, *, artifact_bytes: bytes, genome: Mapping[str, Any],
     metrics: Mapping[str, float], baseline: Mapping[str, float],
     example: Mapping[str, Any], name: str = "petra model", source: str = "",
+    seed: int | None = None,
 ) -> Path:
     """Write the bundle into ``out_dir``; returns the directory.
 
@@ -114,7 +115,8 @@ def write_bundle(
     (out / "example.py").write_text(_EXAMPLE)
     (out / "genome.json").write_text(json.dumps(dict(genome), indent=2, sort_keys=True))
     (out / "metrics.json").write_text(json.dumps(
-        {"metrics": dict(metrics), "baseline": dict(baseline)}, indent=2, sort_keys=True))
+        {"metrics": dict(metrics), "baseline": dict(baseline), "seed": seed}, indent=2,
+        sort_keys=True))
     rows = "\n".join(
         f"| {k} | {_fmt(metrics[k])} | {_fmt(baseline.get(k, ''))} |" for k in _ROWS
         if k in metrics)
@@ -123,7 +125,7 @@ def write_bundle(
         feed="{" + ", ".join(f'"{k}": {k}' for k in example) + "}",
         inputs="\n".join(f"- `{k}`: {np.asarray(v).dtype}, shape `{list(np.shape(v))}`"
                          for k, v in example.items()),
-        summary=f"`{summarize(genome)}`",
+        summary=f"`{summarize(genome, metrics)}`",
         genome=json.dumps(dict(genome), indent=2, sort_keys=True), rows=rows,
     ))
     return out
@@ -158,12 +160,16 @@ def export_candidate(uri: str, search_run_id: str, candidate_run_id: str,
     source = (f"Candidate run `{candidate_run_id}` ({where}) of the search run "
               f"`{search_run_id}` ({search.name}, task `{search.config.task.name}`), "
               f"tracked in `{uri}`.")
+    if record.get("seed") is not None:  # what measures it again, as the search did
+        source += (f" Its pruning and fine-tune seed was {record['seed']}: `petra evaluate "
+                   f"CONFIG --genome genome.json --seed {record['seed']}` measures it again.")
     from petra.tasks.contract import feed
 
     return write_bundle(out_dir, artifact_bytes=data, genome=record["genome"], metrics=metrics,
                         baseline=search.baseline,
                         example=feed(task.example_input, task.input_names),
-                        name=f"{search.name}: candidate {candidate_run_id[:8]}", source=source)
+                        name=f"{search.name}: candidate {candidate_run_id[:8]}", source=source,
+                        seed=record.get("seed"))
 
 
 def _fmt(value: Any) -> str:

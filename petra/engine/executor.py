@@ -142,6 +142,7 @@ class RayExecutor:
         self._directory = None
         if not ray.is_initialized():
             if address:
+                _check_address(address)
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             else:
                 # address="local": always a new cluster of petra's own, never one that
@@ -155,6 +156,7 @@ class RayExecutor:
                 self._owns_cluster = True
         try:
             _check_gpus(ray, workers, gpus_per_candidate)
+            _check_cpus(ray, cpus_per_candidate)
         except ConfigError:
             if self._owns_cluster:
                 ray.shutdown()
@@ -327,6 +329,34 @@ def _check_gpus(ray: Any, workers: int, gpus_per_candidate: float) -> None:
             "execution.gpus_per_candidate", gpus_per_candidate,
             f"needs workers * gpus_per_candidate = {need:g} GPUs and this Ray cluster has "
             f"{have:g}; lower it (0 runs on CPUs) or the number of workers")
+
+
+def _check_cpus(ray: Any, cpus_per_candidate: int) -> None:
+    """Fail at once, not wait forever with no word, where no node of the cluster has the CPUs
+    one worker reserves."""
+    nodes = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    if nodes and max(nodes) < cpus_per_candidate:
+        raise ConfigError(
+            "execution.cpus_per_candidate", cpus_per_candidate,
+            f"each worker reserves {cpus_per_candidate} CPUs on one node, and this Ray "
+            f"cluster's largest node has {max(nodes):g}; lower it")
+
+
+def _check_address(address: str) -> None:
+    """Fail at once where nothing listens at a ``host:port`` address: Ray retried for
+    minutes, printing its own warnings, until Ctrl-C."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray reads its own way
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError("execution.address", address, "", (
+            f"no Ray cluster answers at {address} ({exc.strerror or type(exc).__name__}); "
+            "start one (ray start --head, see docs/ray.md), or leave execution.address out "
+            "for a local cluster of petra's own")) from None
 
 
 def _past(deadline: float | None) -> bool:

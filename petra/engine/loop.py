@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
 from petra.tasks import load_task
 from petra.tracking.journal import Journal
-from petra.tracking.progress import Status, as_reporter, duration, short_name
+from petra.tracking.progress import Status, as_reporter, generation_line
 from petra.tracking.recorder import PENDING, Recorder
 from petra.tracking.store import Tracker
 
@@ -62,7 +63,8 @@ CHECKPOINT = "checkpoint.json"
 
 def search(cfg: SearchConfig, *, progress: Progress | None = None) -> SearchResult:
     """Run the search described by a validated :class:`petra.config.SearchConfig`."""
-    return _Search(cfg, progress).start().run()
+    state = _Search(cfg, progress)
+    return state.run(state.executor(), state.start)
 
 
 def resume(
@@ -83,7 +85,8 @@ def resume(
     if text is None:
         raise ConfigError("run_id", run_id, "", f"no petra search run {run_id!r} in {uri}")
     cfg = load_config(yaml.safe_load(text), [f"tracking.uri={uri}", *overrides])
-    return _Search(cfg, progress, resume_of=run_id).attach().run()
+    state = _Search(cfg, progress, resume_of=run_id)
+    return state.run(state.executor(), state.attach)
 
 
 class _Search:
@@ -238,15 +241,22 @@ class _Search:
         return self.elapsed_before + time.monotonic() - self.started
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self) -> SearchResult:
-        cfg = self.cfg
-        executor = make_executor(
-            cfg.execution.executor,
-            evaluator_kwargs=Evaluator.options(cfg, self.baseline),
-            address=cfg.execution.address, workers=cfg.execution.workers,
-            cpus_per_candidate=cfg.execution.cpus_per_candidate,
-            gpus_per_candidate=cfg.execution.gpus_per_candidate,
-        )
+    def executor(self) -> Any:
+        """The config's executor, made before any run is: a cluster that cannot run the
+        candidates stops the command and leaves no search run behind."""
+        e = self.cfg.execution
+        return make_executor(e.executor, evaluator_kwargs=Evaluator.options(self.cfg, self.baseline),
+                             address=e.address, workers=e.workers,
+                             cpus_per_candidate=e.cpus_per_candidate,
+                             gpus_per_candidate=e.gpus_per_candidate)
+
+    def run(self, executor: Any, begin: Callable[[], Any]) -> SearchResult:
+        """``begin`` (start or attach), then the generations on ``executor``, closed after."""
+        try:
+            begin()
+        except BaseException:
+            executor.close()
+            raise
         interrupted = False
         try:
             with ctrl_c_noted(self):
@@ -350,7 +360,7 @@ class _Search:
                 self.recorder.generation(self.generation, functools.partial(
                     self._generation_front, self.generation, len(self.records)), self.records)
                 self.logged_generations.add(self.generation)
-            self.say(_generation_line(snap, self._status(running=0)))
+            self.say(generation_line(snap, self._status(running=0)))
             if self._over_budget():
                 self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping")
                 return
@@ -428,21 +438,3 @@ class _Search:
         return SearchResult(run_id=self.tracker.run_id, front=snap, knee=knee, baseline=dict(b),
                             records=self.records, test_accuracy=test_acc,
                             interrupted=interrupted, lr_probe=self.lr_probe)
-
-
-#: Why a front has no hypervolume: every member is outside the reference point.
-ZERO_HV = (" (no member is below the dense model on every min objective and within 0.1 of it "
-           "on every max one)")
-
-
-def _generation_line(snap: pareto.FrontSnapshot, status: Any) -> str:
-    """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
-
-    best = ", ".join(f"{'best' if k == 'val_accuracy' else 'min'} {short_name(k)} {v:.4g}"
-                     for k, v in status.best.items())
-    eta = "" if status.eta_s is None or status.done >= status.planned else (
-        f", ETA {duration(status.eta_s)}")
-    return (f"generation {status.generation + 1}/{status.generations}: {status.done} evaluated "
-            f"({status.failed} failed, {status.pruned} pruned), front {len(snap.members)}, "
-            f"hypervolume {snap.hypervolume:.4f}{ZERO_HV * bool(snap.members and not snap.hypervolume)}"
-            f"; {best or 'nothing complete yet'} [{status.elapsed_s:.0f} s{eta}]")

@@ -116,3 +116,21 @@ def duration(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+#: Why a front has no hypervolume: every member is outside the reference point.
+ZERO_HV = (" (no member is below the dense model on every min objective and within 0.1 of it "
+           "on every max one)")
+
+
+def generation_line(snap: Any, status: Any) -> str:
+    """One plain line per generation: counts, front, hypervolume, best values, time and ETA."""
+
+    best = ", ".join(f"{'best' if k == 'val_accuracy' else 'min'} {short_name(k)} {v:.4g}"
+                     for k, v in status.best.items())
+    eta = "" if status.eta_s is None or status.done >= status.planned else (
+        f", ETA {duration(status.eta_s)}")
+    return (f"generation {status.generation + 1}/{status.generations}: {status.done} evaluated "
+            f"({status.failed} failed, {status.pruned} pruned), front {len(snap.members)}, "
+            f"hypervolume {snap.hypervolume:.4f}{ZERO_HV * bool(snap.members and not snap.hypervolume)}"
+            f"; {best or 'nothing complete yet'} [{status.elapsed_s:.0f} s{eta}]")

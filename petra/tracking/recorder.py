@@ -59,8 +59,9 @@ class Recorder:
         except self._errors as exc:
             if self.offline_since is None:
                 self.offline_since = time.monotonic()
+                said = " ".join(str(exc).split())  # urllib3's reason follows a line break
                 self.say(f"MLflow store unreachable ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); results are "
+                         f"{said[:400]}); results are "
                          f"kept in {self.journal.folder} and logged when it answers")
             return False, None
         if self.offline_since is not None:

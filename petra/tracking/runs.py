@@ -8,6 +8,7 @@ search has a front too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,17 @@ class SearchRun:
                           f"run {candidate_id!r} is not a candidate of search {self.run_id}")
 
 
+def _param(text: str) -> Any:
+    """A gene's value as logged: YAML's reading, where a number YAML 1.1 leaves a string
+    (``1e-05``, with no dot) is a float."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        return float(value)
+    return value
+
+
 def open_search(uri: str, run_id: str) -> SearchRun:
     """Read the search run ``run_id`` and its candidate runs from the store at ``uri``.
 
@@ -112,12 +124,13 @@ def open_search(uri: str, run_id: str) -> SearchRun:
             continue
         search.records.append({
             "id": child.info.run_id,
-            "genome": {k: yaml.safe_load(v) for k, v in child.data.params.items()},
+            "genome": {k: _param(v) for k, v in child.data.params.items()},
             "metrics": dict(child.data.metrics),
             "status": tags["petra.status"],
             "generation": int(tags.get("petra.generation", 0)),
             "genome_hash": tags.get("petra.genome_hash", ""),
             "on_front": tags.get("petra.on_front") == "true",
+            "seed": int(tags["petra.seed"]) if tags.get("petra.seed", "").isdigit() else None,
         })
         if tags.get("petra.knee") == "true":
             search.knee = child.info.run_id

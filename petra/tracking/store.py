@@ -39,6 +39,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 # Nor does it draw download progress bars over petra's own output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Nor MLflow's "View run ... at: URL" line per run that an http:// store ends: two per candidate.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # A server that is down should fail fast: petra's journal keeps results and retries later
 # (petra.tracking.recorder), instead of MLflow's own retries holding the search for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -271,7 +273,9 @@ class Tracker:
             "petra.worker_pid": str(result.info.get("worker_pid", "")),
             # 2: measured in full; 0: screened out by racing (petra.engine.racing)
             "petra.tier": str(result.info.get("tier", 2)),
-            "mlflow.note.content": summarize(result.genome),  # the run's description
+            # its pruning and fine-tune seed: `petra evaluate --seed` measures it again
+            "petra.seed": str(result.info.get("seed", "")),
+            "mlflow.note.content": summarize(result.genome, result.metrics),  # the run's description
         }
         if result.error:
             tags["petra.error"] = result.error[:5000]
