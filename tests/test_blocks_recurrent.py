@@ -219,6 +219,41 @@ def test_a_branch_that_reads_the_stream_modulated_is_skipped_as_zeros():
         torch.testing.assert_close(model(x, cond), x)
 
 
+class AddsItsResidual(nn.Module):
+    """BLOOM's MLP: given the stream as ``residual``, it returns ``residual + mlp(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class CarriesTheStream(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.mlp, self.head = AddsItsResidual(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(self.mlp(self.norm(h), h).mean(1))
+
+
+def test_a_block_that_adds_the_stream_it_is_given_hands_on_the_stream():
+    """Skipped, BLOOM's MLP handed on its first argument, the normed stream, and the model
+    lost its residual stream (the artifact matched ``mlp(x, r) = x``, not ``= r``)."""
+    torch.manual_seed(0)
+    model, x = CarriesTheStream().eval(), torch.randn(4, 6, 8)
+    blocks = skippable_blocks(model, (x,))
+    (mlp,) = [b for b in blocks if b.name == "mlp"]
+    assert mlp.carried == 1 and mlp.kind == "identity"
+    skip_blocks(model, ["mlp"], blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.head(model.embed(x).mean(1)))
+
+
 def test_gru_units_are_removed_with_their_readers_columns():
     torch.manual_seed(0)
     model, x = GRUNet().eval(), torch.randn(3, 7, 5)

@@ -71,6 +71,10 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.run_id in proc.stdout
+    # the journal keeps its records, and no artifact that MLflow now holds
+    journal = tmp_path / "runs" / "journal" / parent.info.run_id
+    assert (journal / "results.jsonl").stat().st_size > 0
+    assert not list((journal / "artifacts").iterdir())
     assert SEARCH_METRICS <= set(parent.data.metrics)
     assert parent.data.params["search.population"] == "4"
 
@@ -122,7 +126,7 @@ def test_search_on_local_ray_logs_the_design_layout(tmp_path: Path) -> None:
     members = yaml.safe_load(Path(front_json).read_text())["members"]
     assert {c.info.run_id for c in front} == {m["id"] for m in members}
     notes = {c.info.run_id: c.data.tags["mlflow.note.content"] for c in front}
-    assert all(notes[m["id"]] == summarize(m["genome"]) for m in members)
+    assert all(notes[m["id"]] == summarize(m["genome"], m["metrics"]) for m in members)
 
 
 def test_search_in_process_executor(tmp_path: Path) -> None:

@@ -109,3 +109,26 @@ def test_a_task_whose_forward_raises_gets_one_line_before_anything_traces_it(tmp
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "model's forward" in lines[0] and "failing_forward_task" in lines[0]
     assert "mat1 and mat2 shapes cannot be multiplied" in lines[0]
+
+
+def test_a_task_module_beside_the_config_is_found_with_no_pythonpath(tmp_path):
+    """A task file in the folder petra runs in was not found (ModuleNotFoundError) unless
+    PYTHONPATH named that folder, which the README never asked for."""
+    (tmp_path / "own_task.py").write_text(
+        "import torch\nfrom torch import nn\nimport petra\n\n"
+        "def make_task():\n"
+        "    x = torch.randn(64, 6)\n"
+        "    y = (x[:, 0] > 0).long()\n"
+        "    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]\n"
+        "    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))\n"
+        "    return petra.Task(model=model, train=batches, val=batches, test=batches,\n"
+        "                      example_input=x[:16], train_epochs=1)\n")
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump({"task": {"name": "own_task:make_task"},
+                                    "space": {"quantization": ["none"]}}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    petra = Path(sys.executable).with_name("petra")  # `python -m` would put the folder first
+    proc = subprocess.run([str(petra), "space", str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "layers.0.method" in proc.stdout

@@ -82,6 +82,10 @@ class BlockInfo:
     #: argument comes from (a position or a keyword): a T5 layer hands on the position bias it
     #: was given, and its stand-in must too.
     passthrough: tuple[tuple[int, int | str], ...] = ()
+    #: Where the argument comes from (a position or a keyword) that the block adds to its own
+    #: result (BLOOM's MLP, given ``residual``, returns ``residual + mlp(x)``): skipped, it
+    #: hands on that argument, not its first.
+    carried: int | str | None = None
 
 
 class _StandIn(nn.Module):
@@ -95,9 +99,12 @@ class _StandIn(nn.Module):
         self.outputs = outputs
         self.keyword = keyword
         self.passthrough = passthrough
+        self.carried: int | str | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = kwargs[self.keyword] if self.keyword and not args else args[0]
+        if self.carried is not None:  # the argument the block added to its result
+            x = kwargs[self.carried] if isinstance(self.carried, str) else args[self.carried]
         out = self.compute(x)
         if not self.outputs:
             return out
@@ -216,6 +223,20 @@ _VIEWS = {"transpose", "permute", "reshape", "view", "flatten", "unflatten", "co
 _KEEPS_ZERO = _VIEWS | {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "dropout"}
 
 
+def _carried(inputs: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor,
+             y: torch.Tensor, ops: _Ops) -> int | str | None:
+    """Where the argument comes from that a block's last operation added (BLOOM's MLP)."""
+    last = next((op for op in reversed(ops.ops) if op[2] is y), None)
+    if last is None or last[0] != "add":
+        return None
+    for operand in (a for a in last[1] if a is not x):
+        source = next((j for j, a in enumerate(inputs) if a is operand), None)
+        source = next((k for k, a in kwargs.items() if a is operand), source)
+        if source is not None:
+            return source
+    return None
+
+
 def _handed_on(name: str, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
                ops: _Ops) -> tuple[tuple[int, int | str], ...]:
     """The slots of the tuple a block returned that hold one of its arguments, with where that
@@ -254,6 +275,7 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
                           "nonneg": bool((y >= 0).all()), "output": y, "keyword": keyword,
                           "outputs": len(output) if isinstance(output, tuple | list) else 0,
                           "args": len(inputs) + len(kwargs),
+                          "carried": _carried(inputs, kwargs, x, y, ops),
                           "passthrough": _handed_on(name, inputs, kwargs, output, ops)}
 
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -285,7 +307,8 @@ def skippable_blocks(model: nn.Module, example_input: Any,
         params = sum(p.numel() for p in module.parameters())
         if info["output"] is final:
             continue  # the model's output layer stays
-        kind = "branch" if _is_branch(name, seen, ops.ops) else "identity"
+        kind = "branch" if _is_branch(name, seen, ops.ops) and info["carried"] is None \
+            else "identity"
         if _is_attention(module) and kind != "branch":
             continue  # it loses heads; skipped only where its output is a residual branch
         shortcut = next((c for c in SHORTCUT_NAMES if hasattr(module, c)
@@ -306,7 +329,7 @@ def skippable_blocks(model: nn.Module, example_input: Any,
                                    info["keyword"], info["passthrough"]))
         elif (_layer_count(module) >= 2 or _own_mha(name, module, modules)) and square:
             found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"],
-                                   info["keyword"], info["passthrough"]))
+                                   info["keyword"], info["passthrough"], info["carried"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches. Those of
     # an attention lose heads instead (as the identity, a q or k projection is nonsense).
@@ -391,6 +414,7 @@ def _replacement(module: nn.Module, info: BlockInfo) -> nn.Module:
                             info.relu, info.outputs, info.keyword, info.passthrough)
     out = Zero(info.outputs, info.keyword, info.passthrough) if info.kind == "branch" else \
         ReluIdentity(info.relu, info.outputs, info.keyword, info.passthrough)
+    out.carried = info.carried
     for key, value in vars(module).items():
         # What the model reads of the block besides calling it (ModernBERT's encoder reads
         # each layer's attention_type to pick its mask) stays readable on the stand-in.

@@ -75,8 +75,29 @@ def _reader_dim(target: Any) -> int | None:
     return None
 
 
+#: The operations between a group's writers and readers that keep each channel where it is
+#: (torch-pruning's nodes for them, by their autograd function): a group through no other
+#: is checked at the channels to remove alone.
+_IN_PLACE = {f"{name}Backward0" for name in (
+    "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardtanh", "Hardswish", "Hardsigmoid",
+    "LeakyRelu", "Elu", "Softplus", "Mish", "Add", "Sub", "Mul", "Div", "Neg", "Clone", "T",
+    "Addmm", "Mm", "NativeDropout")} | {"MeanBackward1"}
+
+
+def moves_channels(group: Any) -> bool:
+    """Whether ``group`` goes through an operation that may move channels (a reshape, a
+    transpose, an index): only then are its bit sets tried (:func:`check_landing`)."""
+    for dep, _ in group:
+        op = dep.target.module
+        if type(op).__module__.startswith("torch_pruning") and type(op).__name__ not in (
+                "_ConcatOp", "_SplitOp") and str(getattr(op, "_grad_fn", "")) not in _IN_PLACE:
+            return True
+    return False
+
+
 def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, whole: Any,
-                  removed: Sequence[int], dense: dict[int, torch.Tensor] | None = None) -> None:
+                  removed: Sequence[int], dense: dict[int, torch.Tensor] | None = None, *,
+                  bits: bool = True) -> None:
     """Raise :class:`WrongMapping` where removing the root channels ``removed`` of ``whole``
     (a torch-pruning group of all of its root's channels) would cut, at a reader, channels
     that its sources keep.
@@ -86,7 +107,7 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
     channels it moves round to where they started), so these ``log2(n)`` sets tell every
     permutation, where ``removed`` alone (the last channels) passed one that moves only the
     first. ``dense`` caches the readers' inputs on the unchanged model, by module id, across
-    the groups of one trial."""
+    the groups of one trial. Without ``bits``, only ``removed`` is tried."""
     members = _members(graph, whole)
     if members is None:
         return
@@ -95,7 +116,7 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
         return
     n = 1 + max(r for *_, roots in writers for r in roots)
     trials = [set(removed)] + [{c for c in range(n) if c >> b & 1}
-                               for b in range(max(1, (n - 1).bit_length()))]
+                               for b in range(max(1, (n - 1).bit_length()) if bits else 0)]
     dense = {} if dense is None else dense
     modules = list(dict.fromkeys(m for m, *_ in readers))
     if missing := [m for m in modules if id(m) not in dense]:

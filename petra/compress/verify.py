@@ -31,7 +31,7 @@ from petra.candidate import artifact
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
-from petra.compress.landing import check_landing
+from petra.compress.landing import check_landing, moves_channels
 from petra.compress.quantize import QuantContext
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import (
@@ -176,7 +176,8 @@ def staggered(units: Sequence[Unit], top: float) -> dict[Unit, float]:
 
 def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
            sparsity: Callable[[Unit], float], round_to: int, attention: Mapping[str, Any],
-           recurrent: Mapping[str, Any], blocks: Sequence[Any]) -> None:
+           recurrent: Mapping[str, Any], blocks: Sequence[Any], mapped: set[str] | None = None
+           ) -> None:
     """Remove, in place, what each unit loses at its ``sparsity``: skipped blocks, then heads
     and recurrent units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator`
     does)."""
@@ -218,7 +219,10 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
                 f"removes no channel even at sparsity {sparsity(unit):.2f}: torch-pruning's "
                 f"group of these channels is {unit.name}'s, {a_kind(type(root).__name__)} of "
                 f"{n} output channel{'s' * (n != 1)}, which keeps at least {keep}")
-        check_landing(model, example_input, graph, whole, idxs, dense)
+        bits = mapped is not None and unit.name not in mapped and moves_channels(whole)
+        check_landing(model, example_input, graph, whole, idxs, dense, bits=bits)
+        if mapped is not None:
+            mapped.add(unit.name)  # its bit sets are tried once per verification
         planned.append((root, idxs))
     for root, idxs in planned:
         remove_channels(graph, root, idxs)
@@ -258,12 +262,14 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
     """
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
+    mapped: set[str] = set()  # the channel units whose landing was checked in full
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
         return _runs(model, example_input, lambda candidate: _apply(
             candidate, example_input, subset, sparsity=level, round_to=round_to,
-            attention=by_name["attention"], recurrent=by_name["recurrent"], blocks=blocks))
+            attention=by_name["attention"], recurrent=by_name["recurrent"], blocks=blocks,
+            mapped=mapped))
 
     # A skipped block takes its layers with it, and an outer skipped block its inner ones: each
     # block is verified alone (skipping nn.TransformerEncoder's first layer fails, as the stack

@@ -435,6 +435,7 @@ class _Search:
         self.recorder.finish(lambda: self.tracker.finish(
             snap, test_accuracy=test_acc, knee=knee, records=self.records, baseline=b,
             status="KILLED" if interrupted else "FINISHED"), self.records)
+        self.journal.release()  # what MLflow now holds
         return SearchResult(run_id=self.tracker.run_id, front=snap, knee=knee, baseline=dict(b),
                             records=self.records, test_accuracy=test_acc,
                             interrupted=interrupted, lr_probe=self.lr_probe)

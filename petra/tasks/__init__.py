@@ -7,6 +7,8 @@ Loading a task from an import string runs code the user chose to run.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +88,8 @@ def load_task(name: str, params: Mapping[str, Any] | None = None) -> Task:
     params = dict(params or {})
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if os.getcwd() not in sys.path:  # a module beside the config, as `python -m` finds it
+            sys.path.append(os.getcwd())
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except Exception as exc:  # noqa: BLE001 - importing user code can raise anything

@@ -72,6 +72,14 @@ class Journal:
         """Mark the candidate ``genome_hash`` as logged to MLflow as child run ``run_id``."""
         self._append({"kind": "logged", "genome_hash": genome_hash, "run_id": run_id})
 
+    def release(self) -> int:
+        """Delete the artifacts of the candidates logged to MLflow, which holds them (MBs
+        each on a real model, for every candidate of every search); returns how many."""
+        done = [e["genome_hash"] for e in self.entries() if e.get("run_id")]
+        for genome_hash in done:
+            self.artifact_path(genome_hash).unlink(missing_ok=True)
+        return len(done)
+
     def save_checkpoint(self, text: str) -> None:
         _fsync_write(self.folder / "checkpoint.json", text.encode())
 
