@@ -140,6 +140,7 @@ def test_a_hung_candidate_is_stopped_at_the_time_budget(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "time budget of 45 s reached" in proc.stdout
+    assert "--set search.time_budget_s=S goes on" in proc.stdout  # the budget counts it all
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("hang")
     found = client.search_runs([exp.experiment_id], max_results=1000)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -127,3 +129,41 @@ def test_a_mapping_that_moves_only_the_first_channels_is_withheld():
     reason = space.withheld["layers.a.0"]
     assert reason.startswith("torch-pruning maps this group's channels wrongly") and "b would lose input channels [1]" in reason
     assert "l2_channel" in space.gene("layers.b.method").choices
+
+
+class Latents(nn.Module):
+    """A Perceiver's stream: a learned latent array, read by a layer before anything is added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(6, 16))
+        self.embed = nn.Conv2d(1, 16, 3, padding=1)
+        self.q, self.out, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context = self.embed(x).flatten(2).mean(2, keepdim=True).transpose(1, 2)  # (B, 1, 16)
+        stream = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+        stream = stream + self.out(torch.relu(self.q(stream) + context))
+        return self.head(stream.mean(1))
+
+
+def test_a_stream_that_starts_at_a_learned_array_is_offered():
+    """The latent array was not zeroed with the stream's writers: its reader kept its
+    channels, and the group was withheld as mapped wrongly, where its removal is right."""
+    space = space_of(Latents())
+    assert not any(k.startswith("layers.out") for k in space.withheld), space.withheld
+    assert "l2_channel" in space.gene("layers.out.method").choices
+    from petra.compress.structured import prune_channels
+
+    torch.manual_seed(0)
+    model, x = Latents().eval(), torch.randn(4, 1, 8, 8)
+    dense = copy.deepcopy(model)
+    (_, kept), = prune_channels(model, (x,), {"out": ("l2_channel", 0.5)}).values()
+    assert kept == 8 and model.latents.shape == (6, 8)
+    stay = [next(i for i in range(16) if torch.equal(col, dense.latents[:, i]))
+            for col in model.latents.T]
+    cut = [i for i in range(16) if i not in stay]
+    with torch.no_grad():  # the dense model with the removed stream channels zeroed
+        dense.latents[:, cut] = 0
+        dense.out.weight[cut], dense.out.bias[cut] = 0, 0
+        torch.testing.assert_close(model(x), dense(x))

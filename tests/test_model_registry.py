@@ -89,6 +89,38 @@ def test_a_candidate_without_an_artifact_is_a_one_line_error(two_searches):
     assert proc.stderr.startswith("petra: config error: candidate")
 
 
+def test_a_name_mlflow_refuses_is_a_one_line_error_and_logs_nothing(two_searches):
+    """It was a 30-line traceback, after a logged model was made for every try."""
+    import mlflow
+
+    folder, uri, run_ids = two_searches
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_run(run_ids[0]).info.experiment_id
+    before = len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list"))
+    proc = run_cli("register", run_ids[0], "knee", "--name", "bad name/x",
+                   "--set", f"tracking.uri={uri}", cwd=folder)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("petra: config error: --name: MLflow refuses 'bad name/x'")
+    assert "Traceback" not in proc.stderr
+    after = len(mlflow.search_logged_models(experiment_ids=[experiment], output_format="list"))
+    assert after == before
+
+
+def test_a_candidate_prefix_of_any_length_is_enough_where_it_is_unique(two_searches):
+    from petra.tracking.runs import open_search
+
+    _folder, uri, run_ids = two_searches
+    search = open_search(uri, run_ids[0])
+    ids = [r["id"] for r in search.records]
+
+    def shortest(i: str) -> int:
+        return next(n for n in range(1, 33) if sum(j.startswith(i[:n]) for j in ids) == 1)
+
+    target = min(ids, key=shortest)
+    assert shortest(target) < 4  # below 4 characters, a prefix was taken for no candidate
+    assert search.record(target[:shortest(target)])["id"] == target
+
+
 def test_mlflow_models_serve_answers_a_scoring_request_on_loopback(registered):
     from petra.tracking.ui import free_port
 

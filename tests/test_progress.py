@@ -69,3 +69,21 @@ def test_a_front_with_no_hypervolume_says_why():
     assert f"hypervolume 0.0000{ZERO_HV}; best val 1" in line
     line = generation_line(SimpleNamespace(members=[{}], hypervolume=0.05), status)
     assert "hypervolume 0.0500; best" in line
+
+
+def test_the_best_values_shown_are_those_the_front_may_hold():
+    """A generation line showed best val 0.9777 from a candidate over `max_bytes`, while the
+    front's best was 0.8357: the best values count feasible candidates only."""
+    from petra.tracking.progress import best_values
+
+    def record(val: float, size: float, status: str = "complete") -> dict:
+        return {"status": status, "metrics": {"val_accuracy": val, "size_ratio": size,
+                                              "artifact_bytes": size * 1000}}
+
+    records = [record(0.98, 0.9), record(0.84, 0.05), record(0.99, 0.01, "pruned")]
+    objectives = [("val_accuracy", "max"), ("artifact_bytes", "min")]
+    baseline = {"val_accuracy": 0.99, "artifact_bytes": 1000.0}
+    assert best_values(records, objectives, baseline, None) == {
+        "val_accuracy": 0.98, "size_ratio": 0.05}
+    assert best_values(records, objectives, baseline, {"max_bytes": 100}) == {
+        "val_accuracy": 0.84, "size_ratio": 0.05}

@@ -61,6 +61,17 @@ def _writer(target: Any) -> list[tuple[torch.Tensor, int]] | None:
     return None
 
 
+def _array(graph: Any, target: Any) -> list[tuple[torch.Tensor, int]]:
+    """A parameter of two or more dimensions that the group cuts, with the dimension it cuts
+    (a Perceiver's latent array, where the stream starts): a source, zeroed as a layer's
+    weights are. Its readers took it for a channel moved while it stayed as it was."""
+    if not isinstance(target, nn.Parameter) or target.dim() < 2:
+        return []
+    dim = next((u.pruning_dim for u in getattr(graph, "unwrapped_parameters", None) or ()
+                if u.parameters is target), None)
+    return [] if dim is None else [(target, dim)]
+
+
 def _bias(module: nn.Module) -> list[tuple[torch.Tensor, int]]:
     bias = getattr(module, "bias", None)
     return [(bias, 0)] if isinstance(bias, torch.Tensor) else []
@@ -134,10 +145,10 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
                 continue
             if kept := _untouched(before, after, dim, ix):
                 raise WrongMapping(
-                    f"torch-pruning maps this group's channels wrongly through the forward (a "
-                    f"channel shuffle, a view that moves channels?): "
-                    f"{names.get(module, 'a layer')} would lose input channels {kept[:4]} that "
-                    f"still carry kept channels' data")
+                    "torch-pruning maps this group's channels wrongly through the forward (a "
+                    "channel shuffle, a view that moves channels, the model's own input "
+                    f"channels?): {names.get(module, 'a layer')} would lose input channels "
+                    f"{kept[:4]} that still carry kept channels' data")
 
 
 def _members(graph: Any, group: Any) -> tuple[list[Any], list[Any]] | None:
@@ -151,7 +162,7 @@ def _members(graph: Any, group: Any) -> tuple[list[Any], list[Any]] | None:
         if type(target).__module__.startswith("torch_pruning"):
             continue  # its own nodes for the ops between (a reshape, an add)
         if graph.is_out_channel_pruning_fn(dep.handler):
-            tensors = _writer(target)
+            tensors = _array(graph, target) or _writer(target)
             if tensors is None:
                 return None  # a writer petra cannot zero (an attention): not checked
             writers += [(t, d, ix, roots) for t, d in tensors]

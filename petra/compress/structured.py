@@ -54,10 +54,9 @@ def out_channel_members(group: Any) -> list[nn.Module]:
 
 
 def channel_step(group: Any, round_to: int, runs: int = 1) -> int:
-    """``round_to``, made a multiple of the head count of every ``nn.MultiheadAttention`` in
-    ``group`` (its ``embed_dim`` is the group's width and must stay divisible by its heads), of
-    the group count of every ``nn.GroupNorm`` (whose channels must stay divisible by it), and
-    of :func:`conv_groups`."""
+    """``round_to``, made a multiple of the heads of each ``nn.MultiheadAttention`` in
+    ``group`` (its ``embed_dim``), of the groups of each ``nn.GroupNorm``, and of
+    :func:`conv_groups`."""
     step = round_to
     for dep, _ in group:
         module = dep.target.module
@@ -333,18 +332,17 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
 
 def heads_apart(model: nn.Module, example_input: Any, graph: Any, layers: Sequence[nn.Module]
                 ) -> Any:
-    """``graph``, or, where a channel group of ``layers`` holds an ``nn.MultiheadAttention``,
-    the graph again after each such attention is replaced by a
-    :class:`~petra.compress.mha.PrunedMultiheadAttention` that keeps every head, whose input and
-    output widths are apart from its heads'. torch-pruning takes the attention's
-    ``embed_dim`` as one width: narrowing the stream cut its q, k and v rows at the stream's
-    indices too, and the rebuilt attention split the rows left into heads in order, mixing
-    the heads' dimensions (a Conformer at ``prune.width`` 0.25 computed no masking of its
-    dense model: 4% off it)."""
+    """``graph``, or the graph again after each ``nn.MultiheadAttention`` in a channel group of
+    ``layers`` became a :class:`~petra.compress.mha.PrunedMultiheadAttention` of every head,
+    whose widths are apart from its heads'. torch-pruning cut its q, k and v rows at the
+    stream's indices too, and the rebuilt attention split the rest into heads in order, mixing
+    them (a Conformer at ``prune.width`` 0.25 was 4% off its masked dense model)."""
     from petra.compress.attention import PrunedMultiheadAttention
     from petra.tasks.contract import no_fast_path
 
-    found = []
+    found: list[nn.Module] = []
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return graph  # the groups are not built again for nothing
     for layer in layers:
         pruner = graph.get_pruner_of_module(layer)
         if pruner is None or not hasattr(pruner, "prune_out_channels"):

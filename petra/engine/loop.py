@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from petra.errors import COMPLETE, FAILED, PRUNED, ConfigError
 from petra.registry import STRATEGIES
 from petra.tasks import load_task
 from petra.tracking.journal import Journal
-from petra.tracking.progress import Status, as_reporter, generation_line
+from petra.tracking.progress import Status, as_reporter, best_values, generation_line
 from petra.tracking.recorder import PENDING, Recorder
 from petra.tracking.store import Tracker
 
@@ -225,8 +224,11 @@ class _Search:
         self.done_at_start = len(self.records)
         self.say(f"resuming search run {run_id}: {len(self.records)} candidates done "
                  f"({recovered} recovered from MLflow, {relogged} from the journal, {dropped} "
-                 f"unfinished runs dropped), generation {self.generation + 1}/"
-                 f"{self.cfg.search.generations}")
+                 f"unfinished runs dropped), " + (
+                     f"generation {self.generation + 1}/{self.cfg.search.generations}"
+                     if self.generation < self.cfg.search.generations else
+                     f"all {self.cfg.search.generations} generations done (--set "
+                     "search.generations=N adds more)"))
         self._checkpoint()
         return self
 
@@ -292,15 +294,8 @@ class _Search:
         planned = max(done, cfg.search.population + per_generation * (cfg.search.generations - 1))
         here = done - self.done_at_start
         spent = time.monotonic() - self.started
-        complete = [r["metrics"] for r in self.records if r["status"] == COMPLETE]
-        best = {}
-        for metric, direction in self.objectives:
-            shown = {"artifact_bytes": "size_ratio", "latency_ms": "latency_ratio"}.get(
-                metric, metric)
-            values = [float(m[shown]) for m in complete
-                      if math.isfinite(float(m.get(shown, math.nan)))]
-            if values:
-                best[shown] = max(values) if direction == "max" else min(values)
+        best = best_values(self.records, self.objectives, self.baseline.metrics,
+                           cfg.constraints.model_dump())
         return Status(
             generation=self.generation, generations=cfg.search.generations, done=done,
             planned=planned, running=running,
@@ -362,7 +357,9 @@ class _Search:
                 self.logged_generations.add(self.generation)
             self.say(generation_line(snap, self._status(running=0)))
             if self._over_budget():
-                self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping")
+                self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping "
+                         f"(petra resume {self.tracker.run_id} --set search.time_budget_s=S "
+                         "goes on, S counting the time spent)")
                 return
             told = []
             constraints = cfg.constraints.model_dump()

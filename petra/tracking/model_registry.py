@@ -117,7 +117,19 @@ def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name
                        alias: str | None = None) -> Registered:
     """Register candidate ``candidate_run_id`` of search ``search_run_id`` (``knee`` names the
     search's knee) as a version of ``name``; see the module docstring."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
     from petra.space import summarize
+
+    for field, value, check in (("--name", name, validation._validate_model_name),
+                                ("--alias", alias, validation._validate_model_alias_name)):
+        try:  # before anything is logged: a refused name left a logged model on every try
+            if value is not None:
+                check(value)
+        except MlflowException as exc:
+            raise ConfigError(field, value, "", f"MLflow refuses {value!r}: {exc.message}"
+                              ) from None
     from petra.tasks import load_task
     from petra.tasks.contract import feed
     from petra.tracking.runs import open_search

@@ -9,8 +9,9 @@ is not (a pipe, a CI log), it prints the messages only, one plain line each.
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -134,3 +135,23 @@ def generation_line(snap: Any, status: Any) -> str:
             f"({status.failed} failed, {status.pruned} pruned), front {len(snap.members)}, "
             f"hypervolume {snap.hypervolume:.4f}{ZERO_HV * bool(snap.members and not snap.hypervolume)}"
             f"; {best or 'nothing complete yet'} [{status.elapsed_s:.0f} s{eta}]")
+
+
+def best_values(records: Sequence[Mapping[str, Any]], objectives: Sequence[tuple[str, str]],
+                baseline: Mapping[str, float], constraints: Mapping[str, Any] | None
+                ) -> dict[str, float]:
+    """The best value of each objective over the complete candidates that meet the
+    constraints (what the front may hold; an infeasible one showed a best val the front
+    lacked), bytes and latency as ratios to the dense model."""
+    from petra.engine.objectives import violation
+
+    complete = [r["metrics"] for r in records if r["status"] == "complete"
+                and not violation(r["metrics"], baseline, constraints)]
+    best = {}
+    for metric, direction in objectives:
+        shown = {"artifact_bytes": "size_ratio", "latency_ms": "latency_ratio"}.get(metric, metric)
+        values = [float(m[shown]) for m in complete
+                  if math.isfinite(float(m.get(shown, math.nan)))]
+        if values:
+            best[shown] = max(values) if direction == "max" else min(values)
+    return best

@@ -59,7 +59,7 @@ class SearchRun:
         """The record of one candidate run of this search, by id or unique id prefix."""
 
         found = [r for r in self.records if r["id"] == candidate_id]
-        if not found and len(candidate_id) >= 4:
+        if not found and candidate_id:
             found = [r for r in self.records if r["id"].startswith(candidate_id)]
         if len(found) == 1:
             return found[0]
