@@ -62,17 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--json", action="store_true")
-    e = sub.add_parser("evaluate", help="evaluate one genome (JSON or YAML; omitted genes = no "
-                                        "compression)")
+    e = sub.add_parser("evaluate", help="evaluate one genome (JSON or YAML; omitted: none)")
     e.add_argument("config")
     e.add_argument("--genome", required=True, help="a JSON/YAML file of gene: value, or - for stdin")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--json", action="store_true", help="print the Result as JSON")
-    e.add_argument("--seed", type=int, default=None,
-                   help="the pruning and fine-tune seed (default: the config's seed); a search's "
-                        "candidate logs its own as the tag petra.seed")
-    e.add_argument("--export", metavar="DIR",
-                   help="write the artifact, a loader, an example and a model card here")
+    e.add_argument("--seed", type=int, default=None, help="the pruning and fine-tune seed "
+                   "(default: the config's); a search's candidate logs its own (petra.seed)")
+    e.add_argument("--export", metavar="DIR", help="write its bundle here (as petra export)")
     store_help = "tracking.uri=URI picks the store (default sqlite:///runs/mlflow.db)"
     f = sub.add_parser("front", help="print the Pareto front of a search")
     f.add_argument("run_id", help="the search run's MLflow run id")

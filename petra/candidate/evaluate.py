@@ -196,8 +196,7 @@ class Evaluator:
                 error=describe_error(exc), info={"traceback": traceback.format_exc(limit=-12)},
             )
         result.metrics["eval_time_s"] = time.perf_counter() - start
-        peak = peak_rss_mb()
-        if peak is not None:
+        if (peak := peak_rss_mb()) is not None:
             result.metrics["peak_rss_mb"] = peak
         result.info.update(worker_pid=os.getpid(), core=self.core, device=self.device.type,
                            seed=seed)

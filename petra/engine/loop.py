@@ -88,6 +88,11 @@ def resume(
     return state.run(state.executor(), state.attach)
 
 
+#: What a search says when its time budget is spent, with how to go on.
+BUDGET_SPENT = ("time budget of {:g} s reached; stopping (petra resume {} --set "
+                "search.time_budget_s=S goes on, S counting the time spent)")
+
+
 class _Search:
     """One search's state: everything a checkpoint holds, and what it is rebuilt from."""
 
@@ -357,10 +362,8 @@ class _Search:
                 self.logged_generations.add(self.generation)
             self.say(generation_line(snap, self._status(running=0)))
             if self._over_budget():
-                self.say(f"time budget of {cfg.search.time_budget_s:g} s reached; stopping "
-                         f"(petra resume {self.tracker.run_id} --set search.time_budget_s=S "
-                         "goes on, S counting the time spent)")
-                return
+                return self.say(BUDGET_SPENT.format(self.cfg.search.time_budget_s,
+                                                    self.tracker.run_id))
             told = []
             constraints = cfg.constraints.model_dump()
             for genome in genomes:
