@@ -75,6 +75,7 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
     names = list(getattr(model, "input_names", None) or
                  (["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]))
     model.eval()
+    axes = onnx_forms.dynamic_axes(model, names, inputs)  # the batch, and padded lengths
     buffer = io.BytesIO()
     dynamo = (exporter or onnx_forms.preferred(model)) == "dynamo"
     # nn.TransformerEncoderLayer's fused inference path (aten::_transformer_encoder_layer_fwd)
@@ -85,19 +86,18 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
         torch.backends.mha.set_fastpath_enabled(False)
         try:
             if dynamo:
-                buffer = onnx_forms.dynamo_export(model, inputs, names, opset)
+                buffer = onnx_forms.dynamo_export(model, inputs, names, axes, opset)
             else:
                 torch.onnx.export(
                     model, inputs, buffer, dynamo=False, opset_version=opset,
                     input_names=names, output_names=["output"],
-                    dynamic_axes={**onnx_forms.dynamic_axes(model, names, inputs),
-                                  "output": {0: "batch"}}, do_constant_folding=True)
+                    dynamic_axes={**axes, "output": {0: "batch"}}, do_constant_folding=True)
         except Exception as first:  # pragma: no cover - models TorchScript cannot trace
             if dynamo:
                 raise RuntimeError(f"ONNX export failed: {first_line(first)} (torch.export)"
                                    ) from first
             try:
-                buffer = onnx_forms.dynamo_export(model, inputs, names, opset)
+                buffer = onnx_forms.dynamo_export(model, inputs, names, axes, opset)
             except Exception as second:
                 raise RuntimeError(
                     f"ONNX export failed: {first_line(first)} (TorchScript exporter); "
@@ -105,7 +105,7 @@ def export_onnx(model: Any, example_input: Any, *, opset: int = 17, exporter: st
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
     proto = onnx_forms.explicit_pads(strip(onnx.load_from_string(buffer.getvalue())))
-    return keep_inputs(proto, names, inputs, onnx_forms.dynamic_axes(model, names, inputs))
+    return keep_inputs(proto, names, inputs, axes)
 
 
 def keep_inputs(proto: Any, names: Sequence[str], inputs: Sequence[Any],

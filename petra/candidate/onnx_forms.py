@@ -53,9 +53,10 @@ def dynamic_axes(model: Any, names: list[str], inputs: tuple[Any, ...]) -> dict[
             for n, x in zip(names, inputs, strict=False)}
 
 
-def dynamo_export(model: Any, inputs: tuple[Any, ...], names: list[str], opset: int) -> Any:
-    """``model`` exported by the dynamo exporter with the dynamic axes of
-    :func:`dynamic_axes`, in a buffer."""
+def dynamo_export(model: Any, inputs: tuple[Any, ...], names: list[str],
+                  axes: dict[str, Any], opset: int) -> Any:
+    """``model`` exported by the dynamo exporter with the dynamic ``axes`` of each input
+    (:func:`dynamic_axes`), in a buffer."""
     import io
 
     import torch
@@ -63,8 +64,7 @@ def dynamo_export(model: Any, inputs: tuple[Any, ...], names: list[str], opset: 
     buffer = io.BytesIO()
     dims: dict[str, Any] = {}
     shapes: Any = tuple({a: dims.setdefault(name, torch.export.Dim(name))
-                         for a, name in axes.items()}
-                        for axes in dynamic_axes(model, names, inputs).values())
+                         for a, name in each.items()} for each in axes.values())
     if hasattr(model, "input_names"):  # a TaskModel takes *inputs: its one argument
         shapes = (shapes,)
     torch.onnx.export(model, inputs, buffer, dynamo=True, opset_version=max(opset, 18),

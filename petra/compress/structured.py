@@ -340,9 +340,9 @@ def heads_apart(model: nn.Module, example_input: Any, graph: Any, layers: Sequen
     from petra.compress.attention import PrunedMultiheadAttention
     from petra.tasks.contract import no_fast_path
 
-    found: list[nn.Module] = []
     if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return graph  # the groups are not built again for nothing
+    found: list[nn.Module] = []
     for layer in layers:
         pruner = graph.get_pruner_of_module(layer)
         if pruner is None or not hasattr(pruner, "prune_out_channels"):
@@ -405,8 +405,8 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     if after != before - len(set(idxs)):
         # Phi-3's gate_up_proj, chunked into gate and up: asked to keep 128 of 256, it kept 2
         raise Refused(f"torch-pruning removed {before - after} of the {before} channels "
-                           f"where {len(set(idxs))} were asked: it maps them wrongly through "
-                           "the forward (a projection chunked or split in two?)")
+                      f"where {len(set(idxs))} were asked: it maps them wrongly through "
+                      "the forward (a projection chunked or split in two?)")
     for module in graph.model.modules():  # it checks its inputs' width against d_model
         if isinstance(module, nn.Transformer) and isinstance(module.encoder.norm, nn.LayerNorm):
             module.d_model = module.encoder.norm.normalized_shape[0]

@@ -121,6 +121,10 @@ def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name
     from mlflow.utils import validation
 
     from petra.space import summarize
+    from petra.tasks import load_task
+    from petra.tasks.contract import feed
+    from petra.tracking.runs import open_search
+    from petra.tracking.store import Tracker
 
     for field, value, check in (("--name", name, validation._validate_model_name),
                                 ("--alias", alias, validation._validate_model_alias_name)):
@@ -130,10 +134,6 @@ def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name
         except MlflowException as exc:
             raise ConfigError(field, value, "", f"MLflow refuses {value!r}: {exc.message}"
                               ) from None
-    from petra.tasks import load_task
-    from petra.tasks.contract import feed
-    from petra.tracking.runs import open_search
-    from petra.tracking.store import Tracker
 
     search = open_search(uri, search_run_id)
     if candidate_run_id == "knee":
