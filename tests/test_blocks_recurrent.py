@@ -739,3 +739,50 @@ def test_a_module_that_only_wraps_one_block_is_not_a_second_gene():
 
     names = [b.name for b in skippable_blocks(Net(), (torch.randn(2, 8),))]
     assert "group.layers.0" in names and "group" not in names
+
+
+def test_a_skip_that_joins_two_channel_groups_is_verified_with_one_removal_of_them():
+    """Skipping the second separable conv of a Jasper block (QuartzNet) hands the first one's
+    channels to the block's sum, so its group and the residual conv's become one. Verification
+    removed that group's channels once per former group, 0.9 of them twice, and the depthwise
+    conv after the block was left with no group (``non-positive groups``): three skip genes were
+    withheld that a search runs."""
+    from petra.compress.structured import prune_channels
+    from petra.config import load_config
+    from petra.space import model_space
+
+    def separable(ci: int, co: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv1d(ci, ci, 3, padding=1, groups=ci, bias=False),
+                             nn.Conv1d(ci, co, 1, bias=False), nn.BatchNorm1d(co))
+
+    class Jasper(nn.Module):
+        def __init__(self, ci: int, co: int) -> None:
+            super().__init__()
+            self.first, self.second, self.res = separable(ci, co), separable(co, co), \
+                nn.Conv1d(ci, co, 1)
+
+        def forward(self, x):
+            return torch.relu(self.second(torch.relu(self.first(x))) + self.res(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv1d(4, 16, 1)
+            self.b0, self.b1, self.out = Jasper(16, 16), Jasper(16, 24), nn.Linear(24, 2)
+
+        def forward(self, x):
+            return self.out(self.b1(self.b0(torch.relu(self.stem(x)))).mean(-1))
+
+    x = (torch.randn(2, 4, 12),)
+    cfg = load_config({"space": {
+        "pruning": ["none", "l2_channel"], "quantization": ["none"], "skip_blocks": True,
+        "layers": {"include": ["*"], "exclude": []}}}).space
+    space = model_space(cfg, Net().eval(), x)
+    assert not [gene for gene in space.withheld if gene.endswith(".skip")], space.withheld
+    assert space.gene("blocks.b0.second.skip") and space.gene("layers.b0.res.method")
+    model = Net().eval()
+    skip_blocks(model, ["b0.second"], skippable_blocks(model, x))
+    removed = prune_channels(model, x, {"b0.res": ("l2_channel", 0.9),
+                                        "b0.first.1": ("l2_channel", 0.9)}, protected=["out"])
+    assert removed["b0.res"] == (16, 2) and model.b1.first[0].groups == 2
+    assert model(*x).shape == (2, 2)

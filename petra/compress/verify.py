@@ -204,11 +204,16 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
                         [model.get_submodule(u.name) for u in roots])
     planned = []  # every group checked on the model before any is removed
     dense: dict[int, Any] = {}  # the readers' inputs on the unchanged model
+    covered: set[int] = set()  # the layers whose output channels a planned group holds
     for unit in roots:
         root = model.get_submodule(unit.name)
+        if id(root) in covered:  # a skip joined two groups (a Jasper block's): removed once
+            continue
         n = graph.get_out_channels(root)
         whole = pruning_group(graph, root, graph.get_pruner_of_module(root).prune_out_channels,
                               range(n))
+        covered.update(id(dep.target.module) for dep, _ in whole
+                       if graph.is_out_channel_pruning_fn(dep.handler))
         check_indices(graph, whole)
         runs = tied_runs(graph, root)
         keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to, runs))
