@@ -247,7 +247,8 @@ def summarize(genome: Mapping[str, Any], metrics: Mapping[str, Any] | None = Non
     a skipped block, a skipped block inside another, rounding with no structured method.
 
     With a candidate's ``metrics``, a removal's sparsity is the one it ended with (its
-    ``sparsity.<layer>``), and one left at none (by rounding, or its group's vote) is left out.
+    ``sparsity.<layer>``), and one left at none (by rounding, or its group's vote) is left out,
+    as is a low-rank layer whose factors would not have paid (left whole).
 
     >>> summarize({"layers.a.method": "crit", "layers.a.sparsity": 0.5,
     ...            "quant.scheme": "scheme"})
@@ -261,9 +262,14 @@ def summarize(genome: Mapping[str, Any], metrics: Mapping[str, Any] | None = Non
             continue
         layer = key[len("layers."): -len(".method")]
         sparsity = float(genome.get(f"layers.{layer}.sparsity", 0.0))
-        measured = f"sparsity.{layer}" in (metrics or {}) and value in PRUNING and PRUNING.get(
-            value).meta.get("kind") in ("structured", "recurrent")  # what it removed
-        sparsity = float(metrics[f"sparsity.{layer}"]) if measured else sparsity  # type: ignore
+        kind = PRUNING.get(value).meta.get("kind") if value in PRUNING else None
+        measured = f"sparsity.{layer}" in (metrics or {}) and kind in ("structured", "recurrent",
+                                                                      "lowrank")  # what it did
+        if measured:
+            done = float(metrics[f"sparsity.{layer}"])  # type: ignore[index]
+            if not done:  # no channel removed, or factors that would not have paid
+                continue
+            sparsity = sparsity if kind == "lowrank" else done
         if inside(layer, skipped) or idle(value, sparsity, automatic and not measured):
             continue  # as effective() drops, or a removal that removed nothing
         methods.setdefault(str(value), []).append(sparsity)

@@ -194,3 +194,19 @@ def test_the_baseline_counts_its_non_zero_parameters_as_a_candidate_does(tmp_pat
     metrics = prepare_baseline(task, task_name="padded", task_params={}, cache_dir=tmp_path).metrics
     assert metrics["params_dense"] == 40 + 63
     assert metrics["params"] == 40 + 63 - 4  # the padding row
+
+
+def test_the_recipe_leaves_out_factors_that_would_not_have_paid(evaluator):
+    """svd on a layer whose rank at the candidate's energy is above what two thin layers save
+    leaves it whole: a front member's label read ``svdx2`` where one layer was factorized."""
+    from petra.space import summarize
+
+    genome = {"layers.layer2.conv2.method": "svd", "layers.layer1.downsample.0.method": "svd",
+              "lowrank.energy": 0.9}
+    result = evaluator.evaluate(genome)
+    assert result.status == COMPLETE, result.error
+    assert set(result.info["ranks"]) == {"layer2.conv2"}  # 13 of 16; the 8x8 conv keeps 5
+    assert result.metrics["sparsity.layer1.downsample.0"] == 0.0
+    assert 0.0 < result.metrics["sparsity.layer2.conv2"] < 0.2
+    assert summarize(genome) == "svdx2"
+    assert summarize(genome, result.metrics) == "svdx1"

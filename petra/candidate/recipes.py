@@ -234,8 +234,11 @@ def grid_points(space: SearchSpace, budget: int) -> list[Genome]:
 def layer_sparsity(recipe: Recipe, model: Any, dense: Any,
                    masks: Mapping[str, Any]) -> dict[str, float]:
     """The sparsity each layer of the recipe ended with, whatever rule chose it: the share of
-    output channels it lost (structured, coupled layers included), or of weights its mask
-    zeroes (unstructured)."""
+    output channels it lost (structured, coupled layers included), of weights its mask zeroes
+    (unstructured), or of weights its factors saved (low-rank: 0 where they would not have
+    paid, and the layer was left whole)."""
+    from torch import nn
+
     out = {}
     modules, before = dict(model.named_modules()), dict(dense.named_modules())
 
@@ -248,6 +251,15 @@ def layer_sparsity(recipe: Recipe, model: Any, dense: Any,
         layer, original = modules.get(name), before.get(name)
         if layer is not None and original is not None and width(layer) and width(original):
             out[name] = 1.0 - width(layer) / width(original)
+    for name in recipe.of_kind("lowrank"):
+        layer, original = modules.get(name), before.get(name)
+        if layer is not None and original is not None:
+            factored = isinstance(layer, nn.Sequential) and not isinstance(original, nn.Sequential)
+            out[name] = 1.0 - _count(layer) / _count(original) if factored else 0.0
     for key, mask in masks.items():
         out[key[: -len(".weight")]] = float(1.0 - mask.float().mean())
     return {k: round(v, 6) for k, v in sorted(out.items())}
+
+
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
