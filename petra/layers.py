@@ -90,8 +90,8 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         recurrent_why = {}
         recurrent = gru_layers(model, example_input, why=recurrent_why)
     heads = {a.name: a for a in attention}
-    RECURRENT_TYPES = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES)
-    transposed = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+    RECURRENT_TYPES, transposed = tuple(getattr(nn, t) for t in RECURRENT_TYPE_NAMES), (
+        nn.ConvTranspose1d, nn.ConvTranspose2d)
     types = tuple(getattr(nn, t) for t in LISTED_TYPE_NAMES)
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
@@ -104,6 +104,9 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     by_heads = _head_projections(model, attention)
     capable = (capable | {g.name for g in recurrent} | set(heads)) - set(by_heads)
     channel_why.update(by_heads)
+    unfollowed = (errors or [_UNFOLLOWED])[0]
+    if packed := outputs.pop("<packed>", None):  # torch-pruning's own words do not name it
+        unfollowed += f"; {packed} reads a PackedSequence, which torch-pruning does not follow"
     seen = list(dict.fromkeys(order))
     infos = []
     for name in seen:
@@ -112,7 +115,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
         whole = ("its output is the model's output" if is_output
                  else _TRANSPOSED if isinstance(modules[name], transposed)
                  else (recurrent_why or {}).get(name) or channel_why.get(name)
-                 or (errors or [_UNFOLLOWED])[0])
+                 or unfollowed)
         infos.append(_layer_info(name, modules[name], heads.get(name), removable=not is_output
                                  and name in capable, residual=name in residual, whole=whole,
                                  batchnorm=name in normed))
@@ -121,8 +124,7 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
 
 def _head_projections(model: Any, attention: Sequence[Any]) -> dict[str, str]:
     """The q, k and v projections of the attentions that lose heads, each with why it keeps its
-    channels: its rows go a head at a time (``l2_heads``); channel by channel they break the
-    head reshape, or, fused, leave a reshape that runs on the wrong rows."""
+    channels: its rows go a head at a time (channel by channel, they break the head reshape)."""
     from petra.compress.attention import qkv_names
 
     return {proj: f"a q, k or v projection of {a.name}: its units are the attention's heads "
@@ -155,8 +157,6 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
         out_channels = (module.embedding_dim if isinstance(module, nn.Embedding)
                         else module.out_features if isinstance(module, nn.Linear)
                         else module.out_channels)
-    # A depthwise conv loses channels with the conv that feeds it (torch-pruning's depthwise
-    # pruner); other grouped convs the same channels of each group (structured.lowest).
     kind = type(module).__name__
     if attention is not None and kind not in ATTENTION_TYPE_NAMES:
         kind = "Attention"
@@ -190,8 +190,10 @@ def _traced_outputs(model: nn.Module, example_input: Any, watch: Any
     hooks = []
     for module in model.modules():
         if watch(names[module], module):
-            def hook(mod: Any, _inp: Any, out: Any) -> None:
+            def hook(mod: Any, inp: Any, out: Any) -> None:
                 order.append(names[mod])
+                if inp and type(inp[0]).__name__ == "PackedSequence":  # torch-pruning's limit
+                    outputs.setdefault("<packed>", names[mod])
                 while isinstance(out, tuple | list) and out:  # a GRU's (output, h_n), and
                     out = out[0]  # a PackedSequence's data
                 outputs[names[mod]] = out
@@ -254,12 +256,8 @@ def select_layers(
     layers: Sequence[LayerInfo], include: Sequence[str], exclude: Sequence[str]
 ) -> list[LayerInfo]:
     """The layers whose names match an ``include`` glob and no ``exclude`` glob."""
-    return [
-        layer
-        for layer in layers
-        if any(fnmatch.fnmatchcase(layer.name, p) for p in include)
-        and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)
-    ]
+    return [layer for layer in layers if any(fnmatch.fnmatchcase(layer.name, p) for p in include)
+            and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)]
 
 
 def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
@@ -269,7 +267,6 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
     Raises:
         petra.config.ConfigError: naming the glob's field, the glob and the model's layers.
     """
-
     names = [layer.name for layer in layers]
     for key, globs in (("include", include), ("exclude", exclude)):
         for i, pattern in enumerate(globs):
@@ -281,31 +278,25 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 49
+VERIFY_VERSION = 50
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
                 cache: str | Path | None = None) -> SearchSpace:
-    """The search space of ``model``: its prunable layers, the structured genes and the
-    quantization schemes that were verified on it (:mod:`petra.compress.verify`), and, when
-    ``space.skip_blocks`` is on, the blocks it may skip.
-
-    Args:
-        space_cfg: the config's ``space`` section.
-        model, example_input: the canonical task model and its example inputs.
-        cache: a folder where the verdicts are kept by a hash of the model's architecture and
-            the space's bounds; None verifies every time.
-
-    The withheld genes, with their reasons, are in the returned space's ``withheld``."""
+    """The search space of ``model`` (the canonical task model) under ``space_cfg``: its
+    prunable layers, the structured genes and the quantization schemes verified on it
+    (:mod:`petra.compress.verify`), and, with ``space.skip_blocks``, the blocks it may skip.
+    The verdicts are kept in ``cache`` (a folder; None verifies every time) by a hash of the
+    model's architecture and the space's bounds. The withheld genes (and ``prune.width``, set
+    but not found), with their reasons, are in the space's ``withheld``, and not also in
+    ``kept_whole``."""
     import dataclasses
 
     from petra.compress.attention import attention_layers
     from petra.compress.blocks import skippable_blocks
     from petra.compress.recurrent import gru_layers
 
-    blocks_why: dict[str, str] = {}
-    attention_why: dict[str, str] = {}
-    recurrent_why: dict[str, str] = {}
+    blocks_why, attention_why, recurrent_why = {}, {}, {}  # type: ignore[var-annotated]
     blocks = skippable_blocks(model, example_input, blocks_why) if getattr(
         space_cfg, "skip_blocks", False) else ()
     attention = attention_layers(model, example_input, why=attention_why)
@@ -331,10 +322,14 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     from petra.space import build_space
 
     space = build_space(space_cfg, layers, blocks)
+    if "width" in space_cfg.model_fields_set and space_cfg.width[1] > 0 and "prune.width" \
+            not in space:  # asked for: said, not dropped in silence
+        withheld["prune.width"] = NO_WIDTH
     space.withheld = withheld
-    space.kept_whole = {**space.kept_whole, **attention_why,
-                        **{layer.name: layer.whole for layer in space.layers if layer.whole},
-                        **unhandled_layers(model, layers, attention_why)}
+    whole = {**space.kept_whole, **attention_why,
+             **{layer.name: layer.whole for layer in space.layers if layer.whole}}
+    whole.update(unhandled_layers(model, layers, attention_why))
+    space.kept_whole = {n: why for n, why in whole.items() if n not in failed_layers}
     return space
 
 
@@ -342,6 +337,9 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 _UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, Conv3d, "
               "embeddings, GRU, LSTM and attention heads); it is exported as it is, and "
               "quantized where the scheme quantizes its operation")
+#: Why ``space.width``, set in the config, gives no ``prune.width`` gene.
+NO_WIDTH = ("no residual stream to narrow: no channel group that two LayerNorms (or RMSNorms) "
+            "read and two layers write, verified, with a structured criterion in space.pruning")
 
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],

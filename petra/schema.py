@@ -174,7 +174,8 @@ class SpaceConfig(_Model):
     layers: LayersConfig = LayersConfig()
     width: Annotated[tuple[float, float], _pair(low=0.0, high=0.99)] = Field(
         (0.0, 0.5), description="[lo, hi] with 0 <= lo <= hi <= 0.99 (the share of the "
-        "residual stream's channels removed; [0, 0] offers no width gene)"
+        "residual stream's channels removed; [0, 0] offers no width gene; set on a model with "
+        "no stream, `petra space` lists prune.width as withheld, with why)"
     )
     round_to: list[Annotated[StrictInt, Field(ge=1)]] = Field(
         [1, 8, 16], min_length=1, description="a non-empty list of integers >= 1"

@@ -323,6 +323,7 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
     kinds: set[str] = set()
     structured: dict[str, tuple[str, ...]] = {}
     idle: dict[str, str] = {}
+    layers_by = {layer.name: layer for layer in selected}
     for layer in selected:
         methods = [m for m in space_cfg.pruning if m == "none" or offered(layer, PRUNING.get(m))]
         if "none" not in methods:
@@ -343,6 +344,7 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
     genes += width
     if width:
         kinds.add("structured")
+        idle = {n: why for n, why in idle.items() if not layers_by[n].residual}  # prune.width's
     if kinds & {"structured", "recurrent"}:  # a single choice still travels, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
     genes += rule_genes(space_cfg) if genes else []

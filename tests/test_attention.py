@@ -878,3 +878,59 @@ def test_the_width_gene_keeps_each_attention_head_whole():
     exported = artifact.load(artifact.pack(artifact.export_onnx(model, (x,))))
     np.testing.assert_allclose(exported.run(None, feed((x,), ["input"]))[0], want.numpy(),
                                atol=1e-4, rtol=1e-3)
+
+
+class _BiasedAttention(nn.Module):
+    """A T5-style attention: the relative-position bias of its scores is handed to it."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.n_heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def forward(self, x, position_bias):
+        b, t, _ = x.shape
+
+        def split(z):
+            return z.view(b, t, self.n_heads, -1).transpose(1, 2)
+
+        scores = split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) + position_bias
+        y = (scores.softmax(-1) @ split(self.v(x))).transpose(1, 2).reshape(b, t, -1)
+        return self.o(y)
+
+
+class _SharedBias(nn.Module):
+    """The stack computes the bias once, from a table it holds, for every layer (T5's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rel_bias = nn.Embedding(12, 16), nn.Embedding(9, 4)
+        self.attn = nn.ModuleList([_BiasedAttention(), _BiasedAttention()])
+        self.norm = nn.ModuleList([nn.LayerNorm(16), nn.LayerNorm(16)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1])
+        bias = self.rel_bias((pos[None] - pos[:, None]).clamp(-4, 4) + 4).permute(2, 0, 1)
+        x = self.emb(ids)
+        for attn, norm in zip(self.attn, self.norm, strict=True):
+            x = x + attn(norm(x), bias.unsqueeze(0))
+        return self.head(x.mean(1))
+
+
+def test_heads_refused_for_a_bias_handed_in_say_so():
+    """A T5-style stack hands every attention one bias made from a table it holds: no removal
+    of one attention's heads can cut it. The reason was a bare broadcast error (``The size of
+    tensor a (2) must match the size of tensor b (4)``), and q, k and v were withheld as
+    ``torch-pruning ties this group to channel 31 of rel_bias``: neither said why."""
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel", "l2_heads"],
+                                 "quantization": ["none"], "layers": {"include": ["*"]}}}).space
+    space = model_space(cfg, _SharedBias().eval(), (torch.randint(0, 12, (2, 6)),))
+    why = space.kept_whole["attn.0"]
+    assert why.startswith("removing half its heads breaks the model (RuntimeError: ")
+    assert "handed position_bias (1, 4, 6, 6), a per-head term made outside it" in why
+    assert space.withheld["layers.attn.0.q"].startswith(
+        "torch-pruning maps this group's channels past the width of rel_bias, an Embedding "
+        "with 4 channels (to channel 15)")
+    assert "attn.0.q" not in space.kept_whole  # said once, where it was withheld
+    assert "prune.width" in space and "emb" not in space.kept_whole  # the width narrows it

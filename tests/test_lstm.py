@@ -624,3 +624,27 @@ def test_a_side_branch_beside_a_recurrent_final_state_keeps_its_own_columns(
                           protected=["head"]) == {"pre.0": (12, 10)}
     with torch.no_grad():
         assert torch.allclose(model(*x), reference, atol=1e-6)
+
+
+def test_a_layer_before_a_packed_sequence_says_what_stops_torch_pruning():
+    """torch-pruning cannot trace a model that packs its batch for a GRU; the layers before it
+    were kept whole with its bare ``TypeError: unsupported operand type(s) for +: 'int' and
+    'NoneType'``, which did not name the packed sequence."""
+    from petra.layers import prunable_layers
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.gru, self.out = nn.Linear(4, 8), nn.GRU(8, 8, batch_first=True), \
+                nn.Linear(8, 2)
+
+        def forward(self, x, lengths):
+            packed = nn.utils.rnn.pack_padded_sequence(self.inp(x), lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            return self.out(self.gru(packed)[1][-1])
+
+    x = (torch.randn(3, 5, 4), torch.tensor([5, 3, 2]))
+    inp = next(layer for layer in prunable_layers(Packed().eval(), x) if layer.name == "inp")
+    assert not inp.structured
+    assert inp.whole.startswith("torch-pruning ")
+    assert inp.whole.endswith("; gru reads a PackedSequence, which torch-pruning does not follow")

@@ -1042,3 +1042,19 @@ def test_svd_is_tried_at_rank_one_whatever_the_untrained_spectrum():
     space = model_space(cfg, Biased().eval(), (torch.randint(0, 10, (2, 8)),))
     assert "`weight`" in space.withheld["layers.bias.method=svd"]
     assert "svd" in space.gene("layers.emb.method").choices
+
+
+def test_a_width_range_set_where_the_model_has_no_stream_is_said_not_dropped():
+    """``space.width`` on a convolutional net gave no ``prune.width`` gene and no word of why;
+    left at its default, it says nothing (most models have no stream)."""
+    import torch
+
+    from petra.layers import NO_WIDTH, model_space
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 4 * 4, 3)).eval()
+    x = (torch.randn(2, 1, 6, 6),)
+    space = {"pruning": ["none", "l2_channel"], "quantization": ["none"]}
+    asked = model_space(load_config({"space": {**space, "width": [0.1, 0.3]}}).space, net, x)
+    assert asked.withheld == {"prune.width": NO_WIDTH} and "prune.width" not in asked
+    assert model_space(load_config({"space": space}).space, net, x).withheld == {}

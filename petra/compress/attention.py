@@ -63,7 +63,7 @@ from petra.compress.attention_forms import (
 )
 from petra.compress.mha import PrunedMultiheadAttention, _rows
 from petra.compress.norms import narrow, norm_width
-from petra.compress.per_head import per_head_tensors, slice_per_head
+from petra.compress.per_head import passed_in, per_head_tensors, slice_per_head
 from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args, copy_model, no_fast_path
@@ -288,6 +288,9 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
                 f"attributes ({', '.join(HEAD_COUNT_NAMES + WIDTH_NAMES)}, which petra "
                 "updates) or with -1, not from the input's width" if "shape" in first
                 or "mat1" in first else "")
+        if outside := passed_in(model, example_input, info.name, info.heads):
+            hint = (f"; its forward is handed {', '.join(outside)}, a per-head term made "
+                    "outside it, which petra cannot cut with its heads")
         return f"removing half its heads breaks the model ({first}){hint}"
     return ""
 

@@ -84,3 +84,37 @@ def _slice_lists(module: nn.Module, heads: int, keep: Sequence[int], group: int)
             for attr in [a for a in ("num_heads", "num_key_value_heads", "heads")
                          if vars(holder).get(a) == old]:
                 setattr(holder, attr, len(holder._modules[name]))
+
+
+def passed_in(model: nn.Module, example_input: Sequence[object], name: str, heads: int
+              ) -> list[str]:
+    """The tensors handed to the attention ``name``'s forward, past its first, with a dimension
+    of ``heads`` or of the batch times ``heads``: per-head terms made outside it (a T5 stack's
+    ``position_bias``, computed once for every layer; BLOOM's ``alibi``, from the model's
+    config), which no removal of its heads can cut. Each reads ``name (shape)``."""
+    import inspect
+
+    from petra.tasks.contract import args
+
+    module, seen = model.get_submodule(name), []
+
+    def hook(mod: nn.Module, given: tuple, kwargs: dict) -> None:
+        try:
+            bound = inspect.signature(mod.forward).bind(*given, **kwargs).arguments
+        except TypeError:
+            bound = {f"argument {i}": v for i, v in enumerate(given)} | kwargs
+        seen.append(bound)
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.eval()(*args(example_input))
+    finally:
+        handle.remove()
+    if not seen:
+        return []
+    values = [(k, v) for k, v in seen[0].items() if isinstance(v, torch.Tensor)]
+    batch = values[0][1].shape[0] if values and values[0][1].dim() else 0
+    return [f"{k} {tuple(v.shape)}" for k, v in values[1:] if v.is_floating_point()
+            and v.shape != values[0][1].shape  # a residual handed in beside the input
+            and (heads in v.shape[1:] or batch * heads in v.shape)]

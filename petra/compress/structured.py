@@ -379,10 +379,10 @@ def check_indices(graph: Any, group: Any) -> None:
                  else pruner.get_in_channels(module))
         if width is not None and max(idxs) >= width:
             name = getattr(graph, "_module2name", {}).get(module)
-            raise IndexError(f"torch-pruning ties this group to channel {max(idxs)} of "
-                             f"{name + ', ' if name else ''}{a_kind(type(module).__name__)} "
-                             f"with {width} channels: it follows them through an op it "
-                             "maps wrongly")
+            raise Refused(f"torch-pruning maps this group's channels past the width of "
+                          f"{name + ', ' if name else ''}{a_kind(type(module).__name__)} with "
+                          f"{width} channels (to channel {max(idxs)}): it follows them wrongly "
+                          "through an operation between them (a split, or a reshape into heads)")
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
