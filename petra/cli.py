@@ -38,7 +38,7 @@ from petra.space import summarize
 from petra.tasks import load_task
 from petra.tracking import compare
 from petra.tracking.progress import ConsoleProgress
-from petra.tracking.runs import DEFAULT_URI, open_search, open_searches, split_store
+from petra.tracking.runs import DEFAULT_URI, full_id, open_search, open_searches, split_store
 from petra.tracking.ui import serve
 
 
@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The fields of :class:`ConfigError` that name a command's argument, not a config's key.
+ARGUMENTS = ("run_id", "run_ids", "candidate", "genome")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from petra.config import load_config
@@ -122,8 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(cfg, args.genome, as_json=args.json, export=args.export,
                              seed=args.seed)
         return _search(cfg)
-    except ConfigError as exc:
-        print(f"petra: config error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # a command's own argument is no config's
+        kind = "error" if exc.field in ARGUMENTS or exc.field.startswith("--") else "config error"
+        print(f"petra: {kind}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # a reader that stopped early (`petra front RUN --json | head`)
         import os
@@ -265,7 +270,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None,
 
 def _resume(run_id: str, overrides: list[str]) -> int:
     uri, rest = split_store(overrides)
-    progress = ConsoleProgress()
+    run_id, progress = full_id(uri, run_id), ConsoleProgress()
     try:
         result = resume(run_id, uri=uri, overrides=tuple(rest), progress=progress)
     finally:
@@ -351,7 +356,7 @@ def _front(uri: str, run_id: str, *, as_json: bool) -> int:
     search = open_search(uri, run_id)
     snap = search.front()
     if as_json:
-        payload = {"run_id": run_id, "name": search.name, "status": search.status,
+        payload = {"run_id": search.run_id, "name": search.name, "status": search.status,
                    "knee": search.knee, "baseline": search.baseline, **snap.to_dict()}
         print(json.dumps(payload, indent=2))
         return 0

@@ -104,6 +104,21 @@ def test_run_commands_reject_bad_run_ids_in_one_line(two_searches):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
+        assert lines[0].startswith("petra: error: ")  # an argument, not the config
+
+
+def test_a_search_run_is_named_by_a_unique_prefix(two_searches):
+    """``petra compare`` labels each search with 8 characters of its id; ``petra front`` took
+    only the whole id ("config error: run_id: no run '368a4726'")."""
+    folder, uri, (a, b) = two_searches
+    store = ["--set", f"tracking.uri={uri}"]
+    proc = run_cli("front", a[:8], "--json", *store, cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["run_id"] == a
+    shared = os.path.commonprefix([a, b])
+    proc = run_cli("front", shared or "0" * 31, *store, cwd=folder)
+    assert proc.returncode == 2
+    assert ("is the prefix of 2 search runs" if shared else "no run") in proc.stderr
 
 
 def test_a_candidate_is_measured_again_from_its_bundle_and_its_seed(two_searches, tmp_path):

@@ -14,8 +14,10 @@ candidate's objectives, its recipe, and its search and candidate runs. ``alias``
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,10 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
 
 
 class PetraModel(mlflow.pyfunc.PythonModel):
+    # The logged signature checks the inputs; MLflow's type hints cannot name numpy arrays,
+    # and without them it warns on every load.
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         from load_petra import load
 
@@ -100,17 +106,31 @@ def register_model(uri: str, name: str, *, artifact_bytes: bytes, example: Mappi
         # a logged model created in the experiment, so that no global active experiment is set
         logged = mlflow.initialize_logged_model(name="model", source_run_id=source_run_id,
                                                 experiment_id=experiment_id)
-        info = mlflow.pyfunc.log_model(
-            name="model", model_id=logged.model_id, python_model=str(folder / "petra_pyfunc.py"),
-            code_paths=[str(folder / "load_petra.py")],
-            artifacts={"model": str(folder / "model.petra")},
-            signature=infer_signature(model_input, output), input_example=model_input,
-            pip_requirements=["mlflow", "numpy", "onnx", "onnxruntime"])
+        with _quiet("mlflow.pyfunc"):
+            info = mlflow.pyfunc.log_model(
+                name="model", model_id=logged.model_id,
+                python_model=str(folder / "petra_pyfunc.py"),
+                code_paths=[str(folder / "load_petra.py")],
+                artifacts={"model": str(folder / "model.petra")},
+                signature=infer_signature(model_input, output), input_example=model_input,
+                pip_requirements=["mlflow", "numpy", "onnx", "onnxruntime"])
     version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return Registered(name, str(version.version), alias)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """``logger``'s INFO lines left out (MLflow's "Validating input example ...")."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name: str,

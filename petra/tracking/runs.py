@@ -97,7 +97,8 @@ def open_search(uri: str, run_id: str) -> SearchRun:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ConfigError("run_id", run_id, "", f"no run {run_id!r} in {uri}") from None
+        run = _by_prefix(client, run_id, uri)
+    run_id = run.info.run_id
     kind = run.data.tags.get("petra.kind")
     if kind == "candidate":
         parent = run.data.tags.get("mlflow.parentRunId")
@@ -135,6 +136,32 @@ def open_search(uri: str, run_id: str) -> SearchRun:
         if tags.get("petra.knee") == "true":
             search.knee = child.info.run_id
     return search
+
+
+def full_id(uri: str, run_id: str) -> str:
+    """The id of the search run that ``run_id`` names in full or by a unique prefix."""
+    from mlflow.exceptions import MlflowException
+
+    client = open_client(uri)
+    try:
+        return client.get_run(run_id).info.run_id
+    except MlflowException:
+        return _by_prefix(client, run_id, uri).info.run_id
+
+
+def _by_prefix(client: Any, prefix: str, uri: str) -> Any:
+    """The search run whose id starts with ``prefix`` (``petra compare`` prints 8 characters)."""
+    experiments = [e.experiment_id for e in client.search_experiments()] if re.fullmatch(
+        r"[0-9a-f]{1,31}", prefix) else []
+    found = [r for r in client.search_runs(
+        experiments, filter_string="tags.`petra.kind` = 'search'", max_results=50000)
+        if r.info.run_id.startswith(prefix)] if experiments else []
+    if len(found) > 1:
+        raise ConfigError("run_id", prefix, "", f"{prefix!r} is the prefix of {len(found)} "
+                          f"search runs in {uri}; give more of the id")
+    if not found:
+        raise ConfigError("run_id", prefix, "", f"no run {prefix!r} in {uri}")
+    return found[0]
 
 
 def hypervolume_history(uri: str, run_id: str) -> list[list[float]]:
