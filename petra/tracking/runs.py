@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from petra.engine import pareto
-from petra.errors import ConfigError
+from petra.errors import ConfigError, first_line
 from petra.tracking.store import Tracker, open_client
 
 if TYPE_CHECKING:
@@ -151,11 +151,17 @@ def full_id(uri: str, run_id: str) -> str:
 
 def _by_prefix(client: Any, prefix: str, uri: str) -> Any:
     """The search run whose id starts with ``prefix`` (``petra compare`` prints 8 characters)."""
-    experiments = [e.experiment_id for e in client.search_experiments()] if re.fullmatch(
-        r"[0-9a-f]{1,31}", prefix) else []
-    found = [r for r in client.search_runs(
-        experiments, filter_string="tags.`petra.kind` = 'search'", max_results=50000)
-        if r.info.run_id.startswith(prefix)] if experiments else []
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()] if re.fullmatch(
+            r"[0-9a-f]{1,32}", prefix) else []
+        found = [r for r in client.search_runs(
+            experiments, filter_string="tags.`petra.kind` = 'search'", max_results=50000)
+            if r.info.run_id.startswith(prefix)] if experiments else []
+    except MlflowException as exc:  # a store that does not answer
+        raise ConfigError("run_id", prefix, "", f"cannot read {uri} ({first_line(exc, 300)})"
+                          ) from None
     if len(found) > 1:
         raise ConfigError("run_id", prefix, "", f"{prefix!r} is the prefix of {len(found)} "
                           f"search runs in {uri}; give more of the id")
