@@ -151,6 +151,11 @@ def _methods(as_json: bool) -> int:
     return 0
 
 
+#: What a skipped block becomes, by its kind (:class:`petra.compress.blocks.BlockInfo`).
+SKIPPED = {"identity": "these hand on their input", "branch": "these residual branches give "
+           "zeros", "shortcut": "these become their shortcut"}
+
+
 def _space(cfg: object, as_json: bool) -> int:
     task = load_task(cfg.task.name, cfg.task.params)
     check_task(task, cfg.task.name)
@@ -171,6 +176,9 @@ def _space(cfg: object, as_json: bool) -> int:
         residual = [layer.name for layer in space.layers if layer.residual]
         if residual and "prune.width" in space:
             print(f"prune.width removes the hidden size, written by: {', '.join(residual)}")
+        for kind, what in SKIPPED.items():
+            if names := [b.name for b in space.blocks if b.kind == kind]:
+                print(f"skipped, {what}: {', '.join(names)}")
         if space.kept_whole:
             print("kept whole (no gene removes their units):")
             for name, reason in space.kept_whole.items():

@@ -165,3 +165,18 @@ def test_evaluate_shows_the_latency_its_ratio_divides_by() -> None:
     assert rows == ["  val_accuracy       0.9   (baseline 0.951235)",
                     "  latency_ms         13   (baseline 13.1)",
                     "  latency_ratio      0.99   (baseline 1)"]
+
+
+def test_space_says_what_each_skipped_block_becomes() -> None:
+    """A skip gene read the same for a block that hands on its input, a residual branch that
+    gives zeros, and one that becomes its shortcut."""
+    root = Path(__file__).resolve().parents[1]
+    proc = petra("space", str(root / "search_spaces" / "quickstart.yaml"),
+                 "--set", "space.skip_blocks=true")
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stdout.splitlines() if line.startswith("skipped, ")]
+    genes = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(".skip")
+             or ".skip " in line]
+    assert said and genes
+    named = {n.strip() for line in said for n in line.split(": ", 1)[1].split(",")}
+    assert named == {g[len("blocks."):-len(".skip")] for g in genes}
