@@ -1058,3 +1058,30 @@ def test_a_width_range_set_where_the_model_has_no_stream_is_said_not_dropped():
     asked = model_space(load_config({"space": {**space, "width": [0.1, 0.3]}}).space, net, x)
     assert asked.withheld == {"prune.width": NO_WIDTH} and "prune.width" not in asked
     assert model_space(load_config({"space": space}).space, net, x).withheld == {}
+
+
+def test_a_removal_that_breaks_the_models_own_forward_names_the_line():
+    """PointNet's T-Net reads its features into a (k, k) transform with a view and applies it
+    with torch.bmm in the model's forward, outside any layer: such a refusal read as a bare
+    ``RuntimeError: shape '[-1, 8, 8]' is invalid for input of size 16``."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class TNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.f = nn.Conv1d(3, 8, 1), nn.Linear(8, 64)
+            self.c2, self.out = nn.Conv1d(8, 16, 1), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            t = self.f(h.max(-1).values).view(-1, 8, 8)
+            return self.out(torch.relu(self.c2(torch.bmm(t, h))).max(-1).values)
+
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"]}})
+    space = model_space(cfg.space, TNet().eval(), (torch.randn(2, 3, 10),))
+    why = space.withheld["layers.c1"]
+    assert why.startswith("the compressed model's forward fails at test_space.py:"), why
+    assert "(`t = self.f(h.max(-1).values).view(-1, 8, 8)`) (RuntimeError: shape" in why

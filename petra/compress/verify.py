@@ -62,6 +62,33 @@ UNEQUAL = "runs only where other layers lose the same share of their width"
 AROUND = "runs only while the layers around it keep their units"
 
 
+def _ours(filename: str) -> bool:
+    """Whether ``filename`` is code that is not the model's: torch's, torch-pruning's, petra's
+    or Python's own."""
+    import os
+    import sysconfig
+
+    import torch
+    import torch_pruning
+
+    import petra
+
+    homes = [os.path.dirname(m.__file__) for m in (torch, torch_pruning, petra)]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return filename.startswith("<") or any(filename.startswith(h + os.sep) for h in homes) or (
+        filename.startswith(stdlib + os.sep) and "site-packages" not in filename)
+
+
+def _source(tb: Any) -> str:
+    """``file:line (`code`)`` of a traceback entry."""
+    import linecache
+    import os
+
+    code = tb.tb_frame.f_code
+    text = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+    return f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}" + (f" (`{text}`)" if text else "")
+
+
 @dataclass(frozen=True)
 class Unit:
     """A structured unit to verify: ``kind`` is ``channels`` (a dependency group, named by its
@@ -111,7 +138,7 @@ def failure(exc: BaseException, model: nn.Module) -> str:
     raised it, the innermost layer whose forward raised (``bilinear(): input1 size does not
     match weight size``: in an ``nn.Bilinear`` torch-pruning does not narrow)."""
     names = {id(m): n for n, m in model.named_modules()}
-    node, module = None, None
+    node, module, line = None, None, ""
     tb = exc.__traceback__
     while tb is not None:
         code, this = tb.tb_frame.f_code, tb.tb_frame.f_locals.get("self")
@@ -119,10 +146,14 @@ def failure(exc: BaseException, model: nn.Module) -> str:
             node = getattr(this, "target", node)
         elif code.co_name == "forward" and names.get(id(this)):
             module = this  # the innermost layer of the model whose forward raised
+        if not _ours(code.co_filename):
+            line = _source(tb)  # the innermost line of the model's own code
         tb = tb.tb_next
     if node is None and module is not None:  # its own code: a size written in it, a split?
         return (f"the compressed model's forward fails in {names[id(module)]}, "
                 f"{a_kind(type(module).__name__)} ({first_line(exc)})")
+    if node is None and line:  # the model's own forward, outside its layers (a bmm, a sum)
+        return f"the compressed model's forward fails at {line} ({first_line(exc)})"
     if node is None:
         return first_line(exc)
     names.update({id(p): n for n, p in model.named_parameters()})
