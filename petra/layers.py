@@ -136,7 +136,8 @@ _TRANSPOSED = ("a transposed convolution: no gene of its own (its input channels
                "layer that feeds it)")
 #: Why svd leaves a layer alone (it factorizes one weight matrix, run by torch's forward).
 _NO_LOWRANK = ("a grouped {}: svd factorizes a single weight matrix",
-               "{} has a forward of its own, which svd's thin layers would not run")
+               "{} has a forward of its own, which svd's thin layers would not run",
+               "a {}x{} weight: two thin layers, even of rank 1, would hold more than it")
 #: Why a Linear or Conv torch-pruning traced keeps its channels when it is in no channel group.
 _UNFOLLOWED = ("torch-pruning puts its output channels in no channel group: it cannot follow "
                "them to every layer that reads them")
@@ -162,10 +163,12 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
         kind = "Attention"
     elif isinstance(module, nn.Embedding):  # a subclass (RoFormer's sinusoidal positions) too
         kind = "Embedding"
-    # an embedding's width is the residual's, which the channel groups of its readers decide
-    structured = removable and not isinstance(module, nn.Embedding)
+    structured = removable and not isinstance(module, nn.Embedding)  # its readers' groups: width
     torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch."))
-    no_lowrank = (_NO_LOWRANK[0].format(kind) if getattr(module, "groups", 1) != 1 else ""
+    shape = (w.shape[0], w[0].numel()) if isinstance(w := getattr(module, "weight", None),
+                                                     nn.Parameter) and w.dim() > 1 else (9, 9)
+    no_lowrank = (_NO_LOWRANK[0].format(kind) if getattr(module, "groups", 1) != 1 else
+                  _NO_LOWRANK[2].format(*shape) if sum(shape) >= shape[0] * shape[1] else ""
                   if type(module).forward is torch_class.forward
                   else _NO_LOWRANK[1].format(type(module).__name__))
     return LayerInfo(

@@ -1085,3 +1085,28 @@ def test_a_removal_that_breaks_the_models_own_forward_names_the_line():
     why = space.withheld["layers.c1"]
     assert why.startswith("the compressed model's forward fails at test_space.py:"), why
     assert "(`t = self.f(h.max(-1).values).view(-1, 8, 8)`) (RuntimeError: shape" in why
+
+
+def test_svd_is_not_offered_where_no_rank_could_pay():
+    """DeepFM's first-order term is an ``nn.Embedding(20, 1)``: two thin layers of any rank
+    hold more than it, so ``svd`` on it changed nothing, bytes and parameters alike."""
+    import torch
+    from torch import nn
+
+    from petra.space import model_space
+
+    class FM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.emb = nn.Embedding(20, 1), nn.Embedding(20, 8)
+            self.fc, self.out = nn.Linear(8, 8), nn.Linear(9, 2)
+
+        def forward(self, ids):
+            deep = self.fc(self.emb(ids)).mean(1)
+            return self.out(torch.cat([deep, self.lin(ids).mean(1)], -1))
+
+    cfg = load_config({"space": {"pruning": ["none", "svd"], "quantization": ["none"]}})
+    space = model_space(cfg.space, FM().eval(), (torch.randint(0, 20, (2, 5)),))
+    assert "layers.lin.method" not in space and "layers.emb.method" in space
+    assert space.kept_whole["lin"] == ("a 20x1 weight: two thin layers, even of rank 1, would "
+                                       "hold more than it")

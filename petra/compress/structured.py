@@ -406,7 +406,7 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
         # Phi-3's gate_up_proj, chunked into gate and up: asked to keep 128 of 256, it kept 2
         raise Refused(f"torch-pruning removed {before - after} of the {before} channels "
                       f"where {len(set(idxs))} were asked: it maps them wrongly through "
-                      "the forward (a projection chunked or split in two?)")
+                      "the forward (a projection chunked, split or viewed as a matrix?)")
     for module in graph.model.modules():  # it checks its inputs' width against d_model
         if isinstance(module, nn.Transformer) and isinstance(module.encoder.norm, nn.LayerNorm):
             module.d_model = module.encoder.norm.normalized_shape[0]
