@@ -85,7 +85,7 @@ def _source(tb: Any) -> str:
     import os
 
     code = tb.tb_frame.f_code
-    text = linecache.getline(code.co_filename, tb.tb_lineno).strip()
+    text = re.sub(r"\s+#.*$", "", linecache.getline(code.co_filename, tb.tb_lineno).strip())
     return f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}" + (f" (`{text}`)" if text else "")
 
 
