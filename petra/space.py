@@ -81,20 +81,15 @@ class SearchSpace:
         self.genes: tuple[Gene, ...] = tuple(genes)
         self.layers: tuple[LayerInfo, ...] = tuple(layers)
         self.blocks: tuple[Any, ...] = tuple(blocks)
-        #: What :func:`model_space` withheld, with why: ``layers.<name>`` (its structured
-        #: methods) or ``quant.scheme=<scheme>`` → the first line of the error.
+        #: What :func:`model_space` withheld (``layers.<name>``, ``quant.scheme=<s>``...), with why.
         self.withheld: dict[str, str] = {}
-        #: Layers of the space whose units no gene removes, each with a one-line reason (the
-        #: model's output layer, a recurrent layer petra cannot follow, ...).
+        #: Layers of the space whose units no gene removes, each with a one-line reason.
         self.kept_whole: dict[str, str] = {}
-        #: Genes a registry entry declared: gene name → ("pruning" | "regularizer", entry). They
-        #: decide nothing unless a layer's method (or ``reg.kind``) is that entry.
+        #: Genes a registry entry declared → ("pruning" | "regularizer", entry): idle otherwise.
         self.owners: dict[str, tuple[str, str]] = dict(owners or {})
-        #: Layer name → the methods its gene offers that remove units physically (channels,
-        #: heads, hidden units), in the config's order: what a by-hand recipe picks from.
+        #: Layer → the methods its gene offers that remove units physically, in config order.
         self.structured: dict[str, tuple[str, ...]] = dict(structured or {})
-        #: The fine-tune lr of the seed recipes and the by-hand grid once a search has probed
-        #: it (:mod:`petra.candidate.lr_probe`); None: the default.
+        #: The probed fine-tune lr of the seed recipes and by-hand grid (None: the default).
         self.seed_lr: float | None = None
         self._by_name = {g.name: g for g in self.genes}
 
@@ -107,8 +102,7 @@ class SearchSpace:
                 f"{some(list(self.kept_whole)) or 'none'}{withheld} (`petra space` says why)")
 
     def drop(self, names: Iterable[str]) -> None:
-        """Remove the genes ``names``, which decide nothing for the task (kd's temperature, where
-        its targets are floats)."""
+        """Remove the genes ``names``, which decide nothing for the task (kd's temperature)."""
         gone = set(names)
         self.genes = tuple(g for g in self.genes if g.name not in gone)
         self._by_name = {g.name: g for g in self.genes}
@@ -254,25 +248,8 @@ def summarize(genome: Mapping[str, Any], metrics: Mapping[str, Any] | None = Non
     ...            "quant.scheme": "scheme"})
     'critx1@0.50 scheme'
     """
-    methods: dict[str, list[float]] = {}
     skipped = skipped_blocks(genome)
-    automatic = genome.get("prune.sparsity_rule", "fixed") != "fixed"
-    for key, value in genome.items():
-        if not (key.startswith("layers.") and key.endswith(".method") and value != "none"):
-            continue
-        layer = key[len("layers."): -len(".method")]
-        sparsity = float(genome.get(f"layers.{layer}.sparsity", 0.0))
-        kind = PRUNING.get(value).meta.get("kind") if value in PRUNING else None
-        measured = f"sparsity.{layer}" in (metrics or {}) and kind in ("structured", "recurrent",
-                                                                      "lowrank")  # what it did
-        if measured:
-            done = float(metrics[f"sparsity.{layer}"])  # type: ignore[index]
-            if not done:  # no channel removed, or factors that would not have paid
-                continue
-            sparsity = sparsity if kind == "lowrank" else done
-        if inside(layer, skipped) or idle(value, sparsity, automatic and not measured):
-            continue  # as effective() drops, or a removal that removed nothing
-        methods.setdefault(str(value), []).append(sparsity)
+    methods = _methods(genome, metrics or {}, skipped)
     parts = [f"{m}x{len(s)}" + (f"@{sum(s) / len(s):.2f}" if m not in PRUNING or PRUNING.get(
         m).meta.get("uses_sparsity", True) else "") for m, s in methods.items()]  # svd: its energy
     outermost = [b for b in skipped if not inside(b, (s for s in skipped if s != b))]
@@ -304,6 +281,30 @@ def summarize(genome: Mapping[str, Any], metrics: Mapping[str, Any] | None = Non
     return " ".join(parts) or "dense"
 
 
+def _methods(genome: Mapping[str, Any], metrics: Mapping[str, Any], skipped: Sequence[str]
+             ) -> dict[str, list[float]]:
+    """Each pruning method of ``genome`` that changes something, with its layers' sparsities."""
+    methods: dict[str, list[float]] = {}
+    automatic = genome.get("prune.sparsity_rule", "fixed") != "fixed"
+    for key, value in genome.items():
+        if not (key.startswith("layers.") and key.endswith(".method") and value != "none"):
+            continue
+        layer = key[len("layers."): -len(".method")]
+        sparsity = float(genome.get(f"layers.{layer}.sparsity", 0.0))
+        kind = PRUNING.get(value).meta.get("kind") if value in PRUNING else None
+        measured = f"sparsity.{layer}" in metrics and kind in ("structured", "recurrent",
+                                                               "lowrank")  # what it did
+        if measured:
+            done = float(metrics[f"sparsity.{layer}"])
+            if not done:  # no channel removed, or factors that would not have paid
+                continue
+            sparsity = sparsity if kind == "lowrank" else done
+        if inside(layer, skipped) or idle(value, sparsity, automatic and not measured):
+            continue  # as effective() drops, or a removal that removed nothing
+        methods.setdefault(str(value), []).append(sparsity)
+    return methods
+
+
 def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Sequence[BlockInfo] = ()
                 ) -> SearchSpace:
     """Decode the config's ``space`` section against the model's prunable layers.
@@ -314,7 +315,6 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
         blocks: the blocks the model may skip (:func:`petra.compress.blocks.skippable_blocks`);
             each gets a ``blocks.<name>.skip`` gene.
     """
-
     check_globs(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     selected = select_layers(layers, space_cfg.layers.include, space_cfg.layers.exclude)
     lo, hi = space_cfg.sparsity
@@ -323,7 +323,6 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
     kinds: set[str] = set()
     structured: dict[str, tuple[str, ...]] = {}
     idle: dict[str, str] = {}
-    layers_by = {layer.name: layer for layer in selected}
     for layer in selected:
         methods = [m for m in space_cfg.pruning if m == "none" or offered(layer, PRUNING.get(m))]
         if "none" not in methods:
@@ -344,7 +343,8 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
     genes += width
     if width:
         kinds.add("structured")
-        idle = {n: why for n, why in idle.items() if not layers_by[n].residual}  # prune.width's
+        idle = {n: why for n, why in idle.items()  # prune.width narrows the stream's writers
+                if n not in {layer.name for layer in selected if layer.residual}}
     if kinds & {"structured", "recurrent"}:  # a single choice still travels, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
     genes += rule_genes(space_cfg) if genes else []

@@ -167,3 +167,103 @@ def test_a_stream_that_starts_at_a_learned_array_is_offered():
         dense.latents[:, cut] = 0
         dense.out.weight[cut], dense.out.bias[cut] = 0, 0
         torch.testing.assert_close(model(x), dense(x))
+
+
+def _space():
+    return load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"],
+                                  "layers": {"include": ["*"], "exclude": []}}}).space
+
+
+def _reducing(op: str) -> nn.Module:
+    """Two conv stages, the first followed by ``op`` over its channels (outside any layer)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            if op == "softmax":
+                h = h * torch.softmax(h, 1) * h.shape[1]
+            elif op == "standardize":
+                h = (h - h.mean(1, keepdim=True)) / (h.std(1, keepdim=True) + 1e-5)
+            elif op == "logsumexp":
+                h = h - torch.logsumexp(h, 1, keepdim=True)
+            return self.head(torch.relu(self.c2(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.mark.parametrize("op", ["softmax", "standardize", "logsumexp"])
+def test_a_removal_that_is_not_a_masking_is_withheld(op):
+    """Over a softmax, a standardization or a logsumexp across the channels, a removal
+    computes over the channels kept, and the kept channels change: each such candidate was
+    reported complete, its artifact 0.17 to 1.6 off the model with the same channels zeroed."""
+    from petra.compress.verify import REDUCED
+
+    space = model_space(_space(), _reducing(op), (torch.randn(2, 3, 8, 8),))
+    assert space.withheld["layers.c1"].startswith(f"{REDUCED} (the output moves by ")
+    assert "layers.c2.method" in space  # the rest is offered
+
+
+def test_a_removal_that_is_a_masking_passes():
+    """The same net with no reduction over the channels: c1 loses channels."""
+    space = model_space(_space(), _reducing("none"), (torch.randn(2, 3, 8, 8),))
+    assert not space.withheld and "layers.c1.method" in space
+
+
+class _StdConv(nn.Conv2d):
+    """BiT's weight-standardized conv: each output channel's weight is standardized over its
+    input channels, so a reader that loses inputs standardizes over fewer."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_a_reader_that_standardizes_its_weight_withholds_its_writers_removal():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), _StdConv(16, 8, 3, padding=1)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    from petra.compress.verify import REDUCED
+
+    space = model_space(_space(), Net().eval(), (torch.randn(2, 3, 8, 8),))
+    assert space.withheld["layers.c1"].startswith(REDUCED)
+
+
+def test_a_groupnorm_keeps_as_many_channels_in_each_of_its_groups():
+    """torch-pruning keeps a GroupNorm's group count and regroups the channels it keeps in
+    order: 8 of 16 kept as 1, 4, 2 and 1 per group were normalized as 2, 2, 2 and 2, mixing
+    groups (1.02 off the model normalizing each group's kept channels)."""
+    from petra.compress.structured import prune_channels
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+            self.c2, self.head = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.c2(torch.relu(self.gn(self.c1(x))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():  # channel scores that would empty the last groups first
+        model.c1.weight.mul_(torch.linspace(2, 0.1, 16).view(16, 1, 1, 1))
+    x = (torch.randn(2, 3, 8, 8),)
+    kept = model.c1.weight.detach().flatten(1).norm(dim=1)
+    prune_channels(model, x, {"c1": ("l2_channel", 0.5)}, protected=["head"])
+    assert model.gn.num_channels == 8 and model.gn.num_groups == 4
+    survivors = [int(i) for i in torch.nonzero(torch.isclose(
+        kept[:, None], model.c1.weight.detach().flatten(1).norm(dim=1)[None]).any(1))]
+    assert [sum(1 for i in survivors if i // 4 == g) for g in range(4)] == [2, 2, 2, 2]

@@ -965,7 +965,10 @@ def test_svd_is_withheld_from_a_layer_whose_attributes_the_model_reads():
     space = model_space(cfg, Net().eval(), (torch.randint(0, 10, (2, 8)),))
     reason = space.withheld["layers.pos.method=svd"]
     assert reason.startswith("svd: the model reads the layer's `num_embeddings` itself, which "
-                             "its factors (two thin layers) lack (AttributeError")
+                             "its factors (two thin layers) lack (the compressed model's forward "
+                             "fails at test_space.py:")
+    assert reason.endswith("(AttributeError: 'Sequential' object has no attribute "
+                           "'num_embeddings'))")
     assert space.kept_whole["pos"] == reason
     assert "svd" in space.gene("layers.emb.method").choices
     assert "svd" in space.gene("layers.fc.method").choices

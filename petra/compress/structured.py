@@ -55,26 +55,26 @@ def out_channel_members(group: Any) -> list[nn.Module]:
 
 def channel_step(group: Any, round_to: int, runs: int = 1) -> int:
     """``round_to``, made a multiple of the heads of each ``nn.MultiheadAttention`` in
-    ``group`` (its ``embed_dim``), of the groups of each ``nn.GroupNorm``, and of
-    :func:`conv_groups`."""
+    ``group`` (its ``embed_dim``) and of :func:`conv_groups`."""
     step = round_to
     for dep, _ in group:
-        module = dep.target.module
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module := dep.target.module, nn.MultiheadAttention):
             step = math.lcm(step, module.num_heads)
-        elif isinstance(module, nn.GroupNorm) and module.num_groups < module.num_channels:
-            step = math.lcm(step, module.num_groups)  # one group per channel: any count
     return math.lcm(step, conv_groups(group, runs))
 
 
 def conv_groups(group: Any, runs: int = 1) -> int:
     """How many equal runs the channels of ``group`` fall in, each of which a removal must
     leave alike: the group counts of its grouped convolutions (not depthwise ones), whose
-    channels it writes or reads, and ``runs`` (:func:`tied_runs`); 1 where it has none."""
+    channels it writes or reads, of its GroupNorms (not one group per channel: a GroupNorm
+    regroups the channels it keeps in order, so each group must keep as many), and ``runs``
+    (:func:`tied_runs`); 1 where it has none."""
     count = runs
     for dep, _ in group:
-        if _grouped_conv(dep.target.module):
-            count = math.lcm(count, dep.target.module.groups)
+        if _grouped_conv(module := dep.target.module):
+            count = math.lcm(count, module.groups)
+        elif isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels:
+            count = math.lcm(count, module.num_groups)
     return count
 
 

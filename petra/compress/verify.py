@@ -4,17 +4,15 @@ A search must never propose a gene that the space could have known would fail. W
 is built, :func:`verify_structure` removes, on a copy of the model, the most that each
 structured unit can lose (the channels of a dependency group, the heads of an attention, the
 hidden units of a recurrent layer, each at the space's largest sparsity), runs the example
-batch and exports the result to ONNX. Every structured criterion removes channels the same way, so the removal is
-verified once per unit, whatever the criterion. The units of each kind (channel groups, heads,
+batch, compares it with the model with the same channels zeroed (:mod:`petra.compress.masking`)
+and exports it to ONNX. Every structured criterion removes channels the same way, so the removal
+is verified once per unit, whatever the criterion. The units of each kind (channel groups, heads,
 recurrent units) are tried together, then all kinds together, then all again with each unit at
 a sparsity of its own (:func:`staggered`: units whose widths must match, which torch-pruning did
 not join, pass at equal sparsities by chance); only a failing set is bisected, so a model where
-everything works pays for one trial per kind and two more.
-
-:func:`verify_schemes` does the same, once per model, for each quantization scheme: the fp32
-graph is quantized, packed, loaded into ONNX Runtime and run on the example batch.
-
-Skipped blocks are verified the same way, each block alone.
+everything works pays for one trial per kind and two more. Skipped blocks are verified the same
+way, each block alone. :func:`verify_schemes` does the same, once per model, for each
+quantization scheme: the fp32 graph is quantized, packed, loaded into ONNX Runtime and run.
 
 A unit or scheme that fails is withheld, with the first line of its error as the reason.
 """
@@ -28,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
+from petra.compress import masking
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
@@ -58,6 +57,10 @@ if TYPE_CHECKING:
 COMBINATION = "fails only in combination with other pruned layers"
 #: How a verdict reads when a unit runs at the sparsity of every other unit, but not at its own.
 UNEQUAL = "runs only where other layers lose the same share of their width"
+#: Why a channel removal is withheld that computes other than zeroing the same channels.
+REDUCED = ("removing channels changes what the kept channels compute: the forward reduces over "
+           "the channels outside a layer (a mean, a variance or a softmax over them, a weight "
+           "standardized over its input channels?)")
 #: Why a skip that runs alone is withheld where the other units' removals break it.
 AROUND = "runs only while the layers around it keep their units"
 
@@ -207,11 +210,12 @@ def staggered(units: Sequence[Unit], top: float) -> dict[Unit, float]:
 
 def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
            sparsity: Callable[[Unit], float], round_to: int, attention: Mapping[str, Any],
-           recurrent: Mapping[str, Any], blocks: Sequence[Any], mapped: set[str] | None = None
-           ) -> None:
+           recurrent: Mapping[str, Any], blocks: Sequence[Any], mapped: set[str] | None = None,
+           masks: list[Any] | None = None) -> None:
     """Remove, in place, what each unit loses at its ``sparsity``: skipped blocks, then heads
     and recurrent units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator`
-    does)."""
+    does). ``masks``, when given, gets what each group's members lose
+    (:func:`petra.compress.masking.planned`)."""
 
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
@@ -259,26 +263,40 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         check_landing(model, example_input, graph, whole, idxs, dense, bits=bits)
         if mapped is not None:
             mapped.add(unit.name)  # its bit sets are tried once per verification
+        if masks is not None:
+            masks += masking.planned(graph, whole, idxs)
         planned.append((root, idxs))
     for root, idxs in planned:
         remove_channels(graph, root, idxs)
 
 
 def _runs(model: nn.Module, example_input: Sequence[Any],
-          change: Callable[[nn.Module], Any]) -> str | None:
+          change: Callable[[nn.Module], Any], twin: Callable[[nn.Module], Any] | None = None,
+          masks: Sequence[Any] = ()) -> str | None:
     """Why a copy of ``model`` that ``change`` changed in place fails to run the example or to
-    export to ONNX, or None where it does both."""
+    export to ONNX, or None where it does both. With ``masks`` (what ``change`` removed of its
+    channel groups), also where it computes other than a copy that ``twin`` changed, with those
+    channels zeroed (:mod:`petra.compress.masking`)."""
     import torch
 
     candidate = copy_model(model).eval()
     try:
         change(candidate)
         with torch.no_grad():
-            candidate(*args(example_input))
+            got = candidate(*args(example_input))
         artifact.export_onnx(candidate, args(example_input))
     except Exception as exc:  # noqa: BLE001 - any failure withholds what was tried
         return failure(exc, candidate)
-    return None
+    if not masks or twin is None or not isinstance(got, torch.Tensor):
+        return None
+    other = copy_model(model).eval()
+    twin(other)
+    want = masking.masked_output(other, example_input, masks, candidate)
+    if want is None or want.shape != got.shape or torch.allclose(
+            got, want, rtol=1e-3, atol=1e-4 * (float(want.abs().max()) or 1.0)):
+        return None
+    return (f"{REDUCED} (the output moves by {float((got - want).abs().max()):.3g} against the "
+            "model with those channels zeroed)")
 
 
 def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
@@ -302,10 +320,15 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
-        return _runs(model, example_input, lambda candidate: _apply(
-            candidate, example_input, subset, sparsity=level, round_to=round_to,
-            attention=by_name["attention"], recurrent=by_name["recurrent"], blocks=blocks,
-            mapped=mapped))
+        masks: list[Any] = []  # what the channel groups lose, zeroed on a twin to compare
+
+        def change(candidate: nn.Module, units: Sequence[Unit] = subset) -> None:
+            _apply(candidate, example_input, units, sparsity=level, round_to=round_to,
+                   attention=by_name["attention"], recurrent=by_name["recurrent"],
+                   blocks=blocks, mapped=mapped, masks=masks if units is subset else None)
+
+        return _runs(model, example_input, change, lambda twin: change(
+            twin, [u for u in subset if u.kind != "channels"]), masks)
 
     # A skipped block takes its layers with it, and an outer skipped block its inner ones: each
     # block is verified alone (skipping nn.TransformerEncoder's first layer fails, as the stack
