@@ -339,12 +339,11 @@ def build_space(space_cfg: SpaceConfig, layers: Sequence[LayerInfo], blocks: Seq
         structured[layer.name] = tuple(m for m in methods if PRUNING.get(m).meta["structured"])
         genes.append(Categorical(f"layers.{layer.name}.method", tuple(methods), "none"))
         genes.append(Float(f"layers.{layer.name}.sparsity", lo, hi, lo, step=0.01))
-    width = width_genes(space_cfg, selected)
+    width, residual = width_genes(space_cfg, selected), {x.name for x in selected if x.residual}
     genes += width
     if width:
         kinds.add("structured")
-        idle = {n: why for n, why in idle.items()  # prune.width narrows the stream's writers
-                if n not in {layer.name for layer in selected if layer.residual}}
+        idle = {n: why for n, why in idle.items() if n not in residual}  # prune.width's
     if kinds & {"structured", "recurrent"}:  # a single choice still travels, to the workers
         genes.append(Categorical("prune.round_to", tuple(space_cfg.round_to), space_cfg.round_to[0]))
     genes += rule_genes(space_cfg) if genes else []

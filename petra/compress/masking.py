@@ -30,6 +30,9 @@ from torch import nn
 from petra.compress.landing import _NORMS
 from petra.tasks.contract import args
 
+#: Norms whose channels are their input's dimension 1 (a LayerNorm's, an RMSNorm's: the last).
+_BY_DIM_1 = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+             nn.PReLU)
 #: Writers whose removed output channels are zeroed, with their channel dimension.
 _ZEROED = ((nn.modules.conv._ConvNd, 1), (nn.Linear, -1), (nn.Embedding, -1))
 
@@ -106,9 +109,9 @@ def _hook(module: nn.Module, pruned: nn.Module, ix: list[int], name: str, fired:
             return output
         if zero_dim is not None:
             return output.index_fill(zero_dim, torch.tensor(ix), 0.0)
-        width = weight.shape[0]
-        dim = 1 if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.modules.
-                              instancenorm._InstanceNorm) or output.shape[-1] != width else -1
+        dim = 1 if isinstance(module, _BY_DIM_1) or not isinstance(
+            module, nn.LayerNorm | nn.RMSNorm) and weight is not None and output.dim() > 1 \
+            and output.shape[-1] != weight.shape[0] else -1
         keep = torch.tensor([c for c in range(output.shape[dim]) if c not in set(ix)])
         result = torch.zeros_like(output)
         return result.index_copy(dim, keep, pruned(inputs[0].index_select(dim, keep)))
