@@ -267,3 +267,36 @@ def test_a_groupnorm_keeps_as_many_channels_in_each_of_its_groups():
     survivors = [int(i) for i in torch.nonzero(torch.isclose(
         kept[:, None], model.c1.weight.detach().flatten(1).norm(dim=1)[None]).any(1))]
     assert [sum(1 for i in survivors if i // 4 == g) for g in range(4)] == [2, 2, 2, 2]
+
+
+class _ChannelsFirstNorm(nn.Module):
+    """ConvNeXt's LayerNorm over the channels of a (B, C, H, W) map, written by hand."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        mu, var = x.mean(1, keepdim=True), x.var(1, keepdim=True, unbiased=False)
+        return (x - mu) / (var + 1e-6).sqrt() * self.weight[:, None, None] \
+            + self.bias[:, None, None]
+
+
+@pytest.mark.parametrize("side", [6, 16], ids=["wide_map", "map_as_wide_as_channels"])
+def test_a_hand_written_norm_over_the_channels_is_compared_over_those_kept(side):
+    """A norm of the group takes its statistics over the channels kept, as a LayerNorm does:
+    a hand-written channels-first one is found on its channel dimension, and where the map is
+    as wide as the channels (which dimension it normalizes cannot be told) the removal is not
+    compared rather than withheld."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.norm = nn.Conv2d(3, 16, 3, padding=1), _ChannelsFirstNorm(16)
+            self.c2, self.head = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.c2(self.norm(self.c1(x)))).mean((2, 3)))
+
+    space = model_space(_space(), Net().eval(), (torch.randn(2, 3, side, side),))
+    assert not space.withheld and "layers.c1.method" in space

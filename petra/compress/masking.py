@@ -56,10 +56,22 @@ def planned(graph: Any, whole: Any, removed: Sequence[int]) -> list[tuple[str, s
         roots = getattr(item, "root_idxs", None) or item.idxs
         ix = sorted({int(i) for i, r in zip(item.idxs, roots, strict=True) if int(r) in chosen})
         if isinstance(target, nn.Parameter) and id(target) in params:
-            out.append(("param", params[id(target)], dims.get(id(target), 0), ix))
+            owner = params[id(target)].rpartition(".")[0]
+            if _per_channel(graph.model.get_submodule(owner)):  # a hand-written norm's weights
+                out.append(("module", owner, 0, ix))
+            else:
+                out.append(("param", params[id(target)], dims.get(id(target), 0), ix))
         elif id(target) in names:
             out.append(("module", names[id(target)], 0, ix))
-    return out
+    return list(dict.fromkeys((k, n, d, tuple(i)) for k, n, d, i in out))
+
+
+def _per_channel(module: nn.Module) -> bool:
+    """Whether ``module`` holds only tensors of one dimension and no layers: a norm or a scale
+    written by hand, whose pruned self computes over the channels it keeps."""
+    own = list(module.parameters())
+    return bool(own) and all(p.dim() == 1 for p in own) and not any(True for _ in
+                                                                     module.children())
 
 
 def masked_output(twin: nn.Module, example_input: Sequence[Any],
@@ -96,10 +108,8 @@ def _hook(module: nn.Module, pruned: nn.Module, ix: list[int], name: str, fired:
     per-channel scale, gives ``pruned``'s output over the channels kept; None where petra
     cannot tell the channel dimension."""
     zero_dim = next((d for kinds, d in _ZEROED if isinstance(module, kinds)), None)
-    weight = getattr(module, "weight", None)
-    norm = isinstance(module, (*_NORMS, nn.PReLU)) or (
-        zero_dim is None and isinstance(weight, torch.Tensor) and weight.dim() == 1
-        and not any(True for _ in module.children()))
+    weight = next(module.parameters(), None)
+    norm = isinstance(module, (*_NORMS, nn.PReLU)) or (zero_dim is None and _per_channel(module))
     if zero_dim is None and not norm:
         return None
 
@@ -109,9 +119,13 @@ def _hook(module: nn.Module, pruned: nn.Module, ix: list[int], name: str, fired:
             return output
         if zero_dim is not None:
             return output.index_fill(zero_dim, torch.tensor(ix), 0.0)
-        dim = 1 if isinstance(module, _BY_DIM_1) or not isinstance(
-            module, nn.LayerNorm | nn.RMSNorm) and weight is not None and output.dim() > 1 \
-            and output.shape[-1] != weight.shape[0] else -1
+        dim = 1 if isinstance(module, _BY_DIM_1) else -1
+        if not isinstance(module, _BY_DIM_1 + (nn.LayerNorm, nn.RMSNorm)) and output.dim() > 2:
+            width = weight.shape[0]  # a hand-written norm: channels first (ConvNeXt's) or last
+            if (output.shape[1] == width) == (output.shape[-1] == width):
+                raise LookupError(f"{name}: its channels are neither, or both, of its first "
+                                  "and last dimensions")  # the twin is not compared
+            dim = 1 if output.shape[1] == width else -1
         keep = torch.tensor([c for c in range(output.shape[dim]) if c not in set(ix)])
         result = torch.zeros_like(output)
         return result.index_copy(dim, keep, pruned(inputs[0].index_select(dim, keep)))
