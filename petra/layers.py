@@ -165,10 +165,10 @@ def _layer_info(name: str, module: Any, attention: Any, *, removable: bool,
         kind = "Embedding"
     structured = removable and not isinstance(module, nn.Embedding)  # its readers' groups: width
     torch_class = next(c for c in type(module).__mro__ if c.__module__.startswith("torch."))
-    shape = (w.shape[0], w[0].numel()) if isinstance(w := getattr(module, "weight", None),
-                                                     nn.Parameter) and w.dim() > 1 else (9, 9)
+    w = getattr(module, "weight", None)  # out + in >= out * in: no rank pays
+    thin = isinstance(w, nn.Parameter) and w.dim() > 1 and w.shape[0] + w[0].numel() >= w.numel()
     no_lowrank = (_NO_LOWRANK[0].format(kind) if getattr(module, "groups", 1) != 1 else
-                  _NO_LOWRANK[2].format(*shape) if sum(shape) >= shape[0] * shape[1] else ""
+                  _NO_LOWRANK[2].format(w.shape[0], w[0].numel()) if thin else ""
                   if type(module).forward is torch_class.forward
                   else _NO_LOWRANK[1].format(type(module).__name__))
     return LayerInfo(

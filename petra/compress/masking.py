@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.landing import _NORMS
+from petra.compress.landing import _NORMS, _pick
 from petra.tasks.contract import args
 
 #: Norms whose channels are their input's dimension 1 (a LayerNorm's, an RMSNorm's: the last).
@@ -54,7 +54,7 @@ def planned(graph: Any, whole: Any, removed: Sequence[int]) -> list[tuple[str, s
                 graph.is_out_channel_pruning_fn(item.dep.handler):
             continue
         roots = getattr(item, "root_idxs", None) or item.idxs
-        ix = sorted({int(i) for i, r in zip(item.idxs, roots, strict=True) if int(r) in chosen})
+        ix = sorted(set(_pick([int(i) for i in item.idxs], [int(r) for r in roots], chosen)))
         if isinstance(target, nn.Parameter) and id(target) in params:
             owner = params[id(target)].rpartition(".")[0]
             if _per_channel(graph.model.get_submodule(owner)):  # a hand-written norm's weights
@@ -126,7 +126,8 @@ def _hook(module: nn.Module, pruned: nn.Module, ix: list[int], name: str, fired:
                 raise LookupError(f"{name}: its channels are neither, or both, of its first "
                                   "and last dimensions")  # the twin is not compared
             dim = 1 if output.shape[1] == width else -1
-        keep = torch.tensor([c for c in range(output.shape[dim]) if c not in set(ix)])
+        drop = set(ix)
+        keep = torch.tensor([c for c in range(output.shape[dim]) if c not in drop])
         result = torch.zeros_like(output)
         return result.index_copy(dim, keep, pruned(inputs[0].index_select(dim, keep)))
 

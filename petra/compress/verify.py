@@ -19,6 +19,7 @@ A unit or scheme that fails is withheld, with the first line of its error as the
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -65,9 +66,9 @@ REDUCED = ("removing channels changes what the kept channels compute: the forwar
 AROUND = "runs only while the layers around it keep their units"
 
 
+@functools.lru_cache(maxsize=1024)
 def _ours(filename: str) -> bool:
-    """Whether ``filename`` is code that is not the model's: torch's, torch-pruning's, petra's
-    or Python's own."""
+    """Whether ``filename`` is torch's, torch-pruning's, petra's or Python's code, not the model's."""
     import os
     import sys
     import sysconfig

@@ -89,15 +89,11 @@ def open_search(uri: str, run_id: str) -> SearchRun:
         petra.config.ConfigError: the run is missing, or is not a petra search run.
     """
     import yaml
-    from mlflow.exceptions import MlflowException
 
     from petra.config import load_config
 
     client = open_client(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        run = _by_prefix(client, run_id, uri)
+    run = _search_run(client, run_id, uri)
     run_id = run.info.run_id
     kind = run.data.tags.get("petra.kind")
     if kind == "candidate":
@@ -140,13 +136,17 @@ def open_search(uri: str, run_id: str) -> SearchRun:
 
 def full_id(uri: str, run_id: str) -> str:
     """The id of the search run that ``run_id`` names in full or by a unique prefix."""
+    return _search_run(open_client(uri), run_id, uri).info.run_id
+
+
+def _search_run(client: Any, run_id: str, uri: str) -> Any:
+    """The run ``run_id`` names in full, or the search run it names by a unique prefix."""
     from mlflow.exceptions import MlflowException
 
-    client = open_client(uri)
     try:
-        return client.get_run(run_id).info.run_id
+        return client.get_run(run_id)
     except MlflowException:
-        return _by_prefix(client, run_id, uri).info.run_id
+        return _by_prefix(client, run_id, uri)
 
 
 def _by_prefix(client: Any, prefix: str, uri: str) -> Any:
