@@ -645,3 +645,41 @@ def test_static_int8_keeps_an_attention_masks_huge_values_float(monkeypatch):
     assert error() < 0.1
     monkeypatch.setattr(quant_module, "mask_nodes", lambda graph, ctx: [])  # as it was
     assert error() > 0.3
+
+
+class MapNorm(nn.Module):
+    """A conv whose map is normalized over (C, H, W): ``LayerNorm([8, 4, 4])``'s scale and bias
+    have three dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm([8, 4, 4]), \
+            nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_static_int8_keeps_a_norm_over_the_whole_map_float(monkeypatch):
+    """ORT's QDQ quantizer takes a LayerNormalization's scale and bias per channel, one value a
+    channel; a ``LayerNorm([C, H, W])``'s failed it with numpy's "truth value of an array"
+    ValueError, and int8_static was withheld on such a model with that line."""
+    from petra.compress import quantize as quant_module
+    from petra.compress.calibrate import multi_dim_params
+
+    torch.manual_seed(0)
+    model = MapNorm().eval()
+    x = torch.randn(8, 3, 4, 4)
+    proto = export_dense(model, (x,))
+    assert [n.op_type for n in proto.graph.node if n.name in multi_dim_params(proto)] == [
+        "LayerNormalization"]
+    example = feed((x,), [i.name for i in proto.graph.input])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    quantized = quantize("int8_static", proto, [example])
+    assert {"QuantizeLinear", "Conv"} <= {n.op_type for n in quantized.graph.node}
+    out = artifact.load(artifact.pack(quantized)).run(None, example)[0]
+    assert np.abs(out - reference).max() / np.abs(reference).max() < 0.1
+    monkeypatch.setattr(quant_module, "multi_dim_params", lambda graph: [])  # as it was
+    with pytest.raises(ValueError, match="truth value of an array"):
+        quantize("int8_static", proto, [example])

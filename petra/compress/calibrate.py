@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from petra.compress.quantize import QuantContext
 
 
+#: The ops that hold a layer's weight as their second input.
+_LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
 def weight_nodes(proto: Any, *, linear_only: bool) -> list[str]:
     """Names of the nodes that hold a layer's weight: MatMul/Gemm whose second input is a 2-D
     initializer (the Linear layers, not attention's Q·Kᵀ and P·V) and, unless ``linear_only``,
@@ -37,6 +41,17 @@ def weight_nodes(proto: Any, *, linear_only: bool) -> list[str]:
                 not linear_only and n.op_type == "Conv" and weight is not None):
             out.append(n.name)
     return out
+
+
+def multi_dim_params(proto: Any) -> list[str]:
+    """Names of the nodes other than a layer's (Conv, MatMul, Gemm) with a parameter of two or
+    more dimensions: the scale and bias of a ``LayerNorm([C, H, W])``. ORT's QDQ quantizer takes
+    them per channel, one value per channel, and failed there with numpy's "truth value of an
+    array" ``ValueError`` (its int32 bias check); with that check off, the quantized graph
+    failed in ONNX Runtime's DequantizeLinear. Such a node stays float."""
+    dims = {i.name: len(i.dims) for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.name and n.op_type not in _LAYER_OPS
+            and any(dims.get(name, 0) > 1 for name in n.input[1:3])]
 
 
 def index_nodes(proto: Any) -> list[str]:

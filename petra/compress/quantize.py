@@ -72,6 +72,7 @@ from petra.compress.calibrate import (
     index_nodes,
     mask_nodes,
     most_sensitive,
+    multi_dim_params,
     smooth_quant,
     weight_nodes,
 )
@@ -108,9 +109,8 @@ class StaticOptions:
             ``entropy`` (KL-optimal), one of :data:`CALIBRATIONS` (gene ``quant.calibration``).
         smooth_alpha: SmoothQuant's migration strength; 0 smooths nothing
             (gene ``quant.smooth_alpha``).
-        fallback: the share of weight layers (MatMul/Gemm/Conv with an initializer weight) kept
-            in float, the most quantization-sensitive first (:func:`sensitivity`); 0 quantizes
-            them all (gene ``quant.fallback``).
+        fallback: the share of weight layers (MatMul/Gemm/Conv with an initializer weight)
+            kept in float, most sensitive first (:func:`sensitivity`; gene ``quant.fallback``).
     """
 
     calibration: str = "minmax"
@@ -275,7 +275,7 @@ def _ort_static_qdq(proto: Any, ctx: QuantContext, scheme: str, *,
         graph = onnx.load(pre)
         weighted = weight_nodes(graph, linear_only=linear_only)
         kept_float = most_sensitive(graph, weighted, ctx, options.fallback)
-        kept_float |= set(index_nodes(graph))  # a float computation of indices stays float
+        kept_float |= set(index_nodes(graph)) | set(multi_dim_params(graph))  # index math, norms
         if not linear_only:  # and so do the masks (the Linear-only scheme never reads them)
             kept_float |= set(mask_nodes(graph, ctx))
         nodes = [n for n in weighted if n not in kept_float] if linear_only else None
