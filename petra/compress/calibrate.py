@@ -23,10 +23,6 @@ if TYPE_CHECKING:
     from petra.compress.quantize import QuantContext
 
 
-#: The ops that hold a layer's weight as their second input.
-_LAYER_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-
-
 def weight_nodes(proto: Any, *, linear_only: bool) -> list[str]:
     """Names of the nodes that hold a layer's weight: MatMul/Gemm whose second input is a 2-D
     initializer (the Linear layers, not attention's Q·Kᵀ and P·V) and, unless ``linear_only``,
@@ -44,13 +40,14 @@ def weight_nodes(proto: Any, *, linear_only: bool) -> list[str]:
 
 
 def multi_dim_params(proto: Any) -> list[str]:
-    """Names of the nodes other than a layer's (Conv, MatMul, Gemm) with a parameter of two or
-    more dimensions: the scale and bias of a ``LayerNorm([C, H, W])``. ORT's QDQ quantizer takes
-    them per channel, one value per channel, and failed there with numpy's "truth value of an
-    array" ``ValueError`` (its int32 bias check); with that check off, the quantized graph
-    failed in ONNX Runtime's DequantizeLinear. Such a node stays float."""
+    """Names of the normalizations with a scale or bias of two or more dimensions: a
+    ``LayerNorm([C, H, W])``'s. ORT's QDQ quantizer takes a norm's parameters per channel, one
+    value a channel, and failed there with numpy's "truth value of an array" ``ValueError`` (its
+    int32 bias check); with that check off, the quantized graph failed in ONNX Runtime's
+    DequantizeLinear. Such a norm stays float. (An ``Add`` of a positional table is quantized
+    per tensor, and is left to ORT.)"""
     dims = {i.name: len(i.dims) for i in proto.graph.initializer}
-    return [n.name for n in proto.graph.node if n.name and n.op_type not in _LAYER_OPS
+    return [n.name for n in proto.graph.node if n.name and n.op_type.endswith("Normalization")
             and any(dims.get(name, 0) > 1 for name in n.input[1:3])]
 
 
