@@ -934,3 +934,20 @@ def test_heads_refused_for_a_bias_handed_in_say_so():
         "with 4 channels (to channel 15)")
     assert "attn.0.q" not in space.kept_whole  # said once, where it was withheld
     assert "prune.width" in space and "emb" not in space.kept_whole  # the width narrows it
+
+
+
+def test_channels_mapped_past_a_loose_parameter_say_so():
+    """torch-pruning maps a Funnel attention's q_head channels (heads x d_head) onto the last
+    dimension of its loose ``seg_embed`` (2, heads, d_head): the reason was ``IndexError: index
+    16 is out of bounds for dimension 2 with size 16``, which named nothing."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.FunnelConfig(vocab_size=32, block_sizes=[1], num_decoder_layers=0,
+                                       d_model=32, n_head=2, d_head=16, d_inner=64)
+    model = transformers.FunnelBaseModel(config).eval()
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"],
+                                 "layers": {"include": ["*.q_head"]}}}).space
+    space = model_space(cfg, model, (torch.randint(0, 32, (2, 8)),))
+    assert space.withheld["layers.encoder.blocks.0.0.attention.q_head"].startswith(
+        "torch-pruning maps this group's channels past the width of encoder.blocks.0.0.attention.seg_embed, a parameter of shape (2, 2, 16) "
+        "cut along its dimension 2 (to channel 31)")

@@ -307,7 +307,7 @@ def _same_as_masked(model: nn.Module, example_input: Sequence[Any], info: Attent
 def prune_heads(model: nn.Module, info: AttentionInfo, remove: Sequence[int]) -> None:
     """Remove heads ``remove`` of the attention ``info.name``, in place (at least one stays);
     a frozen projection stays frozen."""
-    from petra.compress.structured import keep_frozen
+    from petra.compress.graph import keep_frozen
 
     with keep_frozen(model, [n for n in (info.name, info.output, info.fused) if n]):
         _prune_heads(model, info, remove)

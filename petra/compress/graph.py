@@ -389,3 +389,21 @@ def _units(layer: nn.Module) -> int:
     """How wide one direction of a recurrent layer's output is: its ``proj_size`` if it has
     one, else its ``hidden_size``."""
     return getattr(layer, "proj_size", 0) or layer.hidden_size
+
+
+@contextlib.contextmanager
+def keep_frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """The frozen parameters of the modules ``names`` (and their submodules) stay frozen
+    through what the block does: torch-pruning's new parameters require grad. A module
+    replaced under the same name (an ``nn.MultiheadAttention`` rebuilt with fewer heads)
+    stays frozen where all of its parameters were."""
+    before = {}
+    for name in names:
+        params = dict(model.get_submodule(name).named_parameters())
+        before[name] = ({n for n, p in params.items() if not p.requires_grad},
+                        bool(params) and not any(p.requires_grad for p in params.values()))
+    yield
+    for name, (frozen, whole) in before.items():
+        for n, p in model.get_submodule(name).named_parameters():
+            if whole or n in frozen:
+                p.requires_grad_(False)

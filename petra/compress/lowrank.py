@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from petra.compress.structured import keep_frozen
+from petra.compress.graph import keep_frozen
 from petra.registry import PRUNING, RANK_RULES
 
 if TYPE_CHECKING:

@@ -17,15 +17,14 @@ set, a dependency *group*. Each group is pruned once:
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from petra.compress.graph import GroupDoesNotClose, dependency_graph, pruning_group
+from petra.compress.graph import GroupDoesNotClose, dependency_graph, keep_frozen, pruning_group
 from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
 from petra.errors import Refused, a_kind, first_line
 from petra.registry import PRUNING
@@ -368,21 +367,29 @@ def heads_apart(model: nn.Module, example_input: Any, graph: Any, layers: Sequen
 
 def check_indices(graph: Any, group: Any) -> None:
     """Raise if torch-pruning maps a group's channels past a member's width: a graph traced
-    through ops that it follows wrongly (an attention's packed projection, three times as wide)
-    gives such indices, and a criterion that scores the group then fails."""
+    through ops that it follows wrongly (an attention's packed projection, three times as wide;
+    Funnel's per-head ``r_kernel`` of shape (d, heads, d_head)) gives such indices, and a
+    criterion that scores the group then fails."""
+    dims = {id(u.parameters): u.pruning_dim for u in getattr(graph, "unwrapped_parameters",
+                                                             None) or ()}
+    names = {id(t): n for n, t in [*graph.model.named_modules(), *graph.model.named_parameters()]}
     for dep, idxs in group:
-        module = dep.target.module
-        pruner = graph.get_pruner_of_module(module)
-        if pruner is None or not isinstance(module, nn.Module) or not idxs:
+        module, pruner = dep.target.module, graph.get_pruner_of_module(dep.target.module)
+        if pruner is None or not idxs or not isinstance(module, nn.Module | nn.Parameter):
             continue
-        width = (pruner.get_out_channels(module) if graph.is_out_channel_pruning_fn(dep.handler)
-                 else pruner.get_in_channels(module))
+        if isinstance(module, nn.Parameter):
+            dim = dims.get(id(module))
+            width = None if dim is None else module.shape[dim]
+            kind = f"a parameter of shape {tuple(module.shape)} cut along its dimension {dim}"
+        else:
+            width = (pruner.get_out_channels(module) if graph.is_out_channel_pruning_fn(
+                dep.handler) else pruner.get_in_channels(module))
+            kind = f"{a_kind(type(module).__name__)} with {width} channels"
         if width is not None and max(idxs) >= width:
-            name = getattr(graph, "_module2name", {}).get(module)
-            raise Refused(f"torch-pruning maps this group's channels past the width of "
-                          f"{name + ', ' if name else ''}{a_kind(type(module).__name__)} with "
-                          f"{width} channels (to channel {max(idxs)}): it follows them wrongly "
-                          "through an operation between them (a split, or a reshape into heads)")
+            name = f"{names[id(module)]}, " if id(module) in names else ""
+            raise Refused(f"torch-pruning maps this group's channels past the width of {name}"
+                          f"{kind} (to channel {max(idxs)}): it follows them wrongly through an "
+                          "operation between them (a split, or a reshape into heads)")
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
@@ -410,24 +417,6 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     for module in graph.model.modules():  # it checks its inputs' width against d_model
         if isinstance(module, nn.Transformer) and isinstance(module.encoder.norm, nn.LayerNorm):
             module.d_model = module.encoder.norm.normalized_shape[0]
-
-
-@contextlib.contextmanager
-def keep_frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """The frozen parameters of the modules ``names`` (and their submodules) stay frozen
-    through what the block does: torch-pruning's new parameters require grad. A module
-    replaced under the same name (an ``nn.MultiheadAttention`` rebuilt with fewer heads)
-    stays frozen where all of its parameters were."""
-    before = {}
-    for name in names:
-        params = dict(model.get_submodule(name).named_parameters())
-        before[name] = ({n for n, p in params.items() if not p.requires_grad},
-                        bool(params) and not any(p.requires_grad for p in params.values()))
-    yield
-    for name, (frozen, whole) in before.items():
-        for n, p in model.get_submodule(name).named_parameters():
-            if whole or n in frozen:
-                p.requires_grad_(False)
 
 
 def remove_gated_channels(
