@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from petra.config import load_config
 from petra.space import (
@@ -1113,3 +1115,31 @@ def test_svd_is_not_offered_where_no_rank_could_pay():
     assert "layers.lin.method" not in space and "layers.emb.method" in space
     assert space.kept_whole["lin"] == ("a 20x1 weight: two thin layers, even of rank 1, would "
                                        "hold more than it")
+
+
+class Gram(nn.Module):
+    """A style-transfer head: the Gram matrix of a conv's channels (C x C), flattened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 16, 4)
+
+    def forward(self, x):
+        f = torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(2)
+        return self.fc((f @ f.transpose(1, 2) / f.shape[1]).flatten(1))
+
+
+def test_a_channel_group_whose_indices_outgrow_the_model_stops_there():
+    """torch-pruning maps a Gram matrix's channels round and round, each turn multiplying its
+    indices: ``petra space`` took 179 s on a small model, and called it a cycle "as through
+    Llama's grouped key/value heads". It stops once they outnumber the model's widest
+    dimension, and says so."""
+    from petra.compress.structured import channel_layers
+
+    why: dict[str, str] = {}
+    found, _ = channel_layers(Gram().eval(), (torch.randn(2, 3, 8, 8),), why=why)
+    assert "c1" in found and "c2" not in found
+    assert why["c2"].startswith("torch-pruning maps its channels to ")
+    assert why["c2"].endswith("indices, more than any dimension of the model has (an operation "
+                              "over them that it cannot follow: a Gram matrix, an outer product)")

@@ -177,7 +177,12 @@ _GROUP_LOCK = threading.Lock()
 
 
 class GroupDoesNotClose(RuntimeError):
-    """torch-pruning's channel group from a layer grew past :data:`GROUP_STEPS_PER_NODE`."""
+    """torch-pruning's channel group from a layer grew past :data:`GROUP_STEPS_PER_NODE`, or
+    its indices past the model's widest dimension; ``reason`` says which, of the layer."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence[int]) -> Any:
@@ -188,13 +193,21 @@ def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence
     from torch_pruning.dependency.group import Group
 
     limit = GROUP_STEPS_PER_NODE * len(graph.module2node) + 64
+    widest = 2 * max((max(p.shape) for p in graph.model.parameters() if p.dim()), default=0) + 64
     original = Group.add_dep
 
     def add_dep(group: Any, dep: Any, idxs: Any) -> None:
         if len(group._group) >= limit:
-            raise GroupDoesNotClose(f"torch-pruning's channel group of "
-                                    f"{type(module).__name__} did not close after {limit} "
-                                    "dependencies")
+            raise GroupDoesNotClose(
+                f"torch-pruning's channel group of {type(module).__name__} did not close after "
+                f"{limit} dependencies", "torch-pruning's channel group from it never closes "
+                "(its index mappings go round a cycle, as through Llama's grouped key/value heads)")
+        if len(idxs) > widest:  # a Gram matrix over channels: 179 s of mapping, not 8
+            raise GroupDoesNotClose(
+                f"torch-pruning maps the channels of {type(module).__name__} to {len(idxs)} "
+                "indices, more than any dimension of the model has", f"torch-pruning maps its "
+                f"channels to {len(idxs)} indices, more than any dimension of the model has (an "
+                "operation over them that it cannot follow: a Gram matrix, an outer product)")
         original(group, dep, idxs)
 
     with _GROUP_LOCK:

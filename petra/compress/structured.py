@@ -146,9 +146,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
                                   range(pruner.get_out_channels(module)))
         except (IndexError, KeyError, RuntimeError, TypeError) as exc:
             if skipped is not None and isinstance(exc, GroupDoesNotClose):
-                skipped[module] = ("torch-pruning's channel group from it never closes (its "
-                                   "index mappings go round a cycle, as through Llama's "
-                                   "grouped key/value heads)")
+                skipped[module] = exc.reason
             continue
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
