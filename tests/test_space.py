@@ -1143,3 +1143,36 @@ def test_a_channel_group_whose_indices_outgrow_the_model_stops_there():
     assert why["c2"].startswith("torch-pruning maps its channels to ")
     assert why["c2"].endswith("indices, more than any dimension of the model has (an operation "
                               "over them that it cannot follow: a Gram matrix, an outer product)")
+
+
+class Gated(nn.Module):
+    """A mixture of two experts on a residual stream: a router's top-1 gates, scattered over the
+    experts, weight their stacked outputs (the broadcast product of (B, 2, 1) and (B, 2, 8))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.router, self.head = nn.Linear(5, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+        self.experts = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def forward(self, x):
+        h = self.inp(x)
+        logits = self.router(h)
+        w, idx = torch.topk(logits, 1, dim=-1)
+        gates = torch.zeros_like(logits).scatter(1, idx, torch.softmax(w, -1))
+        outs = torch.stack([e(h) for e in self.experts], 1)
+        return self.head(h + (gates.unsqueeze(-1) * outs).sum(1))
+
+
+def test_channels_mapped_past_a_width_name_the_operations_between():
+    """torch-pruning takes the router's 2 outputs for the stream's 8 channels through the
+    gates' broadcast product. The reason guessed "a split, or a reshape into heads", which an
+    MoE has neither of; it names the operations it followed."""
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"],
+                                 "layers": {"include": ["*"]}}}).space
+    from petra.space import model_space
+
+    space = model_space(cfg, Gated().eval(), (torch.randn(4, 5),))
+    assert space.withheld["layers.inp"] == (
+        "torch-pruning maps this group's channels past the width of router, a Linear with 2 "
+        "channels (to channel 7): it follows them wrongly through the operations between them "
+        "(add, sum, mul, unsqueeze, scatter, softmax, topk)")

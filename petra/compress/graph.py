@@ -6,6 +6,7 @@ its internal ops."""
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -216,6 +217,30 @@ def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence
             return graph.get_pruning_group(module, pruning_fn, list(idxs))
         finally:
             Group.add_dep = original
+
+
+def ops_to(group: Any, last: Any) -> str:
+    """The operations torch-pruning followed from the group's root to ``last``'s target, by
+    their autograd names (``mul, unsqueeze, scatter, softmax, topk``: an MoE's gates, where it
+    took the router's 4 outputs for the 32 channels of the stream); the last 8."""
+    came: dict[Any, Any] = {}
+    for dep, _ in group:
+        came.setdefault(dep.target, dep.source)
+    ops, node = [], last.source
+    while node not in ops and came.get(node, node) is not node:
+        ops.append(node)
+        node = came[node]
+    names = [_op_name(n.name) for n in reversed(ops)
+             if type(n.module).__module__.startswith("torch_pruning")]
+    return ", ".join(names[-8:])
+
+
+def _op_name(node: str) -> str:
+    """``_ElementWiseOp_7(MulBackward0)`` reads ``mul``; ``_ConcatOp_3()``, ``concat``."""
+    grad = re.search(r"\((\w+?)Backward\d*\)", node)
+    if grad:
+        return grad.group(1).lower()
+    return re.sub(r"Op$", "", re.sub(r"_\d+$", "", node.split("(")[0]).strip("_")).lower()
 
 
 @contextlib.contextmanager

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petra.compress.graph import GroupDoesNotClose, dependency_graph, keep_frozen, pruning_group
+from petra.compress.graph import (
+    GroupDoesNotClose,
+    dependency_graph,
+    keep_frozen,
+    ops_to,
+    pruning_group,
+)
 from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
 from petra.errors import Refused, a_kind, first_line
 from petra.registry import PRUNING
@@ -385,9 +391,12 @@ def check_indices(graph: Any, group: Any) -> None:
             kind = f"{a_kind(type(module).__name__)} with {width} channels"
         if width is not None and max(idxs) >= width:
             name = f"{names[id(module)]}, " if id(module) in names else ""
+            ops = ops_to(group, dep)
             raise Refused(f"torch-pruning maps this group's channels past the width of {name}"
-                          f"{kind} (to channel {max(idxs)}): it follows them wrongly through an "
-                          "operation between them (a split, or a reshape into heads)")
+                          f"{kind} (to channel {max(idxs)}): " + (
+                              f"it follows them wrongly through the operations between them "
+                              f"({ops})" if ops else "it takes another of its dimensions for them"))
+
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
