@@ -648,3 +648,24 @@ def test_a_layer_before_a_packed_sequence_says_what_stops_torch_pruning():
     assert not inp.structured
     assert inp.whole.startswith("torch-pruning ")
     assert inp.whole.endswith("; gru reads a PackedSequence, which torch-pruning does not follow")
+
+
+class Projected(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(6, 16, batch_first=True, proj_size=8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0].mean(1))
+
+
+def test_a_model_with_a_projected_lstm_is_refused_naming_it():
+    """No ``nn.LSTM`` with ``proj_size`` exports to a graph ONNX Runtime loads on torch 2.13
+    (TorchScript refuses it; the dynamo graph fails ORT's shape inference): the refusal showed
+    only ORT's Concat error, and the docs offered such an LSTM as kept whole."""
+    from petra.candidate.baseline import export_dense
+    from petra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lstm is an nn.LSTM with proj_size, which torch's "
+                       "TorchScript exporter refuses"):
+        export_dense(Projected().eval(), (torch.randn(2, 5, 6),), "projected")

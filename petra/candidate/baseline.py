@@ -179,6 +179,20 @@ def export_dense(model: Any, example_input: Any, task_name: str = "",
     Where the TorchScript exporter's graph is refused or computes something else, the dynamo
     exporter's is tried, and where it passes, it is the exporter of this model's candidates
     (:func:`petra.candidate.onnx_forms.prefer`)."""
+    try:
+        return _export_dense(model, example_input, task_name, check)
+    except ConfigError as exc:
+        projected = next((n for n, m in model.named_modules()
+                          if type(m).__name__ == "LSTM" and getattr(m, "proj_size", 0)), None)
+        if projected is None:
+            raise
+        raise ConfigError(exc.field, exc.value, exc.allowed, (
+            f"{str(exc).partition(': ')[2]}; {projected} is an nn.LSTM with proj_size, which "
+            "torch's TorchScript exporter refuses and whose dynamo export ONNX Runtime does not "
+            "run")) from None
+
+
+def _export_dense(model: Any, example_input: Any, task_name: str, check: Any) -> Any:
     import onnx
 
     from petra.candidate import onnx_forms
