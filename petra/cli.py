@@ -4,7 +4,7 @@
     petra resume RUN_ID [--set key=value ...]    continue an interrupted search from its checkpoint
     petra front RUN_ID [--json]                  print a search's front
     petra compare RUN_ID RUN_ID ... [--out DIR]  overlay several searches' fronts; log the comparison
-    petra export RUN_ID CANDIDATE --out DIR      write a candidate's deployable bundle
+    petra export RUN_ID CANDIDATE --out DIR      write a candidate's (or the knee's) deployable bundle
     petra register RUN_ID CANDIDATE --name NAME [--alias ALIAS]
                                                  a candidate (or `knee`) as a registered MLflow model
     petra ui [--port N]                          the MLflow UI over the store, on 127.0.0.1
@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a candidate's deployable bundle")
     x.add_argument("run_id", help="the search run's MLflow run id")
     x.add_argument("candidate", help="the candidate's run id (or a unique prefix, as "
-                                     "`petra front` prints it)")
+                                     "`petra front` prints it), or `knee`")
     x.add_argument("--out", metavar="DIR", required=True)
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=store_help)

@@ -148,6 +148,17 @@ def test_a_candidate_is_measured_again_from_its_bundle_and_its_seed(two_searches
     assert all(not isinstance(v, str) or not v[:1].isdigit() for v in genome.values()), genome
 
 
+def test_export_takes_the_knee_as_register_does(two_searches, tmp_path):
+    """`petra register RUN knee` took the knee, `petra export RUN knee` said "run 'knee' is not
+    a candidate of search ..."."""
+    folder, uri, (a, _b) = two_searches
+    knee = next(c for c in children(uri, a) if c.data.tags.get("petra.knee") == "true")
+    out = tmp_path / "knee"
+    proc = run_cli("export", a, "knee", "--out", str(out), "--set", f"tracking.uri={uri}",
+                   cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert knee.info.run_id in (out / "MODEL_CARD.md").read_text()
+
 @pytest.mark.slow
 def test_an_exported_model_runs_in_a_fresh_environment_without_petra(two_searches, tmp_path):
     folder, uri, (a, _b) = two_searches

@@ -156,11 +156,6 @@ def register_candidate(uri: str, search_run_id: str, candidate_run_id: str, name
                               ) from None
 
     search = open_search(uri, search_run_id)
-    if candidate_run_id == "knee":
-        if search.knee is None:
-            raise ConfigError("candidate", "knee", "", f"search {search.run_id} has no knee "
-                              "(no complete, feasible candidate); name a candidate run")
-        candidate_run_id = search.knee
     record = search.record(candidate_run_id)
     data = Tracker.fetch(uri, record["id"], "model.petra")
     if data is None:

@@ -56,8 +56,13 @@ class SearchRun:
                                self.config.constraints.model_dump())
 
     def record(self, candidate_id: str) -> dict[str, Any]:
-        """The record of one candidate run of this search, by id or unique id prefix."""
-
+        """The record of one candidate run of this search, by id or unique id prefix, or
+        ``knee``: the search's knee."""
+        if candidate_id == "knee":
+            if self.knee is None:
+                raise ConfigError("candidate", "knee", "", f"search {self.run_id} has no knee "
+                                  "(no complete, feasible candidate); name a candidate run")
+            candidate_id = self.knee
         found = [r for r in self.records if r["id"] == candidate_id]
         if not found and candidate_id:
             found = [r for r in self.records if r["id"].startswith(candidate_id)]
