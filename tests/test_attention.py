@@ -951,3 +951,39 @@ def test_channels_mapped_past_a_loose_parameter_say_so():
     assert space.withheld["layers.encoder.blocks.0.0.attention.q_head"].startswith(
         "torch-pruning maps this group's channels past the width of encoder.blocks.0.0.attention.seg_embed, a parameter of shape (2, 2, 16) "
         "cut along its dimension 2 (to channel 31)")
+
+
+class _PositionMLP(_BiasedAttention):
+    """Swin V2's continuous position bias: an MLP inside the attention maps each pair of
+    positions' offset to one bias per head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias_mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], dtype=torch.float32)
+        bias = self.bias_mlp((pos[None] - pos[:, None])[..., None]).permute(2, 0, 1)
+        return super().forward(x, bias.unsqueeze(0))
+
+
+class _WithPositionMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Embedding(12, 16), _PositionMLP(), nn.Linear(16, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        return self.head((x + self.attn(x)).mean(1))
+
+
+def test_heads_kept_whole_for_a_per_head_layer_inside_say_so():
+    """Swin V2's heads were kept whole "because its forward mixes heads, or sizes a per-head
+    term from its head count (logit_scale was cut ...)", or with a hint to size the heads from
+    its attributes: the term it does not cut is its position MLP's one output per head."""
+    cfg = load_config({"space": {"pruning": ["none", "l2_heads"], "quantization": ["none"],
+                                 "layers": {"include": ["*"]}}}).space
+    space = model_space(cfg, _WithPositionMLP().eval(), (torch.randint(0, 12, (2, 6)),))
+    assert space.kept_whole["attn"].endswith(
+        "; bias_mlp.2 writes one output per head, a per-head term petra does not cut with the "
+        "heads")

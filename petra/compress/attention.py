@@ -63,7 +63,7 @@ from petra.compress.attention_forms import (
 )
 from petra.compress.mha import PrunedMultiheadAttention, _rows
 from petra.compress.norms import narrow, norm_width
-from petra.compress.per_head import passed_in, per_head_tensors, slice_per_head
+from petra.compress.per_head import passed_in, per_head_layers, per_head_tensors, slice_per_head
 from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args, copy_model, no_fast_path
@@ -281,13 +281,16 @@ def _trial(model: nn.Module, example_input: Sequence[Any], info: AttentionInfo) 
             return LAYOUT if info.fused or info.group > 1 else (
                 "removing heads changes what the kept heads compute: its forward mixes "
                 "heads, or sizes a per-head term from its head count" + (
-                    f" ({', '.join(sliced)} was cut as one slice per head)" if sliced else ""))
+                    f" ({', '.join(sliced)} was cut as one slice per head)" if sliced else "")
+                + per_head_layers(model.get_submodule(info.name), info.heads))
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         first = first_line(exc, 200)
         hint = ("; its forward must size the heads from its head count or head width "
                 f"attributes ({', '.join(HEAD_COUNT_NAMES + WIDTH_NAMES)}, which petra "
                 "updates) or with -1, not from the input's width" if "shape" in first
                 or "mat1" in first else "")
+        if made := per_head_layers(model.get_submodule(info.name), info.heads):
+            hint = made
         if outside := passed_in(model, example_input, info.name, info.heads):
             hint = (f"; its forward is handed {', '.join(outside)}, a per-head term made "
                     "outside it, which petra cannot cut with its heads")

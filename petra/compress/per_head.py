@@ -118,3 +118,13 @@ def passed_in(model: nn.Module, example_input: Sequence[object], name: str, head
     return [f"{k} {tuple(v.shape)}" for k, v in values[1:] if v.is_floating_point()
             and v.shape != values[0][1].shape  # a residual handed in beside the input
             and (heads in v.shape[1:] or batch * heads in v.shape)]
+
+
+def per_head_layers(attention: nn.Module, heads: int) -> str:
+    """``; continuous_position_bias_mlp.2 writes one output per head, ...``: a layer of the
+    attention that makes a per-head term (Swin V2's position-bias MLP), which petra does not cut
+    with the heads; '' where it has none."""
+    made = [n for n, m in attention.named_modules()
+            if n and isinstance(m, nn.Linear) and m.out_features == heads]
+    return (f"; {', '.join(made)} writes one output per head, a per-head term petra does not "
+            "cut with the heads" if made else "")
