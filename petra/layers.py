@@ -263,8 +263,7 @@ def select_layers(
             and not any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)]
 
 
-def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
-                exclude: Sequence[str]) -> None:
+def check_globs(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Sequence[str]) -> None:
     """Every glob must match a prunable layer (a glob that matches none is a typo).
 
     Raises:
@@ -281,7 +280,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str],
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 58
+VERIFY_VERSION = 59
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -379,9 +378,9 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
 def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, layers: Sequence[LayerInfo],
               attention: Sequence[Any], recurrent: Sequence[Any], blocks: Sequence[Any],
               cache: str | Path | None) -> dict[str, dict[str, str]]:
-    """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name:
-    reason}}``, read from ``cache`` when this model and space were verified before."""
-    from petra.compress import verify
+    """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name: reason}}``,
+    read from ``cache`` when this model and space were verified before."""
+    from petra.compress import verify, verify_rows
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
     selected = {layer.name for layer in select_layers(
@@ -401,6 +400,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
     from petra.tasks.contract import args, feed
 
     proto = export_dense(model, args(example_input))  # first: one line if no search can start
+    example_input = verify_rows.fewer_rows(model, example_input)  # hundreds of forwards
     units = [u for u in verify.structured_units(
         model, example_input, layers,
         attention if "heads" in kinds else (), recurrent if "recurrent" in kinds else ())

@@ -1176,3 +1176,37 @@ def test_channels_mapped_past_a_width_name_the_operations_between():
         "torch-pruning maps this group's channels past the width of router, a Linear with 2 "
         "channels (to channel 7): it follows them wrongly through the operations between them "
         "(add, sum, mul, unsqueeze, scatter, softmax, topk)")
+
+
+class _MixesRows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(0))  # each row reads the others
+
+
+def test_verification_runs_on_a_few_rows_only_where_they_compute_the_same():
+    """Verification runs the model hundreds of times: on the first 8 rows of the example batch,
+    where those rows compute on their own what they compute in the whole batch; on the whole
+    batch where they do not (rows mixed, or an axis 0 that is not the batch)."""
+    from petra.compress.verify_rows import fewer_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    assert fewer_rows(nn.Linear(4, 3), x).shape == (8, 4)
+    ids, extra = torch.randint(0, 5, (32, 6)), torch.randn(1, 4)  # extra: no batch axis
+    pair = fewer_rows(_TwoInputs(), (ids, extra))
+    assert pair[0].shape == (8, 6) and pair[1] is extra
+    assert fewer_rows(_MixesRows(), x) is x
+    assert fewer_rows(nn.Linear(4, 3), x[:6]).shape == (6, 4)  # already small
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(5, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, extra):
+        return self.fc(self.emb(ids).mean(1) + extra)
