@@ -376,7 +376,6 @@ def check_indices(graph: Any, group: Any) -> None:
     criterion that scores the group then fails."""
     dims = {id(u.parameters): u.pruning_dim for u in getattr(graph, "unwrapped_parameters",
                                                              None) or ()}
-    names = {id(t): n for n, t in [*graph.model.named_modules(), *graph.model.named_parameters()]}
     for dep, idxs in group:
         module, pruner = dep.target.module, graph.get_pruner_of_module(dep.target.module)
         if pruner is None or not idxs or not isinstance(module, nn.Module | nn.Parameter):
@@ -390,13 +389,13 @@ def check_indices(graph: Any, group: Any) -> None:
                 dep.handler) else pruner.get_in_channels(module))
             kind = f"{a_kind(type(module).__name__)} with {width} channels"
         if width is not None and max(idxs) >= width:
-            name = f"{names[id(module)]}, " if id(module) in names else ""
+            name = next((f"{n}, " for n, t in [*graph.model.named_modules(),
+                                                *graph.model.named_parameters()] if t is module), "")
             ops = ops_to(group, dep)
             raise Refused(f"torch-pruning maps this group's channels past the width of {name}"
                           f"{kind} (to channel {max(idxs)}): " + (
                               f"it follows them wrongly through the operations between them "
                               f"({ops})" if ops else "it takes another of its dimensions for them"))
-
 
 
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
