@@ -168,7 +168,7 @@ def _space(cfg: object, as_json: bool) -> int:
             span = gene.get("choices") or f"[{gene['low']}, {gene['high']}]"
             print(f"{gene['name']:<40} {gene['kind']:<12} {span}  (default {gene['default']})")
         if space.withheld:
-            print("withheld (verified on the model, they fail):")
+            print("withheld (verified on the model: they fail, or gain nothing on it):")
             for what, reason in space.withheld.items():
                 label = (f"{what}: structured removal" if what.startswith("layers.")
                          and ".method=" not in what else what)

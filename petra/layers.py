@@ -280,7 +280,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Se
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 59
+VERIFY_VERSION = 60
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -380,7 +380,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
               cache: str | Path | None) -> dict[str, dict[str, str]]:
     """What fails on ``model``, ``{"layers" | "blocks" | "schemes" | "lowrank": {name: reason}}``,
     read from ``cache`` when this model and space were verified before."""
-    from petra.compress import verify, verify_rows
+    from petra.compress import verify, verify_rows, verify_schemes
 
     kinds = {PRUNING.get(m).meta.get("kind", "unstructured") for m in space_cfg.pruning}
     selected = {layer.name for layer in select_layers(
@@ -424,7 +424,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
             out["layers"][member] = reason
     if schemes:
         example = feed(args(example_input), [i.name for i in proto.graph.input])
-        out["schemes"] = verify.verify_schemes(proto, schemes, [example], example)
+        out["schemes"] = verify_schemes.verify_schemes(proto, schemes, [example], example)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -11,10 +11,10 @@ recurrent units) are tried together, then all kinds together, then all again wit
 a sparsity of its own (:func:`staggered`: units whose widths must match, which torch-pruning did
 not join, pass at equal sparsities by chance); only a failing set is bisected, so a model where
 everything works pays for one trial per kind and two more. Skipped blocks are verified the same
-way, each block alone. :func:`verify_schemes` does the same, once per model, for each
-quantization scheme: the fp32 graph is quantized, packed, loaded into ONNX Runtime and run.
+way, each block alone. Quantization schemes are checked in
+:mod:`petra.compress.verify_schemes`.
 
-A unit or scheme that fails is withheld, with the first line of its error as the reason.
+A unit that fails is withheld, with the first line of its error as the reason.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
 from petra.compress.landing import check_landing, moves_channels
-from petra.compress.quantize import QuantContext
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import (
     channel_groups,
@@ -47,7 +46,6 @@ from petra.compress.structured import (
 )
 from petra.errors import Refused, a_kind, first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
-from petra.registry import QUANTIZATION
 from petra.tasks.contract import args, copy_model
 
 if TYPE_CHECKING:
@@ -410,41 +408,3 @@ def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequen
 #: A factorized layer's attribute read by the model (torch's TransformerEncoderLayer reads
 #: ``linear2.weight``): ``'Sequential' object has no attribute 'weight'``.
 _ATTRIBUTE = re.compile(r"'Sequential' object has no attribute '(\w+)'")
-
-
-def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
-                   example_feed: Mapping[str, Any]) -> dict[str, str]:
-    """The quantization schemes that fail to quantize, pack, load or run ``proto`` (the fp32
-    graph), each with the reason."""
-    import numpy as np
-
-    failed = {}
-    for scheme in schemes:
-        if scheme == "none":
-            continue
-        try:
-            quantized = QUANTIZATION.get(scheme).fn(proto, QuantContext(calibration=list(
-                calibration)))
-            session = artifact.load(artifact.pack(quantized))
-            out = session.run(None, dict(example_feed), artifact.quiet())[0]
-            if not np.all(np.isfinite(out)):
-                raise FloatingPointError("the quantized graph produced non-finite outputs")
-            if not any(q - d for q, d in zip(_form(quantized), _form(proto), strict=True)):
-                failed[scheme] = ("it quantizes no operator of this model: its graph and weights "
-                                  "are the fp32 ones")
-        except Exception as exc:  # noqa: BLE001 - any failure withholds the scheme
-            failed[scheme] = first_line(exc)
-    return failed
-
-
-def _form(proto: Any) -> tuple[set[Any], ...]:
-    """What a quantization adds to a graph: its operators, its weights' types (not those of
-    indices and shapes, which its pre-processing folds out of the graph's constants), and its
-    metadata (int4's marker; not ONNX's own). A convolutional net under dynamic int8 (Linear
-    and LSTM layers only) gained none, and its artifact was 0.5% larger, as a gene."""
-    from onnx import TensorProto
-
-    return ({n.op_type for n in proto.graph.node},
-            {i.data_type for i in proto.graph.initializer} - {
-                TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL},
-            {p.key for p in proto.metadata_props if not p.key.startswith("onnx.")})
