@@ -743,6 +743,47 @@ def test_a_module_that_only_wraps_one_block_is_not_a_second_gene():
     assert "group.layers.0" in names and "group" not in names
 
 
+def test_a_block_whose_one_layer_changes_the_shape_is_skippable():
+    """A TCN's last block, ``x + relu(conv(F.pad(x, (p, 0))))``, holds one conv that its
+    padding outside makes non-square: it had no skip gene, and no line said why. Such a
+    block is skippable as the identity; a block of one square layer still is not a second
+    gene beside that layer's own."""
+    import torch.nn.functional as F
+
+    class LeftPad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 3, dilation=2)
+
+        def forward(self, x):
+            return x + F.relu(self.conv(F.pad(x, (4, 0))))
+
+    class Square(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Conv1d(8, 8, 1)
+
+        def forward(self, x):
+            return torch.relu(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.pad, self.sq = nn.Conv1d(3, 8, 1), LeftPad(), Square()
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.sq(self.pad(self.inp(x))).mean(-1))
+
+    model, x = Net().eval(), torch.randn(2, 3, 12)
+    blocks = {b.name: b for b in skippable_blocks(model, (x,))}
+    assert set(blocks) == {"pad", "sq.fc"}
+    twin = copy.deepcopy(model)
+    assert skip_blocks(twin, ["pad"], list(blocks.values())) == ["pad"]
+    with torch.no_grad():
+        assert torch.allclose(twin(x), model.out(model.sq(model.inp(x)).mean(-1)))
+
+
 def test_a_skip_that_joins_two_channel_groups_is_verified_with_one_removal_of_them():
     """Skipping the second separable conv of a Jasper block (QuartzNet) hands the first one's
     channels to the block's sum, so its group and the residual conv's become one. Verification

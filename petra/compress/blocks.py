@@ -10,8 +10,9 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
 :func:`skippable_blocks` finds, by tracing the example batch:
 
 - **identity blocks**: a module, other than the model itself, that holds at least two Conv or
-  Linear layers and returns a tensor of its input's shape (a residual block with an identity
-  shortcut). Skipping it makes it the identity.
+  Linear layers (or one that does not keep its own input's shape: a TCN block that pads
+  outside its conv) and returns a tensor of its input's shape (a residual block with an
+  identity shortcut). Skipping it makes it the identity.
 - **shortcut blocks**: a module with a child named ``downsample``, ``shortcut`` or ``skip``
   whose output has the block's output shape (a residual block with a projection shortcut).
   Skipping it keeps only that path.
@@ -62,6 +63,7 @@ from torch import nn
 from petra.compress.attention_forms import is_hf_attention
 from petra.compress.kinds import WEIGHTED_LAYERS
 from petra.compress.mha import PrunedMultiheadAttention
+from petra.compress.stand_ins import BatchFirst, ReluIdentity, ShortcutOnly, Zero
 from petra.tasks.contract import args, no_fast_path
 
 SHORTCUT_NAMES = ("downsample", "shortcut", "skip")
@@ -86,76 +88,6 @@ class BlockInfo:
     #: result (BLOOM's MLP, given ``residual``, returns ``residual + mlp(x)``): skipped, it
     #: hands on that argument, not its first.
     carried: int | str | None = None
-
-
-class _StandIn(nn.Module):
-    """What a skipped block becomes: it takes its input as the block did (the first positional
-    argument, or the keyword ``keyword``) and ignores the rest (masks, position embeddings),
-    but hands on, in the tuple it returns, the arguments the block handed on."""
-
-    def __init__(self, outputs: int = 0, keyword: str = "",
-                 passthrough: tuple[tuple[int, int | str], ...] = ()) -> None:
-        super().__init__()
-        self.outputs = outputs
-        self.keyword = keyword
-        self.passthrough = passthrough
-        self.carried: int | str | None = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        x = kwargs[self.keyword] if self.keyword and not args else args[0]
-        if self.carried is not None:  # the argument the block added to its result
-            x = kwargs[self.carried] if isinstance(self.carried, str) else args[self.carried]
-        out = self.compute(x)
-        if not self.outputs:
-            return out
-        returned: list[Any] = [out, *([None] * (self.outputs - 1))]
-        for slot, source in self.passthrough:
-            returned[slot] = kwargs.get(source) if isinstance(source, str) else (
-                args[source] if source < len(args) else None)
-        return tuple(returned)
-
-
-class ShortcutOnly(_StandIn):
-    """A residual block reduced to its shortcut path (and its final ReLU)."""
-
-    def __init__(self, shortcut: nn.Module, relu: bool, outputs: int = 0, keyword: str = "",
-                 passthrough: tuple[tuple[int, int | str], ...] = ()) -> None:
-        super().__init__(outputs, keyword, passthrough)
-        self.shortcut = shortcut
-        self.relu = relu
-
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.shortcut(x)
-        return torch.relu(out) if self.relu else out
-
-
-class ReluIdentity(_StandIn):
-    """The identity, or a ReLU where the skipped block ended in one."""
-
-    def __init__(self, relu: bool, outputs: int = 0, keyword: str = "",
-                 passthrough: tuple[tuple[int, int | str], ...] = ()) -> None:
-        super().__init__(outputs, keyword, passthrough)
-        self.relu = relu
-
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x) if self.relu else x
-
-
-class Zero(_StandIn):
-    """A residual branch removed: zeros of its input's shape, as ``x * 0``. ``zeros_like``
-    would cut the traced graph there, and torch-pruning would then leave out the norm that
-    feeds the branch (it still runs): the residual width would shrink around it."""
-
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
-        return x * 0.0
-
-
-class _BatchFirst:
-    """What ``nn.TransformerEncoder`` reads of its first layer's attention when that layer was
-    skipped: whether it is batch-first."""
-
-    def __init__(self, batch_first: bool) -> None:
-        self.batch_first = batch_first
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -184,6 +116,13 @@ def _own_mha(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> boo
 
 def _layer_count(module: nn.Module) -> int:
     return sum(isinstance(m, WEIGHTED_LAYERS) for m in module.modules())
+
+
+def _reshaped_layer(name: str, module: nn.Module, seen: dict[str, dict[str, Any]]) -> bool:
+    """Whether ``module`` holds one layer, which does not keep its own input's shape (a TCN
+    block's conv, padded outside it), so that it has no skip gene of its own."""
+    inner = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, WEIGHTED_LAYERS)]
+    return len(inner) == 1 and inner[0] in seen and seen[inner[0]]["in"] != seen[inner[0]]["out"]
 
 
 class _Ops(torch.overrides.TorchFunctionMode):
@@ -327,7 +266,8 @@ def skippable_blocks(model: nn.Module, example_input: Any,
                                    params - sum(p.numel() for p in getattr(
                                        module, shortcut).parameters()), info["outputs"],
                                    info["keyword"], info["passthrough"]))
-        elif (_layer_count(module) >= 2 or _own_mha(name, module, modules)) and square:
+        elif (_layer_count(module) >= 2 or _own_mha(name, module, modules)
+              or _reshaped_layer(name, module, seen)) and square:
             found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"],
                                    info["keyword"], info["passthrough"], info["carried"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
@@ -424,7 +364,7 @@ def _replacement(module: nn.Module, info: BlockInfo) -> nn.Module:
         # nn.TransformerEncoder (and the decoder) read their first layer's
         # self_attn.batch_first, and the encoder's fast path the rest: the replacement answers
         # the first, the encoder skips the second.
-        out.self_attn = _BatchFirst(module.self_attn.batch_first)
+        out.self_attn = BatchFirst(module.self_attn.batch_first)
     return out
 
 
