@@ -320,6 +320,29 @@ def test_a_dense_model_that_does_not_export_stops_with_one_line():
         export_dense(model, inputs)
 
 
+def test_a_model_that_exports_only_with_a_fixed_batch_says_so():
+    """A dynamic convolution (CondConv) runs each sample's own kernels as one conv over the
+    batch, ``groups=B``: it exports with a fixed batch, not with petra's dynamic batch axis,
+    and the line spoke of pack_padded_sequence and control flow."""
+    from petra.candidate.baseline import export_dense
+    from petra.errors import ConfigError
+
+    class PerSample(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.route, self.fc = nn.Linear(3, 3 * 3 * 9), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            kernels = self.route(x.mean((2, 3))).reshape(b * c, c, 3, 3)
+            y = nn.functional.conv2d(x.reshape(1, b * c, h, w), kernels, padding=1, groups=b)
+            return self.fc(y.reshape(b, c, h, w).mean((2, 3)))
+
+    with pytest.raises(ConfigError, match="it exports with a fixed batch size only: its forward "
+                       "puts the batch size where ONNX needs a constant"):
+        export_dense(PerSample().eval(), (torch.randn(4, 3, 6, 6),))
+
+
 @torch.library.custom_op("petra_test::double", mutates_args=())
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2

@@ -212,6 +212,20 @@ def _export_dense(model: Any, example_input: Any, task_name: str, check: Any) ->
         return proto
 
 
+def _static_only(model: Any, example_input: Any) -> bool:
+    """Whether ``model`` exports with a fixed batch size, where it failed with a dynamic one."""
+    import torch
+
+    inputs = tuple(example_input) if isinstance(example_input, tuple | list) else (
+        example_input,)
+    try:
+        with torch.no_grad(), artifact.quiet_output():
+            torch.onnx.export(model, inputs, io.BytesIO(), dynamo=False, opset_version=17)
+    except Exception:  # noqa: BLE001 - it does not export either way
+        return False
+    return True
+
+
 def _checked_export(model: Any, example_input: Any, task_name: str, check: Any,
                     exporter: str) -> Any:
     from petra.errors import first_line
@@ -223,9 +237,13 @@ def _checked_export(model: Any, example_input: Any, task_name: str, check: Any,
         op = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
         hint = (f"an operator with no ONNX form ({op.group(1)}) needs another implementation"
                 + (" (a Hugging Face MoE exports with experts_implementation=\"eager\")"
-                   if "grouped_mm" in op.group(1) else "") if op else "a forward that ONNX "
-                "cannot trace, such as pack_padded_sequence or data-dependent Python control "
-                "flow, needs another form")
+                   if "grouped_mm" in op.group(1) else "") if op else (
+                    "it exports with a fixed batch size only: its forward puts the batch size "
+                    "where ONNX needs a constant (a conv over the batch with groups=B), and "
+                    "petra exports with a dynamic batch axis" if _static_only(
+                        model, example_input) else "a forward that ONNX cannot trace, such as "
+                    "pack_padded_sequence or data-dependent Python control flow, needs another "
+                    "form"))
         raise ConfigError("task.name", task_name, "", f"the model does not export to ONNX, and "
                           f"petra measures the exported artifact ({first_line(exc, 300)}); {hint}"
                           ) from exc
