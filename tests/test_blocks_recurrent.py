@@ -784,6 +784,29 @@ def test_a_block_whose_one_layer_changes_the_shape_is_skippable():
         assert torch.allclose(twin(x), model.out(model.sq(model.inp(x)).mean(-1)))
 
 
+@pytest.mark.parametrize("act", [torch.relu, nn.functional.gelu, torch.tanh])
+def test_a_branch_seen_through_an_activation_is_skipped_as_zeros(act):
+    """``h = relu(c2(h)) + h`` (a CoordConv net written outside the repo): the activation
+    keeps a zero branch zero, so skipping c2 removes the branch; as the identity it gave
+    ``relu(h) + h``."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(act(self.fc(h)) + h)
+
+    model, x = Net().eval(), torch.randn(3, 4)
+    blocks = skippable_blocks(model, (x,))
+    assert [(b.name, b.kind) for b in blocks] == [("fc", "branch")]
+    skip_blocks(model, ["fc"], blocks)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.out(model.inp(x)))
+
+
 def test_a_skip_that_joins_two_channel_groups_is_verified_with_one_removal_of_them():
     """Skipping the second separable conv of a Jasper block (QuartzNet) hands the first one's
     channels to the block's sum, so its group and the residual conv's become one. Verification

@@ -26,7 +26,8 @@ layer-pruning half of hybrid channel and layer pruning (arXiv 2509.08714).
   its output was added to what its input was computed from (through views, products and
   sums: a DiT's modulated stream), or to the input of the module that made its input (a
   norm; seen through views: an MLP-Mixer's token ``mlp`` reads the stream transposed), on the
-  way through operations that keep zeros zero (views, products: a layer scale).
+  way through operations that keep zeros zero (views, products: a layer scale; activations
+  that map 0 to 0: ``h + relu(conv(h))``).
 
 A module that holds two or more whole blocks of one class and no layer outside them (an
 ``nn.TransformerEncoder``, the Sequential of every block) is no block itself: skipping it is
@@ -119,10 +120,12 @@ def _layer_count(module: nn.Module) -> int:
 
 
 def _reshaped_layer(name: str, module: nn.Module, seen: dict[str, dict[str, Any]]) -> bool:
-    """Whether ``module`` holds one layer, which does not keep its own input's shape (a TCN
-    block's conv, padded outside it), so that it has no skip gene of its own."""
-    inner = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, WEIGHTED_LAYERS)]
-    return len(inner) == 1 and inner[0] in seen and seen[inner[0]]["in"] != seen[inner[0]]["out"]
+    """Whether ``module`` holds one layer, not grouped, which does not keep its own input's
+    shape (a TCN block's conv, padded outside it), so that it has no skip gene of its own."""
+    inner = [(f"{name}.{n}", m) for n, m in module.named_modules()
+             if isinstance(m, WEIGHTED_LAYERS)]
+    return len(inner) == 1 and getattr(inner[0][1], "groups", 1) == 1 and inner[0][0] in seen \
+        and seen[inner[0][0]]["in"] != seen[inner[0][0]]["out"]
 
 
 class _Ops(torch.overrides.TorchFunctionMode):
@@ -156,10 +159,12 @@ class _Ops(torch.overrides.TorchFunctionMode):
 _ADD_NAMES = {"add", "add_", "__add__", "__radd__", "__iadd__"}
 #: Operations whose output is zero where their first tensor (a view's source) or any tensor
 #: operand (a product) is: a branch's output reaches the sum through them (the MLP-Mixer's
-#: ``x + mlp(norm(x).transpose(1, 2)).transpose(1, 2)``, a layer scale's ``gamma * mlp(x)``).
+#: ``x + mlp(norm(x).transpose(1, 2)).transpose(1, 2)``, a layer scale's ``gamma * mlp(x)``,
+#: an activation that maps 0 to 0: ``h + relu(conv(h))``).
 _VIEWS = {"transpose", "permute", "reshape", "view", "flatten", "unflatten", "contiguous",
           "squeeze", "unsqueeze", "movedim", "swapaxes", "t"}
-_KEEPS_ZERO = _VIEWS | {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "dropout"}
+_KEEPS_ZERO = _VIEWS | {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "dropout", "relu",
+                        "relu_", "gelu", "silu", "tanh", "leaky_relu", "hardtanh", "elu"}
 
 
 def _carried(inputs: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor,
