@@ -10,12 +10,12 @@ then the genes petra reads whatever the methods, declared with what their absenc
 :data:`petra.genes.DECLARED` (``prune.width``, ``quant.scheme``, ``finetune.epochs``, ...), and
 those each method declares in its registry metadata (``prune.eq_beta``, ``reg.kd_alpha``, ...).
 
-Workers receive these dicts. The defaults of every gene mean "no compression", so a partial
-genome is completed with :meth:`SearchSpace.complete`.
+Workers receive these dicts. Every gene's default means "no compression" (:meth:`complete`).
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -45,8 +45,7 @@ if TYPE_CHECKING:
     from petra.schema import SpaceConfig
 
 
-# PETRA's low-rank energy thresholds (METHODS.md).
-LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)
+LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999)  # PETRA's low-rank energy thresholds (METHODS.md)
 
 
 def skipped_blocks(genome: Mapping[str, Any]) -> list[str]:
@@ -126,7 +125,9 @@ class SearchSpace:
         layer = name.removeprefix("layers.").rpartition(".")[0]
         if name.startswith("layers.") and layer in self.kept_whole:
             return f"unknown gene {name!r}: layer {layer} is kept whole ({self.kept_whole[layer]})"
-        return f"unknown gene {name!r}; the space has {', '.join(self._by_name)}"
+        near = difflib.get_close_matches(name, self._by_name, n=6, cutoff=0.0)
+        return (f"unknown gene {name!r}; the nearest of the space's {len(self)} genes are "
+                f"{', '.join(near)} (`petra space CONFIG` lists them all)")
 
     def offers(self, name: str, value: Any) -> bool:
         """Whether gene ``name`` exists and may take ``value`` (any value, for a range gene)."""

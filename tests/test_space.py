@@ -327,6 +327,13 @@ def test_complete_fills_defaults_and_clips(space):
 def test_complete_rejects_unknown_genes_and_values(space):
     with pytest.raises(ValueError, match="unknown gene 'layers.nope.method'"):
         space.complete({"layers.nope.method": "magnitude"})
+    # A LeViT's 90 genes were all printed on one line: the nearest six are, and the count.
+    with pytest.raises(ValueError) as err:
+        space.complete({"layers.stem.methd": "magnitude"})
+    assert str(err.value).startswith(f"unknown gene 'layers.stem.methd'; the nearest of the "
+                                     f"space's {len(space)} genes are layers.stem.method, ")
+    assert str(err.value).endswith("(`petra space CONFIG` lists them all)")
+    assert str(err.value).count(", ") == 5
     with pytest.raises(ValueError, match="gene quant.scheme must be one of"):
         space.complete({"quant.scheme": "int3"})
 
