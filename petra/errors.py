@@ -74,3 +74,21 @@ def first_line(exc: BaseException, limit: int = 300, *, typed: bool = True) -> s
 #: stopped early by multi-fidelity (measured in part).
 COMPLETE, FAILED, PRUNED = "complete", "failed", "pruned"
 STATUSES = (COMPLETE, FAILED, PRUNED)
+
+
+def raised_in(exc: BaseException, package: str) -> str:
+    """The function of ``package`` where ``exc`` was raised (the innermost frame of that
+    package, with the autograd name of the node it was at, where it held one in a local
+    ``node*``), as ``; raised in torch_pruning's infer_channels_between, at splitwithsizes``;
+    empty if none."""
+    tb, frame = exc.__traceback__, None
+    while tb is not None:
+        if f"/{package}/" in tb.tb_frame.f_code.co_filename:
+            frame = tb.tb_frame
+        tb = tb.tb_next
+    if frame is None:
+        return ""
+    grads = [getattr(v, "grad_fn", None) for k, v in frame.f_locals.items() if k.startswith("node")]
+    names = [g.name() for g in grads if g is not None and hasattr(g, "name")]
+    op = names[0].removesuffix("Backward0").lower() if names else ""
+    return f"; raised in {package}'s {frame.f_code.co_name}" + (f", at {op}" if op else "")

@@ -1241,3 +1241,27 @@ class _TwoInputs(nn.Module):
 
     def forward(self, ids, extra):
         return self.fc(self.emb(ids).mean(1) + extra)
+
+
+def test_a_trace_failure_names_where_in_torch_pruning_it_was_raised(tmp_path, monkeypatch):
+    """CvT's cls-token split stopped torch-pruning's trace with a bare ``IndexError: list index
+    out of range``, and every layer was kept whole with it. The reason now names the
+    function of torch-pruning that raised, and the autograd node it was at."""
+    import torch
+
+    from petra.errors import raised_in
+
+    package = tmp_path / "fake_pruning"  # where the frames come from is all that is read
+    package.mkdir()
+    (package / "shape_infer.py").write_text(
+        "def infer_channels_between(node_1, sizes):\n    return sizes[len(sizes)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from fake_pruning import shape_infer
+
+    node = type("Node", (), {})()
+    node.grad_fn = (torch.ones(2, requires_grad=True) * 2).grad_fn
+    with pytest.raises(IndexError) as err:
+        shape_infer.infer_channels_between(node, [1])
+    assert raised_in(err.value, "fake_pruning") == (
+        "; raised in fake_pruning's infer_channels_between, at mul")
+    assert raised_in(err.value, "torch_pruning") == ""

@@ -32,7 +32,7 @@ from petra.compress.graph import (
     pruning_group,
 )
 from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
-from petra.errors import Refused, a_kind, first_line
+from petra.errors import Refused, a_kind, first_line, raised_in
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
@@ -212,7 +212,8 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
         graph = dependency_graph(model, example_input)
     except Exception as exc:  # noqa: BLE001 - a model DepGraph cannot trace gets no channels
         if errors is not None:
-            errors.append(f"torch-pruning cannot trace the model ({first_line(exc, 200)})")
+            errors.append(f"torch-pruning cannot trace the model ({first_line(exc, 200)}"
+                          f"{raised_in(exc, 'torch_pruning')})")
         return set(), ()
     finally:
         model.train(was_training)
