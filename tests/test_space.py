@@ -1049,7 +1049,7 @@ def test_a_scheme_that_gains_nothing_on_the_model_is_withheld():
     assert space.gene("quant.scheme").choices == ("none", "fp16")
     why = space.withheld["quant.scheme=int8_dynamic"]
     assert why.startswith("it gains nothing on this model: its artifact is 1.0"), why
-    assert "x its latency (it quantizes too little of the model)" in why
+    assert why.endswith("x its latency"), why
 
 
 def test_svd_is_tried_at_rank_one_whatever_the_untrained_spectrum():
