@@ -614,3 +614,42 @@ def test_a_task_that_passed_its_check_is_not_run_again():
     check_task(task, "t")
     check_task(task, "t")
     assert calls == [1]
+
+
+def test_a_product_that_broadcasts_across_channels_does_not_tie_them():
+    """An attention pooling ``softmax(score(h)) * h`` weighs each position by one number, and a
+    gate ``sigmoid(gate(h)) * h`` each example: torch-pruning tied every channel of the stream
+    to the 1 output of ``score`` and ``gate``, mapped them past it, and every layer writing the
+    stream was refused. A squeeze-excitation's ``x * s`` carries the channels and stays tied:
+    its ``fc2`` loses them with the conv. Each removal equals masking the same channels."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(3, 16, 3, padding=1)
+            self.fc1, self.fc2 = nn.Linear(16, 4), nn.Linear(4, 16)  # squeeze-excitation
+            self.gate, self.score, self.out = nn.Linear(16, 1), nn.Linear(16, 1), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            h = h * torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean(-1)))))[..., None]
+            h = h.transpose(1, 2)  # (B, T, C)
+            h = h * torch.sigmoid(self.gate(h.mean(1)))[:, None]
+            return self.out((torch.softmax(self.score(h), 1) * h).sum(1))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(4, 3, 10)
+    masked = copy.deepcopy(model)
+    assert list(prune_channels(model, (x,), {"conv": ("l2_channel", 0.5)}, round_to=1,
+                               protected=["out"]).values()) == [(16, 8)]
+    assert model.conv.out_channels == model.fc2.out_features == model.fc1.in_features == 8
+    assert model.gate.in_features == model.score.in_features == model.out.in_features == 8
+    assert model.gate.out_features == model.score.out_features == 1
+    kept = [int((masked.conv.weight - row).abs().flatten(1).sum(1).argmin())
+            for row in model.conv.weight]
+    removed = sorted(set(range(16)) - set(kept))
+    with torch.no_grad():
+        masked.conv.weight[removed] = 0.0
+        masked.conv.bias[removed] = 0.0
+        assert torch.allclose(model(x), masked(x), atol=1e-6)

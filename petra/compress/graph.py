@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from petra.compress.attention import PrunedMultiheadAttention
+from petra.compress.broadcasts import cutting_broadcasts
 from petra.compress.norms import norm_pruners
 from petra.tasks.contract import tensors_in
 
@@ -37,7 +38,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     roots: dict[str, Any] = {}
     with _as_leaves(model), _all_trainable(model), _glu_as_halves():
         try:
-            graph = tp.DependencyGraph().build_dependency(
+            graph = cutting_broadcasts(tp.DependencyGraph()).build_dependency(
                 model, example_inputs=example_inputs, verbose=False,
                 forward_fn=_every_output(roots) if hasattr(model, "outputs") else None,
                 customized_pruners={PrunedMultiheadAttention: _pruned_attention_pruner(),
