@@ -2,12 +2,14 @@
 
 :func:`verify_schemes` runs once per model, for each scheme the space allows: the fp32 graph is
 quantized, packed, loaded into ONNX Runtime and run. A scheme is withheld, with its reason,
-where any of that fails, where it quantizes no operator of the model, and where it gains
-nothing on it: an artifact not :data:`~petra.candidate.evaluate.BYTES_MARGIN` smaller than the
-fp32 one, and no run :data:`~petra.candidate.evaluate.LATENCY_MARGIN` faster (dynamic int8 on a
-convolutional net with a small Linear head quantizes the head alone: its artifact was 0.1-1.4%
-larger, and no faster, on four such nets). The check is made on the dense model: a scheme that
-quantizes a small share of it is withheld, though pruning the rest could raise that share.
+where any of that fails, where it quantizes no operator of the model, and where its artifact of
+the dense model is not :data:`~petra.candidate.evaluate.BYTES_MARGIN` smaller than the fp32 one.
+Such a scheme quantizes too little of the model to gain: dynamic int8 on a convolutional net
+with a small Linear head quantizes the head alone, and its artifact was 0.1-1.4% larger, and
+no faster, on four such nets (static int8 on a GRU model: 1.003x the bytes, 1.06x the latency;
+on a small seq2seq model: 1.22x and 1.43x). The check reads bytes, not time, so that the same
+model is offered the same genes on any machine and under any load. It is made on the dense
+model: pruning the rest of a model could raise the share a scheme quantizes.
 """
 
 from __future__ import annotations
@@ -20,10 +22,6 @@ from petra.compress.quantize import QuantContext
 from petra.errors import first_line
 from petra.registry import QUANTIZATION
 
-#: Interleaved rounds timing a scheme that does not shrink the artifact against fp32 (short
-#: blocks: verification runs before any search, on the example batch).
-ROUNDS, BLOCK_S = 7, 0.01
-
 
 def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Mapping[str, Any]],
                    example_feed: Mapping[str, Any]) -> dict[str, str]:
@@ -32,7 +30,7 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
     import numpy as np
 
     failed: dict[str, str] = {}
-    dense: list[Any] = []  # the fp32 artifact's bytes and session, made when first needed
+    dense: list[int] = []  # the fp32 artifact's bytes, packed when first needed
     for scheme in schemes:
         if scheme == "none":
             continue
@@ -49,31 +47,24 @@ def verify_schemes(proto: Any, schemes: Sequence[str], calibration: Sequence[Map
                                   "are the fp32 ones")
                 continue
             if not dense:
-                fp32 = artifact.pack(proto)
-                dense += [len(fp32), artifact.load(fp32)]
-            if why := no_gain(len(data), session, dense[0], dense[1], example_feed):
+                dense.append(len(artifact.pack(proto)))
+            if why := no_gain(len(data), dense[0]):
                 failed[scheme] = why
         except Exception as exc:  # noqa: BLE001 - any failure withholds the scheme
             failed[scheme] = first_line(exc)
     return failed
 
 
-def no_gain(size: int, session: Any, dense_size: int, dense_session: Any,
-            feed: Mapping[str, Any]) -> str | None:
-    """Why a quantized artifact of ``size`` bytes, run by ``session``, gains nothing on the fp32
-    one; None where it is smaller by the bytes margin, or faster by the latency margin."""
-    from petra.candidate.evaluate import BYTES_MARGIN, LATENCY_MARGIN
-    from petra.candidate.measure import interleaved_latency
+def no_gain(size: int, dense_size: int) -> str | None:
+    """Why a quantized artifact of ``size`` bytes gains nothing on the fp32 one of
+    ``dense_size``; None where it is smaller by the bytes margin."""
+    from petra.candidate.evaluate import BYTES_MARGIN
 
     ratio = size / dense_size
     if ratio < 1 - BYTES_MARGIN:
         return None
-    latency = interleaved_latency(session, dense_session, dict(feed), rounds=ROUNDS,
-                                  block_s=BLOCK_S)
-    if latency.ratio < 1 - max(LATENCY_MARGIN, latency.ratio_iqr):
-        return None
-    return (f"it gains nothing on this model: its artifact is {ratio:.3f}x the fp32 one's and "
-            f"it runs at {latency.ratio:.2f}x its latency")
+    return (f"it gains nothing on this model: its artifact is {ratio:.3f}x the fp32 one's (a "
+            f"scheme must make it at least {BYTES_MARGIN:.0%} smaller)")
 
 
 def _form(proto: Any) -> tuple[set[Any], ...]:
