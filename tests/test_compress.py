@@ -653,3 +653,28 @@ def test_a_product_that_broadcasts_across_channels_does_not_tie_them():
         masked.conv.weight[removed] = 0.0
         masked.conv.bias[removed] = 0.0
         assert torch.allclose(model(x), masked(x), atol=1e-6)
+
+
+def test_a_per_channel_product_whose_map_is_as_wide_as_its_channels_stays_tied():
+    """A FiLM's ``h * (1 + gamma)`` scales each channel: on a 16x16 map of 16 channels the
+    channel count also matched the map's height and width, and torch-pruning counted the
+    chunked ``gamma`` as 32, so the product was taken for a broadcast and cut: the conv and
+    its FiLM layer were withheld. The FiLM layer loses its rows with the conv's channels."""
+    from torch import nn
+
+    class Film(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.film, self.out = nn.Conv2d(3, 16, 3, padding=1), \
+                nn.Linear(4, 32), nn.Linear(16, 2)
+
+        def forward(self, x, c):
+            gamma, beta = self.film(c).chunk(2, dim=-1)
+            h = torch.relu(self.conv(x) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None])
+            return self.out(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Film().eval(), (torch.randn(2, 3, 16, 16), torch.randn(2, 4))
+    prune_channels(model, x, {"conv": ("l2_channel", 0.5)}, round_to=1, protected=["out"])
+    assert model.conv.out_channels == 8 and model.film.out_features == 16
+    assert model(*x).shape == (2, 2)

@@ -9,10 +9,12 @@ other. torch-pruning tied the channels of the whole stream to the 1 or E outputs
 router or gate, mapped them past that width, and every layer of the stream was refused.
 
 :func:`cut_broadcasts` cuts the narrow operand from the product where, in the saved operands of
-the product's autograd node, it has size 1 along a dimension where the other has as many
-entries as the channels torch-pruning counts for the other, and its own count differs. A
-squeeze-excitation's ``x * s`` (``(B, C, 1, 1)`` against ``(B, C, H, W)``) matches the channels
-and stays tied; where counts agree by chance, the product stays tied too (refused, as before).
+the product's autograd node, it has size 1 along the other's channel dimension (the one
+dimension whose length is the channel count torch-pruning gives the other), and its own count
+differs. A squeeze-excitation's ``x * s`` (``(B, C, 1, 1)`` against ``(B, C, H, W)``) has the
+channels and stays tied; so does a product whose wide operand has its channel count along two
+dimensions (a FiLM's ``h * gamma`` on a 16x16 map of 16 channels, where torch-pruning also
+counted the chunked ``gamma`` as 32), or whose counts agree by chance (refused, as before).
 The structure checks compare every removal with masking (:mod:`petra.compress.verify`).
 """
 
@@ -59,15 +61,15 @@ def _cut(graph: Any, node: Any) -> bool:
     if set(by_slot) != {0, 1}:
         return False
     for narrow, wide in ((0, 1), (1, 0)):
-        dims = [d for d in range(saved[wide].dim())
-                if saved[narrow].shape[d] == 1 < saved[wide].shape[d]]
         try:
             counts = [infer_out_channels_recursively(graph, by_slot[i], [0])
                       for i in (narrow, wide)]
         except Exception:  # noqa: BLE001 - counts torch-pruning cannot infer: left tied
             return False
-        if dims and counts[1] and counts[0] != counts[1] and any(
-                saved[wide].shape[d] == counts[1] for d in dims):
+        # the wide operand's channel dimension, where only one has its channel count
+        dims = [d for d in range(saved[wide].dim()) if saved[wide].shape[d] == counts[1]]
+        if counts[1] and counts[1] > 1 and counts[0] != counts[1] and len(dims) == 1 and \
+                saved[narrow].shape[dims[0]] == 1:
             node.inputs.remove(by_slot[narrow])
             by_slot[narrow].outputs.remove(node)
             return True
