@@ -1194,19 +1194,37 @@ class Gated(nn.Module):
         return self.head(h + (gates.unsqueeze(-1) * outs).sum(1))
 
 
+class TokenMixer(nn.Module):
+    """An MLP-Mixer's token mixing: a Linear over the 6 tokens of the 8-channel stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.tok, self.head = nn.Linear(5, 8), nn.LayerNorm(8), \
+            nn.Linear(6, 6), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.tok(self.norm(h).transpose(1, 2)).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
 def test_channels_mapped_past_a_width_name_the_operations_between():
-    """torch-pruning takes the router's 2 outputs for the stream's 8 channels through the
-    gates' broadcast product. The reason guessed "a split, or a reshape into heads", which an
-    MoE has neither of; it names the operations it followed."""
+    """torch-pruning takes a token-mixing Linear's 6 tokens for the stream's 8 channels through
+    a transpose. The reason guessed "a split, or a reshape into heads"; it names the operations
+    it followed. The router's gates of an MoE (the broadcast product of (B, 2, 1) and
+    (B, 2, 8)) were refused the same way; they no longer tie the stream to the router."""
     cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"],
                                  "layers": {"include": ["*"]}}}).space
     from petra.space import model_space
 
-    space = model_space(cfg, Gated().eval(), (torch.randn(4, 5),))
+    space = model_space(cfg, TokenMixer().eval(), (torch.randn(4, 6, 5),))
     assert space.withheld["layers.inp"] == (
-        "torch-pruning maps this group's channels past the width of router, a Linear with 2 "
+        "torch-pruning maps this group's channels past the width of tok, a Linear with 6 "
         "channels (to channel 7): it follows them wrongly through the operations between them "
-        "(add, sum, mul, unsqueeze, scatter, softmax, topk)")
+        "(transpose, clone, reshape, mm, reshape)")
+    space = model_space(cfg, Gated().eval(), (torch.randn(4, 5),))
+    assert "layers.inp" not in space.withheld
+    assert "l2_channel" in space.gene("layers.inp.method").choices
 
 
 class _MixesRows(nn.Module):
