@@ -1172,8 +1172,37 @@ def test_a_channel_group_whose_indices_outgrow_the_model_stops_there():
     found, _ = channel_layers(Gram().eval(), (torch.randn(2, 3, 8, 8),), why=why)
     assert "c1" in found and "c2" not in found
     assert why["c2"].startswith("torch-pruning maps its channels to ")
-    assert why["c2"].endswith("indices, more than any dimension of the model has (an operation "
-                              "over them that it cannot follow: a Gram matrix, an outer product)")
+    assert why["c2"].endswith("indices, more than any dimension of the model has: it follows "
+                              "them wrongly through the operations between them (relu, reshape, "
+                              "expand)")
+
+
+class Shuffled(nn.Module):
+    """Two ShuffleNetV2 units: a channel split, a branch, a concat and a channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.out = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.branches = nn.ModuleList(nn.Conv2d(8, 8, 1) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for branch in self.branches:
+            a, b = h.chunk(2, 1)
+            h = torch.cat([a, torch.relu(branch(b))], 1)
+            h = h.view(-1, 2, 8, *h.shape[2:]).transpose(1, 2).reshape(h.shape)
+        return self.out(h)
+
+
+def test_a_group_that_outgrows_the_model_names_the_operations_it_followed():
+    """A channel shuffle's groups outgrew the model too, and were refused as "a Gram matrix, an
+    outer product": the reason names what torch-pruning followed, not a guess."""
+    from petra.compress.structured import channel_layers
+
+    why: dict[str, str] = {}
+    channel_layers(Shuffled().eval(), (torch.randn(2, 1, 6, 6),), why=why)
+    assert why["branches.0"].endswith("it follows them wrongly through the operations between "
+                                      "them (relu, concat, reshape, transpose)"), why
 
 
 class Gated(nn.Module):

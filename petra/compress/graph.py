@@ -205,11 +205,13 @@ def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence
                 f"{limit} dependencies", "torch-pruning's channel group from it never closes "
                 "(its index mappings go round a cycle, as through Llama's grouped key/value heads)")
         if len(idxs) > widest:  # a Gram matrix over channels: 179 s of mapping, not 8
+            ops = ops_to([*group, (dep, idxs)], dep)
             raise GroupDoesNotClose(
                 f"torch-pruning maps the channels of {type(module).__name__} to {len(idxs)} "
                 "indices, more than any dimension of the model has", f"torch-pruning maps its "
-                f"channels to {len(idxs)} indices, more than any dimension of the model has (an "
-                "operation over them that it cannot follow: a Gram matrix, an outer product)")
+                f"channels to {len(idxs)} indices, more than any dimension of the model has: "
+                "it follows them wrongly through the operations between them "
+                f"({ops or 'none it names'})")
         original(group, dep, idxs)
 
     with _GROUP_LOCK:
