@@ -326,7 +326,9 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     space = build_space(space_cfg, layers, blocks)
     if "width" in space_cfg.model_fields_set and space_cfg.width[1] > 0 and "prune.width" \
             not in space:  # asked for: said, not dropped in silence
-        withheld["prune.width"] = NO_WIDTH
+        from petra.compress.verify import why_no_width
+
+        withheld["prune.width"] = why_no_width(layers, failed_layers)
     space.withheld = withheld
     whole = {**space.kept_whole, **attention_why,
              **{layer.name: layer.whole for layer in space.layers if layer.whole}}
@@ -339,9 +341,6 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 _UNHANDLED = ("{kind}: no gene prunes this type (petra prunes Linear, Conv1d, Conv2d, Conv3d, "
               "embeddings, GRU, LSTM and attention heads); it is exported as it is, and "
               "quantized where the scheme quantizes its operation")
-#: Why ``space.width``, set in the config, gives no ``prune.width`` gene.
-NO_WIDTH = ("no residual stream to narrow: no channel group that two LayerNorms (or RMSNorms) "
-            "read and two layers write, verified, with a structured criterion in space.pruning")
 
 
 def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],

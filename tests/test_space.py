@@ -1085,7 +1085,8 @@ def test_a_width_range_set_where_the_model_has_no_stream_is_said_not_dropped():
     left at its default, it says nothing (most models have no stream)."""
     import torch
 
-    from petra.layers import NO_WIDTH, model_space
+    from petra.compress.verify import NO_WIDTH
+    from petra.layers import model_space
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 4 * 4, 3)).eval()
@@ -1094,6 +1095,36 @@ def test_a_width_range_set_where_the_model_has_no_stream_is_said_not_dropped():
     asked = model_space(load_config({"space": {**space, "width": [0.1, 0.3]}}).space, net, x)
     assert asked.withheld == {"prune.width": NO_WIDTH} and "prune.width" not in asked
     assert model_space(load_config({"space": space}).space, net, x).withheld == {}
+
+
+class FixedWidth(nn.Module):
+    """A residual stream whose end reshapes to its width as a number (a Segformer's stages
+    reshape to ``config.hidden_sizes``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Linear(4, 16), nn.Linear(16, 3)
+        self.n1, self.n2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.f1, self.f2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.f1(self.n1(h))
+        h = h + self.f2(self.n2(h))
+        return self.head(h.reshape(x.shape[0], -1, 16).mean(1))
+
+
+def test_a_width_whose_stream_fails_its_checks_names_its_writers():
+    """A Segformer's width was refused as "no residual stream to narrow", beside its streams'
+    writers, withheld for the reshape that breaks: it names them."""
+    from petra.layers import model_space
+
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "quantization": ["none"],
+                                 "width": [0.1, 0.3]}})
+    space = model_space(cfg.space, FixedWidth().eval(), (torch.randn(4, 5, 4),))
+    assert "layers.emb" in space.withheld and "prune.width" not in space
+    assert space.withheld["prune.width"] == ("the writers of its residual streams fail the "
+                                             "structure checks (withheld: emb, f1, f2)")
 
 
 def test_a_removal_that_breaks_the_models_own_forward_names_the_line():

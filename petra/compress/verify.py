@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+#: Why ``space.width``, set in the config, gives no ``prune.width`` gene.
+NO_WIDTH = ("no residual stream to narrow: no channel group that two LayerNorms (or RMSNorms) "
+            "read and two layers write, verified, with a structured criterion in space.pruning")
 #: How a verdict reads when a set fails though each half of it runs.
 COMBINATION = "fails only in combination with other pruned layers"
 #: How a verdict reads when a unit runs at the sparsity of every other unit, but not at its own.
@@ -408,3 +411,15 @@ def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequen
 #: A factorized layer's attribute read by the model (torch's TransformerEncoderLayer reads
 #: ``linear2.weight``): ``'Sequential' object has no attribute 'weight'``.
 _ATTRIBUTE = re.compile(r"'Sequential' object has no attribute '(\w+)'")
+
+
+def why_no_width(layers: Sequence[Any], failed: Mapping[str, str]) -> str:
+    """Why the ``prune.width`` that the config asks for is not offered: where the writers of
+    the model's residual streams were found but failed their checks (a Segformer's, whose
+    stages reshape to the widths in its config), it names them, not "no residual stream"."""
+    writers = [x.name for x in layers if x.residual and x.name in failed]
+    if not writers:
+        return NO_WIDTH
+    more = f" and {len(writers) - 3} more" if len(writers) > 3 else ""
+    return ("the writers of its residual streams fail the structure checks (withheld: "
+            f"{', '.join(writers[:3])}{more})")
