@@ -106,6 +106,7 @@ def test_a_dead_worker_is_retried_once_then_failed(faulty):
         executor.close()
 
 
+@pytest.mark.slow  # a hung candidate waits out a time budget (~60 s): in make test's second run
 @pytest.mark.integration
 def test_a_hung_candidate_is_stopped_at_the_time_budget(tmp_path):
     """Candidates that prune fc1 to 6-16 neurons sleep for an hour. The budget must stop them:

@@ -39,6 +39,7 @@ def test_the_time_budget_ends_the_search_cleanly_with_its_front(tmp_path: Path) 
     assert front and all("test_accuracy" in c.data.metrics for c in front)
 
 
+@pytest.mark.slow  # a search interrupted, then resumed (~55 s): in make test's second run
 def test_ctrl_c_logs_the_front_so_far_and_resume_finishes_it(tmp_path: Path) -> None:
     path = config(tmp_path, "sigint")
     proc = subprocess.Popen([sys.executable, "-m", "petra.cli", "search", str(path), "--set",

@@ -158,6 +158,7 @@ def test_a_racing_search_measures_every_front_member(tmp_path):
     assert "racing:" in proc.stdout
 
 
+@pytest.mark.slow  # a racing search of several generations (~40 s): in make test's second run
 def test_a_racing_search_screens_what_its_screen_share_affords(tmp_path):
     """With a screen share far below what one screen costs against one evaluation, every
     generation after the first screens only a population's worth of offspring (with

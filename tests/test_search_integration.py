@@ -146,6 +146,7 @@ def test_search_in_process_executor(tmp_path: Path) -> None:
     assert set(result.test_accuracy) == set(result.front.ids)
 
 
+@pytest.mark.slow  # a multi-fidelity search (~30 s): in make test's second run
 def test_multi_fidelity_stops_dominated_candidates_at_their_rung(tmp_path: Path) -> None:
     from petra.config import load_config
     from petra.engine.loop import search

@@ -209,6 +209,7 @@ def test_the_searches_and_their_fronts_are_visible_in_chromium(ui, tmp_path):
         driver.quit()
 
 
+@pytest.mark.slow  # a server started and killed, each signal (~25 s): in make test's second run
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_killed_petra_ui_stops_its_whole_server(two_searches, sig):
     """`kill` (SIGTERM) or a closed terminal (SIGHUP) sent to `petra ui` alone, not to its
