@@ -23,9 +23,12 @@ allowed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from petra.candidate.baseline import check_task, prepare_baseline, task_space
 from petra.candidate.evaluate import Evaluator
@@ -110,38 +113,82 @@ ARGUMENTS = ("run_id", "run_ids", "candidate", "genome")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from petra.config import load_config
-
     try:
-        if args.command == "methods":
-            return _methods(args.json)
-        if args.command == "resume":
-            return _resume(args.run_id, args.overrides)
-        if args.command in ("front", "compare", "export", "register", "ui"):
-            return _runs_command(args)
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "space":
-            return _space(cfg, args.json)
-        if args.command == "evaluate":
-            return _evaluate(cfg, args.genome, as_json=args.json, export=args.export,
-                             seed=args.seed)
-        return _search(cfg)
+        with json_only(getattr(args, "json", False)):
+            return _command(args)
     except ConfigError as exc:  # a command's own argument is no config's
         kind = "error" if exc.field in ARGUMENTS or exc.field.startswith("--") else "config error"
         print(f"petra: {kind}: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # a reader that stopped early (`petra front RUN --json | head`)
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
+
+
+#: Where ``--json`` output goes while :func:`json_only` holds stdout for it.
+_JSON_OUT: list[io.TextIOBase] = []
+
+
+@contextlib.contextmanager
+def json_only(active: bool) -> Iterator[None]:
+    """While a ``--json`` command runs, what else reaches stdout goes to stderr: a library's
+    ``print`` (torch-pruning's operation counter warns on stdout of every activation module
+    used twice, a GhostNet's shared ReLU), a C++ write to file descriptor 1, a model that
+    prints. Only :func:`_emit` writes to the real stdout, so it holds nothing but the JSON."""
+    if not active:
+        yield
+        return
+    real = sys.stdout
+    real.flush()
+    try:
+        fd, saved = real.fileno(), os.dup(real.fileno())
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        fd = saved = None  # a captured stream (pytest): redirected in Python alone
+    out = real if saved is None else open(os.dup(saved), "w", encoding="utf-8")
+    if fd is not None:
+        os.dup2(sys.stderr.fileno(), fd)
+    _JSON_OUT.append(out)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _JSON_OUT.pop()
+        real.flush()  # what was written to it went to stderr
+        if saved is not None:
+            out.close()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _emit(payload: object) -> None:
+    """Print ``payload`` as JSON on the real stdout (:func:`json_only`)."""
+    out = _JSON_OUT[-1] if _JSON_OUT else sys.stdout
+    print(json.dumps(payload, indent=2, default=str), file=out, flush=True)
+
+
+def _command(args: argparse.Namespace) -> int:
+    from petra.config import load_config
+
+    if args.command == "methods":
+        return _methods(args.json)
+    if args.command == "resume":
+        return _resume(args.run_id, args.overrides)
+    if args.command in ("front", "compare", "export", "register", "ui"):
+        return _runs_command(args)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "space":
+        return _space(cfg, args.json)
+    if args.command == "evaluate":
+        return _evaluate(cfg, args.genome, as_json=args.json, export=args.export,
+                         seed=args.seed)
+    return _search(cfg)
 
 
 def _methods(as_json: bool) -> int:
     registries = REGISTRIES
     table = {kind: reg.describe() for kind, reg in registries.items()}
     if as_json:
-        print(json.dumps(table, indent=2))
+        _emit(table)
     else:
         width = max(len(name) for entries in table.values() for name in entries) + 2
         for kind, entries in table.items():
@@ -161,8 +208,8 @@ def _space(cfg: object, as_json: bool) -> int:
     check_task(task, cfg.task.name)
     space = task_space(cfg.space, task, cache_dir())
     if as_json:
-        print(json.dumps({"genes": space.describe(), "withheld": space.withheld,
-                          "kept_whole": space.kept_whole}, indent=2))
+        _emit({"genes": space.describe(), "withheld": space.withheld,
+               "kept_whole": space.kept_whole})
     else:
         for gene in space.describe():
             span = gene.get("choices") or f"[{gene['low']}, {gene['high']}]"
@@ -265,7 +312,7 @@ def _evaluate(cfg: object, source: str, *, as_json: bool, export: str | None,
                      example=feed(task.example_input, task.input_names), name=cfg.name)
         payload["export"] = str(export)
     if as_json:
-        print(json.dumps(payload, indent=2, default=str))
+        _emit(payload)
     else:
         m = result.metrics
         print(f"status: {result.status}" + (f" ({result.error})" if result.error else ""))
@@ -366,7 +413,7 @@ def _front(uri: str, run_id: str, *, as_json: bool) -> int:
     if as_json:
         payload = {"run_id": search.run_id, "name": search.name, "status": search.status,
                    "knee": search.knee, "baseline": search.baseline, **snap.to_dict()}
-        print(json.dumps(payload, indent=2))
+        _emit(payload)
         return 0
     b = search.baseline
     print(f"search {search.label} ({search.status}), task {search.config.task.name}: "

@@ -180,3 +180,30 @@ def test_space_says_what_each_skipped_block_becomes() -> None:
     assert said and genes
     named = {n.strip() for line in said for n in line.split(": ", 1)[1].split(",")}
     assert named == {g[len("blocks."):-len(".skip")] for g in genes}
+
+
+@pytest.mark.parametrize("command", ["space", "evaluate"])
+def test_json_output_is_only_json_whatever_the_model_prints(tmp_path: Path, command: str) -> None:
+    """A model whose forward writes to file descriptor 1, with an activation module used twice
+    (torch-pruning's operation counter prints a warning for it): stdout holds the JSON alone,
+    and what they wrote goes to stderr."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "chatty.yaml"
+    path.write_text(yaml.safe_dump({
+        "task": {"name": "tests.user_task:chatty"},
+        "space": {"pruning": ["none", "l2_channel"], "quantization": ["none"]},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+    genome = tmp_path / "genome.yaml"
+    genome.write_text("layers.a.0.method: l2_channel\nlayers.a.0.sparsity: 0.5\n")
+    extra = ["--genome", str(genome)] if command == "evaluate" else []
+    proc = petra(command, str(path), *extra, "--json", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(proc.stdout)
+    assert "chatty forward" in proc.stderr
+    if command == "evaluate":
+        assert payload["status"] == "complete" and payload["channels"]
+        assert "ptflops" not in proc.stderr  # the counter's warning is dropped, not moved
+    else:
+        assert "layers.a.0.method" in {g["name"] for g in payload["genes"]}

@@ -60,3 +60,32 @@ def baked_batch(*, how: str = "center") -> Any:
     task.model = Baked()
     task.train_epochs = 1
     return task
+
+
+def chatty(**params: object) -> Any:
+    """iris_mlp with one ReLU instance used twice (as GhostNet ports write it: torch-pruning's
+    operation counter prints a warning on stdout for it), whose forward also writes to file
+    descriptor 1 the way C++ code does."""
+    import os
+
+    import torch
+    from torch import nn
+
+    task = iris_mlp()
+    act = nn.ReLU()
+
+    class Chatty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(4, 8), act)
+            self.b = nn.Sequential(nn.Linear(8, 8), act)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+                os.write(1, b"chatty forward\n")
+            return self.fc(self.b(self.a(x)))
+
+    task.model = Chatty()
+    task.train_epochs = 1
+    return task

@@ -9,6 +9,8 @@ both sides of the round see.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -171,7 +173,8 @@ def macs_and_params(model: Any, example_input: Any) -> tuple[int, int, int]:
         base = next((b for b in kind.__mro__[1:] if b in known), None)
         if base is not None and kind.forward is not base.forward:
             op_counter.CUSTOM_MODULES_MAPPING[kind] = known[base]
-    with torch.no_grad():
+    # it prints a warning for each module instance used twice (a GhostNet's shared ReLU)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         macs, params = tp.utils.count_ops_and_params(model, one)
         nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     return int(macs), int(params), nonzero
