@@ -852,3 +852,67 @@ def test_a_skip_that_joins_two_channel_groups_is_verified_with_one_removal_of_th
                                         "b0.first.1": ("l2_channel", 0.9)}, protected=["out"])
     assert removed["b0.res"] == (16, 2) and model.b1.first[0].groups == 2
     assert model(*x).shape == (2, 2)
+
+
+class TwoStreams(nn.Module):
+    """An HRNet stage: it takes high- and low-resolution features and returns both, each
+    computed from the two."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.high, self.low = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.up, self.down = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, h: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, lo = torch.relu(self.high(h)), torch.relu(self.low(lo))
+        up = nn.functional.interpolate(self.up(lo), scale_factor=2.0)
+        return torch.relu(h + up), torch.relu(lo + self.down(h))
+
+
+class HRNet(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.split = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.stages = nn.ModuleList(TwoStreams(c) for _ in range(2))
+        self.fc = nn.Linear(2 * c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        lo = torch.relu(self.split(h))
+        for stage in self.stages:
+            h, lo = stage(h, lo)
+        return self.fc(torch.cat([h.mean((2, 3)), lo.mean((2, 3))], 1))
+
+
+def test_a_block_of_two_streams_is_skipped_handing_on_both():
+    """An HRNet stage returns its two streams: the low one was taken for a tensor the block
+    made and the model reads after it (a WaveNet's skip output), and no stage could be
+    skipped. Skipped, it hands on the two streams it was given."""
+    torch.manual_seed(0)
+    model, x = HRNet().eval(), torch.randn(2, 1, 8, 8)
+    why: dict[str, str] = {}
+    blocks = {b.name: b for b in skippable_blocks(model, (x,), why)}
+    assert {"stages.0", "stages.1"} <= set(blocks) and not why
+    assert blocks["stages.0"].passthrough == ((1, 1),)
+    twin = copy.deepcopy(model)
+
+    class Hands(nn.Module):
+        def forward(self, h: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return h, lo
+
+    twin.stages[0] = Hands()
+    assert skip_blocks(model, ["stages.0"], list(blocks.values())) == ["stages.0"]
+    with torch.no_grad():
+        assert torch.allclose(model(x), twin(x)) and not torch.allclose(model(x), HRNet()(x))
+    artifact.export_onnx(model, (x,))  # and it exports
+
+
+def test_a_block_that_returns_a_tensor_of_its_inputs_shape_beside_it_is_not_skipped():
+    """A WaveNet block returns its stream and a skip output of the same shape: the skip output
+    is no stream it was given, so the block stays (skipped, it would return None there)."""
+    from tests.test_compress import GatedStack
+
+    why: dict[str, str] = {}
+    names = [b.name for b in skippable_blocks(GatedStack().eval(), (torch.randn(2, 1, 6),), why)]
+    assert "blocks.0" not in names and "return None there" in why["blocks.0"]

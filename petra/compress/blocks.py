@@ -140,9 +140,10 @@ class _Ops(torch.overrides.TorchFunctionMode):
         #: blocks that returned it), and the blocks one of whose such tensors was read after.
         self.handed: dict[int, tuple[torch.Tensor, list[str]]] = {}
         self.read: set[str] = set()
+        self.looking = False  # a hook reads shapes: no read by the model
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        for arg in (*args, *(kwargs or {}).values()) if self.handed else ():
+        for arg in (*args, *(kwargs or {}).values()) if self.handed and not self.looking else ():
             for t in arg if isinstance(arg, tuple | list) else (arg,):
                 if isinstance(t, torch.Tensor) and id(t) in self.handed:
                     self.read.update(self.handed[id(t)][1])
@@ -182,16 +183,24 @@ def _carried(inputs: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor,
 
 
 def _handed_on(name: str, inputs: tuple[Any, ...], kwargs: dict[str, Any], output: Any,
-               ops: _Ops) -> tuple[tuple[int, int | str], ...]:
+               ops: _Ops, x: torch.Tensor | None) -> tuple[tuple[int, int | str], ...]:
     """The slots of the tuple a block returned that hold one of its arguments, with where that
-    argument came from; a tensor it made and returned beside its output is watched by ``ops``
-    for a read after the block returned."""
+    argument came from, or a stream of its own: a tensor it made with the shape of exactly one
+    of its arguments besides its input ``x``, and not ``x``'s (an HRNet stage takes its high-
+    and low-resolution features and returns both), handed on as that argument where the block
+    is skipped. Any
+    other tensor it made and returned beside its output is watched by ``ops`` for a read after
+    the block returned."""
     handed = []
     for slot, value in enumerate(output[1:] if isinstance(output, tuple | list) else (), 1):
         if not isinstance(value, torch.Tensor):
             continue
         source = next((j for j, a in enumerate(inputs) if a is value), None)
         source = next((k for k, a in kwargs.items() if a is value), source)
+        streams = [j for j, a in [*enumerate(inputs), *kwargs.items()]
+                   if isinstance(a, torch.Tensor) and a is not x and a.shape == value.shape]
+        if source is None and len(streams) == 1 and x is not None and x.shape != value.shape:
+            source = streams[0]
         if source is not None:
             handed.append((slot, source))
         else:
@@ -215,12 +224,16 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
                 x = kwargs.get(keyword)
             if x is None or y is None or name in seen:
                 return
-            seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape), "input": x,
-                          "nonneg": bool((y >= 0).all()), "output": y, "keyword": keyword,
-                          "outputs": len(output) if isinstance(output, tuple | list) else 0,
-                          "args": len(inputs) + len(kwargs),
-                          "carried": _carried(inputs, kwargs, x, y, ops),
-                          "passthrough": _handed_on(name, inputs, kwargs, output, ops)}
+            ops.looking = True
+            try:
+                seen[name] = {"in": tuple(x.shape), "out": tuple(y.shape), "input": x,
+                              "nonneg": bool((y >= 0).all()), "output": y, "keyword": keyword,
+                              "outputs": len(output) if isinstance(output, tuple | list) else 0,
+                              "args": len(inputs) + len(kwargs),
+                              "carried": _carried(inputs, kwargs, x, y, ops),
+                              "passthrough": _handed_on(name, inputs, kwargs, output, ops, x)}
+            finally:
+                ops.looking = False
 
         hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     was_training = model.training
