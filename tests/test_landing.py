@@ -67,8 +67,41 @@ def test_a_group_mapped_wrongly_through_a_channel_shuffle_is_withheld(norm_after
     space = space_of(Net(shuffle=True, norm_after=norm_after))
     reason = space.withheld["layers.unit.g1"]
     assert reason.startswith("torch-pruning maps this group's channels wrongly") and "unit.dw would lose input channels" in reason
+    assert "through the operations between them (" in reason and "transpose" in reason
     assert "layers.unit.dw.method" not in space and "layers.unit.g1.method" not in space
     assert "l2_channel" in space.gene("layers.stem.0.method").choices  # mapped right
+
+
+class Ghost(nn.Module):
+    """GhostNet's module as its ports write it: a primary conv, a cheap depthwise conv of its
+    output, both through one shared ReLU, concatenated and sliced to the output width."""
+
+    def __init__(self, c: int = 12) -> None:
+        super().__init__()
+        act = nn.ReLU()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(8, c, 1, bias=False), nn.BatchNorm2d(c), act)
+        self.cheap = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                                   nn.BatchNorm2d(c), act)
+        self.dw = nn.Sequential(nn.Conv2d(2 * c, 2 * c, 3, 2, 1, groups=2 * c, bias=False),
+                                nn.BatchNorm2d(2 * c))
+        self.fc = nn.Linear(2 * c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.primary(self.stem(x))
+        h = torch.cat([h, self.cheap(h)], 1)[:, :24]
+        return self.fc(self.dw(h).mean((2, 3)))
+
+
+def test_a_wrong_mapping_names_the_operations_torch_pruning_followed():
+    """A GhostNet written outside the repo: its depthwise conv after the module's concat was
+    withheld with a guess at a channel shuffle or a view, which the model does not have; the
+    reason now names what torch-pruning followed, the concat and the slice (an alias: it
+    keeps every channel)."""
+    reason = space_of(Ghost()).withheld["layers.dw.0"]
+    assert "would lose input channels" in reason, reason
+    assert "through the operations between them (" in reason and "concat" in reason, reason
+    assert "channel shuffle" not in reason
 
 
 def test_groups_mapped_right_are_offered():

@@ -225,20 +225,19 @@ def pruning_group(graph: Any, module: nn.Module, pruning_fn: Any, idxs: Sequence
 def ops_to(group: Any, last: Any) -> str:
     """The operations torch-pruning followed from the group's root to ``last``'s target, by
     their autograd names (``mul, unsqueeze, scatter, softmax, topk``: an MoE's gates, where it
-    took the router's 4 outputs for the 32 channels of the stream); the last 8."""
-    came: dict[Any, Any] = {}
-    for dep, _ in group:
-        came.setdefault(dep.target, dep.source)
+    took the router's 4 outputs for the 32 channels of the stream); the last 8. A node's own
+    tie (a depthwise conv's outputs to its inputs) is no step."""
+    came = {d.target: d.source for d, _ in reversed(list(group)) if d.source is not d.target}
     ops, node = [], last.source
     while node not in ops and came.get(node, node) is not node:
         ops.append(node)
         node = came[node]
-    names = [_op_name(n.name) for n in reversed(ops)
+    names = [op_name(n.name) for n in reversed(ops)
              if type(n.module).__module__.startswith("torch_pruning")]
     return ", ".join(names[-8:])
 
 
-def _op_name(node: str) -> str:
+def op_name(node: str) -> str:
     """``_ElementWiseOp_7(MulBackward0)`` reads ``mul``; ``_ConcatOp_3()``, ``concat``."""
     grad = re.search(r"\((\w+?)Backward\d*\)", node)
     if grad:

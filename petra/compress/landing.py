@@ -145,10 +145,24 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
                 continue
             if kept := _untouched(before, after, dim, ix):
                 raise WrongMapping(
-                    "torch-pruning maps this group's channels wrongly through the forward (a "
-                    "channel shuffle, a view that moves channels, the model's own input "
-                    f"channels?): {names.get(module, 'a layer')} would lose input channels "
-                    f"{kept[:4]} that still carry kept channels' data")
+                    f"torch-pruning maps this group's channels wrongly {_through(whole, module)}"
+                    f": {names.get(module, 'a layer')} would lose input channels {kept[:4]} "
+                    "that still carry kept channels' data")
+
+
+def _through(group: Any, reader: nn.Module) -> str:
+    """Through what torch-pruning followed the channels to ``reader``: the operations between
+    (a GhostNet module's ``cat([x1, x2], 1)[:, :out]`` before its depthwise conv reads
+    ``concat, slice``), or a guess where the group holds none."""
+    from petra.compress.graph import op_name, ops_to
+
+    items = list(getattr(group, "_group", ()))
+    deps = [item.dep for item in items if item.dep.target.module is reader]
+    ops = next((o for d in deps if (o := ops_to(group, d))), "") or ", ".join(dict.fromkeys(
+        op_name(item.dep.target.name) for item in items
+        if type(item.dep.target.module).__module__.startswith("torch_pruning")))
+    return (f"through the operations between them ({ops})" if ops else "through the forward "
+            "(a channel shuffle, a view that moves channels, the model's own input channels?)")
 
 
 def _members(graph: Any, group: Any) -> tuple[list[Any], list[Any]] | None:
