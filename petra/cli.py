@@ -131,10 +131,9 @@ _JSON_OUT: list[io.TextIOBase] = []
 
 @contextlib.contextmanager
 def json_only(active: bool) -> Iterator[None]:
-    """While a ``--json`` command runs, what else reaches stdout goes to stderr: a library's
-    ``print`` (torch-pruning's operation counter warns on stdout of every activation module
-    used twice, a GhostNet's shared ReLU), a C++ write to file descriptor 1, a model that
-    prints. Only :func:`_emit` writes to the real stdout, so it holds nothing but the JSON."""
+    """While a ``--json`` command runs, what else reaches stdout goes to stderr (a library's
+    ``print``, a C++ write to file descriptor 1, a model that prints): only :func:`_emit`
+    writes to the real stdout, so it holds nothing but the JSON."""
     if not active:
         yield
         return
@@ -155,9 +154,11 @@ def json_only(active: bool) -> Iterator[None]:
         _JSON_OUT.pop()
         real.flush()  # what was written to it went to stderr
         if saved is not None:
-            out.close()
-            os.dup2(saved, fd)
-            os.close(saved)
+            try:
+                out.close()  # a reader gone (`| head`): BrokenPipeError, once stdout is back
+            finally:
+                os.dup2(saved, fd)
+                os.close(saved)
 
 
 def _emit(payload: object) -> None:
