@@ -188,9 +188,8 @@ def _handed_on(name: str, inputs: tuple[Any, ...], kwargs: dict[str, Any], outpu
     argument came from, or a stream of its own: a tensor it made with the shape of exactly one
     of its arguments besides its input ``x``, and not ``x``'s (an HRNet stage takes its high-
     and low-resolution features and returns both), handed on as that argument where the block
-    is skipped. Any
-    other tensor it made and returned beside its output is watched by ``ops`` for a read after
-    the block returned."""
+    is skipped. Any other tensor it made and returned beside its output is watched by ``ops``
+    for a read after the block returned."""
     handed = []
     for slot, value in enumerate(output[1:] if isinstance(output, tuple | list) else (), 1):
         if not isinstance(value, torch.Tensor):

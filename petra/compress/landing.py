@@ -152,8 +152,8 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
 
 def _through(group: Any, reader: nn.Module) -> str:
     """Through what torch-pruning followed the channels to ``reader``: the operations between
-    (a GhostNet module's ``cat([x1, x2], 1)[:, :out]`` before its depthwise conv reads
-    ``concat, slice``), or a guess where the group holds none."""
+    (a GhostNet module's ``cat([x1, x2], 1)[:, :out]`` before its depthwise conv, where the
+    slice keeps every channel, reads ``alias, concat, relu``), or a guess where there are none."""
     from petra.compress.graph import op_name, ops_to
 
     items = list(getattr(group, "_group", ()))
