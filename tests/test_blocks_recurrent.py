@@ -362,6 +362,7 @@ def test_recurrent_methods_are_offered_on_grus_and_only_there():
     assert all("l2_units" not in c for name, c in choices.items() if name != "layers.gru.method")
 
 
+@pytest.mark.slow  # a GRU baseline trained, two candidates evaluated (~15 s): in make test's second run
 def test_a_gru_whose_reader_is_skipped_loses_units_from_the_next_reader(tmp_path):
     """events_gru's ``hidden`` layer reads the GRU; skipped, the classifier reads it instead."""
     from petra.candidate.baseline import prepare_baseline

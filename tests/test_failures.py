@@ -75,6 +75,7 @@ def test_without_a_limit_the_same_allocation_goes_through(faulty):
     assert result.status == COMPLETE, result.error
 
 
+@pytest.mark.slow  # a worker killed, then retried (~25 s): in make test's second run
 @pytest.mark.integration
 def test_a_dead_worker_is_retried_once_then_failed(faulty):
     from petra.engine.executor import Job, RayExecutor

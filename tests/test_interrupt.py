@@ -24,6 +24,7 @@ def artifacts(tmp_path: Path, name: str, run_id: str) -> set[str]:
     return {a.path for a in client.list_artifacts(run_id)}
 
 
+@pytest.mark.slow  # a search that runs out its time budget (~20 s): in make test's second run
 def test_the_time_budget_ends_the_search_cleanly_with_its_front(tmp_path: Path) -> None:
     path = config(tmp_path, "budget")
     proc = run_cli("search", str(path), "--set", "search.generations=200",
