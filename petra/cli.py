@@ -140,12 +140,12 @@ def json_only(active: bool) -> Iterator[None]:
     real = sys.stdout
     real.flush()
     try:
-        fd, saved = real.fileno(), os.dup(real.fileno())
+        fd, err, saved = real.fileno(), sys.stderr.fileno(), os.dup(real.fileno())
     except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
-        fd = saved = None  # a captured stream (pytest): redirected in Python alone
+        fd = saved = None  # a captured stream (pytest; either of the two): in Python alone
     out = real if saved is None else open(os.dup(saved), "w", encoding="utf-8")
     if fd is not None:
-        os.dup2(sys.stderr.fileno(), fd)
+        os.dup2(err, fd)
     _JSON_OUT.append(out)
     try:
         with contextlib.redirect_stdout(sys.stderr):

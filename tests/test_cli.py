@@ -207,3 +207,25 @@ def test_json_output_is_only_json_whatever_the_model_prints(tmp_path: Path, comm
         assert "ptflops" not in proc.stderr  # the counter's warning is dropped, not moved
     else:
         assert "layers.a.0.method" in {g["name"] for g in payload["genes"]}
+
+
+def test_json_only_with_a_stderr_that_has_no_descriptor_redirects_in_python_and_leaks_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdout a real file, stderr a Python stream (a harness's capture): what is printed goes
+    to that stream, the JSON to the file, and no descriptor is left open."""
+    import io
+    import os
+
+    from petra.cli import _emit, json_only
+
+    err = io.StringIO()
+    with open(tmp_path / "out.json", "w", encoding="utf-8") as out:
+        monkeypatch.setattr("sys.stdout", out)
+        monkeypatch.setattr("sys.stderr", err)
+        before = sorted(os.listdir("/proc/self/fd"))
+        with json_only(True):
+            print("a library's print")
+            _emit({"a": 1})
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    assert err.getvalue() == "a library's print\n"
+    assert json.loads((tmp_path / "out.json").read_text()) == {"a": 1}
