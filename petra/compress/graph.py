@@ -16,6 +16,7 @@ from torch import nn
 
 from petra.compress.attention import PrunedMultiheadAttention
 from petra.compress.broadcasts import cutting_broadcasts
+from petra.compress.kinds import is_op_node
 from petra.compress.norms import norm_pruners
 from petra.tasks.contract import tensors_in
 
@@ -232,8 +233,7 @@ def ops_to(group: Any, last: Any) -> str:
     while node not in ops and came.get(node, node) is not node:
         ops.append(node)
         node = came[node]
-    names = [op_name(n.name) for n in reversed(ops)
-             if type(n.module).__module__.startswith("torch_pruning")]
+    names = [op_name(n.name) for n in reversed(ops) if is_op_node(n.module)]
     return ", ".join(names[-8:])
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.compress.kinds import CONV_LAYERS
+from petra.compress.kinds import CONV_LAYERS, is_op_node
 from petra.errors import Refused
 from petra.tasks.contract import args
 
@@ -100,7 +100,7 @@ def moves_channels(group: Any) -> bool:
     transpose, an index): only then are its bit sets tried (:func:`check_landing`)."""
     for dep, _ in group:
         op = dep.target.module
-        if type(op).__module__.startswith("torch_pruning") and type(op).__name__ not in (
+        if is_op_node(op) and type(op).__name__ not in (
                 "_ConcatOp", "_SplitOp") and str(getattr(op, "_grad_fn", "")) not in _IN_PLACE:
             return True
     return False
@@ -159,8 +159,7 @@ def _through(group: Any, reader: nn.Module) -> str:
     items = list(getattr(group, "_group", ()))
     deps = [item.dep for item in items if item.dep.target.module is reader]
     ops = next((o for d in deps if (o := ops_to(group, d))), "") or ", ".join(dict.fromkeys(
-        op_name(item.dep.target.name) for item in items
-        if type(item.dep.target.module).__module__.startswith("torch_pruning")))
+        op_name(item.dep.target.name) for item in items if is_op_node(item.dep.target.module)))
     return (f"through the operations between them ({ops})" if ops else "through the forward "
             "(a channel shuffle, a view that moves channels, the model's own input channels?)")
 
@@ -173,7 +172,7 @@ def _members(graph: Any, group: Any) -> tuple[list[Any], list[Any]] | None:
         dep, ix = item.dep, [int(i) for i in item.idxs]
         roots = [int(r) for r in (getattr(item, "root_idxs", None) or ix)]
         target = dep.target.module
-        if type(target).__module__.startswith("torch_pruning"):
+        if is_op_node(target):
             continue  # its own nodes for the ops between (a reshape, an add)
         if graph.is_out_channel_pruning_fn(dep.handler):
             tensors = _array(graph, target) or _writer(target)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.kinds import is_op_node
 from petra.compress.landing import _NORMS, _pick
 from petra.tasks.contract import args
 
@@ -50,7 +51,7 @@ def planned(graph: Any, whole: Any, removed: Sequence[int]) -> list[tuple[str, s
     out = []
     for item in getattr(whole, "_group", ()):
         target = item.dep.target.module
-        if type(target).__module__.startswith("torch_pruning") or not \
+        if is_op_node(target) or not \
                 graph.is_out_channel_pruning_fn(item.dep.handler):
             continue
         roots = getattr(item, "root_idxs", None) or item.idxs
