@@ -46,9 +46,8 @@ from petra.tracking.ui import serve
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="petra", description="Evolutionary multi-objective compression of PyTorch models."
-    )
+    parser = argparse.ArgumentParser(prog="petra", description="Evolutionary multi-objective "
+                                     "compression of PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("search", help="run a search from a YAML config")
     s.add_argument("config", help="path to a YAML config (see search_spaces/)")
@@ -201,7 +200,8 @@ def _methods(as_json: bool) -> int:
 
 #: What a skipped block becomes, by its kind (:class:`petra.compress.blocks.BlockInfo`).
 SKIPPED = {"identity": "these hand on their input", "branch": "these residual branches give "
-           "zeros", "shortcut": "these become their shortcut"}
+           "zeros", "shortcut": "these become their shortcut", "carried": "these hand on the "
+           "residual they were given to add to (BLOOM's)"}
 
 
 def _space(cfg: object, as_json: bool) -> int:
@@ -225,7 +225,7 @@ def _space(cfg: object, as_json: bool) -> int:
         if residual and "prune.width" in space:
             print(f"prune.width removes the hidden size, written by: {', '.join(residual)}")
         for kind, what in SKIPPED.items():
-            if names := [b.name for b in space.blocks if b.kind == kind]:
+            if names := [b.name for b in space.blocks if b.becomes == kind]:
                 print(f"skipped, {what}: {', '.join(names)}")
         if space.kept_whole:
             print("kept whole (no gene removes their units):")

@@ -331,6 +331,43 @@ def test_a_decoders_attention_is_skipped_as_the_branch_it_is(model, attention, o
         torch.testing.assert_close(model(ids), want)
 
 
+class Bloom(nn.Module):
+    """A tiny BLOOM: its block calls ``self_attention(x, residual)`` and ``mlp(x, residual)``,
+    and each adds the residual to its own result."""
+
+    def __init__(self) -> None:
+        from transformers import BloomConfig, BloomModel
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.bloom = BloomModel(BloomConfig(vocab_size=32, hidden_size=32, n_layer=2, n_head=4))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.bloom(input_ids=input_ids).last_hidden_state
+
+
+def test_an_attention_that_adds_the_residual_it_is_given_is_skipped_handing_it_on():
+    """BLOOM's attention adds its ``residual`` argument to its result: it had no skip gene
+    (an attention was a block only as a residual branch) and no line said why. Skipped, it
+    hands on that residual: the model then gives what it gives with the attention's output
+    projection zeroed."""
+    from petra.compress.blocks import skip_blocks, skippable_blocks
+
+    model, ids = Bloom().eval(), torch.randint(0, 32, (2, 8))
+    blocks = {b.name: b for b in skippable_blocks(model, (ids,))}
+    name = "bloom.h.1.self_attention"
+    assert blocks[name].carried == 1 and blocks[name].becomes == "carried"
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.get_submodule(f"{name}.dense").weight.zero_()
+        masked.get_submodule(f"{name}.dense").bias.zero_()
+        want, dense = masked(ids), model(ids)
+    skip_blocks(model, [name], list(blocks.values()))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want)
+        assert not torch.allclose(model(ids), dense, atol=1e-3)
+
+
 def test_a_grouped_key_value_attention_is_traced_in_bounded_time_and_named():
     """With fewer key/value heads, torch-pruning's channel group from q_proj or k_proj never
     closed (``petra space`` ran for more than ten minutes); the group is now given up with the

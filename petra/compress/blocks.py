@@ -44,7 +44,8 @@ the arguments the block handed on (a T5 layer's position bias; the first layer, 
 that bias for the rest, is not skipped). A
 self-attention alone (the module that holds q, k and v) is a block only where it is a residual
 branch (Llama's ``self_attn``, GPT-2's ``attn``, ModernBERT's ``attn``: ``x +
-attn(norm(x))``), which skipping removes; elsewhere (BERT's, whose output
+attn(norm(x))``), which skipping removes, or where it adds the stream it is handed (BLOOM's
+``self_attention(x, residual)``), which skipping hands on; elsewhere (BERT's, whose output
 projection sits outside it) skipping it would feed the layer's input to the output projection,
 and its heads are removed instead. The replacement takes its input as the block did, the
 first positional argument or the keyword it came by (Llama's ``hidden_states=``), and keeps the
@@ -89,6 +90,11 @@ class BlockInfo:
     #: result (BLOOM's MLP, given ``residual``, returns ``residual + mlp(x)``): skipped, it
     #: hands on that argument, not its first.
     carried: int | str | None = None
+
+    @property
+    def becomes(self) -> str:
+        """What the block is, skipped: its kind, or ``carried`` where it hands on that argument."""
+        return "carried" if self.carried is not None else self.kind
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -265,8 +271,8 @@ def skippable_blocks(model: nn.Module, example_input: Any,
             continue  # the model's output layer stays
         kind = "branch" if _is_branch(name, seen, ops.ops) and info["carried"] is None \
             else "identity"
-        if _is_attention(module) and kind != "branch":
-            continue  # it loses heads; skipped only where its output is a residual branch
+        if _is_attention(module) and kind != "branch" and info["carried"] is None:
+            continue  # it loses heads; skipped where it is a residual branch or adds one
         shortcut = next((c for c in SHORTCUT_NAMES if hasattr(module, c)
                          and isinstance(getattr(module, c), nn.Module)
                          and f"{name}.{c}" in seen
