@@ -138,13 +138,16 @@ def watch_exposure(stop: threading.Event, found: set[str]) -> None:
 
 
 # -- scenarios ----------------------------------------------------------------------------------
-def driver_killed(folder: Path, *, kills: int = 10, seed: int = 0) -> dict:
+def driver_killed(folder: Path, *, kills: int = 10, seed: int = 0,
+                  search: dict | None = None) -> dict:
+    """``search`` overrides the config's search section (the tests' smaller runs)."""
     rng = random.Random(seed)
-    ref = petra("search", str(write_config(folder, "reference")), cwd=folder)
+    ref = petra("search", str(write_config(folder, "reference", search=search or {})),
+                cwd=folder)
     assert ref.returncode == 0, ref.stderr[-2000:]
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     _, ref_children = runs(uri, "reference")
-    path = write_config(folder, "killed")
+    path = write_config(folder, "killed", search=search or {})
     run_id, points, restarts = None, [], 0
     while len(points) < kills:
         args = ["resume", run_id, "--set", f"tracking.uri={uri}"] if run_id else ["search",
@@ -278,8 +281,9 @@ def worker_killed(folder: Path) -> dict:
                 c.data.tags["petra.status"] == "complete" for c in retried)}
 
 
-def mlflow_down(folder: Path, *, outage_s: float = 30.0) -> dict:
-    """A real `mlflow server` on 127.0.0.1, stopped for ``outage_s`` mid-search."""
+def mlflow_down(folder: Path, *, outage_s: float = 30.0, search: dict | None = None) -> dict:
+    """A real `mlflow server` on 127.0.0.1, stopped for ``outage_s`` mid-search (after 4
+    candidates finished); ``search`` overrides the search section."""
     from petra.tracking.ui import free_port, start, stop, wait_ready
 
     db = folder / "server.db"
@@ -289,7 +293,7 @@ def mlflow_down(folder: Path, *, outage_s: float = 30.0) -> dict:
     SEEN_PIDS.add(server.pid)
     assert wait_ready(uri), "the MLflow server did not start"
     path = write_config(folder, "outage", tracking={"uri": uri, "experiment": "outage"},
-                        search={"population": 6, "generations": 6})
+                        search={"population": 6, "generations": 6, **(search or {})})
     proc = subprocess.Popen([sys.executable, "-m", "petra.cli", "search", str(path)],
                             cwd=folder, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -331,8 +335,9 @@ def mlflow_down(folder: Path, *, outage_s: float = 30.0) -> dict:
         stop(server)
 
 
-def concurrent(folder: Path) -> dict:
-    """Two searches at once into one sqlite store and one `ray start --head` cluster."""
+def concurrent(folder: Path, *, search: dict | None = None) -> dict:
+    """Two searches at once into one sqlite store and one `ray start --head` cluster;
+    ``search`` overrides their search sections."""
     from petra.tracking.ui import free_port
 
     port = free_port()
@@ -349,7 +354,7 @@ def concurrent(folder: Path) -> dict:
         for name in ("first", "second"):
             path = write_config(folder, name, execution={
                 "executor": "ray", "workers": 1, "address": f"127.0.0.1:{port}"},
-                search={"population": 4, "generations": 3})
+                search={"population": 4, "generations": 3, **(search or {})})
             procs[name] = subprocess.Popen([sys.executable, "-m", "petra.cli", "search",
                                             str(path)], cwd=folder, env=ENV,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -370,7 +375,7 @@ def concurrent(folder: Path) -> dict:
                     t["search_runs"] == 1 and t["status"] == "FINISHED"
                     and t["children_of_this_search_only"] for t in trees.values())}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGINT)  # as ctrl-c: ~2 s, where SIGTERM waits ~33 s
         head.wait(timeout=60)
         subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True)
 
