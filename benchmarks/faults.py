@@ -55,6 +55,13 @@ SEEN_PIDS: set[int] = set()  # every server process started here, for the exposu
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def interruptible() -> None:
+    """Run in a child before its exec (``preexec_fn``): SIGINT back to its default. A job that a
+    script starts in the background (CI's) inherits SIGINT ignored, and a `ray start --block`
+    head that ignores it only stops on SIGTERM, which waits ~33 s once a driver ran actors."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_config(folder: Path, name: str, **sections: Any) -> Path:
     config = {
         "name": name, "seed": 5, "task": TINY,
@@ -346,7 +353,7 @@ def concurrent(folder: Path, *, search: dict | None = None) -> dict:
                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                              "--disable-usage-stats", "--block"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=interruptible)
     SEEN_PIDS.add(head.pid)
     try:
         time.sleep(8)
@@ -376,7 +383,11 @@ def concurrent(folder: Path, *, search: dict | None = None) -> dict:
                     and t["children_of_this_search_only"] for t in trees.values())}
     finally:
         os.killpg(head.pid, signal.SIGINT)  # as ctrl-c: ~2 s, where SIGTERM waits ~33 s
-        head.wait(timeout=60)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True)
 
 

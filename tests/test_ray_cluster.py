@@ -27,11 +27,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def interruptible() -> None:
+    """``preexec_fn``: SIGINT back to its default in the child, whatever this process had."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def ray_head(tmp_path: Path):
     """`ray start --head --block` on 127.0.0.1, in its own process group, stopped by SIGINT
     (as ctrl-c would: it exits in about 2 s, where SIGTERM took 33 s once a driver had run
-    actors on it).
+    actors on it). A job started in the background by a script (CI) inherits SIGINT ignored,
+    so the head gets SIGINT's default back (:func:`interruptible`).
 
     (`ray stop` would stop every Ray process on the machine, not just this cluster.)
     """
@@ -44,6 +50,7 @@ def ray_head(tmp_path: Path):
          f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + 120
