@@ -26,16 +26,19 @@ tests/test_faults.py runs the same scenarios, smaller.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,46 @@ def interruptible() -> None:
     script starts in the background (CI's) inherits SIGINT ignored, and a `ray start --block`
     head that ignores it only stops on SIGTERM, which waits ~33 s once a driver ran actors."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def ray_head(log: Path, *, cpus: int = 2, start_s: float = 120) -> Iterator[str]:
+    """`ray start --head --block` on 127.0.0.1 for the ``with`` body; yields its address once
+    its port listens. It runs in its own process group and is stopped as ctrl-c stops it
+    (SIGINT: about 2 s, where SIGTERM took 33 s once a driver had run actors on it), killed if
+    it has not gone in 60 s. `ray stop` is not used: it stops every Ray cluster on the machine.
+    """
+    from petra.tracking.ui import free_port
+
+    port = free_port()
+    with open(log, "w") as sink:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+             "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
+             "--include-dashboard=false", "--disable-usage-stats"],
+            env=ENV, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=interruptible)
+        SEEN_PIDS.add(head.pid)
+        try:
+            deadline = time.monotonic() + start_s
+            while not listening(port):
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not start in {start_s:.0f} s: "
+                                       f"{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield f"127.0.0.1:{port}"
+        finally:
+            os.killpg(head.pid, signal.SIGINT)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait(timeout=30)
 
 
 def write_config(folder: Path, name: str, **sections: Any) -> Path:
@@ -345,22 +388,11 @@ def mlflow_down(folder: Path, *, outage_s: float = 30.0, search: dict | None = N
 def concurrent(folder: Path, *, search: dict | None = None) -> dict:
     """Two searches at once into one sqlite store and one `ray start --head` cluster;
     ``search`` overrides their search sections."""
-    from petra.tracking.ui import free_port
-
-    port = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen([ray, "start", "--head", "--node-ip-address=127.0.0.1",
-                             f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                             "--disable-usage-stats", "--block"], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=interruptible)
-    SEEN_PIDS.add(head.pid)
-    try:
-        time.sleep(8)
+    with ray_head(folder / "ray-head.log") as address:
         procs = {}
         for name in ("first", "second"):
             path = write_config(folder, name, execution={
-                "executor": "ray", "workers": 1, "address": f"127.0.0.1:{port}"},
+                "executor": "ray", "workers": 1, "address": address},
                 search={"population": 4, "generations": 3, **(search or {})})
             procs[name] = subprocess.Popen([sys.executable, "-m", "petra.cli", "search",
                                             str(path)], cwd=folder, env=ENV,
@@ -368,27 +400,19 @@ def concurrent(folder: Path, *, search: dict | None = None) -> dict:
                                            text=True)
         codes = {name: p.wait(timeout=900) for name, p in procs.items()}
         errors = {name: p.stderr.read()[-1500:] for name, p in procs.items() if codes[name]}
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        trees = {}
-        for name in procs:
-            parents, children = runs(uri, name)
-            ids = {p.info.run_id for p in parents}
-            trees[name] = {"search_runs": len(parents), "children": len(finished(children)),
-                           "status": parents[0].info.status if parents else None,
-                           "children_of_this_search_only": all(
-                               c.data.tags["mlflow.parentRunId"] in ids for c in children)}
-        return {"rc": codes, "trees": trees, "errors": errors,
-                "completed": all(c == 0 for c in codes.values()) and all(
-                    t["search_runs"] == 1 and t["status"] == "FINISHED"
-                    and t["children_of_this_search_only"] for t in trees.values())}
-    finally:
-        os.killpg(head.pid, signal.SIGINT)  # as ctrl-c: ~2 s, where SIGTERM waits ~33 s
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    trees = {}
+    for name in procs:
+        parents, children = runs(uri, name)
+        ids = {p.info.run_id for p in parents}
+        trees[name] = {"search_runs": len(parents), "children": len(finished(children)),
+                       "status": parents[0].info.status if parents else None,
+                       "children_of_this_search_only": all(
+                           c.data.tags["mlflow.parentRunId"] in ids for c in children)}
+    return {"rc": codes, "trees": trees, "errors": errors,
+            "completed": all(c == 0 for c in codes.values()) and all(
+                t["search_runs"] == 1 and t["status"] == "FINISHED"
+                and t["children_of_this_search_only"] for t in trees.values())}
 
 
 SCENARIOS = ("driver_killed", "worker_killed", "candidate_faults", "mlflow_down", "concurrent")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,22 @@ DIGITS_CNN_CONVS = [
 
 # A digits_cnn small enough to train in a few seconds on one thread.
 TINY_TASK = {"name": "digits_cnn", "params": {"width": 8, "epochs": 6, "lr": 5e-3}}
+
+
+def benchmark(name: str):
+    """The script benchmarks/NAME.py as a module. benchmarks/ is no package: its scripts import
+    each other by their names, so the folder goes on ``sys.path``, and each loads once."""
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session", autouse=True)

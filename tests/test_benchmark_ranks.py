@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-from ranks import average_ranks, spearman  # noqa: E402
+from tests.conftest import benchmark
 
-_spec = importlib.util.spec_from_file_location("search_at_scale", BENCH / "search_at_scale.py")
-sas = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sas)
+sas = benchmark("search_at_scale")
+average_ranks, spearman = benchmark("ranks").average_ranks, benchmark("ranks").spearman
 
 
 def test_ties_share_the_mean_of_their_ranks():
@@ -71,10 +65,7 @@ def test_the_reference_is_dominated_only_by_a_member_at_least_as_good_everywhere
     assert not sas.dominates([dict(ref)], ref)
 
 
-_spec_vr = importlib.util.spec_from_file_location("val_repeatability",
-                                                  BENCH / "val_repeatability.py")
-vr = importlib.util.module_from_spec(_spec_vr)
-_spec_vr.loader.exec_module(vr)
+vr = benchmark("val_repeatability")
 
 
 def _row(val, again, divergence, predicted=None):

@@ -5,17 +5,13 @@ first 18 candidates; the outage starts after 4), which saves about 3 minutes of 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+
+from tests.conftest import benchmark
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-_spec = importlib.util.spec_from_file_location(
-    "faults", Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py")
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+faults = benchmark("faults")
 
 
 def test_driver_kills_lose_repeat_and_duplicate_nothing(tmp_path):

@@ -3,21 +3,15 @@ hypervolume reference, hypervolume at equal wall-clock, goals and the merge's pr
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from petra.engine import pareto
 from petra.engine.operating_points import eligible, operating_points
+from tests.conftest import benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-_spec = importlib.util.spec_from_file_location("front_quality", BENCH / "front_quality.py")
-fq = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fq)
+fq = benchmark("front_quality")
 
 BASELINE = {"val_accuracy": 0.95, "test_accuracy": 0.96}
 

@@ -3,75 +3,24 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from petra.tracking.ui import free_port
+from tests.conftest import benchmark
 from tests.test_search_integration import read_runs, run_cli, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def interruptible() -> None:
-    """``preexec_fn``: SIGINT back to its default in the child, whatever this process had."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+faults = benchmark("faults")
 
 
 @pytest.fixture
 def ray_head(tmp_path: Path):
-    """`ray start --head --block` on 127.0.0.1, in its own process group, stopped by SIGINT
-    (as ctrl-c would: it exits in about 2 s, where SIGTERM took 33 s once a driver had run
-    actors on it). A job started in the background by a script (CI) inherits SIGINT ignored,
-    so the head gets SIGINT's default back (:func:`interruptible`).
-
-    (`ray stop` would stop every Ray process on the machine, not just this cluster.)
-    """
-    ray = Path(sys.executable).with_name("ray")
-    env = {**os.environ, **RAY_ENV}
-    port = free_port()
-    log = open(tmp_path / "ray-head.log", "w")
-    head = subprocess.Popen(
-        [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=interruptible,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not _listening(port):
-            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the Ray head did not start in 120 s"
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(head.pid, signal.SIGINT)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        log.close()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    """`ray start --head` on 127.0.0.1 for one test (:func:`benchmarks.faults.ray_head`)."""
+    with faults.ray_head(tmp_path / "ray-head.log") as address:
+        yield address
 
 
 def test_search_on_a_ray_start_head_cluster(tmp_path: Path, ray_head: str) -> None:
