@@ -11,13 +11,13 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petra.errors import ConfigError, a_kind
+from petra.files import write_atomic
 from petra.registry import PRUNING
 
 if TYPE_CHECKING:
@@ -425,10 +425,7 @@ def _verdicts(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, laye
         example = feed(args(example_input), [i.name for i in proto.graph.input])
         out["schemes"] = verify_schemes.verify_schemes(proto, schemes, [example], example)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out, indent=1, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(out, indent=1, sort_keys=True))
     return out
 
 

@@ -19,6 +19,7 @@ from petra.candidate.measure import (
     session_metric,
 )
 from petra.errors import ConfigError
+from petra.files import write_atomic
 from petra.tasks import Task, accuracy
 from petra.tasks.fingerprint import fingerprint
 
@@ -123,10 +124,9 @@ def prepare_baseline(
         torch.set_num_threads(threads)
         train(task.model, task.train, epochs=task.train_epochs, lr=task.train_lr,
               loss_fn=task.loss, seed=seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(task.model.state_dict(), tmp)
-        tmp.replace(path)
+        trained = io.BytesIO()
+        torch.save(task.model.state_dict(), trained)
+        write_atomic(path, trained.getvalue())  # another search may be reading or writing it
     task.model.eval()
     buffer = io.BytesIO()
     torch.save(task.model.state_dict(), buffer)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from petra.candidate.recipes import DEFAULT_SEED_LR, Recipe, seed_finetune, seed_recipes
 from petra.errors import describe_error
+from petra.files import write_atomic
 from petra.tasks.contract import copy_model
 
 if TYPE_CHECKING:
@@ -169,8 +170,7 @@ def probe_seed_lr(cfg: SearchConfig, space: SearchSpace, baseline: Baseline, tas
     except Exception as exc:  # noqa: BLE001 - the search goes on with the default lr
         say(f"fine-tune lr: the probe failed ({describe_error(exc)}); keeping {lrs[0]:.3g}")
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(probe.to_dict()))
+    write_atomic(path, json.dumps(probe.to_dict()))
     return _use(probe, space, say)
 
 
