@@ -22,10 +22,12 @@ lint: install
 	$(BIN)/ruff check petra tests benchmarks
 
 # The default run (not slow) stays under 15 minutes; CI then runs the slow tests too. Each run
-# prints its 15 slowest tests, to watch that.
+# prints its 15 slowest tests, to watch that. Both run on TEST_WORKERS pytest-xdist workers: most
+# tests wait on one single-threaded subprocess, so one worker leaves the second core idle.
+TEST_WORKERS ?= 2
 test: install lint browser docs
-	$(BIN)/python -m pytest -q --durations=15
-	$(BIN)/python -m pytest -q -m slow --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow --durations=15
 
 # The documentation site, built strict (a broken link or page fails it) into runs/site.
 docs: install

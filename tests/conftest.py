@@ -35,8 +35,13 @@ def benchmark(name: str):
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Baselines of the test session are cached in a temporary folder, not in runs/."""
-    os.environ["PETRA_CACHE"] = str(tmp_path_factory.mktemp("petra-cache"))
+    """Baselines of the test session are cached in a temporary folder, not in runs/. The
+    workers of ``pytest -n`` (xdist) share one, beside their own temporary folders, as
+    concurrent searches share ``runs/cache``."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "petra-cache"
+    folder.mkdir(exist_ok=True)
+    os.environ["PETRA_CACHE"] = str(folder)
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                        "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
         os.environ.setdefault(key, value)
@@ -96,9 +101,14 @@ def ctx(tiny_task, model_copy):
                         val_batches=take(task.val, 1))
 
 
+ON_TWO_SEARCHES = pytest.mark.xdist_group("two_searches")
+
+
 @pytest.fixture(scope="session")
 def two_searches(tmp_path_factory):
     """Two tiny finished searches (NSGA-II and random) in one sqlite store, through the CLI.
+    Each xdist worker that asks makes its own, so the files that use it are one xdist group
+    (:data:`ON_TWO_SEARCHES`), run by one worker.
 
     Returns ``(folder, tracking uri, [run id, run id])``.
     """

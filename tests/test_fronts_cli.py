@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import ON_TWO_SEARCHES
 from tests.test_search_integration import run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ON_TWO_SEARCHES]
 
 
 def children(uri: str, run_id: str):

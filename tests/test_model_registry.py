@@ -16,10 +16,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import stop_group
+from tests.conftest import ON_TWO_SEARCHES, stop_group
 from tests.test_search_integration import run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ON_TWO_SEARCHES]
 
 NAME = "digits-knee"
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import stop_group
+from tests.conftest import ON_TWO_SEARCHES, stop_group
 from tests.test_executor import LOOPBACK, listeners_of
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, ON_TWO_SEARCHES]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "runs" / "screenshots"
