@@ -104,6 +104,15 @@ def ctx(tiny_task, model_copy):
 ON_TWO_SEARCHES = pytest.mark.xdist_group("two_searches")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under ``--dist loadgroup`` xdist gives a grouped test's id its group (``...@name``). pytest
+    9.2 broke that without a word (pytest-xdist#1386): each worker then built two_searches."""
+    if getattr(item.config.option, "loadgroup", False) and item.get_closest_marker(
+            "xdist_group") and "@" not in item.nodeid:
+        pytest.fail("--dist loadgroup did not group this test (pytest-xdist#1386): install "
+                    "pytest<9.2", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def two_searches(tmp_path_factory):
     """Two tiny finished searches (NSGA-II and random) in one sqlite store, through the CLI.
