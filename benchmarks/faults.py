@@ -174,6 +174,20 @@ def listeners(pids: set[int]) -> list[str]:
             if any(f"pid={pid}," in line for pid in pids)]
 
 
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process descended from it."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for pid, ppid in (map(int, line.split()) for line in out.splitlines()[1:]):
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
 def ray_pids() -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     names = ("ray::", "raylet", "gcs_server", "/ray/", "dashboard", "mlflow")
@@ -310,10 +324,13 @@ def worker_killed(folder: Path) -> dict:
     while proc.poll() is None and time.monotonic() < deadline and killed is None:
         _, children = runs(uri, "workerkill")
         if len(finished(children)) >= 3:
+            # this search's own workers (its local cluster descends from it), not those of
+            # another search on the machine (pytest -n runs two tests at once)
             out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True,
                                  text=True).stdout
+            ours = process_tree(proc.pid)
             workers = [int(line.split()[0]) for line in out.splitlines()
-                       if "ray::_Worker.evaluate" in line]
+                       if "ray::_Worker.evaluate" in line and int(line.split()[0]) in ours]
             if workers:
                 killed = workers[0]
                 os.kill(killed, signal.SIGKILL)

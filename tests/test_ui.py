@@ -20,30 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ON_TWO_SEARCHES, stop_group
+from tests.conftest import ON_TWO_SEARCHES, benchmark, stop_group
 from tests.test_executor import LOOPBACK, listeners_of
 
 pytestmark = [pytest.mark.integration, ON_TWO_SEARCHES]
+
+faults = benchmark("faults")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "runs" / "screenshots"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run",
                   "--window-size=1500,1000")
-
-
-def process_tree(root: int) -> set[int]:
-    """``root`` and every process descended from it."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for pid, ppid in (map(int, line.split()) for line in out.splitlines()[1:]):
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo += children.get(pid, [])
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +68,7 @@ def test_petra_ui_answers_on_loopback_only_and_prints_the_filter(ui):
     assert url in text and 'tags.petra.on_front = "true"' in text
     assert "experiment 'fronts'" in text
     if shutil.which("ss"):
-        tree = process_tree(proc.pid)
+        tree = faults.process_tree(proc.pid)
         assert len(tree) > 1, "expected petra ui to have started the MLflow server"
         addresses = listeners_of(tree)
         assert addresses, "expected the MLflow server to listen"
@@ -228,7 +216,7 @@ def test_a_killed_petra_ui_stops_its_whole_server(two_searches, sig):
         try:
             assert wait_ready(f"http://127.0.0.1:{port}", timeout_s=120,
                               alive=lambda: proc.poll() is None), log.read_text()[-3000:]
-            tree = process_tree(proc.pid)
+            tree = faults.process_tree(proc.pid)
             assert len(tree) > 1, "expected petra ui to have started the MLflow server"
             proc.send_signal(sig)  # to petra ui only
             assert proc.wait(timeout=60) == 128 + sig, log.read_text()[-3000:]
