@@ -25,9 +25,10 @@ lint: install
 # prints its 15 slowest tests, to watch that. Both run on TEST_WORKERS pytest-xdist workers: most
 # tests wait on one single-threaded subprocess, so one worker leaves the second core idle.
 TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 test: install lint browser docs
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow --durations=15
+	$(PYTEST)
+	$(PYTEST) -m slow
 
 # The documentation site, built strict (a broken link or page fails it) into runs/site.
 docs: install

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,11 +64,6 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @contextlib.contextmanager
 def ray_head(log: Path, *, cpus: int = 2, start_s: float = 120) -> Iterator[str]:
     """`ray start --head --block` on 127.0.0.1 for the ``with`` body; yields its address once
@@ -77,7 +71,7 @@ def ray_head(log: Path, *, cpus: int = 2, start_s: float = 120) -> Iterator[str]
     (SIGINT: about 2 s, where SIGTERM took 33 s once a driver had run actors on it), killed if
     it has not gone in 60 s. `ray stop` is not used: it stops every Ray cluster on the machine.
     """
-    from petra.tracking.ui import free_port
+    from petra.tracking.ui import free_port, port_free
 
     port = free_port()
     with open(log, "w") as sink:
@@ -90,7 +84,7 @@ def ray_head(log: Path, *, cpus: int = 2, start_s: float = 120) -> Iterator[str]
         SEEN_PIDS.add(head.pid)
         try:
             deadline = time.monotonic() + start_s
-            while not listening(port):
+            while port_free(port):  # until the head listens on it
                 if head.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the Ray head did not start in {start_s:.0f} s: "
                                        f"{log.read_text()[-2000:]}")
@@ -174,18 +168,22 @@ def listeners(pids: set[int]) -> list[str]:
             if any(f"pid={pid}," in line for pid in pids)]
 
 
-def process_tree(root: int) -> set[int]:
-    """``root`` and every process descended from it."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout
+def process_tree(root: int, with_args: str = "") -> set[int]:
+    """``root`` and every process descended from it, those whose command line holds
+    ``with_args`` only."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     children: dict[int, list[int]] = {}
-    for pid, ppid in (map(int, line.split()) for line in out.splitlines()[1:]):
-        children.setdefault(ppid, []).append(pid)
+    args: dict[int, str] = {}
+    for line in out.splitlines()[1:]:
+        pid, ppid, *rest = line.split(None, 2)
+        children.setdefault(int(ppid), []).append(int(pid))
+        args[int(pid)] = rest[0] if rest else ""
     found, todo = set(), [root]
     while todo:
         pid = todo.pop()
         found.add(pid)
         todo += children.get(pid, [])
-    return found
+    return {pid for pid in found if with_args in args.get(pid, "")}
 
 
 def ray_pids() -> set[int]:
@@ -326,11 +324,8 @@ def worker_killed(folder: Path) -> dict:
         if len(finished(children)) >= 3:
             # this search's own workers (its local cluster descends from it), not those of
             # another search on the machine (pytest -n runs two tests at once)
-            out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True,
-                                 text=True).stdout
-            ours = process_tree(proc.pid)
-            workers = [int(line.split()[0]) for line in out.splitlines()
-                       if "ray::_Worker.evaluate" in line and int(line.split()[0]) in ours]
+            ours = process_tree(proc.pid, with_args="ray::_Worker.evaluate")
+            workers = sorted(ours)
             if workers:
                 killed = workers[0]
                 os.kill(killed, signal.SIGKILL)
