@@ -280,7 +280,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Se
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 67
+VERIFY_VERSION = 68
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
@@ -296,6 +296,7 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
 
     from petra.compress.attention import attention_layers
     from petra.compress.blocks import skippable_blocks
+    from petra.compress.reach import unreached_layers
     from petra.compress.recurrent import gru_layers
 
     blocks_why, attention_why, recurrent_why = {}, {}, {}  # type: ignore[var-annotated]
@@ -305,6 +306,8 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     recurrent = gru_layers(model, example_input, why=recurrent_why)
     layers = prunable_layers(model, example_input, attention=attention, recurrent=recurrent,
                              recurrent_why=recurrent_why)
+    unreached = unreached_layers(model, example_input, [layer.name for layer in layers])
+    layers = [layer for layer in layers if layer.name not in unreached]
     verdicts = _verdicts(space_cfg, model, example_input, layers, attention, recurrent, blocks,
                          cache)
     withheld = {f"blocks.{name}.skip": reason
@@ -332,7 +335,7 @@ def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,
     space.withheld = withheld
     whole = {**space.kept_whole, **attention_why,
              **{layer.name: layer.whole for layer in space.layers if layer.whole}}
-    whole.update(unhandled_layers(model, layers, attention_why))
+    whole.update({**unhandled_layers(model, layers, [*attention_why, *unreached]), **unreached})
     space.kept_whole = {n: why for n, why in whole.items() if n not in failed_layers}
     return space
 
