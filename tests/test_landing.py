@@ -337,3 +337,69 @@ def test_a_hand_written_norm_over_the_channels_is_compared_over_those_kept(side)
 
     space = model_space(_space(), Net().eval(), (torch.randn(2, 3, side, side),))
     assert not space.withheld and "layers.c1.method" in space
+
+
+class Blocks(nn.Module):
+    """Three residual blocks (skippable) around a ShuffleNet unit (mapped wrongly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 16, 1))
+            for _ in range(3))
+        self.unit, self.fc = ShuffleUnit(), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            h = h + block(h)
+            if i == 0:
+                h = self.unit(h)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_group_whose_landing_passed_is_not_checked_again():
+    """The skip trials each checked every channel group again (a MobileViT's 35 trials, 32
+    groups each): a group whose key passed is not, and the space is the same as when every
+    trial checks every group."""
+    import sys
+
+    from petra.compress import landing, verify
+
+    def space(memo: bool) -> tuple[object, list]:
+        calls = []
+        members = landing._members
+
+        def counted(graph, group):  # returns, never raises: the reasons keep their frames
+            caller = sys._getframe(1).f_locals
+            if sys._getframe(1).f_code.co_name == "check_landing":
+                model = caller["model"]
+                names = {id(t): n for n, t in [*model.named_modules(),
+                                               *model.named_parameters()]}
+                calls.append((landing.landing_key(group, names, caller["removed"]),
+                              caller["bits"]))
+            return members(graph, group)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(landing, "_members", counted)
+            if not memo:  # every key new: every group checked in every trial
+                mp.setattr(verify, "landing_key", lambda *a: object())
+            torch.manual_seed(0)
+            model = Blocks()
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            cfg = load_config({"space": {
+                "pruning": ["none", "l2_channel"], "quantization": ["none"], "skip_blocks": True,
+                "layers": {"include": ["*"], "exclude": []}}}).space
+            out = model_space(cfg, model.eval(), (torch.randn(4, 1, 8, 8),))
+        return out, calls
+
+    with_memo, checked = space(memo=True)
+    without, every = space(memo=False)
+    assert any("maps this group's channels wrongly" in why for why in with_memo.withheld.values())
+    assert with_memo.withheld == without.withheld and with_memo.names == without.names
+    assert len(checked) == len(set(checked)) and len(checked) < len(every) / 2, (  # noqa: PT018
+        len(checked), len(every))

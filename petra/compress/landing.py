@@ -150,6 +150,76 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
                     "that still carry kept channels' data")
 
 
+def reader_inputs(model: nn.Module, example_input: Sequence[Any], graph: Any,
+                  groups: Sequence[Any]) -> dict[int, torch.Tensor | None]:
+    """The inputs of every reader :func:`check_landing` watches in ``groups``, on the
+    unchanged model, by module id: one forward for all of them, where each group's took one
+    of its own."""
+    modules = [m for whole in groups if (members := _members(graph, whole)) is not None
+               and members[0] for m, *_ in members[1]]
+    modules = list(dict.fromkeys(modules))
+    return dict(zip((id(m) for m in modules), _inputs(model, example_input, modules),
+                    strict=True)) if modules else {}
+
+
+def landing_key(group: Any, names: dict[int, str], removed: Sequence[int]) -> tuple[Any, ...]:
+    """What :func:`check_landing`'s verdict on ``group`` at ``removed`` depends on: each
+    member (a layer or parameter by its name in the model, an operation by its kind, its
+    autograd function, and its sizes, offsets or slice) with the handler that cuts it and the
+    indices it maps to, from which root indices. A skipped block takes its layers out of
+    every group that reaches it, so the groups it leaves unchanged keep their key, and their
+    verdict (``names``: module and parameter ids to names)."""
+    items = []
+    for item in getattr(group, "_group", ()):
+        dep, target = item.dep, item.dep.target.module
+        label = (type(target).__name__, *(repr(v) for k, v in sorted(vars(target).items())
+                                          if k not in ("id", "grad_fn") and (
+                                              not k.startswith("_") or k == "_grad_fn"))
+                 ) if is_op_node(target) else (names.get(id(target)) or repr(target),)
+        items.append((label, getattr(dep.handler, "__name__", str(dep.handler)),
+                       tuple(int(i) for i in item.idxs),
+                       tuple(int(r) for r in getattr(item, "root_idxs", None) or ())))
+    return tuple(sorted(items)), tuple(removed)
+
+
+class Landings:
+    """The verdicts of :func:`check_landing` across the trials of one verification, by
+    :func:`landing_key` and whether bit sets were tried. A group checked in an earlier trial
+    is not checked again, and its verdict stands: a MobileViT's 35 skip trials each checked
+    the same 32 groups again (2348 forwards of the model in its ``petra space``; 211 with the
+    verdicts kept and the readers' inputs read in one forward)."""
+
+    def __init__(self) -> None:
+        self.verdicts: dict[tuple[Any, bool], WrongMapping | None] = {}
+
+    def _known(self, key: Any, bits: bool) -> tuple[bool, WrongMapping | None]:
+        """(whether a verdict stands for this check, that verdict: None where it passed).
+        One with the same ``bits``, or a pass with bit sets, which a check of the removed
+        channels alone passes too."""
+        if (key, bits) in self.verdicts:
+            return True, self.verdicts[key, bits]
+        return (not bits and (key, True) in self.verdicts
+                and self.verdicts[key, True] is None), None
+
+    def new(self, key: Any, bits: bool) -> bool:
+        return not self._known(key, bits)[0]
+
+    def check(self, key: Any, bits: bool, check: Any) -> None:
+        """Raise the :class:`WrongMapping` that stands for this check, or run ``check()``
+        (:func:`check_landing`) where none does, and keep what it finds."""
+        known, verdict = self._known(key, bits)
+        if verdict is not None:
+            raise WrongMapping(*verdict.args)
+        if known:
+            return
+        try:
+            check()
+        except WrongMapping as exc:
+            self.verdicts[key, bits] = exc
+            raise
+        self.verdicts[key, bits] = None
+
+
 def _through(group: Any, reader: nn.Module) -> str:
     """Through what torch-pruning followed the channels to ``reader``: the operations between
     (a GhostNet module's ``cat([x1, x2], 1)[:, :out]`` before its depthwise conv, where the

@@ -31,7 +31,13 @@ from petra.compress import masking
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
-from petra.compress.landing import check_landing, moves_channels
+from petra.compress.landing import (
+    Landings,
+    check_landing,
+    landing_key,
+    moves_channels,
+    reader_inputs,
+)
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import (
     channel_groups,
@@ -210,11 +216,13 @@ def staggered(units: Sequence[Unit], top: float) -> dict[Unit, float]:
 def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
            sparsity: Callable[[Unit], float], round_to: int, attention: Mapping[str, Any],
            recurrent: Mapping[str, Any], blocks: Sequence[Any], mapped: set[str] | None = None,
-           masks: list[Any] | None = None) -> None:
+           masks: list[Any] | None = None, landed: Landings | None = None) -> None:
     """Remove, in place, what each unit loses at its ``sparsity``: skipped blocks, then heads
     and recurrent units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator`
     does). ``masks``, when given, gets what each group's members lose
-    (:func:`petra.compress.masking.planned`)."""
+    (:func:`petra.compress.masking.planned`). ``mapped`` holds the channel units whose bit
+    sets were tried, ``landed`` each group's landing verdict (by
+    :func:`~petra.compress.landing.landing_key`), across the trials of one verification."""
 
     skipped = [u.name for u in units if u.kind == "skip"]
     if skipped:
@@ -237,7 +245,6 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     graph = heads_apart(model, args(example_input), dependency_graph(model, args(example_input)),
                         [model.get_submodule(u.name) for u in roots])
     planned = []  # every group checked on the model before any is removed
-    dense: dict[int, Any] = {}  # the readers' inputs on the unchanged model
     covered: set[int] = set()  # the layers whose output channels a planned group holds
     for unit in roots:
         root = model.get_submodule(unit.name)
@@ -258,16 +265,32 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
                 f"removes no channel even at sparsity {sparsity(unit):.2f}: torch-pruning's "
                 f"group of these channels is {unit.name}'s, {a_kind(type(root).__name__)} of "
                 f"{n} output channel{'s' * (n != 1)}, which keeps at least {keep}")
-        bits = mapped is not None and unit.name not in mapped and moves_channels(whole)
-        check_landing(model, example_input, graph, whole, idxs, dense, bits=bits)
+        planned.append((unit, root, whole, idxs))
+    _check_landings(model, example_input, graph, planned, mapped, masks, landed)
+    for _, root, _, idxs in planned:
+        remove_channels(graph, root, idxs)
+
+
+def _check_landings(model: nn.Module, example_input: Sequence[Any], graph: Any,
+                    planned: Sequence[tuple[Unit, nn.Module, Any, list[int]]],
+                    mapped: set[str] | None, masks: list[Any] | None,
+                    landed: Landings | None) -> None:
+    """:func:`~petra.compress.landing.check_landing` on each planned group (unit, root, group,
+    channels removed) through ``landed``; ``mapped`` and ``masks`` as in :func:`_apply`."""
+    landed = Landings() if landed is None else landed
+    names = {id(t): n for n, t in [*model.named_modules(), *model.named_parameters()]}
+    keys = [landing_key(whole, names, idxs) for _, _, whole, idxs in planned]
+    bits = [mapped is not None and unit.name not in mapped and moves_channels(whole)
+            for unit, _, whole, _ in planned]
+    dense = reader_inputs(model, example_input, graph, [
+        p[2] for p, key, bit in zip(planned, keys, bits, strict=True) if landed.new(key, bit)])
+    for (unit, _, whole, idxs), key, bit in zip(planned, keys, bits, strict=True):
+        landed.check(key, bit, functools.partial(check_landing, model, example_input, graph,
+                                                 whole, idxs, dense, bits=bit))
         if mapped is not None:
             mapped.add(unit.name)  # its bit sets are tried once per verification
         if masks is not None:
             masks += masking.planned(graph, whole, idxs)
-        planned.append((root, idxs))
-    for root, idxs in planned:
-        remove_channels(graph, root, idxs)
-
 
 def _runs(model: nn.Module, example_input: Sequence[Any],
           change: Callable[[nn.Module], Any], twin: Callable[[nn.Module], Any] | None = None,
@@ -318,6 +341,7 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
     mapped: set[str] = set()  # the channel units whose landing was checked in full
+    landed = Landings()  # each group's landing verdict, across the trials
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
@@ -326,7 +350,8 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
         def change(candidate: nn.Module, units: Sequence[Unit] = subset) -> None:
             _apply(candidate, example_input, units, sparsity=level, round_to=round_to,
                    attention=by_name["attention"], recurrent=by_name["recurrent"],
-                   blocks=blocks, mapped=mapped, masks=masks if units is subset else None)
+                   blocks=blocks, mapped=mapped, masks=masks if units is subset else None,
+                   landed=landed)
 
         return _runs(model, example_input, change, lambda twin: change(
             twin, [u for u in subset if u.kind != "channels"]), masks)
