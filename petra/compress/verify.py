@@ -27,17 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petra.candidate import artifact
-from petra.compress import masking
+from petra.compress import landing, masking
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
 from petra.compress.graph import dependency_graph, pruning_group
-from petra.compress.landing import (
-    Landings,
-    check_landing,
-    landing_key,
-    moves_channels,
-    reader_inputs,
-)
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import (
     channel_groups,
@@ -216,7 +209,7 @@ def staggered(units: Sequence[Unit], top: float) -> dict[Unit, float]:
 def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
            sparsity: Callable[[Unit], float], round_to: int, attention: Mapping[str, Any],
            recurrent: Mapping[str, Any], blocks: Sequence[Any], mapped: set[str] | None = None,
-           masks: list[Any] | None = None, landed: Landings | None = None) -> None:
+           masks: list[Any] | None = None, landed: landing.Landings | None = None) -> None:
     """Remove, in place, what each unit loses at its ``sparsity``: skipped blocks, then heads
     and recurrent units, then channel groups (as :class:`petra.candidate.evaluate.Evaluator`
     does). ``masks``, when given, gets what each group's members lose
@@ -274,23 +267,24 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
 def _check_landings(model: nn.Module, example_input: Sequence[Any], graph: Any,
                     planned: Sequence[tuple[Unit, nn.Module, Any, list[int]]],
                     mapped: set[str] | None, masks: list[Any] | None,
-                    landed: Landings | None) -> None:
+                    landed: landing.Landings | None) -> None:
     """:func:`~petra.compress.landing.check_landing` on each planned group (unit, root, group,
     channels removed) through ``landed``; ``mapped`` and ``masks`` as in :func:`_apply`."""
-    landed = Landings() if landed is None else landed
+    landed = landing.Landings() if landed is None else landed
     names = {id(t): n for n, t in [*model.named_modules(), *model.named_parameters()]}
-    keys = [landing_key(whole, names, idxs) for _, _, whole, idxs in planned]
-    bits = [mapped is not None and unit.name not in mapped and moves_channels(whole)
+    keys = [landing.landing_key(whole, names, idxs) for _, _, whole, idxs in planned]
+    bits = [mapped is not None and unit.name not in mapped and landing.moves_channels(whole)
             for unit, _, whole, _ in planned]
-    dense = reader_inputs(model, example_input, graph, [
+    dense = landing.reader_inputs(model, example_input, graph, [
         p[2] for p, key, bit in zip(planned, keys, bits, strict=True) if landed.new(key, bit)])
     for (unit, _, whole, idxs), key, bit in zip(planned, keys, bits, strict=True):
-        landed.check(key, bit, functools.partial(check_landing, model, example_input, graph,
-                                                 whole, idxs, dense, bits=bit))
+        landed.check(key, bit, functools.partial(
+            landing.check_landing, model, example_input, graph, whole, idxs, dense, bits=bit))
         if mapped is not None:
             mapped.add(unit.name)  # its bit sets are tried once per verification
         if masks is not None:
             masks += masking.planned(graph, whole, idxs)
+
 
 def _runs(model: nn.Module, example_input: Sequence[Any],
           change: Callable[[nn.Module], Any], twin: Callable[[nn.Module], Any] | None = None,
@@ -341,7 +335,7 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
     by_name = {"attention": {a.name: a for a in attention},
                "recurrent": {r.name: r for r in recurrent}}
     mapped: set[str] = set()  # the channel units whose landing was checked in full
-    landed = Landings()  # each group's landing verdict, across the trials
+    landed = landing.Landings()  # each group's landing verdict, across the trials
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
