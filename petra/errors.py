@@ -82,8 +82,9 @@ def raised_in(exc: BaseException, package: str) -> str:
     ``node*``), as ``; raised in torch_pruning's infer_channels_between, at splitwithsizes``;
     empty if none."""
     tb, frame = exc.__traceback__, None
-    while tb is not None:
-        if f"/{package}/" in tb.tb_frame.f_code.co_filename:
+    while tb is not None:  # a comprehension's frame names its function's
+        if f"/{package}/" in tb.tb_frame.f_code.co_filename and not \
+                tb.tb_frame.f_code.co_name.startswith("<"):
             frame = tb.tb_frame
         tb = tb.tb_next
     if frame is None:
@@ -91,4 +92,7 @@ def raised_in(exc: BaseException, package: str) -> str:
     grads = [getattr(v, "grad_fn", None) for k, v in frame.f_locals.items() if k.startswith("node")]
     names = [g.name() for g in grads if g is not None and hasattr(g, "name")]
     op = names[0].removesuffix("Backward0").lower() if names else ""
-    return f"; raised in {package}'s {frame.f_code.co_name}" + (f", at {op}" if op else "")
+    name = frame.f_code.co_name  # a callable object's: its class (an index mapping's)
+    if name == "__call__" and "self" in frame.f_locals:
+        name = type(frame.f_locals["self"]).__name__
+    return f"; raised in {package}'s {name}" + (f", at {op}" if op else "")

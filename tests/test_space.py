@@ -1,5 +1,6 @@
 """Tests for petra.space: gene types, prunable layers, the space built from a config, hashing."""
 
+import copy
 import math
 
 import numpy as np
@@ -1343,3 +1344,68 @@ def test_a_trace_failure_names_where_in_torch_pruning_it_was_raised(tmp_path, mo
     assert raised_in(err.value, "fake_pruning") == (
         "; raised in fake_pruning's infer_channels_between, at mul")
     assert raised_in(err.value, "torch_pruning") == ""
+
+
+def test_a_group_torch_pruning_fails_to_build_keeps_its_layers_whole_with_its_error():
+    """A GAT's heads, expanded over node pairs: torch-pruning divides by zero in its grouped
+    key/value mapping. ``petra space``, ``evaluate`` and ``search`` died with its traceback."""
+    from petra.space import model_space
+
+    class PairHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W, self.head = nn.Linear(4, 32), nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            z = self.W(x).view(b, n, 4, 8).transpose(1, 2)
+            e = (z.unsqueeze(3).expand(b, 4, n, n, 8) + z.unsqueeze(2).expand(b, 4, n, n, 8))
+            att = torch.softmax(e.sum(-1), -1) @ z
+            return self.head(att.transpose(1, 2).reshape(b, n, 32).mean(1))
+
+    torch.manual_seed(0)
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none", "fp16"]}}).space
+    space = model_space(cfg, PairHeads().eval(), (torch.randn(4, 6, 4),))
+    assert space.kept_whole["W"] == (
+        "torch-pruning fails to build its channel group (ZeroDivisionError: integer division or "
+        "modulo by zero; raised in torch_pruning's _GQAIndexMapping)")
+    assert "magnitude" in space.gene("layers.W.method").choices
+    assert "fp16" in space.gene("quant.scheme").choices
+
+
+class Branches(nn.Module):
+    """An Inception module's two branches, concatenated and added to a shortcut: one group,
+    each branch a span of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(1, 4, 1)
+        self.short, self.mix, self.fc = nn.Conv2d(1, 12, 1), nn.Conv2d(12, 4, 1), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.b.weight.mul_(1e-3)  # the lowest l2: all four of b's go first
+            self.short.weight[8:].mul_(1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(torch.cat([self.a(x), self.b(x)], 1) + self.short(x))
+        return self.fc(self.mix(h).mean((2, 3)))
+
+
+def test_a_removal_leaves_each_concatenated_branch_a_channel():
+    """The structure checks removed the last channels, which emptied the last branch (a conv
+    of ``[0, 6, 5, 5]``): the whole group was withheld. A removal by importance could empty it
+    too: 9 of 12 by l2 would take all of ``b``'s."""
+    from petra.compress.structured import prune_channels
+    from petra.space import model_space
+
+    torch.manual_seed(0)
+    model, x = Branches().eval(), torch.randn(2, 1, 6, 6)
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel"], "sparsity": [0.0, 0.75],
+                                 "layers": {"include": ["*"], "exclude": []},
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, model, (x,))
+    assert "l2_channel" in space.gene("layers.b.method").choices, space.withheld
+    pruned = copy.deepcopy(model)
+    (changes,) = prune_channels(pruned, (x,), {"a": ("l2_channel", 0.75)}).values()
+    assert pruned.short.out_channels == 3 and pruned.a.out_channels == 2
+    assert pruned.b.out_channels == 1 and pruned(x).shape == (2, 3), changes

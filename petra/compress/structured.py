@@ -11,8 +11,7 @@ set, a dependency *group*. Each group is pruned once:
   (at least one multiple, never above ``n``), because odd channel counts run nearly as slowly as
   dense ones on ONNX Runtime (see STACK.md). An ``nn.MultiheadAttention`` in a group is first
   replaced by one whose heads stay whole (:func:`heads_apart`); one petra cannot replace (with
-  learned key/value biases) keeps its ``embed_dim`` divisible by its heads
-  (:func:`channel_step`).
+  learned key/value biases) keeps its ``embed_dim`` divisible by its heads (:func:`channel_step`).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from petra.compress.graph import (
     pruning_group,
 )
 from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
+from petra.compress.writers import keep_one_each, writer_spans
 from petra.errors import Refused, a_kind, first_line, raised_in
 from petra.registry import PRUNING
 
@@ -129,12 +129,11 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
     """The dependency groups of a torch-pruning graph, rooted at Conv/Linear output channels.
 
     Like ``DependencyGraph.get_all_groups``, but a group that torch-pruning cannot build (a
-    channel dimension shared with a layer it does not support, such as ``nn.GRU``) is skipped
-    instead of failing the whole model, and its layers stay unpruned. So is a group whose
-    channels are the model's output, however it is reshaped on the way, and a group whose
-    channels a grouped convolution reads one per group (a depthwise conv with a channel
-    multiplier): no removal leaves its groups alike (:func:`lowest`). ``skipped``, when given,
-    gets each writer of such a group, with why.
+    channel dimension shared with an ``nn.GRU``; a GAT's heads, expanded over node pairs, where
+    it divides by zero) is skipped, and its layers stay unpruned. So is a group whose channels
+    are the model's output, however it is reshaped on the way, and a group whose channels a
+    grouped convolution reads one per group (a depthwise conv with a channel multiplier): no
+    removal leaves its groups alike (:func:`lowest`). ``skipped`` gets their writers, with why.
     """
     from torch_pruning.ops import OPTYPE
 
@@ -154,13 +153,17 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
             if skipped is not None and isinstance(exc, GroupDoesNotClose):
                 skipped[module] = exc.reason
             continue
+        except Exception as exc:  # noqa: BLE001 - any other failure of torch-pruning's
+            if skipped is not None:
+                skipped[module] = (f"torch-pruning fails to build its channel group ("
+                                   f"{first_line(exc, 120)}{raised_in(exc, 'torch_pruning')})")
+            continue
         members = [dep.target.module for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler)]
         visited.update(members)
         if any(dep.target.type == OPTYPE.OUTPUT and task_output in (ANY_OUTPUT, dep.target.module)
                for dep, _ in group):
-            # the model's output (a head whose logits are permuted, squeezed or reshaped
-            # before they are returned): removing its channels would remove outputs
+            # the model's output (logits permuted, squeezed or reshaped before they are returned)
             if skipped is not None:
                 skipped.update({m: "its output channels are the model's output" for m in members})
             continue
@@ -330,7 +333,8 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         scores = entry.fn(group, ctx).detach().flatten()
         if scores.numel() != n:
             raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
-        scored.append((root, n, sparsity, scores, step, conv_groups(group, runs)))
+        scored.append((root, n, sparsity, keep_one_each(scores, writer_spans(graph, group, n)),
+                       step, conv_groups(group, runs)))
     return scored
 
 

@@ -43,6 +43,7 @@ from petra.compress.structured import (
     remove_channels,
     tied_runs,
 )
+from petra.compress.writers import keep_one_each, writer_spans
 from petra.errors import Refused, a_kind, first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.tasks.contract import args, copy_model
@@ -251,8 +252,8 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         check_indices(graph, whole)
         runs = tied_runs(graph, root)
         keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to, runs))
-        idxs = lowest(torch.arange(n, 0, -1, dtype=torch.float), n - keep,
-                      conv_groups(whole, runs))
+        idxs = lowest(keep_one_each(torch.arange(n, 0, -1, dtype=torch.float),
+                                    writer_spans(graph, whole, n)), n - keep, conv_groups(whole, runs))
         if not idxs:  # a gene that would change nothing (CBAM: a 1-channel map is the root)
             raise Refused(
                 f"removes no channel even at sparsity {sparsity(unit):.2f}: torch-pruning's "
