@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from petra.compress.reach import UNREACHED, _reached, _tensors, unreached_layers
+from petra.compress.reach import UNREACHED, _reached, unreached_layers
 from petra.config import load_config
+from petra.tasks.contract import tensors_in
 
 
 class Residual(nn.Module):
@@ -65,7 +66,7 @@ def test_a_hard_router_and_a_zero_gate_keep_their_genes():
     torch.manual_seed(0)
     model, x = HardRouter().eval(), torch.randn(16, 4)
     with torch.enable_grad():
-        reached = _reached(_tensors(model(x)))
+        reached = _reached(tensors_in(model(x)))
     # the autograd graph alone would take the router for dead: the perturbation keeps it
     assert id(model.router.weight) not in reached and id(model.gated.weight) in reached
     assert unreached_layers(model, (x,), ["router", "experts.0", "experts.1", "gated",

@@ -133,7 +133,6 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
     if missing := [m for m in modules if id(m) not in dense]:
         dense.update(zip((id(m) for m in missing), _inputs(model, example_input, missing),
                          strict=True))
-    names = {m: n for n, m in model.named_modules()}
     for chosen in trials:
         zero = [(t, d, _pick(ix, roots, chosen)) for t, d, ix, roots in writers]
         watch = [(m, d, _pick(ix, roots, chosen)) for m, d, ix, roots in readers]
@@ -144,6 +143,7 @@ def check_landing(model: nn.Module, example_input: Sequence[Any], graph: Any, wh
             if before is None or after is None or before.shape != after.shape or not ix:
                 continue
             if kept := _untouched(before, after, dim, ix):
+                names = {m: n for n, m in model.named_modules()}
                 raise WrongMapping(
                     f"torch-pruning maps this group's channels wrongly {_through(whole, module)}"
                     f": {names.get(module, 'a layer')} would lose input channels {kept[:4]} "

@@ -24,21 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from petra.tasks.contract import args
+from petra.tasks.contract import args, tensors_in
 
 #: What ``petra space`` says of such a layer, in place of its genes.
 UNREACHED = ("its output never reaches the model's output (the model computes it and discards "
              "it; the exported graph drops it): no gene of it would change the artifact")
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
 
 
 def _reached(outputs: Sequence[torch.Tensor]) -> set[int]:
@@ -73,14 +63,14 @@ def unreached_layers(model: nn.Module, example_input: Any, names: Sequence[str]
             p.requires_grad_(True)
         try:
             with torch.enable_grad():
-                reached = _reached(_tensors(model(*args(example_input))))
+                reached = _reached(tensors_in(model(*args(example_input))))
         except Exception:  # noqa: BLE001 - a forward that needs no_grad: nothing is told
             return {}
         suspects = [n for n, ps in own.items() if ps and not any(id(p) in reached for p in ps)]
         if not suspects:
             return {}
         with torch.no_grad():
-            plain = _tensors(model(*args(example_input)))
+            plain = tensors_in(model(*args(example_input)))
             return {n: UNREACHED for n in suspects
                     if _unchanged(model, modules[n], example_input, plain)}
     finally:
@@ -105,7 +95,7 @@ def _unchanged(model: nn.Module, layer: nn.Module, example_input: Any,
 
     handle = layer.register_forward_hook(lambda _m, _i, out: noise(out))
     try:
-        perturbed = _tensors(model(*args(example_input)))
+        perturbed = tensors_in(model(*args(example_input)))
     except Exception:  # noqa: BLE001 - a model that fails on it reads the layer
         return False
     finally:

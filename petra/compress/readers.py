@@ -20,22 +20,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from petra.tasks.contract import args
+from petra.tasks.contract import args, tensors_in
 
 _CONSUMERS = (nn.Linear, nn.Conv1d)
 
 
 def _storage(t: Any) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a recurrent layer's output: ``(out, h_n)`` or ``(out, (h_n, c_n))``."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    return []
 
 
 #: Functions whose output keeps its input's units where they were.
@@ -204,7 +195,7 @@ class _Trace:
         self.alive: list[torch.Tensor] = []
 
     def recurrent(self, name: str, mod: Any, _inp: Any, out: Any) -> None:
-        tensors = _tensors(out)
+        tensors = tensors_in(out)  # a recurrent layer's (out, h_n) or (out, (h_n, c_n))
         self.alive.extend(tensors)
         self.outputs[name] = {p for p in map(_storage, tensors) if p is not None}
         h = mod.hidden_size
