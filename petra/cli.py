@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from petra.candidate.baseline import check_task, prepare_baseline, task_space
 from petra.candidate.evaluate import Evaluator
 from petra.candidate.export import export_candidate, write_bundle
+from petra.compress.blocks import skip_lines
 from petra.engine.loop import cache_dir, resume, search
 from petra.errors import COMPLETE, ConfigError
 from petra.genes import check_range
@@ -198,12 +199,6 @@ def _methods(as_json: bool) -> int:
     return 0
 
 
-#: What a skipped block becomes, by its kind (:class:`petra.compress.blocks.BlockInfo`).
-SKIPPED = {"identity": "these hand on their input", "branch": "these residual branches give "
-           "zeros", "shortcut": "these become their shortcut", "carried": "these hand on the "
-           "residual they were given to add to (BLOOM's)"}
-
-
 def _space(cfg: object, as_json: bool) -> int:
     task = load_task(cfg.task.name, cfg.task.params)
     check_task(task, cfg.task.name)
@@ -224,9 +219,8 @@ def _space(cfg: object, as_json: bool) -> int:
         residual = [layer.name for layer in space.layers if layer.residual]
         if residual and "prune.width" in space:
             print(f"prune.width removes the hidden size, written by: {', '.join(residual)}")
-        for kind, what in SKIPPED.items():
-            if names := [b.name for b in space.blocks if b.becomes == kind]:
-                print(f"skipped, {what}: {', '.join(names)}")
+        for line in skip_lines(space.blocks):
+            print(line)
         if space.kept_whole:
             print("kept whole (no gene removes their units):")
             for name, reason in space.kept_whole.items():

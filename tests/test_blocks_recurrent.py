@@ -9,7 +9,13 @@ from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries)
 from petra.candidate import artifact
-from petra.compress.blocks import ReluIdentity, ShortcutOnly, skip_blocks, skippable_blocks
+from petra.compress.blocks import (
+    ReluIdentity,
+    ShortcutOnly,
+    skip_blocks,
+    skip_lines,
+    skippable_blocks,
+)
 from petra.compress.recurrent import gru_layers, prune_gru_units, prune_recurrent
 from petra.registry import PRUNING
 from tests.test_quantize import initializers, int4_marker, manifest_of, quantize
@@ -91,6 +97,35 @@ def test_skipping_keeps_the_shortcut_path_and_shape(resnet):
     data = artifact.pack(artifact.export_onnx(skipped, x))
     ort = artifact.load(data).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(ort, skipped(x).detach().numpy(), atol=1e-5)
+
+
+class Shared(nn.Module):
+    """ALBERT's form: one block applied at two depths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.layer = Block(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.layer(self.layer(torch.relu(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_a_block_shared_across_depths_says_its_one_gene_skips_every_call(resnet):
+    torch.manual_seed(0)
+    model, x = Shared().eval(), torch.randn(4, 1, 8, 8)
+    found = {b.name: b for b in skippable_blocks(model, (x,))}
+    assert found["layer"].calls == 2
+    assert "layer (2 calls)" in skip_lines(list(found.values()))[-1]
+    skipped = copy.deepcopy(model)
+    skip_blocks(skipped, ["layer"], list(found.values()))
+    with torch.no_grad():  # both calls hand on their input (a ReLU'd one: the block ends in one)
+        want = model.fc(torch.relu(model.stem(x)).mean(dim=(2, 3)))
+        assert torch.allclose(skipped(x), want, atol=1e-6)
+    once = skippable_blocks(resnet[0], (resnet[1],))  # blocks called once say nothing of it
+    assert [b.calls for b in once] == [1, 1] and not any("calls" in s for s in skip_lines(once))
 
 
 def test_skipping_an_unknown_block_names_the_ones_there_are(resnet):

@@ -90,11 +90,31 @@ class BlockInfo:
     #: result (BLOOM's MLP, given ``residual``, returns ``residual + mlp(x)``): skipped, it
     #: hands on that argument, not its first.
     carried: int | str | None = None
+    #: How many times the model calls the block per forward: an ALBERT layer shared across
+    #: depths is called at each, and its one gene skips every call.
+    calls: int = 1
 
     @property
     def becomes(self) -> str:
         """What the block is, skipped: its kind, or ``carried`` where it hands on that argument."""
         return "carried" if self.carried is not None else self.kind
+
+
+#: What a skipped block becomes, by :attr:`BlockInfo.becomes`.
+SKIPPED = {"identity": "these hand on their input", "branch": "these residual branches give "
+           "zeros", "shortcut": "these become their shortcut", "carried": "these hand on the "
+           "residual they were given to add to (BLOOM's)"}
+
+
+def skip_lines(blocks: Sequence[BlockInfo]) -> list[str]:
+    """``petra space``'s lines on the skip genes: what each kind of block becomes, and the
+    blocks the model calls more than once per forward (one gene skips every call)."""
+    lines = [f"skipped, {what}: {', '.join(names)}" for kind, what in SKIPPED.items()
+             if (names := [b.name for b in blocks if b.becomes == kind])]
+    if shared := [f"{b.name} ({b.calls} calls)" for b in blocks if b.calls > 1]:
+        lines.append("called more than once per forward (shared across depths: one skip gene "
+                     f"removes every call): {', '.join(shared)}")
+    return lines
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -219,11 +239,13 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
     (:class:`_Ops`)."""
     names = {m: n for n, m in model.named_modules() if m is not model}
     seen: dict[str, dict[str, Any]] = {}
+    calls: dict[str, int] = {}
     hooks, ops = [], _Ops()
     for module, name in names.items():
         def hook(mod: nn.Module, inputs: Any, kwargs: Any, output: Any, name: str = name
                  ) -> None:
             x, y, keyword = _first_tensor(inputs), _first_tensor(output), ""
+            calls[name] = calls.get(name, 0) + 1
             if x is None and not inputs:  # called by keyword (Llama's self_attn)
                 keyword = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), "")
                 x = kwargs.get(keyword)
@@ -250,6 +272,8 @@ def _trace(model: nn.Module, example_input: Any) -> tuple[dict[str, dict[str, An
         for h in hooks:
             h.remove()
         model.train(was_training)
+    for name, info in seen.items():
+        info["calls"] = calls[name]
     return seen, result, ops
 
 
@@ -283,16 +307,18 @@ def skippable_blocks(model: nn.Module, example_input: Any,
         square = info["in"] == info["out"]
         if isinstance(module, WEIGHTED_LAYERS):
             if square and getattr(module, "groups", 1) == 1:
-                found.append(BlockInfo(name, kind, None, info["nonneg"], params))
+                found.append(BlockInfo(name, kind, None, info["nonneg"], params,
+                                       calls=info["calls"]))
         elif _layer_count(module) >= 2 and shortcut is not None:
             found.append(BlockInfo(name, "shortcut", f"{name}.{shortcut}", info["nonneg"],
                                    params - sum(p.numel() for p in getattr(
                                        module, shortcut).parameters()), info["outputs"],
-                                   info["keyword"], info["passthrough"]))
+                                   info["keyword"], info["passthrough"], calls=info["calls"]))
         elif (_layer_count(module) >= 2 or _own_mha(name, module, modules)
               or _reshaped_layer(name, module, seen)) and square:
             found.append(BlockInfo(name, kind, None, info["nonneg"], params, info["outputs"],
-                                   info["keyword"], info["passthrough"], info["carried"]))
+                                   info["keyword"], info["passthrough"], info["carried"],
+                                   info["calls"]))
     # Square layers inside a block are left to the block's own gene: one gene per block keeps
     # the space small, and a block's layers are what channel pruning already reaches. Those of
     # an attention lose heads instead (as the identity, a q or k projection is nonsense).
