@@ -364,6 +364,40 @@ def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_ch
     assert task.model(x).shape == (4, 3)
 
 
+def test_the_masks_torch_prune_left_on_a_users_model_are_baked_into_its_weights():
+    """A model the user pruned with ``torch.nn.utils.prune`` computes ``weight_orig *
+    weight_mask`` in a hook before each forward; petra's channel removal cut ``weight``,
+    which the hook then overwrote from the uncut tensors. The contract bakes the masks in, as
+    ``prune.remove`` does: the same outputs, the zeros kept, no hook, and channels removable."""
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from petra import Task
+    from petra.tasks.contract import adapt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(96, 3)).eval()
+    prune.ln_structured(model[0], "weight", 0.25, n=2, dim=0)
+    for _ in range(2):  # twice: a PruningContainer
+        prune.l1_unstructured(model[2], "weight", 0.3)
+    prune.l1_unstructured(model[5], "bias", 0.5)
+    x = torch.randn(4, 2, 16)
+    with torch.no_grad():
+        want, zeros = model(x), (model[2].weight == 0).sum()
+    task = adapt(Task(model=model, train=[(x, torch.zeros(4, dtype=torch.long))], val=[],
+                      test=[], example_input=x, trained=True))
+    assert task.plain_weights == ("0", "2", "5")
+    assert not any(m._forward_pre_hooks or any(n.endswith(("_orig", "_mask")) for n, _ in [
+        *m.named_parameters(), *m.named_buffers()]) for m in model.modules())
+    assert (model[2].weight == 0).sum() == zeros > 0
+    with torch.no_grad():
+        torch.testing.assert_close(task.model(x), want)
+    assert prune_channels(task.model, task.example_input, {"2": ("l2_channel", 0.5)},
+                          round_to=1, protected=["5"]) == {"2": (8, 4)}
+    assert task.model(x).shape == (4, 3)
+
+
 def test_a_group_norms_channels_go_in_multiples_of_its_groups():
     """Channels kept by a group that a ``GroupNorm`` reads are a multiple of its groups: at
     0.8 of 32 channels, 6 were kept and the norm failed (``Expected number of channels in

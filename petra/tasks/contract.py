@@ -17,9 +17,10 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - An ``nn.EmbeddingBag`` read as a 2-D batch of ids is replaced by the ``nn.Embedding`` and the
   pooling it computes (:mod:`petra.tasks.bags`), so its table is an embedding like any other;
   ``task.bag_stand_ins`` names them.
-- A weight reparametrization (``weight_norm``, ``spectral_norm``, either form) is baked into the
-  plain weight it computes (:func:`plain_weights`): channel removal assigns new weights, which a
-  parametrized layer refuses; ``task.plain_weights`` names the layers.
+- A weight reparametrization (``weight_norm``, ``spectral_norm``, either form; the masks
+  ``torch.nn.utils.prune`` leaves in place) is baked into the plain weight it computes
+  (:func:`plain_weights`): channel removal assigns new weights, which a parametrized layer
+  refuses; ``task.plain_weights`` names the layers.
 - An attention that sizes its heads from its input's width (``B, N, C = x.shape``, then
   ``reshape(B, N, C)``) sizes them from its own (:mod:`petra.tasks.widths`);
   ``task.own_width`` names them.
@@ -317,22 +318,24 @@ def no_fast_path(model: nn.Module) -> None:
 def plain_weights(model: nn.Module) -> tuple[str, ...]:
     """Bake every weight reparametrization of ``model`` into the plain tensor it computes, in
     place, and return the layers' names: ``torch.nn.utils.parametrizations.weight_norm`` and
-    ``spectral_norm`` (``parametrize``), and the older hook forms ``weight_norm`` and
-    ``spectral_norm``. The layers compute what they computed (a spectral norm as in eval mode);
+    ``spectral_norm`` (``parametrize``), the older hook forms ``weight_norm`` and
+    ``spectral_norm``, and the masks of ``torch.nn.utils.prune`` (``weight_orig`` times
+    ``weight_mask``, as ``prune.remove`` makes them permanent). The layers compute what they computed (a spectral norm as in eval mode);
     a fine-tune then trains the plain weight. torch-pruning assigns a pruned layer a new
     ``weight`` parameter, which a parametrized layer refuses (``attribute 'weight' already
     exists``)."""
-    from torch.nn.utils import parametrize, remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     baked = []
     for name, module in list(model.named_modules()):
         hooks = [h for h in module._forward_pre_hooks.values()
-                 if isinstance(h, WeightNorm | SpectralNorm)]
+                 if isinstance(h, WeightNorm | SpectralNorm | prune.BasePruningMethod)]
         for hook in hooks:
-            (remove_weight_norm if isinstance(hook, WeightNorm) else remove_spectral_norm)(
-                module, hook.name)
+            {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_norm}.get(
+                type(hook), prune.remove)(module, hook._tensor_name if isinstance(
+                    hook, prune.BasePruningMethod) else hook.name)
         if parametrize.is_parametrized(module):
             for tensor in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
