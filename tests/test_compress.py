@@ -631,6 +631,38 @@ def test_a_split_whose_first_batch_is_empty_is_named():
         check(task, "t")
 
 
+def test_a_model_whose_eval_forward_samples_is_refused_with_why():
+    """A VAE-style classifier that samples ``z = mu + std * randn_like(mu)`` in eval mode too
+    was refused with a reason about the model's output layer, and with less noise its layers
+    were withheld with false reasons: every check compares outputs. Two forwards of the
+    example batch now tell it, in one line; the same model with the mean in eval mode passes."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import TaskError, adapt, check
+
+    class Vae(nn.Module):
+        def __init__(self, sample: bool) -> None:
+            super().__init__()
+            self.enc, self.head, self.sample = nn.Linear(4, 6), nn.Linear(3, 2), sample
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mu, logvar = self.enc(x).chunk(2, dim=-1)
+            z = mu + (logvar / 2).exp() * torch.randn_like(mu) if self.sample else mu
+            return self.head(z)
+
+    batch = (torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    for sample in (True, False):
+        task = adapt(Task(model=Vae(sample), train=[batch], val=[batch], test=[batch],
+                          example_input=batch[0], trained=True))
+        if sample:
+            with pytest.raises(TaskError, match=r"not deterministic in eval mode: two forwards "
+                                                r"of the example batch differ .*randn_like"):
+                check(task, "t")
+        else:
+            check(task, "t")
+
+
 def test_a_task_that_passed_its_check_is_not_run_again():
     """``petra search`` checks the task before anything traces it, and the baseline checked it
     again: a second forward over the example, a training and a validation batch."""

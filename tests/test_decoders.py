@@ -1,5 +1,5 @@
 """Hugging Face decoders as user models. GPT-2: its ``Conv1D`` projections are taken as the
-``nn.Linear`` they compute (``petra.tasks.contract.linear_stand_ins``), so every gene that takes a
+``nn.Linear`` they compute (``petra.tasks.stand_ins.linear_stand_ins``), so every gene that takes a
 Linear takes them, and its fused q, k, v projection loses whole heads
 (``petra.compress.attention``). GPT-NeoX: its fused projection is laid out by head. Llama: its
 attention's head count is its config's; a grouped key/value attention loses a key/value head with
@@ -18,7 +18,8 @@ from torch import nn
 from petra import Task
 from petra.candidate.baseline import baseline_key
 from petra.config import load_config
-from petra.tasks.contract import adapt, linear_stand_ins
+from petra.tasks.contract import adapt
+from petra.tasks.stand_ins import linear_stand_ins
 
 pytest.importorskip("transformers")
 

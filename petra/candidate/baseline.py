@@ -51,7 +51,7 @@ def baseline_key(task_name: str, task_params: dict[str, Any], seed: int = 0,
                  stand_ins: Sequence[str] = (), plain: Sequence[str] = (),
                  fingerprint: str = "") -> str:
     """The baseline cache's key; ``stand_ins``, the layers the task contract replaced
-    (:func:`petra.tasks.contract.linear_stand_ins`, ``bag:`` and those of
+    (:func:`petra.tasks.stand_ins.linear_stand_ins`, ``bag:`` and those of
     :func:`petra.tasks.bags.bag_stand_ins`), change the weights' shapes or names, and
     ``plain``, the layers whose reparametrization it baked (``plain_weights``), their names;
     ``fingerprint`` (:func:`petra.tasks.fingerprint.fingerprint`) is the model, the data and

@@ -69,9 +69,9 @@ class Task:
     info: dict[str, Any] = field(default_factory=dict)
     #: The ONNX input names, set by :func:`petra.tasks.contract.adapt`.
     input_names: tuple[str, ...] = ()
-    #: The layers :func:`petra.tasks.contract.linear_stand_ins` replaced by an ``nn.Linear``.
+    #: The layers :func:`petra.tasks.stand_ins.linear_stand_ins` replaced by an ``nn.Linear``.
     linear_stand_ins: tuple[str, ...] = ()
-    #: The layers whose weight norm or spectral norm :func:`petra.tasks.contract.plain_weights`
+    #: The layers whose weight norm or spectral norm :func:`petra.tasks.stand_ins.plain_weights`
     #: baked into a plain weight.
     plain_weights: tuple[str, ...] = ()
     #: The attentions :func:`petra.tasks.widths.own_width_forwards` gave a forward that sizes

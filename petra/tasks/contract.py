@@ -12,14 +12,14 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - ``task.input_names`` names them: the dict's keys, or ``input`` (``input_0``, ``input_1``... for
   a tuple). These are the artifact's ONNX input names, each with a dynamic batch axis.
 - A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear that stores its weight transposed)
-  is replaced by the ``nn.Linear`` it computes (:func:`linear_stand_ins`), so every gene that
+  is replaced by the ``nn.Linear`` it computes (:func:`~petra.tasks.stand_ins.linear_stand_ins`), so every gene that
   takes a Linear takes it; ``task.linear_stand_ins`` names them.
 - An ``nn.EmbeddingBag`` read as a 2-D batch of ids is replaced by the ``nn.Embedding`` and the
   pooling it computes (:mod:`petra.tasks.bags`), so its table is an embedding like any other;
   ``task.bag_stand_ins`` names them.
 - A weight reparametrization (``weight_norm``, ``spectral_norm``, either form; the masks
   ``torch.nn.utils.prune`` leaves in place) is baked into the plain weight it computes
-  (:func:`plain_weights`): channel removal assigns new weights, which a parametrized layer
+  (:func:`~petra.tasks.stand_ins.plain_weights`): channel removal assigns new weights, which a parametrized layer
   refuses; ``task.plain_weights`` names the layers.
 - An attention that sizes its heads from its input's width (``B, N, C = x.shape``, then
   ``reshape(B, N, C)``) sizes them from its own (:mod:`petra.tasks.widths`);
@@ -45,7 +45,7 @@ from torch import nn
 
 from petra.errors import first_line
 from petra.tasks.bags import bag_stand_ins
-from petra.tasks.stand_ins import swap_if_unchanged
+from petra.tasks.stand_ins import linear_stand_ins, plain_weights
 from petra.tasks.widths import own_width_forwards
 
 if TYPE_CHECKING:
@@ -315,71 +315,29 @@ def no_fast_path(model: nn.Module) -> None:
             owner.use_nested_tensor = False
 
 
-def plain_weights(model: nn.Module) -> tuple[str, ...]:
-    """Bake every weight reparametrization of ``model`` into the plain tensor it computes, in
-    place, and return the layers' names: ``torch.nn.utils.parametrizations.weight_norm`` and
-    ``spectral_norm`` (``parametrize``), the older hook forms ``weight_norm`` and
-    ``spectral_norm``, and the masks of ``torch.nn.utils.prune`` (``weight_orig`` times
-    ``weight_mask``, as ``prune.remove`` makes them permanent). The layers compute what they computed (a spectral norm as in eval mode);
-    a fine-tune then trains the plain weight. torch-pruning assigns a pruned layer a new
-    ``weight`` parameter, which a parametrized layer refuses (``attribute 'weight' already
-    exists``)."""
-    from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    baked = []
-    for name, module in list(model.named_modules()):
-        hooks = [h for h in module._forward_pre_hooks.values()
-                 if isinstance(h, WeightNorm | SpectralNorm | prune.BasePruningMethod)]
-        for hook in hooks:
-            {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_norm}.get(
-                type(hook), prune.remove)(module, hook._tensor_name if isinstance(
-                    hook, prune.BasePruningMethod) else hook.name)
-        if parametrize.is_parametrized(module):
-            for tensor in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
-        elif not hooks:
-            continue
-        baked.append(name)
-    return tuple(baked)
-
-
-def _is_transposed_linear(module: nn.Module) -> bool:
-    """A Hugging Face ``Conv1D``: ``x @ weight + bias``, ``weight`` of shape ``(nx, nf)``."""
-    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
-            and weight is not None and weight.dim() == 2 and weight.shape[1] == module.nf
-            and (bias is None or tuple(bias.shape) == (module.nf,)) and not module._modules)
-
-
-def linear_stand_ins(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
-    """Replace, in place, each Hugging Face ``Conv1D`` of ``model`` (a :class:`TaskModel`, or any
-    model that takes ``inputs`` positionally and returns a tensor) by the ``nn.Linear`` that
-    computes the same (its weight transposed), and return their names.
-
-    The model's outputs on ``inputs`` must not change: where they do (a ``Conv1D`` that is not
-    the plain transposed Linear), every layer is put back and nothing is replaced.
-    """
-    found = [(name, module) for name, module in model.named_modules()
-             if name and _is_transposed_linear(module)]
-    return swap_if_unchanged(model, inputs, found, _linear_of, rtol=1e-4, atol=1e-5)
-
-
-def _linear_of(module: nn.Module) -> nn.Linear:
-    """The ``nn.Linear`` a Hugging Face ``Conv1D`` computes: its weight transposed."""
-    weight, bias = module.weight, module.bias
-    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight.T)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
 class TaskError(ValueError):
     """A task function that raised on the task's own data, named with its error in one line."""
+
+
+def _deterministic(model: nn.Module, example_input: Sequence[Any], name: str) -> None:
+    """Two forwards of the example batch in eval mode, which must agree: petra verifies each
+    compression by comparing outputs, and measures a candidate's accuracy once.
+
+    Raises:
+        TaskError: where they differ (a forward that samples, as a VAE's ``randn_like``, or
+            that updates a state it reads).
+    """
+    first, second = (tensors_in(model(*example_input)) for _ in range(2))
+    diff = max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(
+        1e-12)).item() for a, b in zip(first, second, strict=True)
+        if a.shape == b.shape and a.is_floating_point() and a.numel()) if first else 0.0
+    if diff > 1e-5 or [t.shape for t in first] != [t.shape for t in second]:
+        raise TaskError(
+            f"the model's forward of task {name!r} is not deterministic in eval mode: two "
+            f"forwards of the example batch differ (by {diff:.2g} of the output's largest "
+            "value); petra checks each compression by comparing outputs, so a forward must not "
+            "sample in eval mode (a VAE's randn_like: use the mean there) nor change a state it "
+            "reads")
 
 
 def check(task: Task, name: str) -> None:
@@ -407,7 +365,7 @@ def check(task: Task, name: str) -> None:
     stage = "forward"
     try:
         with torch.no_grad():
-            model(*task.example_input)
+            _deterministic(model, task.example_input, name)
             inputs, targets = first("train")
             outputs = model(*inputs)
             stage = "loss"

@@ -1,4 +1,5 @@
-"""Swapping a user's layers for modules that compute the same, only where nothing changes."""
+"""Swapping a user's layers for modules that compute the same, only where nothing changes; baking
+its weights' reparametrizations into the plain weights they compute."""
 
 from __future__ import annotations
 
@@ -33,3 +34,66 @@ def swap_if_unchanged(model: nn.Module, inputs: Sequence[torch.Tensor],
             model.set_submodule(name, module)
     model.train(was_training)
     return tuple(name for name, _ in found) if same else ()
+
+
+def plain_weights(model: nn.Module) -> tuple[str, ...]:
+    """Bake every weight reparametrization of ``model`` into the plain tensor it computes, in
+    place, and return the layers' names: ``torch.nn.utils.parametrizations.weight_norm`` and
+    ``spectral_norm`` (``parametrize``), the older hook forms ``weight_norm`` and
+    ``spectral_norm``, and the masks of ``torch.nn.utils.prune`` (``weight_orig`` times
+    ``weight_mask``, as ``prune.remove`` makes them permanent). The layers compute what they computed (a spectral norm as in eval mode);
+    a fine-tune then trains the plain weight. torch-pruning assigns a pruned layer a new
+    ``weight`` parameter, which a parametrized layer refuses (``attribute 'weight' already
+    exists``)."""
+    from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    baked = []
+    for name, module in list(model.named_modules()):
+        hooks = [h for h in module._forward_pre_hooks.values()
+                 if isinstance(h, WeightNorm | SpectralNorm | prune.BasePruningMethod)]
+        for hook in hooks:
+            {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_norm}.get(
+                type(hook), prune.remove)(module, hook._tensor_name if isinstance(
+                    hook, prune.BasePruningMethod) else hook.name)
+        if parametrize.is_parametrized(module):
+            for tensor in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+        elif not hooks:
+            continue
+        baked.append(name)
+    return tuple(baked)
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D``: ``x @ weight + bias``, ``weight`` of shape ``(nx, nf)``."""
+    weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and weight is not None and weight.dim() == 2 and weight.shape[1] == module.nf
+            and (bias is None or tuple(bias.shape) == (module.nf,)) and not module._modules)
+
+
+def linear_stand_ins(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
+    """Replace, in place, each Hugging Face ``Conv1D`` of ``model`` (a :class:`TaskModel`, or any
+    model that takes ``inputs`` positionally and returns a tensor) by the ``nn.Linear`` that
+    computes the same (its weight transposed), and return their names.
+
+    The model's outputs on ``inputs`` must not change: where they do (a ``Conv1D`` that is not
+    the plain transposed Linear), every layer is put back and nothing is replaced.
+    """
+    found = [(name, module) for name, module in model.named_modules()
+             if name and _is_transposed_linear(module)]
+    return swap_if_unchanged(model, inputs, found, _linear_of, rtol=1e-4, atol=1e-5)
+
+
+def _linear_of(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` a Hugging Face ``Conv1D`` computes: its weight transposed."""
+    weight, bias = module.weight, module.bias
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
