@@ -341,6 +341,7 @@ def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_ch
 
     from petra import Task
     from petra.tasks.contract import adapt
+    from petra.tasks.stand_ins import plain_weights
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -362,6 +363,14 @@ def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_ch
     assert prune_channels(task.model, task.example_input, {"0": ("l2_channel", 0.5)},
                           round_to=1, protected=["5"]) == {"0": (8, 4)}
     assert task.model(x).shape == (4, 3)
+    # A spectral norm handed over in train mode is baked as in eval mode, without one more
+    # power iteration.
+    sn = parametrizations.spectral_norm(nn.Linear(8, 8))
+    sn(torch.randn(3, 8))  # one iteration in train mode, as training left it
+    with torch.no_grad():
+        want = sn.eval().weight.clone()
+    plain_weights(sn.train())
+    assert torch.equal(sn.weight, want)
 
 
 def test_the_masks_torch_prune_left_on_a_users_model_are_baked_into_its_weights():

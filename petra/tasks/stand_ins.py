@@ -58,6 +58,7 @@ def plain_weights(model: nn.Module) -> tuple[str, ...]:
                 type(hook), prune.remove)(module, hook._tensor_name if isinstance(
                     hook, prune.BasePruningMethod) else hook.name)
         if parametrize.is_parametrized(module):
+            module.parametrizations.eval()  # a spectral norm in train mode iterates once more
             for tensor in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
         elif not hooks:
