@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from petra.candidate import artifact
 from petra.candidate.baseline import prepare_baseline
 from petra.candidate.train import evaluate_metric, train
 from petra.tasks import Task, load_task
@@ -391,12 +392,13 @@ def test_an_artifact_that_outputs_nan_where_the_model_does_passes_the_check():
                 check_artifact(task, "t", session)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_half_precision_model_is_computed_in_float32_and_says_so(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_half_or_double_precision_model_is_computed_in_float32_and_says_so(dtype):
     """A model handed over in bfloat16 stopped the command: the default metric raised ``Got
-    unsupported ScalarType BFloat16``. ONNX Runtime's CPU kernels and int8 quantizers take
-    float32, so the model, its inputs and its float targets are computed in float32, and
-    ``task.cast_from`` says from what."""
+    unsupported ScalarType BFloat16``; one in float64 with a conv was refused (ONNX Runtime
+    has no float64 Conv kernel), and without one had every quantization scheme withheld. ONNX
+    Runtime's CPU kernels and int8 quantizers take float32, so the model, its inputs and its
+    float targets are computed in float32, and ``task.cast_from`` says from what."""
     from torch import nn
 
     from petra import Task
@@ -405,7 +407,8 @@ def test_a_half_precision_model_is_computed_in_float32_and_says_so(dtype):
     torch.manual_seed(0)
     x = torch.randn(6, 4)
     batch = [(x.to(dtype), torch.randn(6).to(dtype))]
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1), nn.Flatten(0))
+    model = nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 2, 3), nn.Flatten(),
+                          nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1), nn.Flatten(0))
     task = adapt(Task(model=model.to(dtype).eval(), train=batch, val=batch, test=batch,
                       example_input=x.to(dtype), trained=True,
                       loss=torch.nn.functional.mse_loss,
@@ -416,6 +419,8 @@ def test_a_half_precision_model_is_computed_in_float32_and_says_so(dtype):
     (inputs, targets), = list(task.val)
     assert inputs[0].dtype == targets.dtype == task.example_input[0].dtype == torch.float32
     check(task, "t")
+    session = artifact.load(artifact.pack(artifact.export_onnx(task.model, task.example_input)))
+    assert session.run(None, {"input": x.numpy()})[0].shape == (6,)
 
 
 def test_a_compiled_model_is_searched_as_the_model_it_wraps():

@@ -322,7 +322,7 @@ def describe(baseline: Baseline, metric: Any = accuracy, cast_from: str = "") ->
     when the dense model is within :data:`CHANCE_MARGIN` of chance (a ConvNeXtV2 and a
     SegFormer written outside the repo sat at 0.23 on 4 classes, and their searches went ahead
     in silence) or errs on fewer than :data:`FEW_VAL_ERRORS` validation examples; a note where
-    the model was handed over in ``cast_from`` (a half-precision dtype)."""
+    the model was handed over in ``cast_from`` (float16, bfloat16 or float64)."""
     b = baseline.metrics
     n = int(b.get("val_examples", 0))
     line = (f"baseline: val {b['val_accuracy']:.4f} of {n} examples, test "

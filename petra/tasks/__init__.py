@@ -77,7 +77,7 @@ class Task:
     #: The attentions :func:`petra.tasks.widths.own_width_forwards` gave a forward that sizes
     #: their heads from their own width, not their input's.
     own_width: tuple[str, ...] = ()
-    #: The half-precision dtype of a model :func:`petra.tasks.contract.adapt` computes in
+    #: The dtype (float16, bfloat16, float64) of a model :func:`petra.tasks.contract.adapt` computes in
     #: float32, or "".
     cast_from: str = ""
 

@@ -25,9 +25,10 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
   ``reshape(B, N, C)``) sizes them from its own (:mod:`petra.tasks.widths`);
   ``task.own_width`` names them.
 - A model wrapped by ``torch.compile`` is unwrapped: its layers are the model's.
-- A model in float16 or bfloat16 is computed in float32, with its inputs and targets
+- A model in float16, bfloat16 or float64 is computed in float32, with its inputs and targets
   (``task.cast_from`` names the dtype): ONNX Runtime's CPU kernels and its int8 quantizers
-  take float32, and a bfloat16 output failed the default metric (``Got unsupported ScalarType
+  take float32 (a float64 conv has no kernel there, and no quantizer touched a float64
+  graph), and a bfloat16 output failed the default metric (``Got unsupported ScalarType
   BFloat16``).
 
 ``metric`` and ``loss`` always receive torch tensors: a model's output in torch, and an ONNX
@@ -123,13 +124,14 @@ def as_tuple(inputs: Any, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
                  for v in values)
 
 
-#: The half-precision dtypes petra computes in float32 (:func:`adapt`).
-HALF = (torch.float16, torch.bfloat16)
+#: The floating dtypes petra computes in float32 (:func:`adapt`).
+CAST = (torch.float16, torch.bfloat16, torch.float64)
 
 
 def full(value: Any) -> Any:
-    """``value`` in float32 where it is a half-precision tensor; as it is otherwise."""
-    return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF else value
+    """``value`` in float32 where it is a tensor of a dtype of :data:`CAST`; as it is
+    otherwise."""
+    return value.float() if isinstance(value, torch.Tensor) and value.dtype in CAST else value
 
 
 def args(inputs: Any) -> tuple[Any, ...]:
@@ -243,12 +245,12 @@ def adapt(task: Task) -> Any:
     example = task.example_input
     names = input_names(example)
     keyword = isinstance(example, Mapping)
-    halves = {str(t.dtype).removeprefix("torch.") for t in (*task.model.parameters(),
-                                                            *task.model.buffers())
-              if t.dtype in HALF}
-    if halves:  # ONNX Runtime's CPU kernels, and its int8 quantizers, take float32
+    cast = {str(t.dtype).removeprefix("torch.") for t in (*task.model.parameters(),
+                                                          *task.model.buffers())
+            if t.dtype in CAST}
+    if cast:  # ONNX Runtime's CPU kernels, and its int8 quantizers, take float32
         task.model.float()
-        task.cast_from = ", ".join(sorted(halves))
+        task.cast_from = ", ".join(sorted(cast))
     task.model = TaskModel(task.model, names, keyword, task.output or first_tensor)
     task.example_input = as_tuple(example, names)
     no_fast_path(task.model)
