@@ -61,8 +61,8 @@ COMBINATION = "fails only in combination with other pruned layers"
 UNEQUAL = "runs only where other layers lose the same share of their width"
 #: Why a channel removal is withheld that computes other than zeroing the same channels.
 REDUCED = ("removing channels changes what the kept channels compute: the forward reduces over "
-           "the channels outside a layer (a mean, a variance or a softmax over them, a weight "
-           "standardized over its input channels?)")
+           "the channels outside a layer (a mean, a variance or a softmax over them, a Fourier "
+           "transform along them, a weight standardized over its input channels?)")
 #: Why a skip that runs alone is withheld where the other units' removals break it.
 AROUND = "runs only while the layers around it keep their units"
 
