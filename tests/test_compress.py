@@ -407,6 +407,55 @@ def test_the_masks_torch_prune_left_on_a_users_model_are_baked_into_its_weights(
     assert task.model(x).shape == (4, 3)
 
 
+class FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision's form: statistics and affine in buffers, as detection backbones use."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        for name, value in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n)),
+                            ("running_mean", torch.randn(n)), ("running_var", torch.rand(n) + .5)):
+            self.register_buffer(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(
+            1, -1, 1, 1)
+
+
+def test_a_frozen_batchnorm_of_buffers_loses_channels_with_its_conv_and_stays_frozen():
+    """Buffers are not cut by torch-pruning: a conv followed by a ``FrozenBatchNorm2d`` lost
+    channels its norm still had (``The size of tensor a (8) must match the size of tensor b
+    (16)``), so every conv of such a backbone was withheld. The contract replaces the norm
+    by a BatchNorm that computes the same, in train mode too, and is never re-estimated."""
+    from torch import nn
+
+    from petra import Task
+    from petra.compress.gates import recalibrate_batchnorm
+    from petra.tasks.contract import adapt
+    from petra.tasks.stand_ins import FrozenNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), FrozenBatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    task = adapt(Task(model=model, train=[(x, torch.zeros(2, dtype=torch.long))], val=[],
+                      test=[], example_input=x, trained=True))
+    assert task.frozen_norms == ("1",) and isinstance(model[1], FrozenNorm)
+    stats = model[1].running_mean.clone()
+    recalibrate_batchnorm(task.model, [((x,), None)])  # the tier-0 re-estimation leaves it
+    with torch.no_grad():
+        torch.testing.assert_close(task.model.train()(x), want)
+        torch.testing.assert_close(task.model.eval()(x), want)
+    assert torch.equal(model[1].running_mean, stats)
+    assert prune_channels(task.model, task.example_input, {"0": ("l2_channel", 0.5)},
+                          round_to=1, protected=["5"]) == {"0": (16, 8)}
+    assert task.model(x).shape == (2, 4) and model[1].running_var.shape == (8,)
+    assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
+
+
 def test_a_group_norms_channels_go_in_multiples_of_its_groups():
     """Channels kept by a group that a ``GroupNorm`` reads are a multiple of its groups: at
     0.8 of 32 channels, 6 were kept and the norm failed (``Expected number of channels in

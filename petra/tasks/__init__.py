@@ -71,14 +71,16 @@ class Task:
     input_names: tuple[str, ...] = ()
     #: The layers :func:`petra.tasks.stand_ins.linear_stand_ins` replaced by an ``nn.Linear``.
     linear_stand_ins: tuple[str, ...] = ()
+    #: The frozen BatchNorms :func:`petra.tasks.stand_ins.frozen_norms` replaced.
+    frozen_norms: tuple[str, ...] = ()
     #: The layers whose weight norm or spectral norm :func:`petra.tasks.stand_ins.plain_weights`
     #: baked into a plain weight.
     plain_weights: tuple[str, ...] = ()
     #: The attentions :func:`petra.tasks.widths.own_width_forwards` gave a forward that sizes
     #: their heads from their own width, not their input's.
     own_width: tuple[str, ...] = ()
-    #: The dtype (float16, bfloat16, float64) of a model :func:`petra.tasks.contract.adapt` computes in
-    #: float32, or "".
+    #: The dtype (float16, bfloat16, float64) of a model :func:`petra.tasks.contract.adapt`
+    #: computes in float32, or "".
     cast_from: str = ""
 
 

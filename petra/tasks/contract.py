@@ -12,15 +12,20 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
 - ``task.input_names`` names them: the dict's keys, or ``input`` (``input_0``, ``input_1``... for
   a tuple). These are the artifact's ONNX input names, each with a dynamic batch axis.
 - A Hugging Face ``Conv1D`` (GPT-2's projections: a Linear that stores its weight transposed)
-  is replaced by the ``nn.Linear`` it computes (:func:`~petra.tasks.stand_ins.linear_stand_ins`), so every gene that
-  takes a Linear takes it; ``task.linear_stand_ins`` names them.
+  is replaced by the ``nn.Linear`` it computes
+  (:func:`~petra.tasks.stand_ins.linear_stand_ins`), so every gene that takes a Linear takes
+  it; ``task.linear_stand_ins`` names them.
 - An ``nn.EmbeddingBag`` read as a 2-D batch of ids is replaced by the ``nn.Embedding`` and the
   pooling it computes (:mod:`petra.tasks.bags`), so its table is an embedding like any other;
   ``task.bag_stand_ins`` names them.
 - A weight reparametrization (``weight_norm``, ``spectral_norm``, either form; the masks
   ``torch.nn.utils.prune`` leaves in place) is baked into the plain weight it computes
-  (:func:`~petra.tasks.stand_ins.plain_weights`): channel removal assigns new weights, which a parametrized layer
-  refuses; ``task.plain_weights`` names the layers.
+  (:func:`~petra.tasks.stand_ins.plain_weights`): channel removal assigns new weights, which
+  a parametrized layer refuses; ``task.plain_weights`` names the layers.
+- A frozen BatchNorm that holds its statistics and affine in buffers (torchvision's and
+  detectron2's ``FrozenBatchNorm2d``) is replaced by a BatchNorm that computes the same and
+  stays frozen (:class:`~petra.tasks.stand_ins.FrozenNorm`), whose channels go with its conv's;
+  ``task.frozen_norms`` names them.
 - An attention that sizes its heads from its input's width (``B, N, C = x.shape``, then
   ``reshape(B, N, C)``) sizes them from its own (:mod:`petra.tasks.widths`);
   ``task.own_width`` names them.
@@ -46,7 +51,7 @@ from torch import nn
 
 from petra.errors import first_line
 from petra.tasks.bags import bag_stand_ins
-from petra.tasks.stand_ins import linear_stand_ins, plain_weights
+from petra.tasks.stand_ins import frozen_norms, linear_stand_ins, plain_weights
 from petra.tasks.widths import own_width_forwards
 
 if TYPE_CHECKING:
@@ -256,6 +261,7 @@ def adapt(task: Task) -> Any:
     no_fast_path(task.model)
     task.plain_weights = plain_weights(task.model)
     task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
+    task.frozen_norms = frozen_norms(task.model, task.example_input)
     task.own_width = own_width_forwards(task.model, task.example_input)
     task.bag_stand_ins = bag_stand_ins(task.model, task.example_input)
     task.input_names = names

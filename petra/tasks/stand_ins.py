@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def swap_if_unchanged(model: nn.Module, inputs: Sequence[torch.Tensor],
@@ -41,10 +42,10 @@ def plain_weights(model: nn.Module) -> tuple[str, ...]:
     place, and return the layers' names: ``torch.nn.utils.parametrizations.weight_norm`` and
     ``spectral_norm`` (``parametrize``), the older hook forms ``weight_norm`` and
     ``spectral_norm``, and the masks of ``torch.nn.utils.prune`` (``weight_orig`` times
-    ``weight_mask``, as ``prune.remove`` makes them permanent). The layers compute what they computed (a spectral norm as in eval mode);
-    a fine-tune then trains the plain weight. torch-pruning assigns a pruned layer a new
-    ``weight`` parameter, which a parametrized layer refuses (``attribute 'weight' already
-    exists``)."""
+    ``weight_mask``, as ``prune.remove`` makes them permanent). The layers compute what they
+    computed (a spectral norm as in eval mode); a fine-tune then trains the plain weight.
+    torch-pruning assigns a pruned layer a new ``weight`` parameter, which a parametrized layer
+    refuses (``attribute 'weight' already exists``)."""
     from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
@@ -98,3 +99,53 @@ def _linear_of(module: nn.Module) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+class FrozenNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm that normalizes by its running statistics in train mode too, and never
+    re-estimates them: what a ``FrozenBatchNorm2d`` computes from its four buffers. As a
+    BatchNorm, torch-pruning removes its channels with its conv's, and the exporter writes a
+    BatchNormalization that ONNX Runtime folds into the conv; its weight and bias are frozen
+    parameters (buffers, which torch-pruning does not cut, left the conv's group withheld)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:  # noqa: A002 - torch's name
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (got {input.dim()}-D input)")
+
+    def reset_running_stats(self) -> None:
+        """Nothing: the statistics are the model's (a BatchNorm re-estimation leaves them)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+        self._check_input_dim(input)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
+
+_FROZEN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _frozen_norm_of(module: nn.Module) -> FrozenNorm:
+    width = module.weight.numel()
+    norm = FrozenNorm(width, eps=float(getattr(module, "eps", 1e-5)))
+    with torch.no_grad():
+        for name in _FROZEN_BUFFERS:
+            getattr(norm, name).copy_(getattr(module, name))
+    norm.weight.requires_grad_(False)
+    norm.bias.requires_grad_(False)
+    return norm.to(module.weight.device)
+
+
+def frozen_norms(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
+    """Replace, in place, each frozen BatchNorm of ``model`` (a module with no parameters or
+    children, whose floating buffers are ``weight``, ``bias``, ``running_mean`` and
+    ``running_var`` of one length, as torchvision's ``FrozenBatchNorm2d``) by the
+    :class:`FrozenNorm` that computes the same, and return their names; none where the model's
+    outputs on ``inputs`` change."""
+    found = [(name, module) for name, module in model.named_modules()
+             if name and not isinstance(module, nn.modules.batchnorm._BatchNorm)
+             and not module._parameters and not module._modules
+             and {n for n, b in module._buffers.items() if b is not None and b.is_floating_point()}
+             == set(_FROZEN_BUFFERS)
+             and len({tuple(module._buffers[n].shape) for n in _FROZEN_BUFFERS}) == 1
+             and module._buffers["weight"].dim() == 1]
+    return swap_if_unchanged(model, inputs, found, _frozen_norm_of, rtol=1e-4, atol=1e-5)
