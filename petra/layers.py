@@ -362,7 +362,8 @@ def unhandled_layers(model: nn.Module, layers: Iterable[LayerInfo],
         weight = module._parameters.get("weight")
         weight = weight if weight is not None else next((  # a MoE's bank; LSTMCell's weight_ih
             p for n, p in module._parameters.items() if p is not None and p.dim() >= 3 - (
-                "weight" in n)), None)
+                "weight" in n) and (p.requires_grad or "weight" in n)), None)  # not a frozen
+        # table (a position table, made a parameter from a buffer): it loses the stream's channels
         if not name or weight is None or sum(size > 1 for size in weight.shape) < 2 or any(
                 name == h or name.startswith(f"{h}.") for h in handled):
             continue

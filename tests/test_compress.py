@@ -456,6 +456,55 @@ def test_a_frozen_batchnorm_of_buffers_loses_channels_with_its_conv_and_stays_fr
     assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
 
 
+def test_a_position_table_kept_as_a_buffer_loses_the_channels_of_the_stream_it_is_added_to():
+    """The PyTorch tutorial's ``PositionalEncoding`` adds a buffer to the stream: torch-pruning
+    cuts parameters, not buffers, so the table kept its width (``The size of tensor a (8) must
+    match the size of tensor b (32)``) and every writer of the stream was withheld. Made a
+    frozen parameter, it loses the same channels: the pruned model equals the dense one with
+    those channels zeroed, and the table stays frozen. A buffer the forward assigns in train
+    mode (a running mean) stays a buffer."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import adapt
+
+    class Table(nn.Module):
+        def __init__(self, assign: bool = False) -> None:
+            super().__init__()
+            self.proj, self.head, self.assign = nn.Linear(4, 32), nn.Linear(32, 3), assign
+            self.register_buffer("pe", torch.randn(6, 1, 32))
+            self.register_buffer("inv_freq", torch.randn(8), persistent=False)  # left alone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (time, batch, 4)
+            h = torch.relu(self.proj(x) + self.pe[: x.shape[0]])
+            if self.assign and self.training:
+                self.pe = self.pe * 0.9
+            return self.head(h.mean(0))
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 4)
+    kept = adapt(Task(model=Table(assign=True).eval(), train=[(x, torch.zeros(2).long())],
+                      val=[], test=[], example_input=x, trained=True))
+    assert kept.buffer_parameters == () and "pe" in dict(kept.model.named_buffers(
+        prefix="", recurse=True)).__str__()
+    model = Table().eval()
+    task = adapt(Task(model=model, train=[(x, torch.zeros(2).long())], val=[], test=[],
+                      example_input=x, trained=True))
+    assert task.buffer_parameters == ("pe",) and not model.pe.requires_grad
+    assert "inv_freq" in dict(model.named_buffers())
+    dense = copy.deepcopy(model)
+    assert prune_channels(task.model, task.example_input, {"proj": ("l2_channel", 0.5)},
+                          round_to=1, protected=["head"]) == {"proj": (32, 16)}
+    assert model.pe.shape == (6, 1, 16) and not model.pe.requires_grad
+    gone = [i for i in range(32) if not any(torch.equal(dense.proj.weight[i], w)
+                                            for w in model.proj.weight)]
+    with torch.no_grad():
+        dense.proj.weight[gone] = 0
+        dense.proj.bias[gone] = 0
+        dense.pe[..., gone] = 0
+        torch.testing.assert_close(model(x), dense(x))
+
+
 def test_a_group_norms_channels_go_in_multiples_of_its_groups():
     """Channels kept by a group that a ``GroupNorm`` reads are a multiple of its groups: at
     0.8 of 32 channels, 6 were kept and the norm failed (``Expected number of channels in

@@ -48,9 +48,7 @@ def out_channel_members(group: Any) -> list[nn.Module]:
     """The modules whose output channels a torch-pruning group prunes, in group order."""
     out, seen = [], set()
     for dep, _ in group:
-        module = dep.target.module
-        handler = dep.handler
-        name = getattr(handler, "__name__", "")
+        module, name = dep.target.module, getattr(dep.handler, "__name__", "")
         if name == "prune_out_channels" and id(module) not in seen and isinstance(
                 module, GATED_NORMS + WEIGHTED_LAYERS):
             seen.add(id(module))
@@ -197,11 +195,11 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
                    why: dict[str, str] | None = None, batchnorm: set[str] | None = None
                    ) -> tuple[set[str], tuple[str, ...]]:
     """``(structured, residual)``: the layers whose output channels torch-pruning can remove
-    with their group, and the writers of the residual stream (the hidden size), if the model
-    has one. A model torch-pruning cannot trace has none; the reason is appended to
-    ``errors``, when given. ``why``, when given, gets the writers of the groups
-    :func:`channel_groups` skips, with why. ``batchnorm``, when given, gets the layers whose
-    group holds an affine BatchNorm (what ``bn_scale`` ranks channels by).
+    with their group, and the writers of the residual stream (the hidden size), if the model has
+    one. A model torch-pruning cannot trace has none; the reason is appended to ``errors``, when
+    given. ``why``, when given, gets the writers of the groups :func:`channel_groups` skips,
+    with why. ``batchnorm``, when given, gets the layers whose group holds an affine BatchNorm
+    (what ``bn_scale`` ranks channels by).
 
     The residual stream is the channel group that at least two normalization layers
     (:data:`STREAM_NORMS`) follow and at least two layers write; where several qualify, the one
@@ -406,16 +404,18 @@ def check_indices(graph: Any, group: Any) -> None:
 def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
     """Remove output channels ``idxs`` of ``root`` and of every layer coupled to it. A
     ``GroupNorm`` with a group per channel (Wav2Vec2's first conv) keeps one per channel, a
-    frozen parameter stays frozen, and an ``nn.Transformer`` takes its stream's new width as
-    its ``d_model`` (a seq2seq model's width gene was withheld: ``the feature number of src and
-    tgt must be equal to d_model``)."""
+    frozen parameter (a loose one too: a position table) stays frozen, and an ``nn.Transformer``
+    takes its stream's new width as its ``d_model`` (``the feature number of src and tgt must
+    be equal to d_model`` withheld a seq2seq model's width)."""
     pruner = graph.get_pruner_of_module(root)
     before = pruner.get_out_channels(root)
     group = pruning_group(graph, root, pruner.prune_out_channels, idxs)
-    modules = [dep.target.module for dep, _ in group if isinstance(dep.target.module, nn.Module)]
+    modules = [dep.target.module for dep, _ in group  # and loose parameters (a position table)
+               if isinstance(dep.target.module, nn.Module | nn.Parameter)]
     per_channel = [m for m in modules if isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels]
-    names = {m: n for n, m in graph.model.named_modules()}
-    with keep_frozen(graph.model, list(dict.fromkeys(names[m] for m in modules if m in names))):
+    names = {id(m): n for n, m in graph.model.named_modules()} | {
+        id(p): n.rpartition(".")[0] for p, n in graph._param_to_name.items()}  # their owners'
+    with keep_frozen(graph.model, list(dict.fromkeys(names[id(m)] for m in modules if id(m) in names))):
         group.prune()
     for norm in per_channel:
         norm.num_groups = norm.num_channels

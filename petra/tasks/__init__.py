@@ -73,6 +73,8 @@ class Task:
     linear_stand_ins: tuple[str, ...] = ()
     #: The frozen BatchNorms :func:`petra.tasks.stand_ins.frozen_norms` replaced.
     frozen_norms: tuple[str, ...] = ()
+    #: The buffers :func:`petra.tasks.stand_ins.buffers_as_parameters` made frozen parameters.
+    buffer_parameters: tuple[str, ...] = ()
     #: The layers whose weight norm or spectral norm :func:`petra.tasks.stand_ins.plain_weights`
     #: baked into a plain weight.
     plain_weights: tuple[str, ...] = ()

@@ -26,6 +26,10 @@ A user's model may take a tensor, a tuple of tensors, or a dict of tensors (``in
   detectron2's ``FrozenBatchNorm2d``) is replaced by a BatchNorm that computes the same and
   stays frozen (:class:`~petra.tasks.stand_ins.FrozenNorm`), whose channels go with its conv's;
   ``task.frozen_norms`` names them.
+- Any other persistent floating buffer with a dimension longer than 1 (a sinusoidal position
+  table) becomes a frozen parameter of the same name
+  (:func:`~petra.tasks.stand_ins.buffers_as_parameters`), which torch-pruning cuts with the
+  channels it meets; ``task.buffer_parameters`` names them.
 - An attention that sizes its heads from its input's width (``B, N, C = x.shape``, then
   ``reshape(B, N, C)``) sizes them from its own (:mod:`petra.tasks.widths`);
   ``task.own_width`` names them.
@@ -51,7 +55,12 @@ from torch import nn
 
 from petra.errors import first_line
 from petra.tasks.bags import bag_stand_ins
-from petra.tasks.stand_ins import frozen_norms, linear_stand_ins, plain_weights
+from petra.tasks.stand_ins import (
+    buffers_as_parameters,
+    frozen_norms,
+    linear_stand_ins,
+    plain_weights,
+)
 from petra.tasks.widths import own_width_forwards
 
 if TYPE_CHECKING:
@@ -177,6 +186,7 @@ class TaskModel(nn.Module):
         self._modules = model._modules
         self._parameters = model._parameters
         self._buffers = model._buffers
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
         object.__setattr__(self, "inner", model)
         object.__setattr__(self, "output_fn", output)
         self.input_names = tuple(names)
@@ -262,6 +272,7 @@ def adapt(task: Task) -> Any:
     task.plain_weights = plain_weights(task.model)
     task.linear_stand_ins = linear_stand_ins(task.model, task.example_input)
     task.frozen_norms = frozen_norms(task.model, task.example_input)
+    task.buffer_parameters = buffers_as_parameters(task.model, task.example_input)
     task.own_width = own_width_forwards(task.model, task.example_input)
     task.bag_stand_ins = bag_stand_ins(task.model, task.example_input)
     task.input_names = names

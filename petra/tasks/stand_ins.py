@@ -3,6 +3,7 @@ its weights' reparametrizations into the plain weights they compute."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -149,3 +150,32 @@ def frozen_norms(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str,
              and len({tuple(module._buffers[n].shape) for n in _FROZEN_BUFFERS}) == 1
              and module._buffers["weight"].dim() == 1]
     return swap_if_unchanged(model, inputs, found, _frozen_norm_of, rtol=1e-4, atol=1e-5)
+
+
+def buffers_as_parameters(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
+    """Make each persistent floating buffer of ``model`` with a dimension longer than 1, outside
+    its norms' statistics, a frozen ``nn.Parameter`` of the same name, in place, and return
+    their names. torch-pruning follows parameters through the forward and cuts them with the
+    channels they meet; a buffer it does not see, so the sinusoidal table a transformer adds
+    to its stream (the PyTorch tutorial's ``PositionalEncoding``) kept its width while the
+    stream's shrank, and every writer of the stream was withheld. A parameter that needs no
+    grad stays frozen in every fine-tune. Where a forward in train mode then fails (one that
+    assigns the buffer a new tensor), nothing is changed."""
+    found = [(f"{owner}.{name}".lstrip("."), module, name)
+             for owner, module in model.named_modules()
+             if not isinstance(module, nn.modules.batchnorm._NormBase)
+             for name, buffer in module._buffers.items()
+             if buffer is not None and buffer.is_floating_point()
+             and name not in module._non_persistent_buffers_set
+             and any(size > 1 for size in buffer.shape)]
+    for _, module, name in found:
+        module.register_parameter(name, nn.Parameter(module._buffers.pop(name),
+                                                     requires_grad=False))
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).train()(*inputs)
+    except Exception:  # noqa: BLE001 - any failure puts every buffer back
+        for _, module, name in found:
+            module.register_buffer(name, module._parameters.pop(name).data)
+        return ()
+    return tuple(full for full, _, _ in found)
