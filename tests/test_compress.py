@@ -15,10 +15,11 @@ import torch
 
 import petra.compress  # noqa: F401  (fills the registries before collection)
 from petra.candidate import artifact
+from petra.compress.channel_counts import kept_channels
 from petra.compress.prune import PruneContext
 from petra.compress.quantize import QuantContext
 from petra.compress.regularize import RegContext
-from petra.compress.structured import kept_channels, prune_channels
+from petra.compress.structured import prune_channels
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
 from petra.tasks.contract import feed
 from tests.conftest import take
@@ -502,6 +503,38 @@ def test_a_position_table_kept_as_a_buffer_loses_the_channels_of_the_stream_it_i
         dense.proj.weight[gone] = 0
         dense.proj.bias[gone] = 0
         dense.pe[..., gone] = 0
+        torch.testing.assert_close(model(x), dense(x))
+
+
+def test_a_grouped_conv_reading_a_glu_splits_each_of_its_halves_in_its_groups():
+    """A gated CNN's ``F.glu`` ties channel j of its input to j + 8 (two runs of 8), and a conv
+    with 2 groups reads its 8 outputs as two runs of 4. The two constraints were merged into
+    lcm(2, 2) = 2 runs of 8, so one of the conv's input groups lost every channel and the
+    other none: its layers were withheld as reducing over channels. Taken as 4 runs of 4, the
+    removal equals zeroing the same channels."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.c1 = nn.Conv1d(4, 16, 3), nn.Conv1d(8, 8, 1, groups=2)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.c1(F.glu(self.c0(x), dim=1))).mean(-1))
+
+    torch.manual_seed(0)
+    model, x = Gated().eval(), torch.randn(2, 4, 10)
+    dense = copy.deepcopy(model)
+    assert prune_channels(model, (x,), {"c0": ("l2_channel", 0.5)}, round_to=1,
+                          protected=["head"]) == {"c0": (16, 8)}
+    kept = [i for i in range(8) if any(torch.equal(dense.c0.weight[i], w) for w in model.c0.weight)]
+    gone = [i for i in range(8) if i not in kept]
+    assert len([i for i in gone if i < 4]) == len([i for i in gone if i >= 4]) == 2
+    with torch.no_grad():
+        for row in gone + [g + 8 for g in gone]:
+            dense.c0.weight[row], dense.c0.bias[row] = 0, 0
         torch.testing.assert_close(model(x), dense(x))
 
 

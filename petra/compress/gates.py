@@ -21,12 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.channel_counts import kept_channels
 from petra.compress.kinds import WEIGHTED_LAYERS
-from petra.compress.structured import (
-    GATED_NORMS,
-    kept_channels,
-    remove_gated_channels,
-)
+from petra.compress.structured import GATED_NORMS, remove_gated_channels
 from petra.tasks.contract import args
 
 _BN, _LAYERS = GATED_NORMS, WEIGHTED_LAYERS

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from petra.compress.channel_counts import kept_channels
 from petra.compress.graph import directions, keep_frozen
 from petra.compress.readers import trace_readers
-from petra.compress.structured import kept_channels
 from petra.errors import first_line
 from petra.registry import PRUNING
 from petra.tasks.contract import args, copy_model

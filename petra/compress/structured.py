@@ -16,13 +16,20 @@ set, a dependency *group*. Each group is pruned once:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from petra.compress.channel_counts import (
+    channel_step,
+    conv_groups,
+    grouped_conv,
+    kept_channels,
+    lowest,
+    tied_runs,
+)
 from petra.compress.graph import (
     GroupDoesNotClose,
     dependency_graph,
@@ -30,7 +37,7 @@ from petra.compress.graph import (
     ops_to,
     pruning_group,
 )
-from petra.compress.kinds import CONV_LAYERS, WEIGHTED_LAYERS
+from petra.compress.kinds import WEIGHTED_LAYERS
 from petra.compress.writers import keep_one_each, writer_spans
 from petra.errors import Refused, a_kind, first_line, raised_in
 from petra.registry import PRUNING
@@ -54,68 +61,6 @@ def out_channel_members(group: Any) -> list[nn.Module]:
             seen.add(id(module))
             out.append(module)
     return out
-
-
-def channel_step(group: Any, round_to: int, runs: int = 1) -> int:
-    """``round_to``, made a multiple of the heads of each ``nn.MultiheadAttention`` in
-    ``group`` (its ``embed_dim``) and of :func:`conv_groups`."""
-    step = round_to
-    for dep, _ in group:
-        if isinstance(module := dep.target.module, nn.MultiheadAttention):
-            step = math.lcm(step, module.num_heads)
-    return math.lcm(step, conv_groups(group, runs))
-
-
-def conv_groups(group: Any, runs: int = 1) -> int:
-    """How many equal runs the channels of ``group`` fall in, each of which a removal must
-    leave alike: the group counts of its grouped convolutions (not depthwise ones), whose
-    channels it writes or reads, of its GroupNorms (not one group per channel: a GroupNorm
-    regroups the channels it keeps in order, so each group must keep as many), and ``runs``
-    (:func:`tied_runs`); 1 where it has none."""
-    count = runs
-    for dep, _ in group:
-        if _grouped_conv(module := dep.target.module):
-            count = math.lcm(count, module.groups)
-        elif isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels:
-            count = math.lcm(count, module.num_groups)
-    return count
-
-
-def tied_runs(graph: Any, root: nn.Module) -> int:
-    """How many equal runs ``root``'s output channels fall in whose same offsets go together:
-    a projection chunked in two and multiplied (Phi-3's ``gate_up_proj``, a fused SwiGLU).
-    torch-pruning takes a channel of either half with its twin in the other, so a removal
-    chosen over all of them took up to twice as many as asked (128 asked of 256: 254 went);
-    chosen as the same offsets of every run, it takes what it asks. 1 where there are none."""
-    pruner = graph.get_pruner_of_module(root)
-    n = pruner.get_out_channels(root)
-    group = pruning_group(graph, root, pruner.prune_out_channels, [0])
-    own = sorted({int(i) for dep, idxs in group if dep.target.module is root
-                  and graph.is_out_channel_pruning_fn(dep.handler) for i in idxs})
-    runs = len(own)
-    return runs if runs > 1 and n % runs == 0 and own == [k * (n // runs) for k in range(runs)] \
-        else 1
-
-
-def lowest(scores: torch.Tensor, count: int, groups: int = 1) -> list[int]:
-    """The ``count`` channels of lowest score; across ``groups`` equal runs of channels (a
-    grouped convolution's), the same offsets in every run, by each offset's score summed over
-    the runs, ``count`` rounded down to a multiple of ``groups``. torch-pruning narrows a
-    grouped convolution's input by the offsets it keeps in the first run, and its output per
-    run, so any other removal fails or misreads the inputs."""
-    if groups == 1:
-        return torch.argsort(scores, stable=True)[:count].tolist()
-    size = scores.numel() // groups
-    offsets = torch.argsort(scores.reshape(groups, size).sum(0), stable=True)[: count // groups]
-    return sorted(g * size + int(j) for g in range(groups) for j in offsets)
-
-
-def kept_channels(n: int, sparsity: float, round_to: int) -> int:
-    """How many of ``n`` channels survive ``sparsity``, rounded to a multiple of ``round_to``."""
-    keep = max(1, n - int(round(sparsity * n)))
-    if round_to > 1 and n > round_to:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
-    return min(keep, n)
 
 
 #: A graph traced without a task model: every output it traced is the model's.
@@ -167,7 +112,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
             continue
         grouped = next((dep.target.module for dep, _ in group
                         if graph.is_in_channel_pruning_fn(dep.handler)
-                        and _grouped_conv(dep.target.module)
+                        and grouped_conv(dep.target.module)
                         and dep.target.module.in_channels == dep.target.module.groups), None)
         if grouped is not None:
             if skipped is not None:
@@ -177,12 +122,6 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
             continue
         if not any(m in ignored for m in members):
             yield group
-
-
-def _grouped_conv(module: Any) -> bool:
-    """Whether ``module`` is a grouped convolution that is not depthwise."""
-    return isinstance(module, CONV_LAYERS) and module.groups > 1 and not (
-        module.groups == module.in_channels == module.out_channels)
 
 
 #: Normalization layers whose presence marks a channel group as the residual stream: a

@@ -30,19 +30,16 @@ from petra.candidate import artifact
 from petra.compress import landing, masking
 from petra.compress.attention import kept_heads, prune_heads
 from petra.compress.blocks import skip_blocks
-from petra.compress.graph import dependency_graph, pruning_group
-from petra.compress.recurrent import gru_layers, prune_units
-from petra.compress.structured import (
-    channel_groups,
+from petra.compress.channel_counts import (
     channel_step,
-    check_indices,
     conv_groups,
-    heads_apart,
     kept_channels,
     lowest,
-    remove_channels,
     tied_runs,
 )
+from petra.compress.graph import dependency_graph, pruning_group
+from petra.compress.recurrent import gru_layers, prune_units
+from petra.compress.structured import channel_groups, check_indices, heads_apart, remove_channels
 from petra.compress.writers import keep_one_each, writer_spans
 from petra.errors import Refused, a_kind, first_line
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
