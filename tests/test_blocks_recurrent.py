@@ -128,6 +128,35 @@ def test_a_block_shared_across_depths_says_its_one_gene_skips_every_call(resnet)
     assert [b.calls for b in once] == [1, 1] and not any("calls" in s for s in skip_lines(once))
 
 
+class GatedConv(nn.Module):
+    """A gated CNN's layer: one grouped conv, padded outside it, then a GLU."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, 3, groups=groups)
+
+    def forward(self, x):
+        return torch.nn.functional.glu(self.conv(torch.nn.functional.pad(x, (2, 0))), dim=1)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_one_layer_residual_branch_may_be_skipped_grouped_or_not(groups):
+    """A gated CNN's branch ``x + glu(conv(pad(x)))`` got a skip gene only where its conv
+    was ungrouped: with 2 groups, none, and no line said why."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.l1, self.head = nn.Conv1d(3, 8, 1), GatedConv(groups), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.head((h + self.l1(h)).mean(-1))
+
+    torch.manual_seed(0)
+    found = {b.name: b for b in skippable_blocks(Net().eval(), (torch.randn(2, 3, 6),))}
+    assert found["l1"].kind == "branch"
+
+
 def test_skipping_an_unknown_block_names_the_ones_there_are(resnet):
     model, x = resnet
     with pytest.raises(ValueError, match="unknown block 'layer9'.*layer1, layer2"):

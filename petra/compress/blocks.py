@@ -146,12 +146,14 @@ def _layer_count(module: nn.Module) -> int:
 
 
 def _reshaped_layer(name: str, module: nn.Module, seen: dict[str, dict[str, Any]]) -> bool:
-    """Whether ``module`` holds one layer, not grouped, which does not keep its own input's
-    shape (a TCN block's conv, padded outside it), so that it has no skip gene of its own."""
+    """Whether ``module`` holds one layer, not depthwise (a grouped one may be: a gated CNN's),
+    which does not keep its own input's shape (a TCN block's conv, padded outside it), so that
+    it has no skip gene of its own."""
     inner = [(f"{name}.{n}", m) for n, m in module.named_modules()
              if isinstance(m, WEIGHTED_LAYERS)]
-    return len(inner) == 1 and getattr(inner[0][1], "groups", 1) == 1 and inner[0][0] in seen \
-        and seen[inner[0][0]]["in"] != seen[inner[0][0]]["out"]
+    groups = getattr(inner[0][1], "groups", 1) if len(inner) == 1 else 0
+    return len(inner) == 1 and (groups == 1 or groups < inner[0][1].in_channels) \
+        and inner[0][0] in seen and seen[inner[0][0]]["in"] != seen[inner[0][0]]["out"]
 
 
 class _Ops(torch.overrides.TorchFunctionMode):
