@@ -403,3 +403,30 @@ def test_a_group_whose_landing_passed_is_not_checked_again():
     assert with_memo.withheld == without.withheld and with_memo.names == without.names
     assert len(checked) == len(set(checked)) and len(checked) < len(every) / 2, (  # noqa: PT018
         len(checked), len(every))
+
+
+class _Vae(nn.Module):
+    """A VAE's encoder and classifier: the log-variance head is read in training only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mu, self.logvar = nn.Linear(6, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.enc(x))
+        z = self.mu(h)
+        if self.training:
+            z = z + torch.exp(0.5 * self.logvar(h)) * torch.randn_like(z)
+        return self.head(F.relu(z))
+
+
+def test_a_removal_that_breaks_the_train_mode_forward_is_withheld():
+    """The checks ran the model in eval mode, where a VAE's log-variance head is not read: its
+    encoder and mean head were offered, and every candidate that fine-tuned them failed
+    (``mat1 and mat2 shapes cannot be multiplied``). The trial now runs in train mode too."""
+    torch.manual_seed(0)
+    space = model_space(_space(), _Vae().eval(), (torch.randn(4, 6),))
+    for layer in ("enc", "mu"):
+        assert space.withheld[f"layers.{layer}"].startswith(
+            "in train mode, as a fine-tune runs it: the compressed model's forward fails")

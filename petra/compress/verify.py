@@ -40,8 +40,9 @@ from petra.compress.channel_counts import (
 from petra.compress.graph import dependency_graph, pruning_group
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import channel_groups, check_indices, heads_apart, remove_channels
+from petra.compress.trial_failure import failure, train_failure
 from petra.compress.writers import keep_one_each, writer_spans
-from petra.errors import Refused, a_kind, first_line
+from petra.errors import Refused, a_kind
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
 from petra.tasks.contract import args, copy_model
 
@@ -62,30 +63,6 @@ REDUCED = ("removing channels changes what the kept channels compute: the forwar
            "transform along them, a weight standardized over its input channels?)")
 #: Why a skip that runs alone is withheld where the other units' removals break it.
 AROUND = "runs only while the layers around it keep their units"
-
-
-@functools.lru_cache(maxsize=1024)
-def _ours(filename: str) -> bool:
-    """Whether ``filename`` is torch's, torch-pruning's, petra's or Python's code, not the model's."""
-    import os
-    import sys
-    import sysconfig
-
-    homes = [os.path.dirname(getattr(sys.modules.get(m), "__file__", None) or "/") for m in (
-        "torch", "torch_pruning", "petra")]
-    stdlib = sysconfig.get_paths()["stdlib"]
-    return filename.startswith("<") or any(filename.startswith(h + os.sep) for h in homes) or (
-        filename.startswith(stdlib + os.sep) and "site-packages" not in filename)
-
-
-def _source(tb: Any) -> str:
-    """``file:line (`code`)`` of a traceback entry."""
-    import linecache
-    import os
-
-    code = tb.tb_frame.f_code
-    text = re.sub(r"\s+#.*$", "", linecache.getline(code.co_filename, tb.tb_lineno).strip())
-    return f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}" + (f" (`{text}`)" if text else "")
 
 
 @dataclass(frozen=True)
@@ -127,45 +104,6 @@ def bisect(items: Sequence[Any], trial: Callable[[Sequence[Any]], str | None]) -
             bad[item] = f"{COMBINATION} ({failed})"
     # all of them ran this time (a flaky failure): withhold the set, as it failed first
     return bad or {item: f"{COMBINATION} ({reason})" for item in items}
-
-
-def failure(exc: BaseException, model: nn.Module) -> str:
-    """The first line of ``exc``, and, where a torch-pruning handler raised it, the layer or
-    parameter of ``model`` nearest before the node it failed on: ``TypeError: unsupported
-    operand type(s) for +: 'int' and 'NoneType'`` alone (Mixtral's ``o_proj``) said nothing of
-    the split after the experts' weights that it came from. Where the pruned model's forward
-    raised it, the innermost layer whose forward raised (``bilinear(): input1 size does not
-    match weight size``: in an ``nn.Bilinear`` torch-pruning does not narrow)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    node, module, line = None, None, ""
-    tb = exc.__traceback__
-    while tb is not None:
-        code, this = tb.tb_frame.f_code, tb.tb_frame.f_locals.get("self")
-        if code.co_name == "__call__" and "torch_pruning" in code.co_filename:
-            node = getattr(this, "target", node)
-        elif code.co_name == "forward" and names.get(id(this)):
-            module = this  # the innermost layer of the model whose forward raised
-        if not _ours(code.co_filename):
-            line = _source(tb)  # the innermost line of the model's own code
-        tb = tb.tb_next
-    if node is None and module is not None:  # its own code: a size written in it, a split?
-        return (f"the compressed model's forward fails in {names[id(module)]}, "
-                f"{a_kind(type(module).__name__)} ({first_line(exc)})")
-    if node is None and line:  # the model's own forward, outside its layers (a bmm, a sum)
-        return f"the compressed model's forward fails at {line} ({first_line(exc)})"
-    if node is None:
-        return first_line(exc)
-    names.update({id(p): n for n, p in model.named_parameters()})
-    where, seen, todo = names.get(id(node.module)), set(), list(node.inputs)
-    while where is None and todo:  # an operation: the nearest layer or weight before it
-        up = todo.pop(0)
-        if id(up) not in seen:
-            seen.add(id(up))
-            where = names.get(id(up.module))
-            todo.extend(up.inputs)
-    op = type(node.module).__name__.strip("_").removesuffix("Op").lower()
-    at = where if id(node.module) in names else f"a {op} after {where or 'the input'}"
-    return f"torch-pruning fails to carry the channels through {at} ({first_line(exc)})"
 
 
 def structured_units(model: nn.Module, example_input: Sequence[Any], layers: Sequence[Any],
@@ -287,8 +225,9 @@ def _check_landings(model: nn.Module, example_input: Sequence[Any], graph: Any,
 def _runs(model: nn.Module, example_input: Sequence[Any],
           change: Callable[[nn.Module], Any], twin: Callable[[nn.Module], Any] | None = None,
           masks: Sequence[Any] = ()) -> str | None:
-    """Why a copy of ``model`` that ``change`` changed in place fails to run the example or to
-    export to ONNX, or None where it does both. With ``masks`` (what ``change`` removed of its
+    """Why a copy of ``model`` that ``change`` changed in place fails to run the example (in
+    eval mode, and in train mode where ``model`` runs so) or to export to ONNX, or None where
+    it does all three. With ``masks`` (what ``change`` removed of its
     channel groups), also where it computes other than a copy that ``twin`` changed, with those
     channels zeroed (:mod:`petra.compress.masking`)."""
     import torch
@@ -301,6 +240,10 @@ def _runs(model: nn.Module, example_input: Sequence[Any],
         artifact.export_onnx(candidate, args(example_input))
     except Exception as exc:  # noqa: BLE001 - any failure withholds what was tried
         return failure(exc, candidate)
+    # on copies: a forward in train mode may update a buffer in place
+    if (exc := train_failure(copy_model(candidate), example_input)) is not None and \
+            train_failure(copy_model(model), example_input) is None:
+        return f"in train mode, as a fine-tune runs it: {failure(exc, candidate)}"
     if not masks or twin is None or not isinstance(got, torch.Tensor):
         return None
     try:  # a twin petra cannot mask as it removed is not compared
