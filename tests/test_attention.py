@@ -987,3 +987,28 @@ def test_heads_kept_whole_for_a_per_head_layer_inside_say_so():
     assert space.kept_whole["attn"].endswith(
         "; bias_mlp.2 writes one output per head, a per-head term petra does not cut with the "
         "heads")
+
+
+def test_a_conv_over_the_heads_loses_the_removed_heads_groups():
+    """Nystromformer's attention runs a depthwise conv over its values' heads (``groups`` =
+    heads). Its weight was sliced to the kept heads, but not its groups and channels, so the
+    trial failed on petra's own edit (``Given groups=4, expected weight to be at least 4 at
+    dimension 0``) and the heads were kept whole."""
+    from petra.compress.per_head import slice_per_head
+
+    class WithConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query, self.key, self.value = (nn.Linear(16, 16) for _ in range(3))
+            self.num_attention_heads = 4
+            self.conv = nn.Conv2d(4, 4, (3, 1), padding=(1, 0), groups=4, bias=False)
+
+    torch.manual_seed(0)
+    attention, values = WithConv(), torch.randn(2, 4, 5, 4)  # (batch, heads, tokens, head dim)
+    with torch.no_grad():
+        want = attention.conv(values)[:, [0, 2]]
+    slice_per_head(attention, 4, [0, 2])
+    conv = attention.conv
+    assert conv.groups == conv.in_channels == conv.out_channels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(conv(values[:, [0, 2]]), want)

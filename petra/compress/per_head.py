@@ -9,7 +9,8 @@ A per-head tensor is a floating-point parameter or buffer of the attention or of
 submodules (or of a module beside it that holds tensors and no layers: BEiT's
 ``relative_position_bias``) that is neither a Linear (the projections lose their rows and columns themselves)
 nor a norm (a q/k norm's weights are per feature of a head), with
-exactly one dimension of the head count. A list of modules, one per head, that holds no layer
+exactly one dimension of the head count; a conv over the heads, one group per head
+(Nystromformer's depthwise conv of its values), loses the removed heads' groups with them. A list of modules, one per head, that holds no layer
 (StableLM's ``qk_layernorm``: a LayerNorm per head, applied to the heads in order) keeps the
 kept heads' entries: a list as long as the query heads keeps each kept unit's query heads, one
 as long as the units (a grouped attention's key/value heads) keeps the units. That is a guess
@@ -67,6 +68,10 @@ def slice_per_head(module: nn.Module, heads: int, keep: Sequence[int],
             owner._buffers[name] = new
         if isinstance(owner, nn.Embedding) and name == "weight":
             owner.embedding_dim = len(keep)
+        if isinstance(owner, nn.modules.conv._ConvNd) and name == "weight" and \
+                owner.groups == owner.in_channels == owner.out_channels == heads:
+            # a conv over the heads, one group each (Nystromformer's over its values)
+            owner.in_channels = owner.out_channels = owner.groups = len(keep)
 
 
 def _slice_lists(module: nn.Module, heads: int, keep: Sequence[int], group: int) -> None:
