@@ -168,6 +168,8 @@ def buffers_as_parameters(model: nn.Module, inputs: Sequence[torch.Tensor]) -> t
              if buffer is not None and buffer.is_floating_point()
              and name not in module._non_persistent_buffers_set
              and any(size > 1 for size in buffer.shape)]
+    if not found:
+        return ()
     for _, module, name in found:
         module.register_parameter(name, nn.Parameter(module._buffers.pop(name),
                                                      requires_grad=False))
