@@ -372,6 +372,14 @@ def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_ch
         want = sn.eval().weight.clone()
     plain_weights(sn.train())
     assert torch.equal(sn.weight, want)
+    # The older hook form of spectral_norm left its state-dict loading hook behind: the model
+    # could not load its own state dict (``Missing key(s): "weight_orig", "weight_u"``), and
+    # every petra evaluate and search stopped there.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old_sn = nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 8)))
+    assert plain_weights(old_sn) == ("0",)
+    old_sn.load_state_dict(old_sn.state_dict())
 
 
 def test_the_masks_torch_prune_left_on_a_users_model_are_baked_into_its_weights():

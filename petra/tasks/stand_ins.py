@@ -48,7 +48,7 @@ def plain_weights(model: nn.Module) -> tuple[str, ...]:
     torch-pruning assigns a pruned layer a new ``weight`` parameter, which a parametrized layer
     refuses (``attribute 'weight' already exists``)."""
     from torch.nn.utils import parametrize, prune, remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook
     from torch.nn.utils.weight_norm import WeightNorm
 
     baked = []
@@ -59,6 +59,11 @@ def plain_weights(model: nn.Module) -> tuple[str, ...]:
             {WeightNorm: remove_weight_norm, SpectralNorm: remove_spectral_norm}.get(
                 type(hook), prune.remove)(module, hook._tensor_name if isinstance(
                     hook, prune.BasePruningMethod) else hook.name)
+        # torch's remove_spectral_norm leaves its state-dict loading hook (it looks for the
+        # hook unwrapped), which then asks for weight_orig and weight_u on every load
+        for key, wrapped in list(module._load_state_dict_pre_hooks.items()) if hooks else ():
+            if isinstance(getattr(wrapped, "hook", wrapped), SpectralNormLoadStateDictPreHook):
+                del module._load_state_dict_pre_hooks[key]
         if parametrize.is_parametrized(module):
             module.parametrizations.eval()  # a spectral norm in train mode iterates once more
             for tensor in list(module.parametrizations):
