@@ -96,12 +96,12 @@ def prunable_layers(model: nn.Module, example_input: Any, *, attention: Sequence
     order, outputs, result = _traced_outputs(
         model, example_input, lambda name, module: isinstance(module, types) or name in heads)
     errors, channel_why, normed = [], {}, set()
+    by_heads = _head_projections(model, attention)
     capable, residual = channel_layers(model, example_input, errors=errors, why=channel_why,
-                                       batchnorm=normed)
+                                       batchnorm=normed, keep=by_heads)
     modules = dict(model.named_modules())
     # recurrent units go as petra's pruning finds them (torch-pruning's LSTM groups mislead)
     capable = {n for n in capable if not isinstance(modules.get(n), RECURRENT_TYPES)}
-    by_heads = _head_projections(model, attention)
     capable = (capable | {g.name for g in recurrent} | set(heads)) - set(by_heads)
     channel_why.update(by_heads)
     unfollowed = (errors or [_UNFOLLOWED])[0]
@@ -280,7 +280,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Se
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 73
+VERIFY_VERSION = 74
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,

@@ -1012,3 +1012,36 @@ def test_a_conv_over_the_heads_loses_the_removed_heads_groups():
     assert conv.groups == conv.in_channels == conv.out_channels == 2
     with torch.no_grad():
         torch.testing.assert_close(conv(values[:, [0, 2]]), want)
+
+
+class _ConvOverHeads(nn.Module):
+    """Nystromformer's form: a depthwise conv over the values' heads, added to the context."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(d, d) for _ in range(3))
+        self.num_attention_heads, self.attention_head_size = heads, d // heads
+        self.conv = nn.Conv2d(heads, heads, (3, 1), padding=(1, 0), groups=heads, bias=False)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.num_attention_heads, -1).transpose(1, 2)
+                   for p in (self.query, self.key, self.value))
+        att = torch.softmax(q @ k.transpose(-2, -1) / self.attention_head_size ** 0.5, dim=-1)
+        return self.dense((att @ v + self.conv(v)).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_layer_whose_channels_are_a_head_projections_is_kept_whole_with_it():
+    """Nystromformer's conv over the heads was offered ``l2_channel``, but its channel group
+    holds the value projection, kept whole for ``l2_heads``: every candidate with the gene
+    removed nothing (``channels {}``, size 1.000). It is kept whole, and says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_ConvOverHeads(), nn.Flatten(), nn.Linear(5 * 16, 3)).eval()
+    cfg = load_config({"space": {"pruning": ["none", "l2_channel", "l2_heads"],
+                                 "quantization": ["none"], "layers": {"include": ["*"]}}}).space
+    space = model_space(cfg, model, (torch.randn(2, 5, 16),))
+    genes = {g.name for g in space.genes}
+    assert "layers.0.method" in genes and "layers.0.conv.method" not in genes
+    assert space.kept_whole["0.conv"].startswith(
+        "its channels are also 0.value's, which keeps them (a q, k or v projection of 0: ")

@@ -80,6 +80,7 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
     """
     from torch_pruning.ops import OPTYPE
 
+    reasons = ignored
     ignored = list(ignored) + list(graph.IGNORED_LAYERS_IN_TRACING)
     task_output = getattr(graph, "petra_task_output", ANY_OUTPUT)
     visited: set[nn.Module] = set()
@@ -120,8 +121,14 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
                                    f"{grouped.groups}) one channel per group: removing any "
                                    "would leave its groups unlike" for m in members})
             continue
-        if not any(m in ignored for m in members):
+        held = next((m for m in members if m in ignored), None)
+        if held is None:
             yield group
+        elif skipped is not None:  # a layer that keeps its channels holds the group's
+            name = graph._module2name.get(held, type(held).__name__)
+            why = f" ({reasons[held]})" if isinstance(reasons, Mapping) and held in reasons else ""
+            skipped.update({m: f"its channels are also {name}'s, which keeps them{why}"
+                            for m in members if m is not held})
 
 
 #: Normalization layers whose presence marks a channel group as the residual stream: a
@@ -131,14 +138,15 @@ STREAM_NORMS = ("LayerNorm", "RMSNorm")
 
 
 def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | None = None,
-                   why: dict[str, str] | None = None, batchnorm: set[str] | None = None
-                   ) -> tuple[set[str], tuple[str, ...]]:
+                   why: dict[str, str] | None = None, batchnorm: set[str] | None = None,
+                   keep: Mapping[str, str] | None = None) -> tuple[set[str], tuple[str, ...]]:
     """``(structured, residual)``: the layers whose output channels torch-pruning can remove
     with their group, and the writers of the residual stream (the hidden size), if the model has
     one. A model torch-pruning cannot trace has none; the reason is appended to ``errors``, when
     given. ``why``, when given, gets the writers of the groups :func:`channel_groups` skips,
     with why. ``batchnorm``, when given, gets the layers whose group holds an affine BatchNorm
-    (what ``bn_scale`` ranks channels by).
+    (what ``bn_scale`` ranks channels by). ``keep`` names layers whose channels stay, with why
+    (attention heads' q, k and v projections): no group that holds one is removable.
 
     The residual stream is the channel group that at least two normalization layers
     (:data:`STREAM_NORMS`) follow and at least two layers write; where several qualify, the one
@@ -160,7 +168,9 @@ def channel_layers(model: nn.Module, example_input: Any, *, errors: list[str] | 
     found: set[str] = set()
     residual: tuple[str, ...] = ()
     skipped: dict[nn.Module, str] = {}
-    for group in channel_groups(graph, skipped=skipped):
+    modules = dict(model.named_modules())
+    kept = {modules[n]: reason for n, reason in (keep or {}).items() if n in modules}
+    for group in channel_groups(graph, kept, skipped=skipped):
         writers = tuple(dict.fromkeys(
             names[dep.target.module] for dep, _ in group
             if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names))
