@@ -224,12 +224,13 @@ def _check_landings(model: nn.Module, example_input: Sequence[Any], graph: Any,
 
 def _runs(model: nn.Module, example_input: Sequence[Any],
           change: Callable[[nn.Module], Any], twin: Callable[[nn.Module], Any] | None = None,
-          masks: Sequence[Any] = ()) -> str | None:
+          masks: Sequence[Any] = (), dense_trains: Callable[[], bool] | None = None
+          ) -> str | None:
     """Why a copy of ``model`` that ``change`` changed in place fails to run the example (in
-    eval mode, and in train mode where ``model`` runs so) or to export to ONNX, or None where
-    it does all three. With ``masks`` (what ``change`` removed of its
-    channel groups), also where it computes other than a copy that ``twin`` changed, with those
-    channels zeroed (:mod:`petra.compress.masking`)."""
+    eval mode, and in train mode where ``model`` runs so: ``dense_trains``, memoized by the
+    caller) or to export to ONNX, or None where it does all three. With ``masks`` (what
+    ``change`` removed of its channel groups), also where it computes other than a copy that
+    ``twin`` changed, with those channels zeroed (:mod:`petra.compress.masking`)."""
     import torch
 
     candidate = copy_model(model).eval()
@@ -240,22 +241,27 @@ def _runs(model: nn.Module, example_input: Sequence[Any],
         artifact.export_onnx(candidate, args(example_input))
     except Exception as exc:  # noqa: BLE001 - any failure withholds what was tried
         return failure(exc, candidate)
-    # on copies: a forward in train mode may update a buffer in place
-    if (exc := train_failure(copy_model(candidate), example_input)) is not None and \
-            train_failure(copy_model(model), example_input) is None:
+    if masks and twin is not None and isinstance(got, torch.Tensor):
+        try:  # a twin petra cannot mask as it removed is not compared
+            twin(other := copy_model(model).eval())
+            want = masking.masked_output(other, example_input, masks, candidate)
+        except Exception:  # noqa: BLE001
+            want = None
+        if want is not None and want.shape == got.shape and not torch.allclose(
+                got, want, rtol=1e-3, atol=1e-4 * (float(want.abs().max()) or 1.0)):
+            return (f"{REDUCED} (the output moves by {float((got - want).abs().max()):.3g} "
+                    "against the model with those channels zeroed)")
+    # last, on the candidate itself: a forward in train mode may update a buffer in place
+    if (exc := train_failure(candidate, example_input)) is not None and (
+            dense_trains or _dense_trains(model, example_input))():
         return f"in train mode, as a fine-tune runs it: {failure(exc, candidate)}"
-    if not masks or twin is None or not isinstance(got, torch.Tensor):
-        return None
-    try:  # a twin petra cannot mask as it removed is not compared
-        twin(other := copy_model(model).eval())
-        want = masking.masked_output(other, example_input, masks, candidate)
-    except Exception:  # noqa: BLE001
-        want = None
-    if want is None or want.shape != got.shape or torch.allclose(
-            got, want, rtol=1e-3, atol=1e-4 * (float(want.abs().max()) or 1.0)):
-        return None
-    return (f"{REDUCED} (the output moves by {float((got - want).abs().max()):.3g} against the "
-            "model with those channels zeroed)")
+    return None
+
+
+def _dense_trains(model: nn.Module, example_input: Sequence[Any]) -> Callable[[], bool]:
+    """Whether a copy of the dense ``model`` runs in train mode, asked once, when first asked
+    (the train-mode check blames a change only where the dense model trains)."""
+    return functools.cache(lambda: train_failure(copy_model(model), example_input) is None)
 
 
 def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
@@ -277,6 +283,7 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
                "recurrent": {r.name: r for r in recurrent}}
     mapped: set[str] = set()  # the channel units whose landing was checked in full
     landed = landing.Landings()  # each group's landing verdict, across the trials
+    dense_trains = _dense_trains(model, example_input)
 
     def trial(subset: Sequence[Unit], level: Callable[[Unit], float] = lambda _: sparsity,
               ) -> str | None:
@@ -289,7 +296,7 @@ def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequ
                    landed=landed)
 
         return _runs(model, example_input, change, lambda twin: change(
-            twin, [u for u in subset if u.kind != "channels"]), masks)
+            twin, [u for u in subset if u.kind != "channels"]), masks, dense_trains)
 
     # A skipped block takes its layers with it, and an outer skipped block its inner ones: each
     # block is verified alone (skipping nn.TransformerEncoder's first layer fails, as the stack
@@ -358,9 +365,12 @@ def verify_lowrank(model: nn.Module, example_input: Sequence[Any], names: Sequen
     if not methods:
         return {}
 
+    dense_trains = _dense_trains(model, example_input)
+
     def trial(subset: Sequence[str]) -> str | None:
         return _runs(model, example_input, lambda candidate: factorize(
-            candidate, {name: methods[0] for name in subset}, energy=energy))
+            candidate, {name: methods[0] for name in subset}, energy=energy),
+            dense_trains=dense_trains)
 
     return {name: f"{methods[0]}: " + (f"the model reads the layer's `{attr.group(1)}` itself, "
                                         f"which its factors (two thin layers) lack ({why})"
