@@ -811,6 +811,43 @@ def test_a_model_whose_eval_forward_samples_is_refused_with_why():
             check(task, "t")
 
 
+@pytest.mark.parametrize("form", ["aux head", "stacked outputs"])
+def test_a_model_that_fails_only_in_train_mode_is_refused_up_front(form):
+    """A deep-supervision model that computes an auxiliary head only in training, wrongly sized,
+    or returns every depth's logits stacked (3, batch, classes) only in training: its eval
+    forward, loss and metric passed the check, then every candidate's fine-tune failed, and so
+    did the baseline's training. The check runs the model and the loss in train mode too, on a
+    copy: the user's model keeps its BatchNorm statistics."""
+    from torch import nn
+
+    from petra import Task
+    from petra.tasks.contract import TaskError, adapt, check
+
+    class DeepSupervision(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.norm = nn.Linear(4, 6), nn.BatchNorm1d(6)
+            self.head, self.aux = nn.Linear(6, 2), nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(self.body(x))
+            if not self.training:
+                return self.head(h)
+            if form == "aux head":
+                return self.head(h) + self.aux(h)
+            return torch.stack([self.head(h)] * 3)
+
+    batch = (torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    model = DeepSupervision().eval()
+    task = adapt(Task(model=model, train=[batch], val=[batch], test=[batch],
+                      example_input=batch[0], trained=True))
+    stage = "model's forward" if form == "aux head" else "loss"
+    with pytest.raises(TaskError, match=rf"the {stage} of task 't' raised \w+ in train mode \(as "
+                                        r"the fine-tune runs it\): "):
+        check(task, "t")
+    assert int(model.norm.num_batches_tracked) == 0  # the copy ran in train mode, not the model
+
+
 def test_a_task_that_passed_its_check_is_not_run_again():
     """``petra search`` checks the task before anything traces it, and the baseline checked it
     again: a second forward over the example, a training and a validation batch."""

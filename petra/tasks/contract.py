@@ -360,7 +360,8 @@ def _deterministic(model: nn.Module, example_input: Sequence[Any], name: str) ->
 
 
 def check(task: Task, name: str) -> None:
-    """Run the task's model, loss and metric once, in torch, on its own batches.
+    """Run the task's model, loss and metric once, in torch, on its own batches, then the model
+    and the loss once more in train mode, on a copy, as the fine-tune runs them.
 
     Raises:
         TaskError: naming the function that raised (``forward``, ``loss`` or ``metric``) and
@@ -381,7 +382,7 @@ def check(task: Task, name: str) -> None:
     model = task.model
     was_training = model.training
     model.eval()
-    stage = "forward"
+    stage, mode = "forward", ""
     try:
         with torch.no_grad():
             _deterministic(model, task.example_input, name)
@@ -398,6 +399,13 @@ def check(task: Task, name: str) -> None:
             value = float(task.metric(outputs, targets))
             if value != value:
                 raise ValueError("returned nan")
+            # the fine-tune's form, on a copy (a train-mode forward updates norms' statistics):
+            # a model may return another output, or read other layers, only in training
+            stage, mode = "forward", " in train mode (as the fine-tune runs it)"
+            inputs, targets = first("train")
+            outputs = copy_model(model).train()(*inputs)
+            stage = "loss"
+            task.loss(outputs, targets)
     except TaskError:
         raise
     except Exception as exc:  # noqa: BLE001 - a user's function can raise anything
@@ -408,7 +416,7 @@ def check(task: Task, name: str) -> None:
                 m in str(exc) for m in ("unexpected keyword", "required positional")):
             hint = (" (a dict input is passed to the model as keywords: forward("
                     + ", ".join(model.input_names) + "))")
-        raise TaskError(f"the {fn} of task {name!r} raised {type(exc).__name__}: "
+        raise TaskError(f"the {fn} of task {name!r} raised {type(exc).__name__}{mode}: "
                         f"{first_line(exc, typed=False)}{hint}") from exc
     finally:
         model.train(was_training)
