@@ -125,10 +125,15 @@ def channel_groups(graph: Any, ignored: Sequence[nn.Module] = (),
         if held is None:
             yield group
         elif skipped is not None:  # a layer that keeps its channels holds the group's
-            name = graph._module2name.get(held, type(held).__name__)
-            why = f" ({reasons[held]})" if isinstance(reasons, Mapping) and held in reasons else ""
-            skipped.update({m: f"its channels are also {name}'s, which keeps them{why}"
-                            for m in members if m is not held})
+            skipped.update({m: _held_by(graph, held, reasons) for m in members if m is not held})
+
+
+def _held_by(graph: Any, held: nn.Module, reasons: Any) -> str:
+    """Why a group's writers keep their channels where ``held``, whose channels stay, is one
+    (``reasons``: the module's reason where channel_groups was given a mapping)."""
+    why = f" ({reasons[held]})" if isinstance(reasons, Mapping) and held in reasons else ""
+    return f"its channels are also {graph._module2name.get(held, 'a kept layer')}'s, which " \
+           f"keeps them{why}"
 
 
 #: Normalization layers whose presence marks a channel group as the residual stream: a

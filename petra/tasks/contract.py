@@ -359,6 +359,14 @@ def _deterministic(model: nn.Module, example_input: Sequence[Any], name: str) ->
             "reads")
 
 
+def _train_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
+    """The output of a copy of ``model`` in train mode on ``batch``, and its targets: the
+    fine-tune's form (a model may return another output, or run other layers, only in
+    training); the copy keeps the model's norms' statistics."""
+    inputs, targets = batch
+    return copy_model(model).train()(*inputs), targets
+
+
 def check(task: Task, name: str) -> None:
     """Run the task's model, loss and metric once, in torch, on its own batches, then the model
     and the loss once more in train mode, on a copy, as the fine-tune runs them.
@@ -399,11 +407,8 @@ def check(task: Task, name: str) -> None:
             value = float(task.metric(outputs, targets))
             if value != value:
                 raise ValueError("returned nan")
-            # the fine-tune's form, on a copy (a train-mode forward updates norms' statistics):
-            # a model may return another output, or read other layers, only in training
             stage, mode = "forward", " in train mode (as the fine-tune runs it)"
-            inputs, targets = first("train")
-            outputs = copy_model(model).train()(*inputs)
+            outputs, targets = _train_forward(model, first("train"))
             stage = "loss"
             task.loss(outputs, targets)
     except TaskError:
