@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import petra.compress  # noqa: F401  (fills the registries before collection)
 from petra.candidate import artifact
@@ -19,7 +20,7 @@ from petra.compress.channel_counts import kept_channels
 from petra.compress.prune import PruneContext
 from petra.compress.quantize import QuantContext
 from petra.compress.regularize import RegContext
-from petra.compress.structured import prune_channels
+from petra.compress.structured import channel_layers, prune_channels
 from petra.registry import PRUNING, QUANTIZATION, REGULARIZERS
 from petra.tasks.contract import feed
 from tests.conftest import take
@@ -329,6 +330,43 @@ def test_channels_go_where_torch_pruning_infers_zero_channels_past_a_reshape():
                           protected=["head"]) == {"patch": (8, 4)}
     assert model.cls.shape[-1] == model.pos.shape[-1] == model.norm.weight.numel() == 4
     assert model(x).shape == (2, 3)
+
+
+class _Coupling(nn.Module):
+    """A RealNVP affine coupling on the model's input: half the channels pass, the other half
+    is scaled and shifted by a net of the first half."""
+
+    def __init__(self, c: int = 4, hidden: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(c // 2, hidden, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(hidden, c, 3, padding=1))
+        self.head = nn.Linear(c * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        s, t = self.net(x1).chunk(2, dim=1)
+        return self.head(torch.cat([x1, x2 * torch.exp(torch.tanh(s)) + t], 1).flatten(1))
+
+
+def test_a_concatenation_of_a_half_whose_channels_torch_pruning_cannot_count_is_traced():
+    """torch-pruning summed the channel counts of ``cat([x1, y2])`` before it checked them for
+    the one it could not infer (``x1``, half the model's input), and the whole model failed
+    to trace (``TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'``): every
+    layer of a flow was kept whole. The concatenation is left unmapped; the coupling net's
+    hidden channels go."""
+    torch.manual_seed(0)
+    model, x = _Coupling().eval(), torch.randn(2, 4, 4, 4)
+    errors: list[str] = []
+    capable, _ = channel_layers(model, (x,), errors=errors)
+    assert errors == [] and "net.0" in capable
+    twin = copy.deepcopy(model)
+    assert prune_channels(model, (x,), {"net.0": ("l2_channel", 0.5)}, round_to=1,
+                          protected=["head"]) == {"net.0": (8, 4)}
+    with torch.no_grad():  # the dense model with the removed channels zeroed
+        dense, pruned = twin.net[0].weight.flatten(1), model.net[0].weight.flatten(1)
+        gone = [i for i in range(8) if not any(torch.equal(dense[i], p) for p in pruned)]
+        twin.net[0].weight[gone] = twin.net[0].bias[gone] = 0.0
+        torch.testing.assert_close(model(x), twin(x))
 
 
 def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_channels():

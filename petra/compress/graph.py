@@ -150,26 +150,38 @@ def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]
 
 
 def _guard_reshape_mapping() -> None:
-    """Make torch-pruning leave a reshape unmapped where it infers 0 channels on one side.
+    """Make torch-pruning leave a reshape unmapped where it infers 0 channels on one side, and a
+    concatenation where it infers no count for one of its inputs.
 
     It infers 0 where a path reaches the model's inputs or a parameter added to the stream
     (a ViT's ``cat([cls, x]) + pos_embed`` with every block skipped), and then divides by it
     (``ZeroDivisionError`` in ``update_reshape_index_mapping``). Where it infers no count at
-    all it leaves the reshape unmapped; a 0 is taken the same way. Installed once."""
+    all it leaves the reshape unmapped; a 0 is taken the same way. The counts of a
+    concatenation's inputs it summed before it checked them for one it does not infer (half the
+    model's input, in a RealNVP coupling's ``cat([x1, y2])``: ``TypeError`` in
+    ``update_concat_index_mapping``), failing the whole graph; the concatenation is left
+    unmapped, as torch-pruning leaves it where the sum passes. Installed once."""
     from torch_pruning.dependency import index_mapping
 
-    original = index_mapping.update_reshape_index_mapping
-    if getattr(original, "petra_guarded", False):
+    if getattr(index_mapping.update_reshape_index_mapping, "petra_guarded", False):
         return
+    for name, error in (("update_reshape_index_mapping", ZeroDivisionError),
+                        ("update_concat_index_mapping", TypeError)):
+        setattr(index_mapping, name, _unmapped_on(getattr(index_mapping, name), error))
+
+
+def _unmapped_on(original: Any, error: type[Exception]) -> Any:
+    """``original``, an index-mapping update of torch-pruning, returning where it raises
+    ``error`` (before it maps anything)."""
 
     def update(graph: Any, node: Any) -> None:
         try:
             original(graph, node)
-        except ZeroDivisionError:
-            return  # it raises before it maps anything
+        except error:
+            return
 
     update.petra_guarded = True  # type: ignore[attr-defined]
-    index_mapping.update_reshape_index_mapping = update
+    return update
 
 
 #: A channel group may hold this many dependencies per node of the graph before it is taken
