@@ -369,6 +369,43 @@ def test_a_concatenation_of_a_half_whose_channels_torch_pruning_cannot_count_is_
         torch.testing.assert_close(model(x), twin(x))
 
 
+class _SubPixel(nn.Module):
+    """An ESPCN's sub-pixel conv (``conv2``: 8 channels of 2 x 2 pixels) after a pixel unshuffle
+    of ``conv0``'s channels (4 x 4 pixels of 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(12, 16, 3, padding=1)
+        self.conv2, self.conv3 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pixel_unshuffle(torch.tanh(self.conv0(x)), 2)
+        x = nn.functional.pixel_shuffle(torch.tanh(self.conv2(torch.tanh(self.conv1(x)))), 2)
+        return self.conv3(torch.tanh(x))
+
+
+def test_channels_go_through_a_pixel_shuffle_in_whole_blocks():
+    """torch-pruning took a pixel shuffle for an element-wise op, one channel for one: an
+    ESPCN's last conv had its removal withheld ("maps this group's channels past the width of
+    conv4"). Its r * r channels of one output channel go together now (a pixel unshuffle's
+    the other way), and the pruned model computes its dense model with them zeroed."""
+    torch.manual_seed(0)
+    model, x = _SubPixel().eval(), torch.randn(2, 1, 8, 8)
+    twin = copy.deepcopy(model)
+    assert prune_channels(model, (x,), {"conv0": ("l2_channel", 0.4),
+                                        "conv2": ("l2_channel", 0.3)}, protected=["conv3"]) == {
+        "conv0": (3, 2), "conv2": (32, 24)}  # 32 x 0.7 = 22.4, in whole blocks of 4: 24
+    assert (model.conv1.in_channels, model.conv3.in_channels) == (8, 6)
+    with torch.no_grad():  # the dense model with the removed channels zeroed
+        for name in ("conv0", "conv2"):
+            dense, pruned = getattr(twin, name).bias, getattr(model, name).bias
+            gone = [i for i in range(len(dense)) if not (pruned == dense[i]).any()]
+            getattr(twin, name).weight[gone] = getattr(twin, name).bias[gone] = 0.0
+            if name == "conv2":
+                assert [i // 4 for i in gone[::4]] == [i // 4 for i in gone[3::4]]  # blocks
+        torch.testing.assert_close(model(x), twin(x))
+
+
 def test_weight_norm_and_spectral_norm_are_baked_into_plain_weights_that_lose_channels():
     """A TCN's ``weight_norm`` convs had every structured gene withheld (``KeyError: attribute
     'weight' already exists``: torch-pruning assigns a pruned layer a new weight). The task

@@ -575,7 +575,7 @@ def test_phi3_loses_heads_and_its_chunked_projection_the_channels_asked(monkeypa
         "llm.layers.0.mlp.gate_up_proj": (96, 48)}
     assert (mlp.gate_up_proj.out_features, mlp.down_proj.in_features) == (48, 24)
     assert model(*ids).shape == (2, 3)
-    monkeypatch.setattr(structured, "tied_runs", lambda graph, root: 1)
+    monkeypatch.setattr(structured, "ties", lambda graph, root: (1, 1))
     with pytest.raises(RuntimeError, match="removed 9[0-9] of the 96 channels where 48 were"):
         prune_channels(Phi3().eval(), ids, plan, protected=["head"])
     monkeypatch.undo()

@@ -14,14 +14,14 @@ from petra.compress.graph import pruning_group
 from petra.compress.kinds import CONV_LAYERS
 
 
-def channel_step(group: Any, round_to: int, runs: int = 1) -> int:
+def channel_step(group: Any, round_to: int, runs: int = 1, block: int = 1) -> int:
     """``round_to``, made a multiple of the heads of each ``nn.MultiheadAttention`` in
-    ``group`` (its ``embed_dim``) and of :func:`conv_groups`."""
+    ``group`` (its ``embed_dim``), of :func:`conv_groups` and of ``block`` (:func:`ties`)."""
     step = round_to
     for dep, _ in group:
         if isinstance(module := dep.target.module, nn.MultiheadAttention):
             step = math.lcm(step, module.num_heads)
-    return math.lcm(step, conv_groups(group, runs))
+    return math.lcm(step, conv_groups(group, runs), block)
 
 
 def conv_groups(group: Any, runs: int = 1) -> int:
@@ -29,7 +29,7 @@ def conv_groups(group: Any, runs: int = 1) -> int:
     a removal must leave alike: the group counts of its grouped convolutions (not depthwise
     ones), whose channels it writes or reads, of its GroupNorms (not one group per channel: a
     GroupNorm regroups the channels it keeps in order, so each group must keep as many), and
-    ``runs`` (:func:`tied_runs`); 1 where it has none. A member with fewer channels than the
+    ``runs`` (:func:`ties`); 1 where it has none. A member with fewer channels than the
     root, a whole number of times fewer (a grouped conv reading the output of ``F.glu``, whose
     halves are the root's tied runs), splits each of those runs in its groups."""
     count, n = runs, len(group[0].idxs) if len(group) else 0
@@ -45,28 +45,37 @@ def conv_groups(group: Any, runs: int = 1) -> int:
     return count
 
 
-def tied_runs(graph: Any, root: nn.Module) -> int:
-    """How many equal runs ``root``'s output channels fall in whose same offsets go together:
-    a projection chunked in two and multiplied (Phi-3's ``gate_up_proj``, a fused SwiGLU).
-    torch-pruning takes a channel of either half with its twin in the other, so a removal
-    chosen over all of them took up to twice as many as asked (128 asked of 256: 254 went);
-    chosen as the same offsets of every run, it takes what it asks. 1 where there are none."""
+def ties(graph: Any, root: nn.Module) -> tuple[int, int]:
+    """``(runs, block)``: how ``root``'s output channels go together, 1 each where they do not.
+
+    ``runs``: equal runs whose same offsets go together, a projection chunked in two and
+    multiplied (Phi-3's ``gate_up_proj``, a fused SwiGLU). torch-pruning takes a channel of
+    either half with its twin in the other, so a removal chosen over all of them took up to
+    twice as many as asked (128 asked of 256: 254 went); chosen as the same offsets of every
+    run, it takes what it asks. ``block``: consecutive channels that go together, the r * r
+    channels a pixel shuffle makes one channel of (:func:`lowest` takes whole blocks)."""
     pruner = graph.get_pruner_of_module(root)
     n = pruner.get_out_channels(root)
     group = pruning_group(graph, root, pruner.prune_out_channels, [0])
     own = sorted({int(i) for dep, idxs in group if dep.target.module is root
                   and graph.is_out_channel_pruning_fn(dep.handler) for i in idxs})
-    runs = len(own)
-    return runs if runs > 1 and n % runs == 0 and own == [k * (n // runs) for k in range(runs)] \
-        else 1
+    k = len(own)
+    if k > 1 and n % k == 0 and own == [j * (n // k) for j in range(k)]:
+        return k, 1
+    return (1, k) if k > 1 and n % k == 0 and own == list(range(k)) else (1, 1)
 
 
-def lowest(scores: torch.Tensor, count: int, groups: int = 1) -> list[int]:
+def lowest(scores: torch.Tensor, count: int, groups: int = 1, block: int = 1) -> list[int]:
     """The ``count`` channels of lowest score; across ``groups`` equal runs of channels (a
     grouped convolution's), the same offsets in every run, by each offset's score summed over
     the runs, ``count`` rounded down to a multiple of ``groups``. torch-pruning narrows a
     grouped convolution's input by the offsets it keeps in the first run, and its output per
-    run, so any other removal fails or misreads the inputs."""
+    run, so any other removal fails or misreads the inputs. With ``block``, whole blocks of
+    that many consecutive channels, by their scores summed (``count`` rounded down to them)."""
+    if block > 1:
+        blocks = scores.reshape(-1, block).sum(1)
+        picked = lowest(blocks, count // block, groups if blocks.numel() % groups == 0 else 1)
+        return sorted(b * block + k for b in picked for k in range(block))
     if groups == 1:
         return torch.argsort(scores, stable=True)[:count].tolist()
     size = scores.numel() // groups

@@ -52,6 +52,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
             if isinstance(example_inputs, (tuple, list)):
                 model(*example_inputs)
             raise
+    _map_pixel_shuffles(graph)
     if roots:  # only the task's output protects channels (see _every_output)
         graph.petra_task_output = next((n.module for n in graph.module2node.values()
                                         if n.grad_fn is roots["task"]), None)
@@ -147,6 +148,42 @@ def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]
             seen.add(t.grad_fn)
             unread.append(t)
     return unread
+
+
+def _map_pixel_shuffles(graph: Any) -> None:
+    """Map channels through each pixel shuffle as the reshape it is: channel ``c`` of its
+    output is channels ``c * r * r`` to ``c * r * r + r * r - 1`` of its input (and a pixel
+    unshuffle's the other way). torch-pruning took it for an element-wise op, one channel for
+    one, so an ESPCN's last conv had every removal withheld ("maps this group's channels past
+    the width of conv4"). A removal takes whole blocks (:func:`~petra.compress.channel_counts.
+    ties`)."""
+    from torch_pruning._helpers import _HybridIndex
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    class Blocks(_FlattenIndexMapping):  # a block's channel once, not once per channel of it
+        def __call__(self, idxs: Any) -> list[Any]:
+            if not self.reverse:
+                return super().__call__(idxs)
+            first = {}
+            for i in idxs:
+                first.setdefault(i.idx // self._stride, i.root_idx)
+            return [_HybridIndex(idx=k, root_idx=r) for k, r in first.items()]
+
+    for node in list(graph.module2node.values()):
+        name = node.grad_fn.name() if node.grad_fn is not None else ""
+        if name not in ("PixelShuffleBackward0", "PixelUnshuffleBackward0"):
+            continue
+        shuffle = name == "PixelShuffleBackward0"
+        r = getattr(node.grad_fn, "_saved_upscale_factor" if shuffle
+                    else "_saved_downscale_factor")
+        # the node's own indices are the wider side's: its input's for a shuffle
+        for other in node.outputs if shuffle else node.inputs:
+            for dep in node.dependencies:
+                if dep.target == other:
+                    dep.index_mapping[0] = Blocks(stride=r * r, reverse=True)
+            for dep in other.dependencies:
+                if dep.target == node:
+                    dep.index_mapping[0] = Blocks(stride=r * r, reverse=False)
 
 
 def _guard_reshape_mapping() -> None:

@@ -28,7 +28,7 @@ from petra.compress.channel_counts import (
     grouped_conv,
     kept_channels,
     lowest,
-    tied_runs,
+    ties,
 )
 from petra.compress.graph import (
     GroupDoesNotClose,
@@ -244,7 +244,7 @@ def prune_channels(
         keep = kept_channels(n, sparsity, step)
         if keep >= n:
             continue
-        idxs = lowest(scores, n - keep, groups)
+        idxs = lowest(scores, n - keep, *groups)
         if not idxs:
             continue
         remove_channels(graph, root, idxs)
@@ -254,12 +254,13 @@ def prune_channels(
 
 def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence[nn.Module],
                    plan: Mapping[str, tuple[str, float]], *, round_to: int, ctx: PruneContext | None,
-                   gate: Any, keep_whole: bool) -> list[tuple[Any, int, float, Any, int, int]]:
-    """``(root, channels, voted sparsity, scores, rounding step, conv groups)`` of each group
-    that ``plan`` votes on, scored on the unpruned model as MetaPruner does. Groups of a
-    trained criterion go to ``gate`` instead (left whole where a grouped convolution is in
-    them: its gates would remove any channels); with ``keep_whole``, groups whose vote keeps
-    every channel are left out."""
+                   gate: Any, keep_whole: bool
+                   ) -> list[tuple[Any, int, float, Any, int, tuple[int, int]]]:
+    """``(root, channels, voted sparsity, scores, rounding step, (conv groups, tied block))``
+    of each group that ``plan`` votes on, scored on the unpruned model as MetaPruner does.
+    Groups of a trained criterion go to ``gate`` instead (left whole where a grouped
+    convolution or a tied block is in them: its gates would remove any channels); with
+    ``keep_whole``, groups whose vote keeps every channel are left out."""
 
     order = list(plan)
     scored = []
@@ -273,20 +274,20 @@ def _scored_groups(graph: Any, names: Mapping[nn.Module, str], ignored: Sequence
         n = graph.get_out_channels(root)
         method = plan[voters[0]][0]
         entry = PRUNING.get(method)
-        runs = tied_runs(graph, root)
+        runs, block = ties(graph, root)
         if entry.meta.get("trained"):
-            if gate is not None and conv_groups(group, runs) == 1:
+            if gate is not None and conv_groups(group, runs) == block == 1:
                 gate(names[root], method, out_channel_members(group), n)
             continue
         sparsity = sum(plan[v][1] for v in voters) / len(voters)
-        step = channel_step(group, round_to, runs)
+        step = channel_step(group, round_to, runs, block)
         if keep_whole and kept_channels(n, sparsity, step) >= n:
             continue
         scores = entry.fn(group, ctx).detach().flatten()
         if scores.numel() != n:
             raise RuntimeError(f"{method} gave {scores.numel()} scores for {n} channels")
         scored.append((root, n, sparsity, keep_one_each(scores, writer_spans(graph, group, n)),
-                       step, conv_groups(group, runs)))
+                       step, (conv_groups(group, runs), block)))
     return scored
 
 

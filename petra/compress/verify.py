@@ -35,7 +35,7 @@ from petra.compress.channel_counts import (
     conv_groups,
     kept_channels,
     lowest,
-    tied_runs,
+    ties,
 )
 from petra.compress.graph import dependency_graph, pruning_group
 from petra.compress.recurrent import gru_layers, prune_units
@@ -185,10 +185,11 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
         covered.update(id(dep.target.module) for dep, _ in whole
                        if graph.is_out_channel_pruning_fn(dep.handler))
         check_indices(graph, whole)
-        runs = tied_runs(graph, root)
-        keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to, runs))
+        runs, block = ties(graph, root)
+        keep = kept_channels(n, sparsity(unit), channel_step(whole, round_to, runs, block))
         idxs = lowest(keep_one_each(torch.arange(n, 0, -1, dtype=torch.float),
-                                    writer_spans(graph, whole, n)), n - keep, conv_groups(whole, runs))
+                                    writer_spans(graph, whole, n)), n - keep,
+                      conv_groups(whole, runs), block)
         if not idxs:  # a gene that would change nothing (CBAM: a 1-channel map is the root)
             raise Refused(
                 f"removes no channel even at sparsity {sparsity(unit):.2f}: torch-pruning's "
