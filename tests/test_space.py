@@ -760,6 +760,15 @@ def test_an_nn_transformer_takes_its_streams_new_width_as_d_model():
                    protected=["head"])
     assert model.tf.d_model == model.emb.embedding_dim == 16
     assert model(*x).shape == (2, 3)
+    # skipped, the encoder has no norm to read d_model from ("'ReluIdentity' object has no
+    # attribute 'norm'"), and a skipped decoder leaves the encoder unread (its layers are in
+    # no traced group: KeyError): each skip was withheld with the width, blaming the model
+    torch.manual_seed(0)
+    cfg = load_config({"space": {"layers": {"include": ["*"], "exclude": []}, "skip_blocks": True,
+                                 "quantization": ["none"]}}).space
+    space = model_space(cfg, Seq2Seq().eval(), x)
+    assert {"blocks.tf.encoder.skip", "blocks.tf.decoder.skip"} <= {g.name for g in space.genes}
+    assert space.withheld == {}
 
 
 @pytest.mark.parametrize("norm", ["hand", "torch"])

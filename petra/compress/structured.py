@@ -381,8 +381,11 @@ def remove_channels(graph: Any, root: nn.Module, idxs: Sequence[int]) -> None:
                       f"where {len(set(idxs))} were asked: it maps them wrongly through "
                       "the forward (a projection chunked, split or viewed as a matrix?)")
     for module in graph.model.modules():  # it checks its inputs' width against d_model
-        if isinstance(module, nn.Transformer) and isinstance(module.encoder.norm, nn.LayerNorm):
-            module.d_model = module.encoder.norm.normalized_shape[0]
+        if isinstance(module, nn.Transformer) and (norm := next((  # a skipped stack has none
+                n for n in (getattr(module.encoder, "norm", None),
+                            getattr(module.decoder, "norm", None))
+                if isinstance(n, nn.LayerNorm)), None)) is not None:
+            module.d_model = norm.normalized_shape[0]
 
 
 def remove_gated_channels(

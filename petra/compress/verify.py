@@ -177,7 +177,9 @@ def _apply(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit]
     covered: set[int] = set()  # the layers whose output channels a planned group holds
     for unit in roots:
         root = model.get_submodule(unit.name)
-        if id(root) in covered:  # a skip joined two groups (a Jasper block's): removed once
+        if id(root) in covered or root not in graph.module2node:
+            # a skip joined two groups (a Jasper block's): removed once; or it left the layer
+            # unread (a skipped decoder's encoder), as a candidate leaves it
             continue
         n = graph.get_out_channels(root)
         whole = pruning_group(graph, root, graph.get_pruner_of_module(root).prune_out_channels,
