@@ -430,3 +430,32 @@ def test_a_removal_that_breaks_the_train_mode_forward_is_withheld():
     for layer in ("enc", "mu"):
         assert space.withheld[f"layers.{layer}"].startswith(
             "in train mode, as a fine-tune runs it: the compressed model's forward fails")
+
+
+class _DeepSupervision(nn.Module):
+    """A stacked net with an intermediate head: in eval mode it returns the last head, in train
+    mode both heads concatenated, for a loss on each (an hourglass's intermediate supervision)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack1, self.head1 = nn.Linear(6, 16), nn.Linear(16, 2)
+        self.stack2, self.head2 = nn.Linear(18, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stack1(x))
+        first = self.head1(h)
+        last = self.head2(F.relu(self.stack2(torch.cat([h, first], 1))))
+        return torch.cat([first, last], 1) if self.training else last
+
+
+def test_a_removal_that_changes_what_the_train_mode_forward_returns_is_withheld():
+    """An intermediate head is an inner layer in eval mode, and part of the output in train mode:
+    its l2_channel gene was offered, and every candidate that fine-tuned with it failed in the
+    loss (``The size of tensor a (3) must match the size of tensor b (4)``). The trial compares
+    what the train-mode forward returns with the dense model's."""
+    torch.manual_seed(0)
+    space = model_space(_space(), _DeepSupervision().eval(), (torch.randn(4, 6),))
+    assert space.withheld["layers.head1"].startswith(
+        "in train mode, as a fine-tune runs it, the model returns shapes "
+        "((4, 3),) where the dense model returns ((4, 4),)")
+    assert "l2_channel" in space.gene("layers.stack1.method").choices

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from petra.errors import a_kind, first_line
-from petra.tasks.contract import args
+from petra.tasks.contract import args, tensors_in
 
 
 @functools.lru_cache(maxsize=1024)
@@ -78,11 +78,13 @@ def failure(exc: BaseException, model: nn.Module) -> str:
     return f"torch-pruning fails to carry the channels through {at} ({first_line(exc)})"
 
 
-def train_failure(model: nn.Module, example_input: Sequence[Any]) -> BaseException | None:
-    """What a forward of ``model`` in train mode raises, or None: the fine-tune runs it so, and
-    a layer only training reads (a VAE's log-variance head, a deep-supervision head) is not on
-    the eval-mode path the other checks take. Its norms keep their statistics (a batch of one
-    would fail a BatchNorm in train mode), and every module's mode is put back."""
+def train_run(model: nn.Module, example_input: Sequence[Any]
+              ) -> BaseException | tuple[tuple[int, ...], ...]:
+    """What a forward of ``model`` in train mode raises, or the shapes of what it returns: the
+    fine-tune runs it so, and a layer only training reads (a VAE's log-variance head, a
+    deep-supervision head) is not on the eval-mode path the other checks take. Its norms keep
+    their statistics (a batch of one would fail a BatchNorm in train mode), and every module's
+    mode is put back."""
     import torch
 
     modes = [(m, m.training) for m in model.modules()]
@@ -92,10 +94,9 @@ def train_failure(model: nn.Module, example_input: Sequence[Any]) -> BaseExcepti
             m.eval()
     try:
         with torch.no_grad():
-            model(*args(example_input))
+            return tuple(tuple(t.shape) for t in tensors_in(model(*args(example_input))))
     except Exception as exc:  # noqa: BLE001 - any failure is the reason
         return exc
     finally:
         for m, training in modes:
             m.training = training
-    return None

@@ -40,7 +40,7 @@ from petra.compress.channel_counts import (
 from petra.compress.graph import dependency_graph, pruning_group
 from petra.compress.recurrent import gru_layers, prune_units
 from petra.compress.structured import channel_groups, check_indices, heads_apart, remove_channels
-from petra.compress.trial_failure import failure, train_failure
+from petra.compress.trial_failure import failure, train_run
 from petra.compress.writers import keep_one_each, writer_spans
 from petra.errors import Refused, a_kind
 from petra.layers import ATTENTION_TYPE_NAMES, RECURRENT_TYPE_NAMES, protected
@@ -227,13 +227,14 @@ def _check_landings(model: nn.Module, example_input: Sequence[Any], graph: Any,
 
 def _runs(model: nn.Module, example_input: Sequence[Any],
           change: Callable[[nn.Module], Any], twin: Callable[[nn.Module], Any] | None = None,
-          masks: Sequence[Any] = (), dense_trains: Callable[[], bool] | None = None
+          masks: Sequence[Any] = (), dense_trains: Callable[[], Any] | None = None
           ) -> str | None:
     """Why a copy of ``model`` that ``change`` changed in place fails to run the example (in
-    eval mode, and in train mode where ``model`` runs so: ``dense_trains``, memoized by the
-    caller) or to export to ONNX, or None where it does all three. With ``masks`` (what
-    ``change`` removed of its channel groups), also where it computes other than a copy that
-    ``twin`` changed, with those channels zeroed (:mod:`petra.compress.masking`)."""
+    eval mode, and in train mode where ``model`` runs so, returning what it returns there:
+    ``dense_trains``, memoized by the caller) or to export to ONNX, or None where it does all
+    three. With ``masks`` (what ``change`` removed of its channel groups), also where it
+    computes other than a copy that ``twin`` changed, with those channels zeroed
+    (:mod:`petra.compress.masking`)."""
     import torch
 
     candidate = copy_model(model).eval()
@@ -255,16 +256,21 @@ def _runs(model: nn.Module, example_input: Sequence[Any],
             return (f"{REDUCED} (the output moves by {float((got - want).abs().max()):.3g} "
                     "against the model with those channels zeroed)")
     # last, on the candidate itself: a forward in train mode may update a buffer in place
-    if (exc := train_failure(candidate, example_input)) is not None and (
-            dense_trains or _dense_trains(model, example_input))():
-        return f"in train mode, as a fine-tune runs it: {failure(exc, candidate)}"
+    if isinstance(dense := (dense_trains or _dense_trains(model, example_input))(), tuple):
+        if isinstance(ran := train_run(candidate, example_input), BaseException):
+            return f"in train mode, as a fine-tune runs it: {failure(ran, candidate)}"
+        if ran != dense:  # an auxiliary head's output, returned in training only
+            return (f"in train mode, as a fine-tune runs it, the model returns shapes {ran} "
+                    f"where the dense model returns {dense}: these channels are part of what "
+                    "it returns in training (a deep-supervision head's?)")
     return None
 
 
-def _dense_trains(model: nn.Module, example_input: Sequence[Any]) -> Callable[[], bool]:
-    """Whether a copy of the dense ``model`` runs in train mode, asked once, when first asked
-    (the train-mode check blames a change only where the dense model trains)."""
-    return functools.cache(lambda: train_failure(copy_model(model), example_input) is None)
+def _dense_trains(model: nn.Module, example_input: Sequence[Any]) -> Callable[[], Any]:
+    """What a copy of the dense ``model`` returns in train mode (:func:`train_run`), asked
+    once, when first asked: the train-mode check blames a change only where the dense model
+    trains, and compares what the candidate returns with it."""
+    return functools.cache(lambda: train_run(copy_model(model), example_input))
 
 
 def verify_structure(model: nn.Module, example_input: Sequence[Any], units: Sequence[Unit], *,
