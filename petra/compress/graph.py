@@ -16,6 +16,7 @@ from torch import nn
 
 from petra.compress.attention import PrunedMultiheadAttention
 from petra.compress.broadcasts import cutting_broadcasts
+from petra.compress.index_maps import guard_index_mappings, map_pixel_shuffles
 from petra.compress.kinds import is_op_node
 from petra.compress.norms import norm_pruners
 from petra.tasks.contract import tensors_in
@@ -35,7 +36,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
     norms it does not know itself (an RMSNorm: :mod:`petra.compress.norms`)."""
     import torch_pruning as tp
 
-    _guard_reshape_mapping()
+    guard_index_mappings()
     roots: dict[str, Any] = {}
     with _as_leaves(model), _all_trainable(model), _glu_as_halves():
         try:
@@ -52,7 +53,7 @@ def dependency_graph(model: nn.Module, example_inputs: Any) -> Any:
             if isinstance(example_inputs, (tuple, list)):
                 model(*example_inputs)
             raise
-    _map_pixel_shuffles(graph)
+    map_pixel_shuffles(graph)
     if roots:  # only the task's output protects channels (see _every_output)
         graph.petra_task_output = next((n.module for n in graph.module2node.values()
                                         if n.grad_fn is roots["task"]), None)
@@ -148,77 +149,6 @@ def _unread(made: list[torch.Tensor], outputs: list[torch.Tensor]
             seen.add(t.grad_fn)
             unread.append(t)
     return unread
-
-
-def _map_pixel_shuffles(graph: Any) -> None:
-    """Map channels through each pixel shuffle as the reshape it is: channel ``c`` of its
-    output is channels ``c * r * r`` to ``c * r * r + r * r - 1`` of its input (and a pixel
-    unshuffle's the other way). torch-pruning took it for an element-wise op, one channel for
-    one, so an ESPCN's last conv had every removal withheld ("maps this group's channels past
-    the width of conv4"). A removal takes whole blocks (:func:`~petra.compress.channel_counts.
-    ties`)."""
-    from torch_pruning._helpers import _HybridIndex
-    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
-
-    class Blocks(_FlattenIndexMapping):  # a block's channel once, not once per channel of it
-        def __call__(self, idxs: Any) -> list[Any]:
-            if not self.reverse:
-                return super().__call__(idxs)
-            first = {}
-            for i in idxs:
-                first.setdefault(i.idx // self._stride, i.root_idx)
-            return [_HybridIndex(idx=k, root_idx=r) for k, r in first.items()]
-
-    for node in list(graph.module2node.values()):
-        name = node.grad_fn.name() if node.grad_fn is not None else ""
-        if name not in ("PixelShuffleBackward0", "PixelUnshuffleBackward0"):
-            continue
-        shuffle = name == "PixelShuffleBackward0"
-        r = getattr(node.grad_fn, "_saved_upscale_factor" if shuffle
-                    else "_saved_downscale_factor")
-        # the node's own indices are the wider side's: its input's for a shuffle
-        for other in node.outputs if shuffle else node.inputs:
-            for dep in node.dependencies:
-                if dep.target == other:
-                    dep.index_mapping[0] = Blocks(stride=r * r, reverse=True)
-            for dep in other.dependencies:
-                if dep.target == node:
-                    dep.index_mapping[0] = Blocks(stride=r * r, reverse=False)
-
-
-def _guard_reshape_mapping() -> None:
-    """Make torch-pruning leave a reshape unmapped where it infers 0 channels on one side, and a
-    concatenation where it infers no count for one of its inputs.
-
-    It infers 0 where a path reaches the model's inputs or a parameter added to the stream
-    (a ViT's ``cat([cls, x]) + pos_embed`` with every block skipped), and then divides by it
-    (``ZeroDivisionError`` in ``update_reshape_index_mapping``). Where it infers no count at
-    all it leaves the reshape unmapped; a 0 is taken the same way. The counts of a
-    concatenation's inputs it summed before it checked them for one it does not infer (half the
-    model's input, in a RealNVP coupling's ``cat([x1, y2])``: ``TypeError`` in
-    ``update_concat_index_mapping``), failing the whole graph; the concatenation is left
-    unmapped, as torch-pruning leaves it where the sum passes. Installed once."""
-    from torch_pruning.dependency import index_mapping
-
-    if getattr(index_mapping.update_reshape_index_mapping, "petra_guarded", False):
-        return
-    for name, error in (("update_reshape_index_mapping", ZeroDivisionError),
-                        ("update_concat_index_mapping", TypeError)):
-        setattr(index_mapping, name, _unmapped_on(getattr(index_mapping, name), error))
-
-
-def _unmapped_on(original: Any, error: type[Exception]) -> Any:
-    """``original``, an index-mapping update of torch-pruning, returning where it raises
-    ``error`` (before it maps anything)."""
-
-    def update(graph: Any, node: Any) -> None:
-        try:
-            original(graph, node)
-        except error:
-            return
-
-    update.petra_guarded = True  # type: ignore[attr-defined]
-    return update
 
 
 #: A channel group may hold this many dependencies per node of the graph before it is taken
