@@ -280,7 +280,7 @@ def check_globs(layers: Sequence[LayerInfo], include: Sequence[str], exclude: Se
 
 
 #: Bump when what :func:`model_space` verifies changes, so cached verdicts are not reused.
-VERIFY_VERSION = 78
+VERIFY_VERSION = 79
 
 
 def model_space(space_cfg: SpaceConfig, model: nn.Module, example_input: Any, *,

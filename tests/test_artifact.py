@@ -486,13 +486,37 @@ def test_an_embedding_bag_becomes_an_embedding_that_int8_quantizes(mode):
     np.testing.assert_allclose(got, want.detach().numpy(), atol=0.05)
 
 
-def test_an_embedding_bag_called_with_offsets_is_left_as_it_is():
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "int8_static_linear"])
+def test_an_embedding_bag_called_with_offsets_is_left_as_it_is_and_quantizes(scheme):
+    """Exported, the bag is a ``Loop`` whose body gathers from the outer graph's table. The
+    schemes that quantize tables dropped that table as unread where another table (an
+    ``nn.Embedding``'s) was quantized, and the graph was invalid (``Nodes in a graph must be
+    topologically sorted``): both were withheld on a DLRM. The bag's table stays, fp32 (a
+    table another op reads does)."""
     from petra import Task
+    from petra.compress.quantize import QuantContext
+    from petra.registry import QUANTIZATION
     from petra.tasks.contract import adapt
 
-    model, ids = Bag(offsets=True).eval(), torch.randint(0, 600, (4, 7))
+    class BagAndTable(Bag):
+        def __init__(self) -> None:
+            super().__init__(offsets=True)
+            self.table = nn.Embedding(600, 32)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) + self.out(self.table(ids).mean(1))
+
+    torch.manual_seed(0)
+    model, ids = BagAndTable().eval(), torch.randint(0, 600, (4, 7))
+    want = model(ids).detach().numpy()
     task = adapt(Task(model=model, train=[], val=[], test=[], example_input=ids, trained=True))
     assert task.bag_stand_ins == () and isinstance(model.bag, nn.EmbeddingBag)
+    proto = export_onnx(task.model, task.example_input)
+    assert "Loop" in {n.op_type for n in proto.graph.node}
+    quantized = QUANTIZATION.get(scheme)(proto, QuantContext(calibration=[
+        {"input": ids.numpy()}]))
+    got = load(pack(quantized)).run(None, {"input": ids.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=0.05)
 
 
 def test_an_export_onnx_runtime_refuses_stops_the_command_in_one_line(monkeypatch):

@@ -52,6 +52,24 @@ def embedding_tables(graph: Any, arrays: dict[str, np.ndarray]) -> list[str]:
     return list(tables)
 
 
+def subgraph_inputs(graph: Any) -> set[str]:
+    """The names the nodes of ``graph``'s subgraphs read, at any depth: an exported
+    ``EmbeddingBag`` with offsets is a ``Loop`` whose body gathers from the outer graph's table.
+    Dropped as unread, that table left an invalid graph (``Nodes in a graph must be
+    topologically sorted``), and both schemes that quantize tables were withheld so."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == AttributeProto.GRAPH else (
+                list(attr.graphs) if attr.type == AttributeProto.GRAPHS else [])
+            for sub in subs:
+                names.update(i for n in sub.node for i in n.input)
+                names |= subgraph_inputs(sub)
+    return names
+
+
 def int8_embeddings(proto: Any) -> Any:
     """``proto`` with its embedding tables stored as per-row symmetric int8.
 
@@ -72,8 +90,9 @@ def int8_embeddings(proto: Any) -> Any:
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
     arrays = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    other_readers = {name for node in graph.node if node.op_type != "Gather" or _axis(node)
-                     for name in node.input}
+    inner = subgraph_inputs(graph)  # a Loop's body reads the outer graph's tensors by name
+    other_readers = inner | {name for node in graph.node if node.op_type != "Gather"
+                             or _axis(node) for name in node.input}
     tables = [t for t in embedding_tables(graph, arrays) if t not in other_readers]
     if not tables:
         return proto
@@ -102,7 +121,7 @@ def int8_embeddings(proto: Any) -> Any:
         ]
     del graph.node[:]
     graph.node.extend(ordered)
-    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output} | inner
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
