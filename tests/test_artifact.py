@@ -489,8 +489,8 @@ def test_an_embedding_bag_becomes_an_embedding_that_int8_quantizes(mode):
 @pytest.mark.parametrize("scheme", ["int8_dynamic", "int8_static_linear"])
 def test_an_embedding_bag_called_with_offsets_is_left_as_it_is_and_quantizes(scheme):
     """Exported, the bag is a ``Loop`` whose body gathers from the outer graph's table. The
-    schemes that quantize tables dropped that table as unread where another table (an
-    ``nn.Embedding``'s) was quantized, and the graph was invalid (``Nodes in a graph must be
+    schemes that quantize tables dropped that table as unread where another table (the other
+    bag's, replaced by an embedding) was quantized, and the graph was invalid (``Nodes in a graph must be
     topologically sorted``): both were withheld on a DLRM. The bag's table stays, fp32 (a
     table another op reads does)."""
     from petra import Task
@@ -498,19 +498,20 @@ def test_an_embedding_bag_called_with_offsets_is_left_as_it_is_and_quantizes(sch
     from petra.registry import QUANTIZATION
     from petra.tasks.contract import adapt
 
-    class BagAndTable(Bag):
+    class BagAndTable(Bag):  # a DLRM's: a bag called with offsets, and one with 2-D ids
         def __init__(self) -> None:
             super().__init__(offsets=True)
-            self.table = nn.Embedding(600, 32)
+            self.table = nn.EmbeddingBag(600, 32)
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return super().forward(ids) + self.out(self.table(ids).mean(1))
+            return super().forward(ids) + self.out(self.table(ids))
 
     torch.manual_seed(0)
     model, ids = BagAndTable().eval(), torch.randint(0, 600, (4, 7))
     want = model(ids).detach().numpy()
     task = adapt(Task(model=model, train=[], val=[], test=[], example_input=ids, trained=True))
-    assert task.bag_stand_ins == () and isinstance(model.bag, nn.EmbeddingBag)
+    # the other bag is replaced: the one with offsets kept every bag as it was
+    assert task.bag_stand_ins == ("table",) and isinstance(model.bag, nn.EmbeddingBag)
     proto = export_onnx(task.model, task.example_input)
     assert "Loop" in {n.op_type for n in proto.graph.node}
     quantized = QUANTIZATION.get(scheme)(proto, QuantContext(calibration=[

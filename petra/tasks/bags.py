@@ -51,6 +51,6 @@ def bag_stand_ins(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[str
     """Replace, in place, each ``nn.EmbeddingBag`` of ``model`` (which takes ``inputs``
     positionally) by a :class:`BagOfEmbeddings`, and return their names. Where the model then
     fails or computes anything else (a bag called with offsets, per-sample weights or 1-D ids),
-    every bag is put back and nothing is replaced."""
+    each bag is tried alone, and kept where the model then computes the same."""
     found = [(name, m) for name, m in model.named_modules() if name and _fits(m)]
     return swap_if_unchanged(model, inputs, found, BagOfEmbeddings, rtol=1e-5, atol=1e-6)

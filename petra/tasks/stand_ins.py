@@ -17,25 +17,37 @@ def swap_if_unchanged(model: nn.Module, inputs: Sequence[torch.Tensor],
                       ) -> tuple[str, ...]:
     """Replace, in place, each ``(name, module)`` of ``found`` by ``build(module)`` (in the
     module's train mode), and return their names. Where ``model`` (which takes ``inputs``
-    positionally) then raises a ``ValueError`` or computes anything else, every module is put
-    back and nothing is replaced."""
+    positionally) then raises a ``ValueError`` or computes anything else, the modules are tried
+    one at a time, and each that changes what it computes is put back (a DLRM's bag called
+    with offsets kept every other bag from its stand-in)."""
     if not found:
         return ()
     was_training = model.training
     model.eval()
     with torch.no_grad():
         before = model(*inputs)
+
+        def same() -> bool:
+            try:
+                return torch.allclose(model(*inputs), before, rtol=rtol, atol=atol)
+            except ValueError:
+                return False
+
         for name, module in found:
             model.set_submodule(name, build(module).train(module.training))
-        try:
-            same = torch.allclose(model(*inputs), before, rtol=rtol, atol=atol)
-        except ValueError:
-            same = False
-    if not same:
-        for name, module in found:
-            model.set_submodule(name, module)
+        swapped = [name for name, _ in found]
+        if not same():
+            for name, module in found:
+                model.set_submodule(name, module)
+            swapped = []
+            for name, module in found if len(found) > 1 else ():  # each alone, on the kept
+                model.set_submodule(name, build(module).train(module.training))
+                if same():
+                    swapped.append(name)
+                else:
+                    model.set_submodule(name, module)
     model.train(was_training)
-    return tuple(name for name, _ in found) if same else ()
+    return tuple(swapped)
 
 
 def plain_weights(model: nn.Module) -> tuple[str, ...]:
